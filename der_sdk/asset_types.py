@@ -1,0 +1,141 @@
+"""Built-in asset types (``bess``, ``pv``, ``wind``, ``ev_charger``) and ``details`` checks.
+
+Each asset type's ``details`` Struct lists the extension fields a sample of that type may
+carry. Every field is optional, and unknown keys are kept, not refused: a newer agent may
+send fields an older headend does not know (schema evolution). :func:`validate_details`
+checks the known fields one by one so that one bad field never hides another.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from typing import Annotated, Any
+
+import msgspec
+
+from der_sdk.extensions import AssetType
+from der_sdk.plugins import hookimpl
+from der_sdk.yamlconf import describe_validation_error
+
+__all__ = [
+    "BUILTIN_ASSET_TYPES",
+    "BessDetails",
+    "EvChargerDetails",
+    "PvDetails",
+    "WindDetails",
+    "der_asset_types",
+    "validate_details",
+]
+
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Degrees = Annotated[float, msgspec.Meta(ge=-360, le=360)]
+
+
+class BessDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Battery energy storage: state of charge and health, energy, DC side, temperatures."""
+
+    soc_pct: Percent | None = None
+    soh_pct: Percent | None = None
+    energy_mwh: NonNegative | None = None
+    usable_energy_mwh: NonNegative | None = None
+    dc_voltage_v: float | None = None
+    dc_current_a: float | None = None
+    inverter_temp_c: float | None = None
+    ambient_temp_c: float | None = None
+
+
+class PvDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Photovoltaic plant: irradiance, module temperature, AC/DC power, curtailment."""
+
+    irradiance_wm2: NonNegative | None = None
+    module_temp_c: float | None = None
+    ac_mw: float | None = None
+    dc_mw: float | None = None
+    inverter_state: str | None = None
+    curtailment_reason: str | None = None
+    curtailed_mw: NonNegative | None = None
+
+
+class WindDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Wind turbine or farm: wind, rotor, pitch and yaw, availability, state."""
+
+    wind_speed_ms: NonNegative | None = None
+    turbine_rpm: NonNegative | None = None
+    pitch_deg: Degrees | None = None
+    yaw_deg: Degrees | None = None
+    availability_pct: Percent | None = None
+    turbine_state: str | None = None
+    nacelle_temp_c: float | None = None
+
+
+class EvChargerDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """EV charging station: state, sessions, energy delivered, connectors."""
+
+    station_state: str | None = None
+    active_sessions: Count | None = None
+    energy_delivered_mwh: NonNegative | None = None
+    connectors_available: Count | None = None
+    connectors_total: Count | None = None
+    max_session_kw: NonNegative | None = None
+
+
+BUILTIN_ASSET_TYPES: tuple[AssetType, ...] = (
+    AssetType(name="bess", details=BessDetails, description="Battery energy storage system"),
+    AssetType(name="pv", details=PvDetails, description="Photovoltaic (solar) generation"),
+    AssetType(name="wind", details=WindDetails, description="Wind generation"),
+    AssetType(name="ev_charger", details=EvChargerDetails, description="EV charging station"),
+)
+
+
+@hookimpl
+def der_asset_types() -> list[AssetType]:
+    return list(BUILTIN_ASSET_TYPES)
+
+
+def _without_none(annotation: Any) -> Any:
+    """``X | None`` → ``X``, so a bad value reads "expected float", not "float | None"."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+        return typing.Union[tuple(args)]  # noqa: UP007 - built from a runtime tuple
+    return annotation
+
+
+@functools.cache
+def _field_types(details: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.encode_name: _without_none(f.type) for f in msgspec.structs.fields(details)}
+
+
+def validate_details(
+    asset_type: AssetType, details: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Check ``details`` against ``asset_type.details``, field by field.
+
+    :return: ``(checked, problems)``. ``checked`` holds every known field whose value is
+        valid (converted, e.g. ``5`` → ``5.0`` for a float field), ``None`` values, and every
+        unknown key untouched, in the input order; a field with a bad value is left out.
+        ``problems`` has one message per bad field, naming it:
+        ``"details.soc_pct: expected float, got str"``. Missing fields are fine.
+    """
+    known = _field_types(asset_type.details)
+    checked: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in details.items():
+        expected = known.get(key)
+        if expected is None or value is None:
+            checked[key] = value
+            continue
+        try:
+            checked[key] = msgspec.convert(value, expected)
+        except msgspec.ValidationError as exc:
+            _, message = describe_validation_error(exc)
+            if ", got " not in message:  # range errors do not say what they got
+                message += f", got {value!r}"
+            problems.append(f"details.{key}: {message}")
+    return checked, problems

@@ -1,0 +1,318 @@
+"""The ``der`` command line: headend, agent, launch, demo, plugins, check-config.
+
+User mistakes (bad config, unknown names, unreachable ports) exit 2 with one clear message
+and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from der_sdk import __version__
+from der_sdk.errors import ConfigError, DerSdkError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+log = logging.getLogger("der.cli")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` on uvloop when it is installed, else on the stdlib loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _env_with(overrides: Mapping[str, str | None]) -> dict[str, str]:
+    """The process environment with command-line flags layered on top."""
+    env = dict(os.environ)
+    env.update({k: v for k, v in overrides.items() if v is not None})
+    return env
+
+
+async def wait_for_stop_signal(duration_s: float | None = None) -> None:
+    """Return on SIGINT/SIGTERM, or after ``duration_s`` seconds when given."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=duration_s)
+    except TimeoutError:
+        pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_plugins(ns: argparse.Namespace) -> int:
+    from der_sdk.plugins import Registry, load_plugins
+
+    plugins = load_plugins()
+    rows = plugins.info()
+    registries: dict[str, Registry[Any]] = {
+        "adapter_types": plugins.adapter_types,
+        "asset_types": plugins.asset_types,
+        "split_policies": plugins.split_policies,
+        "storage_backends": plugins.storage_backends,
+        "device_profiles": plugins.device_profiles,
+        "edge_services": plugins.edge_services,
+    }
+    if ns.json:
+        provided: dict[str, dict[str, list[str]]] = {}
+        for kind, registry in registries.items():
+            for name in registry.names():
+                provided.setdefault(registry.provider(name), {}).setdefault(kind, []).append(name)
+        out = [
+            {**r.as_dict(), "provides": provided.get(r.package, {}) if not r.builtin else {}}
+            for r in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    width = max(len(r.package) for r in rows)
+    for r in rows:
+        tag = " (built-in)" if r.builtin else ""
+        print(f"{r.package:<{width}}  {r.version:<8} {r.name}{tag}")
+        print(f"{'':<{width}}  hooks: {', '.join(r.hooks)}")
+    print()
+    for kind, registry in registries.items():
+        print(f"{kind.replace('_', ' ')}: {', '.join(registry.names()) or '-'}")
+    return 0
+
+
+def cmd_check_config(ns: argparse.Namespace) -> int:
+    from der_sdk.agent_config import load_agent_config, validate_agent_config
+    from der_sdk.inventory import load_inventory
+    from der_sdk.plugins import load_plugins
+
+    plugins = load_plugins()
+    inventory = load_inventory(ns.file, asset_types=plugins.asset_types.names())
+    print(f"{ns.file}: ok: {len(inventory.sites)} sites, {len(inventory.assets)} assets")
+    if ns.agent_config:
+        cfg = load_agent_config(ns.agent_config)
+        validate_agent_config(cfg, plugins, inventory, list(inventory.assets))
+        print(f"{ns.agent_config}: ok")
+    return 0
+
+
+def cmd_headend(ns: argparse.Namespace) -> int:
+    from der_sdk_headend.config import HeadendConfig
+    from der_sdk_headend.service import run_headend
+
+    env = _env_with(
+        {
+            "ASSETS_PATH": ns.assets,
+            "DATABASE_URL": ns.database_url,
+            "HEADEND_GRPC_ADDR": ns.grpc_addr,
+            "HEADEND_HTTP_ADDR": ns.http_addr,
+            "RESET_DB": "1" if ns.reset_db else None,
+        }
+    )
+    _run_async(run_headend(HeadendConfig.from_env(env)))
+    return 0
+
+
+def cmd_agent(ns: argparse.Namespace) -> int:
+    from der_sdk_agent.launch import run_agent
+    from der_sdk_agent.settings import AgentSettings
+
+    env = _env_with(
+        {
+            "HEADEND_GRPC": ns.headend,
+            "ASSETS_PATH": ns.assets,
+            "ASSET_ID": ns.asset_id,
+            "GATEWAY_SITE_ID": ns.site_id,
+            "GATEWAY_ID": ns.gateway_id,
+            "AGENT_CONFIG": ns.config,
+        }
+    )
+    _run_async(run_agent(AgentSettings.from_env(env)))
+    return 0
+
+
+def cmd_launch(ns: argparse.Namespace) -> int:
+    from der_sdk.agent_config import load_agent_config
+    from der_sdk.inventory import load_inventory
+    from der_sdk.plugins import load_plugins
+    from der_sdk_agent.launch import launch
+
+    assets = ns.assets or os.environ.get("ASSETS_PATH")
+    if not assets:
+        raise DerSdkError("no inventory: pass --assets FILE or set ASSETS_PATH")
+    headend = ns.headend or os.environ.get("HEADEND_GRPC", "127.0.0.1:50051")
+    plugins = load_plugins()
+    inventory = load_inventory(assets, asset_types=plugins.asset_types.names())
+    config = load_agent_config(ns.config or os.environ.get("AGENT_CONFIG"))
+
+    async def run() -> None:
+        agents = await launch(
+            inventory, headend=headend, mode=ns.mode, config=config, plugins=plugins
+        )
+        log.info("launched %d %s agent(s) against %s", len(agents), ns.mode, headend)
+        try:
+            await wait_for_stop_signal(ns.duration)
+        finally:
+            await asyncio.gather(*(a.stop() for a in agents))
+
+    _run_async(run())
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from der_sdk.demo import run_demo
+
+    if not Path(ns.assets).is_file():
+        raise DerSdkError(
+            f"demo inventory {ns.assets} not found; run from the repository root "
+            "or pass --assets FILE"
+        )
+    _run_async(run_demo(ns))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="der",
+        description="der-sdk: DER adapters as plugins, a reference headend and edge agent.",
+    )
+    parser.add_argument("--version", action="version", version=f"der-sdk {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging level (env LOG_LEVEL, default INFO)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "headend",
+        help="run the reference headend (REST + agent gRPC)",
+        description="Run the headend. Flags override the environment.",
+    )
+    p.add_argument("--assets", help="inventory YAML (env ASSETS_PATH)")
+    p.add_argument(
+        "--database-url", help="storage URL (env DATABASE_URL, default sqlite:///der-data/der.db)"
+    )
+    p.add_argument(
+        "--grpc-addr",
+        help="agent gRPC bind host:port (env HEADEND_GRPC_ADDR, default 127.0.0.1:50051)",
+    )
+    p.add_argument(
+        "--http-addr", help="REST bind host:port (env HEADEND_HTTP_ADDR, default 127.0.0.1:3001)"
+    )
+    p.add_argument("--reset-db", action="store_true", help="clear stored data at start (RESET_DB)")
+    p.set_defaults(func=cmd_headend)
+
+    p = sub.add_parser(
+        "agent",
+        help="run an edge agent (one asset, or a site gateway)",
+        description="Run an edge agent that dials out to the headend. "
+        "Flags override the environment.",
+    )
+    p.add_argument("--headend", help="headend gRPC host:port (env HEADEND_GRPC)")
+    p.add_argument("--assets", help="inventory YAML (env ASSETS_PATH)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--asset-id", help="single-asset mode (env ASSET_ID)")
+    mode.add_argument("--site-id", help="gateway mode for a site (env GATEWAY_SITE_ID)")
+    p.add_argument("--gateway-id", help="gateway agent id (env GATEWAY_ID)")
+    p.add_argument("--config", help="agent config YAML: adapters per asset (env AGENT_CONFIG)")
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser(
+        "launch",
+        help="test harness: agents for every site or asset, one process",
+        description="Start one agent per site (gateway) or per asset of an "
+        "inventory, all in this process. For testing, not production.",
+    )
+    p.add_argument("--assets", help="inventory YAML (env ASSETS_PATH)")
+    p.add_argument("--headend", help="headend gRPC host:port (env HEADEND_GRPC)")
+    p.add_argument("--mode", choices=["site", "asset"], default="site")
+    p.add_argument("--config", help="agent config YAML (env AGENT_CONFIG)")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser(
+        "plugins",
+        help="list installed plugins, versions and hooks",
+        description="List installed plugins with their package, version, "
+        "hooks, and what each provides.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser(
+        "check-config",
+        help="validate an inventory (and agent config) file",
+        description="Validate an assets YAML; exit 2 naming file, line and "
+        "field on the first bad file.",
+    )
+    p.add_argument("file", help="inventory YAML")
+    p.add_argument("--agent-config", help="also validate this agent config against it")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "demo",
+        help="headend on SQLite plus simulated gateway agents",
+        description="Run the headend on the embedded SQLite default with a "
+        "gateway agent of simulated batteries per site, and print what to try.",
+    )
+    p.add_argument("--assets", default="examples/assets.yaml", help="inventory YAML")
+    p.add_argument("--data-dir", default="der-data", help="where the SQLite file lives")
+    p.add_argument("--http-addr", default=None, help="REST bind (default 127.0.0.1:3001)")
+    p.add_argument("--grpc-addr", default=None, help="gRPC bind (default 127.0.0.1:50051)")
+    p.add_argument("--config", help="agent config YAML for the demo agents")
+    p.add_argument("--reset-db", action="store_true", help="start from empty storage")
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.log_level)
+    func: Callable[[argparse.Namespace], int] = ns.func
+    try:
+        return func(ns)
+    except ConfigError as exc:
+        print(f"der {ns.command}: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DerSdkError as exc:
+        print(f"der {ns.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

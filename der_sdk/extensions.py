@@ -1,0 +1,231 @@
+"""What plugins provide: the typed descriptors returned by the registration hooks, and the
+interfaces of the objects those descriptors create.
+
+Registration hooks are synchronous and cheap; I/O lives on the objects they return, whose
+methods are ``async``. Every descriptor has a ``name``; a registry rejects duplicate names
+and names both providing packages.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from der_sdk.models import Asset, TelemetrySample
+
+if TYPE_CHECKING:
+    from der_sdk.storage.contract import StorageBackend
+
+__all__ = [
+    "Adapter",
+    "AdapterContext",
+    "AdapterType",
+    "AssetType",
+    "DevicePoint",
+    "DeviceProfile",
+    "EdgeService",
+    "EdgeServiceContext",
+    "EdgeServiceType",
+    "LocalDispatch",
+    "SetpointResult",
+    "SplitPolicy",
+    "SplitResult",
+    "StorageBackendType",
+]
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class SetpointResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What an adapter did with a setpoint. ``applied_mw`` is after any clamping."""
+
+    status: Literal["applied", "rejected", "failed"]
+    applied_mw: float | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterContext:
+    """Everything an adapter factory gets: the asset, its validated options, and the
+    installed device profiles (by name) for adapters that are profile-driven."""
+
+    asset: Asset
+    options: Any
+    profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+
+
+class Adapter(abc.ABC):
+    """A connection to one device. The agent owns its lifecycle:
+
+    ``connect()`` once before the first read (and again after ``close()`` on reconnect),
+    ``read()`` every telemetry interval, ``apply_setpoint()`` on each dispatch for the
+    asset, ``close()`` at shutdown. Methods must not block the event loop. ``read()`` must
+    never report a stale value with a fresh timestamp: on a fault it returns a sample with
+    ``quality="bad"`` and a ``quality_reason``.
+    """
+
+    @abc.abstractmethod
+    async def connect(self) -> None: ...
+
+    @abc.abstractmethod
+    async def read(self) -> TelemetrySample: ...
+
+    @abc.abstractmethod
+    async def apply_setpoint(self, mw: float, duration_s: float | None = None) -> SetpointResult:
+        """Command ``mw`` (already clamped to the asset's limits by the agent)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterType:
+    """A kind of device adapter, chosen by ``name`` in the agent config.
+
+    ``options`` is a msgspec Struct type describing the per-asset options (``None``: the
+    adapter takes none); the agent validates each asset's options against it at load time.
+    """
+
+    name: str
+    factory: Callable[[AdapterContext], Adapter]
+    options: type[msgspec.Struct] | None = None
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- asset types
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssetType:
+    """An asset type and the schema of its telemetry ``details``.
+
+    ``details`` is a msgspec Struct type whose fields are all optional; receivers validate
+    known fields and keep unknown ones (schema evolution).
+    """
+
+    name: str
+    details: type[msgspec.Struct]
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- split policies
+
+
+class SplitResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A site target split into per-asset shares.
+
+    ``shares`` maps asset id to MW, ordered by asset id, every share within the asset's
+    ``[min_mw, max_mw]``. ``unallocated_mw`` is the part of the target no asset could take
+    (``target - sum(shares)``); it is 0 whenever the target is feasible.
+    """
+
+    shares: dict[str, float]
+    unallocated_mw: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitPolicy:
+    """A named, pure, deterministic way to split a site target across its assets."""
+
+    name: str
+    split: Callable[[float, Sequence[Asset]], SplitResult]
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- storage
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageBackendType:
+    """A storage backend, chosen by the URL scheme of ``DATABASE_URL``.
+
+    ``factory`` receives the whole URL and returns an unopened backend.
+    """
+
+    name: str
+    schemes: tuple[str, ...]
+    factory: Callable[[str], StorageBackend]
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- device profiles
+
+
+class DevicePoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One point of a device: where it lives and what it means.
+
+    ``address`` is protocol specific (a register number, a node id). ``field`` names the
+    telemetry field it feeds (``mw``, or ``details.soc_pct``); ``extra`` keeps the
+    protocol's own settings (data type, word order, scale register...).
+    """
+
+    address: str | int
+    unit: str | None = None
+    scale: float = 1.0
+    access: Literal["r", "w", "rw"] = "r"
+    field: str | None = None
+    extra: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class DeviceProfile(msgspec.Struct, frozen=True, kw_only=True):
+    """A versioned description of one device model, usually shipped in a device pack."""
+
+    name: str
+    vendor: str
+    model: str
+    version: str
+    protocol: str
+    points: dict[str, DevicePoint] = msgspec.field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- edge services
+
+
+LocalDispatch = Callable[[str | None, str | None, float, float | None], Awaitable[Any]]
+"""``dispatch(asset_id, site_id, mw, duration_s)``: send a local command down the agent's
+dispatch path (validation, clamp, split) as if it came from the headend."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeServiceContext:
+    """What an edge service gets: who the agent is, what it serves, its options, and the
+    agent's local dispatch path."""
+
+    agent_id: str
+    site_id: str
+    assets: Sequence[Asset]
+    options: Any
+    dispatch: LocalDispatch
+
+
+class EdgeService(abc.ABC):
+    """A long-running service inside the agent (for example an OPC UA server for SCADA).
+
+    ``start()`` is awaited after the adapters connect, ``stop()`` at shutdown.
+    ``on_telemetry()`` is called with every batch the agent reads; it must be cheap and
+    must not block (queue work for a task of your own).
+    """
+
+    @abc.abstractmethod
+    async def start(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self) -> None: ...
+
+    def on_telemetry(self, samples: Sequence[TelemetrySample]) -> None:  # noqa: B027
+        """Default: ignore telemetry."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EdgeServiceType:
+    """A named edge service, enabled in the agent config under ``edge_services``."""
+
+    name: str
+    factory: Callable[[EdgeServiceContext], EdgeService]
+    options: type[msgspec.Struct] | None = None
+    description: str = ""

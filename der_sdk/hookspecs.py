@@ -1,0 +1,166 @@
+"""Every hook of der-sdk, in one module, grouped by stage.
+
+Hooks are synchronous and cheap. Registration hooks return a list of typed descriptors
+(see :mod:`der_sdk.extensions`); the registry merges the lists of all plugins and fails
+on a duplicate ``name``, naming both providing packages. Backends, adapters and policies
+are then chosen by configured name, never by hook order. Observer hooks return nothing;
+every implementation is called.
+
+Implement a hook with ``from der_sdk import hookimpl``. Hooks change only by adding
+arguments; an implementation may accept fewer arguments than the spec declares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pluggy
+
+from der_sdk.extensions import (
+    AdapterType,
+    AssetType,
+    DeviceProfile,
+    EdgeServiceType,
+    SplitPolicy,
+    StorageBackendType,
+)
+from der_sdk.models import Asset, Dispatch, Session, TelemetrySample
+
+PROJECT_NAME = "der_sdk"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+# =========================================================================== registration
+# Called once, when a registry is first used (the agent or headend starting, `der plugins`).
+
+
+@hookspec
+def der_adapter_types() -> list[AdapterType]:
+    """Device adapter kinds this plugin provides.
+
+    Called by the agent when it builds its adapters, and by ``der plugins``.
+
+    :return: a list of :class:`~der_sdk.extensions.AdapterType`; the agent config selects
+        one per asset by ``name`` (for example ``sim-bess`` or ``modbus``).
+
+    All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_asset_types() -> list[AssetType]:
+    """Asset types and the schema of their telemetry ``details``.
+
+    Called by the inventory loader (an asset's ``asset_type`` must be installed) and by the
+    headend when it validates telemetry ``details``.
+
+    :return: a list of :class:`~der_sdk.extensions.AssetType`. Built-ins: ``bess``, ``pv``,
+        ``wind``, ``ev_charger``.
+
+    All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_split_policies() -> list[SplitPolicy]:
+    """Named policies that split a site target across the site's assets.
+
+    Called by the agent for a site dispatch (policy chosen in the agent config) and by the
+    headend to preview the per-asset targets it returns from ``POST /dispatch``.
+
+    :return: a list of :class:`~der_sdk.extensions.SplitPolicy`. Built-ins:
+        ``capacity_weighted`` (the default) and ``equal``. A policy must be pure and
+        deterministic, keep each share within ``[min_mw, max_mw]`` and report what it
+        cannot place.
+
+    All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_storage_backends() -> list[StorageBackendType]:
+    """Storage backends, selected by the URL scheme of ``DATABASE_URL``.
+
+    Called by the headend at start.
+
+    :return: a list of :class:`~der_sdk.extensions.StorageBackendType`. Built-ins:
+        ``memory`` (``memory://``) and ``sqlite`` (``sqlite:///PATH``).
+
+    All results are merged; a duplicate name or scheme is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_device_profiles() -> list[DeviceProfile]:
+    """Device profiles (register or node maps) from device packs.
+
+    Called by the agent when it builds profile-driven adapters, and by ``der plugins``.
+
+    :return: a list of :class:`~der_sdk.extensions.DeviceProfile`, looked up by ``name``.
+
+    All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_edge_services() -> list[EdgeServiceType]:
+    """Services the agent can run beside its adapters (for example an OPC UA server).
+
+    Called by the agent at start; a service runs only when enabled in the agent config.
+
+    :return: a list of :class:`~der_sdk.extensions.EdgeServiceType`.
+
+    All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+# =========================================================================== observers
+# Called by the headend as things happen. Every implementation runs; return values are
+# ignored. Keep them cheap: they run on the event loop (hand slow work to a task).
+
+
+@hookspec
+def der_telemetry_received(samples: Sequence[TelemetrySample]) -> None:
+    """A batch of telemetry was validated by the headend, before it is stored.
+
+    :param samples: the validated samples of one batch, in the order the agent sent them.
+
+    For exporters and live dashboards. Since 0.1.
+    """
+
+
+@hookspec
+def der_dispatch_validated(dispatch: Dispatch) -> None:
+    """A dispatch passed validation and was split and clamped, before it is routed.
+
+    :param dispatch: the dispatch record, with its per-asset ``targets``.
+
+    For guardrails that want to log or alert on commands. Since 0.1.
+    """
+
+
+@hookspec
+def der_agent_connected(sessions: Sequence[Session], assets: Sequence[Asset]) -> None:
+    """An agent registered and its assets were accepted.
+
+    :param sessions: one new session per accepted asset.
+    :param assets: the accepted assets, in the same order.
+
+    Since 0.1.
+    """
+
+
+@hookspec
+def der_agent_disconnected(sessions: Sequence[Session]) -> None:
+    """An agent's stream ended.
+
+    :param sessions: the closed sessions, with ``disconnected_at`` set.
+
+    Since 0.1.
+    """

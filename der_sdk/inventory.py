@@ -1,0 +1,322 @@
+"""The asset inventory: a YAML file of sites and the assets at them.
+
+.. code-block:: yaml
+
+    sites:
+      - site_id: 6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f
+        name: North Yard
+        location: optional free text
+    assets:
+      - asset_id: 0b6c1e52-7f0e-4d8a-9a57-2c1f3e4d5a61
+        site_id: 6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f
+        name: BESS 1
+        asset_type: bess            # default bess; must be an installed asset type
+        capacity_mwh: 4.0           # default 0 (assets that store no energy), >= 0
+        max_mw: 2.0                 # required
+        min_mw: -2.0                # required, <= max_mw
+        ramp_rate_mw_per_min: 1.0   # optional, > 0; absent or null: steps instantly
+        efficiency: 0.9             # optional round-trip efficiency in (0, 1], default 1
+        location: optional free text
+
+``asset_id`` and ``site_id`` must be UUIDs; any form :class:`uuid.UUID` accepts is
+normalised to canonical lower-case text. A bad file is rejected with **every** problem
+listed, each with file, line and field (``assets[2].max_mw``; list indexes count from 0).
+
+:func:`load_inventory` reads the file with plain blocking I/O: it runs once at start-up,
+before the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from der_sdk.errors import UnknownNameError
+from der_sdk.models import Asset, Site
+from der_sdk.yamlconf import (
+    MISSING,
+    Issues,
+    LineDict,
+    LineList,
+    Section,
+    parse_yaml,
+    read_text,
+    top_level_mapping,
+    type_name,
+)
+
+__all__ = [
+    "ASSET_KEYS",
+    "SITE_KEYS",
+    "Inventory",
+    "canonical_uuid",
+    "load_inventory",
+    "parse_inventory",
+]
+
+TOP_KEYS: tuple[str, ...] = ("sites", "assets")
+SITE_KEYS: tuple[str, ...] = ("site_id", "name", "location")
+ASSET_KEYS: tuple[str, ...] = (
+    "asset_id",
+    "site_id",
+    "name",
+    "asset_type",
+    "capacity_mwh",
+    "max_mw",
+    "min_mw",
+    "ramp_rate_mw_per_min",
+    "efficiency",
+    "location",
+)
+
+_UUID_HINT = "generate one with: python -c 'import uuid; print(uuid.uuid4())'"
+
+
+def canonical_uuid(value: str) -> str:
+    """``value`` as canonical lower-case UUID text; :class:`ValueError` if it is not one."""
+    return str(uuid.UUID(value))
+
+
+def _lookup_key(value: str) -> str:
+    try:
+        return canonical_uuid(value)
+    except (ValueError, TypeError, AttributeError):
+        return value
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Sites and assets by id, in file order. Build one with :func:`load_inventory`."""
+
+    sites: dict[str, Site]
+    assets: dict[str, Asset]
+    path: str = "<inventory>"
+    _by_site: dict[str, list[Asset]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_site: dict[str, list[Asset]] = {site_id: [] for site_id in self.sites}
+        for asset in sorted(self.assets.values(), key=lambda a: a.asset_id):
+            by_site.setdefault(asset.site_id, []).append(asset)
+        object.__setattr__(self, "_by_site", by_site)
+
+    def site(self, site_id: str) -> Site:
+        """The site ``site_id`` (any UUID spelling); :class:`UnknownNameError` if absent."""
+        try:
+            return self.sites[_lookup_key(site_id)]
+        except KeyError:
+            raise UnknownNameError("site", site_id, self.sites) from None
+
+    def asset(self, asset_id: str) -> Asset:
+        """The asset ``asset_id`` (any UUID spelling); :class:`UnknownNameError` if absent."""
+        try:
+            return self.assets[_lookup_key(asset_id)]
+        except KeyError:
+            raise UnknownNameError("asset", asset_id, self.assets) from None
+
+    def assets_for_site(self, site_id: str) -> list[Asset]:
+        """The assets of ``site_id`` sorted by asset id (empty for an unknown site)."""
+        return list(self._by_site.get(_lookup_key(site_id), ()))
+
+
+def load_inventory(
+    path: str | os.PathLike[str], *, asset_types: Collection[str] | None = None
+) -> Inventory:
+    """Read and validate the inventory file at ``path``.
+
+    Blocking file I/O on purpose: call it at start-up, before the event loop runs.
+
+    :param asset_types: the installed asset type names; ``None`` asks the plugins
+        (:func:`der_sdk.load_plugins`) for them.
+    :raises ConfigError: the file is missing, unreadable or invalid; ``issues`` lists every
+        problem with file, line and field.
+    """
+    label = os.fspath(path)
+    return parse_inventory(read_text(path), label, asset_types=asset_types)
+
+
+def parse_inventory(
+    text: str,
+    path_label: str = "<inventory>",
+    *,
+    asset_types: Collection[str] | None = None,
+) -> Inventory:
+    """Validate inventory YAML ``text``; ``path_label`` names it in errors.
+
+    See :func:`load_inventory` for the parameters and errors.
+    """
+    issues = Issues(path_label)
+    top = top_level_mapping(parse_yaml(text, path_label), issues, "'sites' and 'assets' lists")
+    if top is None:
+        issues.raise_if_any()
+        raise AssertionError("unreachable")  # pragma: no cover
+    root = Section(issues, top)
+    root.check_keys(TOP_KEYS)
+    site_items = root.list_at("sites", required=True)
+    asset_items = root.list_at("assets", required=True)
+
+    sites, site_lines = _parse_sites(issues, site_items)
+    assets: dict[str, Asset] = {}
+    if isinstance(asset_items, LineList) and asset_items:
+        installed = sorted(_installed_asset_types() if asset_types is None else asset_types)
+        assets = _parse_assets(issues, asset_items, site_lines, sites, installed)
+    issues.raise_if_any()
+    return Inventory(sites=sites, assets=assets, path=path_label)
+
+
+def _installed_asset_types() -> list[str]:
+    from der_sdk.plugins import load_plugins  # the plugin manager imports the built-ins
+
+    return load_plugins().asset_types.names()
+
+
+def _entries(issues: Issues, items: Any, kind: str, required: str) -> list[tuple[int, Section]]:
+    if not isinstance(items, LineList):
+        return []
+    sections: list[tuple[int, Section]] = []
+    for index, item in enumerate(items):
+        prefix = f"{kind}[{index}]"
+        if not isinstance(item, LineDict):
+            issues.add(
+                items.line_of(index),
+                prefix,
+                f"expected a mapping with {required}, got {type_name(item)}",
+            )
+            continue
+        sections.append((index, Section(issues, item, prefix)))
+    return sections
+
+
+def _uuid_field(section: Section, key: str) -> Any:
+    raw = section.get(key, str, required=True)
+    if raw is MISSING:
+        return MISSING
+    try:
+        return canonical_uuid(raw)
+    except ValueError:
+        section.error(key, f"{raw!r} is not a UUID; {_UUID_HINT}")
+        return MISSING
+
+
+def _parse_sites(issues: Issues, items: Any) -> tuple[dict[str, Site], dict[str, int | None]]:
+    sites: dict[str, Site] = {}
+    # Every well-formed site id, even of a site with other errors, so that its assets do
+    # not also report "unknown site".
+    site_lines: dict[str, int | None] = {}
+    for _, section in _entries(issues, items, "sites", "site_id and name"):
+        section.check_keys(SITE_KEYS)
+        site_id = _uuid_field(section, "site_id")
+        name = section.string("name", required=True)
+        location = section.get("location", str | None, default=None)
+        if site_id is MISSING:
+            continue
+        if site_id in site_lines:
+            section.error(
+                "site_id",
+                f"duplicate site_id {site_id}: on line {site_lines[site_id]} and line "
+                f"{section.line('site_id')}; site ids must be unique",
+            )
+            continue
+        site_lines[site_id] = section.line("site_id")
+        if name is not MISSING and location is not MISSING:
+            sites[site_id] = Site(site_id=site_id, name=name, location=location)
+    return sites, site_lines
+
+
+def _parse_assets(
+    issues: Issues,
+    items: LineList,
+    site_lines: dict[str, int | None],
+    sites: dict[str, Site],
+    installed_types: list[str],
+) -> dict[str, Asset]:
+    assets: dict[str, Asset] = {}
+    asset_lines: dict[str, int | None] = {}
+    for _, section in _entries(issues, items, "assets", "asset_id, site_id and name"):
+        section.check_keys(ASSET_KEYS)
+        values: dict[str, Any] = {
+            "asset_id": _uuid_field(section, "asset_id"),
+            "site_id": _uuid_field(section, "site_id"),
+            "name": section.string("name", required=True),
+            "asset_type": section.string("asset_type", default="bess"),
+            "capacity_mwh": section.number("capacity_mwh", default=0.0),
+            "max_mw": section.number("max_mw", required=True),
+            "min_mw": section.number("min_mw", required=True),
+            "ramp_rate_mw_per_min": section.number(
+                "ramp_rate_mw_per_min", default=None, nullable=True
+            ),
+            "efficiency": section.number("efficiency", default=1.0),
+            "location": section.get("location", str | None, default=None),
+        }
+        valid = _check_asset_values(section, values, site_lines, sites, installed_types)
+
+        asset_id = values["asset_id"]
+        if asset_id is not MISSING:
+            if asset_id in asset_lines:
+                section.error(
+                    "asset_id",
+                    f"duplicate asset_id {asset_id}: on line {asset_lines[asset_id]} and line "
+                    f"{section.line('asset_id')}; asset ids must be unique",
+                )
+                continue
+            asset_lines[asset_id] = section.line("asset_id")
+        if valid and all(v is not MISSING for v in values.values()):
+            assets[asset_id] = Asset(**values)
+    return assets
+
+
+def _check_asset_values(
+    section: Section,
+    values: dict[str, Any],
+    site_lines: dict[str, int | None],
+    sites: dict[str, Site],
+    installed_types: list[str],
+) -> bool:
+    """Range and cross-reference checks; ``False`` when one failed (already reported)."""
+    ok = True
+    site_id = values["site_id"]
+    if site_id is not MISSING and site_id not in site_lines:
+        known = ", ".join(f"{sid} ({s.name})" for sid, s in sites.items()) or "none"
+        section.error(
+            "site_id",
+            f"unknown site {site_id}; declare it under 'sites' first. Known site ids: {known}",
+        )
+        ok = False
+    asset_type = values["asset_type"]
+    if asset_type is not MISSING and asset_type not in installed_types:
+        section.error(
+            "asset_type",
+            f"unknown asset type {asset_type!r}; installed: "
+            f"{', '.join(installed_types) or 'none'} (install the plugin that provides it)",
+        )
+        ok = False
+    capacity = values["capacity_mwh"]
+    if capacity is not MISSING and capacity < 0:
+        section.error("capacity_mwh", f"must be >= 0, got {capacity}")
+        ok = False
+    max_mw, min_mw = values["max_mw"], values["min_mw"]
+    if max_mw is not MISSING and min_mw is not MISSING and min_mw > max_mw:
+        section.error(
+            "min_mw",
+            f"min_mw ({min_mw}) is greater than max_mw ({max_mw}, line "
+            f"{section.line('max_mw')}); min_mw is the charge/import limit and is usually "
+            f"negative",
+        )
+        ok = False
+    ramp = values["ramp_rate_mw_per_min"]
+    if ramp is not MISSING and ramp is not None and ramp <= 0:
+        section.error(
+            "ramp_rate_mw_per_min",
+            f"must be > 0, got {ramp}; leave it out for an asset that steps instantly",
+        )
+        ok = False
+    efficiency = values["efficiency"]
+    if efficiency is not MISSING and not 0 < efficiency <= 1:
+        section.error(
+            "efficiency",
+            f"must be in (0, 1] (round-trip efficiency as a fraction), got {efficiency}",
+        )
+        ok = False
+    return ok

@@ -1,0 +1,192 @@
+"""The domain model: one set of msgspec Structs shared by the SDK, headend and agent.
+
+Protobuf exists only at the wire edge (:mod:`der_sdk.wire.codec`); REST bodies and storage
+rows are these Structs. New fields always carry defaults so older peers keep working.
+
+Sign convention for power: ``mw`` is positive for discharge, export or generation and
+negative for charge, import or consumption.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "Asset",
+    "Dispatch",
+    "DispatchEvent",
+    "DispatchRequest",
+    "DispatchState",
+    "DispatchTarget",
+    "Event",
+    "Heartbeat",
+    "Quality",
+    "Session",
+    "Site",
+    "TelemetrySample",
+    "utc_now",
+]
+
+Quality = Literal["good", "uncertain", "bad"]
+"""Sample quality. ``bad`` samples carry a ``quality_reason`` and never a fresh value."""
+
+DispatchState = Literal[
+    "pending",  # accepted; its target is offline, delivered when the target connects
+    "sent",  # pushed down the agent's stream, no acknowledgement yet
+    "applied",  # the agent acknowledged and applied it (possibly clamped)
+    "rejected",  # the agent refused it (reason given)
+    "failed",  # delivery or application failed (reason given)
+    "superseded",  # a newer dispatch for the same target replaced it before delivery
+    "expired",  # its expiry passed before it could be applied
+]
+
+TERMINAL_DISPATCH_STATES: frozenset[str] = frozenset(
+    {"applied", "rejected", "failed", "superseded", "expired"}
+)
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime (the only kind the model stores)."""
+    return datetime.now(UTC)
+
+
+class Site(msgspec.Struct, frozen=True, kw_only=True):
+    """A physical site: one or more assets behind one point of common coupling."""
+
+    site_id: str
+    name: str
+    location: str | None = None
+
+
+class Asset(msgspec.Struct, frozen=True, kw_only=True):
+    """One controllable DER asset from the inventory.
+
+    ``asset_id`` is a stable UUID (canonical lower-case text). Limits are in MW with the
+    sign convention of the module: ``min_mw`` is usually negative for storage (charging).
+    ``ramp_rate_mw_per_min`` of ``None`` means the asset can step instantly.
+    ``efficiency`` is round-trip efficiency in ``(0, 1]``.
+    """
+
+    asset_id: str
+    site_id: str
+    name: str
+    asset_type: str = "bess"
+    capacity_mwh: float = 0.0
+    max_mw: float = 0.0
+    min_mw: float = 0.0
+    ramp_rate_mw_per_min: float | None = None
+    efficiency: float = 1.0
+    location: str | None = None
+
+    def clamp(self, mw: float) -> float:
+        """``mw`` limited to ``[min_mw, max_mw]``."""
+        return min(self.max_mw, max(self.min_mw, mw))
+
+
+class TelemetrySample(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One reading of one asset: the core fields every DER shares, plus ``details``.
+
+    ``details`` holds the asset type's extension fields (see the ``der_asset_types`` hook);
+    receivers keep unknown keys, so a newer agent can send fields an older headend does
+    not know yet.
+    """
+
+    asset_id: str
+    site_id: str
+    ts: datetime
+    mw: float
+    mw_setpoint: float | None = None
+    online: bool = True
+    status: str | None = None
+    fault_code: str | None = None
+    seq: int = 0
+    quality: Quality = "good"
+    quality_reason: str | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of ``POST /dispatch``. Give ``asset_id`` or ``site_id``; ``asset_id`` wins."""
+
+    mw: float
+    asset_id: str | None = None
+    site_id: str | None = None
+    duration_s: float | None = None
+
+
+class DispatchTarget(msgspec.Struct, kw_only=True):
+    """One asset's part of a dispatch after split and clamp."""
+
+    asset_id: str
+    mw: float
+    state: DispatchState = "pending"
+    applied_mw: float | None = None
+    reason: str | None = None
+
+
+class Dispatch(msgspec.Struct, kw_only=True):
+    """A dispatch record and its current lifecycle state.
+
+    ``asset_id`` is set for a per-asset dispatch, ``site_id`` alone for a site dispatch.
+    ``targets`` are the per-asset shares after split and clamp; ``unallocated_mw`` is what
+    the split could not place within the assets' limits.
+    """
+
+    dispatch_id: str
+    mw: float
+    state: DispatchState
+    created_at: datetime
+    updated_at: datetime
+    asset_id: str | None = None
+    site_id: str | None = None
+    duration_s: float | None = None
+    targets: list[DispatchTarget] = msgspec.field(default_factory=list)
+    unallocated_mw: float = 0.0
+    policy: str | None = None
+    source: str = "rest"
+    reason: str | None = None
+
+
+class DispatchEvent(msgspec.Struct, kw_only=True):
+    """A timestamped state change of a dispatch (its lifecycle history)."""
+
+    dispatch_id: str
+    state: DispatchState
+    ts: datetime
+    detail: str | None = None
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """One asset's presence on one agent stream, from register to stream end."""
+
+    session_id: str
+    asset_id: str
+    site_id: str
+    agent_id: str
+    peer: str
+    connected_at: datetime
+    disconnected_at: datetime | None = None
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """An agent's liveness signal, recorded once for each asset the agent serves."""
+
+    asset_id: str
+    site_id: str
+    agent_id: str
+    ts: datetime
+    uptime_s: float | None = None
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """Something operators should see in the record: refusals, gaps, faults."""
+
+    ts: datetime
+    kind: str
+    message: str
+    asset_id: str | None = None
+    site_id: str | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)

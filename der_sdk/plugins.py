@@ -1,0 +1,365 @@
+"""The plugin manager factory and the typed registries built from registration hooks.
+
+Nothing is loaded at import time: :func:`load_plugins` builds a fresh manager, registers the
+built-ins (listed in :data:`der_sdk.builtins.BUILTIN_PLUGINS`) through the same hooks as
+external plugins, loads the ``der_sdk`` entry point group, and calls ``check_pending()``
+so a misspelled hook fails loudly.
+
+Environment:
+
+``DER_SDK_PLUGINS``
+    Comma-separated allow list of entry point or distribution names. When set, only these
+    external plugins load (built-ins always do).
+``DER_SDK_DISABLE_PLUGINS``
+    Comma-separated block list, matched the same way.
+``DER_SDK_TRACE_PLUGINS=1``
+    Print every hook call, with the plugin that answered, to standard error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Generic, Protocol, TypeVar
+
+import pluggy
+
+from der_sdk import hookspecs
+from der_sdk.errors import PluginError, UnknownNameError
+from der_sdk.extensions import (
+    AdapterType,
+    AssetType,
+    DeviceProfile,
+    EdgeServiceType,
+    SplitPolicy,
+    StorageBackendType,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "Plugins",
+    "Registry",
+    "hookimpl",
+    "load_plugins",
+]
+
+ENTRY_POINT_GROUP = "der_sdk"
+hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Named)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One registered plugin as ``der plugins`` and ``GET /plugins`` show it."""
+
+    name: str
+    package: str
+    version: str
+    hooks: tuple[str, ...]
+    builtin: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "package": self.package,
+            "version": self.version,
+            "hooks": list(self.hooks),
+            "builtin": self.builtin,
+        }
+
+
+@dataclass(frozen=True)
+class _Source:
+    package: str
+    version: str
+    builtin: bool
+
+
+class Registry(Generic[T]):
+    """Descriptors of one hook family, by name, each with the package that provided it."""
+
+    def __init__(self, kind: str, entries: Mapping[str, tuple[T, str]]) -> None:
+        self.kind = kind
+        self._entries = dict(sorted(entries.items()))
+
+    def get(self, name: str) -> T:
+        """The descriptor called ``name``; :class:`UnknownNameError` lists the installed ones."""
+        try:
+            return self._entries[name][0]
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self._entries) from None
+
+    def provider(self, name: str) -> str:
+        """The distribution that provided ``name``."""
+        self.get(name)
+        return self._entries[name][1]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[T]:
+        return (entry for entry, _ in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _env_list(env: Mapping[str, str], key: str) -> set[str] | None:
+    raw = env.get(key)
+    if raw is None or not raw.strip():
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _sdk_version() -> str:
+    try:
+        return metadata.version("der-sdk")
+    except metadata.PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+class Plugins:
+    """The loaded plugins: the pluggy manager plus typed registries built from its hooks.
+
+    Build one with :func:`load_plugins`. Registries are computed on first use and cached;
+    :meth:`register` (for tests and embedding) clears the cache.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, *, trace: bool = False) -> None:
+        self.pm = pm
+        self._sources: dict[str, _Source] = {}
+        self._trace = trace
+
+    # ---------------------------------------------------------------- registration
+
+    def register(
+        self,
+        plugin: object,
+        name: str,
+        *,
+        package: str | None = None,
+        version: str = "0",
+        builtin: bool = False,
+    ) -> None:
+        """Register ``plugin`` (a module or object with ``@hookimpl`` functions)."""
+        existing = self.pm.get_plugin(name)
+        if existing is not None:
+            other = self._sources.get(name)
+            raise PluginError(
+                f"plugin name {name!r} is provided by both {other.package if other else '?'} "
+                f"and {package or name}; uninstall one or block it with DER_SDK_DISABLE_PLUGINS"
+            )
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
+            raise PluginError(f"plugin {name!r} ({package or name}) is invalid: {exc}") from exc
+        self._sources[name] = _Source(package or name, version, builtin)
+        self._clear_cache()
+
+    def unregister(self, name: str) -> None:
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+        self._sources.pop(name, None)
+        self._clear_cache()
+
+    def _clear_cache(self) -> None:
+        for attr in (
+            "adapter_types",
+            "asset_types",
+            "split_policies",
+            "storage_backends",
+            "device_profiles",
+            "edge_services",
+        ):
+            self.__dict__.pop(attr, None)
+
+    @property
+    def hook(self) -> Any:
+        """The pluggy hook relay, for calling observer hooks.
+
+        Example: ``plugins.hook.der_telemetry_received(samples=batch)``.
+        """
+        return self.pm.hook
+
+    # ---------------------------------------------------------------- registries
+
+    def _collect(self, hook_name: str, kind: str) -> dict[str, tuple[Any, str]]:
+        caller = getattr(self.pm.hook, hook_name)
+        found: dict[str, tuple[Any, str]] = {}
+        # pluggy calls last-registered first; walk in registration order so errors and
+        # traces read naturally. The result does not depend on the order.
+        for impl in caller.get_hookimpls():
+            source = self._sources.get(impl.plugin_name)
+            package = source.package if source else impl.plugin_name
+            try:
+                result = impl.function()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} ({package}) failed in {hook_name}(): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if self._trace:
+                names = [getattr(d, "name", "?") for d in result or ()]
+                print(
+                    f"der_sdk trace: {hook_name}() <- {impl.plugin_name} ({package}): {names}",
+                    file=sys.stderr,
+                )
+            for descriptor in result or ():
+                name = getattr(descriptor, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} ({package}) returned a {kind} "
+                        f"without a name from {hook_name}()"
+                    )
+                if name in found:
+                    raise PluginError(
+                        f"duplicate {kind} {name!r}: provided by both {found[name][1]} "
+                        f"and {package}; uninstall one or block it with DER_SDK_DISABLE_PLUGINS"
+                    )
+                found[name] = (descriptor, package)
+        return found
+
+    @cached_property
+    def adapter_types(self) -> Registry[AdapterType]:
+        return Registry("adapter type", self._collect("der_adapter_types", "adapter type"))
+
+    @cached_property
+    def asset_types(self) -> Registry[AssetType]:
+        return Registry("asset type", self._collect("der_asset_types", "asset type"))
+
+    @cached_property
+    def split_policies(self) -> Registry[SplitPolicy]:
+        return Registry("split policy", self._collect("der_split_policies", "split policy"))
+
+    @cached_property
+    def storage_backends(self) -> Registry[StorageBackendType]:
+        entries = self._collect("der_storage_backends", "storage backend")
+        by_scheme: dict[str, str] = {}
+        for name, (backend, package) in entries.items():
+            for scheme in backend.schemes:
+                if scheme in by_scheme:
+                    raise PluginError(
+                        f"duplicate storage scheme {scheme!r}: provided by both "
+                        f"{entries[by_scheme[scheme]][1]} and {package}"
+                    )
+                by_scheme[scheme] = name
+        return Registry("storage backend", entries)
+
+    @cached_property
+    def device_profiles(self) -> Registry[DeviceProfile]:
+        return Registry("device profile", self._collect("der_device_profiles", "device profile"))
+
+    @cached_property
+    def edge_services(self) -> Registry[EdgeServiceType]:
+        return Registry("edge service", self._collect("der_edge_services", "edge service"))
+
+    def storage_for_url(self, url: str) -> StorageBackendType:
+        """The backend whose scheme matches ``url`` (``sqlite:///x.db`` → ``sqlite``)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        for backend in self.storage_backends:
+            if scheme in backend.schemes:
+                return backend
+        schemes = sorted(s for b in self.storage_backends for s in b.schemes)
+        raise UnknownNameError("storage URL scheme", scheme or url, schemes)
+
+    # ---------------------------------------------------------------- introspection
+
+    def info(self) -> list[PluginInfo]:
+        """Every registered plugin with its package, version and implemented hooks."""
+        rows: list[PluginInfo] = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            hooks = sorted(caller.name for caller in (self.pm.get_hookcallers(plugin) or ()))
+            source = self._sources.get(name, _Source(name, "0", False))
+            rows.append(
+                PluginInfo(name, source.package, source.version, tuple(hooks), source.builtin)
+            )
+        rows.sort(key=lambda r: (r.builtin, r.package, r.name))
+        return rows
+
+    def versions(self) -> dict[str, str]:
+        """Distribution name → version for every external plugin (sent in Register)."""
+        return {i.package: i.version for i in self.info() if not i.builtin}
+
+
+def _trace_writer(hook_name: str, hook_impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    names = ", ".join(impl.plugin_name for impl in hook_impls)
+    print(f"der_sdk trace: {hook_name}({', '.join(kwargs)}) -> [{names}]", file=sys.stderr)
+
+
+def load_plugins(
+    *,
+    entry_points: bool = True,
+    extra: Sequence[tuple[str, object]] = (),
+    env: Mapping[str, str] | None = None,
+) -> Plugins:
+    """Build the plugin manager: built-ins, then the ``der_sdk`` entry points, then ``extra``.
+
+    :param entry_points: load installed plugins (off in some tests).
+    :param extra: ``(name, plugin)`` pairs to register as well.
+    :param env: the environment to read allow/block lists and tracing from.
+    :raises PluginError: a plugin failed to import, clashed by name, or is invalid; the
+        message names it and its distribution.
+    """
+    from der_sdk.builtins import BUILTIN_PLUGINS
+
+    env = os.environ if env is None else env
+    trace = env.get("DER_SDK_TRACE_PLUGINS", "").strip().lower() in _TRUTHY
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    plugins = Plugins(pm, trace=trace)
+    if trace:
+        pm.add_hookcall_monitoring(_trace_writer, lambda *args: None)
+
+    sdk_version = _sdk_version()
+    for module_name in BUILTIN_PLUGINS:
+        module = importlib.import_module(module_name)
+        plugins.register(module, module_name, package="der-sdk", version=sdk_version, builtin=True)
+
+    if entry_points:
+        allow = _env_list(env, "DER_SDK_PLUGINS")
+        block = _env_list(env, "DER_SDK_DISABLE_PLUGINS") or set()
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist_name = ep.dist.name if ep.dist is not None else "<unknown distribution>"
+            dist_version = ep.dist.version if ep.dist is not None else "0"
+            keys = {ep.name, dist_name}
+            if allow is not None and not keys & allow:
+                continue
+            if keys & block:
+                continue
+            try:
+                obj = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} from distribution {dist_name} {dist_version} failed "
+                    f"to import ({ep.value}): {type(exc).__name__}: {exc}. Fix or uninstall it, "
+                    f"or skip it with DER_SDK_DISABLE_PLUGINS={ep.name}"
+                ) from exc
+            plugins.register(obj, ep.name, package=dist_name, version=dist_version)
+
+    for name, plugin in extra:
+        plugins.register(plugin, name, package=name)
+    return plugins

@@ -1,0 +1,177 @@
+"""The storage contract every backend implements.
+
+Conventions that hold for every backend (the conformance suite checks them):
+
+* Times are aware UTC datetimes; backends return them aware and in UTC.
+* Ranges are **half-open**: ``start`` is inclusive, ``end`` is exclusive. Either may be
+  ``None`` (unbounded).
+* History queries return **newest first**, at most ``limit`` rows.
+* Telemetry is **idempotent**: the dedupe key is ``(asset_id, ts)``. Re-appending a sample
+  with the same asset and timestamp stores nothing new.
+* Methods are coroutines and never block the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from der_sdk.models import (
+    Dispatch,
+    DispatchEvent,
+    Event,
+    Heartbeat,
+    Session,
+    TelemetrySample,
+)
+
+if TYPE_CHECKING:
+    from der_sdk.plugins import Plugins
+
+__all__ = ["DEFAULT_DATABASE_URL", "StorageBackend", "open_storage"]
+
+DEFAULT_DATABASE_URL = "sqlite:///der-data/der.db"
+"""The embedded default: SQLite in ``./der-data/der.db`` relative to the working directory."""
+
+
+class StorageBackend(abc.ABC):
+    """The async storage contract of the headend."""
+
+    #: Short name shown in logs and ``/healthz`` (``memory``, ``sqlite``, ``postgresql``).
+    name: str = "storage"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Called once at headend start: connect, create or migrate the schema."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Called once at shutdown; flushes anything pending."""
+
+    @abc.abstractmethod
+    async def reset(self) -> None:
+        """Delete all stored data of this project (``RESET_DB``), keeping the schema."""
+
+    async def healthy(self) -> bool:
+        """Whether the backend can serve requests now (``/healthz``). Default: True."""
+        return True
+
+    # ------------------------------------------------------------------ telemetry
+
+    @abc.abstractmethod
+    async def append_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
+        """Store a batch of samples atomically; called by ingest for every batch.
+
+        :return: how many samples were new (duplicates by ``(asset_id, ts)`` are skipped).
+        """
+
+    @abc.abstractmethod
+    async def telemetry_history(
+        self,
+        asset_id: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[TelemetrySample]:
+        """Samples of one asset with ``start <= ts < end``, newest first, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def latest_telemetry(self) -> dict[str, TelemetrySample]:
+        """The newest stored sample of every asset, by asset id (to warm caches at start)."""
+
+    # ------------------------------------------------------------------ dispatch
+
+    @abc.abstractmethod
+    async def save_dispatch(self, dispatch: Dispatch) -> None:
+        """Insert or replace a dispatch record (by ``dispatch_id``) with its targets."""
+
+    @abc.abstractmethod
+    async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
+        """One dispatch record, or ``None``."""
+
+    @abc.abstractmethod
+    async def dispatch_history(
+        self,
+        *,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+    ) -> list[Dispatch]:
+        """Dispatches, newest ``created_at`` first, filtered by target and state.
+
+        ``asset_id`` matches a per-asset dispatch to the asset or a site dispatch with a
+        target for it; ``site_id`` matches the dispatch's ``site_id``.
+        """
+
+    @abc.abstractmethod
+    async def record_dispatch_event(self, event: DispatchEvent) -> None:
+        """Append one lifecycle state change of a dispatch."""
+
+    @abc.abstractmethod
+    async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
+        """A dispatch's state changes, oldest first."""
+
+    # ------------------------------------------------------------------ presence
+
+    @abc.abstractmethod
+    async def open_session(self, session: Session) -> None:
+        """Record an asset's session at register time."""
+
+    @abc.abstractmethod
+    async def close_session(self, session_id: str, disconnected_at: datetime) -> None:
+        """Set ``disconnected_at`` of an open session (no-op if unknown or closed)."""
+
+    @abc.abstractmethod
+    async def close_open_sessions(self, disconnected_at: datetime) -> int:
+        """Close sessions left open by a previous run (called at headend start)."""
+
+    @abc.abstractmethod
+    async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
+        """An asset's sessions, newest ``connected_at`` first."""
+
+    @abc.abstractmethod
+    async def append_heartbeats(self, heartbeats: Sequence[Heartbeat]) -> None:
+        """Store heartbeats (one per served asset per agent heartbeat)."""
+
+    @abc.abstractmethod
+    async def latest_heartbeat(self, asset_id: str) -> Heartbeat | None:
+        """The newest heartbeat of an asset, or ``None``."""
+
+    @abc.abstractmethod
+    async def heartbeat_history(
+        self,
+        asset_id: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Heartbeat]:
+        """Heartbeats of one asset with ``start <= ts < end``, newest first."""
+
+    # ------------------------------------------------------------------ events
+
+    @abc.abstractmethod
+    async def append_event(self, event: Event) -> None:
+        """Record an operator-visible event (refused registration, validation problem...)."""
+
+    @abc.abstractmethod
+    async def events(
+        self,
+        *,
+        asset_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """Events, newest first, optionally filtered."""
+
+
+def open_storage(url: str, plugins: Plugins) -> StorageBackend:
+    """Create (not open) the backend for ``url`` through the ``der_storage_backends`` hook.
+
+    :raises der_sdk.errors.UnknownNameError: no installed backend handles the URL scheme.
+    """
+    return plugins.storage_for_url(url).factory(url)

@@ -1,0 +1,271 @@
+"""The in-memory storage backend (``memory://``): plain dicts and lists, for tests.
+
+Records are deep-copied on the way in and out, so a caller that mutates a returned (or
+saved) object sees the same behaviour as with a real database: nothing changes until it
+is saved again.
+"""
+
+from __future__ import annotations
+
+import copy
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Generic, TypeVar
+
+import msgspec
+
+from der_sdk.extensions import StorageBackendType
+from der_sdk.models import (
+    Dispatch,
+    DispatchEvent,
+    Event,
+    Heartbeat,
+    Session,
+    TelemetrySample,
+)
+from der_sdk.plugins import hookimpl
+from der_sdk.storage.contract import StorageBackend
+
+__all__ = ["MemoryStorage", "der_storage_backends"]
+
+R = TypeVar("R")
+
+
+def _utc(value: datetime) -> datetime:
+    """``value`` in UTC; naive datetimes are refused (the contract stores aware UTC only)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"storage needs timezone-aware datetimes, got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+def _copies(rows: Iterable[R], limit: int) -> list[R]:
+    """Copies of the first ``limit`` of ``rows`` (none when ``limit`` is not positive)."""
+    return [copy.deepcopy(row) for row in islice(rows, max(limit, 0))]
+
+
+class _TimeSeries(Generic[R]):
+    """Rows of one asset keyed by unique timestamp, kept sorted for half-open range scans."""
+
+    def __init__(self) -> None:
+        self.keys: list[datetime] = []
+        self.rows: list[R] = []
+
+    def add(self, ts: datetime, row: R) -> bool:
+        """Insert ``row`` at ``ts`` unless that timestamp is taken; True when inserted."""
+        index = bisect_left(self.keys, ts)
+        if index < len(self.keys) and self.keys[index] == ts:
+            return False
+        self.keys.insert(index, ts)
+        self.rows.insert(index, row)
+        return True
+
+    def newest_first(self, start: datetime | None, end: datetime | None) -> Iterable[R]:
+        low = 0 if start is None else bisect_left(self.keys, _utc(start))
+        high = len(self.keys) if end is None else bisect_left(self.keys, _utc(end))
+        return reversed(self.rows[low:high])
+
+    def latest(self) -> R | None:
+        return self.rows[-1] if self.rows else None
+
+
+class MemoryStorage(StorageBackend):
+    """Everything in process memory; lost when the process ends. The test backend."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self._telemetry: dict[str, _TimeSeries[TelemetrySample]] = {}
+        self._heartbeats: dict[str, _TimeSeries[Heartbeat]] = {}
+        self._dispatches: dict[str, Dispatch] = {}
+        self._dispatch_events: list[DispatchEvent] = []
+        self._sessions: dict[str, Session] = {}
+        self._events: list[Event] = []
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStorage:
+        """A new, empty store; anything after ``memory://`` is ignored."""
+        return cls()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def reset(self) -> None:
+        self._clear()
+
+    # ------------------------------------------------------------------ telemetry
+
+    async def append_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
+        # Validate the whole batch first so a bad sample stores nothing (atomic batch).
+        stored = [
+            msgspec.structs.replace(copy.deepcopy(sample), ts=_utc(sample.ts)) for sample in samples
+        ]
+        added = 0
+        for sample in stored:
+            series = self._telemetry.setdefault(sample.asset_id, _TimeSeries())
+            added += series.add(sample.ts, sample)
+        return added
+
+    async def telemetry_history(
+        self,
+        asset_id: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[TelemetrySample]:
+        series = self._telemetry.get(asset_id)
+        if series is None:
+            return []
+        return _copies(series.newest_first(start, end), limit)
+
+    async def latest_telemetry(self) -> dict[str, TelemetrySample]:
+        latest: dict[str, TelemetrySample] = {}
+        for asset_id, series in self._telemetry.items():
+            sample = series.latest()
+            if sample is not None:
+                latest[asset_id] = copy.deepcopy(sample)
+        return latest
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def save_dispatch(self, dispatch: Dispatch) -> None:
+        self._dispatches[dispatch.dispatch_id] = msgspec.structs.replace(
+            copy.deepcopy(dispatch),
+            created_at=_utc(dispatch.created_at),
+            updated_at=_utc(dispatch.updated_at),
+        )
+
+    async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
+        return copy.deepcopy(self._dispatches.get(dispatch_id))
+
+    async def dispatch_history(
+        self,
+        *,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+    ) -> list[Dispatch]:
+        def matches(dispatch: Dispatch) -> bool:
+            if asset_id is not None and not (
+                dispatch.asset_id == asset_id
+                or any(target.asset_id == asset_id for target in dispatch.targets)
+            ):
+                return False
+            if site_id is not None and dispatch.site_id != site_id:
+                return False
+            return state is None or dispatch.state == state
+
+        found = sorted(
+            filter(matches, self._dispatches.values()),
+            key=lambda d: (d.created_at, d.dispatch_id),
+            reverse=True,
+        )
+        return _copies(found, limit)
+
+    async def record_dispatch_event(self, event: DispatchEvent) -> None:
+        self._dispatch_events.append(
+            msgspec.structs.replace(copy.deepcopy(event), ts=_utc(event.ts))
+        )
+
+    async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
+        found = [e for e in self._dispatch_events if e.dispatch_id == dispatch_id]
+        found.sort(key=lambda e: e.ts)  # stable: equal times keep recording order
+        return [copy.deepcopy(e) for e in found]
+
+    # ------------------------------------------------------------------ presence
+
+    async def open_session(self, session: Session) -> None:
+        disconnected_at = session.disconnected_at
+        self._sessions[session.session_id] = msgspec.structs.replace(
+            copy.deepcopy(session),
+            connected_at=_utc(session.connected_at),
+            disconnected_at=None if disconnected_at is None else _utc(disconnected_at),
+        )
+
+    async def close_session(self, session_id: str, disconnected_at: datetime) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None and session.disconnected_at is None:
+            session.disconnected_at = _utc(disconnected_at)
+
+    async def close_open_sessions(self, disconnected_at: datetime) -> int:
+        when = _utc(disconnected_at)
+        closed = 0
+        for session in self._sessions.values():
+            if session.disconnected_at is None:
+                session.disconnected_at = when
+                closed += 1
+        return closed
+
+    async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
+        found = sorted(
+            (s for s in self._sessions.values() if s.asset_id == asset_id),
+            key=lambda s: (s.connected_at, s.session_id),
+            reverse=True,
+        )
+        return _copies(found, limit)
+
+    async def append_heartbeats(self, heartbeats: Sequence[Heartbeat]) -> None:
+        stored = [
+            msgspec.structs.replace(copy.deepcopy(beat), ts=_utc(beat.ts)) for beat in heartbeats
+        ]
+        for beat in stored:
+            self._heartbeats.setdefault(beat.asset_id, _TimeSeries()).add(beat.ts, beat)
+
+    async def latest_heartbeat(self, asset_id: str) -> Heartbeat | None:
+        series = self._heartbeats.get(asset_id)
+        return None if series is None else copy.deepcopy(series.latest())
+
+    async def heartbeat_history(
+        self,
+        asset_id: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Heartbeat]:
+        series = self._heartbeats.get(asset_id)
+        if series is None:
+            return []
+        return _copies(series.newest_first(start, end), limit)
+
+    # ------------------------------------------------------------------ events
+
+    async def append_event(self, event: Event) -> None:
+        self._events.append(msgspec.structs.replace(copy.deepcopy(event), ts=_utc(event.ts)))
+
+    async def events(
+        self,
+        *,
+        asset_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        def matching(event: Event) -> bool:
+            return (asset_id is None or event.asset_id == asset_id) and (
+                kind is None or event.kind == kind
+            )
+
+        # Walk newest recorded first, then a stable sort: equal times list the later first.
+        found = sorted(filter(matching, reversed(self._events)), key=lambda e: e.ts, reverse=True)
+        return _copies(found, limit)
+
+
+@hookimpl
+def der_storage_backends() -> list[StorageBackendType]:
+    return [
+        StorageBackendType(
+            name="memory",
+            schemes=("memory",),
+            factory=MemoryStorage.from_url,
+            description="In-process memory, lost at exit; for tests and demos (memory://).",
+        )
+    ]

@@ -1,0 +1,233 @@
+"""Conversion between the protobuf wire messages and the msgspec domain model.
+
+This is the only module that knows both; the headend and agent speak domain Structs and
+call these functions at the stream edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from der_sdk.models import Heartbeat, TelemetrySample
+from der_sdk.wire import pb
+
+__all__ = [
+    "Allocation",
+    "agent_heartbeat",
+    "agent_register",
+    "agent_setpoint_ack",
+    "agent_telemetry",
+    "allocations_from_pb",
+    "datetime_from_us",
+    "datetime_to_us",
+    "headend_register_ack",
+    "headend_setpoint",
+    "headend_telemetry_ack",
+    "heartbeats_from_pb",
+    "sample_from_pb",
+    "sample_to_pb",
+    "samples_from_batch",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_json_encode = msgspec.json.Encoder().encode
+_json_decode_object = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class Allocation(msgspec.Struct, frozen=True, kw_only=True):
+    """One asset's part of an acknowledged setpoint."""
+
+    asset_id: str
+    mw: float
+    status: str = "applied"
+    reason: str | None = None
+
+
+def datetime_to_us(ts: datetime) -> int:
+    """Microseconds since the Unix epoch; a naive datetime is taken as UTC."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    delta = ts - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def datetime_from_us(us: int) -> datetime:
+    """The aware UTC datetime for microseconds since the Unix epoch."""
+    return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+
+
+# ----------------------------------------------------------------------------- telemetry
+
+
+def sample_to_pb(sample: TelemetrySample) -> pb.Telemetry:
+    msg = pb.Telemetry(
+        asset_id=sample.asset_id,
+        site_id=sample.site_id,
+        ts_us=datetime_to_us(sample.ts),
+        mw=sample.mw,
+        online=sample.online,
+        seq=sample.seq,
+        quality=sample.quality,
+    )
+    if sample.mw_setpoint is not None:
+        msg.mw_setpoint = sample.mw_setpoint
+    if sample.status is not None:
+        msg.status = sample.status
+    if sample.fault_code is not None:
+        msg.fault_code = sample.fault_code
+    if sample.quality_reason is not None:
+        msg.quality_reason = sample.quality_reason
+    if sample.details:
+        msg.details_json = _json_encode(sample.details)
+    return msg
+
+
+def sample_from_pb(msg: pb.Telemetry) -> TelemetrySample:
+    """A domain sample from the wire.
+
+    :raises ValueError: ``details_json`` is not a JSON object, or ``quality`` is unknown;
+        the message names the asset.
+    """
+    try:
+        details = _json_decode_object(msg.details_json) if msg.details_json else {}
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"asset {msg.asset_id}: details_json is not a JSON object: {exc}") from exc
+    quality = msg.quality or "good"
+    if quality not in ("good", "uncertain", "bad"):
+        raise ValueError(f"asset {msg.asset_id}: unknown quality {quality!r}")
+    return TelemetrySample(
+        asset_id=msg.asset_id,
+        site_id=msg.site_id,
+        ts=datetime_from_us(msg.ts_us),
+        mw=msg.mw,
+        mw_setpoint=msg.mw_setpoint if msg.HasField("mw_setpoint") else None,
+        online=msg.online,
+        status=msg.status if msg.HasField("status") else None,
+        fault_code=msg.fault_code if msg.HasField("fault_code") else None,
+        seq=msg.seq,
+        quality=quality,  # type: ignore[arg-type]
+        quality_reason=msg.quality_reason if msg.HasField("quality_reason") else None,
+        details=details,
+    )
+
+
+def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
+    return [sample_from_pb(m) for m in batch.samples]
+
+
+# ----------------------------------------------------------------------------- agent side
+
+
+def agent_register(
+    *,
+    agent_id: str,
+    site_id: str,
+    assets: Mapping[str, str],
+    sdk_version: str,
+    plugins: Mapping[str, str],
+) -> pb.AgentMessage:
+    """The Register message. ``assets`` maps asset id → adapter name."""
+    return pb.AgentMessage(
+        register=pb.Register(
+            agent_id=agent_id,
+            site_id=site_id,
+            assets=[pb.ServedAsset(asset_id=a, adapter=ad) for a, ad in assets.items()],
+            sdk_version=sdk_version,
+            plugins=[pb.PluginVersion(package=p, version=v) for p, v in sorted(plugins.items())],
+        )
+    )
+
+
+def agent_telemetry(seq: int, samples: Iterable[TelemetrySample]) -> pb.AgentMessage:
+    return pb.AgentMessage(
+        telemetry=pb.TelemetryBatch(seq=seq, samples=[sample_to_pb(s) for s in samples])
+    )
+
+
+def agent_heartbeat(agent_id: str, ts: datetime, uptime_s: float) -> pb.AgentMessage:
+    return pb.AgentMessage(
+        heartbeat=pb.Heartbeat(agent_id=agent_id, ts_us=datetime_to_us(ts), uptime_s=uptime_s)
+    )
+
+
+def agent_setpoint_ack(
+    command_id: str,
+    status: str,
+    allocations: Sequence[Allocation],
+    reason: str | None = None,
+) -> pb.AgentMessage:
+    ack = pb.SetpointAck(
+        command_id=command_id,
+        status=status,
+        applied_mw=sum(a.mw for a in allocations if a.status == "applied"),
+        allocations=[
+            pb.Allocation(asset_id=a.asset_id, mw=a.mw, status=a.status, reason=a.reason)
+            for a in allocations
+        ],
+    )
+    if reason is not None:
+        ack.reason = reason
+    return pb.AgentMessage(setpoint_ack=ack)
+
+
+def allocations_from_pb(ack: pb.SetpointAck) -> list[Allocation]:
+    return [
+        Allocation(
+            asset_id=a.asset_id,
+            mw=a.mw,
+            status=a.status or "applied",
+            reason=a.reason if a.HasField("reason") else None,
+        )
+        for a in ack.allocations
+    ]
+
+
+def heartbeats_from_pb(msg: pb.Heartbeat, served: Mapping[str, str]) -> list[Heartbeat]:
+    """One domain heartbeat per served asset. ``served`` maps asset id → site id."""
+    ts = datetime_from_us(msg.ts_us)
+    return [
+        Heartbeat(asset_id=a, site_id=s, agent_id=msg.agent_id, ts=ts, uptime_s=msg.uptime_s)
+        for a, s in served.items()
+    ]
+
+
+# ----------------------------------------------------------------------------- headend side
+
+
+def headend_register_ack(
+    accepted: Sequence[str], refused: Mapping[str, str], message: str = ""
+) -> pb.HeadendMessage:
+    return pb.HeadendMessage(
+        register_ack=pb.RegisterAck(
+            accepted=bool(accepted),
+            accepted_asset_ids=list(accepted),
+            refused=[pb.Refusal(asset_id=a, reason=r) for a, r in refused.items()],
+            message=message,
+        )
+    )
+
+
+def headend_setpoint(
+    command_id: str,
+    mw: float,
+    *,
+    asset_id: str | None = None,
+    site_id: str | None = None,
+    duration_s: float | None = None,
+) -> pb.HeadendMessage:
+    sp = pb.Setpoint(command_id=command_id, mw=mw)
+    if asset_id is not None:
+        sp.asset_id = asset_id
+    if site_id is not None:
+        sp.site_id = site_id
+    if duration_s is not None:
+        sp.duration_s = duration_s
+    return pb.HeadendMessage(setpoint=sp)
+
+
+def headend_telemetry_ack(seq: int) -> pb.HeadendMessage:
+    return pb.HeadendMessage(telemetry_ack=pb.TelemetryAck(seq=seq))

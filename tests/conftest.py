@@ -1,0 +1,42 @@
+"""Shared fixtures for the project's own suite."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+FakeDist = Callable[..., Path]
+
+
+@pytest.fixture
+def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDist]:
+    """Install a throwaway distribution on ``sys.path``: a dist-info with ``der_sdk`` entry
+    points plus its modules, so entry point loading runs for real."""
+    root = tmp_path / "site"
+    root.mkdir()
+    monkeypatch.syspath_prepend(str(root))
+    created: list[str] = []
+
+    def make(
+        dist: str,
+        entry_points: dict[str, str],
+        modules: dict[str, str],
+        version: str = "1.0",
+    ) -> Path:
+        info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+        (info / "entry_points.txt").write_text(f"[der_sdk]\n{eps}\n")
+        for mod, source in modules.items():
+            (root / f"{mod}.py").write_text(textwrap.dedent(source))
+            created.append(mod)
+        return info
+
+    yield make
+    for mod in created:
+        sys.modules.pop(mod, None)

@@ -1,0 +1,27 @@
+"""Built-in asset types and telemetry `details` validation (schema evolution)."""
+
+from __future__ import annotations
+
+from der_sdk import load_plugins
+from der_sdk.asset_types import validate_details
+
+
+def _bess():  # type: ignore[no-untyped-def]
+    return load_plugins(entry_points=False, env={}).asset_types.get("bess")
+
+
+def test_each_builtin_type_has_six_to_ten_detail_fields() -> None:
+    for asset_type in load_plugins(entry_points=False, env={}).asset_types:
+        assert 6 <= len(asset_type.details.__struct_fields__) <= 10, asset_type.name
+
+
+def test_unknown_newer_fields_are_kept_and_missing_ones_tolerated() -> None:
+    details, problems = validate_details(_bess(), {"soc_pct": 55.0, "cell_delta_mv": 12})
+    assert problems == []
+    assert details == {"soc_pct": 55.0, "cell_delta_mv": 12}
+
+
+def test_bad_known_field_is_named_and_the_rest_survive() -> None:
+    details, problems = validate_details(_bess(), {"soc_pct": "full", "soh_pct": 97.0})
+    assert len(problems) == 1 and "details.soc_pct" in problems[0]
+    assert details == {"soh_pct": 97.0}

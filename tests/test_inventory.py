@@ -1,0 +1,310 @@
+"""The inventory loader: a good file loads, and every bad one names file, line and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from der_sdk.errors import ConfigError, ConfigIssue, UnknownNameError
+from der_sdk.inventory import Inventory, load_inventory, parse_inventory
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+SITE_A = "6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f"
+SITE_B = "7a2d3c4b-5e6f-4a1b-9c8d-1e2f3a4b5c6d"
+ASSET_1 = "0b6c1e52-7f0e-4d8a-9a57-2c1f3e4d5a61"
+ASSET_2 = "1c7d2f63-8a1f-4e9b-8b68-3d2a4f5e6b72"
+
+GOOD = f"""\
+sites:
+  - site_id: {SITE_A}
+    name: North Yard
+    location: Depot Road
+  - site_id: {SITE_B}
+    name: Solar Ridge
+assets:
+  - asset_id: {ASSET_2}
+    site_id: {SITE_A}
+    name: BESS 2
+    capacity_mwh: 4.0
+    max_mw: 2.0
+    min_mw: -2.0
+    ramp_rate_mw_per_min: 1.0
+    efficiency: 0.9
+  - asset_id: {ASSET_1}
+    site_id: {SITE_A}
+    name: BESS 1
+    asset_type: bess
+    capacity_mwh: 2
+    max_mw: 1
+    min_mw: -1
+    location: container 1
+"""
+
+TYPES = ["bess", "pv", "wind", "ev_charger"]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "assets.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def line_of(text: str, marker: str, occurrence: int = 1) -> int:
+    """1-based line of the ``occurrence``-th line containing ``marker``."""
+    hits = [n for n, line in enumerate(text.splitlines(), 1) if marker in line]
+    return hits[occurrence - 1]
+
+
+def issue_for(path: Path, text: str, field: str | None) -> ConfigIssue:
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(write(path, text), asset_types=TYPES)
+    matching = [i for i in caught.value.issues if i.field == field]
+    assert matching, f"no issue for {field!r} in:\n{caught.value}"
+    return matching[0]
+
+
+def assert_names(issue: ConfigIssue, line: int | None, field: str | None, *words: str) -> None:
+    text = str(issue)
+    assert "assets.yaml" in text
+    if line is not None:
+        assert f"assets.yaml:{line}:" in text
+        assert issue.line == line
+    if field is not None:
+        assert field in text
+    for word in words:
+        assert word in text, f"{word!r} not in {text!r}"
+
+
+# --------------------------------------------------------------------------- good files
+
+
+def test_good_file_loads(tmp_path: Path) -> None:
+    inventory = load_inventory(write(tmp_path, GOOD), asset_types=TYPES)
+    assert isinstance(inventory, Inventory)
+    assert inventory.path.endswith("assets.yaml")
+    assert list(inventory.sites) == [SITE_A, SITE_B]
+    assert list(inventory.assets) == [ASSET_2, ASSET_1]  # file order
+    assert inventory.site(SITE_A).name == "North Yard"
+    assert inventory.site(SITE_A).location == "Depot Road"
+    one = inventory.asset(ASSET_1)
+    assert (one.capacity_mwh, one.max_mw, one.min_mw) == (2.0, 1.0, -1.0)
+    assert isinstance(one.max_mw, float)
+    assert one.efficiency == 1.0 and one.ramp_rate_mw_per_min is None
+    assert one.asset_type == "bess" and one.location == "container 1"
+    two = inventory.asset(ASSET_2)
+    assert (two.ramp_rate_mw_per_min, two.efficiency) == (1.0, 0.9)
+    assert [a.asset_id for a in inventory.assets_for_site(SITE_A)] == [ASSET_1, ASSET_2]
+    assert inventory.assets_for_site(SITE_B) == []
+
+
+def test_ids_are_normalised_to_canonical_uuids(tmp_path: Path) -> None:
+    text = GOOD.replace(f"asset_id: {ASSET_1}", f"asset_id: '{{{ASSET_1.upper()}}}'").replace(
+        f"site_id: {SITE_B}", f"site_id: {SITE_B.replace('-', '').upper()}"
+    )
+    inventory = load_inventory(write(tmp_path, text), asset_types=TYPES)
+    assert ASSET_1 in inventory.assets
+    assert SITE_B in inventory.sites
+    assert inventory.asset(ASSET_1.upper()).asset_id == ASSET_1
+
+
+def test_unknown_lookups_list_what_exists(tmp_path: Path) -> None:
+    inventory = load_inventory(write(tmp_path, GOOD), asset_types=TYPES)
+    with pytest.raises(UnknownNameError, match=SITE_A):
+        inventory.site("00000000-0000-4000-8000-000000000000")
+    with pytest.raises(UnknownNameError, match=ASSET_1):
+        inventory.asset("nope")
+
+
+def test_example_inventory_loads_with_installed_asset_types() -> None:
+    inventory = load_inventory(EXAMPLES / "assets.yaml")  # asset types from the plugins
+    assert len(inventory.sites) == 2
+    assert len(inventory.assets) == 5
+    north = next(s for s in inventory.sites.values() if s.name == "North Yard")
+    caps = sorted(a.capacity_mwh for a in inventory.assets_for_site(north.site_id))
+    assert caps == [2.0, 4.0, 6.0]
+    assert all(a.asset_type == "bess" for a in inventory.assets.values())
+
+
+def test_parse_inventory_names_the_label() -> None:
+    with pytest.raises(ConfigError, match=r"^inline:2: sites\[0\]\.name: missing"):
+        parse_inventory(f"sites:\n  - site_id: {SITE_A}\n    location: x\nassets: []\n", "inline")
+
+
+def test_all_issues_are_reported_at_once(tmp_path: Path) -> None:
+    text = GOOD.replace("max_mw: 2.0", "max_mw: abc").replace("efficiency: 0.9", "efficiency: 2")
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(write(tmp_path, text), asset_types=TYPES)
+    fields = [i.field for i in caught.value.issues]
+    assert fields == ["assets[0].max_mw", "assets[0].efficiency"]
+
+
+# --------------------------------------------------------------------------- one test per error
+
+
+def test_missing_site_id(tmp_path: Path) -> None:
+    text = GOOD.replace(f"    site_id: {SITE_A}\n    name: BESS 1\n", "    name: BESS 1\n")
+    issue = issue_for(tmp_path, text, "assets[1].site_id")
+    assert_names(issue, line_of(text, f"asset_id: {ASSET_1}"), "assets[1].site_id", "missing")
+
+
+def test_duplicate_asset_id_names_both_lines(tmp_path: Path) -> None:
+    text = GOOD.replace(f"asset_id: {ASSET_1}", f"asset_id: {ASSET_2}")
+    first, second = line_of(text, f"asset_id: {ASSET_2}", 1), line_of(text, ASSET_2, 2)
+    issue = issue_for(tmp_path, text, "assets[1].asset_id")
+    assert_names(issue, second, "assets[1].asset_id", "duplicate", f"line {first}", ASSET_2)
+
+
+def test_duplicate_site_id_names_both_lines(tmp_path: Path) -> None:
+    text = GOOD.replace(f"site_id: {SITE_B}", f"site_id: {SITE_A}")
+    first, second = (
+        line_of(text, f"- site_id: {SITE_A}", 1),
+        line_of(text, f"- site_id: {SITE_A}", 2),
+    )
+    issue = issue_for(tmp_path, text, "sites[1].site_id")
+    assert_names(issue, second, "sites[1].site_id", "duplicate", f"line {first}")
+
+
+def test_min_mw_greater_than_max_mw(tmp_path: Path) -> None:
+    text = GOOD.replace("min_mw: -2.0", "min_mw: 3.0")
+    issue = issue_for(tmp_path, text, "assets[0].min_mw")
+    assert_names(issue, line_of(text, "min_mw: 3.0"), "assets[0].min_mw", "greater than max_mw")
+
+
+def test_unknown_site_lists_known_sites(tmp_path: Path) -> None:
+    other = "99999999-9999-4999-8999-999999999999"
+    text = GOOD.replace(
+        f"site_id: {SITE_A}\n    name: BESS 1", f"site_id: {other}\n    name: BESS 1"
+    )
+    issue = issue_for(tmp_path, text, "assets[1].site_id")
+    assert_names(issue, line_of(text, other), "assets[1].site_id", "unknown site", SITE_A, SITE_B)
+
+
+@pytest.mark.parametrize("field", ["asset_id", "site_id"])
+def test_bad_uuid(tmp_path: Path, field: str) -> None:
+    good = ASSET_2 if field == "asset_id" else SITE_A
+    text = GOOD.replace(f"{field}: {good}", f"{field}: bess-two", 1)
+    expected = "assets[0].asset_id" if field == "asset_id" else "sites[0].site_id"
+    issue = issue_for(tmp_path, text, expected)
+    assert_names(issue, line_of(text, "bess-two"), expected, "not a UUID", "bess-two")
+
+
+def test_asset_site_id_must_be_a_uuid(tmp_path: Path) -> None:
+    text = GOOD.replace(f"site_id: {SITE_A}\n    name: BESS 2", "site_id: 12\n    name: BESS 2")
+    issue = issue_for(tmp_path, text, "assets[0].site_id")
+    assert_names(issue, line_of(text, "site_id: 12"), "assets[0].site_id", "expected str, got int")
+
+
+def test_unknown_asset_type_lists_installed(tmp_path: Path) -> None:
+    text = GOOD.replace("asset_type: bess", "asset_type: battery")
+    issue = issue_for(tmp_path, text, "assets[1].asset_type")
+    assert_names(
+        issue, line_of(text, "asset_type: battery"), "assets[1].asset_type", "battery",
+        "bess, ev_charger, pv, wind",
+    )  # fmt: skip
+
+
+def test_unknown_asset_type_defaults_to_the_installed_plugins(tmp_path: Path) -> None:
+    text = GOOD.replace("asset_type: bess", "asset_type: battery")
+    with pytest.raises(ConfigError, match=r"installed: bess, ev_charger, pv, wind"):
+        load_inventory(write(tmp_path, text))
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    text = GOOD.replace("max_mw: 2.0", 'max_mw: "abc"')
+    issue = issue_for(tmp_path, text, "assets[0].max_mw")
+    assert_names(
+        issue, line_of(text, 'max_mw: "abc"'), "assets[0].max_mw", "expected float, got str"
+    )
+
+
+def test_wrong_type_for_name_suggests_quoting(tmp_path: Path) -> None:
+    text = GOOD.replace("name: BESS 1", "name: yes")
+    issue = issue_for(tmp_path, text, "assets[1].name")
+    assert_names(issue, line_of(text, "name: yes"), "assets[1].name", "got bool", "quote")
+
+
+def test_negative_capacity(tmp_path: Path) -> None:
+    text = GOOD.replace("capacity_mwh: 4.0", "capacity_mwh: -4.0")
+    issue = issue_for(tmp_path, text, "assets[0].capacity_mwh")
+    assert_names(issue, line_of(text, "capacity_mwh: -4.0"), "assets[0].capacity_mwh", ">= 0")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_efficiency_out_of_range(tmp_path: Path, value: str) -> None:
+    text = GOOD.replace("efficiency: 0.9", f"efficiency: {value}")
+    issue = issue_for(tmp_path, text, "assets[0].efficiency")
+    assert_names(issue, line_of(text, f"efficiency: {value}"), "assets[0].efficiency", "(0, 1]")
+
+
+def test_non_positive_ramp_rate(tmp_path: Path) -> None:
+    text = GOOD.replace("ramp_rate_mw_per_min: 1.0", "ramp_rate_mw_per_min: 0")
+    issue = issue_for(tmp_path, text, "assets[0].ramp_rate_mw_per_min")
+    assert_names(issue, line_of(text, "ramp_rate_mw_per_min: 0"), None, "> 0")
+
+
+def test_missing_limit(tmp_path: Path) -> None:
+    text = GOOD.replace("    max_mw: 1\n", "")
+    issue = issue_for(tmp_path, text, "assets[1].max_mw")
+    assert_names(issue, line_of(text, f"asset_id: {ASSET_1}"), "assets[1].max_mw", "missing")
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path: Path) -> None:
+    text = GOOD.replace("max_mw: 2.0", "max_mv: 2.0")
+    issue = issue_for(tmp_path, text, "assets[0].max_mv")
+    assert_names(
+        issue, line_of(text, "max_mv"), "assets[0].max_mv", "unknown key 'max_mv'",
+        "did you mean 'max_mw'", "allowed keys: asset_id, site_id, name",
+    )  # fmt: skip
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    text = GOOD + "asset:\n  - x\n"
+    issue = issue_for(tmp_path, text, "asset")
+    assert_names(issue, line_of(text, "asset:"), "asset", "unknown key", "sites, assets")
+
+
+def test_duplicate_key_in_a_mapping(tmp_path: Path) -> None:
+    text = GOOD.replace("max_mw: 2.0", "max_mw: 2.0\n    max_mw: 3.0")
+    issue = issue_for(tmp_path, text, "assets[0].max_mw")
+    assert_names(issue, line_of(text, "max_mw: 3.0"), "assets[0].max_mw", "duplicate key")
+
+
+def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    text = GOOD.replace("name: BESS 2", "name: [BESS 2")
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(write(tmp_path, text), asset_types=TYPES)
+    (issue,) = caught.value.issues
+    assert "invalid YAML" in str(issue)
+    assert issue.line is not None and issue.line >= line_of(text, "name: [BESS 2")
+    assert f"assets.yaml:{issue.line}:" in str(issue)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    issue = issue_for(tmp_path, "# nothing here\n", None)
+    assert_names(issue, 1, None, "empty")
+
+
+def test_top_level_not_a_mapping(tmp_path: Path) -> None:
+    issue = issue_for(tmp_path, "- sites\n- assets\n", None)
+    assert_names(issue, 1, None, "must be a mapping", "got list")
+
+
+def test_entry_not_a_mapping(tmp_path: Path) -> None:
+    text = GOOD.replace(f"  - asset_id: {ASSET_1}", f"  - {ASSET_1}\n  - asset_id: {ASSET_1}")
+    issue = issue_for(tmp_path, text, "assets[1]")
+    assert_names(issue, line_of(text, f"  - {ASSET_1}"), "assets[1]", "expected a mapping")
+
+
+def test_missing_sections(tmp_path: Path) -> None:
+    issue = issue_for(tmp_path, "sites: []\n", "assets")
+    assert_names(issue, 1, "assets", "missing required key 'assets'")
+
+
+def test_file_not_found(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(tmp_path / "assets.yaml", asset_types=TYPES)
+    assert "assets.yaml" in str(caught.value)
+    assert "file not found" in str(caught.value)
