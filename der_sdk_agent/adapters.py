@@ -1,0 +1,323 @@
+"""One adapter per served asset, each wrapped in a runtime that keeps a fault contained.
+
+The agent config picks the adapter type per asset (``assets.<id>.adapter``, else
+``default_adapter``); options are validated against the type's options Struct before any
+device is touched. :class:`AdapterRuntime` owns the adapter's lifecycle: it connects,
+reads with a timeout, and turns every failure into a bad-quality sample naming the adapter
+and the error, so a broken plugin or device never crashes the agent and a stale value is
+never reported as fresh. A failed connect is retried on the next poll; after
+:data:`RECONNECT_AFTER_FAILED_READS` failed reads in a row the adapter is closed and
+connected again on the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+
+from der_sdk.agent_config import AgentConfig
+from der_sdk.errors import DerSdkError, UnknownNameError
+from der_sdk.extensions import Adapter, AdapterContext, AdapterType, SetpointResult
+from der_sdk.models import Asset, TelemetrySample, utc_now
+from der_sdk.plugins import Plugins
+from der_sdk.yamlconf import describe_validation_error
+
+__all__ = [
+    "RECONNECT_AFTER_FAILED_READS",
+    "AdapterRuntime",
+    "adapter_name_for",
+    "adapter_names",
+    "build_adapters",
+    "convert_options",
+]
+
+log = logging.getLogger("der.agent.adapters")
+
+RECONNECT_AFTER_FAILED_READS = 3
+"""Failed reads in a row after which the runtime closes the adapter and connects again."""
+
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
+
+T = TypeVar("T")
+
+
+def adapter_name_for(asset_id: str, config: AgentConfig) -> str:
+    """The adapter type configured for ``asset_id`` (or the config's default)."""
+    return config.adapter_for(asset_id).adapter
+
+
+def convert_options(
+    raw: Any, options_type: type[msgspec.Struct] | None, *, what: str
+) -> msgspec.Struct | None:
+    """Validate ``raw`` options (a mapping from YAML) against ``options_type``.
+
+    :param what: names the owner in errors, e.g. ``asset 0b6c… adapter 'modbus'``.
+    :raises DerSdkError: an option is missing, unknown or of the wrong type; the message
+        names ``what`` and the field (``options.port``).
+    """
+    if options_type is None:
+        if raw:
+            raise DerSdkError(f"{what}: takes no options, got {sorted(raw)}; remove 'options'")
+        return None
+    if isinstance(raw, options_type):
+        return raw
+    try:
+        return msgspec.convert(raw if raw is not None else {}, type=options_type)
+    except msgspec.ValidationError as exc:
+        path, message = describe_validation_error(exc)
+        raise DerSdkError(f"{what}: invalid options{path}: {message}") from None
+
+
+def build_adapters(
+    assets: Sequence[Asset],
+    config: AgentConfig,
+    plugins: Plugins,
+    *,
+    timeout_s: float,
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+) -> dict[str, AdapterRuntime]:
+    """One :class:`AdapterRuntime` per asset, by asset id, nothing connected yet.
+
+    :param timeout_s: limit for one connect or read (usually the telemetry interval).
+    :param command_timeout_s: limit for one ``apply_setpoint``.
+    :raises DerSdkError: an adapter type is not installed, its options are invalid, or its
+        factory failed; the message names the asset, the adapter and its package.
+    """
+    profiles = {profile.name: profile for profile in plugins.device_profiles}
+    runtimes: dict[str, AdapterRuntime] = {}
+    for asset in assets:
+        name = adapter_name_for(asset.asset_id, config)
+        what = f"asset {asset.asset_id} ({asset.name}): adapter {name!r}"
+        try:
+            adapter_type: AdapterType = plugins.adapter_types.get(name)
+        except UnknownNameError as exc:
+            raise DerSdkError(
+                f"asset {asset.asset_id} ({asset.name}): {exc}; install the plugin that "
+                f"provides it or choose another adapter in the agent config"
+            ) from None
+        package = plugins.adapter_types.provider(name)
+        options = convert_options(
+            config.adapter_for(asset.asset_id).options,
+            adapter_type.options,
+            what=f"{what} from {package}",
+        )
+        try:
+            adapter = adapter_type.factory(
+                AdapterContext(asset=asset, options=options, profiles=profiles)
+            )
+        except DerSdkError as exc:
+            raise DerSdkError(f"{what} from {package}: {exc}") from None
+        except Exception as exc:
+            raise DerSdkError(
+                f"{what} from {package} failed to build: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(adapter, Adapter):
+            raise DerSdkError(
+                f"{what} from {package}: factory returned {type(adapter).__name__}, "
+                f"not a der_sdk.extensions.Adapter"
+            )
+        runtimes[asset.asset_id] = AdapterRuntime(
+            asset=asset,
+            adapter=adapter,
+            adapter_name=name,
+            package=package,
+            timeout_s=timeout_s,
+            command_timeout_s=command_timeout_s,
+        )
+    return runtimes
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout_s:g} s"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class AdapterRuntime:
+    """One asset's adapter with its faults contained.
+
+    Calls into the adapter are serialised (a read never overlaps a setpoint on the same
+    device) and bounded by timeouts. Nothing here raises on a device or plugin fault.
+    """
+
+    def __init__(
+        self,
+        *,
+        asset: Asset,
+        adapter: Adapter,
+        adapter_name: str,
+        package: str,
+        timeout_s: float,
+        command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+    ) -> None:
+        self.asset = asset
+        self.adapter = adapter
+        self.adapter_name = adapter_name
+        self.package = package
+        self.timeout_s = timeout_s
+        self.command_timeout_s = command_timeout_s
+        self.connected = False
+        self.last_commanded_mw: float | None = None
+        self._lock = asyncio.Lock()
+        self._failed_reads = 0
+        self._last_problem: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``adapter 'sim-bess' (der-sdk-sim-bess)``: for logs and quality reasons."""
+        return f"adapter {self.adapter_name!r} ({self.package})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> bool:
+        """Connect if not connected; ``False`` (logged) when it failed."""
+        async with self._lock:
+            return await self._connect_locked() is None
+
+    async def close(self) -> None:
+        """Close the adapter; errors are logged, never raised."""
+        async with self._lock:
+            await self._close_locked()
+
+    async def _connect_locked(self) -> str | None:
+        """``None`` when connected, else why not."""
+        if self.connected:
+            return None
+        problem = await self._call(self.adapter.connect, self.timeout_s)
+        if problem is not None:
+            reason = f"{self.label} failed to connect: {problem}"
+            self._report_problem(reason, "will retry on the next poll")
+            return reason
+        self.connected = True
+        self._failed_reads = 0
+        log.info("asset %s: %s connected", self.asset.asset_id, self.label)
+        return None
+
+    async def _close_locked(self) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        problem = await self._call(self.adapter.close, self.timeout_s)
+        if problem is not None:
+            log.warning(
+                "asset %s: %s failed to close: %s", self.asset.asset_id, self.label, problem
+            )
+
+    # ------------------------------------------------------------------ telemetry
+
+    async def read(self) -> TelemetrySample:
+        """A sample from the device, or a bad-quality one saying why there is none."""
+        async with self._lock:
+            problem = await self._connect_locked()
+            if problem is not None:
+                return self._bad_sample(problem)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    sample = await self.adapter.read()
+                if not isinstance(sample, TelemetrySample):
+                    raise TypeError(
+                        f"read() returned {type(sample).__name__}, not a TelemetrySample"
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return await self._read_failed(_describe(exc, self.timeout_s))
+        self._failed_reads = 0
+        if self._last_problem is not None:
+            log.info("asset %s: %s recovered", self.asset.asset_id, self.label)
+            self._last_problem = None
+        return self._own(sample)
+
+    async def _read_failed(self, problem: str) -> TelemetrySample:
+        reason = f"{self.label} failed to read: {problem}"
+        self._failed_reads += 1
+        if self._failed_reads >= RECONNECT_AFTER_FAILED_READS:
+            self._report_problem(reason, "closing it to reconnect on the next poll")
+            await self._close_locked()
+            self._failed_reads = 0
+        else:
+            self._report_problem(reason, "reporting a bad-quality sample")
+        return self._bad_sample(reason)
+
+    def _own(self, sample: TelemetrySample) -> TelemetrySample:
+        """The sample with this asset's identity, and the last command if it had none."""
+        changes: dict[str, Any] = {}
+        if sample.asset_id != self.asset.asset_id:
+            changes["asset_id"] = self.asset.asset_id
+        if sample.site_id != self.asset.site_id:
+            changes["site_id"] = self.asset.site_id
+        if (
+            sample.mw_setpoint is None
+            and sample.quality != "bad"
+            and self.last_commanded_mw is not None
+        ):
+            changes["mw_setpoint"] = self.last_commanded_mw
+        return msgspec.structs.replace(sample, **changes) if changes else sample
+
+    def _bad_sample(self, reason: str) -> TelemetrySample:
+        return TelemetrySample(
+            asset_id=self.asset.asset_id,
+            site_id=self.asset.site_id,
+            ts=utc_now(),
+            mw=0.0,
+            mw_setpoint=None,
+            online=False,
+            quality="bad",
+            quality_reason=reason,
+        )
+
+    # ------------------------------------------------------------------ control
+
+    async def apply_setpoint(self, mw: float, duration_s: float | None = None) -> SetpointResult:
+        """Command ``mw`` (already clamped); a fault becomes a ``failed`` result."""
+        async with self._lock:
+            problem = await self._connect_locked()
+            if problem is not None:
+                return SetpointResult(status="failed", reason=problem)
+            try:
+                async with asyncio.timeout(self.command_timeout_s):
+                    result = await self.adapter.apply_setpoint(mw, duration_s)
+                if not isinstance(result, SetpointResult):
+                    raise TypeError(
+                        f"apply_setpoint() returned {type(result).__name__}, not a SetpointResult"
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = (
+                    f"{self.label} failed to apply {mw:g} MW: "
+                    f"{_describe(exc, self.command_timeout_s)}"
+                )
+                log.warning("asset %s: %s", self.asset.asset_id, reason)
+                return SetpointResult(status="failed", reason=reason)
+        if result.status == "applied":
+            self.last_commanded_mw = result.applied_mw if result.applied_mw is not None else mw
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _call(self, method: Callable[[], Awaitable[T]], timeout_s: float) -> str | None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await method()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return _describe(exc, timeout_s)
+        return None
+
+    def _report_problem(self, reason: str, consequence: str) -> None:
+        """Log a fault at WARNING when it starts or changes, at DEBUG while it repeats."""
+        level = logging.DEBUG if reason == self._last_problem else logging.WARNING
+        log.log(level, "asset %s: %s; %s", self.asset.asset_id, reason, consequence)
+        self._last_problem = reason
+
+
+def adapter_names(runtimes: Mapping[str, AdapterRuntime]) -> dict[str, str]:
+    """Asset id → adapter type name, as sent in Register."""
+    return {asset_id: rt.adapter_name for asset_id, rt in sorted(runtimes.items())}

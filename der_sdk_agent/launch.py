@@ -1,0 +1,143 @@
+"""Running agents: one from environment settings (:func:`run_agent`, the ``der agent``
+command), or many in one process as a test harness (:func:`launch`, :func:`run_launch`).
+
+The harness starts one gateway agent per site or one agent per asset, all in this process
+and event loop. It is for demos and load tests, not production: in the field each agent is
+its own process, near its devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any, Literal
+
+from der_sdk.agent_config import AgentConfig, validate_agent_config
+from der_sdk.inventory import Inventory
+from der_sdk.plugins import Plugins, load_plugins
+from der_sdk_agent.agent import Agent
+from der_sdk_agent.settings import AgentSettings
+
+__all__ = ["launch", "run_agent", "run_launch", "wait_for_signal"]
+
+log = logging.getLogger("der.agent.launch")
+
+
+async def wait_for_signal(*also: asyncio.Future[Any]) -> None:
+    """Return on SIGINT or SIGTERM (or when one of ``also`` finishes)."""
+    loop = asyncio.get_running_loop()
+    received = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, received.set)
+    waiter = asyncio.create_task(received.wait())
+    try:
+        await asyncio.wait([waiter, *also], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    if received.is_set():
+        log.info("stop signal received")
+
+
+async def run_agent(settings: AgentSettings, plugins: Plugins | None = None) -> None:
+    """Run one agent until SIGINT or SIGTERM, then stop it cleanly.
+
+    :raises DerSdkError: the settings, inventory or agent config are invalid (before any
+        connection is attempted), or an edge service failed to start.
+    """
+    agent = Agent.from_settings(settings, plugins)
+    await agent.start()
+    stopped = asyncio.create_task(agent.wait_stopped())
+    try:
+        await wait_for_signal(stopped)
+    finally:
+        stopped.cancel()
+        await agent.stop()
+
+
+async def launch(
+    inventory: Inventory,
+    *,
+    headend: str,
+    mode: Literal["site", "asset"],
+    config: AgentConfig,
+    plugins: Plugins | None = None,
+) -> list[Agent]:
+    """Start one gateway agent per site (``mode="site"``) or one agent per asset
+    (``mode="asset"``) of ``inventory``, all in this process. Returns them started.
+
+    Agent ids are ``gateway-<site_id>`` and ``asset-<asset_id>``. If any agent fails to
+    start, the others are stopped and the error is raised.
+    """
+    plugins = plugins if plugins is not None else load_plugins()
+    validate_agent_config(config, plugins, inventory, list(inventory.assets))
+    agents = _build(inventory, headend=headend, mode=mode, config=config, plugins=plugins)
+    results = await asyncio.gather(*(a.start() for a in agents), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        await asyncio.gather(*(a.stop() for a in agents))
+        raise failures[0]
+    log.info("launched %d %s agent(s) against %s", len(agents), mode, headend)
+    return agents
+
+
+def _build(
+    inventory: Inventory,
+    *,
+    headend: str,
+    mode: Literal["site", "asset"],
+    config: AgentConfig,
+    plugins: Plugins,
+) -> list[Agent]:
+    agents: list[Agent] = []
+    if mode == "site":
+        for site_id in sorted(inventory.sites):
+            assets = inventory.assets_for_site(site_id)
+            if not assets:
+                log.warning("site %s has no assets; no gateway agent for it", site_id)
+                continue
+            agents.append(
+                Agent(
+                    agent_id=f"gateway-{site_id}",
+                    site_id=site_id,
+                    assets=assets,
+                    headend=headend,
+                    config=config,
+                    plugins=plugins,
+                )
+            )
+    elif mode == "asset":
+        for asset_id in sorted(inventory.assets):
+            asset = inventory.assets[asset_id]
+            agents.append(
+                Agent(
+                    agent_id=f"asset-{asset_id}",
+                    site_id=asset.site_id,
+                    assets=[asset],
+                    headend=headend,
+                    config=config,
+                    plugins=plugins,
+                )
+            )
+    else:
+        raise ValueError(f"mode must be 'site' or 'asset', got {mode!r}")
+    return agents
+
+
+async def run_launch(
+    inventory: Inventory,
+    *,
+    headend: str,
+    mode: Literal["site", "asset"],
+    config: AgentConfig,
+    plugins: Plugins | None = None,
+) -> None:
+    """:func:`launch`, then wait for SIGINT or SIGTERM and stop every agent."""
+    agents = await launch(inventory, headend=headend, mode=mode, config=config, plugins=plugins)
+    try:
+        await wait_for_signal()
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents))

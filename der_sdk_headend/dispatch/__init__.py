@@ -1,0 +1,18 @@
+"""Dispatch: validate, split and clamp, route to the serving stream or keep pending,
+and follow each command's lifecycle from the agent's acknowledgements."""
+
+from der_sdk_headend.dispatch.dispatcher import (
+    Dispatcher,
+    DispatchError,
+    InvalidDispatchError,
+    UnknownTargetError,
+    derive_state,
+)
+
+__all__ = [
+    "DispatchError",
+    "Dispatcher",
+    "InvalidDispatchError",
+    "UnknownTargetError",
+    "derive_state",
+]

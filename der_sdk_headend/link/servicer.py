@@ -1,0 +1,308 @@
+"""The ``AgentLink.Stream`` handler: one bidirectional stream per agent.
+
+The life of a stream:
+
+1. The first message must be ``Register`` within :data:`REGISTER_TIMEOUT_S`, else the
+   stream is aborted with ``INVALID_ARGUMENT``.
+2. Each asset in it must be in the inventory and belong to the Register's ``site_id``.
+   Refusals are logged, recorded as ``registration_refused`` events and listed in the
+   ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
+   and the stream is aborted with ``PERMISSION_DENIED``.
+3. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
+4. Then ``TelemetryBatch`` → ingest (acknowledged once stored), ``Heartbeat`` → stored
+   once per served asset, ``SetpointAck`` → dispatcher.
+
+The handler coroutine is the stream's only writer: it drains the stream's outbox, so
+messages from ingest, dispatch and registration never interleave. A reader task handles
+what the agent sends. Whatever ends the stream, ``finally`` closes its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+
+from der_sdk.errors import UnknownNameError
+from der_sdk.inventory import Inventory
+from der_sdk.models import Asset, Event, utc_now
+from der_sdk.storage.contract import StorageBackend
+from der_sdk.wire import codec, pb, pb_grpc
+from der_sdk_headend.dispatch import Dispatcher
+from der_sdk_headend.ingest import TelemetryIngest
+from der_sdk_headend.presence import AgentStream, Presence
+
+__all__ = ["REGISTER_TIMEOUT_S", "AgentLinkService"]
+
+log = logging.getLogger("der.headend.link")
+
+REGISTER_TIMEOUT_S = 10.0
+"""How long a new stream may take to send its ``Register``."""
+
+
+class AgentLinkService(pb_grpc.AgentLinkServicer):
+    """The ``der.v1.AgentLink`` servicer of the headend."""
+
+    def __init__(
+        self,
+        *,
+        inventory: Inventory,
+        storage: StorageBackend,
+        presence: Presence,
+        ingest: TelemetryIngest,
+        dispatcher: Dispatcher,
+        register_timeout_s: float = REGISTER_TIMEOUT_S,
+    ) -> None:
+        self._inventory = inventory
+        self._storage = storage
+        self._presence = presence
+        self._ingest = ingest
+        self._dispatcher = dispatcher
+        self._register_timeout_s = register_timeout_s
+        self._closing = False
+        self._handlers = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def close_all(self, grace_s: float) -> None:
+        """End every live stream, refuse new ones, and wait up to ``grace_s`` for the
+        handlers to finish (headend stopping)."""
+        self._closing = True
+        for stream in self._presence.streams():
+            stream.end()
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning(
+                "%d agent stream(s) still open after %gs; cancelling", self._handlers, grace_s
+            )
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[pb.AgentMessage],
+        context: Any,
+    ) -> None:
+        peer = str(context.peer())
+        if self._closing:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "the headend is shutting down")
+        self._handlers += 1
+        self._idle.clear()
+        try:
+            await self._serve(request_iterator, context, peer)
+        finally:
+            self._handlers -= 1
+            if not self._handlers:
+                self._idle.set()
+
+    async def _serve(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Any, peer: str
+    ) -> None:
+        register = await self._first_register(request_iterator, context, peer)
+        accepted, refused = await self._check_register(register, peer)
+        if not accepted:
+            message = f"no asset accepted for agent {register.agent_id}; see refused"
+            await context.write(codec.headend_register_ack([], refused, message))
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"registration refused: {_refusals(refused)}",
+            )
+
+        # Accepted assets all belong to the Register's site; take its canonical id.
+        stream = AgentStream(agent_id=register.agent_id, site_id=accepted[0].site_id, peer=peer)
+        reader: asyncio.Task[None] | None = None
+        try:
+            await self._presence.attach(stream, accepted)
+            if self._closing:  # the headend began stopping while this stream registered
+                stream.end()
+            message = "accepted" if not refused else f"accepted; refused: {_refusals(refused)}"
+            stream.send(
+                codec.headend_register_ack([a.asset_id for a in accepted], refused, message)
+            )
+            log.info(
+                "agent %s connected: site %s, assets %s, peer %s",
+                stream.agent_id,
+                stream.site_id,
+                ", ".join(stream.asset_ids),
+                peer,
+            )
+            await self._dispatcher.deliver_pending(stream)
+            reader = asyncio.create_task(
+                self._read(request_iterator, stream), name=f"agent-link-read-{stream.agent_id}"
+            )
+            while True:
+                outgoing = await stream.outbox.get()
+                if outgoing is None:
+                    break
+                await context.write(outgoing)
+        finally:
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+            assets = ", ".join(stream.asset_ids) or "-"
+            await self._presence.detach(stream)
+            await self._dispatcher.on_stream_end(stream)
+            log.info(
+                "agent %s disconnected: site %s, assets %s, peer %s",
+                stream.agent_id,
+                stream.site_id,
+                assets,
+                peer,
+            )
+
+    # ------------------------------------------------------------------ register
+
+    async def _first_register(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Any, peer: str
+    ) -> pb.Register:
+        try:
+            async with asyncio.timeout(self._register_timeout_s):
+                first = await anext(request_iterator)
+        except TimeoutError:
+            log.warning(
+                "stream from %s sent no Register within %gs", peer, self._register_timeout_s
+            )
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message must be Register, within {self._register_timeout_s:g} s",
+            )
+        except StopAsyncIteration:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "stream ended before Register")
+        if first.WhichOneof("msg") != "register":
+            log.warning("stream from %s began with %s, not Register", peer, first.WhichOneof("msg"))
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the first message must be Register, got {first.WhichOneof('msg') or 'nothing'}",
+            )
+        register: pb.Register = first.register
+        if not register.agent_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "Register.agent_id is empty")
+        return register
+
+    async def _check_register(
+        self, register: pb.Register, peer: str
+    ) -> tuple[list[Asset], dict[str, str]]:
+        """The accepted assets and the refused ones (asset id → reason)."""
+        accepted: list[Asset] = []
+        refused: dict[str, str] = {}
+        site_id = register.site_id
+        site_known = True
+        try:
+            site_id = self._inventory.site(register.site_id).site_id
+        except UnknownNameError:
+            site_known = False
+        for served in register.assets:
+            reason = None
+            asset = None
+            if not site_known:
+                reason = f"site {register.site_id or '<empty>'} is not in the inventory"
+            else:
+                try:
+                    asset = self._inventory.asset(served.asset_id)
+                except UnknownNameError:
+                    reason = "not in the inventory"
+                else:
+                    if asset.site_id != site_id:
+                        reason = f"belongs to site {asset.site_id}, not {site_id}"
+                    elif any(a.asset_id == asset.asset_id for a in accepted):
+                        reason = "listed twice in Register"
+            if reason is None and asset is not None:
+                accepted.append(asset)
+                continue
+            reason = reason or "refused"
+            refused[served.asset_id] = reason
+            await self._refuse(register, peer, served.asset_id, reason)
+        if not register.assets:
+            refused[""] = "Register lists no assets"
+            await self._refuse(register, peer, "", "Register lists no assets")
+        return accepted, refused
+
+    async def _refuse(self, register: pb.Register, peer: str, asset_id: str, reason: str) -> None:
+        log.warning(
+            "registration refused: agent %s, peer %s, site %s, asset %s: %s",
+            register.agent_id,
+            peer,
+            register.site_id,
+            asset_id or "-",
+            reason,
+        )
+        await self._storage.append_event(
+            Event(
+                ts=utc_now(),
+                kind="registration_refused",
+                message=f"agent {register.agent_id} ({peer}) may not serve asset "
+                f"{asset_id or '-'}: {reason}",
+                asset_id=asset_id or None,
+                site_id=register.site_id or None,
+                data={"agent_id": register.agent_id, "peer": peer, "reason": reason},
+            )
+        )
+
+    # ------------------------------------------------------------------ after register
+
+    async def _read(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], stream: AgentStream
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                await self._handle(stream, message)
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError as exc:
+            log.info("stream of %s broke: %s", stream.describe(), exc)
+        except Exception:
+            log.exception("stream of %s failed; closing it", stream.describe())
+        finally:
+            stream.end()
+
+    async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
+        kind = message.WhichOneof("msg")
+        if kind == "telemetry":
+            try:
+                await self._ingest.ingest(stream, message.telemetry)
+            except Exception:
+                log.exception(
+                    "storing telemetry batch %d from %s failed; not acknowledged",
+                    message.telemetry.seq,
+                    stream.describe(),
+                )
+        elif kind == "heartbeat":
+            await self._heartbeat(stream, message.heartbeat)
+        elif kind == "setpoint_ack":
+            self._presence.touch(stream)
+            await self._dispatcher.on_ack(stream, message.setpoint_ack)
+        elif kind == "register":
+            log.warning("%s sent a second Register; ignored", stream.describe())
+        else:
+            log.warning("%s sent an empty or unknown message; ignored", stream.describe())
+
+    async def _heartbeat(self, stream: AgentStream, heartbeat: pb.Heartbeat) -> None:
+        self._presence.touch(stream)
+        if heartbeat.ts_us <= 0 or not heartbeat.agent_id:
+            # An agent without a clock or id still proves it is alive: use ours.
+            heartbeat = pb.Heartbeat(
+                agent_id=heartbeat.agent_id or stream.agent_id,
+                ts_us=heartbeat.ts_us if heartbeat.ts_us > 0 else codec.datetime_to_us(utc_now()),
+                uptime_s=heartbeat.uptime_s,
+            )
+        served = {s.asset_id: s.site_id for s in stream.sessions.values()}
+        beats = codec.heartbeats_from_pb(heartbeat, served)
+        if beats:
+            await self._storage.append_heartbeats(beats)
+
+
+def _refusals(refused: dict[str, str]) -> str:
+    return "; ".join(f"{asset or '-'}: {reason}" for asset, reason in refused.items())
+
+
+async def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
+    await context.abort(code, details)
+    raise AssertionError("context.abort returned")  # pragma: no cover

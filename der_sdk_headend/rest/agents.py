@@ -1,0 +1,57 @@
+"""``/agents``: one row per configured asset with its connection and recent sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+
+from der_sdk_headend.rest.schemas import AgentRow, SessionRow
+
+if TYPE_CHECKING:
+    from der_sdk_headend.service import Headend
+
+__all__ = ["AgentsController"]
+
+RECENT_SESSIONS = 5
+
+
+class AgentsController(Controller):
+    tags = ["presence"]
+
+    @get("/agents", summary="Every configured asset: connected or not, by which agent")
+    async def list_agents(self, headend: NamedDependency[Headend]) -> list[AgentRow]:
+        inventory = headend.inventory
+        presence = headend.presence
+        assets = list(inventory.assets.values())
+        sessions = await asyncio.gather(
+            *(headend.storage.recent_sessions(a.asset_id, RECENT_SESSIONS) for a in assets)
+        )
+        rows: list[AgentRow] = []
+        for asset, recent in zip(assets, sessions, strict=True):
+            site = inventory.sites.get(asset.site_id)
+            stream = presence.stream_for(asset.asset_id)
+            rows.append(
+                AgentRow(
+                    asset_id=asset.asset_id,
+                    asset_name=asset.name,
+                    site_id=asset.site_id,
+                    site_name=site.name if site else "",
+                    connected=stream is not None,
+                    peer=stream.peer if stream else None,
+                    agent_id=stream.agent_id if stream else None,
+                    last_seen=presence.last_seen(asset.asset_id),
+                    sessions=[
+                        SessionRow(
+                            connected_at=s.connected_at,
+                            disconnected_at=s.disconnected_at,
+                            peer=s.peer,
+                            agent_id=s.agent_id,
+                        )
+                        for s in recent
+                    ],
+                )
+            )
+        return rows

@@ -1,0 +1,82 @@
+"""``/dispatch``: create a dispatch, follow it, list past ones."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Annotated, get_args
+
+import msgspec
+from litestar import Controller, get, post
+from litestar.di import NamedDependency
+from litestar.exceptions import NotFoundException, ValidationException
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+
+from der_sdk.errors import UnknownNameError
+from der_sdk.models import Dispatch, DispatchRequest, DispatchState
+from der_sdk_headend.rest.params import check_limit
+from der_sdk_headend.rest.schemas import DispatchDetail
+
+if TYPE_CHECKING:
+    from der_sdk_headend.service import Headend
+
+__all__ = ["DispatchController"]
+
+_STATES: tuple[str, ...] = get_args(DispatchState)
+
+
+class DispatchController(Controller):
+    path = "/dispatch"
+    tags = ["dispatch"]
+
+    @post(
+        "/",
+        status_code=202,
+        summary="Dispatch MW to an asset or a site",
+        description="`asset_id` wins over `site_id`. A site target is split by the "
+        "configured policy and each share clamped to the asset's limits. Returns the "
+        "record: `sent` when routed to a live agent, `pending` until the agent connects.",
+    )
+    async def create(
+        self, headend: NamedDependency[Headend], data: JSONBody[DispatchRequest]
+    ) -> Dispatch:
+        return await headend.dispatcher.create(data, source="rest")
+
+    @get("/history", summary="Past dispatches, newest first")
+    async def history(
+        self,
+        headend: NamedDependency[Headend],
+        asset_id: FromQuery[str | None] = None,
+        site_id: FromQuery[str | None] = None,
+        state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
+        limit: FromQuery[int] = 100,
+    ) -> list[Dispatch]:
+        state = state_filter
+        if state is not None and state not in _STATES:
+            raise ValidationException(
+                f"query parameter `state`: unknown state {state!r}; one of {', '.join(_STATES)}"
+            )
+        inventory = headend.inventory
+        # Ids not (or no longer) in the inventory are searched as given: history outlives
+        # inventory changes.
+        if asset_id:
+            with contextlib.suppress(UnknownNameError):
+                asset_id = inventory.asset(asset_id).asset_id
+        if site_id:
+            with contextlib.suppress(UnknownNameError):
+                site_id = inventory.site(site_id).site_id
+        return await headend.storage.dispatch_history(
+            asset_id=asset_id or None,
+            site_id=site_id or None,
+            state=state,
+            limit=check_limit(limit),
+        )
+
+    @get("/{dispatch_id:str}", summary="One dispatch with its state changes")
+    async def get_one(
+        self, headend: NamedDependency[Headend], dispatch_id: FromPath[str]
+    ) -> DispatchDetail:
+        dispatch = await headend.storage.get_dispatch(dispatch_id)
+        if dispatch is None:
+            raise NotFoundException(f"unknown dispatch {dispatch_id}")
+        events = await headend.storage.dispatch_events(dispatch_id)
+        return DispatchDetail(**msgspec.structs.asdict(dispatch), events=events)

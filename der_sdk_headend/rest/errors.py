@@ -1,0 +1,95 @@
+"""Error responses: every error is JSON with a ``detail`` that says what and where."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from der_sdk.errors import UnknownNameError
+from der_sdk.inventory import Inventory
+from der_sdk.models import Asset
+from der_sdk_headend.dispatch import InvalidDispatchError, UnknownTargetError
+from der_sdk_headend.rest.schemas import ErrorBody
+
+__all__ = ["EXCEPTION_HANDLERS", "known_asset"]
+
+log = logging.getLogger("der.headend.rest")
+
+
+def known_asset(inventory: Inventory, asset_id: str) -> Asset:
+    """The inventory asset ``asset_id``, or a 404 ``unknown asset X``."""
+    try:
+        return inventory.asset(asset_id)
+    except UnknownNameError:
+        raise NotFoundException(f"unknown asset {asset_id}") from None
+
+
+def _body(status_code: int, detail: str, extra: Any = None) -> Response[ErrorBody]:
+    return Response(
+        ErrorBody(status_code=status_code, detail=detail, extra=extra), status_code=status_code
+    )
+
+
+def _describe_validation(exc: ValidationException) -> str:
+    """One sentence from Litestar's per-field messages, naming each field."""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    parts: list[str] = []
+    for item in extra:
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", "invalid value"))
+        key = item.get("key")
+        source = item.get("source")
+        source = getattr(source, "value", source)  # Litestar passes a ParamType enum
+        if source == "body" and key in (None, "data"):
+            parts.append(f"invalid request body: {message}")
+        elif source == "body":
+            parts.append(f"invalid request body at `$.{key}`: {message}")
+        elif key:
+            parts.append(f"invalid {source or 'request'} parameter `{key}`: {message}")
+        else:
+            parts.append(message)
+    return "; ".join(parts) or str(exc.detail)
+
+
+def _validation_error(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[ErrorBody]:
+    return _body(400, _describe_validation(exc), exc.extra)
+
+
+def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    return _body(exc.status_code, str(exc.detail), exc.extra)
+
+
+def _invalid_dispatch(
+    request: Request[Any, Any, Any], exc: InvalidDispatchError
+) -> Response[ErrorBody]:
+    return _body(400, str(exc))
+
+
+def _unknown_target(
+    request: Request[Any, Any, Any], exc: UnknownTargetError
+) -> Response[ErrorBody]:
+    return _body(404, str(exc))
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    where = f"{request.method} {request.url.path}"
+    log.error("%s failed", where, exc_info=exc)
+    return _body(
+        500, f"internal error while handling {where}: {type(exc).__name__}; see the headend log"
+    )
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ValidationException: _validation_error,
+    HTTPException: _http_error,
+    InvalidDispatchError: _invalid_dispatch,
+    UnknownTargetError: _unknown_target,
+    Exception: _internal_error,
+}

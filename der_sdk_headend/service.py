@@ -1,0 +1,345 @@
+"""The headend, assembled in one place: inventory, storage, presence, ingest, dispatch,
+the gRPC agent link and the REST API.
+
+``Headend(config).start()`` brings everything up in order; ``stop()`` takes it down in the
+reverse order and may be called any number of times. :func:`run_headend` is the command
+line's entry: start, run until SIGINT or SIGTERM, stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Generator
+from typing import TypeVar
+
+import grpc
+import uvicorn
+
+from der_sdk.errors import DerSdkError, UnknownNameError
+from der_sdk.inventory import Inventory, load_inventory
+from der_sdk.models import utc_now
+from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.storage.contract import StorageBackend, open_storage
+from der_sdk.wire import pb_grpc
+from der_sdk_headend.config import HeadendConfig
+from der_sdk_headend.dispatch import Dispatcher
+from der_sdk_headend.ingest import TelemetryIngest
+from der_sdk_headend.link import AgentLinkService
+from der_sdk_headend.presence import Presence
+from der_sdk_headend.rest import create_app
+
+__all__ = ["Headend", "run_headend"]
+
+log = logging.getLogger("der.headend")
+
+STREAM_GRACE_S = 1.0
+"""How long agent streams get to end on their own when the headend stops."""
+HTTP_STOP_TIMEOUT_S = 5.0
+HTTP_START_TIMEOUT_S = 5.0
+
+T = TypeVar("T")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the headend's owner handles signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class Headend:
+    """The reference headend: REST for operators, gRPC for agents, one storage backend.
+
+    :param config: where to listen, the inventory file, the storage URL, the split policy.
+    :param plugins: the loaded plugins; ``None`` loads them with :func:`load_plugins`.
+    """
+
+    def __init__(self, config: HeadendConfig, plugins: Plugins | None = None) -> None:
+        self.config = config
+        self.plugins = plugins if plugins is not None else load_plugins()
+        self._inventory: Inventory | None = None
+        self._storage: StorageBackend | None = None
+        self._presence: Presence | None = None
+        self._ingest: TelemetryIngest | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._link: AgentLinkService | None = None
+        self._grpc_server: grpc.aio.Server | None = None
+        self._grpc_port: int | None = None
+        self._http_socket: socket.socket | None = None
+        self._http_server: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopped = False
+        self._stop_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def inventory(self) -> Inventory:
+        return _started(self._inventory, "inventory")
+
+    @property
+    def storage(self) -> StorageBackend:
+        return _started(self._storage, "storage")
+
+    @property
+    def presence(self) -> Presence:
+        return _started(self._presence, "presence")
+
+    @property
+    def ingest(self) -> TelemetryIngest:
+        return _started(self._ingest, "ingest")
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return _started(self._dispatcher, "dispatcher")
+
+    @property
+    def grpc_port(self) -> int:
+        """The port agents dial (the real one when configured with port 0)."""
+        return _started(self._grpc_port, "gRPC port")
+
+    @property
+    def http_port(self) -> int:
+        """The REST port (the real one when configured with port 0)."""
+        sock = _started(self._http_socket, "HTTP socket")
+        return int(sock.getsockname()[1])
+
+    @property
+    def http_url(self) -> str:
+        """The REST base URL, e.g. ``http://127.0.0.1:3001``."""
+        host, _ = self.config.http_host_port
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def grpc_addr(self) -> str:
+        """Where agents dial, with the real port."""
+        host = self.config.grpc_addr.rpartition(":")[0]
+        return f"{host}:{self.grpc_port}"
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """Load the inventory, open storage, restore state, then listen for agents and REST.
+
+        :raises DerSdkError: bad configuration, storage that cannot be opened, or an
+            address already in use; the message says which.
+        """
+        if self._started:
+            raise RuntimeError("this Headend was already started; create a new one")
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        try:
+            self.plugins.split_policies.get(config.split_policy)
+        except UnknownNameError as exc:
+            raise DerSdkError(f"SPLIT_POLICY: {exc}") from None
+        inventory = load_inventory(config.assets_path, asset_types=self.plugins.asset_types.names())
+        self._inventory = inventory
+
+        try:
+            storage = open_storage(config.database_url, self.plugins)
+        except UnknownNameError as exc:
+            raise DerSdkError(f"DATABASE_URL={config.database_url!r}: {exc}") from None
+        try:
+            await storage.open()
+        except DerSdkError:
+            raise
+        except Exception as exc:
+            raise DerSdkError(
+                f"cannot open storage DATABASE_URL={config.database_url!r}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._storage = storage
+        if config.reset_db:
+            await storage.reset()
+            log.warning("RESET_DB: deleted all stored data in %s", storage.name)
+        stale = await storage.close_open_sessions(utc_now())
+        if stale:
+            log.info("closed %d session(s) left open by a previous run", stale)
+
+        self._presence = Presence(storage, self.plugins)
+        self._ingest = TelemetryIngest(inventory, self.plugins, storage, self._presence)
+        await self._ingest.warm()
+        self._dispatcher = Dispatcher(
+            inventory, self.plugins, storage, self._presence, config.split_policy
+        )
+        pending = await self._dispatcher.load_open()
+        if pending:
+            log.info(
+                "%d pending dispatch(es) reloaded; delivered when their agents connect", pending
+            )
+
+        await self._start_grpc()
+        await self._start_http()
+
+    async def _start_grpc(self) -> None:
+        assert self._inventory and self._storage and self._presence
+        assert self._ingest and self._dispatcher
+        self._link = AgentLinkService(
+            inventory=self._inventory,
+            storage=self._storage,
+            presence=self._presence,
+            ingest=self._ingest,
+            dispatcher=self._dispatcher,
+        )
+        # Without SO_REUSEPORT a second headend on the same port fails loudly instead of
+        # silently sharing the agents.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
+        addr = self.config.grpc_addr
+        try:
+            port = server.add_insecure_port(addr)
+        except RuntimeError as exc:
+            raise DerSdkError(f"cannot listen for agents on {addr}: {exc}") from None
+        if not port:
+            raise DerSdkError(f"cannot listen for agents on {addr}: the address is not available")
+        self._grpc_server = server
+        self._grpc_port = int(port)
+        await server.start()
+
+    async def _start_http(self) -> None:
+        host, port = self.config.http_host_port
+        addr = self.config.http_addr
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, sockaddr = infos[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            raise DerSdkError(f"cannot serve REST on {addr}: {exc}") from None
+        try:
+            if sys.platform != "win32":  # on Windows SO_REUSEADDR lets two servers share a port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen(2048)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise DerSdkError(f"cannot serve REST on {addr}: {exc}") from None
+        self._http_socket = sock
+
+        uv_config = uvicorn.Config(
+            create_app(self),
+            http="httptools",
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=2,
+        )
+        server = _EmbeddedUvicorn(uv_config)
+        self._http_server = server
+        self._http_task = asyncio.create_task(server.serve(sockets=[sock]), name="headend-http")
+        # The socket already listens, so clients can connect; wait only to report a
+        # server that could not start.
+        async with asyncio.timeout(HTTP_START_TIMEOUT_S):
+            while not server.started:
+                if self._http_task.done():
+                    self._http_task.result()
+                    raise DerSdkError(f"the REST server on {addr} stopped while starting")
+                await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        """Stop accepting, end agent streams, close sessions, stop REST, close storage.
+
+        Safe to call more than once, and after a failed :meth:`start`.
+        """
+        async with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self._link is not None:
+                await self._link.close_all(STREAM_GRACE_S)
+            if self._grpc_server is not None:
+                await self._grpc_server.stop(grace=STREAM_GRACE_S)
+            if self._presence is not None:
+                await self._presence.detach_all()
+            await self._stop_http()
+            if self._storage is not None:
+                try:
+                    await self._storage.close()
+                except Exception:
+                    log.exception("closing storage %s failed", self._storage.name)
+            log.info("headend stopped")
+
+    async def _stop_http(self) -> None:
+        if self._http_server is not None and self._http_task is not None:
+            self._http_server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._http_task), HTTP_STOP_TIMEOUT_S)
+            except TimeoutError:
+                self._http_server.force_exit = True
+                self._http_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._http_task
+            except Exception:
+                log.exception("the REST server failed")
+        if self._http_socket is not None:
+            self._http_socket.close()
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def agents_connected(self) -> int:
+        return len(self._presence.streams()) if self._presence else 0
+
+    @property
+    def assets_connected(self) -> int:
+        return len(self._presence.connected_asset_ids()) if self._presence else 0
+
+
+def _started(value: T | None, what: str) -> T:
+    if value is None:
+        raise RuntimeError(f"the headend's {what} is not available: call start() first")
+    return value
+
+
+async def run_headend(config: HeadendConfig) -> None:
+    """Run a headend until SIGINT or SIGTERM (the ``der headend`` command)."""
+    headend = Headend(config)
+    await headend.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+    log.info(
+        "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents grpc://%s, "
+        "storage %s, %d sites, %d assets",
+        headend.http_url,
+        headend.http_url,
+        headend.grpc_addr,
+        headend.storage.name,
+        len(headend.inventory.sites),
+        len(headend.inventory.assets),
+    )
+    try:
+        await stop.wait()
+        log.info("stop signal received; shutting down")
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        await headend.stop()

@@ -1,0 +1,163 @@
+"""The `der` command line, run as a user runs it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import INVENTORY
+
+DER = [sys.executable, "-m", "der_sdk.cli"]
+
+
+def der(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DER, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+def test_check_config_accepts_the_example_inventory(repo_root: Path) -> None:
+    result = der(
+        "check-config",
+        "examples/assets.yaml",
+        "--agent-config",
+        "examples/agent.yaml",
+        cwd=repo_root,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok: 2 sites, 5 assets" in result.stdout
+
+
+GOOD_SITE = "11111111-1111-4111-8111-111111111111"
+GOOD_ASSET = "aaaaaaaa-0000-4000-8000-000000000001"
+
+
+def _asset(**fields: object) -> str:
+    base: dict[str, object] = {
+        "asset_id": GOOD_ASSET,
+        "site_id": GOOD_SITE,
+        "name": "B1",
+        "capacity_mwh": 2,
+        "max_mw": 1,
+        "min_mw": -1,
+    }
+    base.update(fields)
+    body = "".join(f"    {k}: {v}\n" for k, v in base.items() if v is not None)
+    return "  -\n" + body
+
+
+SITES = f"sites:\n  - site_id: {GOOD_SITE}\n    name: Yard\nassets:\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line", "needle"),
+    [
+        ("missing-site-id", SITES + _asset(site_id=None), 6, "site_id"),
+        ("duplicate-asset", SITES + _asset() + _asset(name="B2"), 13, "duplicate asset_id"),
+        ("min-above-max", SITES + _asset(min_mw=2, max_mw=1), 11, "min_mw"),
+        (
+            "unknown-site",
+            SITES + _asset(site_id="22222222-2222-4222-8222-222222222222"),
+            7,
+            "unknown site",
+        ),
+        ("bad-uuid", SITES + _asset(asset_id="not-a-uuid"), 6, "UUID"),
+        (
+            "unknown-asset-type",
+            SITES + _asset(asset_type="hydro"),
+            12,
+            "bess, ev_charger, pv, wind",
+        ),
+    ],
+)
+def test_bad_inventory_exits_2_naming_file_line_and_field(
+    tmp_path: Path, name: str, text: str, line: int, needle: str
+) -> None:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    result = der("check-config", str(path))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert f"{path}:" in result.stderr
+    assert needle in result.stderr, result.stderr
+    assert f":{line}:" in result.stderr, result.stderr
+
+
+def test_plugins_json_lists_sim_bess_with_its_hooks() -> None:
+    result = der("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    sim = [r for r in rows if r["package"] == "der-sdk-sim-bess"]
+    assert sim and sim[0]["hooks"] == ["der_adapter_types"]
+    assert sim[0]["provides"] == {"adapter_types": ["sim-bess"]}
+    assert any(r["builtin"] and r["package"] == "der-sdk" for r in rows)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["headend", "agent", "launch", "plugins", "check-config", "demo"],
+)
+def test_every_command_has_help(command: str) -> None:
+    result = der(command, "--help")
+    assert result.returncode == 0 and "usage: der" in result.stdout
+
+
+def test_headend_without_inventory_says_what_to_set(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*DER, "headend"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "ASSETS_PATH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_agent_with_unknown_asset_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "assets.yaml").write_text(INVENTORY)
+    result = subprocess.run(
+        [
+            *DER,
+            "agent",
+            "--assets",
+            "assets.yaml",
+            "--asset-id",
+            "cccccccc-0000-4000-8000-000000000009",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cccccccc-0000-4000-8000-000000000009" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_headend_and_gateway_agents_and_prints_what_to_try(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    result = der(
+        "demo",
+        "--assets",
+        str(repo_root / "examples" / "assets.yaml"),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--duration",
+        "2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "REST API     http://127.0.0.1:" in result.stdout
+    assert "curl -X POST" in result.stdout
+    assert (tmp_path / "data" / "der.db").exists()

@@ -1,0 +1,276 @@
+"""The agent link: registration, refusals, presence and stream end, over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import pytest
+from headend_kit import (
+    BESS_1,
+    BESS_2,
+    BESS_3,
+    NOT_IN_INVENTORY,
+    PV_1,
+    SITE_A,
+    SITE_A_ASSETS,
+    WAIT_S,
+    ConnectAgent,
+    Observer,
+    agents_by_asset,
+    eventually,
+    sample,
+)
+
+from der_sdk.models import Session, utc_now
+from der_sdk.wire import codec
+from der_sdk_headend import Headend
+
+
+async def test_register_accepted_shows_every_served_asset_connected_with_the_same_peer(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    ack = await agent.register(SITE_A_ASSETS)
+
+    assert ack.accepted
+    assert list(ack.accepted_asset_ids) == list(SITE_A_ASSETS)
+    assert not ack.refused
+    rows = await agents_by_asset(http)
+    assert len(rows) == 4, "one row per configured asset"
+    peers = {rows[a]["peer"] for a in SITE_A_ASSETS}
+    assert len(peers) == 1 and next(iter(peers)).startswith("ipv4:127.0.0.1:")
+    for asset_id in SITE_A_ASSETS:
+        row = rows[asset_id]
+        assert row["connected"] is True
+        assert row["agent_id"] == "gw-1"
+        assert row["site_name"] == "North Yard"
+        assert row["last_seen"] is not None
+        assert [s["disconnected_at"] for s in row["sessions"]] == [None]
+    assert rows[PV_1]["connected"] is False
+    assert rows[PV_1]["sessions"] == []
+
+
+async def test_register_refuses_assets_not_in_inventory_or_outside_the_site_and_records_it(
+    headend: Headend, http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    ack = await agent.register([BESS_1, NOT_IN_INVENTORY, PV_1])
+
+    assert ack.accepted
+    assert list(ack.accepted_asset_ids) == [BESS_1]
+    refused = {r.asset_id: r.reason for r in ack.refused}
+    assert refused[NOT_IN_INVENTORY] == "not in the inventory"
+    assert "belongs to site" in refused[PV_1]
+    events = await headend.storage.events(kind="registration_refused")
+    assert {e.asset_id for e in events} == {NOT_IN_INVENTORY, PV_1}
+    assert all(e.data["agent_id"] == "gw-1" for e in events)
+
+    # Nothing is written for a refused asset: no session, no telemetry.
+    tack = await agent.telemetry(1, [sample(PV_1, seconds=1), sample(BESS_1, seconds=1)])
+    assert tack.seq == 1
+    rows = await agents_by_asset(http)
+    assert rows[PV_1]["connected"] is False and rows[PV_1]["sessions"] == []
+    assert (await http.get(f"/telemetry/{PV_1}")).status_code == 404
+    assert await headend.storage.telemetry_history(PV_1) == []
+    assert len(await headend.storage.telemetry_history(BESS_1)) == 1
+    dropped = await headend.storage.events(kind="telemetry_dropped")
+    assert [e.asset_id for e in dropped] == [PV_1]
+
+
+async def test_register_with_nothing_accepted_gets_a_refusing_ack_then_permission_denied(
+    headend: Headend, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    ack = await agent.register([NOT_IN_INVENTORY])
+
+    assert not ack.accepted
+    assert [r.asset_id for r in ack.refused] == [NOT_IN_INVENTORY]
+    code, details = await agent.outcome()
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert NOT_IN_INVENTORY in details
+    assert headend.agents_connected == 0
+
+
+async def test_register_for_an_unknown_site_refuses_every_asset(
+    connect_agent: ConnectAgent,
+) -> None:
+    agent = await connect_agent()
+    ack = await agent.register([BESS_1], site_id="00000000-0000-4000-8000-00000000abcd")
+
+    assert not ack.accepted
+    assert "is not in the inventory" in ack.refused[0].reason
+    code, _ = await agent.outcome()
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_first_message_must_be_register(connect_agent: ConnectAgent) -> None:
+    agent = await connect_agent()
+    await agent.send(codec.agent_heartbeat("gw-1", utc_now(), 1.0))
+
+    code, details = await agent.outcome()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Register" in details
+
+
+async def test_a_stream_silent_past_the_register_deadline_is_aborted(
+    headend: Headend, connect_agent: ConnectAgent
+) -> None:
+    link = headend._link
+    assert link is not None
+    link._register_timeout_s = 0.2  # the default is 10 s; the behaviour is the same
+    agent = await connect_agent()
+    await agent.call.wait_for_connection()
+
+    code, details = await agent.outcome()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "within" in details
+
+
+async def test_stream_end_closes_sessions_and_marks_assets_disconnected(
+    headend: Headend, http: httpx.AsyncClient, connect_agent: ConnectAgent, observer: Observer
+) -> None:
+    agent = await connect_agent()
+    await agent.register(SITE_A_ASSETS)
+
+    assert await agent.end() == grpc.StatusCode.OK
+    rows = await agents_by_asset(http)
+    for asset_id in SITE_A_ASSETS:
+        assert rows[asset_id]["connected"] is False
+        assert rows[asset_id]["peer"] is None
+        assert rows[asset_id]["last_seen"] is not None, "last seen is kept after disconnect"
+        (session,) = rows[asset_id]["sessions"]
+        assert session["disconnected_at"] is not None
+    assert headend.agents_connected == 0
+    assert "der_agent_disconnected" in observer.names()
+
+
+async def test_a_dropped_connection_closes_sessions_too(
+    headend: Headend, http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    await agent.channel.close()  # no half-close: the connection just goes away
+
+    async def disconnected() -> bool:
+        rows = await agents_by_asset(http)
+        return rows[BESS_1]["connected"] is False and all(
+            s["disconnected_at"] is not None for s in rows[BESS_1]["sessions"]
+        )
+
+    await eventually(disconnected, "the dropped stream's session is closed")
+
+
+async def test_an_asset_registering_on_a_new_stream_is_taken_over_from_the_old_one(
+    headend: Headend, http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    old = await connect_agent()
+    await old.register([BESS_1, BESS_2], agent_id="gw-old")
+    new = await connect_agent()
+    await new.register([BESS_1], agent_id="gw-new")
+
+    rows = await agents_by_asset(http)
+    assert rows[BESS_1]["agent_id"] == "gw-new"
+    assert rows[BESS_2]["agent_id"] == "gw-old", "the old stream keeps what it still serves"
+    newest, older = rows[BESS_1]["sessions"]
+    assert newest["agent_id"] == "gw-new" and newest["disconnected_at"] is None
+    assert older["agent_id"] == "gw-old" and older["disconnected_at"] is not None
+
+    # The old stream no longer serves BESS_1: its samples for it are dropped.
+    await old.telemetry(1, [sample(BESS_1, mw=9.0)])
+    assert await headend.storage.telemetry_history(BESS_1) == []
+
+    # The old stream ending does not disconnect the asset the new stream holds.
+    await old.end()
+    rows = await agents_by_asset(http)
+    assert rows[BESS_1]["connected"] is True
+    assert rows[BESS_2]["connected"] is False
+
+
+async def test_heartbeat_is_recorded_once_per_served_asset(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1, BESS_2])
+    await agent.send(codec.agent_heartbeat("gw-1", utc_now(), 42.0))
+
+    async def recorded() -> bool:
+        responses = [await http.get(f"/heartbeat/{a}") for a in (BESS_1, BESS_2)]
+        return all(r.status_code == 200 for r in responses)
+
+    await eventually(recorded, "both served assets have a heartbeat")
+    beat = (await http.get(f"/heartbeat/{BESS_2}")).json()
+    assert beat["agent_id"] == "gw-1" and beat["uptime_s"] == 42.0
+    history = (await http.get(f"/heartbeat/{BESS_1}/history")).json()
+    assert len(history) == 1
+    missing = await http.get(f"/heartbeat/{BESS_3}")
+    assert missing.status_code == 404
+    assert missing.json()["detail"] == f"no heartbeat received yet for asset {BESS_3}"
+
+
+async def test_observer_hooks_see_connect_telemetry_dispatch_and_disconnect(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent, observer: Observer
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    await agent.telemetry(1, [sample(BESS_1)])
+    assert (await http.post("/dispatch", json={"asset_id": BESS_1, "mw": 1.0})).status_code == 202
+    await agent.recv_kind("setpoint")
+    await agent.end()
+
+    names = observer.names()
+    assert names == [
+        "der_agent_connected",
+        "der_telemetry_received",
+        "der_dispatch_validated",
+        "der_agent_disconnected",
+    ]
+    connected = observer.calls[0][1]
+    assert [a.asset_id for a in connected["assets"]] == [BESS_1]
+    assert connected["sessions"][0].asset_id == BESS_1
+    assert observer.calls[2][1]["dispatch"].targets[0].asset_id == BESS_1
+
+
+async def test_an_agent_gone_while_its_sessions_are_stored_leaves_none_open(
+    headend: Headend,
+    http: httpx.AsyncClient,
+    connect_agent: ConnectAgent,
+    observer: Observer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = headend.storage
+    original = storage.open_session
+    writing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_open_session(session: Session) -> None:
+        writing.set()
+        await release.wait()
+        await original(session)
+
+    monkeypatch.setattr(storage, "open_session", slow_open_session)
+    agent = await connect_agent()
+    await agent.send(
+        codec.agent_register(
+            agent_id="gw-1", site_id=SITE_A, assets={BESS_1: "sim"}, sdk_version="t", plugins={}
+        )
+    )
+    await asyncio.wait_for(writing.wait(), WAIT_S)
+    rows = await agents_by_asset(http)
+    assert rows[BESS_1]["connected"] is False, "not connected before its session is stored"
+    await agent.channel.close()
+    release.set()
+
+    async def closed_on_record() -> bool:
+        sessions = await storage.recent_sessions(BESS_1)
+        return len(sessions) == 1 and sessions[0].disconnected_at is not None
+
+    await eventually(closed_on_record, "the half-registered session is closed")
+    assert headend.assets_connected == 0
+    # gRPC may cancel the handler before or after the stalled write is released: either
+    # the agent was never announced, or it was announced and then announced as gone.
+    assert observer.names() in (
+        [],
+        ["der_agent_connected", "der_agent_disconnected"],
+    ), "connect and disconnect hooks stay paired"

@@ -1,0 +1,99 @@
+"""The REST surface: inventory, plugins, health, OpenAPI and error bodies."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from headend_kit import BESS_1, PV_1, SITE_A, SITE_A_ASSETS, SITE_B, ConnectAgent
+
+from der_sdk_headend import Headend
+
+
+async def test_assets_lists_the_inventory_and_an_unknown_asset_is_404(
+    http: httpx.AsyncClient,
+) -> None:
+    assets = (await http.get("/assets")).json()
+    assert [a["asset_id"] for a in assets] == [*SITE_A_ASSETS, PV_1]
+    one = (await http.get(f"/assets/{BESS_1.upper()}")).json()
+    assert one["asset_id"] == BESS_1 and one["max_mw"] == 2.0, "any UUID spelling works"
+    missing = await http.get("/assets/nope")
+    assert missing.status_code == 404
+    assert missing.json() == {"status_code": 404, "detail": "unknown asset nope", "extra": None}
+
+
+async def test_sites_list_their_asset_ids(http: httpx.AsyncClient) -> None:
+    sites = {s["site_id"]: s for s in (await http.get("/sites")).json()}
+    assert sites[SITE_A]["asset_ids"] == list(SITE_A_ASSETS)
+    assert sites[SITE_B] == {
+        "site_id": SITE_B,
+        "name": "South Field",
+        "location": None,
+        "asset_ids": [PV_1],
+    }
+
+
+async def test_plugins_lists_the_builtins_with_their_hooks(http: httpx.AsyncClient) -> None:
+    rows = {r["name"]: r for r in (await http.get("/plugins")).json()}
+    for builtin in ("der_sdk.asset_types", "der_sdk.split", "der_sdk.storage.memory"):
+        assert rows[builtin]["builtin"] is True
+        assert rows[builtin]["package"] == "der-sdk"
+    assert "der_split_policies" in rows["der_sdk.split"]["hooks"]
+    assert rows["test-observer"]["builtin"] is False
+
+
+async def test_healthz_is_ok_with_storage_and_connection_counts(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    await agent.register(SITE_A_ASSETS)
+
+    response = await http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ok",
+        "storage": "memory",
+        "agents_connected": 1,
+        "assets_connected": 3,
+    }
+
+
+async def test_healthz_is_503_degraded_when_storage_is_unhealthy(
+    headend: Headend, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unhealthy() -> bool:
+        return False
+
+    monkeypatch.setattr(headend.storage, "healthy", unhealthy)
+    response = await http.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["status"] == "degraded"
+
+
+async def test_openapi_schema_is_served_with_every_endpoint(http: httpx.AsyncClient) -> None:
+    response = await http.get("/schema/openapi.json")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["info"]["title"] == "der-sdk headend"
+    for path in (
+        "/assets",
+        "/assets/{asset_id}",
+        "/sites",
+        "/agents",
+        "/telemetry/{asset_id}",
+        "/telemetry/{asset_id}/history",
+        "/dispatch",
+        "/dispatch/history",
+        "/dispatch/{dispatch_id}",
+        "/heartbeat/{asset_id}",
+        "/heartbeat/{asset_id}/history",
+        "/plugins",
+        "/healthz",
+    ):
+        assert path in schema["paths"], path
+    assert "202" in schema["paths"]["/dispatch"]["post"]["responses"]
+
+
+async def test_an_unknown_route_is_a_json_404(http: httpx.AsyncClient) -> None:
+    response = await http.get("/no-such-thing")
+    assert response.status_code == 404
+    assert "detail" in response.json()

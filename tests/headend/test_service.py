@@ -1,0 +1,146 @@
+"""Configuration, start and stop of the headend, and SQLite storage across restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from headend_kit import BESS_1, BESS_2, WAIT_S, RawAgent, make_config, sample
+
+from der_sdk.errors import DerSdkError
+from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.wire import codec
+from der_sdk_headend import Headend, HeadendConfig
+
+
+def test_config_reads_the_environment_with_defaults(inventory_path: Path) -> None:
+    config = HeadendConfig.from_env({"ASSETS_PATH": str(inventory_path), "RESET_DB": "Yes"})
+
+    assert config.assets_path == inventory_path
+    assert config.database_url == "sqlite:///der-data/der.db"
+    assert config.grpc_addr == "127.0.0.1:50051"
+    assert config.http_addr == "127.0.0.1:3001"
+    assert config.reset_db is True
+    assert config.split_policy == "capacity_weighted"
+
+
+def test_config_without_assets_path_says_what_to_set() -> None:
+    with pytest.raises(DerSdkError, match="ASSETS_PATH is not set"):
+        HeadendConfig.from_env({})
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"HEADEND_HTTP_ADDR": "3001"}, "HEADEND_HTTP_ADDR"),
+        ({"HEADEND_GRPC_ADDR": "127.0.0.1:http"}, "HEADEND_GRPC_ADDR"),
+        ({"HEADEND_GRPC_ADDR": "127.0.0.1:70000"}, "outside 0..65535"),
+        ({"RESET_DB": "maybe"}, "RESET_DB"),
+    ],
+)
+def test_config_rejects_malformed_values_naming_the_variable(
+    inventory_path: Path, env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(DerSdkError, match=message):
+        HeadendConfig.from_env({"ASSETS_PATH": str(inventory_path), **env})
+
+
+async def test_an_unknown_split_policy_fails_start_listing_the_installed_ones(
+    inventory_path: Path, plugins: Plugins
+) -> None:
+    headend = Headend(make_config(inventory_path, SPLIT_POLICY="greedy"), plugins=plugins)
+    with pytest.raises(DerSdkError, match=r"SPLIT_POLICY.*greedy.*capacity_weighted, equal"):
+        await headend.start()
+
+
+async def test_a_busy_grpc_port_fails_start_naming_the_address(
+    headend: Headend, inventory_path: Path, plugins: Plugins
+) -> None:
+    busy = f"127.0.0.1:{headend.grpc_port}"
+    second = Headend(make_config(inventory_path, HEADEND_GRPC_ADDR=busy), plugins=plugins)
+    with pytest.raises(DerSdkError, match=f"cannot listen for agents on {busy}"):
+        await second.start()
+
+
+async def test_a_busy_http_port_fails_start_naming_the_address(
+    headend: Headend, inventory_path: Path, plugins: Plugins
+) -> None:
+    busy = f"127.0.0.1:{headend.http_port}"
+    second = Headend(make_config(inventory_path, HEADEND_HTTP_ADDR=busy), plugins=plugins)
+    with pytest.raises(DerSdkError, match=f"cannot serve REST on {busy}"):
+        await second.start()
+
+
+async def test_stop_ends_agent_streams_and_is_idempotent(headend: Headend) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{headend.grpc_port}") as channel:
+        agent = RawAgent(channel)
+        await agent.register([BESS_1])
+
+        await headend.stop()
+        await headend.stop()
+
+        code, _ = await agent.outcome()
+        assert code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE)
+    sessions = await headend.storage.recent_sessions(BESS_1)
+    assert sessions[0].disconnected_at is not None
+
+
+async def test_sqlite_headend_keeps_history_and_pending_dispatches_across_restart(
+    tmp_path: Path, inventory_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'data' / 'der.db'}"
+    plugins = load_plugins(entry_points=False, env={})
+    first = Headend(make_config(inventory_path, DATABASE_URL=url), plugins=plugins)
+    await first.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{first.grpc_port}") as channel,
+            httpx.AsyncClient(base_url=first.http_url, timeout=WAIT_S) as http,
+        ):
+            agent = RawAgent(channel)
+            await agent.register([BESS_1])
+            await agent.telemetry(1, [sample(BESS_1, seconds=s, mw=float(s)) for s in (1, 2)])
+            pending = (await http.post("/dispatch", json={"asset_id": BESS_2, "mw": 0.5})).json()
+            assert pending["state"] == "pending"
+            assert (await http.get("/healthz")).json()["storage"] == "sqlite"
+    finally:
+        await first.stop()
+
+    second = Headend(make_config(inventory_path, DATABASE_URL=url), plugins=plugins)
+    await second.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{second.grpc_port}") as channel,
+            httpx.AsyncClient(base_url=second.http_url, timeout=WAIT_S) as http,
+        ):
+            latest = (await http.get(f"/telemetry/{BESS_1}")).json()
+            assert latest["mw"] == 2.0, "the latest cache is warmed from storage"
+            history = (await http.get(f"/telemetry/{BESS_1}/history")).json()
+            assert [row["mw"] for row in history] == [2.0, 1.0]
+            sessions = (await http.get("/agents")).json()[0]["sessions"]
+            assert sessions[0]["disconnected_at"] is not None
+
+            agent = RawAgent(channel)
+            await agent.register([BESS_2])
+            setpoint = await agent.recv_kind("setpoint")
+            assert setpoint.command_id == pending["dispatch_id"]
+            await agent.send(
+                codec.agent_setpoint_ack(
+                    setpoint.command_id, "applied", [codec.Allocation(asset_id=BESS_2, mw=0.5)]
+                )
+            )
+            await agent.end()
+            record = (await http.get(f"/dispatch/{pending['dispatch_id']}")).json()
+            assert record["state"] == "applied"
+    finally:
+        await second.stop()
+
+    reset = Headend(make_config(inventory_path, DATABASE_URL=url, RESET_DB="1"), plugins=plugins)
+    await reset.start()
+    try:
+        assert await reset.storage.telemetry_history(BESS_1) == []
+        assert reset.ingest.latest(BESS_1) is None
+    finally:
+        await reset.stop()
