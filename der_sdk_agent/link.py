@@ -43,6 +43,11 @@ log = logging.getLogger("der.agent.link")
 DEFAULT_REGISTER_TIMEOUT_S = 10.0
 
 _CHANNEL_OPTIONS = (
+    # One TCP connection per agent, even when several agents share a process (der launch,
+    # the demo): the headend then sees each agent's own peer, as in the field.
+    ("grpc.use_local_subchannel_pool", 1),
+    # Pings find a dead link between telemetry batches; the headend accepts this rate
+    # (der_sdk_headend.service.GRPC_SERVER_OPTIONS).
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

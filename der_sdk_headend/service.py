@@ -45,6 +45,19 @@ HTTP_START_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 
+GRPC_SERVER_OPTIONS = (
+    # A busy port is an error, not a second headend silently sharing it.
+    ("grpc.so_reuseport", 0),
+    # Agents ping every 30 s (der_sdk_agent.link); gRPC's default would answer pings more
+    # often than every 5 minutes with GOAWAY "too_many_pings" and drop the agent.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # The headend pings too, so a vanished agent's sessions close within about a minute.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
 class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn without its own signal handling: the headend's owner handles signals."""
 
@@ -199,7 +212,7 @@ class Headend:
         )
         # Without SO_REUSEPORT a second headend on the same port fails loudly instead of
         # silently sharing the agents.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
         pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
         addr = self.config.grpc_addr
         try:

@@ -215,3 +215,12 @@ async def test_presence_observer_hooks_fire_on_connect_and_disconnect(fleet: Fle
     await agent.stop()
     await eventually(_async(lambda: len(events) == 2), what="disconnect hook")
     assert events == [("connected", [B1, B2, B3]), ("disconnected", [B1, B2, B3])]
+
+
+async def test_agents_in_one_process_each_have_their_own_connection(fleet: Fleet) -> None:
+    headend = await fleet.start_headend()
+    for asset_id in (B1, B2, B3):
+        await fleet.start_agent(headend, asset_id=asset_id)
+    rows = await eventually(lambda: fleet.connected_rows(3), what="3 single-asset agents")
+    assert len({r["peer"] for r in rows}) == 3
+    assert {r["agent_id"] for r in rows} == {f"asset-{a}" for a in (B1, B2, B3)}
