@@ -1,0 +1,1 @@
+"""Test kit for der-sdk plugin authors (shipped as a pytest plugin)."""
