@@ -1,0 +1,1 @@
+"""The der-sdk pytest plugin (registered through the ``pytest11`` entry point)."""
