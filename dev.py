@@ -20,7 +20,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
-PLUGINS = ["plugins/der-sdk-sim-bess"]
+PLUGINS = [
+    "plugins/der-sdk-sim-bess",
+    "plugins/der-sdk-example-pack",
+    "plugins/der-sdk-modbus",
+    "plugins/der-sdk-opcua",
+    "plugins/der-sdk-postgres",
+]
 
 
 def _python() -> Path:

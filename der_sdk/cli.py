@@ -1,4 +1,5 @@
-"""The ``der`` command line: headend, agent, launch, demo, plugins, check-config.
+"""The ``der`` command line: headend, agent, launch, demo, plugins, profiles, new-adapter,
+check-config, sim.
 
 User mistakes (bad config, unknown names, unreachable ports) exit 2 with one clear message
 and no traceback.
@@ -13,12 +14,15 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from der_sdk import __version__
 from der_sdk.errors import ConfigError, DerSdkError
+
+if TYPE_CHECKING:
+    from der_sdk.extensions import DeviceSimulatorType
 
 __all__ = ["main"]
 
@@ -83,6 +87,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         "storage_backends": plugins.storage_backends,
         "device_profiles": plugins.device_profiles,
         "edge_services": plugins.edge_services,
+        "device_simulators": plugins.device_simulators,
     }
     if ns.json:
         provided: dict[str, dict[str, list[str]]] = {}
@@ -103,6 +108,37 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
     print()
     for kind, registry in registries.items():
         print(f"{kind.replace('_', ' ')}: {', '.join(registry.names()) or '-'}")
+    return 0
+
+
+def cmd_profiles(ns: argparse.Namespace) -> int:
+    from der_sdk.device_packs import format_profile_table, profile_rows
+    from der_sdk.plugins import load_plugins
+
+    rows = profile_rows(load_plugins())
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(format_profile_table(rows))
+    else:
+        print("no device profiles installed; install a device pack (docs/device_packs.md)")
+    return 0
+
+
+def cmd_new_adapter(ns: argparse.Namespace) -> int:
+    from der_sdk.scaffold import new_adapter
+
+    project = new_adapter(
+        ns.name,
+        output=ns.output,
+        vendor=ns.vendor,
+        description=ns.description,
+        author=ns.author,
+        device_pack=ns.device_pack,
+        no_input=ns.no_input,
+    )
+    print(f"created {project}")
+    print(f"next: pip install -e {project} && pytest {project} && der plugins")
     return 0
 
 
@@ -196,6 +232,79 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _simulator_parser(simulator: DeviceSimulatorType) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"der sim {simulator.name}", description=simulator.description or None
+    )
+    simulator.add_arguments(parser)
+    return parser
+
+
+def _installed_simulators() -> str:
+    from der_sdk.plugins import load_plugins
+
+    registry = load_plugins().device_simulators
+    if not len(registry):
+        return "installed simulators: none (install one, e.g. der-sdk-modbus)"
+    width = max(len(name) for name in registry.names())
+    rows = [
+        f"  {sim.name:<{width}}  {sim.description} ({registry.provider(sim.name)})"
+        for sim in registry
+    ]
+    return "installed simulators:\n" + "\n".join(rows)
+
+
+class _SimulatorHelp(argparse.Action):
+    """``der sim --help`` lists the installed simulators (loading plugins only then)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.print_help()
+        try:
+            print("\n" + _installed_simulators())
+        except DerSdkError as exc:
+            parser.exit(EXIT_USAGE, f"der sim: error: {exc}\n")
+        parser.exit()
+
+
+async def _serve_until_stopped(work: Awaitable[None]) -> None:
+    """Await ``work`` until it ends or SIGINT/SIGTERM arrives, then cancel it."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(wait_for_stop_signal())
+    done: set[asyncio.Future[None]] = set()
+    try:
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stop):
+            pending.cancel()
+        await asyncio.gather(task, stop, return_exceptions=True)
+    if task in done:
+        task.result()
+
+
+def cmd_sim(ns: argparse.Namespace) -> int:
+    from der_sdk.plugins import load_plugins
+
+    if ns.simulator is None:
+        ns.sim_parser.print_help()
+        print("\n" + _installed_simulators())
+        return EXIT_USAGE
+    simulator = load_plugins().device_simulators.get(ns.simulator)
+    args = _simulator_parser(simulator).parse_args(ns.args)
+    _run_async(_serve_until_stopped(simulator.run(args)))
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -271,6 +380,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser(
+        "profiles",
+        help="list installed device profiles (from device packs)",
+        description="List every installed device profile version with its vendor, "
+        "model, protocol, number of points and the package that provides it.",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser(
+        "new-adapter",
+        help="generate a plugin distribution (adapter or device pack)",
+        description="Generate der-sdk-NAME from the der-adapter template: an adapter "
+        "plugin, or with --device-pack a device pack, with tests, README and ci.sh.",
+    )
+    p.add_argument(
+        "name",
+        metavar="NAME",
+        help="plugin name: lowercase letters, digits, hyphens; starts with a letter "
+        "(acme-inverter gives der-sdk-acme-inverter, package der_sdk_acme_inverter)",
+    )
+    p.add_argument("--vendor", help="device vendor (default: from NAME)")
+    p.add_argument("--description", help="one-line description")
+    p.add_argument("--author", help="author name for pyproject.toml")
+    p.add_argument("--output", default=".", help="folder to create der-sdk-NAME in")
+    p.add_argument("--device-pack", action="store_true", help="generate a device pack")
+    p.add_argument(
+        "--no-input", action="store_true", help="do not ask; use defaults for what is not given"
+    )
+    p.set_defaults(func=cmd_new_adapter)
+
+    p = sub.add_parser(
         "check-config",
         help="validate an inventory (and agent config) file",
         description="Validate an assets YAML; exit 2 naming file, line and "
@@ -294,6 +434,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-db", action="store_true", help="start from empty storage")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "sim",
+        help="run a simulated device from a plugin (e.g. a Modbus server)",
+        description="Run a simulated device until Ctrl-C: der sim NAME [options]; "
+        "der sim NAME --help shows its options.",
+        add_help=False,
+    )
+    p.add_argument("-h", "--help", action=_SimulatorHelp, help="show this help and the simulators")
+    p.add_argument("simulator", nargs="?", metavar="NAME", help="the simulator to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the simulator's own options")
+    p.set_defaults(func=cmd_sim, sim_parser=p)
     return parser
 
 

@@ -9,6 +9,7 @@ and names both providing packages.
 from __future__ import annotations
 
 import abc
+import argparse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +28,7 @@ __all__ = [
     "AssetType",
     "DevicePoint",
     "DeviceProfile",
+    "DeviceSimulatorType",
     "EdgeService",
     "EdgeServiceContext",
     "EdgeServiceType",
@@ -228,4 +230,26 @@ class EdgeServiceType:
     name: str
     factory: Callable[[EdgeServiceContext], EdgeService]
     options: type[msgspec.Struct] | None = None
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- device simulators
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """Default for :attr:`DeviceSimulatorType.add_arguments`: the simulator takes none."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSimulatorType:
+    """A simulated device that ``der sim NAME`` runs, for trying adapters without hardware.
+
+    ``add_arguments(parser)`` adds the simulator's command-line options to its
+    ``argparse`` parser; ``run(args)`` serves the simulated device until it is cancelled
+    (``der sim`` cancels it on Ctrl-C or SIGTERM).
+    """
+
+    name: str
+    run: Callable[[argparse.Namespace], Awaitable[None]]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
     description: str = ""

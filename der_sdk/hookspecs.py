@@ -20,6 +20,7 @@ from der_sdk.extensions import (
     AdapterType,
     AssetType,
     DeviceProfile,
+    DeviceSimulatorType,
     EdgeServiceType,
     SplitPolicy,
     StorageBackendType,
@@ -114,6 +115,25 @@ def der_edge_services() -> list[EdgeServiceType]:
     Called by the agent at start; a service runs only when enabled in the agent config.
 
     :return: a list of :class:`~der_sdk.extensions.EdgeServiceType`.
+
+    All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+# =========================================================================== tools
+# Called by the `der` command line, never by the agent or the headend.
+
+
+@hookspec
+def der_device_simulators() -> list[DeviceSimulatorType]:
+    """Simulated devices that ``der sim NAME`` can run (for example a Modbus server).
+
+    Called by ``der sim`` (which lists them under ``der sim --help``) and by
+    ``der plugins``.
+
+    :return: a list of :class:`~der_sdk.extensions.DeviceSimulatorType`; ``der sim NAME``
+        builds a parser with ``add_arguments``, then awaits ``run(args)`` until Ctrl-C.
 
     All results are merged; a duplicate name is an error. Since 0.1.
     """

@@ -22,7 +22,7 @@ import importlib
 import importlib.metadata as metadata
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Generic, Protocol, TypeVar
@@ -35,6 +35,7 @@ from der_sdk.extensions import (
     AdapterType,
     AssetType,
     DeviceProfile,
+    DeviceSimulatorType,
     EdgeServiceType,
     SplitPolicy,
     StorageBackendType,
@@ -44,6 +45,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "PluginInfo",
     "Plugins",
+    "ProfileRegistry",
     "Registry",
     "hookimpl",
     "load_plugins",
@@ -122,6 +124,81 @@ class Registry(Generic[T]):
         return len(self._entries)
 
 
+class ProfileRegistry(Registry[DeviceProfile]):
+    """Device profiles by ``name@version``: several versions of one profile coexist.
+
+    A lookup by bare name (``get("acme-b2")``, ``"acme-b2" in registry``) means the highest
+    version; ``get("acme-b2@1.0.0")`` or ``get("acme-b2", "1.0.0")`` one exact version.
+    Versions are ordered as PEP 440 orders them (:func:`der_sdk.device_packs.version_key`).
+    :meth:`names` and iteration go by name, then version ascending, so a dict built by name
+    from the registry keeps the highest version of each profile.
+    """
+
+    def __init__(self, entries: Mapping[str, tuple[DeviceProfile, str]]) -> None:
+        from itertools import pairwise
+
+        from der_sdk.device_packs import VersionKey, version_key
+
+        keyed: list[tuple[tuple[str, VersionKey], str]] = []
+        for key, (profile, package) in entries.items():
+            try:
+                keyed.append(((profile.name, version_key(profile.version)), key))
+            except ValueError as exc:
+                raise PluginError(
+                    f"device profile {profile.name!r} from {package}: version {exc}"
+                ) from None
+        keyed.sort()
+        for (ident, key), (next_ident, next_key) in pairwise(keyed):
+            if ident == next_ident:  # "1.0" and "1.0.0" name the same version
+                raise PluginError(
+                    f"duplicate device profile {key!r} and {next_key!r}: provided by both "
+                    f"{entries[key][1]} and {entries[next_key][1]}; uninstall one or block it "
+                    "with DER_SDK_DISABLE_PLUGINS"
+                )
+        super().__init__("device profile", {})
+        self._entries = {key: entries[key] for _, key in keyed}
+
+    def _key(self, name: str, version: str | None = None) -> str:
+        from der_sdk.device_packs import version_key
+
+        if version is None and "@" in name:
+            name, version = name.split("@", 1)
+        keys = [key for key, (profile, _) in self._entries.items() if profile.name == name]
+        if not keys:
+            raise UnknownNameError(self.kind, name, self._entries)
+        if version is None:
+            return keys[-1]
+        try:
+            wanted = version_key(version)
+        except ValueError:
+            wanted = None
+        for key in keys:
+            if version_key(self._entries[key][0].version) == wanted:
+                return key
+        raise UnknownNameError(f"version of device profile {name!r}", version, self.versions(name))
+
+    def get(self, name: str, version: str | None = None) -> DeviceProfile:
+        """The profile ``name`` (``name@version``), the highest version unless one is given."""
+        return self._entries[self._key(name, version)][0]
+
+    def provider(self, name: str, version: str | None = None) -> str:
+        """The distribution that provided the profile :meth:`get` returns."""
+        return self._entries[self._key(name, version)][1]
+
+    def versions(self, name: str) -> list[str]:
+        """The installed versions of profile ``name``, lowest first."""
+        return [p.version for p, _ in self._entries.values() if p.name == name]
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self._key(name)
+        except UnknownNameError:
+            return False
+        return True
+
+
 def _env_list(env: Mapping[str, str], key: str) -> set[str] | None:
     raw = env.get(key)
     if raw is None or not raw.strip():
@@ -192,6 +269,7 @@ class Plugins:
             "storage_backends",
             "device_profiles",
             "edge_services",
+            "device_simulators",
         ):
             self.__dict__.pop(attr, None)
 
@@ -205,7 +283,10 @@ class Plugins:
 
     # ---------------------------------------------------------------- registries
 
-    def _collect(self, hook_name: str, kind: str) -> dict[str, tuple[Any, str]]:
+    def _collect(
+        self, hook_name: str, kind: str, key: Callable[[Any], str] | None = None
+    ) -> dict[str, tuple[Any, str]]:
+        """Merge the descriptors of every plugin by ``key`` (default: the ``name``)."""
         caller = getattr(self.pm.hook, hook_name)
         found: dict[str, tuple[Any, str]] = {}
         # pluggy calls last-registered first; walk in registration order so errors and
@@ -233,12 +314,13 @@ class Plugins:
                         f"plugin {impl.plugin_name!r} ({package}) returned a {kind} "
                         f"without a name from {hook_name}()"
                     )
-                if name in found:
+                ident = key(descriptor) if key is not None else name
+                if ident in found:
                     raise PluginError(
-                        f"duplicate {kind} {name!r}: provided by both {found[name][1]} "
+                        f"duplicate {kind} {ident!r}: provided by both {found[ident][1]} "
                         f"and {package}; uninstall one or block it with DER_SDK_DISABLE_PLUGINS"
                     )
-                found[name] = (descriptor, package)
+                found[ident] = (descriptor, package)
         return found
 
     @cached_property
@@ -268,12 +350,30 @@ class Plugins:
         return Registry("storage backend", entries)
 
     @cached_property
-    def device_profiles(self) -> Registry[DeviceProfile]:
-        return Registry("device profile", self._collect("der_device_profiles", "device profile"))
+    def device_profiles(self) -> ProfileRegistry:
+        return ProfileRegistry(
+            self._collect(
+                "der_device_profiles", "device profile", key=lambda p: f"{p.name}@{p.version}"
+            )
+        )
+
+    def profile(self, name: str, version: str | None = None) -> DeviceProfile:
+        """Device profile ``name``: the highest installed version unless ``version`` is given.
+
+        :raises UnknownNameError: no such profile, or not in that version; the message
+            lists what is installed.
+        """
+        return self.device_profiles.get(name, version)
 
     @cached_property
     def edge_services(self) -> Registry[EdgeServiceType]:
         return Registry("edge service", self._collect("der_edge_services", "edge service"))
+
+    @cached_property
+    def device_simulators(self) -> Registry[DeviceSimulatorType]:
+        return Registry(
+            "device simulator", self._collect("der_device_simulators", "device simulator")
+        )
 
     def storage_for_url(self, url: str) -> StorageBackendType:
         """The backend whose scheme matches ``url`` (``sqlite:///x.db`` → ``sqlite``)."""

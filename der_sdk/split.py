@@ -115,7 +115,8 @@ def _water_fill(
         if not total > 0:  # nobody left with a weight: share by headroom instead
             weights = [headroom(asset) for asset in active]
             total = math.fsum(weights)
-        gives = [remaining * w / total for w in weights]
+        # the fraction first: remaining * w underflows for denormal weights (5e-324)
+        gives = [remaining * (w / total) for w in weights]
         full = [abs(give) >= headroom(a) for a, give in zip(active, gives, strict=True)]
         if not any(full):
             for asset, give in zip(active, gives, strict=True):

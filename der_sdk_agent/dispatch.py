@@ -12,21 +12,27 @@ Setpoints from the headend and local commands from edge services
   value nearest 0 its limits allow). A newer setpoint for the asset cancels the revert.
 
 Dispatches are serialised (one lock), so two commands never interleave on an asset and
-"newer" has one meaning.
+"newer" has one meaning: whichever command reaches this path last, from the headend or
+from an edge service, is the one in force.
+
+Local commands are reported: every listener added with :meth:`Dispatcher.add_local_listener`
+gets a :class:`~der_sdk.wire.codec.LocalDispatchReport` (the link sends it to the headend,
+which records a dispatch with source ``local``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from der_sdk.extensions import SetpointResult, SplitPolicy
-from der_sdk.wire.codec import Allocation
+from der_sdk.models import utc_now
+from der_sdk.wire.codec import Allocation, LocalDispatchReport
 from der_sdk_agent.adapters import AdapterRuntime
 
 __all__ = ["DispatchOutcome", "Dispatcher"]
@@ -71,7 +77,11 @@ class Dispatcher:
         self.policy = policy
         self._lock = asyncio.Lock()
         self._reverts: dict[str, asyncio.Task[None]] = {}
-        self._local_ids = itertools.count(1)
+        self._local_listeners: list[Callable[[LocalDispatchReport], None]] = []
+
+    def add_local_listener(self, listener: Callable[[LocalDispatchReport], None]) -> None:
+        """Call ``listener`` after each local command (cheap and non-blocking, please)."""
+        self._local_listeners.append(listener)
 
     # ------------------------------------------------------------------ entry points
 
@@ -110,8 +120,11 @@ class Dispatcher:
         mw: float,
         duration_s: float | None = None,
     ) -> DispatchOutcome:
-        """The :data:`~der_sdk.extensions.LocalDispatch` callable for edge services."""
-        command_id = f"local-{next(self._local_ids)}"
+        """The :data:`~der_sdk.extensions.LocalDispatch` callable for edge services.
+
+        The command id is unique (``local-<uuid>``): it becomes the headend's dispatch id.
+        """
+        command_id = f"local-{uuid.uuid4()}"
         outcome = await self.handle(
             command_id, asset_id=asset_id, site_id=site_id, mw=mw, duration_s=duration_s
         )
@@ -123,7 +136,36 @@ class Dispatcher:
             outcome.status,
             f": {outcome.reason}" if outcome.reason else "",
         )
+        if _check_numbers(mw, duration_s) is None:  # not a command at all otherwise
+            self._report_local(outcome, asset_id, site_id, mw, duration_s)
         return outcome
+
+    def _report_local(
+        self,
+        outcome: DispatchOutcome,
+        asset_id: str | None,
+        site_id: str | None,
+        mw: float,
+        duration_s: float | None,
+    ) -> None:
+        report = LocalDispatchReport(
+            command_id=outcome.command_id,
+            mw=mw,
+            ts=utc_now(),
+            status=outcome.status,
+            asset_id=asset_id or None,
+            site_id=None if asset_id else site_id or None,
+            duration_s=duration_s,
+            reason=outcome.reason,
+            allocations=outcome.allocations,
+            unallocated_mw=outcome.unallocated_mw,
+            policy=self.policy.name if not asset_id and site_id else None,
+        )
+        for listener in self._local_listeners:
+            try:
+                listener(report)
+            except Exception:
+                log.exception("local command %s: a listener failed", outcome.command_id)
 
     async def close(self) -> None:
         """Cancel pending reverts (at shutdown)."""

@@ -2,11 +2,11 @@
 
 Per attempt: open a channel, send ``Register``, wait for ``RegisterAck``; then run
 
-* one **writer** (the only task that writes to the call): setpoint acks first, then a
-  heartbeat when due, then telemetry batches from the outbox, each with a per-stream
-  ``seq`` starting at 1;
+* one **writer** (the only task that writes to the call): setpoint acks first, then
+  reports of local commands (``LocalDispatch``), then a heartbeat when due, then telemetry
+  batches from the outbox, each with a per-stream ``seq`` starting at 1;
 * one **reader**: ``Setpoint`` goes to the dispatch worker, ``TelemetryAck`` drops the
-  acknowledged batches from the outbox;
+  acknowledged batches from the outbox, ``LocalDispatchAck`` drops the acknowledged report;
 * one **dispatch worker**: applies setpoints in arrival order and queues their acks.
 
 Any error or end of stream ends the attempt with one log line, and the link reconnects
@@ -16,6 +16,8 @@ after a capped exponential backoff with **equal jitter**: for attempt *n* the ca
 so an agent never spins on a headend that refuses it, while a fleet restarting together
 still spreads out. The attempt count resets after a successful register. Batches sent
 but not acknowledged stay in the outbox and are sent again, in order, on the next stream.
+So do local command reports (at most :data:`MAX_UNACKED_LOCAL_DISPATCHES`, oldest dropped
+first): commands made while the headend was unreachable reach its history on reconnect.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ __all__ = ["Backoff", "HeadendLink", "LinkStats", "RegisterRefused", "StreamEnde
 log = logging.getLogger("der.agent.link")
 
 DEFAULT_REGISTER_TIMEOUT_S = 10.0
+MAX_UNACKED_LOCAL_DISPATCHES = 1000
 
 _CHANNEL_OPTIONS = (
     # One TCP connection per agent, even when several agents share a process (der launch,
@@ -101,6 +104,7 @@ class _Stream:
     in_flight: dict[int, int] = field(default_factory=dict)  # stream seq -> batch number
     acks: collections.deque[pb.AgentMessage] = field(default_factory=collections.deque)
     setpoints: asyncio.Queue[pb.Setpoint] = field(default_factory=asyncio.Queue)
+    local_sent: set[str] = field(default_factory=set)  # LocalDispatch command ids
 
 
 def _reason(exc: BaseException) -> str:
@@ -150,11 +154,30 @@ class HeadendLink:
         self._connected = asyncio.Event()
         self._started = time.monotonic()
         self._registered = False
+        self._local_unacked: dict[str, pb.AgentMessage] = {}  # command id -> LocalDispatch
         outbox.add_listener(self._wake.set)
+        dispatcher.add_local_listener(self._on_local_dispatch)
 
     async def wait_connected(self) -> None:
         """Return once the agent is registered on a live stream."""
         await self._connected.wait()
+
+    @property
+    def unacked_local_dispatches(self) -> int:
+        """Local command reports the headend has not acknowledged yet."""
+        return len(self._local_unacked)
+
+    def _on_local_dispatch(self, report: codec.LocalDispatchReport) -> None:
+        self._local_unacked[report.command_id] = codec.agent_local_dispatch(report)
+        while len(self._local_unacked) > MAX_UNACKED_LOCAL_DISPATCHES:
+            dropped = next(iter(self._local_unacked))
+            del self._local_unacked[dropped]
+            log.warning(
+                "%d local command reports await the headend; dropped the oldest, %s",
+                MAX_UNACKED_LOCAL_DISPATCHES,
+                dropped,
+            )
+        self._wake.set()
 
     # ------------------------------------------------------------------ reconnect loop
 
@@ -295,6 +318,10 @@ class HeadendLink:
             self._wake.clear()
             while stream.acks:
                 await stream.call.write(stream.acks.popleft())
+            for command_id, report in list(self._local_unacked.items()):
+                if command_id not in stream.local_sent:
+                    await stream.call.write(report)
+                    stream.local_sent.add(command_id)
             if loop.time() >= heartbeat_due:
                 await stream.call.write(
                     codec.agent_heartbeat(
@@ -328,6 +355,8 @@ class HeadendLink:
                 stream.setpoints.put_nowait(message.setpoint)
             elif kind == "telemetry_ack":
                 self._on_telemetry_ack(stream, message.telemetry_ack.seq)
+            elif kind == "local_dispatch_ack":
+                self._local_unacked.pop(message.local_dispatch_ack.command_id, None)
             else:
                 log.debug("ignoring headend message %s on an open stream", kind)
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import grpc
 import uvicorn
+from litestar.exceptions import ServiceUnavailableException
 
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory, load_inventory
@@ -41,6 +42,9 @@ STREAM_GRACE_S = 1.0
 """How long agent streams get to end on their own when the headend stops."""
 HTTP_STOP_TIMEOUT_S = 5.0
 HTTP_START_TIMEOUT_S = 5.0
+STORAGE_RETRY_INITIAL_S = 1.0
+"""First wait before retrying storage that is unreachable at start; doubles each attempt."""
+STORAGE_RETRY_MAX_S = 30.0
 
 T = TypeVar("T")
 
@@ -168,16 +172,8 @@ class Headend:
             storage = open_storage(config.database_url, self.plugins)
         except UnknownNameError as exc:
             raise DerSdkError(f"DATABASE_URL={config.database_url!r}: {exc}") from None
-        try:
-            await storage.open()
-        except DerSdkError:
-            raise
-        except Exception as exc:
-            raise DerSdkError(
-                f"cannot open storage DATABASE_URL={config.database_url!r}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        self._storage = storage
+        self._storage = storage  # set before open(): /healthz says degraded while it waits
+        await self._open_storage(storage)
         if config.reset_db:
             await storage.reset()
             log.warning("RESET_DB: deleted all stored data in %s", storage.name)
@@ -198,7 +194,46 @@ class Headend:
             )
 
         await self._start_grpc()
-        await self._start_http()
+        if self._http_server is None:
+            await self._start_http()
+
+    async def _open_storage(self, storage: StorageBackend) -> None:
+        """Open storage, retrying with backoff while its server is unreachable.
+
+        Backends raise ``ConnectionError`` (or ``TimeoutError``) when their server cannot be
+        reached: each failed attempt is one log line, the REST API comes up early so
+        ``/healthz`` answers 503 ``degraded``, and agents are not accepted until storage is
+        open. Any other error ends the start with its message.
+        """
+        delay = STORAGE_RETRY_INITIAL_S
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await storage.open()
+                return
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning(
+                    "storage %s not available (attempt %d): %s; retrying in %.1fs",
+                    storage.name,
+                    attempt,
+                    exc,
+                    delay,
+                )
+            except DerSdkError:
+                raise
+            except Exception as exc:
+                raise DerSdkError(
+                    f"cannot open storage DATABASE_URL={self.config.database_url!r}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if self._http_server is None:
+                await self._start_http()
+                log.info(
+                    "REST is up at %s; /healthz reports degraded until storage opens", self.http_url
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STORAGE_RETRY_MAX_S)
 
     async def _start_grpc(self) -> None:
         assert self._inventory and self._storage and self._presence
@@ -320,9 +355,17 @@ class Headend:
         return len(self._presence.connected_asset_ids()) if self._presence else 0
 
 
+class NotStartedError(ServiceUnavailableException, RuntimeError):
+    """A part of the headend was used before start() made it: a RuntimeError in code, and
+    a 503 (not a 500 with a traceback) when REST asks while storage is still unreachable."""
+
+
 def _started(value: T | None, what: str) -> T:
     if value is None:
-        raise RuntimeError(f"the headend's {what} is not available: call start() first")
+        raise NotStartedError(
+            f"the headend's {what} is not available: the headend has not started yet "
+            "(call start() first) or is waiting for its storage (see /healthz)"
+        )
     return value
 
 

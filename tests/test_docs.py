@@ -1,5 +1,6 @@
 """Docs are part of the feature: every hook is documented and has a test, and every
-Python snippet in the hook docs runs and registers cleanly."""
+hook example is a file under docs/examples/hooks/ that the docs show verbatim and that runs
+and registers cleanly."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from der_sdk import hookspecs, load_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK_DOC = ROOT / "docs" / "plugin_hooks.md"
+GUIDE = ROOT / "docs" / "plugin_guide.md"
+EXAMPLES = ROOT / "docs" / "examples" / "hooks"
 HOOKS = sorted(n for n in dir(hookspecs) if n.startswith("der_"))
 
 
@@ -38,10 +41,17 @@ def test_every_hook_is_exercised_by_a_test(hook: str) -> None:
 def test_hook_docs_example_runs_and_registers(hook: str) -> None:
     section = _sections()[hook]
     assert f"{hook}(" in section, "the section shows the signature"
+    example = EXAMPLES / f"{hook}.py"
+    assert example.is_file(), f"{hook}: put its example in {example.relative_to(ROOT)}"
+    code = example.read_text()
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, f"{hook} has no example"
+    assert blocks == [code], (
+        f"the {hook} section of {HOOK_DOC.name} must show {example.relative_to(ROOT)} "
+        "verbatim in one ```python block (copy the file into the docs)"
+    )
+    assert f"(examples/hooks/{hook}.py)" in section, f"the {hook} section links its example"
     module = types.ModuleType(f"doc_example_{hook}")
-    exec(compile("\n".join(blocks), f"{HOOK_DOC}#{hook}", "exec"), module.__dict__)
+    exec(compile(code, str(example), "exec"), module.__dict__)
     plugins = load_plugins(entry_points=False, extra=[(module.__name__, module)], env={})
     row = next(i for i in plugins.info() if i.name == module.__name__)
     assert hook in row.hooks
@@ -54,3 +64,13 @@ def test_hook_docs_example_runs_and_registers(hook: str) -> None:
         "edge_services",
     ):
         getattr(plugins, registry).names()  # merges without clashing with built-ins
+
+
+def test_every_example_file_belongs_to_a_hook() -> None:
+    assert sorted(p.stem for p in EXAMPLES.glob("*.py")) == HOOKS
+
+
+def test_the_plugin_guide_points_at_every_hook_section() -> None:
+    guide = GUIDE.read_text()
+    missing = [h for h in HOOKS if f"plugin_hooks.md#{h}" not in guide]
+    assert not missing, f"docs/plugin_guide.md does not link the sections of {missing}"

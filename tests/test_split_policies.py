@@ -247,3 +247,17 @@ def test_capacity_weighted_unclamped_shares_follow_capacity(
     for asset in storage:
         expected = target * asset.capacity_mwh / total
         assert result.shares[asset.asset_id] == pytest.approx(expected, abs=1e-6)
+
+
+def test_denormal_capacity_does_not_distort_the_split() -> None:
+    asset = Asset(
+        asset_id="e3e70682-c209-4cac-629f-6fbed82c07cd",
+        site_id="s",
+        name="a",
+        capacity_mwh=5e-324,
+        max_mw=0.0,
+        min_mw=-1.125,
+    )
+    result = split_capacity_weighted(-3.0, [asset])
+    assert result.shares == {asset.asset_id: -1.125}
+    assert result.unallocated_mw == pytest.approx(-1.875)

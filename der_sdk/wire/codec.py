@@ -17,17 +17,21 @@ from der_sdk.wire import pb
 
 __all__ = [
     "Allocation",
+    "LocalDispatchReport",
     "agent_heartbeat",
+    "agent_local_dispatch",
     "agent_register",
     "agent_setpoint_ack",
     "agent_telemetry",
     "allocations_from_pb",
     "datetime_from_us",
     "datetime_to_us",
+    "headend_local_dispatch_ack",
     "headend_register_ack",
     "headend_setpoint",
     "headend_telemetry_ack",
     "heartbeats_from_pb",
+    "local_dispatch_from_pb",
     "sample_from_pb",
     "sample_to_pb",
     "samples_from_batch",
@@ -45,6 +49,24 @@ class Allocation(msgspec.Struct, frozen=True, kw_only=True):
     mw: float
     status: str = "applied"
     reason: str | None = None
+
+
+class LocalDispatchReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A command an edge service sent down the agent's dispatch path, and its outcome
+    (the ``LocalDispatch`` message). ``mw`` is as requested; ``allocations`` are after split
+    and clamp; ``ts`` is when the agent applied it."""
+
+    command_id: str
+    mw: float
+    ts: datetime
+    status: str
+    asset_id: str | None = None
+    site_id: str | None = None
+    duration_s: float | None = None
+    reason: str | None = None
+    allocations: tuple[Allocation, ...] = ()
+    unallocated_mw: float = 0.0
+    policy: str | None = None
 
 
 def datetime_to_us(ts: datetime) -> int:
@@ -174,7 +196,7 @@ def agent_setpoint_ack(
     return pb.AgentMessage(setpoint_ack=ack)
 
 
-def allocations_from_pb(ack: pb.SetpointAck) -> list[Allocation]:
+def allocations_from_pb(ack: pb.SetpointAck | pb.LocalDispatch) -> list[Allocation]:
     return [
         Allocation(
             asset_id=a.asset_id,
@@ -184,6 +206,41 @@ def allocations_from_pb(ack: pb.SetpointAck) -> list[Allocation]:
         )
         for a in ack.allocations
     ]
+
+
+def agent_local_dispatch(report: LocalDispatchReport) -> pb.AgentMessage:
+    msg = pb.LocalDispatch(
+        command_id=report.command_id,
+        mw=report.mw,
+        ts_us=datetime_to_us(report.ts),
+        status=report.status,
+        allocations=[
+            pb.Allocation(asset_id=a.asset_id, mw=a.mw, status=a.status, reason=a.reason)
+            for a in report.allocations
+        ],
+        unallocated_mw=report.unallocated_mw,
+    )
+    for name in ("asset_id", "site_id", "duration_s", "reason", "policy"):
+        value = getattr(report, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return pb.AgentMessage(local_dispatch=msg)
+
+
+def local_dispatch_from_pb(msg: pb.LocalDispatch) -> LocalDispatchReport:
+    return LocalDispatchReport(
+        command_id=msg.command_id,
+        mw=msg.mw,
+        ts=datetime_from_us(msg.ts_us),
+        status=msg.status,
+        asset_id=msg.asset_id if msg.HasField("asset_id") else None,
+        site_id=msg.site_id if msg.HasField("site_id") else None,
+        duration_s=msg.duration_s if msg.HasField("duration_s") else None,
+        reason=msg.reason if msg.HasField("reason") else None,
+        allocations=tuple(allocations_from_pb(msg)),
+        unallocated_mw=msg.unallocated_mw,
+        policy=msg.policy if msg.HasField("policy") else None,
+    )
 
 
 def heartbeats_from_pb(msg: pb.Heartbeat, served: Mapping[str, str]) -> list[Heartbeat]:
@@ -231,3 +288,7 @@ def headend_setpoint(
 
 def headend_telemetry_ack(seq: int) -> pb.HeadendMessage:
     return pb.HeadendMessage(telemetry_ack=pb.TelemetryAck(seq=seq))
+
+
+def headend_local_dispatch_ack(command_id: str) -> pb.HeadendMessage:
+    return pb.HeadendMessage(local_dispatch_ack=pb.LocalDispatchAck(command_id=command_id))

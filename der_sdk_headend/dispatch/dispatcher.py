@@ -15,6 +15,10 @@ Rules (``docs/headend.md`` has the operator's version):
   dispatch's ``duration_s`` has already run out (then they expire).
 * ``SetpointAck`` updates the targets (from its allocations, or its status for a
   per-asset command) and so the dispatch's state.
+* A ``LocalDispatch`` (a command an edge service applied at the agent, e.g. a SCADA write
+  to its OPC UA server) is recorded as a dispatch with source ``local``, already in its
+  final state; nothing is routed. The agent applies commands in arrival order, so the
+  last one to reach it, local or from here, is in force (``docs/opcua.md``).
 
 Every state change is saved and recorded as a :class:`DispatchEvent`. Storage is the
 record; the dispatcher keeps an in-memory index of the dispatches still open. One lock
@@ -25,6 +29,7 @@ acknowledges.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import math
@@ -422,6 +427,90 @@ class Dispatcher:
             await self._record(dispatch, detail)
             self._index(dispatch)
             log.info("dispatch %s: %s; now %s", dispatch.dispatch_id, detail, dispatch.state)
+
+    async def record_local(
+        self, stream: AgentStream, report: codec.LocalDispatchReport
+    ) -> Dispatch | None:
+        """Record a command the agent on ``stream`` applied locally (``LocalDispatch``).
+
+        The agent already validated, split, clamped and applied it: the record (source
+        ``local``, final state, one lifecycle event) is for the dispatch history. Idempotent
+        by ``command_id``, which becomes the dispatch id: an agent sends a report again until
+        it is acknowledged. Allocations for assets the stream does not serve are left out.
+
+        :return: a snapshot of the new record; ``None`` when the command was already
+            recorded or names an asset the stream does not serve (logged).
+        """
+        async with self._lock:
+            if not report.command_id:
+                log.warning("%s reported a local command without an id; ignored", stream.describe())
+                return None
+            if await self._storage.get_dispatch(report.command_id) is not None:
+                return None
+            asset_id, site_id = report.asset_id, report.site_id
+            if asset_id:
+                with contextlib.suppress(UnknownNameError):
+                    asset_id = self._inventory.asset(asset_id).asset_id
+                if not stream.serves(asset_id):
+                    log.warning(
+                        "%s reported local command %s for asset %s, which it does not serve; "
+                        "not recorded",
+                        stream.describe(),
+                        report.command_id,
+                        asset_id,
+                    )
+                    return None
+                site_id = stream.site_id
+            elif site_id:
+                with contextlib.suppress(UnknownNameError):
+                    site_id = self._inventory.site(site_id).site_id
+            targets: list[DispatchTarget] = []
+            for allocation in report.allocations:
+                if not stream.serves(allocation.asset_id):
+                    log.warning(
+                        "local command %s from %s names asset %s, which the stream does not "
+                        "serve; left out",
+                        report.command_id,
+                        stream.describe(),
+                        allocation.asset_id,
+                    )
+                    continue
+                state = _ack_state(allocation.status)
+                targets.append(
+                    DispatchTarget(
+                        asset_id=allocation.asset_id,
+                        mw=allocation.mw,
+                        state=state,
+                        applied_mw=allocation.mw if state == "applied" else None,
+                        reason=allocation.reason,
+                    )
+                )
+            now = utc_now()
+            dispatch = Dispatch(
+                dispatch_id=report.command_id,
+                mw=report.mw,
+                state=derive_state(targets) if targets else _ack_state(report.status),
+                created_at=min(report.ts, now),  # an agent clock ahead of ours
+                updated_at=now,
+                asset_id=asset_id,
+                site_id=site_id,
+                duration_s=report.duration_s,
+                targets=targets,
+                unallocated_mw=report.unallocated_mw,
+                policy=report.policy,
+                source="local",
+                reason=report.reason,
+            )
+            applied = math.fsum(t.mw for t in targets if t.state == "applied")
+            detail = (
+                f"{dispatch.state} locally by agent {stream.agent_id} "
+                f"(command {report.command_id}), {_fmt(applied)} MW applied"
+            )
+            if report.reason:
+                detail += f": {report.reason}"
+            await self._record(dispatch, detail)
+            log.info("dispatch %s (local): %s", dispatch.dispatch_id, detail)
+            return copy.deepcopy(dispatch)
 
     async def on_stream_end(self, stream: AgentStream) -> None:
         """Forget sent dispatches that can no longer be acknowledged on a live stream.

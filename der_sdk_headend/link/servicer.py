@@ -10,7 +10,8 @@ The life of a stream:
    and the stream is aborted with ``PERMISSION_DENIED``.
 3. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
 4. Then ``TelemetryBatch`` → ingest (acknowledged once stored), ``Heartbeat`` → stored
-   once per served asset, ``SetpointAck`` → dispatcher.
+   once per served asset, ``SetpointAck`` → dispatcher, ``LocalDispatch`` → recorded by
+   the dispatcher (source ``local``), then acknowledged with ``LocalDispatchAck``.
 
 The handler coroutine is the stream's only writer: it drains the stream's outbox, so
 messages from ingest, dispatch and registration never interleave. A reader task handles
@@ -279,6 +280,19 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         elif kind == "setpoint_ack":
             self._presence.touch(stream)
             await self._dispatcher.on_ack(stream, message.setpoint_ack)
+        elif kind == "local_dispatch":
+            self._presence.touch(stream)
+            report = codec.local_dispatch_from_pb(message.local_dispatch)
+            try:
+                await self._dispatcher.record_local(stream, report)
+            except Exception:  # not acknowledged: the agent sends it again on its next stream
+                log.exception(
+                    "recording local command %s from %s failed; not acknowledged",
+                    report.command_id,
+                    stream.describe(),
+                )
+            else:
+                stream.send(codec.headend_local_dispatch_ack(report.command_id))
         elif kind == "register":
             log.warning("%s sent a second Register; ignored", stream.describe())
         else:

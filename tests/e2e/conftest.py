@@ -15,6 +15,7 @@ import pytest_asyncio
 from der_sdk.agent_config import AgentConfig, load_agent_config
 from der_sdk.inventory import Inventory, load_inventory
 from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.testing.services import require_tcp_service
 from der_sdk_agent.agent import Agent
 from der_sdk_headend.config import HeadendConfig
 from der_sdk_headend.service import Headend
@@ -69,7 +70,7 @@ async def eventually(
 class Fleet:
     """Starts headends and agents for one test and stops them all afterwards."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, database_url: str | None = None) -> None:
         self.tmp = tmp
         self.assets_path = tmp / "assets.yaml"
         self.assets_path.write_text(textwrap.dedent(INVENTORY))
@@ -77,7 +78,7 @@ class Fleet:
         self.plugins: Plugins = load_plugins()
         self.inventory: Inventory = load_inventory(str(self.assets_path))
         self.agent_config: AgentConfig = load_agent_config(str(tmp / "agent.yaml"))
-        self.database_url = f"sqlite:///{tmp / 'der.db'}"
+        self.database_url = database_url or f"sqlite:///{tmp / 'der.db'}"
         self.headends: list[Headend] = []
         self.agents: list[Agent] = []
         self.http = httpx.AsyncClient(timeout=5.0)
@@ -138,9 +139,22 @@ class Fleet:
         await self.http.aclose()
 
 
+@pytest_asyncio.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The headend's storage: a SQLite file, or a PostgreSQL database of the test's own
+    (skipped without a server or the der-sdk-postgres plugin)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'der.db'}"
+        return
+    require_tcp_service("PostgreSQL", "127.0.0.1", 5432)
+    postgres = pytest.importorskip("der_sdk_postgres.testing", reason="needs der-sdk-postgres")
+    async with postgres.temporary_database() as url:
+        yield url
+
+
 @pytest_asyncio.fixture
-async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
-    f = Fleet(tmp_path)
+async def fleet(tmp_path: Path, database_url: str) -> AsyncIterator[Fleet]:
+    f = Fleet(tmp_path, database_url)
     try:
         yield f
     finally:

@@ -8,16 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "telemetry", "heartbeat", "setpoint_ack")
+    __slots__ = ("register", "telemetry", "heartbeat", "setpoint_ack", "local_dispatch")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SETPOINT_ACK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DISPATCH_FIELD_NUMBER: _ClassVar[int]
     register: Register
     telemetry: TelemetryBatch
     heartbeat: Heartbeat
     setpoint_ack: SetpointAck
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., setpoint_ack: _Optional[_Union[SetpointAck, _Mapping]] = ...) -> None: ...
+    local_dispatch: LocalDispatch
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., setpoint_ack: _Optional[_Union[SetpointAck, _Mapping]] = ..., local_dispatch: _Optional[_Union[LocalDispatch, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("agent_id", "site_id", "assets", "sdk_version", "plugins")
@@ -121,15 +123,43 @@ class Allocation(_message.Message):
     reason: str
     def __init__(self, asset_id: _Optional[str] = ..., mw: _Optional[float] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class LocalDispatch(_message.Message):
+    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s", "ts_us", "status", "reason", "allocations", "unallocated_mw", "policy")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    ASSET_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    MW_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    TS_US_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    UNALLOCATED_MW_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    asset_id: str
+    site_id: str
+    mw: float
+    duration_s: float
+    ts_us: int
+    status: str
+    reason: str
+    allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
+    unallocated_mw: float
+    policy: str
+    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., ts_us: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., unallocated_mw: _Optional[float] = ..., policy: _Optional[str] = ...) -> None: ...
+
 class HeadendMessage(_message.Message):
-    __slots__ = ("register_ack", "setpoint", "telemetry_ack")
+    __slots__ = ("register_ack", "setpoint", "telemetry_ack", "local_dispatch_ack")
     REGISTER_ACK_FIELD_NUMBER: _ClassVar[int]
     SETPOINT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_ACK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_DISPATCH_ACK_FIELD_NUMBER: _ClassVar[int]
     register_ack: RegisterAck
     setpoint: Setpoint
     telemetry_ack: TelemetryAck
-    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ...) -> None: ...
+    local_dispatch_ack: LocalDispatchAck
+    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
     __slots__ = ("accepted", "accepted_asset_ids", "refused", "message")
@@ -170,3 +200,9 @@ class TelemetryAck(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     seq: int
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class LocalDispatchAck(_message.Message):
+    __slots__ = ("command_id",)
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    def __init__(self, command_id: _Optional[str] = ...) -> None: ...

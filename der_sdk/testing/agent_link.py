@@ -1,0 +1,285 @@
+"""An in-process agent link: a real :class:`der_sdk_agent.agent.Agent` dialling a test headend.
+
+The adapter under test is driven by the agent's own code: registration, the sampler,
+the outbox, the stream, the dispatch path (clamp, split, revert). Every wait has a
+deadline and fails with what it was waiting for and what it saw last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+import pytest
+
+from der_sdk.models import TERMINAL_DISPATCH_STATES, Dispatch, TelemetrySample
+from der_sdk.testing.headend import WAIT_S
+
+if TYPE_CHECKING:
+    import httpx
+
+    from der_sdk.agent_config import AgentConfig
+    from der_sdk.plugins import Plugins
+    from der_sdk_agent.agent import Agent
+    from der_sdk_headend.service import Headend
+
+__all__ = ["FAST_AGENT_SETTINGS", "AgentLink", "AgentRunner", "wait_until"]
+
+T = TypeVar("T")
+
+FAST_AGENT_SETTINGS: Mapping[str, float] = {
+    "telemetry_interval_s": 0.05,
+    "heartbeat_interval_s": 0.2,
+    "reconnect_initial_s": 0.05,
+    "reconnect_max_s": 0.2,
+}
+"""Agent timings for tests: telemetry every 50 ms, quick reconnects."""
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[T | None]],
+    what: str,
+    *,
+    timeout_s: float = WAIT_S,
+    interval: float = 0.02,
+    last_seen: Callable[[], object] | None = None,
+) -> T:
+    """Await ``probe()`` until it returns something other than ``None``/``False``.
+
+    :param what: completes "timed out after 5 s waiting for ...".
+    :param last_seen: called on timeout to say what was seen last.
+    :raises pytest.fail.Exception: on the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = await probe()
+        if result is not None and result is not False:
+            return result
+        if loop.time() >= deadline:
+            seen = f"; last seen: {last_seen()!r}" if last_seen is not None else ""
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}{seen}", pytrace=False)
+        await asyncio.sleep(interval)
+
+
+class AgentLink:
+    """A started agent connected to a test headend, with waits on what the headend sees.
+
+    ``agent`` is the real :class:`~der_sdk_agent.agent.Agent`; ``http`` talks to the
+    headend's REST API, so waits observe exactly what an operator would.
+    """
+
+    def __init__(self, agent: Agent, headend: Headend, http: httpx.AsyncClient) -> None:
+        self.agent = agent
+        self.headend = headend
+        self.http = http
+
+    @property
+    def asset_ids(self) -> list[str]:
+        """The served asset ids, sorted."""
+        return [asset.asset_id for asset in self.agent.assets]
+
+    @property
+    def site_id(self) -> str:
+        return self.agent.site_id
+
+    async def wait_connected(self, timeout_s: float = WAIT_S) -> None:
+        """Until the agent has registered with the headend."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.agent.wait_connected()
+        except TimeoutError:
+            pytest.fail(
+                f"timed out after {timeout_s:g} s waiting for agent {self.agent.agent_id} to "
+                f"register with the headend; agent stats: {self.agent.stats()}",
+                pytrace=False,
+            )
+
+    async def latest_telemetry(self, asset_id: str) -> TelemetrySample | None:
+        """The headend's latest sample of ``asset_id`` (``GET /telemetry/{id}``), if any."""
+        response = await self.http.get(f"/telemetry/{asset_id}")
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return msgspec.json.decode(response.content, type=TelemetrySample)
+
+    async def wait_for_telemetry(
+        self,
+        asset_id: str | None = None,
+        where: Callable[[TelemetrySample], bool] | None = None,
+        *,
+        timeout_s: float = WAIT_S,
+    ) -> TelemetrySample:
+        """Until the headend holds a sample of ``asset_id`` (default: the first served
+        asset) for which ``where(sample)`` is true (default: any sample)."""
+        asset = asset_id or self.asset_ids[0]
+        seen: list[TelemetrySample | None] = [None]
+
+        async def probe() -> TelemetrySample | None:
+            sample = await self.latest_telemetry(asset)
+            seen[0] = sample
+            if sample is not None and (where is None or where(sample)):
+                return sample
+            return None
+
+        condition = "a sample" if where is None else "a sample matching the condition"
+        return await wait_until(
+            probe,
+            f"{condition} of asset {asset} at the headend",
+            timeout_s=timeout_s,
+            last_seen=lambda: seen[0],
+        )
+
+    async def dispatch(
+        self,
+        mw: float,
+        *,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        duration_s: float | None = None,
+    ) -> Dispatch:
+        """``POST /dispatch`` (to the first served asset when no target is given)."""
+        body: dict[str, Any] = {"mw": mw}
+        if asset_id is None and site_id is None:
+            asset_id = self.asset_ids[0]
+        if asset_id is not None:
+            body["asset_id"] = asset_id
+        if site_id is not None:
+            body["site_id"] = site_id
+        if duration_s is not None:
+            body["duration_s"] = duration_s
+        response = await self.http.post("/dispatch", json=body)
+        assert response.status_code == 202, (
+            f"POST /dispatch {body} answered {response.status_code}: {response.text}"
+        )
+        return msgspec.json.decode(response.content, type=Dispatch)
+
+    async def get_dispatch(self, dispatch_id: str) -> Dispatch:
+        response = await self.http.get(f"/dispatch/{dispatch_id}")
+        assert response.status_code == 200, (
+            f"GET /dispatch/{dispatch_id} answered {response.status_code}: {response.text}"
+        )
+        return msgspec.json.decode(response.content, type=Dispatch)
+
+    async def wait_for_dispatch(
+        self, dispatch_id: str, state: str = "applied", *, timeout_s: float = WAIT_S
+    ) -> Dispatch:
+        """Until dispatch ``dispatch_id`` reaches ``state``; fails at once if it ends in
+        another final state (its reason is in the message)."""
+        seen: list[Dispatch | None] = [None]
+
+        async def probe() -> Dispatch | None:
+            record = await self.get_dispatch(dispatch_id)
+            seen[0] = record
+            if record.state == state:
+                return record
+            if record.state in TERMINAL_DISPATCH_STATES:
+                pytest.fail(
+                    f"dispatch {dispatch_id} ended {record.state!r}, not {state!r}: "
+                    f"{record.reason or ''} targets={record.targets}",
+                    pytrace=False,
+                )
+            return None
+
+        return await wait_until(
+            probe,
+            f"dispatch {dispatch_id} to become {state!r}",
+            timeout_s=timeout_s,
+            last_seen=lambda: seen[0],
+        )
+
+    async def stop(self) -> None:
+        """Stop the agent (the fixture also does at teardown)."""
+        await self.agent.stop()
+
+
+class AgentRunner:
+    """Starts agents against one headend and stops them all at :meth:`close`.
+
+    Used by the ``der_run_agent`` fixture; call it directly to run agents outside pytest
+    fixtures.
+    """
+
+    def __init__(
+        self,
+        headend: Headend,
+        plugins: Plugins,
+        http: httpx.AsyncClient,
+        *,
+        provide_adapter: Callable[[str], None] | None = None,
+    ) -> None:
+        self.headend = headend
+        self.plugins = plugins
+        self.http = http
+        self._provide_adapter = provide_adapter
+        self.links: list[AgentLink] = []
+        self._ids = itertools.count(1)
+
+    async def __call__(
+        self,
+        *,
+        adapter_type: str,
+        options: Mapping[str, Any] | None = None,
+        assets: Sequence[str] | None = None,
+        site_id: str | None = None,
+        agent_id: str | None = None,
+        config: AgentConfig | None = None,
+        wait_connected: bool = True,
+        **settings: Any,
+    ) -> AgentLink:
+        """Start an agent serving ``assets`` with adapter ``adapter_type``.
+
+        :param options: the adapter options, the same for every served asset.
+        :param assets: asset ids to serve; default: every asset of ``site_id``.
+        :param site_id: default: the site of the first asset, else the inventory's first.
+        :param config: a complete agent config, replacing the one built from the above.
+        :param wait_connected: return only once the agent has registered.
+        :param settings: agent config fields (``telemetry_interval_s=0.2``...) over
+            :data:`FAST_AGENT_SETTINGS`.
+        """
+        from der_sdk.agent_config import AgentConfig, AssetAdapterConfig
+        from der_sdk_agent.agent import Agent
+
+        if self._provide_adapter is not None and adapter_type not in self.plugins.adapter_types:
+            self._provide_adapter(adapter_type)
+        inventory = self.headend.inventory
+        if assets:
+            served = [inventory.asset(asset_id) for asset_id in assets]
+            site = site_id or served[0].site_id
+        else:
+            site = site_id or next(iter(inventory.sites))
+            served = list(inventory.assets_for_site(site))
+        if config is None:
+            values: dict[str, Any] = {**FAST_AGENT_SETTINGS, **settings}
+            config = AgentConfig(
+                default_adapter=adapter_type,
+                assets={
+                    asset.asset_id: AssetAdapterConfig(
+                        adapter=adapter_type, options=dict(options or {})
+                    )
+                    for asset in served
+                },
+                **values,
+            )
+        agent = Agent(
+            agent_id=agent_id or f"der-test-agent-{next(self._ids)}",
+            site_id=site,
+            assets=served,
+            headend=self.headend.grpc_addr,
+            config=config,
+            plugins=self.plugins,
+        )
+        await agent.start()
+        link = AgentLink(agent, self.headend, self.http)
+        self.links.append(link)
+        if wait_connected:
+            await link.wait_connected()
+        return link
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop every agent started here."""
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(link.agent.stop() for link in self.links))

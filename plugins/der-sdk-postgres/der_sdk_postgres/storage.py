@@ -1,0 +1,709 @@
+"""The PostgreSQL storage backend (``postgresql://`` and ``postgres://``), on asyncpg.
+
+* One asyncpg pool; size, timeouts and the statement cache come from the URL
+  (:class:`~der_sdk_postgres.settings.PostgresSettings`).
+* The schema is created and upgraded by :func:`~der_sdk_postgres.migrations.migrate` at
+  :meth:`PostgresStorage.open`, under an advisory lock, on a connection of its own.
+* Telemetry is written with binary ``COPY`` into a per-connection temporary staging table,
+  then ``INSERT ... SELECT ... ON CONFLICT (asset_id, ts) DO NOTHING`` into ``telemetry``,
+  in one transaction per call: the batch is atomic, and a re-sent sample is stored once.
+* ``jsonb`` columns use a binary codec on msgspec: Python objects are encoded on the way
+  in, and raw JSON bytes come back so each caller decodes into its own type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from operator import attrgetter
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from der_sdk.errors import DerSdkError
+from der_sdk.models import (
+    Dispatch,
+    DispatchEvent,
+    Event,
+    Heartbeat,
+    Session,
+    TelemetrySample,
+)
+from der_sdk.storage.contract import StorageBackend
+from der_sdk_postgres.migrations import migrate
+from der_sdk_postgres.settings import PostgresSettings
+
+__all__ = ["PROJECT_TABLES", "PostgresStorage", "PostgresUnavailableError"]
+
+log = logging.getLogger("der.storage.postgres")
+
+PROJECT_TABLES = (
+    "telemetry",
+    "dispatch_targets",
+    "dispatches",
+    "dispatch_events",
+    "agent_sessions",
+    "heartbeats",
+    "events",
+)
+"""The tables ``reset()`` (``RESET_DB``) empties: this project's data and nothing else. The
+migrations table is kept, so the schema stays in place."""
+
+STAGING_TABLE = "der_telemetry_staging"
+"""A temporary table per pooled connection (``ON COMMIT DELETE ROWS``) that COPY fills."""
+
+HEALTH_TIMEOUT_S = 5.0
+"""Longest a health check waits for a connection and ``SELECT 1``."""
+CLOSE_TIMEOUT_S = 10.0
+"""How long close() lets running queries finish before terminating the connections."""
+PRUNE_BATCH_ROWS = 50_000
+"""Rows the retention job deletes per statement (and per transaction)."""
+
+_TELEMETRY_COLUMNS = (
+    "asset_id",
+    "site_id",
+    "ts",
+    "mw",
+    "mw_setpoint",
+    "online",
+    "status",
+    "fault_code",
+    "seq",
+    "quality",
+    "quality_reason",
+    "details",
+)
+_TELEMETRY_SELECT = ", ".join(_TELEMETRY_COLUMNS)
+_telemetry_row = attrgetter(*_TELEMETRY_COLUMNS)
+
+_INSERT_FROM_STAGING = (
+    f"INSERT INTO telemetry ({_TELEMETRY_SELECT})"
+    f" SELECT {_TELEMETRY_SELECT} FROM {STAGING_TABLE}"
+    " ON CONFLICT (asset_id, ts) DO NOTHING"
+)
+
+# The latest sample of every asset in one statement: a recursive "skip scan" walks the
+# primary key from one distinct asset_id to the next, then a LATERAL probe reads each
+# asset's newest row. Cost grows with the number of assets, not the number of samples.
+_LATEST_PER_ASSET = f"""
+WITH RECURSIVE assets (asset_id) AS (
+    (SELECT asset_id FROM telemetry ORDER BY asset_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.asset_id FROM telemetry AS t
+            WHERE t.asset_id > assets.asset_id ORDER BY t.asset_id LIMIT 1)
+    FROM assets WHERE assets.asset_id IS NOT NULL
+)
+SELECT newest.* FROM assets CROSS JOIN LATERAL (
+    SELECT {_TELEMETRY_SELECT} FROM telemetry AS t
+    WHERE t.asset_id = assets.asset_id ORDER BY t.ts DESC LIMIT 1
+) AS newest
+WHERE assets.asset_id IS NOT NULL
+"""
+
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # refused, reset, unreachable, DNS; TimeoutError is an OSError too
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,  # starting up, shutting down, in recovery
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+_json_encoder = msgspec.json.Encoder()
+_decode_object = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_dispatch = msgspec.json.Decoder(Dispatch).decode
+_JSONB_VERSION = b"\x01"
+
+
+class PostgresUnavailableError(ConnectionError):
+    """PostgreSQL cannot be reached now (down, starting, or the network is cut).
+
+    A ``ConnectionError``: the headend keeps retrying ``open()`` on it, where other errors
+    (wrong password, missing database) end the start with their message.
+    """
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    """jsonb binary format: a version byte, then JSON text. Bytes are taken as JSON."""
+    if isinstance(value, bytes):
+        return _JSONB_VERSION + value
+    return _JSONB_VERSION + _json_encoder.encode(value)
+
+
+def _decode_jsonb(data: bytes) -> bytes:
+    return data[1:]
+
+
+def _check_aware(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"storage needs timezone-aware datetimes, got naive {value!r}")
+    return value
+
+
+def _check_timestamps(samples: Sequence[TelemetrySample]) -> None:
+    """Refuse the whole batch, before anything is written, if one timestamp is naive."""
+    for sample in samples:
+        if sample.ts.tzinfo is not UTC:
+            _check_aware(sample.ts)
+
+
+def _telemetry_sample(row: asyncpg.Record) -> TelemetrySample:
+    mw = row[3]
+    return TelemetrySample(
+        asset_id=row[0],
+        site_id=row[1],
+        ts=row[2],
+        mw=float("nan") if mw is None else mw,
+        mw_setpoint=row[4],
+        online=row[5],
+        status=row[6],
+        fault_code=row[7],
+        seq=row[8],
+        quality=row[9],
+        quality_reason=row[10],
+        details=_decode_object(row[11]),
+    )
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as ``INSERT 0 12`` or ``UPDATE 3``."""
+    return int(status.rpartition(" ")[2])
+
+
+def _range(start: datetime | None, end: datetime | None, first: int) -> tuple[str, list[Any]]:
+    """SQL conditions and parameters for ``start <= ts < end``, numbered from ``$first``.
+
+    Each combination of bounds is its own statement text, so every cached plan has both
+    bounds as index conditions instead of ``$n IS NULL OR ...`` filters.
+    """
+    sql, params = "", []
+    if start is not None:
+        params.append(_check_aware(start))
+        sql += f" AND ts >= ${first + len(params) - 1}"
+    if end is not None:
+        params.append(_check_aware(end))
+        sql += f" AND ts < ${first + len(params) - 1}"
+    return sql, params
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class PostgresStorage(StorageBackend):
+    """The headend's storage on PostgreSQL through an asyncpg pool."""
+
+    name = "postgresql"
+
+    def __init__(self, settings: PostgresSettings) -> None:
+        self.settings = settings
+        self._pool: asyncpg.Pool | None = None
+        self._retention_task: asyncio.Task[None] | None = None
+        self.hypertable = False
+        """Whether ``telemetry`` is a TimescaleDB hypertable (known after open())."""
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStorage:
+        return cls(PostgresSettings.from_url(url))
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self.settings.target!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError(f"{self!r} is not open; await open() first")
+        return self._pool
+
+    def _unavailable(self, exc: BaseException) -> PostgresUnavailableError:
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # one log line
+        return PostgresUnavailableError(
+            f"PostgreSQL at {self.settings.target} is unreachable: {reason}"
+        )
+
+    def _refused(self, exc: asyncpg.PostgresError) -> DerSdkError:
+        """A clear error for a server that answers but will not let us in."""
+        database = self.settings.target.rpartition("/")[2]
+        if isinstance(exc, asyncpg.InvalidCatalogNameError):
+            hint = f"create it (createdb {database}) or fix the database name in DATABASE_URL"
+        elif isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+            hint = "check the user and password in DATABASE_URL"
+        else:
+            hint = "check DATABASE_URL and the server's log"
+        return DerSdkError(f"PostgreSQL at {self.settings.target} refused: {exc}; {hint}")
+
+    async def _connect(self) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(
+                self.settings.dsn,
+                timeout=self.settings.connect_timeout,
+                command_timeout=self.settings.command_timeout_or_none,
+                statement_cache_size=0,
+            )
+        except _UNAVAILABLE_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise self._refused(exc) from exc
+
+    async def _init_connection(self, conn: asyncpg.Connection) -> None:
+        """Prepare a new pooled connection: jsonb codec and the telemetry staging table."""
+        await conn.set_type_codec(
+            "jsonb",
+            schema="pg_catalog",
+            encoder=_encode_jsonb,
+            decoder=_decode_jsonb,
+            format="binary",
+        )
+        await conn.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE}"
+            " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Migrate the schema, then open the pool.
+
+        :raises PostgresUnavailableError: the server cannot be reached (retry later).
+        :raises DerSdkError: the server refused (database, user, password), or its schema
+            is newer than this plugin.
+        """
+        if self._pool is not None:
+            return
+        settings = self.settings
+        conn = await self._connect()
+        try:
+            applied = await migrate(conn)
+            self.hypertable = await _is_hypertable(conn)
+        except _UNAVAILABLE_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=CLOSE_TIMEOUT_S)
+        for migration in applied:
+            log.info("applied migration %04d_%s", migration.version, migration.name)
+        try:
+            pool = await asyncpg.create_pool(
+                settings.dsn,
+                min_size=settings.pool_min,
+                max_size=settings.pool_max,
+                max_inactive_connection_lifetime=settings.max_inactive_connection_lifetime,
+                timeout=settings.connect_timeout,
+                command_timeout=settings.command_timeout_or_none,
+                statement_cache_size=settings.statement_cache_size,
+                init=self._init_connection,
+            )
+        except _UNAVAILABLE_ERRORS as exc:
+            raise self._unavailable(exc) from exc
+        except asyncpg.PostgresError as exc:
+            raise self._refused(exc) from exc
+        self._pool = pool
+        log.info(
+            "PostgreSQL %s: pool %d..%d, telemetry %s",
+            settings.target,
+            settings.pool_min,
+            settings.pool_max,
+            "is a TimescaleDB hypertable" if self.hypertable else "is a plain table",
+        )
+        if settings.retention_days is not None:
+            self._retention_task = asyncio.create_task(
+                self._retention_loop(settings.retention_days), name="postgres-retention"
+            )
+
+    async def close(self) -> None:
+        if self._retention_task is not None:
+            task, self._retention_task = self._retention_task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+            except Exception:  # a hung or broken server: do not let shutdown wait on it
+                pool.terminate()
+
+    async def reset(self) -> None:
+        await self.pool.execute(f"TRUNCATE {', '.join(PROJECT_TABLES)} RESTART IDENTITY")
+
+    async def healthy(self) -> bool:
+        pool = self._pool
+        if pool is None or pool.is_closing():
+            return False
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S), pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        except Exception:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ retention
+
+    async def prune_telemetry(self, older_than: datetime) -> int:
+        """Delete telemetry with ``ts < older_than``; return how many rows were deleted.
+
+        Rows go in batches of :data:`PRUNE_BATCH_ROWS`, each its own short transaction, so
+        ingest is never blocked for long and no statement runs into ``command_timeout``.
+        On a TimescaleDB hypertable whole chunks before the cutoff are dropped first with
+        ``drop_chunks`` (cheap, and not counted: TimescaleDB does not report their rows);
+        only the chunk that straddles the cutoff is deleted row by row. Run it from a
+        scheduler, or set ``retention_days`` in the URL to have the headend run it.
+        """
+        cutoff = _check_aware(older_than)
+        if self.hypertable:
+            await self.pool.execute("SELECT drop_chunks('telemetry', older_than => $1)", cutoff)
+        return await self._delete_before("telemetry", cutoff)
+
+    async def prune_heartbeats(self, older_than: datetime) -> int:
+        """Delete heartbeats with ``ts < older_than``; return how many rows were deleted."""
+        return await self._delete_before("heartbeats", _check_aware(older_than))
+
+    async def _delete_before(self, table: str, cutoff: datetime) -> int:
+        deleted = 0
+        while True:
+            # By key, not ctid: a hypertable's ctids repeat across its chunks.
+            status = await self.pool.execute(
+                f"DELETE FROM {table} WHERE (asset_id, ts) IN ("
+                f"SELECT asset_id, ts FROM {table} WHERE ts < $1 LIMIT {PRUNE_BATCH_ROWS})",
+                cutoff,
+            )
+            count = _count(status)
+            deleted += count
+            if count < PRUNE_BATCH_ROWS:
+                return deleted
+
+    async def _retention_loop(self, days: float) -> None:
+        """Prune telemetry and heartbeats older than ``days``, every retention interval."""
+        while True:
+            cutoff = datetime.now(UTC) - timedelta(days=days)
+            try:
+                telemetry = await self.prune_telemetry(cutoff)
+                heartbeats = await self.prune_heartbeats(cutoff)
+            except Exception as exc:
+                log.warning("retention: pruning rows older than %s failed: %s", cutoff, exc)
+            else:
+                if telemetry or heartbeats:
+                    log.info(
+                        "retention: deleted %d telemetry row(s) and %d heartbeat(s) before %s",
+                        telemetry,
+                        heartbeats,
+                        cutoff.isoformat(),
+                    )
+            await asyncio.sleep(self.settings.retention_interval_s)
+
+    # ------------------------------------------------------------------ telemetry
+
+    async def append_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
+        if not samples:
+            return 0
+        _check_timestamps(samples)
+        size = self.settings.batch_size
+        new = 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            for start in range(0, len(samples), size):
+                if start:
+                    await conn.execute(f"TRUNCATE {STAGING_TABLE}")
+                # Rows are made as COPY consumes them: a list of a whole batch of tuples
+                # would mostly feed the garbage collector.
+                rows = map(_telemetry_row, samples[start : start + size])
+                await conn.copy_records_to_table(
+                    STAGING_TABLE, records=rows, columns=_TELEMETRY_COLUMNS
+                )
+                # Within one INSERT a later duplicate meets the row an earlier one just
+                # inserted, so the first sample for a timestamp wins and is counted once.
+                new += _count(await conn.execute(_INSERT_FROM_STAGING))
+        return new
+
+    async def telemetry_history(
+        self,
+        asset_id: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[TelemetrySample]:
+        where, params = _range(start, end, first=2)
+        rows = await self.pool.fetch(
+            f"SELECT {_TELEMETRY_SELECT} FROM telemetry WHERE asset_id = $1{where}"
+            f" ORDER BY ts DESC LIMIT ${len(params) + 2}",
+            asset_id,
+            *params,
+            max(limit, 0),
+        )
+        return [_telemetry_sample(row) for row in rows]
+
+    async def latest_telemetry(self) -> dict[str, TelemetrySample]:
+        rows = await self.pool.fetch(_LATEST_PER_ASSET)
+        samples = (_telemetry_sample(row) for row in rows)
+        return {sample.asset_id: sample for sample in samples}
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def save_dispatch(self, dispatch: Dispatch) -> None:
+        record = msgspec.structs.replace(
+            dispatch,
+            created_at=_check_aware(dispatch.created_at).astimezone(UTC),
+            updated_at=_check_aware(dispatch.updated_at).astimezone(UTC),
+        )
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO dispatches"
+                " (dispatch_id, created_at, updated_at, asset_id, site_id, state, mw, record)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (dispatch_id) DO UPDATE SET created_at = excluded.created_at,"
+                " updated_at = excluded.updated_at, asset_id = excluded.asset_id,"
+                " site_id = excluded.site_id, state = excluded.state, mw = excluded.mw,"
+                " record = excluded.record",
+                record.dispatch_id,
+                record.created_at,
+                record.updated_at,
+                record.asset_id,
+                record.site_id,
+                record.state,
+                record.mw,
+                _json_encoder.encode(record),
+            )
+            await conn.execute(
+                "DELETE FROM dispatch_targets WHERE dispatch_id = $1", record.dispatch_id
+            )
+            if record.targets:
+                await conn.execute(
+                    "INSERT INTO dispatch_targets"
+                    " (dispatch_id, asset_id, mw, state, applied_mw, reason)"
+                    " SELECT $1, * FROM unnest($2::text[], $3::float8[], $4::text[],"
+                    " $5::float8[], $6::text[])"
+                    " ON CONFLICT (dispatch_id, asset_id) DO NOTHING",
+                    record.dispatch_id,
+                    [t.asset_id for t in record.targets],
+                    [t.mw for t in record.targets],
+                    [t.state for t in record.targets],
+                    [t.applied_mw for t in record.targets],
+                    [t.reason for t in record.targets],
+                )
+
+    async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
+        raw = await self.pool.fetchval(
+            "SELECT record FROM dispatches WHERE dispatch_id = $1", dispatch_id
+        )
+        return None if raw is None else _decode_dispatch(raw)
+
+    async def dispatch_history(
+        self,
+        *,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        state: str | None = None,
+        limit: int = 100,
+    ) -> list[Dispatch]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if asset_id is not None:
+            params.append(asset_id)
+            conditions.append(
+                f"(d.asset_id = ${len(params)} OR d.dispatch_id IN"
+                f" (SELECT t.dispatch_id FROM dispatch_targets AS t"
+                f" WHERE t.asset_id = ${len(params)}))"
+            )
+        if site_id is not None:
+            params.append(site_id)
+            conditions.append(f"d.site_id = ${len(params)}")
+        if state is not None:
+            params.append(state)
+            conditions.append(f"d.state = ${len(params)}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        params.append(max(limit, 0))
+        rows = await self.pool.fetch(
+            f"SELECT d.record FROM dispatches AS d{where}"
+            f" ORDER BY d.created_at DESC, d.dispatch_id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        return [_decode_dispatch(row[0]) for row in rows]
+
+    async def record_dispatch_event(self, event: DispatchEvent) -> None:
+        await self.pool.execute(
+            "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES ($1, $2, $3, $4)",
+            event.dispatch_id,
+            event.state,
+            _check_aware(event.ts),
+            event.detail,
+        )
+
+    async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
+        rows = await self.pool.fetch(
+            "SELECT dispatch_id, state, ts, detail FROM dispatch_events"
+            " WHERE dispatch_id = $1 ORDER BY ts, id",
+            dispatch_id,
+        )
+        return [
+            DispatchEvent(dispatch_id=row[0], state=row[1], ts=row[2], detail=row[3])
+            for row in rows
+        ]
+
+    # ------------------------------------------------------------------ presence
+
+    async def open_session(self, session: Session) -> None:
+        disconnected_at = session.disconnected_at
+        await self.pool.execute(
+            "INSERT INTO agent_sessions (session_id, asset_id, asset_name, site_id, site_name,"
+            " agent_id, peer, connected_at, disconnected_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " ON CONFLICT (session_id) DO UPDATE SET asset_id = excluded.asset_id,"
+            " asset_name = excluded.asset_name, site_id = excluded.site_id,"
+            " site_name = excluded.site_name, agent_id = excluded.agent_id,"
+            " peer = excluded.peer, connected_at = excluded.connected_at,"
+            " disconnected_at = excluded.disconnected_at",
+            session.session_id,
+            session.asset_id,
+            # Names are kept when the session carries them (newer der-sdk models).
+            getattr(session, "asset_name", None),
+            session.site_id,
+            getattr(session, "site_name", None),
+            session.agent_id,
+            session.peer,
+            _check_aware(session.connected_at),
+            None if disconnected_at is None else _check_aware(disconnected_at),
+        )
+
+    async def close_session(self, session_id: str, disconnected_at: datetime) -> None:
+        await self.pool.execute(
+            "UPDATE agent_sessions SET disconnected_at = $2"
+            " WHERE session_id = $1 AND disconnected_at IS NULL",
+            session_id,
+            _check_aware(disconnected_at),
+        )
+
+    async def close_open_sessions(self, disconnected_at: datetime) -> int:
+        status = await self.pool.execute(
+            "UPDATE agent_sessions SET disconnected_at = $1 WHERE disconnected_at IS NULL",
+            _check_aware(disconnected_at),
+        )
+        return _count(status)
+
+    async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
+        rows = await self.pool.fetch(
+            "SELECT session_id, asset_id, site_id, agent_id, peer, connected_at,"
+            " disconnected_at FROM agent_sessions WHERE asset_id = $1"
+            " ORDER BY connected_at DESC, session_id DESC LIMIT $2",
+            asset_id,
+            max(limit, 0),
+        )
+        return [
+            Session(
+                session_id=row[0],
+                asset_id=row[1],
+                site_id=row[2],
+                agent_id=row[3],
+                peer=row[4],
+                connected_at=row[5],
+                disconnected_at=row[6],
+            )
+            for row in rows
+        ]
+
+    async def append_heartbeats(self, heartbeats: Sequence[Heartbeat]) -> None:
+        if not heartbeats:
+            return
+        await self.pool.execute(
+            "INSERT INTO heartbeats (asset_id, site_id, agent_id, ts, uptime_s)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],"
+            " $5::float8[]) ON CONFLICT (asset_id, ts) DO NOTHING",
+            [beat.asset_id for beat in heartbeats],
+            [beat.site_id for beat in heartbeats],
+            [beat.agent_id for beat in heartbeats],
+            [_check_aware(beat.ts) for beat in heartbeats],
+            [beat.uptime_s for beat in heartbeats],
+        )
+
+    async def latest_heartbeat(self, asset_id: str) -> Heartbeat | None:
+        found = await self.heartbeat_history(asset_id, limit=1)
+        return found[0] if found else None
+
+    async def heartbeat_history(
+        self,
+        asset_id: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Heartbeat]:
+        where, params = _range(start, end, first=2)
+        rows = await self.pool.fetch(
+            "SELECT asset_id, site_id, agent_id, ts, uptime_s FROM heartbeats"
+            f" WHERE asset_id = $1{where} ORDER BY ts DESC LIMIT ${len(params) + 2}",
+            asset_id,
+            *params,
+            max(limit, 0),
+        )
+        return [
+            Heartbeat(asset_id=row[0], site_id=row[1], agent_id=row[2], ts=row[3], uptime_s=row[4])
+            for row in rows
+        ]
+
+    # ------------------------------------------------------------------ events
+
+    async def append_event(self, event: Event) -> None:
+        await self.pool.execute(
+            "INSERT INTO events (ts, kind, message, asset_id, site_id, data)"
+            " VALUES ($1, $2, $3, $4, $5, $6)",
+            _check_aware(event.ts),
+            event.kind,
+            event.message,
+            event.asset_id,
+            event.site_id,
+            event.data,
+        )
+
+    async def events(
+        self,
+        *,
+        asset_id: str | None = None,
+        kind: str | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        conditions: list[str] = []
+        params: list[Any] = []
+        if asset_id is not None:
+            params.append(asset_id)
+            conditions.append(f"asset_id = ${len(params)}")
+        if kind is not None:
+            params.append(kind)
+            conditions.append(f"kind = ${len(params)}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        params.append(max(limit, 0))
+        rows = await self.pool.fetch(
+            f"SELECT ts, kind, message, asset_id, site_id, data FROM events{where}"
+            f" ORDER BY ts DESC, id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        return [
+            Event(
+                ts=row[0],
+                kind=row[1],
+                message=row[2],
+                asset_id=row[3],
+                site_id=row[4],
+                data=_decode_object(row[5]),
+            )
+            for row in rows
+        ]
+
+
+async def _is_hypertable(conn: asyncpg.Connection) -> bool:
+    """Whether ``telemetry`` (in the current schema) is a TimescaleDB hypertable."""
+    installed = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+    )
+    if not installed:
+        return False
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables"
+            " WHERE hypertable_name = 'telemetry' AND hypertable_schema = current_schema())"
+        )
+    )
