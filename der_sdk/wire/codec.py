@@ -16,17 +16,25 @@ from der_sdk.models import Heartbeat, TelemetrySample
 from der_sdk.wire import pb
 
 __all__ = [
+    "AgentEventRecord",
     "Allocation",
+    "BufferStats",
     "LocalDispatchReport",
+    "agent_event",
     "agent_heartbeat",
     "agent_local_dispatch",
     "agent_register",
     "agent_setpoint_ack",
     "agent_telemetry",
     "allocations_from_pb",
+    "buffer_stats_from_pb",
+    "buffer_stats_to_pb",
     "datetime_from_us",
     "datetime_to_us",
+    "event_from_pb",
+    "headend_event_ack",
     "headend_local_dispatch_ack",
+    "headend_outcome_ack",
     "headend_register_ack",
     "headend_setpoint",
     "headend_telemetry_ack",
@@ -67,6 +75,29 @@ class LocalDispatchReport(msgspec.Struct, frozen=True, kw_only=True):
     allocations: tuple[Allocation, ...] = ()
     unallocated_mw: float = 0.0
     policy: str | None = None
+
+
+class BufferStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's store-and-forward buffer, as reported with each heartbeat."""
+
+    batches: int = 0
+    samples: int = 0
+    bytes: int = 0
+    oldest_age_s: float = 0.0
+    dropped_samples: int = 0
+    dropped_batches: int = 0
+    replay_batches: int = 0
+
+
+class AgentEventRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """An agent-side event for the headend's record (``AgentEvent`` on the wire)."""
+
+    event_id: str
+    ts: datetime
+    kind: str
+    message: str
+    asset_id: str | None = None
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def datetime_to_us(ts: datetime) -> int:
@@ -151,6 +182,7 @@ def agent_register(
     assets: Mapping[str, str],
     sdk_version: str,
     plugins: Mapping[str, str],
+    stream_id: str = "",
 ) -> pb.AgentMessage:
     """The Register message. ``assets`` maps asset id → adapter name."""
     return pb.AgentMessage(
@@ -160,19 +192,76 @@ def agent_register(
             assets=[pb.ServedAsset(asset_id=a, adapter=ad) for a, ad in assets.items()],
             sdk_version=sdk_version,
             plugins=[pb.PluginVersion(package=p, version=v) for p, v in sorted(plugins.items())],
+            stream_id=stream_id,
         )
     )
 
 
-def agent_telemetry(seq: int, samples: Iterable[TelemetrySample]) -> pb.AgentMessage:
+def agent_telemetry(
+    seq: int, samples: Iterable[TelemetrySample], floor_seq: int = 0
+) -> pb.AgentMessage:
     return pb.AgentMessage(
-        telemetry=pb.TelemetryBatch(seq=seq, samples=[sample_to_pb(s) for s in samples])
+        telemetry=pb.TelemetryBatch(
+            seq=seq, samples=[sample_to_pb(s) for s in samples], floor_seq=floor_seq
+        )
     )
 
 
-def agent_heartbeat(agent_id: str, ts: datetime, uptime_s: float) -> pb.AgentMessage:
-    return pb.AgentMessage(
-        heartbeat=pb.Heartbeat(agent_id=agent_id, ts_us=datetime_to_us(ts), uptime_s=uptime_s)
+def agent_heartbeat(
+    agent_id: str, ts: datetime, uptime_s: float, buffer: BufferStats | None = None
+) -> pb.AgentMessage:
+    beat = pb.Heartbeat(agent_id=agent_id, ts_us=datetime_to_us(ts), uptime_s=uptime_s)
+    if buffer is not None:
+        beat.buffer.CopyFrom(buffer_stats_to_pb(buffer))
+    return pb.AgentMessage(heartbeat=beat)
+
+
+def buffer_stats_to_pb(stats: BufferStats) -> pb.BufferStats:
+    return pb.BufferStats(**msgspec.structs.asdict(stats))
+
+
+def buffer_stats_from_pb(msg: pb.BufferStats) -> BufferStats:
+    return BufferStats(
+        batches=msg.batches,
+        samples=msg.samples,
+        bytes=msg.bytes,
+        oldest_age_s=msg.oldest_age_s,
+        dropped_samples=msg.dropped_samples,
+        dropped_batches=msg.dropped_batches,
+        replay_batches=msg.replay_batches,
+    )
+
+
+def agent_event(event: AgentEventRecord) -> pb.AgentMessage:
+    msg = pb.AgentEvent(
+        event_id=event.event_id,
+        ts_us=datetime_to_us(event.ts),
+        kind=event.kind,
+        message=event.message,
+        data_json=_json_encode(event.data),
+    )
+    if event.asset_id is not None:
+        msg.asset_id = event.asset_id
+    return pb.AgentMessage(event=msg)
+
+
+def event_from_pb(msg: pb.AgentEvent) -> AgentEventRecord:
+    """:raises ValueError: ``data_json`` is not a JSON object."""
+    data: dict[str, Any] = {}
+    if msg.data_json:
+        try:
+            data = _json_decode_object(msg.data_json)
+        except msgspec.DecodeError as exc:
+            raise ValueError(
+                f"event {msg.event_id}: data_json is not a JSON object: {exc}"
+            ) from None
+    return AgentEventRecord(
+        event_id=msg.event_id,
+        ts=datetime_from_us(msg.ts_us),
+        kind=msg.kind,
+        message=msg.message,
+        asset_id=msg.asset_id if msg.HasField("asset_id") else None,
+        data=data,
     )
 
 
@@ -181,10 +270,12 @@ def agent_setpoint_ack(
     status: str,
     allocations: Sequence[Allocation],
     reason: str | None = None,
+    ts: datetime | None = None,
 ) -> pb.AgentMessage:
     ack = pb.SetpointAck(
         command_id=command_id,
         status=status,
+        ts_us=datetime_to_us(ts) if ts is not None else 0,
         applied_mw=sum(a.mw for a in allocations if a.status == "applied"),
         allocations=[
             pb.Allocation(asset_id=a.asset_id, mw=a.mw, status=a.status, reason=a.reason)
@@ -275,8 +366,11 @@ def headend_setpoint(
     asset_id: str | None = None,
     site_id: str | None = None,
     duration_s: float | None = None,
+    expires_in_ms: int | None = None,
 ) -> pb.HeadendMessage:
     sp = pb.Setpoint(command_id=command_id, mw=mw)
+    if expires_in_ms is not None:
+        sp.expires_in_ms = expires_in_ms
     if asset_id is not None:
         sp.asset_id = asset_id
     if site_id is not None:
@@ -286,8 +380,16 @@ def headend_setpoint(
     return pb.HeadendMessage(setpoint=sp)
 
 
-def headend_telemetry_ack(seq: int) -> pb.HeadendMessage:
-    return pb.HeadendMessage(telemetry_ack=pb.TelemetryAck(seq=seq))
+def headend_telemetry_ack(seq: int, stored_through: int = 0) -> pb.HeadendMessage:
+    return pb.HeadendMessage(telemetry_ack=pb.TelemetryAck(seq=seq, stored_through=stored_through))
+
+
+def headend_outcome_ack(command_id: str) -> pb.HeadendMessage:
+    return pb.HeadendMessage(outcome_ack=pb.SetpointOutcomeAck(command_id=command_id))
+
+
+def headend_event_ack(event_id: str) -> pb.HeadendMessage:
+    return pb.HeadendMessage(event_ack=pb.EventAck(event_id=event_id))
 
 
 def headend_local_dispatch_ack(command_id: str) -> pb.HeadendMessage:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65r/v1/agent_link.proto\x12\x06\x64\x65r.v1\"\xee\x01\n\x0c\x41gentMessage\x12$\n\x08register\x18\x01 \x01(\x0b\x32\x10.der.v1.RegisterH\x00\x12+\n\ttelemetry\x18\x02 \x01(\x0b\x32\x16.der.v1.TelemetryBatchH\x00\x12&\n\theartbeat\x18\x03 \x01(\x0b\x32\x11.der.v1.HeartbeatH\x00\x12+\n\x0csetpoint_ack\x18\x04 \x01(\x0b\x32\x13.der.v1.SetpointAckH\x00\x12/\n\x0elocal_dispatch\x18\x05 \x01(\x0b\x32\x15.der.v1.LocalDispatchH\x00\x42\x05\n\x03msg\"\x8f\x01\n\x08Register\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12#\n\x06\x61ssets\x18\x03 \x03(\x0b\x32\x13.der.v1.ServedAsset\x12\x13\n\x0bsdk_version\x18\x04 \x01(\t\x12&\n\x07plugins\x18\x05 \x03(\x0b\x32\x15.der.v1.PluginVersion\"0\n\x0bServedAsset\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"1\n\rPluginVersion\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"A\n\x0eTelemetryBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x07samples\x18\x02 \x03(\x0b\x32\x11.der.v1.Telemetry\"\xaf\x02\n\tTelemetry\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\r\n\x05ts_us\x18\x03 \x01(\x03\x12\n\n\x02mw\x18\x04 \x01(\x01\x12\x18\n\x0bmw_setpoint\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06online\x18\x06 \x01(\x08\x12\x13\n\x06status\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nfault_code\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x0b\n\x03seq\x18\t \x01(\x04\x12\x0f\n\x07quality\x18\n \x01(\t\x12\x1b\n\x0equality_reason\x18\x0b \x01(\tH\x03\x88\x01\x01\x12\x14\n\x0c\x64\x65tails_json\x18\x0c \x01(\x0c\x42\x0e\n\x0c_mw_setpointB\t\n\x07_statusB\r\n\x0b_fault_codeB\x11\n\x0f_quality_reason\">\n\tHeartbeat\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05ts_us\x18\x02 \x01(\x03\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\"\x8e\x01\n\x0bSetpointAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\napplied_mw\x18\x03 \x01(\x01\x12\x13\n\x06reason\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\'\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32\x12.der.v1.AllocationB\t\n\x07_reason\"Z\n\nAllocation\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\n\n\x02mw\x18\x02 \x01(\x01\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x06reason\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_reason\"\xbd\x02\n\rLocalDispatch\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x15\n\x08\x61sset_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07site_id\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\n\n\x02mw\x18\x04 \x01(\x01\x12\x17\n\nduration_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05ts_us\x18\x06 \x01(\x03\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x13\n\x06reason\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\'\n\x0b\x61llocations\x18\t \x03(\x0b\x32\x12.der.v1.Allocation\x12\x16\n\x0eunallocated_mw\x18\n \x01(\x01\x12\x13\n\x06policy\x18\x0b \x01(\tH\x04\x88\x01\x01\x42\x0b\n\t_asset_idB\n\n\x08_site_idB\r\n\x0b_duration_sB\t\n\x07_reasonB\t\n\x07_policy\"\xd1\x01\n\x0eHeadendMessage\x12+\n\x0cregister_ack\x18\x01 \x01(\x0b\x32\x13.der.v1.RegisterAckH\x00\x12$\n\x08setpoint\x18\x02 \x01(\x0b\x32\x10.der.v1.SetpointH\x00\x12-\n\rtelemetry_ack\x18\x03 \x01(\x0b\x32\x14.der.v1.TelemetryAckH\x00\x12\x36\n\x12local_dispatch_ack\x18\x04 \x01(\x0b\x32\x18.der.v1.LocalDispatchAckH\x00\x42\x05\n\x03msg\"n\n\x0bRegisterAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x1a\n\x12\x61\x63\x63\x65pted_asset_ids\x18\x02 \x03(\t\x12 \n\x07refused\x18\x03 \x03(\x0b\x32\x0f.der.v1.Refusal\x12\x0f\n\x07message\x18\x04 \x01(\t\"+\n\x07Refusal\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x98\x01\n\x08Setpoint\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x15\n\x08\x61sset_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07site_id\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\n\n\x02mw\x18\x04 \x01(\x01\x12\x17\n\nduration_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_asset_idB\n\n\x08_site_idB\r\n\x0b_duration_s\"\x1b\n\x0cTelemetryAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"&\n\x10LocalDispatchAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t2G\n\tAgentLink\x12:\n\x06Stream\x12\x14.der.v1.AgentMessage\x1a\x16.der.v1.HeadendMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64\x65r/v1/agent_link.proto\x12\x06\x64\x65r.v1\"\x93\x02\n\x0c\x41gentMessage\x12$\n\x08register\x18\x01 \x01(\x0b\x32\x10.der.v1.RegisterH\x00\x12+\n\ttelemetry\x18\x02 \x01(\x0b\x32\x16.der.v1.TelemetryBatchH\x00\x12&\n\theartbeat\x18\x03 \x01(\x0b\x32\x11.der.v1.HeartbeatH\x00\x12+\n\x0csetpoint_ack\x18\x04 \x01(\x0b\x32\x13.der.v1.SetpointAckH\x00\x12/\n\x0elocal_dispatch\x18\x05 \x01(\x0b\x32\x15.der.v1.LocalDispatchH\x00\x12#\n\x05\x65vent\x18\x06 \x01(\x0b\x32\x12.der.v1.AgentEventH\x00\x42\x05\n\x03msg\"\xa2\x01\n\x08Register\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12#\n\x06\x61ssets\x18\x03 \x03(\x0b\x32\x13.der.v1.ServedAsset\x12\x13\n\x0bsdk_version\x18\x04 \x01(\t\x12&\n\x07plugins\x18\x05 \x03(\x0b\x32\x15.der.v1.PluginVersion\x12\x11\n\tstream_id\x18\x06 \x01(\t\"0\n\x0bServedAsset\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\"1\n\rPluginVersion\x12\x0f\n\x07package\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"T\n\x0eTelemetryBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x07samples\x18\x02 \x03(\x0b\x32\x11.der.v1.Telemetry\x12\x11\n\tfloor_seq\x18\x03 \x01(\x04\"\xaf\x02\n\tTelemetry\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x0f\n\x07site_id\x18\x02 \x01(\t\x12\r\n\x05ts_us\x18\x03 \x01(\x03\x12\n\n\x02mw\x18\x04 \x01(\x01\x12\x18\n\x0bmw_setpoint\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06online\x18\x06 \x01(\x08\x12\x13\n\x06status\x18\x07 \x01(\tH\x01\x88\x01\x01\x12\x17\n\nfault_code\x18\x08 \x01(\tH\x02\x88\x01\x01\x12\x0b\n\x03seq\x18\t \x01(\x04\x12\x0f\n\x07quality\x18\n \x01(\t\x12\x1b\n\x0equality_reason\x18\x0b \x01(\tH\x03\x88\x01\x01\x12\x14\n\x0c\x64\x65tails_json\x18\x0c \x01(\x0c\x42\x0e\n\x0c_mw_setpointB\t\n\x07_statusB\r\n\x0b_fault_codeB\x11\n\x0f_quality_reason\"c\n\tHeartbeat\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05ts_us\x18\x02 \x01(\x03\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\x12#\n\x06\x62uffer\x18\x04 \x01(\x0b\x32\x13.der.v1.BufferStats\"\x9e\x01\n\x0b\x42ufferStats\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x04\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x14\n\x0coldest_age_s\x18\x04 \x01(\x01\x12\x17\n\x0f\x64ropped_samples\x18\x05 \x01(\x04\x12\x17\n\x0f\x64ropped_batches\x18\x06 \x01(\x04\x12\x16\n\x0ereplay_batches\x18\x07 \x01(\x04\"\x9d\x01\n\x0bSetpointAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\napplied_mw\x18\x03 \x01(\x01\x12\x13\n\x06reason\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\'\n\x0b\x61llocations\x18\x05 \x03(\x0b\x32\x12.der.v1.Allocation\x12\r\n\x05ts_us\x18\x06 \x01(\x03\x42\t\n\x07_reason\"\x83\x01\n\nAgentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\r\n\x05ts_us\x18\x02 \x01(\x03\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x15\n\x08\x61sset_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x11\n\tdata_json\x18\x06 \x01(\x0c\x42\x0b\n\t_asset_id\"Z\n\nAllocation\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\n\n\x02mw\x18\x02 \x01(\x01\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x13\n\x06reason\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\t\n\x07_reason\"\xbd\x02\n\rLocalDispatch\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x15\n\x08\x61sset_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07site_id\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\n\n\x02mw\x18\x04 \x01(\x01\x12\x17\n\nduration_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05ts_us\x18\x06 \x01(\x03\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x13\n\x06reason\x18\x08 \x01(\tH\x03\x88\x01\x01\x12\'\n\x0b\x61llocations\x18\t \x03(\x0b\x32\x12.der.v1.Allocation\x12\x16\n\x0eunallocated_mw\x18\n \x01(\x01\x12\x13\n\x06policy\x18\x0b \x01(\tH\x04\x88\x01\x01\x42\x0b\n\t_asset_idB\n\n\x08_site_idB\r\n\x0b_duration_sB\t\n\x07_reasonB\t\n\x07_policy\"\xab\x02\n\x0eHeadendMessage\x12+\n\x0cregister_ack\x18\x01 \x01(\x0b\x32\x13.der.v1.RegisterAckH\x00\x12$\n\x08setpoint\x18\x02 \x01(\x0b\x32\x10.der.v1.SetpointH\x00\x12-\n\rtelemetry_ack\x18\x03 \x01(\x0b\x32\x14.der.v1.TelemetryAckH\x00\x12\x36\n\x12local_dispatch_ack\x18\x04 \x01(\x0b\x32\x18.der.v1.LocalDispatchAckH\x00\x12\x31\n\x0boutcome_ack\x18\x05 \x01(\x0b\x32\x1a.der.v1.SetpointOutcomeAckH\x00\x12%\n\tevent_ack\x18\x06 \x01(\x0b\x32\x10.der.v1.EventAckH\x00\x42\x05\n\x03msg\"n\n\x0bRegisterAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x1a\n\x12\x61\x63\x63\x65pted_asset_ids\x18\x02 \x03(\t\x12 \n\x07refused\x18\x03 \x03(\x0b\x32\x0f.der.v1.Refusal\x12\x0f\n\x07message\x18\x04 \x01(\t\"+\n\x07Refusal\x12\x10\n\x08\x61sset_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc6\x01\n\x08Setpoint\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x15\n\x08\x61sset_id\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x07site_id\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\n\n\x02mw\x18\x04 \x01(\x01\x12\x17\n\nduration_s\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rexpires_in_ms\x18\x06 \x01(\x03H\x03\x88\x01\x01\x42\x0b\n\t_asset_idB\n\n\x08_site_idB\r\n\x0b_duration_sB\x10\n\x0e_expires_in_ms\"3\n\x0cTelemetryAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x16\n\x0estored_through\x18\x02 \x01(\x04\"(\n\x12SetpointOutcomeAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t\"\x1c\n\x08\x45ventAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\"&\n\x10LocalDispatchAck\x12\x12\n\ncommand_id\x18\x01 \x01(\t2G\n\tAgentLink\x12:\n\x06Stream\x12\x14.der.v1.AgentMessage\x1a\x16.der.v1.HeadendMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,45 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'der.v1.agent_link_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_AGENTMESSAGE']._serialized_start=36
-  _globals['_AGENTMESSAGE']._serialized_end=274
-  _globals['_REGISTER']._serialized_start=277
-  _globals['_REGISTER']._serialized_end=420
-  _globals['_SERVEDASSET']._serialized_start=422
-  _globals['_SERVEDASSET']._serialized_end=470
-  _globals['_PLUGINVERSION']._serialized_start=472
-  _globals['_PLUGINVERSION']._serialized_end=521
-  _globals['_TELEMETRYBATCH']._serialized_start=523
-  _globals['_TELEMETRYBATCH']._serialized_end=588
-  _globals['_TELEMETRY']._serialized_start=591
-  _globals['_TELEMETRY']._serialized_end=894
-  _globals['_HEARTBEAT']._serialized_start=896
-  _globals['_HEARTBEAT']._serialized_end=958
-  _globals['_SETPOINTACK']._serialized_start=961
-  _globals['_SETPOINTACK']._serialized_end=1103
-  _globals['_ALLOCATION']._serialized_start=1105
-  _globals['_ALLOCATION']._serialized_end=1195
-  _globals['_LOCALDISPATCH']._serialized_start=1198
-  _globals['_LOCALDISPATCH']._serialized_end=1515
-  _globals['_HEADENDMESSAGE']._serialized_start=1518
-  _globals['_HEADENDMESSAGE']._serialized_end=1727
-  _globals['_REGISTERACK']._serialized_start=1729
-  _globals['_REGISTERACK']._serialized_end=1839
-  _globals['_REFUSAL']._serialized_start=1841
-  _globals['_REFUSAL']._serialized_end=1884
-  _globals['_SETPOINT']._serialized_start=1887
-  _globals['_SETPOINT']._serialized_end=2039
-  _globals['_TELEMETRYACK']._serialized_start=2041
-  _globals['_TELEMETRYACK']._serialized_end=2068
-  _globals['_LOCALDISPATCHACK']._serialized_start=2070
-  _globals['_LOCALDISPATCHACK']._serialized_end=2108
-  _globals['_AGENTLINK']._serialized_start=2110
-  _globals['_AGENTLINK']._serialized_end=2181
+  _globals['_AGENTMESSAGE']._serialized_end=311
+  _globals['_REGISTER']._serialized_start=314
+  _globals['_REGISTER']._serialized_end=476
+  _globals['_SERVEDASSET']._serialized_start=478
+  _globals['_SERVEDASSET']._serialized_end=526
+  _globals['_PLUGINVERSION']._serialized_start=528
+  _globals['_PLUGINVERSION']._serialized_end=577
+  _globals['_TELEMETRYBATCH']._serialized_start=579
+  _globals['_TELEMETRYBATCH']._serialized_end=663
+  _globals['_TELEMETRY']._serialized_start=666
+  _globals['_TELEMETRY']._serialized_end=969
+  _globals['_HEARTBEAT']._serialized_start=971
+  _globals['_HEARTBEAT']._serialized_end=1070
+  _globals['_BUFFERSTATS']._serialized_start=1073
+  _globals['_BUFFERSTATS']._serialized_end=1231
+  _globals['_SETPOINTACK']._serialized_start=1234
+  _globals['_SETPOINTACK']._serialized_end=1391
+  _globals['_AGENTEVENT']._serialized_start=1394
+  _globals['_AGENTEVENT']._serialized_end=1525
+  _globals['_ALLOCATION']._serialized_start=1527
+  _globals['_ALLOCATION']._serialized_end=1617
+  _globals['_LOCALDISPATCH']._serialized_start=1620
+  _globals['_LOCALDISPATCH']._serialized_end=1937
+  _globals['_HEADENDMESSAGE']._serialized_start=1940
+  _globals['_HEADENDMESSAGE']._serialized_end=2239
+  _globals['_REGISTERACK']._serialized_start=2241
+  _globals['_REGISTERACK']._serialized_end=2351
+  _globals['_REFUSAL']._serialized_start=2353
+  _globals['_REFUSAL']._serialized_end=2396
+  _globals['_SETPOINT']._serialized_start=2399
+  _globals['_SETPOINT']._serialized_end=2597
+  _globals['_TELEMETRYACK']._serialized_start=2599
+  _globals['_TELEMETRYACK']._serialized_end=2650
+  _globals['_SETPOINTOUTCOMEACK']._serialized_start=2652
+  _globals['_SETPOINTOUTCOMEACK']._serialized_end=2692
+  _globals['_EVENTACK']._serialized_start=2694
+  _globals['_EVENTACK']._serialized_end=2722
+  _globals['_LOCALDISPATCHACK']._serialized_start=2724
+  _globals['_LOCALDISPATCHACK']._serialized_end=2762
+  _globals['_AGENTLINK']._serialized_start=2764
+  _globals['_AGENTLINK']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

@@ -8,32 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "telemetry", "heartbeat", "setpoint_ack", "local_dispatch")
+    __slots__ = ("register", "telemetry", "heartbeat", "setpoint_ack", "local_dispatch", "event")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SETPOINT_ACK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DISPATCH_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
     register: Register
     telemetry: TelemetryBatch
     heartbeat: Heartbeat
     setpoint_ack: SetpointAck
     local_dispatch: LocalDispatch
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., setpoint_ack: _Optional[_Union[SetpointAck, _Mapping]] = ..., local_dispatch: _Optional[_Union[LocalDispatch, _Mapping]] = ...) -> None: ...
+    event: AgentEvent
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., setpoint_ack: _Optional[_Union[SetpointAck, _Mapping]] = ..., local_dispatch: _Optional[_Union[LocalDispatch, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("agent_id", "site_id", "assets", "sdk_version", "plugins")
+    __slots__ = ("agent_id", "site_id", "assets", "sdk_version", "plugins", "stream_id")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     ASSETS_FIELD_NUMBER: _ClassVar[int]
     SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLUGINS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     site_id: str
     assets: _containers.RepeatedCompositeFieldContainer[ServedAsset]
     sdk_version: str
     plugins: _containers.RepeatedCompositeFieldContainer[PluginVersion]
-    def __init__(self, agent_id: _Optional[str] = ..., site_id: _Optional[str] = ..., assets: _Optional[_Iterable[_Union[ServedAsset, _Mapping]]] = ..., sdk_version: _Optional[str] = ..., plugins: _Optional[_Iterable[_Union[PluginVersion, _Mapping]]] = ...) -> None: ...
+    stream_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., site_id: _Optional[str] = ..., assets: _Optional[_Iterable[_Union[ServedAsset, _Mapping]]] = ..., sdk_version: _Optional[str] = ..., plugins: _Optional[_Iterable[_Union[PluginVersion, _Mapping]]] = ..., stream_id: _Optional[str] = ...) -> None: ...
 
 class ServedAsset(_message.Message):
     __slots__ = ("asset_id", "adapter")
@@ -52,12 +56,14 @@ class PluginVersion(_message.Message):
     def __init__(self, package: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
-    __slots__ = ("seq", "samples")
+    __slots__ = ("seq", "samples", "floor_seq")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_SEQ_FIELD_NUMBER: _ClassVar[int]
     seq: int
     samples: _containers.RepeatedCompositeFieldContainer[Telemetry]
-    def __init__(self, seq: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Telemetry, _Mapping]]] = ...) -> None: ...
+    floor_seq: int
+    def __init__(self, seq: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Telemetry, _Mapping]]] = ..., floor_seq: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("asset_id", "site_id", "ts_us", "mw", "mw_setpoint", "online", "status", "fault_code", "seq", "quality", "quality_reason", "details_json")
@@ -88,28 +94,66 @@ class Telemetry(_message.Message):
     def __init__(self, asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., mw: _Optional[float] = ..., mw_setpoint: _Optional[float] = ..., online: _Optional[bool] = ..., status: _Optional[str] = ..., fault_code: _Optional[str] = ..., seq: _Optional[int] = ..., quality: _Optional[str] = ..., quality_reason: _Optional[str] = ..., details_json: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("agent_id", "ts_us", "uptime_s")
+    __slots__ = ("agent_id", "ts_us", "uptime_s", "buffer")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TS_US_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     ts_us: int
     uptime_s: float
-    def __init__(self, agent_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    buffer: BufferStats
+    def __init__(self, agent_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., uptime_s: _Optional[float] = ..., buffer: _Optional[_Union[BufferStats, _Mapping]] = ...) -> None: ...
+
+class BufferStats(_message.Message):
+    __slots__ = ("batches", "samples", "bytes", "oldest_age_s", "dropped_samples", "dropped_batches", "replay_batches")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: int
+    samples: int
+    bytes: int
+    oldest_age_s: float
+    dropped_samples: int
+    dropped_batches: int
+    replay_batches: int
+    def __init__(self, batches: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., dropped_samples: _Optional[int] = ..., dropped_batches: _Optional[int] = ..., replay_batches: _Optional[int] = ...) -> None: ...
 
 class SetpointAck(_message.Message):
-    __slots__ = ("command_id", "status", "applied_mw", "reason", "allocations")
+    __slots__ = ("command_id", "status", "applied_mw", "reason", "allocations", "ts_us")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_MW_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    TS_US_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     status: str
     applied_mw: float
     reason: str
     allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
-    def __init__(self, command_id: _Optional[str] = ..., status: _Optional[str] = ..., applied_mw: _Optional[float] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ...) -> None: ...
+    ts_us: int
+    def __init__(self, command_id: _Optional[str] = ..., status: _Optional[str] = ..., applied_mw: _Optional[float] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., ts_us: _Optional[int] = ...) -> None: ...
+
+class AgentEvent(_message.Message):
+    __slots__ = ("event_id", "ts_us", "kind", "message", "asset_id", "data_json")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TS_US_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ASSET_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    ts_us: int
+    kind: str
+    message: str
+    asset_id: str
+    data_json: bytes
+    def __init__(self, event_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ..., asset_id: _Optional[str] = ..., data_json: _Optional[bytes] = ...) -> None: ...
 
 class Allocation(_message.Message):
     __slots__ = ("asset_id", "mw", "status", "reason")
@@ -150,16 +194,20 @@ class LocalDispatch(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., ts_us: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., unallocated_mw: _Optional[float] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class HeadendMessage(_message.Message):
-    __slots__ = ("register_ack", "setpoint", "telemetry_ack", "local_dispatch_ack")
+    __slots__ = ("register_ack", "setpoint", "telemetry_ack", "local_dispatch_ack", "outcome_ack", "event_ack")
     REGISTER_ACK_FIELD_NUMBER: _ClassVar[int]
     SETPOINT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_ACK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DISPATCH_ACK_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_ACK_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ACK_FIELD_NUMBER: _ClassVar[int]
     register_ack: RegisterAck
     setpoint: Setpoint
     telemetry_ack: TelemetryAck
     local_dispatch_ack: LocalDispatchAck
-    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ...) -> None: ...
+    outcome_ack: SetpointOutcomeAck
+    event_ack: EventAck
+    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ..., outcome_ack: _Optional[_Union[SetpointOutcomeAck, _Mapping]] = ..., event_ack: _Optional[_Union[EventAck, _Mapping]] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
     __slots__ = ("accepted", "accepted_asset_ids", "refused", "message")
@@ -182,24 +230,40 @@ class Refusal(_message.Message):
     def __init__(self, asset_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Setpoint(_message.Message):
-    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s")
+    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s", "expires_in_ms")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ASSET_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     MW_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     asset_id: str
     site_id: str
     mw: float
     duration_s: float
-    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    expires_in_ms: int
+    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
-    __slots__ = ("seq",)
+    __slots__ = ("seq", "stored_through")
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    STORED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     seq: int
-    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+    stored_through: int
+    def __init__(self, seq: _Optional[int] = ..., stored_through: _Optional[int] = ...) -> None: ...
+
+class SetpointOutcomeAck(_message.Message):
+    __slots__ = ("command_id",)
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    def __init__(self, command_id: _Optional[str] = ...) -> None: ...
+
+class EventAck(_message.Message):
+    __slots__ = ("event_id",)
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    def __init__(self, event_id: _Optional[str] = ...) -> None: ...
 
 class LocalDispatchAck(_message.Message):
     __slots__ = ("command_id",)
