@@ -15,6 +15,8 @@ from typing import Any, Literal
 import msgspec
 
 __all__ = [
+    "DISPATCH_STATE_RANK",
+    "TERMINAL_DISPATCH_STATES",
     "Asset",
     "Dispatch",
     "DispatchEvent",
@@ -34,14 +36,28 @@ Quality = Literal["good", "uncertain", "bad"]
 """Sample quality. ``bad`` samples carry a ``quality_reason`` and never a fresh value."""
 
 DispatchState = Literal[
-    "pending",  # accepted; its target is offline, delivered when the target connects
+    "submitted",  # accepted and recorded; not yet sent (its agent is offline)
     "sent",  # pushed down the agent's stream, no acknowledgement yet
-    "applied",  # the agent acknowledged and applied it (possibly clamped)
+    "acked",  # the agent received it and recorded it in its journal; not applied yet
+    "applied",  # the agent applied it (possibly clamped)
     "rejected",  # the agent refused it (reason given)
     "failed",  # delivery or application failed (reason given)
     "superseded",  # a newer dispatch for the same target replaced it before delivery
-    "expired",  # its expiry passed before it could be applied
+    "expired",  # its expiry passed before it could be applied; never applied
 ]
+"""A dispatch moves only forward: submitted → sent → acked → one final state."""
+
+DISPATCH_STATE_RANK: dict[str, int] = {
+    "submitted": 0,
+    "sent": 1,
+    "acked": 2,
+    "applied": 3,
+    "rejected": 3,
+    "failed": 3,
+    "superseded": 3,
+    "expired": 3,
+}
+"""The order of the states: a change to a lower or equal rank is ignored."""
 
 TERMINAL_DISPATCH_STATES: frozenset[str] = frozenset(
     {"applied", "rejected", "failed", "superseded", "expired"}
@@ -109,12 +125,19 @@ class TelemetrySample(msgspec.Struct, kw_only=True, omit_defaults=False):
 
 
 class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The body of ``POST /dispatch``. Give ``asset_id`` or ``site_id``; ``asset_id`` wins."""
+    """The body of ``POST /dispatch``. Give ``asset_id`` or ``site_id``; ``asset_id`` wins.
+
+    ``expires_at`` (an aware time) or ``ttl_s`` (seconds from now), not both: a dispatch
+    not applied by then is never applied. ``duration_s``: how long the setpoint holds
+    before the asset returns to its default.
+    """
 
     mw: float
     asset_id: str | None = None
     site_id: str | None = None
     duration_s: float | None = None
+    expires_at: datetime | None = None
+    ttl_s: float | None = None
 
 
 class DispatchTarget(msgspec.Struct, kw_only=True):
@@ -122,9 +145,11 @@ class DispatchTarget(msgspec.Struct, kw_only=True):
 
     asset_id: str
     mw: float
-    state: DispatchState = "pending"
+    state: DispatchState = "submitted"
     applied_mw: float | None = None
     reason: str | None = None
+    command_id: str | None = None
+    """The setpoint that carried this target to its agent (set when sent)."""
 
 
 class Dispatch(msgspec.Struct, kw_only=True):
@@ -148,6 +173,10 @@ class Dispatch(msgspec.Struct, kw_only=True):
     policy: str | None = None
     source: str = "rest"
     reason: str | None = None
+    expires_at: datetime | None = None
+    idempotency_key: str | None = None
+    request_fingerprint: str | None = None
+    """SHA-256 of the request body, to tell a retry from a reused ``Idempotency-Key``."""
 
 
 class DispatchEvent(msgspec.Struct, kw_only=True):

@@ -41,6 +41,8 @@ log = logging.getLogger("der.headend")
 STREAM_GRACE_S = 1.0
 """How long agent streams get to end on their own when the headend stops."""
 HTTP_STOP_TIMEOUT_S = 5.0
+INGEST_DRAIN_S = 5.0
+"""How long queued telemetry gets to reach storage when the headend stops."""
 HTTP_START_TIMEOUT_S = 5.0
 STORAGE_RETRY_INITIAL_S = 1.0
 """First wait before retrying storage that is unreachable at start; doubles each attempt."""
@@ -49,16 +51,25 @@ STORAGE_RETRY_MAX_S = 30.0
 T = TypeVar("T")
 
 
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+HALF_OPEN_DETECTION_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
+"""Worst case for either side to notice a link that went silent (30 s, within 40 s)."""
+
 GRPC_SERVER_OPTIONS = (
     # A busy port is an error, not a second headend silently sharing it.
     ("grpc.so_reuseport", 0),
-    # Agents ping every 30 s (der_sdk_agent.link); gRPC's default would answer pings more
-    # often than every 5 minutes with GOAWAY "too_many_pings" and drop the agent.
+    # Agents ping every 20 s (der_sdk_agent.link); gRPC's default would answer pings more
+    # often than every 5 minutes with GOAWAY "too_many_pings" and drop the agent. Allow
+    # one every 10 s, and never count strikes.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
-    # The headend pings too, so a vanished agent's sessions close within about a minute.
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
+    # The headend pings too: a ping unanswered for 10 s closes the stream, so a silent
+    # (half-open) agent link is noticed within 20 + 10 = 30 s and its sessions closed.
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 
 
@@ -112,6 +123,15 @@ class Headend:
     @property
     def ingest(self) -> TelemetryIngest:
         return _started(self._ingest, "ingest")
+
+    @property
+    def ingest_or_none(self) -> TelemetryIngest | None:
+        """The ingest, or ``None`` while storage is not open yet (``/healthz``)."""
+        return self._ingest
+
+    @property
+    def presence_or_none(self) -> Presence | None:
+        return self._presence
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -184,14 +204,17 @@ class Headend:
         self._presence = Presence(storage, self.plugins)
         self._ingest = TelemetryIngest(inventory, self.plugins, storage, self._presence)
         await self._ingest.warm()
+        self._ingest.start()
         self._dispatcher = Dispatcher(
             inventory, self.plugins, storage, self._presence, config.split_policy
         )
-        pending = await self._dispatcher.load_open()
-        if pending:
+        reloaded = await self._dispatcher.load_open()
+        if reloaded:
             log.info(
-                "%d pending dispatch(es) reloaded; delivered when their agents connect", pending
+                "%d open dispatch(es) reloaded; delivered or settled when their agents connect",
+                reloaded,
             )
+        self._dispatcher.start()
 
         await self._start_grpc()
         if self._http_server is None:
@@ -321,6 +344,10 @@ class Headend:
                 await self._grpc_server.stop(grace=STREAM_GRACE_S)
             if self._presence is not None:
                 await self._presence.detach_all()
+            if self._ingest is not None:
+                await self._ingest.close(INGEST_DRAIN_S)
+            if self._dispatcher is not None:
+                await self._dispatcher.close()
             await self._stop_http()
             if self._storage is not None:
                 try:

@@ -11,6 +11,7 @@ plain integer indexes and round-trips every ``datetime`` exactly.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -33,9 +34,12 @@ from der_sdk.models import (
 from der_sdk.plugins import hookimpl
 from der_sdk.storage.contract import StorageBackend
 
+log = logging.getLogger("der.storage.sqlite")
+
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``."""
 """The schema this module creates; a newer version in the file is refused at open."""
 
 _MEMORY = ":memory:"
@@ -353,10 +357,37 @@ class SQLiteStorage(StorageBackend):
             await db.execute("PRAGMA busy_timeout=5000")
             await self._check_schema_version(db)
             await db.executescript(_SCHEMA)
+            await self._migrate(db)
         except BaseException:
             await db.close()
             raise
         self._db = db
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        """Bring a file written by an older der-sdk up to :data:`SCHEMA_VERSION`."""
+        rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
+        found = rows[0][0] or SCHEMA_VERSION
+        if found >= SCHEMA_VERSION:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if found < 2:
+                await db.execute(
+                    "UPDATE dispatches SET state = 'submitted',"
+                    ' record = replace(record, \'"state":"pending"\', \'"state":"submitted"\')'
+                    ' WHERE record LIKE \'%"state":"pending"%\''
+                )
+                await db.execute(
+                    "UPDATE dispatch_events SET state = 'submitted' WHERE state = 'pending'"
+                )
+            await db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        log.info(
+            "SQLite database %s migrated from schema %d to %d", self.path, found, SCHEMA_VERSION
+        )
 
     async def _check_schema_version(self, db: aiosqlite.Connection) -> None:
         """Refuse a file written by a newer der-sdk before touching its schema."""

@@ -756,7 +756,7 @@ class StorageConformance:
         *,
         asset_id: str | None = None,
         site_id: str | None = None,
-        state: Literal["pending", "sent", "applied", "rejected", "failed"] = "pending",
+        state: Literal["submitted", "sent", "acked", "applied", "rejected", "failed"] = "submitted",
         targets: tuple[str, ...] = (),
     ) -> Dispatch:
         at = StorageConformance.at
@@ -956,7 +956,7 @@ class StorageConformance:
         assert await ids(asset_id=_ASSET_A) == ["site", "to-a"]
         assert await ids(site_id=_SITE) == ["site", "to-b", "to-a"]
         assert await ids(state="sent") == ["to-b"]
-        assert await ids(asset_id=_ASSET_B, state="pending") == ["site"]
+        assert await ids(asset_id=_ASSET_B, state="submitted") == ["site"]
         assert await ids(site_id="site-2", asset_id=_ASSET_A) == []
         assert [d.dispatch_id for d in await storage.dispatch_history(limit=2)] == [
             "other-site",
@@ -966,9 +966,9 @@ class StorageConformance:
     @pytest.mark.asyncio
     async def test_dispatch_events_are_oldest_first(self, storage: StorageBackend) -> None:
         at = self.at
-        states: list[tuple[Literal["sent", "pending", "applied"], int]] = [
+        states: list[tuple[Literal["sent", "submitted", "applied"], int]] = [
             ("sent", 2),
-            ("pending", 1),
+            ("submitted", 1),
             ("applied", 3),
         ]
         for state, seconds in states:
@@ -982,7 +982,7 @@ class StorageConformance:
         events = await storage.dispatch_events("d1")
 
         assert [(e.state, e.ts) for e in events] == [
-            ("pending", at(1)),
+            ("submitted", at(1)),
             ("sent", at(2)),
             ("applied", at(3)),
         ]

@@ -1,9 +1,10 @@
-"""Dispatch: validate, split and clamp, route to the serving stream or keep pending,
+"""Dispatch: validate, split and clamp, route to the serving stream or keep submitted,
 and follow each command's lifecycle from the agent's acknowledgements."""
 
 from der_sdk_headend.dispatch.dispatcher import (
     Dispatcher,
     DispatchError,
+    IdempotencyConflictError,
     InvalidDispatchError,
     UnknownTargetError,
     derive_state,
@@ -12,6 +13,7 @@ from der_sdk_headend.dispatch.dispatcher import (
 __all__ = [
     "DispatchError",
     "Dispatcher",
+    "IdempotencyConflictError",
     "InvalidDispatchError",
     "UnknownTargetError",
     "derive_state",

@@ -6,15 +6,28 @@ Rules (``docs/headend.md`` has the operator's version):
   asset's ``[min_mw, max_mw]``. A site dispatch is split over the site's inventory assets
   by the configured split policy; what no asset can take is reported as
   ``unallocated_mw``.
-* A newer dispatch supersedes the older *pending* targets for the same assets.
+* Lifecycle, forward only: ``submitted`` (recorded, its agent offline) → ``sent`` (pushed
+  down the stream) → ``acked`` (the agent recorded it in its journal) → one final state:
+  ``applied``, ``rejected``, ``failed``, ``expired`` or ``superseded``. A change to an
+  earlier or equal state is ignored. Every change is a timestamped :class:`DispatchEvent`.
+* A newer dispatch supersedes the older *submitted* targets for the same assets.
+* Expiry (``expires_at``, or ``ttl_s`` from creation): a submitted target whose expiry
+  passes becomes ``expired`` and is never sent. A sent one carries the time left
+  (``expires_in_ms``) and the agent refuses to apply it later, reporting ``expired``.
+* ``Idempotency-Key``: the key fixes the dispatch id, so a retried request returns the
+  record it created; the same key with a different request is refused.
 * Routing: a per-asset target whose asset is live gets a ``Setpoint`` on that stream.
   A site dispatch whose assets are all served by one live stream gets one site
   ``Setpoint`` (the agent splits); otherwise each live target gets its own per-asset
-  ``Setpoint`` (``command_id = "<dispatch_id>/<asset_id>"``) and the rest stay pending.
-* Pending targets are delivered when an agent serving them registers, unless the
-  dispatch's ``duration_s`` has already run out (then they expire).
+  ``Setpoint`` (``command_id = "<dispatch_id>/<asset_id>"``) and the rest stay submitted.
+* Submitted targets are delivered when an agent serving them registers, unless the
+  dispatch expired or its ``duration_s`` has already run out (then they expire). Targets
+  still ``sent`` (the stream ended before the agent answered) are sent again with the same
+  command id; the agent's journal makes sure it applies each command at most once and
+  reports the outcome it recorded.
 * ``SetpointAck`` updates the targets (from its allocations, or its status for a
-  per-asset command) and so the dispatch's state.
+  per-asset command) and so the dispatch's state. A final status is answered with
+  ``SetpointOutcomeAck`` once recorded, so the agent stops reporting it.
 * A ``LocalDispatch`` (a command an edge service applied at the agent, e.g. a SCADA write
   to its OPC UA server) is recorded as a dispatch with source ``local``, already in its
   final state; nothing is routed. The agent applies commands in arrival order, so the
@@ -31,15 +44,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
+import msgspec
+
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import (
+    DISPATCH_STATE_RANK,
     TERMINAL_DISPATCH_STATES,
     Asset,
     Dispatch,
@@ -56,8 +73,10 @@ from der_sdk_headend.observers import notify
 from der_sdk_headend.presence import AgentStream, Presence
 
 __all__ = [
+    "IDEMPOTENCY_NAMESPACE",
     "DispatchError",
     "Dispatcher",
+    "IdempotencyConflictError",
     "InvalidDispatchError",
     "UnknownTargetError",
     "derive_state",
@@ -65,10 +84,14 @@ __all__ = [
 
 log = logging.getLogger("der.headend.dispatch")
 
-_ACK_STATES: frozenset[str] = frozenset({"applied", "rejected", "failed"})
+_ACK_STATES: frozenset[str] = frozenset({"applied", "rejected", "failed", "expired"})
 _FINAL_ORDER: tuple[DispatchState, ...] = ("failed", "rejected", "superseded", "expired")
+_OPEN_STATES: tuple[DispatchState, ...] = ("submitted", "sent", "acked")
 _OPEN_LIMIT = 10_000
-"""How many pending dispatches are reloaded from storage at start."""
+"""How many open dispatches of each open state are reloaded from storage at start."""
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c9a52-63b1-4c1e-9f5e-2d7f0b3f4a10")
+"""Dispatch ids of idempotent requests are ``uuid5(IDEMPOTENCY_NAMESPACE, key)``."""
+_fingerprint_encode = msgspec.json.Encoder(order="sorted").encode
 
 
 class DispatchError(DerSdkError):
@@ -83,17 +106,21 @@ class UnknownTargetError(DispatchError):
     """The asset or site is not in the inventory (REST: 404)."""
 
 
+class IdempotencyConflictError(DispatchError):
+    """The ``Idempotency-Key`` was used before for a different request (REST: 409)."""
+
+
 def derive_state(targets: Sequence[DispatchTarget]) -> DispatchState:
     """A dispatch's state from its targets.
 
-    Any pending → ``pending``; else any sent → ``sent``; else all applied → ``applied``;
-    else the first of failed, rejected, superseded, expired that is present.
+    Any submitted → ``submitted``; else any sent → ``sent``; else any acked → ``acked``;
+    else all applied → ``applied``; else the first of failed, rejected, superseded,
+    expired that is present.
     """
     states = {t.state for t in targets}
-    if "pending" in states:
-        return "pending"
-    if "sent" in states:
-        return "sent"
+    for open_state in _OPEN_STATES:
+        if open_state in states:
+            return open_state
     if states == {"applied"}:
         return "applied"
     for state in _FINAL_ORDER:
@@ -124,41 +151,112 @@ class Dispatcher:
         self._policy = plugins.split_policies.get(policy_name)
         self._open: dict[str, Dispatch] = {}
         self._lock = asyncio.Lock()
+        self._expiry_wake = asyncio.Event()
+        self._expiry_task: asyncio.Task[None] | None = None
 
     @property
     def policy_name(self) -> str:
         return self._policy.name
 
     def open_dispatches(self) -> list[Dispatch]:
-        """Copies of the dispatches still open (pending or awaiting acknowledgement)."""
+        """Copies of the dispatches still open (submitted or awaiting the agent)."""
         return [copy.deepcopy(d) for d in self._open.values()]
 
     async def load_open(self) -> int:
-        """Reload pending dispatches from storage (at start, before agents connect)."""
-        stored = await self._storage.dispatch_history(state="pending", limit=_OPEN_LIMIT)
+        """Reload open dispatches from storage (at start, before agents connect)."""
+        stored: list[Dispatch] = []
+        for state in _OPEN_STATES:
+            stored += await self._storage.dispatch_history(state=state, limit=_OPEN_LIMIT)
         self._open = {d.dispatch_id: d for d in sorted(stored, key=lambda d: d.created_at)}
         return len(self._open)
 
+    def start(self) -> None:
+        """Start the task that expires submitted dispatches on time."""
+        if self._expiry_task is None:
+            self._expiry_task = asyncio.create_task(
+                self._expiry_loop(), name="headend-dispatch-expiry"
+            )
+
+    async def close(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+            self._expiry_task = None
+
     # ------------------------------------------------------------------ create
 
-    async def create(self, request: DispatchRequest, source: str = "rest") -> Dispatch:
+    async def create(
+        self,
+        request: DispatchRequest,
+        source: str = "rest",
+        *,
+        idempotency_key: str | None = None,
+    ) -> Dispatch:
         """Validate, split and clamp ``request``, route it, and record it.
 
-        :return: a snapshot of the new dispatch record.
-        :raises InvalidDispatchError: no target, a non-finite ``mw`` or a bad
-            ``duration_s``.
+        :return: a snapshot of the new dispatch record (or, for a repeated
+            ``idempotency_key``, of the record the first request created).
+        :raises InvalidDispatchError: no target, a non-finite ``mw``, a bad
+            ``duration_s``, ``ttl_s`` or ``expires_at``.
         :raises UnknownTargetError: the asset or site is not in the inventory.
+        :raises IdempotencyConflictError: the key was used for a different request.
         """
+        dispatch, _ = await self.submit(request, source, idempotency_key=idempotency_key)
+        return dispatch
+
+    async def submit(
+        self,
+        request: DispatchRequest,
+        source: str = "rest",
+        *,
+        idempotency_key: str | None = None,
+    ) -> tuple[Dispatch, bool]:
+        """:meth:`create`, also saying whether a new dispatch was made (``False``: the
+        ``idempotency_key`` was seen before and its record is returned)."""
+        fingerprint = None
+        if idempotency_key is not None:
+            idempotency_key = _check_key(idempotency_key)
+            fingerprint = hashlib.sha256(_fingerprint_encode(request)).hexdigest()
+            async with self._lock:
+                known = await self._storage.get_dispatch(_idempotent_id(idempotency_key))
+            if known is not None:
+                return self._replay(known, fingerprint), False
         dispatch = self._build(request, source)
+        if idempotency_key is not None:
+            dispatch.dispatch_id = _idempotent_id(idempotency_key)
+            dispatch.idempotency_key = idempotency_key
+            dispatch.request_fingerprint = fingerprint
         notify(self._plugins, "der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
         async with self._lock:
-            await self._supersede_pending(dispatch)
+            if idempotency_key is not None:  # a concurrent request with the same key
+                known = await self._storage.get_dispatch(dispatch.dispatch_id)
+                if known is not None:
+                    return self._replay(known, fingerprint), False
+            await self._supersede_submitted(dispatch)
             route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
             await self._record(dispatch, f"created by {source}; {route}")
             self._index(dispatch)
             self._log_created(dispatch, route)
-            return copy.deepcopy(dispatch)
+            if dispatch.expires_at is not None:
+                self._expiry_wake.set()
+            return copy.deepcopy(dispatch), True
+
+    @staticmethod
+    def _replay(known: Dispatch, fingerprint: str | None) -> Dispatch:
+        if known.request_fingerprint != fingerprint:
+            raise IdempotencyConflictError(
+                f"Idempotency-Key {known.idempotency_key!r} was already used for dispatch "
+                f"{known.dispatch_id} with a different request; use a new key for a new "
+                "dispatch"
+            )
+        log.info(
+            "dispatch %s: repeated request with Idempotency-Key %r; returning the record",
+            known.dispatch_id,
+            known.idempotency_key,
+        )
+        return known
 
     def _build(self, request: DispatchRequest, source: str) -> Dispatch:
         if not math.isfinite(request.mw):
@@ -173,11 +271,12 @@ class Dispatcher:
         dispatch = Dispatch(
             dispatch_id=str(uuid.uuid4()),
             mw=request.mw,
-            state="pending",
+            state="submitted",
             created_at=now,
             updated_at=now,
             duration_s=request.duration_s,
             source=source,
+            expires_at=_expiry(request, now),
         )
         if request.asset_id:
             asset = self._asset(request.asset_id)
@@ -231,10 +330,10 @@ class Dispatcher:
         except UnknownNameError:
             raise UnknownTargetError(f"unknown site {site_id}") from None
 
-    async def _supersede_pending(self, newer: Dispatch) -> None:
+    async def _supersede_submitted(self, newer: Dispatch) -> None:
         assets = {t.asset_id for t in newer.targets}
         for older in list(self._open.values()):
-            replaced = [t for t in older.targets if t.state == "pending" and t.asset_id in assets]
+            replaced = [t for t in older.targets if t.state == "submitted" and t.asset_id in assets]
             if not replaced:
                 continue
             for target in replaced:
@@ -243,11 +342,12 @@ class Dispatcher:
             older.state = derive_state(older.targets)
             names = ", ".join(t.asset_id for t in replaced)
             await self._record(
-                older, f"pending targets for {names} superseded by dispatch {newer.dispatch_id}"
+                older,
+                f"submitted targets for {names} superseded by dispatch {newer.dispatch_id}",
             )
             self._index(older)
             log.info(
-                "dispatch %s: pending targets for %s superseded by %s (now %s)",
+                "dispatch %s: submitted targets for %s superseded by %s (now %s)",
                 older.dispatch_id,
                 names,
                 newer.dispatch_id,
@@ -262,8 +362,8 @@ class Dispatcher:
             target = dispatch.targets[0]
             stream = self._presence.stream_for(target.asset_id)
             if stream is None:
-                return f"asset {target.asset_id} offline, kept pending"
-            self._send_to_asset(stream, target, dispatch.dispatch_id, dispatch.duration_s)
+                return f"asset {target.asset_id} offline, kept submitted"
+            self._send_to_asset(stream, dispatch, target, dispatch.dispatch_id, dispatch.duration_s)
             return f"sent to {stream.describe()}"
 
         assert dispatch.site_id is not None
@@ -279,61 +379,88 @@ class Dispatcher:
             stream = self._presence.stream_for(target.asset_id)
             if stream is not None:
                 command_id = f"{dispatch.dispatch_id}/{target.asset_id}"
-                self._send_to_asset(stream, target, command_id, dispatch.duration_s)
+                self._send_to_asset(stream, dispatch, target, command_id, dispatch.duration_s)
                 sent.append(target.asset_id)
-        pending = len(dispatch.targets) - len(sent)
-        return f"per-asset setpoints sent to {len(sent)} live asset(s), {pending} kept pending"
+        waiting = len(dispatch.targets) - len(sent)
+        return f"per-asset setpoints sent to {len(sent)} live asset(s), {waiting} kept submitted"
 
     def _send_to_asset(
         self,
         stream: AgentStream,
+        dispatch: Dispatch,
         target: DispatchTarget,
         command_id: str,
         duration_s: float | None,
     ) -> None:
         stream.send(
             codec.headend_setpoint(
-                command_id, target.mw, asset_id=target.asset_id, duration_s=duration_s
+                command_id,
+                target.mw,
+                asset_id=target.asset_id,
+                duration_s=duration_s,
+                expires_in_ms=_expires_in_ms(dispatch),
             )
         )
         target.state = "sent"
+        target.command_id = command_id
 
     def _send_to_site(
         self, stream: AgentStream, dispatch: Dispatch, duration_s: float | None
     ) -> None:
         stream.send(
             codec.headend_setpoint(
-                dispatch.dispatch_id, dispatch.mw, site_id=dispatch.site_id, duration_s=duration_s
+                dispatch.dispatch_id,
+                dispatch.mw,
+                site_id=dispatch.site_id,
+                duration_s=duration_s,
+                expires_in_ms=_expires_in_ms(dispatch),
             )
         )
         for target in dispatch.targets:
             target.state = "sent"
+            target.command_id = dispatch.dispatch_id
 
     async def deliver_pending(self, stream: AgentStream) -> int:
-        """Send the pending targets ``stream`` serves (called when an agent registers).
+        """Send what ``stream`` serves and has not acknowledged (an agent registered).
 
-        :return: how many dispatches were delivered.
+        Submitted targets are delivered (or expire); targets still ``sent`` from an
+        earlier stream are sent again with their command id, for the agent to apply at
+        most once and report.
+
+        :return: how many dispatches were delivered or sent again.
         """
         delivered = 0
         async with self._lock:
             now = utc_now()
             for dispatch in sorted(self._open.values(), key=lambda d: d.created_at):
+                again = [
+                    t for t in dispatch.targets if t.state == "sent" and stream.serves(t.asset_id)
+                ]
+                if again:
+                    how = self._resend(stream, dispatch, again, _remaining_s(dispatch, now))
+                    await self._record(dispatch, f"{how} on register of {stream.describe()}")
+                    log.info(
+                        "dispatch %s: %s on register of %s",
+                        dispatch.dispatch_id,
+                        how,
+                        stream.describe(),
+                    )
+                    delivered += 1
                 waiting = [
                     t
                     for t in dispatch.targets
-                    if t.state == "pending" and stream.serves(t.asset_id)
+                    if t.state == "submitted" and stream.serves(t.asset_id)
                 ]
                 if not waiting:
                     continue
                 remaining = _remaining_s(dispatch, now)
-                if remaining is not None and remaining <= 0:
+                why = _expired_because(dispatch, now)
+                if why is not None:
                     for target in waiting:
                         target.state = "expired"
-                        target.reason = (
-                            f"its duration of {_fmt(dispatch.duration_s or 0)} s ran out"
-                        )
+                        target.reason = why
                     dispatch.state = derive_state(dispatch.targets)
-                    await self._record(dispatch, "expired before its asset connected")
+                    await self._record(dispatch, f"expired before its asset connected: {why}")
                     self._index(dispatch)
                     log.info("dispatch %s expired before delivery", dispatch.dispatch_id)
                     continue
@@ -360,24 +487,49 @@ class Dispatcher:
         if dispatch.asset_id is None and dispatch.site_id is not None:
             site_assets = self._inventory.assets_for_site(dispatch.site_id)
             whole_site = all(stream.serves(a.asset_id) for a in site_assets) and all(
-                t.state == "pending" for t in dispatch.targets
+                t.state == "submitted" for t in dispatch.targets
             )
             if whole_site:
                 self._send_to_site(stream, dispatch, duration_s)
-                return "pending site setpoint delivered"
+                return "submitted site setpoint delivered"
             for target in waiting:
                 command_id = f"{dispatch.dispatch_id}/{target.asset_id}"
-                self._send_to_asset(stream, target, command_id, duration_s)
-            return f"pending setpoints for {len(waiting)} asset(s) delivered"
+                self._send_to_asset(stream, dispatch, target, command_id, duration_s)
+            return f"submitted setpoints for {len(waiting)} asset(s) delivered"
         for target in waiting:
-            self._send_to_asset(stream, target, dispatch.dispatch_id, duration_s)
-        return "pending setpoint delivered"
+            self._send_to_asset(stream, dispatch, target, dispatch.dispatch_id, duration_s)
+        return "submitted setpoint delivered"
+
+    def _resend(
+        self,
+        stream: AgentStream,
+        dispatch: Dispatch,
+        targets: list[DispatchTarget],
+        duration_s: float | None,
+    ) -> str:
+        """Send unacknowledged commands again, unchanged (same command ids)."""
+        commands: dict[str, list[DispatchTarget]] = {}
+        for target in targets:
+            commands.setdefault(target.command_id or dispatch.dispatch_id, []).append(target)
+        for command_id, group in commands.items():
+            if command_id == dispatch.dispatch_id and dispatch.asset_id is None:
+                self._send_to_site(stream, dispatch, duration_s)
+            else:
+                for target in group:
+                    self._send_to_asset(stream, dispatch, target, command_id, duration_s)
+        return f"{len(commands)} unacknowledged command(s) sent again"
 
     # ------------------------------------------------------------------ acknowledgements
 
     async def on_ack(self, stream: AgentStream, ack: pb.SetpointAck) -> None:
-        """Apply an agent's ``SetpointAck`` to the dispatch it acknowledges."""
+        """Apply an agent's ``SetpointAck`` to the dispatch it acknowledges.
+
+        ``acked`` moves the command's targets to ``acked``. A final status settles them
+        (forward only: a repeated or late report changes nothing) and, once recorded, is
+        answered with ``SetpointOutcomeAck`` so the agent stops reporting it.
+        """
         dispatch_id, _, asset_part = ack.command_id.partition("/")
+        final = ack.status != "acked"
         async with self._lock:
             dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
             if dispatch is None:
@@ -386,12 +538,15 @@ class Dispatcher:
                     stream.describe(),
                     ack.command_id,
                 )
+                if final:
+                    stream.send(codec.headend_outcome_ack(ack.command_id))
                 return
-            status = _ack_state(ack.status)
+            before = [t.state for t in dispatch.targets]
+            status: DispatchState = _ack_state(ack.status) if final else "acked"
             reason = ack.reason if ack.HasField("reason") else None
-            if ack.status not in _ACK_STATES:
+            if final and ack.status not in _ACK_STATES:
                 reason = reason or f"the agent reported an unknown status {ack.status!r}"
-            allocations = codec.allocations_from_pb(ack)
+            allocations = codec.allocations_from_pb(ack) if final else []
             if allocations:
                 for allocation in allocations:
                     target = _target(dispatch, allocation.asset_id)
@@ -407,26 +562,49 @@ class Dispatcher:
                     state = _ack_state(allocation.status)
                     _settle(target, state, allocation.mw, allocation.reason or reason)
             else:
-                if asset_part:
-                    targets = [t for t in [_target(dispatch, asset_part)] if t is not None]
-                elif dispatch.asset_id is not None:
-                    targets = [t for t in [_target(dispatch, dispatch.asset_id)] if t is not None]
-                else:
-                    targets = [t for t in dispatch.targets if t.state == "sent"]
+                targets = self._command_targets(dispatch, ack.command_id, asset_part)
                 single = len(targets) == 1
                 for target in targets:
                     _settle(target, status, ack.applied_mw if single else None, reason)
-            dispatch.state = derive_state(dispatch.targets)
-            if reason and status != "applied":
-                dispatch.reason = reason
-            detail = f"{status} by agent {stream.agent_id} (command {ack.command_id})"
-            if status == "applied":
-                detail += f", {_fmt(ack.applied_mw)} MW applied"
-            if reason:
-                detail += f": {reason}"
-            await self._record(dispatch, detail)
-            self._index(dispatch)
-            log.info("dispatch %s: %s; now %s", dispatch.dispatch_id, detail, dispatch.state)
+            changed = [t.state for t in dispatch.targets] != before
+            if changed:
+                dispatch.state = derive_state(dispatch.targets)
+                if final and reason and status != "applied":
+                    dispatch.reason = reason
+                detail = f"{status} by agent {stream.agent_id} (command {ack.command_id})"
+                if status == "applied":
+                    detail += f", {_fmt(ack.applied_mw)} MW applied"
+                if reason:
+                    detail += f": {reason}"
+                if ack.ts_us > 0:
+                    detail += f"; at the agent {codec.datetime_from_us(ack.ts_us).isoformat()}"
+                await self._record(dispatch, detail)
+                self._index(dispatch)
+                log.info("dispatch %s: %s; now %s", dispatch.dispatch_id, detail, dispatch.state)
+            else:
+                log.debug(
+                    "dispatch %s: %s from %s for command %s changes nothing (now %s)",
+                    dispatch.dispatch_id,
+                    ack.status,
+                    stream.describe(),
+                    ack.command_id,
+                    dispatch.state,
+                )
+            if final:
+                stream.send(codec.headend_outcome_ack(ack.command_id))
+
+    @staticmethod
+    def _command_targets(
+        dispatch: Dispatch, command_id: str, asset_part: str
+    ) -> list[DispatchTarget]:
+        carried = [t for t in dispatch.targets if t.command_id == command_id]
+        if carried:
+            return carried
+        if asset_part:
+            return [t for t in [_target(dispatch, asset_part)] if t is not None]
+        if dispatch.asset_id is not None:
+            return [t for t in [_target(dispatch, dispatch.asset_id)] if t is not None]
+        return [t for t in dispatch.targets if t.state in ("sent", "acked")]
 
     async def record_local(
         self, stream: AgentStream, report: codec.LocalDispatchReport
@@ -513,21 +691,65 @@ class Dispatcher:
             return copy.deepcopy(dispatch)
 
     async def on_stream_end(self, stream: AgentStream) -> None:
-        """Forget sent dispatches that can no longer be acknowledged on a live stream.
+        """A stream ended. Its sent and acked dispatches stay open: sent ones are sent
+        again when an agent serving them registers, and the agent reports the outcome of
+        acked ones from its journal."""
+        count = sum(
+            1
+            for d in self._open.values()
+            if any(t.state in ("sent", "acked") and stream.serves(t.asset_id) for t in d.targets)
+        )
+        if count:
+            log.info(
+                "%s ended with %d dispatch(es) not yet settled; they settle when it returns",
+                stream.describe(),
+                count,
+            )
 
-        They stay ``sent`` in storage (the agent may have applied them); a late
-        acknowledgement is still matched through storage.
-        """
+    # ------------------------------------------------------------------ expiry
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            self._expiry_wake.clear()
+            now = utc_now()
+            due = [
+                d
+                for d in self._open.values()
+                if d.expires_at is not None and any(t.state == "submitted" for t in d.targets)
+            ]
+            expired = [d for d in due if d.expires_at is not None and d.expires_at <= now]
+            if expired:
+                try:
+                    await self._expire(expired)
+                except Exception:
+                    log.exception("expiring dispatches failed; retrying in 1 s")
+                    await asyncio.sleep(1.0)
+                continue
+            upcoming = [d.expires_at for d in due if d.expires_at is not None]
+            wait = min(upcoming) - now if upcoming else None
+            try:
+                async with asyncio.timeout(
+                    wait.total_seconds() + 0.001 if wait is not None else None
+                ):
+                    await self._expiry_wake.wait()
+            except TimeoutError:
+                pass
+
+    async def _expire(self, dispatches: list[Dispatch]) -> None:
         async with self._lock:
-            for dispatch in list(self._open.values()):
-                if any(t.state == "pending" for t in dispatch.targets):
+            now = utc_now()
+            for dispatch in dispatches:
+                waiting = [t for t in dispatch.targets if t.state == "submitted"]
+                if not waiting or dispatch.expires_at is None or dispatch.expires_at > now:
                     continue
-                live = any(
-                    t.state == "sent" and self._presence.stream_for(t.asset_id) is not None
-                    for t in dispatch.targets
-                )
-                if not live:
-                    del self._open[dispatch.dispatch_id]
+                why = f"expired at {dispatch.expires_at.isoformat()} before it could be sent"
+                for target in waiting:
+                    target.state = "expired"
+                    target.reason = why
+                dispatch.state = derive_state(dispatch.targets)
+                await self._record(dispatch, why)
+                self._index(dispatch)
+                log.info("dispatch %s: %s (now %s)", dispatch.dispatch_id, why, dispatch.state)
 
     # ------------------------------------------------------------------ record
 
@@ -580,6 +802,57 @@ class Dispatcher:
         )
 
 
+def _check_key(key: str) -> str:
+    key = key.strip()
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidDispatchError(
+            "header Idempotency-Key must be 1 to 255 printable characters (a UUID is a good key)"
+        )
+    return key
+
+
+def _idempotent_id(key: str) -> str:
+    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+
+
+def _expiry(request: DispatchRequest, now: datetime) -> datetime | None:
+    if request.expires_at is not None and request.ttl_s is not None:
+        raise InvalidDispatchError("give expires_at or ttl_s, not both")
+    if request.ttl_s is not None:
+        if not (math.isfinite(request.ttl_s) and request.ttl_s > 0):
+            raise InvalidDispatchError(
+                f"ttl_s must be a positive number of seconds, got {request.ttl_s}"
+            )
+        return now + timedelta(seconds=request.ttl_s)
+    if request.expires_at is not None:
+        if request.expires_at.tzinfo is None:
+            raise InvalidDispatchError(
+                "expires_at needs a time zone, e.g. 2026-01-01T12:00:00Z or +01:00"
+            )
+        if request.expires_at <= now:
+            raise InvalidDispatchError(
+                f"expires_at {request.expires_at.isoformat()} is already in the past "
+                f"(headend time {now.isoformat()})"
+            )
+        return request.expires_at.astimezone(now.tzinfo)
+    return None
+
+
+def _expires_in_ms(dispatch: Dispatch) -> int | None:
+    if dispatch.expires_at is None:
+        return None
+    return math.floor((dispatch.expires_at - utc_now()).total_seconds() * 1000)
+
+
+def _expired_because(dispatch: Dispatch, now: datetime) -> str | None:
+    if dispatch.expires_at is not None and dispatch.expires_at <= now:
+        return f"it expired at {dispatch.expires_at.isoformat()} before its asset connected"
+    remaining = _remaining_s(dispatch, now)
+    if remaining is not None and remaining <= 0:
+        return f"its duration of {_fmt(dispatch.duration_s or 0)} s ran out"
+    return None
+
+
 def _remaining_s(dispatch: Dispatch, now: datetime) -> float | None:
     if dispatch.duration_s is None:
         return None
@@ -603,9 +876,12 @@ def _target(dispatch: Dispatch, asset_id: str) -> DispatchTarget | None:
 def _settle(
     target: DispatchTarget, state: DispatchState, applied_mw: float | None, reason: str | None
 ) -> None:
-    if target.state in ("superseded", "expired"):
+    """Move ``target`` to ``state``, forward only."""
+    if DISPATCH_STATE_RANK[state] <= DISPATCH_STATE_RANK[target.state]:
         return
     target.state = state
+    if state == "acked":
+        return
     target.applied_mw = applied_mw if state == "applied" else None
     if reason is not None:
         target.reason = reason

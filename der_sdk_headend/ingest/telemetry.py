@@ -1,6 +1,8 @@
-"""Telemetry ingest for one batch at a time.
+"""Telemetry ingest: decode and check on the stream's reader, store on one writer task.
 
-The order of a batch matters and is fixed here:
+A batch goes through two stages.
+
+**On the stream's reader** (:meth:`TelemetryIngest.submit`):
 
 1. decode each sample through :mod:`der_sdk.wire.codec`; a sample that does not decode is
    logged with its asset and skipped, the rest of the batch goes on;
@@ -9,35 +11,142 @@ The order of a batch matters and is fixed here:
 3. check ``details`` against the asset type: a bad field is dropped from ``details``, the
    sample is kept and its quality downgraded from ``good`` to ``uncertain`` with the
    problem appended to ``quality_reason``; unknown fields are kept, missing ones are fine;
-4. update the in-memory latest sample of each asset (only by a newer ``ts``);
-5. fire ``der_telemetry_received``, store the batch, and only then acknowledge its
-   sequence number, so an acknowledged batch is never lost.
+4. update the in-memory latest sample of each asset (only by a newer ``ts``), so
+   ``/telemetry/latest`` stays fresh even while storage is stalled;
+5. put the batch on the **bounded ingest queue**. When the queue is full, ``submit``
+   waits, so the reader stops reading its stream and gRPC flow control pushes back on
+   the agent, which keeps the samples in its own buffer. Nothing is dropped and memory
+   does not grow with the backlog.
+
+**On the writer task**: take up to :data:`WRITE_BATCH_SAMPLES` samples from the queue,
+fire ``der_telemetry_received``, store them in one ``append_telemetry`` call, and only
+after that commit acknowledge each batch with ``TelemetryAck(seq, stored_through)``. A
+failed write is retried with backoff (one log line when it starts failing, one when it
+recovers) and the batches stay queued and unacknowledged meanwhile; ``/healthz`` reports
+the stall. Heartbeats and events ride the same writer (heartbeats coalesced per agent).
+
+**Sequence tracking.** Batch ``seq`` numbers are per agent telemetry stream (the agent's
+buffer, ``Register.stream_id``), durable across agent restarts. For each stream the
+writer keeps ``stored_through``: every seq up to it is stored, or was reported dropped by
+the agent (``floor_seq``). Seqs below the agent's floor that never arrived are recorded
+as one ``telemetry_gap`` event per range. Duplicates (a batch sent again after a lost
+ack) are stored idempotently by the backend's ``(asset_id, ts)`` key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import msgspec
 
 from der_sdk.asset_types import validate_details
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
-from der_sdk.models import Event, TelemetrySample, utc_now
+from der_sdk.models import Event, Heartbeat, TelemetrySample, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 from der_sdk.wire import codec, pb
 from der_sdk_headend.observers import notify
 from der_sdk_headend.presence import AgentStream, Presence
 
-__all__ = ["TelemetryIngest"]
+__all__ = [
+    "DEFAULT_QUEUE_MAX_SAMPLES",
+    "STALL_AFTER_S",
+    "WRITE_BATCH_SAMPLES",
+    "IngestStats",
+    "SeqCursor",
+    "TelemetryIngest",
+]
 
 log = logging.getLogger("der.headend.ingest")
 
+DEFAULT_QUEUE_MAX_SAMPLES = 50_000
+"""How many samples may wait for storage before readers stop reading their streams."""
+WRITE_BATCH_SAMPLES = 5_000
+"""The most samples the writer stores in one ``append_telemetry`` call."""
+STALL_AFTER_S = 5.0
+"""A write failing, or running or waiting longer than this, makes ``/healthz`` degraded."""
+RETRY_INITIAL_S = 0.25
+RETRY_MAX_S = 5.0
+
+
+@dataclass
+class SeqCursor:
+    """What the headend knows of one agent telemetry stream's sequence numbers."""
+
+    stored_through: int
+    above: set[int] = field(default_factory=set)
+    gaps: int = 0
+
+    def stored(self, seq: int, floor_seq: int) -> list[tuple[int, int]]:
+        """Note batch ``seq`` stored with the agent's ``floor_seq``; return new gaps.
+
+        A gap is a range of seqs below the agent's floor (the agent no longer holds them)
+        that never reached storage.
+        """
+        if seq > self.stored_through:
+            self.above.add(seq)
+        gaps: list[tuple[int, int]] = []
+        if floor_seq > self.stored_through + 1:
+            start = None
+            for missing in range(self.stored_through + 1, floor_seq):
+                if missing in self.above:
+                    if start is not None:
+                        gaps.append((start, missing - 1))
+                        start = None
+                elif start is None:
+                    start = missing
+            if start is not None:
+                gaps.append((start, floor_seq - 1))
+            self.stored_through = floor_seq - 1
+            self.above = {s for s in self.above if s > self.stored_through}
+        while self.stored_through + 1 in self.above:
+            self.stored_through += 1
+            self.above.discard(self.stored_through)
+        self.gaps += len(gaps)
+        return gaps
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    """Counters for ``/healthz`` and ``/metrics``."""
+
+    queued_batches: int
+    queued_samples: int
+    max_queued_samples: int
+    samples_stored: int
+    batches_acked: int
+    write_failures: int
+    gaps: int
+    stalled: bool
+    stall_reason: str | None
+    oldest_queued_s: float
+
+
+@dataclass
+class _Item:
+    stream: AgentStream
+    seq: int
+    floor_seq: int
+    samples: list[TelemetrySample]
+    queued_at: float
+
+
+@dataclass
+class _EventItem:
+    event: Event
+    ack: tuple[AgentStream, str] | None = None  # (stream, event id) to acknowledge
+
 
 class TelemetryIngest:
-    """Stores telemetry batches and keeps the latest sample of every asset in memory."""
+    """Checks telemetry on arrival, keeps the latest sample of every asset in memory, and
+    stores batches through a bounded queue and one writer task."""
 
     def __init__(
         self,
@@ -45,12 +154,70 @@ class TelemetryIngest:
         plugins: Plugins,
         storage: StorageBackend,
         presence: Presence,
+        *,
+        max_queued_samples: int = DEFAULT_QUEUE_MAX_SAMPLES,
+        stall_after_s: float = STALL_AFTER_S,
     ) -> None:
+        if max_queued_samples < 1:
+            raise ValueError(f"max_queued_samples must be at least 1, got {max_queued_samples}")
         self._inventory = inventory
         self._plugins = plugins
         self._storage = storage
         self._presence = presence
         self._latest: dict[str, TelemetrySample] = {}
+        self.max_queued_samples = max_queued_samples
+        self.stall_after_s = stall_after_s
+        self._queue: deque[_Item] = deque()
+        self._events: deque[_EventItem] = deque()
+        self._heartbeats: dict[str, tuple[AgentStream, pb.Heartbeat]] = {}
+        self._queued_samples = 0
+        self._space = asyncio.Condition()
+        self._work = asyncio.Event()
+        self._cursors: dict[tuple[str, str], SeqCursor] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._samples_stored = 0
+        self._batches_acked = 0
+        self._write_failures = 0
+        self._failing_since: float | None = None
+        self._failure: str | None = None
+        self._write_started: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start the writer task (the headend does this once storage is open)."""
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name="headend-ingest-writer")
+
+    async def close(self, drain_timeout_s: float = 5.0) -> None:
+        """Store what is queued (up to ``drain_timeout_s``), then stop the writer.
+
+        Batches still queued after the timeout are not acknowledged: their agents send
+        them again.
+        """
+        self._closing = True
+        if self._writer is None:
+            return
+        self._work.set()
+        try:
+            async with asyncio.timeout(drain_timeout_s):
+                while self._queue or self._events or self._heartbeats:
+                    if self._writer.done():
+                        break
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            log.warning(
+                "stopping with %d telemetry batch(es) not stored; their agents will send "
+                "them again",
+                len(self._queue),
+            )
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+        self._writer = None
+        async with self._space:
+            self._space.notify_all()
 
     # ------------------------------------------------------------------ latest
 
@@ -66,19 +233,45 @@ class TelemetryIngest:
     def latest_by_asset(self) -> Mapping[str, TelemetrySample]:
         return self._latest
 
-    # ------------------------------------------------------------------ a batch
+    # ------------------------------------------------------------------ status
 
-    async def ingest(self, stream: AgentStream, batch: pb.TelemetryBatch) -> int:
-        """Ingest one batch from ``stream`` and acknowledge it once stored.
+    def stats(self) -> IngestStats:
+        now = time.monotonic()
+        oldest = now - self._queue[0].queued_at if self._queue else 0.0
+        reason = self._stall_reason(now, oldest)
+        return IngestStats(
+            queued_batches=len(self._queue),
+            queued_samples=self._queued_samples,
+            max_queued_samples=self.max_queued_samples,
+            samples_stored=self._samples_stored,
+            batches_acked=self._batches_acked,
+            write_failures=self._write_failures,
+            gaps=sum(c.gaps for c in self._cursors.values()),
+            stalled=reason is not None,
+            stall_reason=reason,
+            oldest_queued_s=oldest,
+        )
 
-        :return: how many samples were new in storage.
-        :raises Exception: whatever storage raised; the batch is then not acknowledged,
-            so the agent sends it again.
+    def _stall_reason(self, now: float, oldest: float) -> str | None:
+        if self._failure is not None:
+            return f"storage writes failing: {self._failure}"
+        if self._write_started is not None and now - self._write_started > self.stall_after_s:
+            return f"a storage write has been running for {now - self._write_started:.0f} s"
+        if oldest > self.stall_after_s:
+            return f"the oldest queued batch has waited {oldest:.0f} s"
+        return None
+
+    # ------------------------------------------------------------------ the reader side
+
+    async def submit(self, stream: AgentStream, batch: pb.TelemetryBatch) -> int:
+        """Check ``batch`` and queue it for storage; wait while the queue is full.
+
+        :return: how many samples were queued.
         """
         self._presence.touch(stream)
         samples: list[TelemetrySample] = []
         for message in batch.samples:
-            sample = await self._accept(stream, message)
+            sample = self._accept(stream, message)
             if sample is not None:
                 samples.append(sample)
 
@@ -87,21 +280,35 @@ class TelemetryIngest:
             if current is None or sample.ts > current.ts:
                 self._latest[sample.asset_id] = sample
 
-        stored = 0
-        if samples:
-            notify(self._plugins, "der_telemetry_received", samples=samples)
-            stored = await self._storage.append_telemetry(samples)
-        stream.send(codec.headend_telemetry_ack(batch.seq))
-        log.debug(
-            "batch %d from %s: %d samples, %d new",
-            batch.seq,
-            stream.describe(),
-            len(samples),
-            stored,
-        )
-        return stored
+        size = len(samples)
+        async with self._space:
+            # A batch larger than the whole bound still goes through, alone.
+            await self._space.wait_for(
+                lambda: (
+                    self._closing
+                    or not self._queue
+                    or self._queued_samples + size <= self.max_queued_samples
+                )
+            )
+        self._queue.append(_Item(stream, batch.seq, batch.floor_seq, samples, time.monotonic()))
+        self._queued_samples += size
+        self._work.set()
+        return size
 
-    async def _accept(self, stream: AgentStream, message: pb.Telemetry) -> TelemetrySample | None:
+    def submit_heartbeat(self, stream: AgentStream, heartbeat: pb.Heartbeat) -> None:
+        """Queue a heartbeat; a newer one from the same stream replaces one not yet stored."""
+        self._presence.touch(stream)
+        if heartbeat.HasField("buffer"):
+            stream.buffer = codec.buffer_stats_from_pb(heartbeat.buffer)
+        self._heartbeats[stream.stream_id] = (stream, heartbeat)
+        self._work.set()
+
+    def submit_event(self, event: Event, ack: tuple[AgentStream, str] | None = None) -> None:
+        """Queue an event for storage; ``ack`` = (stream, event id) to acknowledge after."""
+        self._events.append(_EventItem(event, ack))
+        self._work.set()
+
+    def _accept(self, stream: AgentStream, message: pb.Telemetry) -> TelemetrySample | None:
         """The checked sample for ``message``, or ``None`` when it is skipped."""
         try:
             sample = codec.sample_from_pb(message)
@@ -119,7 +326,7 @@ class TelemetryIngest:
         except UnknownNameError:
             asset = None
         if asset is None or not stream.serves(asset.asset_id):
-            await self._refuse_unserved(stream, sample.asset_id)
+            self._refuse_unserved(stream, sample.asset_id)
             return None
 
         quality = sample.quality
@@ -153,7 +360,7 @@ class TelemetryIngest:
             details=details,
         )
 
-    async def _refuse_unserved(self, stream: AgentStream, asset_id: str) -> None:
+    def _refuse_unserved(self, stream: AgentStream, asset_id: str) -> None:
         key = f"unserved:{asset_id}"
         if key in stream.warned:
             return
@@ -167,7 +374,7 @@ class TelemetryIngest:
             stream.describe(),
             why,
         )
-        await self._storage.append_event(
+        self.submit_event(
             Event(
                 ts=utc_now(),
                 kind="telemetry_dropped",
@@ -186,3 +393,165 @@ class TelemetryIngest:
             return
         stream.warned.add(key)
         log.warning(message, *args)
+
+    # ------------------------------------------------------------------ the writer
+
+    async def _write_loop(self) -> None:
+        delay = RETRY_INITIAL_S
+        while True:
+            if not (self._queue or self._events or self._heartbeats):
+                self._work.clear()
+                await self._work.wait()
+            try:
+                await self._write_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._write_failures += 1
+                self._on_failure(exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+            else:
+                delay = RETRY_INITIAL_S
+                self._on_success()
+
+    async def _write_once(self) -> None:
+        """Store one group of queued work; on success acknowledge it and dequeue it."""
+        items: list[_Item] = []
+        total = 0
+        for item in self._queue:
+            if items and total + len(item.samples) > WRITE_BATCH_SAMPLES:
+                break
+            items.append(item)
+            total += len(item.samples)
+        samples = [s for item in items for s in item.samples]
+        self._write_started = time.monotonic()
+        try:
+            if samples:
+                await self._storage.append_telemetry(samples)
+            events = list(self._events)
+            for event_item in events:
+                await self._storage.append_event(event_item.event)
+                self._events.popleft()
+                if event_item.ack is not None:
+                    stream, event_id = event_item.ack
+                    stream.send(codec.headend_event_ack(event_id))
+            beats = list(self._heartbeats.values())
+            stored_beats = dict(self._heartbeats)
+            if beats:
+                await self._store_heartbeats(beats)
+                for key, value in stored_beats.items():
+                    if self._heartbeats.get(key) is value:
+                        del self._heartbeats[key]
+        finally:
+            self._write_started = None
+
+        if samples:
+            notify(self._plugins, "der_telemetry_received", samples=samples)
+        for _ in items:
+            self._queue.popleft()
+        self._queued_samples -= total
+        self._samples_stored += total
+        async with self._space:
+            self._space.notify_all()
+        gaps: list[Event] = []
+        for item in items:
+            stored_through = self._track(item, gaps)
+            item.stream.send(codec.headend_telemetry_ack(item.seq, stored_through))
+            self._batches_acked += 1
+            log.debug(
+                "batch %d from %s: %d samples stored, acknowledged through %d",
+                item.seq,
+                item.stream.describe(),
+                len(item.samples),
+                stored_through,
+            )
+        for event in gaps:
+            self.submit_event(event)
+
+    def _track(self, item: _Item, gaps: list[Event]) -> int:
+        stream = item.stream
+        key = (stream.agent_id, stream.telemetry_stream)
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            # First batch of this stream in this headend run: everything below the agent's
+            # floor was acknowledged earlier or reported dropped by the agent itself.
+            start = item.floor_seq - 1 if item.floor_seq else item.seq - 1
+            cursor = self._cursors[key] = SeqCursor(stored_through=max(start, 0))
+        for first, last in cursor.stored(item.seq, item.floor_seq):
+            count = last - first + 1
+            log.warning(
+                "telemetry gap from %s: %d batch(es), seq %d..%d, never reached storage "
+                "(the agent dropped them)",
+                stream.describe(),
+                count,
+                first,
+                last,
+            )
+            gaps.append(
+                Event(
+                    ts=utc_now(),
+                    kind="telemetry_gap",
+                    message=f"agent {stream.agent_id}: telemetry batches {first}..{last} "
+                    f"({count}) never reached storage; the agent no longer holds them",
+                    site_id=stream.site_id or None,
+                    data={
+                        "agent_id": stream.agent_id,
+                        "stream_id": stream.telemetry_stream,
+                        "first_seq": first,
+                        "last_seq": last,
+                        "batches": count,
+                    },
+                )
+            )
+        return cursor.stored_through
+
+    async def _store_heartbeats(self, beats: list[tuple[AgentStream, pb.Heartbeat]]) -> None:
+        rows: list[Heartbeat] = []
+        for stream, heartbeat in beats:
+            if heartbeat.ts_us <= 0 or not heartbeat.agent_id:
+                # An agent without a clock or id still proves it is alive: use ours.
+                heartbeat = pb.Heartbeat(
+                    agent_id=heartbeat.agent_id or stream.agent_id,
+                    ts_us=heartbeat.ts_us
+                    if heartbeat.ts_us > 0
+                    else codec.datetime_to_us(utc_now()),
+                    uptime_s=heartbeat.uptime_s,
+                )
+            served = {s.asset_id: s.site_id for s in stream.sessions.values()}
+            rows.extend(codec.heartbeats_from_pb(heartbeat, served))
+        if rows:
+            await self._storage.append_heartbeats(rows)
+
+    def _on_failure(self, exc: Exception, delay: float) -> None:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error(
+                "storage %s: writing telemetry failed: %s; %d batch(es) (%d samples) held "
+                "unacknowledged, retrying (agents keep buffering)",
+                self._storage.name,
+                text,
+                len(self._queue),
+                self._queued_samples,
+            )
+        elif text != self._failure:
+            log.warning("storage %s: still failing: %s", self._storage.name, text)
+        else:
+            log.debug(
+                "storage %s: write retry in %.2f s failed: %s", self._storage.name, delay, text
+            )
+        self._failure = text
+
+    def _on_success(self) -> None:
+        if self._failing_since is None:
+            return
+        down = time.monotonic() - self._failing_since
+        log.warning(
+            "storage %s: writes recovered after %.1f s; %d batch(es) still queued",
+            self._storage.name,
+            down,
+            len(self._queue),
+        )
+        self._failing_since = None
+        self._failure = None

@@ -9,9 +9,12 @@ The life of a stream:
    ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
    and the stream is aborted with ``PERMISSION_DENIED``.
 3. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
-4. Then ``TelemetryBatch`` → ingest (acknowledged once stored), ``Heartbeat`` → stored
-   once per served asset, ``SetpointAck`` → dispatcher, ``LocalDispatch`` → recorded by
-   the dispatcher (source ``local``), then acknowledged with ``LocalDispatchAck``.
+4. Then ``TelemetryBatch`` → the ingest queue (acknowledged once stored; while the queue
+   is full the reader waits, which is the stream's flow control), ``Heartbeat`` → stored
+   once per served asset through the same writer, ``SetpointAck`` → dispatcher (a final
+   outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
+   dispatcher (source ``local``), then acknowledged with ``LocalDispatchAck``,
+   ``AgentEvent`` → stored as an event, then acknowledged with ``EventAck``.
 
 The handler coroutine is the stream's only writer: it drains the stream's outbox, so
 messages from ingest, dispatch and registration never interleave. A reader task handles
@@ -115,7 +118,12 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             )
 
         # Accepted assets all belong to the Register's site; take its canonical id.
-        stream = AgentStream(agent_id=register.agent_id, site_id=accepted[0].site_id, peer=peer)
+        stream = AgentStream(
+            agent_id=register.agent_id,
+            site_id=accepted[0].site_id,
+            peer=peer,
+            telemetry_stream=register.stream_id,
+        )
         reader: asyncio.Task[None] | None = None
         try:
             await self._presence.attach(stream, accepted)
@@ -267,16 +275,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
         kind = message.WhichOneof("msg")
         if kind == "telemetry":
-            try:
-                await self._ingest.ingest(stream, message.telemetry)
-            except Exception:
-                log.exception(
-                    "storing telemetry batch %d from %s failed; not acknowledged",
-                    message.telemetry.seq,
-                    stream.describe(),
-                )
+            await self._ingest.submit(stream, message.telemetry)
         elif kind == "heartbeat":
-            await self._heartbeat(stream, message.heartbeat)
+            self._ingest.submit_heartbeat(stream, message.heartbeat)
+        elif kind == "event":
+            self._agent_event(stream, message.event)
         elif kind == "setpoint_ack":
             self._presence.touch(stream)
             await self._dispatcher.on_ack(stream, message.setpoint_ack)
@@ -298,19 +301,40 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         else:
             log.warning("%s sent an empty or unknown message; ignored", stream.describe())
 
-    async def _heartbeat(self, stream: AgentStream, heartbeat: pb.Heartbeat) -> None:
+    def _agent_event(self, stream: AgentStream, message: pb.AgentEvent) -> None:
         self._presence.touch(stream)
-        if heartbeat.ts_us <= 0 or not heartbeat.agent_id:
-            # An agent without a clock or id still proves it is alive: use ours.
-            heartbeat = pb.Heartbeat(
-                agent_id=heartbeat.agent_id or stream.agent_id,
-                ts_us=heartbeat.ts_us if heartbeat.ts_us > 0 else codec.datetime_to_us(utc_now()),
-                uptime_s=heartbeat.uptime_s,
+        if not message.event_id:
+            log.warning("%s sent an event without an id; ignored", stream.describe())
+            return
+        if message.event_id in stream.events_seen:  # sent again before our ack arrived
+            stream.send(codec.headend_event_ack(message.event_id))
+            return
+        try:
+            record = codec.event_from_pb(message)
+        except ValueError as exc:
+            log.warning(
+                "%s sent a malformed event: %s; stored without data", stream.describe(), exc
             )
-        served = {s.asset_id: s.site_id for s in stream.sessions.values()}
-        beats = codec.heartbeats_from_pb(heartbeat, served)
-        if beats:
-            await self._storage.append_heartbeats(beats)
+            record = codec.AgentEventRecord(
+                event_id=message.event_id,
+                ts=codec.datetime_from_us(message.ts_us),
+                kind=message.kind,
+                message=message.message,
+            )
+        stream.events_seen.add(message.event_id)
+        asset_id = record.asset_id
+        if asset_id is not None and not stream.serves(asset_id):
+            asset_id = None
+        event = Event(
+            ts=min(record.ts, utc_now()),
+            kind=record.kind or "agent_event",
+            message=record.message or record.kind,
+            asset_id=asset_id,
+            site_id=stream.site_id,
+            data={**record.data, "agent_id": stream.agent_id, "event_id": record.event_id},
+        )
+        log.info("event from %s: %s: %s", stream.describe(), event.kind, event.message)
+        self._ingest.submit_event(event, ack=(stream, record.event_id))
 
 
 def _refusals(refused: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ from der_sdk.models import Asset, Session, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 from der_sdk.wire import pb
+from der_sdk.wire.codec import BufferStats
 from der_sdk_headend.observers import notify
 
 __all__ = ["AgentStream", "Presence"]
@@ -50,6 +51,17 @@ class AgentStream:
     outbox: asyncio.Queue[pb.HeadendMessage | None] = field(default_factory=asyncio.Queue)
     warned: set[str] = field(default_factory=set)
     """Warnings already logged on this stream (each is logged once per stream)."""
+    telemetry_stream: str = ""
+    """The agent's telemetry sequence space (``Register.stream_id``; the agent id when an
+    older agent sends none). Batch seqs are unique within it across reconnects."""
+    buffer: BufferStats | None = None
+    """The agent's store-and-forward buffer, from its latest heartbeat."""
+    events_seen: set[str] = field(default_factory=set)
+    """AgentEvent ids already queued for storage on this stream."""
+
+    def __post_init__(self) -> None:
+        if not self.telemetry_stream:
+            self.telemetry_stream = self.agent_id
 
     @property
     def asset_ids(self) -> list[str]:

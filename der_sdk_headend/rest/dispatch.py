@@ -6,15 +6,16 @@ import contextlib
 from typing import TYPE_CHECKING, Annotated, get_args
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ValidationException
-from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from der_sdk.errors import UnknownNameError
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState
 from der_sdk_headend.rest.params import check_limit
-from der_sdk_headend.rest.schemas import DispatchDetail
+from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
@@ -34,12 +35,35 @@ class DispatchController(Controller):
         summary="Dispatch MW to an asset or a site",
         description="`asset_id` wins over `site_id`. A site target is split by the "
         "configured policy and each share clamped to the asset's limits. Returns the "
-        "record: `sent` when routed to a live agent, `pending` until the agent connects.",
+        "record (202): `sent` when routed to a live agent, `submitted` until the agent "
+        "connects; then `acked` and one of `applied`, `rejected`, `failed`, `expired`, "
+        "`superseded` (`GET /dispatch/{id}` has every change with its time). `ttl_s` or "
+        "`expires_at`: never applied after that. With an `Idempotency-Key` header a "
+        "repeated request returns the first one's record (200, header "
+        "`Idempotent-Replayed: true`); the same key with a different body is 409.",
+        responses={
+            200: ResponseSpec(Dispatch, description="a repeated Idempotency-Key: the record"),
+            409: ResponseSpec(ErrorBody, description="Idempotency-Key used for another body"),
+        },
     )
     async def create(
-        self, headend: NamedDependency[Headend], data: JSONBody[DispatchRequest]
-    ) -> Dispatch:
-        return await headend.dispatcher.create(data, source="rest")
+        self,
+        headend: NamedDependency[Headend],
+        data: JSONBody[DispatchRequest],
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(
+                name="Idempotency-Key",
+                description="Makes retries safe: the same key returns the same dispatch.",
+            ),
+        ] = None,
+    ) -> Response[Dispatch]:
+        dispatch, created = await headend.dispatcher.submit(
+            data, source="rest", idempotency_key=idempotency_key
+        )
+        if created:
+            return Response(dispatch, status_code=202)
+        return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
 
     @get("/history", summary="Past dispatches, newest first")
     async def history(
@@ -51,6 +75,8 @@ class DispatchController(Controller):
         limit: FromQuery[int] = 100,
     ) -> list[Dispatch]:
         state = state_filter
+        if state == "pending":  # the name before 0.2; kept for old scripts
+            state = "submitted"
         if state is not None and state not in _STATES:
             raise ValidationException(
                 f"query parameter `state`: unknown state {state!r}; one of {', '.join(_STATES)}"

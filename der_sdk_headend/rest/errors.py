@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Any
 
 from litestar import Request, Response
@@ -12,7 +13,11 @@ from litestar.types import ExceptionHandlersMap
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import Asset
-from der_sdk_headend.dispatch import InvalidDispatchError, UnknownTargetError
+from der_sdk_headend.dispatch import (
+    IdempotencyConflictError,
+    InvalidDispatchError,
+    UnknownTargetError,
+)
 from der_sdk_headend.rest.schemas import ErrorBody
 
 __all__ = ["EXCEPTION_HANDLERS", "known_asset"]
@@ -78,8 +83,30 @@ def _unknown_target(
     return _body(404, str(exc))
 
 
+def _idempotency_conflict(
+    request: Request[Any, Any, Any], exc: IdempotencyConflictError
+) -> Response[ErrorBody]:
+    return _body(409, str(exc))
+
+
+def _storage_unavailable(exc: Exception) -> bool:
+    """Errors that mean "storage cannot answer now" rather than a bug."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return True
+    return type(exc).__module__.startswith("asyncpg") and "Connection" in type(exc).__name__
+
+
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     where = f"{request.method} {request.url.path}"
+    if _storage_unavailable(exc):
+        log.warning("%s: storage unavailable: %s: %s", where, type(exc).__name__, exc)
+        return _body(
+            503,
+            f"storage is unavailable for {where} ({type(exc).__name__}: {exc}); nothing "
+            "was changed; retry later (see /healthz)",
+        )
     log.error("%s failed", where, exc_info=exc)
     return _body(
         500, f"internal error while handling {where}: {type(exc).__name__}; see the headend log"
@@ -91,5 +118,6 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     HTTPException: _http_error,
     InvalidDispatchError: _invalid_dispatch,
     UnknownTargetError: _unknown_target,
+    IdempotencyConflictError: _idempotency_conflict,
     Exception: _internal_error,
 }

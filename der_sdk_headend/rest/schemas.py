@@ -73,12 +73,16 @@ class PluginRow(msgspec.Struct, kw_only=True):
 
 
 class Health(msgspec.Struct, kw_only=True):
-    """``GET /healthz``: ``ok`` (200) or ``degraded`` (503) when storage is unhealthy."""
+    """``GET /healthz``: ``ok`` (200), or ``degraded`` (503) when storage is unhealthy or
+    telemetry writes are stalled (``reason`` says which)."""
 
     status: Literal["ok", "degraded"]
     storage: str
     agents_connected: int
     assets_connected: int
+    reason: str | None = None
+    ingest_queued_batches: int = 0
+    ingest_queued_samples: int = 0
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -1,12 +1,13 @@
-"""``/plugins`` and ``/healthz``."""
+"""``/plugins``, ``/healthz`` and ``/metrics``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from litestar import Controller, Response, get
+from litestar import Controller, MediaType, Response, get
 from litestar.di import NamedDependency
 
+from der_sdk_headend.rest.metrics import render_metrics
 from der_sdk_headend.rest.schemas import Health, PluginRow
 
 if TYPE_CHECKING:
@@ -33,20 +34,45 @@ class SystemController(Controller):
 
     @get(
         "/healthz",
-        summary="Liveness and storage health",
-        description="200 with status `ok`, or 503 with status `degraded` when storage is "
-        "not healthy.",
+        summary="Liveness, storage health and ingest backlog",
+        description="200 with status `ok`; 503 with status `degraded` and a `reason` when "
+        "storage is not healthy or telemetry writes are stalled (failing, or the oldest "
+        "queued batch waiting longer than 5 s). Latest values and the rest of the API keep "
+        "answering while degraded.",
     )
     async def healthz(self, headend: NamedDependency[Headend]) -> Response[Health]:
         storage = headend.storage
+        reason: str | None = None
         try:
-            healthy = await storage.healthy()
-        except Exception:
-            healthy = False
+            if not await storage.healthy():
+                reason = f"storage {storage.name} is not healthy"
+        except Exception as exc:
+            reason = f"storage {storage.name} health check failed: {type(exc).__name__}"
+        queued_batches = queued_samples = 0
+        ingest = headend.ingest_or_none
+        if ingest is not None:
+            stats = ingest.stats()
+            queued_batches, queued_samples = stats.queued_batches, stats.queued_samples
+            if reason is None and stats.stalled:
+                reason = stats.stall_reason
         health = Health(
-            status="ok" if healthy else "degraded",
+            status="ok" if reason is None else "degraded",
             storage=storage.name,
             agents_connected=headend.agents_connected,
             assets_connected=headend.assets_connected,
+            reason=reason,
+            ingest_queued_batches=queued_batches,
+            ingest_queued_samples=queued_samples,
         )
-        return Response(health, status_code=200 if healthy else 503)
+        return Response(health, status_code=200 if reason is None else 503)
+
+    @get(
+        "/metrics",
+        summary="Prometheus metrics",
+        description="Ingest queue and storage writes, telemetry gaps, connected agents, "
+        "and each connected agent's store-and-forward buffer (from its heartbeats), in the "
+        "Prometheus text format.",
+        media_type=MediaType.TEXT,
+    )
+    async def metrics(self, headend: NamedDependency[Headend]) -> str:
+        return render_metrics(headend)

@@ -133,12 +133,12 @@ async def test_dispatch_to_offline_asset_is_pending_until_its_agent_starts(fleet
     response = await fleet.http.post("/dispatch", json={"asset_id": LONE, "mw": -0.75})
     assert response.status_code == 202
     body = response.json()
-    assert body["state"] == "pending"
+    assert body["state"] == "submitted"
 
     await fleet.start_agent(headend, asset_id=LONE)
     await eventually(lambda: _has_setpoint(fleet, LONE, -0.75), what="pending delivered")
     record = await eventually(lambda: _state(fleet, body["dispatch_id"], "applied"))
-    assert [e["state"] for e in record["events"]][:1] == ["pending"]
+    assert [e["state"] for e in record["events"]][:1] == ["submitted"]
     assert record["events"][-1]["state"] == "applied"
 
 

@@ -51,7 +51,14 @@ async def test_per_asset_dispatch_sends_a_setpoint_for_the_asset_and_returns_202
     assert record["state"] == "sent"
     assert record["asset_id"] == BESS_2
     assert record["targets"] == [
-        {"asset_id": BESS_2, "mw": 0.75, "state": "sent", "applied_mw": None, "reason": None}
+        {
+            "asset_id": BESS_2,
+            "mw": 0.75,
+            "state": "sent",
+            "applied_mw": None,
+            "reason": None,
+            "command_id": record["dispatch_id"],
+        }
     ]
     setpoint = await agent.recv_kind("setpoint")
     assert setpoint.command_id == record["dispatch_id"]
@@ -118,9 +125,9 @@ async def test_site_dispatch_over_several_streams_sends_per_asset_setpoints_and_
 
     record = await dispatch(http, site_id=SITE_A, mw=3.0)
 
-    assert record["state"] == "pending", "BESS 3 is offline"
+    assert record["state"] == "submitted", "BESS 3 is offline"
     states = {t["asset_id"]: t["state"] for t in record["targets"]}
-    assert states == {BESS_1: "sent", BESS_2: "sent", BESS_3: "pending"}
+    assert states == {BESS_1: "sent", BESS_2: "sent", BESS_3: "submitted"}
     shares = {t["asset_id"]: t["mw"] for t in record["targets"]}
     for agent, asset_id in ((one, BESS_1), (two, BESS_2)):
         setpoint = await agent.recv_kind("setpoint")
@@ -133,8 +140,8 @@ async def test_dispatch_to_an_offline_asset_is_pending_delivered_on_register_and
     http: httpx.AsyncClient, connect_agent: ConnectAgent
 ) -> None:
     record = await dispatch(http, asset_id=BESS_2, mw=0.5)
-    assert record["state"] == "pending"
-    assert record["targets"][0]["state"] == "pending"
+    assert record["state"] == "submitted"
+    assert record["targets"][0]["state"] == "submitted"
 
     agent = await connect_agent()
     await agent.register([BESS_2], agent_id="late")
@@ -152,7 +159,7 @@ async def test_dispatch_to_an_offline_asset_is_pending_delivered_on_register_and
 
     assert applied["targets"][0]["state"] == "applied"
     assert applied["targets"][0]["applied_mw"] == 0.5
-    assert [e["state"] for e in applied["events"]] == ["pending", "sent", "applied"]
+    assert [e["state"] for e in applied["events"]] == ["submitted", "sent", "applied"]
     assert "late" in applied["events"][-1]["detail"]
 
 
@@ -160,7 +167,7 @@ async def test_pending_site_dispatch_is_delivered_as_one_site_setpoint_to_a_full
     http: httpx.AsyncClient, connect_agent: ConnectAgent
 ) -> None:
     record = await dispatch(http, site_id=SITE_A, mw=-1.0)
-    assert record["state"] == "pending"
+    assert record["state"] == "submitted"
 
     agent = await connect_agent()
     await agent.register(SITE_A_ASSETS)
@@ -260,8 +267,10 @@ async def test_dispatch_history_filters_by_target_and_state_newest_first(
     ]
     by_asset = (await http.get("/dispatch/history", params={"asset_id": BESS_1})).json()
     assert [d["dispatch_id"] for d in by_asset] == [second["dispatch_id"], first["dispatch_id"]]
-    pending = (await http.get("/dispatch/history", params={"state": "pending"})).json()
-    assert [d["dispatch_id"] for d in pending] == [third["dispatch_id"], second["dispatch_id"]]
+    submitted = (await http.get("/dispatch/history", params={"state": "submitted"})).json()
+    assert [d["dispatch_id"] for d in submitted] == [third["dispatch_id"], second["dispatch_id"]]
+    old_name = (await http.get("/dispatch/history", params={"state": "pending"})).json()
+    assert old_name == submitted, "state=pending, the old name, still filters submitted"
     by_site = (await http.get("/dispatch/history", params={"site_id": SITE_B})).json()
     assert [d["dispatch_id"] for d in by_site] == [third["dispatch_id"]]
     bad = await http.get("/dispatch/history", params={"state": "done"})

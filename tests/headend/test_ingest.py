@@ -40,25 +40,33 @@ async def test_telemetry_batch_is_acked_after_storage_commits(
     assert len(await storage.telemetry_history(BESS_1)) == 1
 
 
-async def test_a_batch_storage_fails_to_store_is_not_acked_and_the_stream_goes_on(
-    headend: Headend, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+async def test_a_batch_storage_fails_to_store_is_held_retried_then_acked_and_nothing_is_lost(
+    headend: Headend,
+    connect_agent: ConnectAgent,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     storage = headend.storage
     original = storage.append_telemetry
-    failures = [RuntimeError("disk full")]
+    failures = [RuntimeError("disk full"), RuntimeError("disk full")]
 
-    async def failing_once(samples: Sequence[TelemetrySample]) -> int:
+    async def failing_twice(samples: Sequence[TelemetrySample]) -> int:
         if failures:
             raise failures.pop()
         return await original(samples)
 
-    monkeypatch.setattr(storage, "append_telemetry", failing_once)
+    monkeypatch.setattr(storage, "append_telemetry", failing_twice)
     agent = await connect_agent()
     await agent.register([BESS_1])
     await agent.send(codec.agent_telemetry(1, [sample(BESS_1, seconds=1)]))
-    ack = await agent.telemetry(2, [sample(BESS_1, seconds=2)])
+    first = (await agent.recv_kind("telemetry_ack")).seq
+    second = await agent.telemetry(2, [sample(BESS_1, seconds=2)])
 
-    assert ack.seq == 2, "batch 1 was never acknowledged, batch 2 was"
+    assert (first, second.seq, second.stored_through) == (1, 2, 2)
+    assert len(await storage.telemetry_history(BESS_1)) == 2
+    failed = [r for r in caplog.records if "writing telemetry failed" in r.getMessage()]
+    assert len(failed) == 1, "one log line when writes start failing, not one per retry"
+    assert not any(r.exc_info for r in caplog.records), "no traceback per failed batch"
 
 
 async def test_telemetry_is_served_as_latest_and_history_newest_first(

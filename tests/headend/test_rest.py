@@ -54,6 +54,9 @@ async def test_healthz_is_ok_with_storage_and_connection_counts(
         "storage": "memory",
         "agents_connected": 1,
         "assets_connected": 3,
+        "reason": None,
+        "ingest_queued_batches": 0,
+        "ingest_queued_samples": 0,
     }
 
 

@@ -103,7 +103,7 @@ async def test_sqlite_headend_keeps_history_and_pending_dispatches_across_restar
             await agent.register([BESS_1])
             await agent.telemetry(1, [sample(BESS_1, seconds=s, mw=float(s)) for s in (1, 2)])
             pending = (await http.post("/dispatch", json={"asset_id": BESS_2, "mw": 0.5})).json()
-            assert pending["state"] == "pending"
+            assert pending["state"] == "submitted"
             assert (await http.get("/healthz")).json()["storage"] == "sqlite"
     finally:
         await first.stop()
