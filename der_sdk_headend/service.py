@@ -397,9 +397,12 @@ def _started(value: T | None, what: str) -> T:
 
 
 async def run_headend(config: HeadendConfig) -> None:
-    """Run a headend until SIGINT or SIGTERM (the ``der headend`` command)."""
+    """Run a headend until SIGINT or SIGTERM (the ``der headend`` command).
+
+    The signals are handled from the first moment: a stop asked for while the headend
+    is still starting (waiting for its storage, say) ends the start cleanly.
+    """
     headend = Headend(config)
-    await headend.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -409,17 +412,29 @@ async def run_headend(config: HeadendConfig) -> None:
             handled.append(sig)
         except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
             pass
-    log.info(
-        "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents grpc://%s, "
-        "storage %s, %d sites, %d assets",
-        headend.http_url,
-        headend.http_url,
-        headend.grpc_addr,
-        headend.storage.name,
-        len(headend.inventory.sites),
-        len(headend.inventory.assets),
-    )
     try:
+        starting = asyncio.create_task(headend.start(), name="headend-start")
+        stopping = asyncio.create_task(stop.wait(), name="headend-stop-signal")
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stop signal received while starting; shutting down")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            stopping.cancel()
+            return
+        stopping.cancel()
+        starting.result()
+        log.info(
+            "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents grpc://%s, "
+            "storage %s, %d sites, %d assets",
+            headend.http_url,
+            headend.http_url,
+            headend.grpc_addr,
+            headend.storage.name,
+            len(headend.inventory.sites),
+            len(headend.inventory.assets),
+        )
         await stop.wait()
         log.info("stop signal received; shutting down")
     finally:

@@ -161,3 +161,42 @@ def test_demo_runs_headend_and_gateway_agents_and_prints_what_to_try(
     assert "REST API     http://127.0.0.1:" in result.stdout
     assert "curl -X POST" in result.stdout
     assert (tmp_path / "data" / "der.db").exists()
+
+
+def test_headend_stops_on_sigterm_while_it_waits_for_unreachable_storage(tmp_path: Path) -> None:
+    pytest.importorskip("der_sdk_postgres", reason="needs the der-sdk-postgres plugin")
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    inventory = tmp_path / "assets.yaml"
+    inventory.write_text(INVENTORY)
+    env = {
+        **os.environ,
+        "ASSETS_PATH": str(inventory),
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{dead_port}/nothing",
+        "HEADEND_GRPC_ADDR": "127.0.0.1:0",
+        "HEADEND_HTTP_ADDR": "127.0.0.1:0",
+    }
+    log = tmp_path / "headend.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*DER, "headend"], env=env, stdout=out, stderr=out, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 30
+            while "not available (attempt 1)" not in log.read_text():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert code == 0, text
+    assert "stop signal received while starting" in text
+    assert "Traceback" not in text
