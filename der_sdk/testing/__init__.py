@@ -12,6 +12,8 @@ Import from here what you subclass or call:
   ``test-device`` adapter and its device;
 * :class:`AgentLink`, :class:`AgentRunner`, :func:`wait_until` — the agent link;
 * :class:`BlockingWatch` — catch calls that block the event loop;
+* :class:`TcpProxy`, :class:`HeadendProcess`, :class:`AgentProcess` — cut, blackhole or
+  delay a TCP link, and run the headend and agent as processes to SIGKILL;
 * :func:`require_tcp_service` — skip (or fail, under ``DER_SDK_REQUIRE_SERVICES=1``) when
   PostgreSQL or NATS is unreachable.
 
@@ -41,6 +43,14 @@ if TYPE_CHECKING:
         SimulatedDeviceOptions,
         SimulatedDevicePlugin,
     )
+    from der_sdk.testing.faults import (
+        AgentProcess,
+        HeadendProcess,
+        ServiceProcess,
+        ServiceProcessError,
+        TcpProxy,
+        free_port,
+    )
     from der_sdk.testing.fixtures import RegisterPlugin
     from der_sdk.testing.headend import (
         DEFAULT_ASSET_IDS,
@@ -67,6 +77,12 @@ _EXPORTS = {
     "SimulatedDevice": "devices",
     "SimulatedDeviceOptions": "devices",
     "SimulatedDevicePlugin": "devices",
+    "AgentProcess": "faults",
+    "HeadendProcess": "faults",
+    "ServiceProcess": "faults",
+    "ServiceProcessError": "faults",
+    "TcpProxy": "faults",
+    "free_port": "faults",
     "RegisterPlugin": "fixtures",
     "DEFAULT_ASSET_IDS": "headend",
     "DEFAULT_INVENTORY_YAML": "headend",
@@ -89,16 +105,22 @@ __all__ = [
     "TEST_DEVICE",
     "AdapterConformance",
     "AgentLink",
+    "AgentProcess",
     "AgentRunner",
     "BlockingWatch",
     "DeviceError",
     "FaultyAdapter",
+    "HeadendProcess",
     "RegisterPlugin",
+    "ServiceProcess",
+    "ServiceProcessError",
     "SimulatedDevice",
     "SimulatedDeviceOptions",
     "SimulatedDevicePlugin",
     "StorageConformance",
+    "TcpProxy",
     "find_leaked_tasks",
+    "free_port",
     "headend_config",
     "require_tcp_service",
     "services_required",
