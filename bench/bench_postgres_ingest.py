@@ -10,7 +10,7 @@ indexes (primary key ``(asset_id, ts)`` and a BRIN index on ``ts``):
 * ``plugin``: :meth:`PostgresStorage.append_telemetry` from ``TelemetrySample`` objects,
   the path the headend takes (conversion, validation, the same staging and dedupe).
 * ``plugin_resend``: the same samples again, all duplicates (what a reconnecting agent's
-  re-sent outbox costs).
+  re-sent buffer costs).
 
 Each runs with 1 and 2 concurrent writers (one connection each). The plugin's stored
 samples/s is printed beside the raw figure as a ratio, and everything is written as JSON to

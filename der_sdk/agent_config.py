@@ -6,8 +6,16 @@
     telemetry_interval_s: 4       # default 4, > 0
     heartbeat_interval_s: 30      # default 30, > 0
     split_policy: capacity_weighted
-    reconnect_initial_s: 0.5      # default 0.5, > 0
-    reconnect_max_s: 30           # default 30, >= reconnect_initial_s
+    reconnect_initial_s: 1        # default 1, > 0
+    reconnect_max_s: 120          # default 120, >= reconnect_initial_s
+    link_loss_hold_s: 300         # default 300, > 0
+    link_loss_fallback: default   # default | hold
+    buffer:                       # the durable store-and-forward buffer
+      path: der-data/agent-{agent_id}.sqlite3   # default: see der_sdk_agent.agent
+      max_mb: 256                 # default 256, > 0
+      max_age_h: 168              # default 168 (7 days), > 0
+      replay_samples_per_s: 2000  # default 2000, > 0
+      sync: normal                # normal | full
     default_adapter: sim-bess     # for every served asset not listed under `assets`
     assets:                       # optional per-asset adapter choice, keyed by asset id
       0b6c1e52-7f0e-4d8a-9a57-2c1f3e4d5a61:
@@ -30,7 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -58,6 +66,7 @@ __all__ = [
     "DEFAULT_ADAPTER",
     "AgentConfig",
     "AssetAdapterConfig",
+    "BufferConfig",
     "EdgeServiceConfig",
     "load_agent_config",
     "parse_agent_config",
@@ -74,10 +83,16 @@ TOP_KEYS: tuple[str, ...] = (
     "split_policy",
     "reconnect_initial_s",
     "reconnect_max_s",
+    "link_loss_hold_s",
+    "link_loss_fallback",
+    "buffer",
     "default_adapter",
     "assets",
     "edge_services",
 )
+BUFFER_KEYS: tuple[str, ...] = ("path", "max_mb", "max_age_h", "replay_samples_per_s", "sync")
+LINK_LOSS_FALLBACKS: tuple[str, ...] = ("default", "hold")
+SYNC_MODES: tuple[str, ...] = ("normal", "full")
 ASSET_KEYS: tuple[str, ...] = ("adapter", "options")
 SERVICE_KEYS: tuple[str, ...] = ("name", "options")
 
@@ -103,6 +118,30 @@ class EdgeServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
     options: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+class BufferConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's durable store-and-forward buffer (:mod:`der_sdk_agent.buffer`).
+
+    ``path``: the SQLite file; ``{agent_id}`` in it is replaced by the agent id. ``None``:
+    the CLI uses ``der-data/agent-<agent_id>.sqlite3`` (relative to the working
+    directory); an :class:`~der_sdk_agent.agent.Agent` built in code keeps it in memory.
+    ``sync``: ``normal`` survives a killed agent process, ``full`` also power loss.
+    """
+
+    path: str | None = None
+    max_mb: float = 256.0
+    max_age_h: float = 168.0
+    replay_samples_per_s: float = 2000.0
+    sync: Literal["normal", "full"] = "normal"
+
+    @property
+    def max_bytes(self) -> int:
+        return max(1, int(self.max_mb * 1024 * 1024))
+
+    @property
+    def max_age_s(self) -> float:
+        return self.max_age_h * 3600.0
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     """The agent configuration. ``assets`` is keyed by canonical asset UUID.
 
@@ -114,8 +153,11 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     telemetry_interval_s: float = 4.0
     heartbeat_interval_s: float = 30.0
     split_policy: str = DEFAULT_SPLIT_POLICY
-    reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
+    reconnect_initial_s: float = 1.0
+    reconnect_max_s: float = 120.0
+    link_loss_hold_s: float = 300.0
+    link_loss_fallback: Literal["default", "hold"] = "default"
+    buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     default_adapter: str = DEFAULT_ADAPTER
     assets: dict[str, AssetAdapterConfig] = msgspec.field(default_factory=dict)
     edge_services: list[EdgeServiceConfig] = msgspec.field(default_factory=list)
@@ -185,8 +227,9 @@ def parse_agent_config(text: str, path_label: str = "<agent config>") -> AgentCo
     for key, default in (
         ("telemetry_interval_s", 4.0),
         ("heartbeat_interval_s", 30.0),
-        ("reconnect_initial_s", 0.5),
-        ("reconnect_max_s", 30.0),
+        ("reconnect_initial_s", 1.0),
+        ("reconnect_max_s", 120.0),
+        ("link_loss_hold_s", 300.0),
     ):
         value = root.number(key, default=default)
         if value is not MISSING and value <= 0:
@@ -200,6 +243,10 @@ def parse_agent_config(text: str, path_label: str = "<agent config>") -> AgentCo
             f"must be >= reconnect_initial_s ({initial}), got {maximum}",
         )
         values["reconnect_max_s"] = MISSING
+    values["link_loss_fallback"] = _choice(
+        root, "link_loss_fallback", LINK_LOSS_FALLBACKS, "default"
+    )
+    values["buffer"] = _parse_buffer(root, lines)
     values["split_policy"] = root.string("split_policy", default=DEFAULT_SPLIT_POLICY)
     default_adapter = root.string("default_adapter", default=DEFAULT_ADAPTER)
     values["default_adapter"] = default_adapter
@@ -211,6 +258,42 @@ def parse_agent_config(text: str, path_label: str = "<agent config>") -> AgentCo
 
     issues.raise_if_any()
     return _with_source(AgentConfig(**values), path_label, lines)
+
+
+def _choice(section: Section, key: str, allowed: tuple[str, ...], default: str) -> Any:
+    value = section.string(key, default=default)
+    if isinstance(value, str) and value not in allowed:
+        section.error(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        return MISSING
+    return value
+
+
+def _parse_buffer(root: Section, lines: dict[str, int | None]) -> Any:
+    body = root.mapping_at("buffer")
+    if body is None:
+        return BufferConfig()
+    if not isinstance(body, LineDict):
+        return MISSING
+    section = Section(root.issues, body, "buffer")
+    section.check_keys(BUFFER_KEYS)
+    for key in body:
+        lines[section.field(str(key))] = body.line_of(key)
+    defaults = BufferConfig()
+    values: dict[str, Any] = {"path": section.string("path", default=None)}
+    for key, what in (
+        ("max_mb", "MiB"),
+        ("max_age_h", "hours"),
+        ("replay_samples_per_s", "samples per second"),
+    ):
+        value = section.number(key, default=getattr(defaults, key))
+        if value is not MISSING and value <= 0:
+            section.error(key, f"must be > 0 {what}, got {value}")
+            value = MISSING
+        values[key] = value
+    values["sync"] = _choice(section, "sync", SYNC_MODES, defaults.sync)
+    if any(v is MISSING for v in values.values()):
+        return MISSING
+    return BufferConfig(**values)
 
 
 def _options(section: Section, lines: dict[str, int | None]) -> Any:

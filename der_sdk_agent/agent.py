@@ -1,14 +1,21 @@
-"""The edge agent: adapters, edge services, the sampler, the outbox and the headend link.
+"""The edge agent: adapters, edge services, the sampler, the buffer and the headend link.
 
 :class:`Agent` is assembled from already-loaded parts (tests, the launcher) or from
 environment settings (:meth:`Agent.from_settings`). Its tasks:
 
 * the **sampler** reads every adapter concurrently every ``telemetry_interval_s``, whether
   or not the headend is reachable, numbers each sample per asset (``seq`` increases by one
-  per reading of that asset), hands the batch to every edge service and queues it in the
-  bounded outbox;
-* the **link** (:mod:`der_sdk_agent.link`) drains the outbox to the headend and feeds
-  setpoints into the dispatch path (:mod:`der_sdk_agent.dispatch`).
+  per reading of that asset), hands the batch to every edge service and commits it to the
+  durable buffer (:mod:`der_sdk_agent.buffer`);
+* the **link** (:mod:`der_sdk_agent.link`) sends the buffer to the headend and feeds
+  setpoints into the dispatch path (:mod:`der_sdk_agent.dispatch`);
+* the **upkeep** drops telemetry past the buffer's age bound, prunes the dispatch journal
+  and, while the buffer holds a backlog, logs its figures once a minute.
+
+Where the buffer lives: the ``buffer_path`` argument, else the agent config's
+``buffer.path``, else in memory (not durable). The CLI (:meth:`Agent.from_settings`) puts
+it at ``AGENT_BUFFER_PATH``, else ``buffer.path``, else :data:`DEFAULT_BUFFER_PATH`.
+``{agent_id}`` in a path is replaced by the agent id.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,16 +44,25 @@ from der_sdk.inventory import load_inventory
 from der_sdk.models import Asset, TelemetrySample
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.adapters import AdapterRuntime, adapter_names, build_adapters, convert_options
+from der_sdk_agent.buffer import MEMORY, Buffer
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
-from der_sdk_agent.outbox import DEFAULT_OUTBOX_MAX_SAMPLES, Outbox
 from der_sdk_agent.settings import AgentSettings, resolve_served_assets
 
-__all__ = ["Agent", "AgentStats"]
+__all__ = ["DEFAULT_BUFFER_PATH", "Agent", "AgentStats", "buffer_path_for"]
 
 log = logging.getLogger("der.agent")
 
 SERVICE_STOP_TIMEOUT_S = 10.0
+UPKEEP_EVERY_S = 60.0
+"""The upkeep's period: age bound, journal pruning, the backlog status line."""
+DEFAULT_BUFFER_PATH = "der-data/agent-{agent_id}.sqlite3"
+"""The CLI's buffer file, relative to the working directory."""
+
+
+def buffer_path_for(template: str, agent_id: str) -> str:
+    """``template`` with ``{agent_id}`` replaced by ``agent_id`` made safe for a file name."""
+    return template.replace("{agent_id}", re.sub(r"[^A-Za-z0-9._-]", "_", agent_id))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,16 +70,30 @@ class AgentStats:
     """A snapshot of the agent's counters.
 
     ``reconnects`` counts registrations after the first; ``last_ack_seq`` is the highest
-    telemetry batch ``seq`` the headend acknowledged on the current stream.
+    telemetry batch ``seq`` the headend acknowledged on the current stream. The
+    ``buffer_*`` figures are what the buffer holds (sent or not, not yet acknowledged);
+    ``samples_dropped`` and ``batches_dropped`` count what its bounds dropped since the
+    buffer file was created; ``replay_batches`` is the backlog the current stream is still
+    to send. ``unacked_*`` and ``unreported_outcomes`` wait for the headend's
+    acknowledgement.
     """
 
     connected: bool
     reconnects: int
     failed_attempts: int
     batches_sent: int
-    samples_dropped: int
     last_ack_seq: int
-    outbox_samples: int
+    stream_id: str
+    buffer_batches: int
+    buffer_samples: int
+    buffer_bytes: int
+    buffer_oldest_age_s: float
+    samples_dropped: int
+    batches_dropped: int
+    replay_batches: int
+    unacked_events: int
+    unacked_local_dispatches: int
+    unreported_outcomes: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +109,10 @@ class Agent:
 
     Construction builds the adapters and validates edge service options (a bad config
     fails here, naming the asset or service); nothing connects until :meth:`start`.
+
+    :param buffer_path: the buffer file (``{agent_id}`` is replaced); default: the config's
+        ``buffer.path``, else in memory. The file is opened by :meth:`start` (or the first
+        :meth:`sample_once` or local command), not here.
     """
 
     def __init__(
@@ -88,7 +124,7 @@ class Agent:
         headend: str,
         config: AgentConfig,
         plugins: Plugins,
-        outbox_max_samples: int = DEFAULT_OUTBOX_MAX_SAMPLES,
+        buffer_path: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if not assets:
@@ -113,10 +149,20 @@ class Agent:
             policy = plugins.split_policies.get(config.split_policy)
         except UnknownNameError as exc:
             raise DerSdkError(f"agent config split_policy: {exc}") from None
-        self.dispatcher = Dispatcher(
-            agent_id=agent_id, site_id=site_id, runtimes=self.adapters, policy=policy
+        template = buffer_path if buffer_path is not None else config.buffer.path
+        self.buffer = Buffer(
+            buffer_path_for(template, agent_id) if template is not None else MEMORY,
+            max_bytes=config.buffer.max_bytes,
+            max_age_s=config.buffer.max_age_s,
+            sync=config.buffer.sync,
         )
-        self.outbox = Outbox(outbox_max_samples)
+        self.dispatcher = Dispatcher(
+            agent_id=agent_id,
+            site_id=site_id,
+            runtimes=self.adapters,
+            policy=policy,
+            buffer=self.buffer,
+        )
         self.link = HeadendLink(
             headend=headend,
             agent_id=agent_id,
@@ -124,12 +170,15 @@ class Agent:
             adapters=adapter_names(self.adapters),
             sdk_version=der_sdk.__version__,
             plugin_versions=plugins.versions(),
-            outbox=self.outbox,
+            buffer=self.buffer,
             dispatcher=self.dispatcher,
             heartbeat_interval_s=config.heartbeat_interval_s,
             backoff=Backoff(
                 config.reconnect_initial_s, config.reconnect_max_s, rng or random.Random()
             ),
+            replay_samples_per_s=config.buffer.replay_samples_per_s,
+            link_loss_hold_s=config.link_loss_hold_s,
+            link_loss_fallback=config.link_loss_fallback,
         )
         self._service_plans = [self._plan_service(entry) for entry in config.edge_services]
         self.services: list[tuple[str, EdgeService]] = []
@@ -140,6 +189,7 @@ class Agent:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._service_errors_logged: set[str] = set()
+        self._buffer_error_logged_at = -UPKEEP_EVERY_S
 
     # ------------------------------------------------------------------ construction
 
@@ -171,6 +221,7 @@ class Agent:
             headend=settings.headend,
             config=config,
             plugins=plugins,
+            buffer_path=settings.buffer_path or config.buffer.path or DEFAULT_BUFFER_PATH,
         )
 
     def _plan_service(self, entry: EdgeServiceConfig) -> _ServicePlan:
@@ -191,26 +242,50 @@ class Agent:
     def stats(self) -> AgentStats:
         """A snapshot of the counters."""
         link = self.link.stats
+        buffer = self.buffer.stats(link.replay_from_seq)
         return AgentStats(
             connected=link.connected,
             reconnects=link.reconnects,
             failed_attempts=link.failed_attempts,
             batches_sent=link.batches_sent,
-            samples_dropped=self.outbox.dropped,
             last_ack_seq=link.last_ack_seq,
-            outbox_samples=len(self.outbox),
+            stream_id=self.buffer.stream_id,
+            buffer_batches=buffer.batches,
+            buffer_samples=buffer.samples,
+            buffer_bytes=buffer.bytes,
+            buffer_oldest_age_s=buffer.oldest_age_s,
+            samples_dropped=buffer.dropped_samples,
+            batches_dropped=buffer.dropped_batches,
+            replay_batches=buffer.replay_batches,
+            unacked_events=self.buffer.event_count,
+            unacked_local_dispatches=self.link.unacked_local_dispatches,
+            unreported_outcomes=self.buffer.unreported_outcomes,
         )
 
     async def start(self) -> None:
-        """Connect the adapters, start the edge services, then the sampler and the link.
+        """Open the buffer, connect the adapters, start the edge services, then the
+        sampler and the link.
 
-        An adapter that fails to connect is retried on the next poll and does not stop the
-        start. A service that fails to start does: everything started is stopped again and
+        A buffer that cannot be opened (locked by another agent, not a buffer file) stops
+        the start with :class:`DerSdkError` naming the file. An adapter that fails to
+        connect is retried on the next poll and does not stop the start. A service that
+        fails to start does: everything started is stopped again and
         :class:`DerSdkError` names the service and its package.
         """
         if self._started or self._stopping:
             raise DerSdkError(f"agent {self.agent_id} was already started; build a new one")
         self._started = True
+        try:
+            await self.buffer.open()
+        except BaseException:
+            await self.stop()
+            raise
+        if not self.buffer.durable:
+            log.info(
+                "agent %s: telemetry buffer in memory: not durable; set buffer.path in the "
+                "agent config to keep it across restarts",
+                self.agent_id,
+            )
         log.info(
             "agent %s starting: site %s, %d asset(s) (%s), headend %s",
             self.agent_id,
@@ -228,6 +303,7 @@ class Agent:
         self._tasks = [
             asyncio.create_task(self._sampler(), name=f"der-agent-sampler-{self.agent_id}"),
             asyncio.create_task(self.link.run(), name=f"der-agent-link-{self.agent_id}"),
+            asyncio.create_task(self._upkeep(), name=f"der-agent-upkeep-{self.agent_id}"),
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -273,6 +349,7 @@ class Agent:
                     log.exception("agent %s: edge service %r failed to stop", self.agent_id, name)
             self.services.clear()
             await asyncio.gather(*(rt.close() for rt in self.adapters.values()))
+            await self.buffer.close()
         finally:
             self._stopped.set()
             log.info("agent %s stopped", self.agent_id)
@@ -328,7 +405,8 @@ class Agent:
             await asyncio.sleep(next_at - now)
 
     async def sample_once(self) -> list[TelemetrySample]:
-        """Read every adapter once, number the samples, share them and queue them."""
+        """Read every adapter once, number the samples, share them and commit them to the
+        buffer (opened on first use)."""
         readings = await asyncio.gather(*(rt.read() for rt in self.adapters.values()))
         samples: list[TelemetrySample] = []
         for sample in readings:
@@ -348,5 +426,45 @@ class Agent:
                     name,
                     exc_info=True,
                 )
-        self.outbox.put(samples)
+        try:
+            await self.buffer.append(samples)
+        except Exception:
+            now = time.monotonic()
+            if now - self._buffer_error_logged_at >= UPKEEP_EVERY_S:
+                self._buffer_error_logged_at = now
+                log.exception(
+                    "agent %s: telemetry buffer %s failed; this poll's samples are lost",
+                    self.agent_id,
+                    self.buffer.path,
+                )
         return samples
+
+    # ------------------------------------------------------------------ upkeep
+
+    async def _upkeep(self) -> None:
+        while True:
+            await asyncio.sleep(UPKEEP_EVERY_S)
+            try:
+                await self.buffer.maintain()
+            except Exception:
+                log.exception("agent %s: telemetry buffer upkeep failed", self.agent_id)
+            self._log_backlog()
+
+    def _log_backlog(self) -> None:
+        stats = self.buffer.stats(self.link.stats.replay_from_seq)
+        if stats.oldest_age_s <= 2 * self.config.telemetry_interval_s:
+            return
+        log.info(
+            "agent %s: telemetry buffer holds %d batch(es), %d sample(s), %.1f MiB; oldest "
+            "%.0f s old; %d to replay; %d sample(s) in %d batch(es) dropped since the buffer "
+            "was created; headend %s",
+            self.agent_id,
+            stats.batches,
+            stats.samples,
+            stats.bytes / (1024 * 1024),
+            stats.oldest_age_s,
+            stats.replay_batches,
+            stats.dropped_samples,
+            stats.dropped_batches,
+            "connected" if self.link.stats.connected else "unreachable",
+        )

@@ -1,7 +1,8 @@
 """The agent's dispatch path: validate, split, clamp, apply, acknowledge.
 
-Setpoints from the headend and local commands from edge services
-(:attr:`~der_sdk.extensions.EdgeServiceContext.dispatch`) take the same path:
+Setpoints from the headend (:meth:`Dispatcher.headend_command`), local commands from edge
+services (:attr:`~der_sdk.extensions.EdgeServiceContext.dispatch`) and the link-loss
+fallback (:meth:`Dispatcher.link_loss_fallback`) take the same path:
 
 * ``asset_id`` set (it wins over ``site_id``): the asset must be served by this agent;
   the MW is clamped to the asset's ``[min_mw, max_mw]`` and applied to that asset only.
@@ -9,15 +10,28 @@ Setpoints from the headend and local commands from edge services
   assets (sorted by id) with the configured split policy, each share clamped, and all
   shares applied concurrently. MW the split cannot place is reported in the reason.
 * ``duration_s``: the setpoint holds that long, then the asset returns to 0 MW (or the
-  value nearest 0 its limits allow). A newer setpoint for the asset cancels the revert.
+  value nearest 0 its limits allow) and a ``duration_reverted`` event is recorded. A newer
+  setpoint for the asset cancels the revert.
+
+Headend commands are **applied at most once per command id**, across reconnects and agent
+restarts, through the dispatch journal in the agent's buffer
+(:class:`~der_sdk_agent.buffer.Buffer`): the command is committed as ``acked`` before any
+device is touched, and a command id already in the journal is never applied again (its
+final outcome is sent again instead). A command with an expiry is not applied after its
+deadline; it ends ``expired``.
 
 Dispatches are serialised (one lock), so two commands never interleave on an asset and
 "newer" has one meaning: whichever command reaches this path last, from the headend or
 from an edge service, is the one in force.
 
-Local commands are reported: every listener added with :meth:`Dispatcher.add_local_listener`
-gets a :class:`~der_sdk.wire.codec.LocalDispatchReport` (the link sends it to the headend,
-which records a dispatch with source ``local``).
+Local commands are reported: the report (a :class:`~der_sdk.wire.codec.LocalDispatchReport`)
+is committed to the buffer, from which the link sends it until the headend acknowledges it
+(the headend records a dispatch with source ``local``), and every listener added with
+:meth:`Dispatcher.add_local_listener` gets it too.
+
+The buffer also remembers, per asset, where the setpoint in force came from (``headend``,
+``local``, ``fallback``, ``default``): the link-loss fallback only touches assets whose
+setpoint came from the headend.
 """
 
 from __future__ import annotations
@@ -34,12 +48,14 @@ from der_sdk.extensions import SetpointResult, SplitPolicy
 from der_sdk.models import utc_now
 from der_sdk.wire.codec import Allocation, LocalDispatchReport
 from der_sdk_agent.adapters import AdapterRuntime
+from der_sdk_agent.buffer import Buffer, JournalEntry
 
-__all__ = ["DispatchOutcome", "Dispatcher"]
+__all__ = ["DispatchOutcome", "Dispatcher", "HeadendCommand", "InForceSource"]
 
 log = logging.getLogger("der.agent.dispatch")
 
-AckStatus = Literal["applied", "rejected", "failed"]
+AckStatus = Literal["applied", "rejected", "failed", "expired"]
+InForceSource = Literal["headend", "local", "fallback", "default"]
 
 _NOISE_MW = 1e-9
 
@@ -60,8 +76,52 @@ class DispatchOutcome:
         return math.fsum(a.mw for a in self.allocations if a.status == "applied")
 
 
+@dataclass(frozen=True, kw_only=True)
+class HeadendCommand:
+    """A ``Setpoint`` as received: ``received_at`` is the loop time at receipt and
+    ``received_wall`` the agent's wall clock then (seconds since the epoch).
+
+    Its expiry, if any, is whichever comes first: ``expires_in_ms`` after receipt
+    (relative, so clock skew does not matter) or ``expires_at`` by the agent's own clock
+    (so transit time or a headend clock running fast does not let it through).
+    """
+
+    command_id: str
+    asset_id: str | None
+    site_id: str | None
+    mw: float
+    duration_s: float | None = None
+    expires_in_ms: int | None = None
+    expires_at: float | None = None  # seconds since the epoch, UTC
+    received_at: float = 0.0
+    received_wall: float = 0.0
+
+    @property
+    def deadline(self) -> float | None:
+        """Loop time after which the command must not be applied (``None``: never)."""
+        limits = []
+        if self.expires_in_ms is not None:
+            limits.append(self.received_at + self.expires_in_ms / 1000.0)
+        if self.expires_at is not None:
+            limits.append(self.received_at + (self.expires_at - self.received_wall))
+        return min(limits) if limits else None
+
+    @property
+    def clock_skew_s(self) -> float | None:
+        """How much later the absolute expiry is, by the agent's clock, than the relative
+        one (both given): about the headend's clock lead over the agent's plus transit."""
+        if self.expires_in_ms is None or self.expires_at is None:
+            return None
+        return (self.expires_at - self.received_wall) - self.expires_in_ms / 1000.0
+
+
 class Dispatcher:
-    """Applies commands to the served assets through their adapter runtimes."""
+    """Applies commands to the served assets through their adapter runtimes.
+
+    :param buffer: the agent's buffer: the dispatch journal, local reports, events and
+        the setpoints in force live there. Without one (unit tests) nothing is recorded
+        and :meth:`headend_command` is unavailable.
+    """
 
     def __init__(
         self,
@@ -70,11 +130,13 @@ class Dispatcher:
         site_id: str,
         runtimes: Mapping[str, AdapterRuntime],
         policy: SplitPolicy,
+        buffer: Buffer | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.site_id = site_id
         self.runtimes = dict(sorted(runtimes.items()))
         self.policy = policy
+        self.buffer = buffer
         self._lock = asyncio.Lock()
         self._reverts: dict[str, asyncio.Task[None]] = {}
         self._local_listeners: list[Callable[[LocalDispatchReport], None]] = []
@@ -93,17 +155,31 @@ class Dispatcher:
         site_id: str | None,
         mw: float,
         duration_s: float | None = None,
+        deadline: float | None = None,
+        source: InForceSource = "headend",
     ) -> DispatchOutcome:
-        """Apply one command and say what happened. Never raises for a bad command."""
+        """Apply one command and say what happened. Never raises for a bad command.
+
+        :param deadline: loop time after which the command must not be applied; checked
+            once the command has its turn (``expired`` then, nothing applied).
+        :param source: recorded as the origin of the setpoint in force of each asset the
+            command was applied to.
+        """
         problem = _check_numbers(mw, duration_s)
         if problem is not None:
             return self._reject(command_id, problem)
         try:
             async with self._lock:
+                if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                    return _expired(command_id)
+                outcome: DispatchOutcome | None = None
                 if asset_id:
-                    return await self._asset_setpoint(command_id, asset_id, mw, duration_s)
-                if site_id:
-                    return await self._site_setpoint(command_id, site_id, mw, duration_s)
+                    outcome = await self._asset_setpoint(command_id, asset_id, mw, duration_s)
+                elif site_id:
+                    outcome = await self._site_setpoint(command_id, site_id, mw, duration_s)
+                if outcome is not None:
+                    await self._record_in_force(outcome, source)
+                    return outcome
         except Exception as exc:  # a bug must not leave the headend without an ack
             log.exception("command %s: dispatch failed", command_id)
             return DispatchOutcome(
@@ -112,6 +188,63 @@ class Dispatcher:
                 reason=f"agent {self.agent_id} failed: {type(exc).__name__}: {exc}",
             )
         return self._reject(command_id, "setpoint names neither asset_id nor site_id")
+
+    async def headend_command(
+        self, command: HeadendCommand, send: Callable[[JournalEntry], None]
+    ) -> JournalEntry:
+        """Take a headend command through the journal; apply it at most once.
+
+        A command id already in the journal is not applied again: its final outcome is
+        passed to ``send`` again (nothing while it is still in progress). A new one is
+        committed as ``acked`` and sent, then (unless its deadline has passed: ``expired``)
+        applied; its final outcome is committed, unreported, and sent.
+
+        :param send: gets each journal entry to acknowledge (``SetpointAck``); called on
+            the loop, it must not block.
+        :return: the command's journal entry, final unless it was in progress already.
+        """
+        if self.buffer is None:
+            raise RuntimeError("headend commands need the agent's buffer (the journal)")
+        entry, new = await self.buffer.journal_receive(
+            command.command_id,
+            asset_id=command.asset_id,
+            site_id=command.site_id,
+            mw=command.mw,
+            duration_s=command.duration_s,
+        )
+        if not new:
+            if entry.final:
+                log.info(
+                    "command %s was received before (%s); its outcome is sent again, the "
+                    "command is not applied again",
+                    command.command_id,
+                    entry.status,
+                )
+                send(entry)
+            else:
+                log.info(
+                    "command %s was received before and is still in progress",
+                    command.command_id,
+                )
+            return entry
+        send(entry)
+        deadline = command.deadline
+        if deadline is not None and deadline <= command.received_at:  # expired on arrival
+            outcome = _expired(command.command_id)
+        else:
+            outcome = await self.handle(
+                command.command_id,
+                asset_id=command.asset_id,
+                site_id=command.site_id,
+                mw=command.mw,
+                duration_s=command.duration_s,
+                deadline=deadline,
+            )
+        entry = await self.buffer.journal_finish(
+            command.command_id, outcome.status, outcome.allocations, outcome.reason
+        )
+        send(entry)
+        return entry
 
     async def local_dispatch(
         self,
@@ -123,13 +256,48 @@ class Dispatcher:
         """The :data:`~der_sdk.extensions.LocalDispatch` callable for edge services.
 
         The command id is unique (``local-<uuid>``): it becomes the headend's dispatch id.
+        The report is committed to the buffer before this returns.
         """
+        return await self._local_command(asset_id, site_id, mw, duration_s, source="local")
+
+    async def link_loss_fallback(self, why: str) -> list[DispatchOutcome]:
+        """Return each asset whose setpoint in force came from the headend to its default
+        (0 MW, or the value nearest 0 its limits allow), each as a local command (so the
+        headend's history shows it). Assets commanded locally are left alone.
+
+        :param why: said in each command's reported reason.
+        """
+        if self.buffer is None:
+            return []
+        in_force = self.buffer.in_force
+        targets = [a for a in self.runtimes if in_force.get(a) == "headend"]
+        return [
+            await self._local_command(a, None, 0.0, None, source="fallback", note=why)
+            for a in targets
+        ]
+
+    async def _local_command(
+        self,
+        asset_id: str | None,
+        site_id: str | None,
+        mw: float,
+        duration_s: float | None,
+        *,
+        source: InForceSource,
+        note: str | None = None,
+    ) -> DispatchOutcome:
         command_id = f"local-{uuid.uuid4()}"
         outcome = await self.handle(
-            command_id, asset_id=asset_id, site_id=site_id, mw=mw, duration_s=duration_s
+            command_id,
+            asset_id=asset_id,
+            site_id=site_id,
+            mw=mw,
+            duration_s=duration_s,
+            source=source,
         )
         log.info(
-            "local command %s (%s %s MW): %s%s",
+            "%s command %s (%s %s MW): %s%s",
+            "local" if source == "local" else "fallback",
             command_id,
             f"asset {asset_id}" if asset_id else f"site {site_id}",
             f"{mw:g}",
@@ -137,16 +305,17 @@ class Dispatcher:
             f": {outcome.reason}" if outcome.reason else "",
         )
         if _check_numbers(mw, duration_s) is None:  # not a command at all otherwise
-            self._report_local(outcome, asset_id, site_id, mw, duration_s)
+            await self._report_local(outcome, asset_id, site_id, mw, duration_s, note)
         return outcome
 
-    def _report_local(
+    async def _report_local(
         self,
         outcome: DispatchOutcome,
         asset_id: str | None,
         site_id: str | None,
         mw: float,
         duration_s: float | None,
+        note: str | None,
     ) -> None:
         report = LocalDispatchReport(
             command_id=outcome.command_id,
@@ -156,16 +325,35 @@ class Dispatcher:
             asset_id=asset_id or None,
             site_id=None if asset_id else site_id or None,
             duration_s=duration_s,
-            reason=outcome.reason,
+            reason="; ".join(r for r in (note, outcome.reason) if r) or None,
             allocations=outcome.allocations,
             unallocated_mw=outcome.unallocated_mw,
             policy=self.policy.name if not asset_id and site_id else None,
         )
+        if self.buffer is not None:
+            try:
+                await self.buffer.add_local_report(report)
+            except Exception:
+                log.exception(
+                    "local command %s: its report could not be stored; the headend will "
+                    "not hear of it",
+                    outcome.command_id,
+                )
         for listener in self._local_listeners:
             try:
                 listener(report)
             except Exception:
                 log.exception("local command %s: a listener failed", outcome.command_id)
+
+    async def _record_in_force(self, outcome: DispatchOutcome, source: InForceSource) -> None:
+        if self.buffer is None:
+            return
+        try:
+            for allocation in outcome.allocations:
+                if allocation.status == "applied":
+                    await self.buffer.set_in_force(allocation.asset_id, source, outcome.command_id)
+        except Exception:  # the command was applied all the same
+            log.exception("command %s: recording the setpoints in force failed", outcome.command_id)
 
     async def close(self) -> None:
         """Cancel pending reverts (at shutdown)."""
@@ -314,26 +502,49 @@ class Dispatcher:
             runtime = self.runtimes[asset_id]
             idle = runtime.asset.clamp(0.0)
             result = await runtime.apply_setpoint(idle, None)
+            if result.status == "applied":
+                await self._record_in_force(
+                    DispatchOutcome(
+                        command_id=f"revert-{asset_id}",
+                        status="applied",
+                        allocations=(Allocation(asset_id=asset_id, mw=idle),),
+                    ),
+                    "default",
+                )
         if result.status == "applied":
-            log.info(
-                "asset %s: setpoint duration %g s elapsed; returned to %g MW",
-                asset_id,
-                duration_s,
-                idle,
-            )
+            message = f"setpoint duration {duration_s:g} s elapsed; returned to {idle:g} MW"
+            log.info("asset %s: %s", asset_id, message)
         else:
-            log.warning(
-                "asset %s: setpoint duration %g s elapsed but returning to %g MW %s: %s",
-                asset_id,
-                duration_s,
-                idle,
-                result.status,
-                result.reason,
+            message = (
+                f"setpoint duration {duration_s:g} s elapsed but returning to {idle:g} MW "
+                f"{result.status}: {result.reason}"
             )
+            log.warning("asset %s: %s", asset_id, message)
+        if self.buffer is not None:
+            try:
+                await self.buffer.add_event(
+                    "duration_reverted",
+                    message,
+                    asset_id=asset_id,
+                    data={
+                        "duration_s": duration_s,
+                        "mw": idle,
+                        "status": result.status,
+                        "reason": result.reason,
+                    },
+                )
+            except Exception:
+                log.exception("asset %s: recording the duration revert failed", asset_id)
 
     def _reject(self, command_id: str, reason: str) -> DispatchOutcome:
         log.warning("command %s rejected: %s", command_id, reason)
         return DispatchOutcome(command_id=command_id, status="rejected", reason=reason)
+
+
+def _expired(command_id: str) -> DispatchOutcome:
+    reason = "expired before it could be applied; not applied"
+    log.warning("command %s %s", command_id, reason)
+    return DispatchOutcome(command_id=command_id, status="expired", reason=reason)
 
 
 def _status(value: str) -> AckStatus:

@@ -3,7 +3,8 @@ command), or many in one process as a test harness (:func:`launch`, :func:`run_l
 
 The harness starts one gateway agent per site or one agent per asset, all in this process
 and event loop. It is for demos and load tests, not production: in the field each agent is
-its own process, near its devices.
+its own process, near its devices. Its agents keep their buffers in memory unless the
+agent config sets ``buffer.path``, which must then contain ``{agent_id}`` (one file each).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 from typing import Any, Literal
 
 from der_sdk.agent_config import AgentConfig, validate_agent_config
+from der_sdk.errors import DerSdkError
 from der_sdk.inventory import Inventory
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.agent import Agent
@@ -75,6 +77,12 @@ async def launch(
     plugins = plugins if plugins is not None else load_plugins()
     validate_agent_config(config, plugins, inventory, list(inventory.assets))
     agents = _build(inventory, headend=headend, mode=mode, config=config, plugins=plugins)
+    path = config.buffer.path
+    if path is not None and "{agent_id}" not in path and len(agents) > 1:
+        raise DerSdkError(
+            f"agent config buffer.path {path!r} would be shared by {len(agents)} agents; "
+            "put {agent_id} in it (e.g. der-data/agent-{agent_id}.sqlite3)"
+        )
     results = await asyncio.gather(*(a.start() for a in agents), return_exceptions=True)
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:

@@ -33,9 +33,9 @@ DEFAULT_HEADEND_GRPC = "127.0.0.1:50051"
 class AgentSettings:
     """What the agent process was told by its environment.
 
-    Build one with :meth:`from_env`. ``telemetry_interval_s`` and ``heartbeat_interval_s``
-    are ``None`` unless set in the environment; when set they override the agent config
-    file.
+    Build one with :meth:`from_env`. ``telemetry_interval_s``, ``heartbeat_interval_s``
+    and ``buffer_path`` are ``None`` unless set in the environment; when set they override
+    the agent config file.
     """
 
     headend: str = DEFAULT_HEADEND_GRPC
@@ -46,6 +46,7 @@ class AgentSettings:
     agent_config_path: str | None = None
     telemetry_interval_s: float | None = None
     heartbeat_interval_s: float | None = None
+    buffer_path: str | None = None
 
     @property
     def mode(self) -> Literal["asset", "site"]:
@@ -86,6 +87,7 @@ class AgentSettings:
             agent_config_path=_get(env, "AGENT_CONFIG"),
             telemetry_interval_s=_seconds(env, "TELEMETRY_INTERVAL_S"),
             heartbeat_interval_s=_seconds(env, "HEARTBEAT_INTERVAL_S"),
+            buffer_path=_get(env, "AGENT_BUFFER_PATH"),
         )
 
 

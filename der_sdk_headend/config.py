@@ -10,6 +10,11 @@ variable                default                     meaning
 ``RESET_DB``            off                         1/true/yes/on: delete stored data at start
 ``SPLIT_POLICY``        ``capacity_weighted``       policy for the per-asset preview of a
                                                     site dispatch
+``INGEST_QUEUE_MAX_SAMPLES`` ``50000``              telemetry samples that may wait for
+                                                    storage; then agent streams are not read
+                                                    (flow control) until storage catches up
+``MAX_AGENT_STREAMS``   ``10000``                   agent streams served at once; more are
+                                                    refused with RESOURCE_EXHAUSTED and retry
 ======================  ==========================  ==========================================
 
 The split policy name is checked against the installed policies when the headend starts
@@ -35,6 +40,8 @@ __all__ = [
 
 DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DEFAULT_HTTP_ADDR = "127.0.0.1:3001"
+DEFAULT_INGEST_QUEUE_MAX_SAMPLES = 50_000
+DEFAULT_MAX_AGENT_STREAMS = 10_000
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _FALSY = frozenset({"", "0", "false", "no", "off"})
@@ -60,6 +67,16 @@ def split_host_port(addr: str, variable: str) -> tuple[str, int]:
     return host, port
 
 
+def _int(env: Mapping[str, str], variable: str, default: int) -> int:
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise DerSdkError(f"{variable}={raw!r} is not a whole number") from None
+
+
 def _flag(env: Mapping[str, str], variable: str) -> bool:
     raw = env.get(variable, "").strip().lower()
     if raw in _TRUTHY:
@@ -81,8 +98,16 @@ class HeadendConfig:
     http_addr: str = DEFAULT_HTTP_ADDR
     reset_db: bool = False
     split_policy: str = DEFAULT_SPLIT_POLICY
+    ingest_queue_max_samples: int = DEFAULT_INGEST_QUEUE_MAX_SAMPLES
+    max_agent_streams: int = DEFAULT_MAX_AGENT_STREAMS
 
     def __post_init__(self) -> None:
+        if self.ingest_queue_max_samples < 1:
+            raise DerSdkError(
+                f"INGEST_QUEUE_MAX_SAMPLES={self.ingest_queue_max_samples} must be at least 1"
+            )
+        if self.max_agent_streams < 1:
+            raise DerSdkError(f"MAX_AGENT_STREAMS={self.max_agent_streams} must be at least 1")
         split_host_port(self.grpc_addr, "HEADEND_GRPC_ADDR")
         split_host_port(self.http_addr, "HEADEND_HTTP_ADDR")
         if not self.split_policy:
@@ -112,4 +137,8 @@ class HeadendConfig:
             http_addr=env.get("HEADEND_HTTP_ADDR", "").strip() or DEFAULT_HTTP_ADDR,
             reset_db=_flag(env, "RESET_DB"),
             split_policy=env.get("SPLIT_POLICY", "").strip() or DEFAULT_SPLIT_POLICY,
+            ingest_queue_max_samples=_int(
+                env, "INGEST_QUEUE_MAX_SAMPLES", DEFAULT_INGEST_QUEUE_MAX_SAMPLES
+            ),
+            max_agent_streams=_int(env, "MAX_AGENT_STREAMS", DEFAULT_MAX_AGENT_STREAMS),
         )

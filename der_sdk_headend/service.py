@@ -70,6 +70,9 @@ GRPC_SERVER_OPTIONS = (
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC waits for a ping's answer for grpc.http2.ping_timeout_ms (default 60 s), not
+    # only keepalive_timeout_ms: without this a silent link took 80 s to notice.
+    ("grpc.http2.ping_timeout_ms", 10_000),
 )
 
 
@@ -202,7 +205,13 @@ class Headend:
             log.info("closed %d session(s) left open by a previous run", stale)
 
         self._presence = Presence(storage, self.plugins)
-        self._ingest = TelemetryIngest(inventory, self.plugins, storage, self._presence)
+        self._ingest = TelemetryIngest(
+            inventory,
+            self.plugins,
+            storage,
+            self._presence,
+            max_queued_samples=config.ingest_queue_max_samples,
+        )
         await self._ingest.warm()
         self._ingest.start()
         self._dispatcher = Dispatcher(
@@ -270,7 +279,12 @@ class Headend:
         )
         # Without SO_REUSEPORT a second headend on the same port fails loudly instead of
         # silently sharing the agents.
-        server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+        # A cap on concurrent streams bounds the memory a flood of agents can take; the
+        # ones beyond it get RESOURCE_EXHAUSTED and retry with their backoff.
+        server = grpc.aio.server(
+            options=GRPC_SERVER_OPTIONS,
+            maximum_concurrent_rpcs=self.config.max_agent_streams,
+        )
         pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
         addr = self.config.grpc_addr
         try:

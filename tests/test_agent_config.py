@@ -12,6 +12,7 @@ from der_sdk import hookimpl, load_plugins
 from der_sdk.agent_config import (
     AgentConfig,
     AssetAdapterConfig,
+    BufferConfig,
     EdgeServiceConfig,
     load_agent_config,
     parse_agent_config,
@@ -43,6 +44,14 @@ heartbeat_interval_s: 15
 split_policy: equal
 reconnect_initial_s: 1
 reconnect_max_s: 60
+link_loss_hold_s: 120
+link_loss_fallback: hold
+buffer:
+  path: /var/lib/der/agent-{{agent_id}}.sqlite3
+  max_mb: 64
+  max_age_h: 48
+  replay_samples_per_s: 500
+  sync: normal
 default_adapter: fake-bess
 assets:
   {ASSET_1}:
@@ -157,7 +166,12 @@ def test_defaults_without_a_file() -> None:
     assert cfg == AgentConfig()
     assert cfg.agent_id is None
     assert (cfg.telemetry_interval_s, cfg.heartbeat_interval_s) == (4.0, 30.0)
-    assert (cfg.reconnect_initial_s, cfg.reconnect_max_s) == (0.5, 30.0)
+    assert (cfg.reconnect_initial_s, cfg.reconnect_max_s) == (1.0, 120.0)
+    assert (cfg.link_loss_hold_s, cfg.link_loss_fallback) == (300.0, "default")
+    assert cfg.buffer == BufferConfig(
+        path=None, max_mb=256.0, max_age_h=168.0, replay_samples_per_s=2000.0, sync="normal"
+    )
+    assert cfg.buffer.max_bytes == 256 * 1024 * 1024 and cfg.buffer.max_age_s == 7 * 86400
     assert cfg.split_policy == "capacity_weighted"
     assert cfg.default_adapter == "sim-bess"
     assert cfg.assets == {} and cfg.edge_services == []
@@ -171,6 +185,16 @@ def test_good_file_loads(tmp_path: Path, plugins: Plugins, inventory: Inventory)
     assert cfg.agent_id == "gw-north"
     assert cfg.telemetry_interval_s == 2.0 and isinstance(cfg.telemetry_interval_s, float)
     assert cfg.split_policy == "equal"
+    assert (cfg.link_loss_hold_s, cfg.link_loss_fallback) == (120.0, "hold")
+    assert cfg.buffer == BufferConfig(
+        path="/var/lib/der/agent-{agent_id}.sqlite3",
+        max_mb=64.0,
+        max_age_h=48.0,
+        replay_samples_per_s=500.0,
+        sync="normal",
+    )
+    assert cfg.line_of("buffer.sync") == line_of(GOOD, "sync: normal")
+    assert load_agent_config(write(tmp_path, "buffer: {sync: full}\n")).buffer.sync == "full"
     assert cfg.assets == {
         ASSET_1: AssetAdapterConfig(adapter="fake-bess", options={"initial_soc_pct": 40}),
         ASSET_2: AssetAdapterConfig(adapter="fake-bess", options={"initial_soc_pct": 90}),
@@ -221,6 +245,36 @@ def test_reconnect_max_below_initial(tmp_path: Path) -> None:
     text = GOOD.replace("reconnect_max_s: 60", "reconnect_max_s: 0.5")
     issue = load_issue(tmp_path, text, "reconnect_max_s")
     assert_names(issue, line_of(text, "reconnect_max_s"), "reconnect_max_s", "reconnect_initial_s")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "words"),
+    [
+        ("max_mb: 64", "max_mb: 0", "buffer.max_mb", ["> 0 MiB"]),
+        ("max_age_h: 48", "max_age_h: -1", "buffer.max_age_h", ["> 0 hours"]),
+        ("replay_samples_per_s: 500", "replay_samples_per_s: lots", "buffer.replay_samples_per_s",
+         ["expected float, got str"]),
+        ("sync: normal", "sync: always", "buffer.sync", ["one of normal, full", "'always'"]),
+        ("path: /var", "path: ''\n  old_path: /var", "buffer.path", ["must not be empty"]),
+        ("max_mb: 64", "max_bytes: 64", "buffer.max_bytes", ["did you mean 'max_mb'"]),
+        ("link_loss_hold_s: 120", "link_loss_hold_s: 0", "link_loss_hold_s", ["> 0"]),
+        ("link_loss_fallback: hold", "link_loss_fallback: zero", "link_loss_fallback",
+         ["one of default, hold", "'zero'"]),
+    ],
+)  # fmt: skip
+def test_bad_durability_settings_name_file_line_and_field(
+    tmp_path: Path, old: str, new: str, field: str, words: list[str]
+) -> None:
+    text = GOOD.replace(old, new)
+    issue = load_issue(tmp_path, text, field)
+    marker = new.split("\n")[0].split(":")[0]
+    assert_names(issue, line_of(text, marker), field, *words)
+
+
+def test_buffer_must_be_a_mapping(tmp_path: Path) -> None:
+    text = "buffer: /tmp/agent.sqlite3\n"
+    issue = load_issue(tmp_path, text, "buffer")
+    assert_names(issue, 1, "buffer", "expected a mapping, got str")
 
 
 def test_unknown_key_lists_allowed_keys(tmp_path: Path) -> None:

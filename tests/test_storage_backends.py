@@ -118,3 +118,32 @@ def test_unknown_url_scheme_lists_installed_schemes(plugins: Plugins) -> None:
     assert raised.value.name == "mongodb"
     assert {"memory", "sqlite"} <= set(raised.value.installed)
     assert "memory" in str(raised.value) and "sqlite" in str(raised.value)
+
+
+async def test_sqlite_writes_cancelled_mid_transaction_leave_the_connection_usable(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import contextlib
+    from datetime import UTC, datetime, timedelta
+
+    from der_sdk.models import TelemetrySample
+
+    storage = SQLiteStorage(str(tmp_path / "cancel.db"))
+    await storage.open()
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+
+    def sample(n: int) -> TelemetrySample:
+        return TelemetrySample(asset_id="a", site_id="s", ts=base + timedelta(seconds=n), mw=1.0)
+
+    try:
+        for n in range(30):  # cancel at every point a writer can be cancelled at
+            task = asyncio.create_task(storage.append_telemetry([sample(n)]))
+            for _ in range(n % 6):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert await storage.append_telemetry([sample(1000)]) == 1
+    finally:
+        await storage.close()

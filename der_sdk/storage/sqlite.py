@@ -330,12 +330,15 @@ class SQLiteStorage(StorageBackend):
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
             db = self._conn
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                # BEGIN inside the try: a caller cancelled while BEGIN is queued on the
+                # connection's thread still gets its ROLLBACK queued behind it, so the
+                # connection is never left inside a transaction for the next caller.
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
                 await db.commit()
             except BaseException:
-                await db.rollback()  # a no-op when the failure was the commit itself
+                await db.rollback()  # a no-op when no transaction is open
                 raise
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:

@@ -1,7 +1,7 @@
 """An in-process agent link: a real :class:`der_sdk_agent.agent.Agent` dialling a test headend.
 
 The adapter under test is driven by the agent's own code: registration, the sampler,
-the outbox, the stream, the dispatch path (clamp, split, revert). Every wait has a
+the buffer, the stream, the dispatch path (clamp, split, revert). Every wait has a
 deadline and fails with what it was waiting for and what it saw last.
 """
 
@@ -271,6 +271,7 @@ class AgentRunner:
             headend=self.headend.grpc_addr,
             config=config,
             plugins=self.plugins,
+            buffer_path=":memory:",  # leaves no file behind; the buffer has its own tests
         )
         await agent.start()
         link = AgentLink(agent, self.headend, self.http)

@@ -26,6 +26,7 @@ __all__ = [
     "agent_register",
     "agent_setpoint_ack",
     "agent_telemetry",
+    "agent_telemetry_payload",
     "allocations_from_pb",
     "buffer_stats_from_pb",
     "buffer_stats_to_pb",
@@ -43,6 +44,7 @@ __all__ = [
     "sample_from_pb",
     "sample_to_pb",
     "samples_from_batch",
+    "telemetry_payload",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -207,6 +209,23 @@ def agent_telemetry(
     )
 
 
+def telemetry_payload(samples: Iterable[TelemetrySample]) -> bytes:
+    """A ``TelemetryBatch`` of ``samples`` serialized without ``seq`` and ``floor_seq``: how
+    the agent's buffer stores a batch until it is sent (:func:`agent_telemetry_payload`)."""
+    payload: bytes = pb.TelemetryBatch(
+        samples=[sample_to_pb(s) for s in samples]
+    ).SerializeToString()
+    return payload
+
+
+def agent_telemetry_payload(seq: int, payload: bytes, floor_seq: int = 0) -> pb.AgentMessage:
+    """The ``TelemetryBatch`` message for a stored :func:`telemetry_payload`."""
+    batch = pb.TelemetryBatch.FromString(payload)
+    batch.seq = seq
+    batch.floor_seq = floor_seq
+    return pb.AgentMessage(telemetry=batch)
+
+
 def agent_heartbeat(
     agent_id: str, ts: datetime, uptime_s: float, buffer: BufferStats | None = None
 ) -> pb.AgentMessage:
@@ -367,10 +386,13 @@ def headend_setpoint(
     site_id: str | None = None,
     duration_s: float | None = None,
     expires_in_ms: int | None = None,
+    expires_at: datetime | None = None,
 ) -> pb.HeadendMessage:
     sp = pb.Setpoint(command_id=command_id, mw=mw)
     if expires_in_ms is not None:
         sp.expires_in_ms = expires_in_ms
+    if expires_at is not None:
+        sp.expires_at_us = datetime_to_us(expires_at)
     if asset_id is not None:
         sp.asset_id = asset_id
     if site_id is not None:

@@ -399,6 +399,7 @@ class Dispatcher:
                 asset_id=target.asset_id,
                 duration_s=duration_s,
                 expires_in_ms=_expires_in_ms(dispatch),
+                expires_at=dispatch.expires_at,
             )
         )
         target.state = "sent"
@@ -414,6 +415,7 @@ class Dispatcher:
                 site_id=dispatch.site_id,
                 duration_s=duration_s,
                 expires_in_ms=_expires_in_ms(dispatch),
+                expires_at=dispatch.expires_at,
             )
         )
         for target in dispatch.targets:

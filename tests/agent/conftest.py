@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from der_sdk import hookimpl, load_plugins
-from der_sdk.agent_config import AgentConfig
+from der_sdk.agent_config import AgentConfig, AssetAdapterConfig
 from der_sdk.extensions import (
     Adapter,
     AdapterContext,
@@ -36,6 +36,13 @@ UNSERVED = "00000000-0000-4000-8000-0000000000ff"
 ASSET_1 = Asset(asset_id=A1, site_id=SITE, name="BESS 1", capacity_mwh=2.0, max_mw=1.0, min_mw=-1.0)
 ASSET_2 = Asset(asset_id=A2, site_id=SITE, name="BESS 2", capacity_mwh=6.0, max_mw=4.0, min_mw=-4.0)
 ASSETS = (ASSET_1, ASSET_2)
+
+
+def flaky_config(**overrides: Any) -> AgentConfig:
+    """:func:`fast_config` with both assets on the ``test-flaky`` adapter (its writes are
+    recorded in the :class:`FaultBox`)."""
+    assets = {a: AssetAdapterConfig(adapter="test-flaky") for a in (A1, A2)}
+    return fast_config(assets=assets, **overrides)
 
 
 def fast_config(**overrides: Any) -> AgentConfig:
@@ -64,6 +71,7 @@ class FaultBox:
     connect_error: Exception | None = None
     read_error: Exception | None = None
     apply_error: Exception | None = None
+    apply_delay_s: float = 0.0
     connects: int = 0
     closes: int = 0
     applied: list[tuple[str, float, float | None]] = field(default_factory=list)
@@ -89,6 +97,8 @@ class FlakyAdapter(Adapter):
         )
 
     async def apply_setpoint(self, mw: float, duration_s: float | None = None) -> SetpointResult:
+        if self.box.apply_delay_s:
+            await asyncio.sleep(self.box.apply_delay_s)
         if self.box.apply_error is not None:
             raise self.box.apply_error
         self.mw = mw
@@ -199,7 +209,9 @@ MakeAgent = Callable[..., Agent]
 
 @pytest.fixture
 async def make_agent(plugins: Plugins) -> AsyncIterator[MakeAgent]:
-    """Build agents (gateway for ``SITE`` by default); every one is stopped afterwards."""
+    """Build agents (gateway for ``SITE`` by default); every one is stopped afterwards.
+
+    Their buffer is in memory unless ``buffer_path`` is given."""
     made: list[Agent] = []
 
     def make(

@@ -1,14 +1,25 @@
 """A small scripted headend for agent tests: a real ``grpc.aio`` server on 127.0.0.1.
 
-It records every message an agent sends, answers ``Register`` (accepting everything, or
-refusing as told), acknowledges telemetry batches (unless ``auto_ack`` is off), and lets a
-test push setpoints, close streams, and stop and restart the server on the same port.
+It records every message an agent sends and answers ``Register`` (accepting everything, or
+refusing as told). Like the real headend it acknowledges, each switchable off so a test can
+withhold it and acknowledge by hand:
+
+* telemetry (``auto_ack``): ``TelemetryAck(seq, stored_through)``, where
+  ``stored_through`` is the contiguous watermark of the seqs stored for the agent's
+  ``stream_id`` (across streams), lifted to ``floor_seq - 1`` as the headend does;
+* final setpoint outcomes (``auto_outcome_ack``): ``SetpointOutcomeAck``;
+* agent events (``auto_event_ack``): ``EventAck``;
+* local command reports (``auto_local_ack``): ``LocalDispatchAck``.
+
+A test can push setpoints (again, too), close streams, and stop and restart the server on
+the same port.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -32,8 +43,17 @@ class FakeStream:
         return [getattr(m, kind) for m in self.messages if m.WhichOneof("msg") == kind]
 
     @property
+    def stream_id(self) -> str:
+        return self.register.stream_id if self.register is not None else ""
+
+    @property
     def batches(self) -> list[pb.TelemetryBatch]:
         return self._of("telemetry")
+
+    @property
+    def seqs(self) -> list[int]:
+        """Telemetry batch seqs in the order they arrived."""
+        return [b.seq for b in self.batches]
 
     @property
     def heartbeats(self) -> list[pb.Heartbeat]:
@@ -43,11 +63,36 @@ class FakeStream:
     def setpoint_acks(self) -> list[pb.SetpointAck]:
         return self._of("setpoint_ack")
 
+    def final_acks(self, command_id: str | None = None) -> list[pb.SetpointAck]:
+        """Setpoint acks with a final status (not ``acked``), of one command or all."""
+        return [
+            a
+            for a in self.setpoint_acks
+            if a.status != "acked" and (command_id is None or a.command_id == command_id)
+        ]
+
+    @property
+    def events(self) -> list[pb.AgentEvent]:
+        return self._of("event")
+
+    @property
+    def local_dispatches(self) -> list[pb.LocalDispatch]:
+        return self._of("local_dispatch")
+
     def samples(self) -> list[TelemetrySample]:
         return [s for b in self.batches for s in codec.samples_from_batch(b)]
 
-    def ack(self, seq: int) -> None:
-        self.outgoing.put_nowait(codec.headend_telemetry_ack(seq))
+    def send(self, message: pb.HeadendMessage) -> None:
+        self.outgoing.put_nowait(message)
+
+    def ack(self, seq: int, stored_through: int = 0) -> None:
+        self.send(codec.headend_telemetry_ack(seq, stored_through))
+
+    def outcome_ack(self, command_id: str) -> None:
+        self.send(codec.headend_outcome_ack(command_id))
+
+    def event_ack(self, event_id: str) -> None:
+        self.send(codec.headend_event_ack(event_id))
 
     def close(self) -> None:
         """End the stream from the headend side (status OK)."""
@@ -85,18 +130,25 @@ class _Servicer(pb_grpc.AgentLinkServicer):
                     stream.register = message.register
                     ids = [a.asset_id for a in message.register.assets]
                     if not headend.accept:
-                        stream.outgoing.put_nowait(
-                            codec.headend_register_ack([], {}, headend.refuse_message)
-                        )
+                        stream.send(codec.headend_register_ack([], {}, headend.refuse_message))
                         stream.close()
                         continue
                     for early in headend.before_register_ack:
-                        stream.outgoing.put_nowait(early)
+                        stream.send(early)
                     accepted = [a for a in ids if a not in headend.refuse]
                     refused = {a: r for a, r in headend.refuse.items() if a in ids}
-                    stream.outgoing.put_nowait(codec.headend_register_ack(accepted, refused))
+                    stream.send(codec.headend_register_ack(accepted, refused))
                 elif kind == "telemetry" and headend.auto_ack:
-                    stream.ack(message.telemetry.seq)
+                    batch = message.telemetry
+                    through = headend.store(stream.stream_id, batch.seq, batch.floor_seq)
+                    stream.ack(batch.seq, through)
+                elif kind == "setpoint_ack" and headend.auto_outcome_ack:
+                    if message.setpoint_ack.status != "acked":
+                        stream.outcome_ack(message.setpoint_ack.command_id)
+                elif kind == "event" and headend.auto_event_ack:
+                    stream.event_ack(message.event.event_id)
+                elif kind == "local_dispatch" and headend.auto_local_ack:
+                    stream.send(codec.headend_local_dispatch_ack(message.local_dispatch.command_id))
         finally:
             stream.close()
 
@@ -108,23 +160,41 @@ class FakeHeadend:
         self,
         *,
         auto_ack: bool = True,
+        auto_outcome_ack: bool = True,
+        auto_event_ack: bool = True,
+        auto_local_ack: bool = True,
         accept: bool = True,
         refuse: Mapping[str, str] | None = None,
         refuse_message: str = "agent not allowed",
         before_register_ack: Sequence[pb.HeadendMessage] = (),
     ) -> None:
         self.auto_ack = auto_ack
+        self.auto_outcome_ack = auto_outcome_ack
+        self.auto_event_ack = auto_event_ack
+        self.auto_local_ack = auto_local_ack
         self.accept = accept
         self.refuse = dict(refuse or {})
         self.refuse_message = refuse_message
         self.before_register_ack = list(before_register_ack)
         self.port = 0
         self.streams: list[FakeStream] = []
+        self.stored: dict[str, set[int]] = {}  # stream_id -> seqs stored
+        self.watermarks: dict[str, int] = {}  # stream_id -> stored_through
         self._server: Any = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def store(self, stream_id: str, seq: int, floor_seq: int) -> int:
+        """Record batch ``seq`` as stored; return the stream's new ``stored_through``."""
+        stored = self.stored.setdefault(stream_id, set())
+        stored.add(seq)
+        mark = max(self.watermarks.get(stream_id, 0), floor_seq - 1)
+        while mark + 1 in stored:
+            mark += 1
+        self.watermarks[stream_id] = mark
+        return mark
 
     async def start(self) -> FakeHeadend:
         server = grpc.aio.server()
@@ -178,6 +248,33 @@ class FakeHeadend:
 
     # ------------------------------------------------------------------ commands
 
+    def send_setpoint(
+        self,
+        command_id: str,
+        mw: float,
+        *,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        duration_s: float | None = None,
+        expires_in_ms: int | None = None,
+        expires_at: datetime | None = None,
+        stream: FakeStream | None = None,
+    ) -> FakeStream:
+        """Push a Setpoint down ``stream`` (default: the latest); returns the stream."""
+        target = stream or self.latest
+        target.send(
+            codec.headend_setpoint(
+                command_id,
+                mw,
+                asset_id=asset_id,
+                site_id=site_id,
+                duration_s=duration_s,
+                expires_in_ms=expires_in_ms,
+                expires_at=expires_at,
+            )
+        )
+        return target
+
     async def setpoint(
         self,
         command_id: str,
@@ -186,21 +283,30 @@ class FakeHeadend:
         asset_id: str | None = None,
         site_id: str | None = None,
         duration_s: float | None = None,
+        expires_in_ms: int | None = None,
+        expires_at: datetime | None = None,
         stream: FakeStream | None = None,
         within: float = DEFAULT_WITHIN_S,
     ) -> pb.SetpointAck:
-        """Push a Setpoint down ``stream`` (default: the latest) and wait for its ack."""
+        """Push a Setpoint and wait for the final ack that answers it."""
         target = stream or self.latest
-        target.outgoing.put_nowait(
-            codec.headend_setpoint(
-                command_id, mw, asset_id=asset_id, site_id=site_id, duration_s=duration_s
-            )
+        seen = len(target.final_acks(command_id))
+        self.send_setpoint(
+            command_id,
+            mw,
+            asset_id=asset_id,
+            site_id=site_id,
+            duration_s=duration_s,
+            expires_in_ms=expires_in_ms,
+            expires_at=expires_at,
+            stream=target,
         )
 
-        def acked() -> pb.SetpointAck | None:
-            return next((a for a in target.setpoint_acks if a.command_id == command_id), None)
+        def answered() -> pb.SetpointAck | None:
+            acks = target.final_acks(command_id)
+            return acks[seen] if len(acks) > seen else None
 
-        return await self.wait_for(acked, within)  # type: ignore[no-any-return]
+        return await self.wait_for(answered, within)  # type: ignore[no-any-return]
 
     def close_streams(self) -> None:
         for stream in self.streams:

@@ -67,7 +67,7 @@ def test_documented_env_vars_are_the_ones_read() -> None:
     assert documented == read
 
 
-async def test_example_files_run_a_gateway_agent(plugins: Plugins) -> None:
+async def test_example_files_run_a_gateway_agent(plugins: Plugins, tmp_path: Path) -> None:
     inventory = load_inventory(EXAMPLES / "assets.yaml")
     site_id = next(iter(inventory.sites))
     async with FakeHeadend() as headend:
@@ -78,6 +78,7 @@ async def test_example_files_run_a_gateway_agent(plugins: Plugins) -> None:
                 "GATEWAY_SITE_ID": site_id,
                 "HEADEND_GRPC": headend.address,
                 "TELEMETRY_INTERVAL_S": "0.05",
+                "AGENT_BUFFER_PATH": str(tmp_path / "agent.sqlite3"),
             }
         )
         agent = Agent.from_settings(settings, plugins)

@@ -14,7 +14,9 @@ from der_sdk.agent_config import AssetAdapterConfig, EdgeServiceConfig
 from der_sdk.errors import DerSdkError
 from der_sdk.models import TelemetrySample
 from der_sdk.wire import codec
+from der_sdk_agent import link as link_module
 from der_sdk_agent.agent import Agent
+from der_sdk_headend.service import GRPC_SERVER_OPTIONS
 from tests.agent.conftest import (
     A1,
     A2,
@@ -109,7 +111,7 @@ async def test_setpoint_sent_before_the_register_ack_is_applied_after_it(
         agent = make_agent(headend.address)
         await agent.start()
         stream = await headend.wait_stream()
-        ack = await headend.wait_for(lambda: next(iter(stream.setpoint_acks), None))
+        ack = await headend.wait_for(lambda: next(iter(stream.final_acks("early")), None))
         assert ack.command_id == "early" and ack.status == "applied"
         assert agent.stats().connected and agent.stats().failed_attempts == 0
 
@@ -350,10 +352,12 @@ async def test_agent_reconnects_after_the_headend_restarts(
     assert f"headend {headend.address} unreachable (attempt 2): " in lines[1]
     assert "(attempt 3)" in lines[2] and lines[2].endswith(" s")
 
+    first = headend.streams[0]
     await headend.restart()
     stream = await headend.wait_stream(index=1)
     await headend.wait_for(lambda: len(stream.batches) >= 1)
-    assert stream.batches[0].seq == 1  # seq starts again on a new stream
+    assert stream.stream_id == first.stream_id != ""  # the same buffer, the same seq space
+    assert min(stream.seqs) > max(first.seqs)  # seqs go on; acknowledged ones are not resent
     assert agent.stats().connected and agent.stats().reconnects == 1
     assert agent.stats().failed_attempts >= 2
 
@@ -373,48 +377,14 @@ async def test_unacknowledged_batches_are_resent_in_order_after_reconnect(
         first.close()
 
         second = await headend.wait_stream(index=1)
-        await headend.wait_for(lambda: len(second.batches) >= 4)
-        assert [b.seq for b in second.batches[:4]] == [1, 2, 3, 4]
-        for asset_id in (A1, A2):
-            seqs = [s.seq for s in second.samples() if s.asset_id == asset_id]
-            # everything after the acknowledged batch, in order, nothing lost or repeated
-            assert seqs[: len(seqs)] == list(range(2, 2 + len(seqs)))
+        unacked = [seq for seq in first.seqs if seq != 1]
+        await headend.wait_for(lambda: set(unacked) <= set(second.seqs))
+        assert 1 not in second.seqs  # the acknowledged batch is forgotten
+        assert [seq for seq in second.seqs if seq in unacked] == unacked  # in seq order
+        assert len(second.seqs) == len(set(second.seqs))  # none twice on one stream
         resent = {(s.asset_id, s.seq, s.ts) for s in first.samples() if s.seq >= 2}
         again = {(s.asset_id, s.seq, s.ts) for s in second.samples()}
         assert resent <= again  # the very same samples, not new readings
-
-
-async def test_outbox_bound_drops_the_oldest_samples(
-    make_agent: MakeAgent, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger="der.agent")
-    headend = FakeHeadend()
-    await headend.start()
-    await headend.stop()  # a known free port with nobody listening
-    agent = make_agent(headend.address, outbox_max_samples=5)
-    for _ in range(5):  # 5 polls x 2 assets = 10 samples, room for 5
-        await agent.sample_once()
-    assert agent.stats().samples_dropped == 5
-    assert agent.stats().outbox_samples == 5
-    assert any("outbox full" in r.getMessage() for r in caplog.records)
-    kept = [(s.asset_id, s.seq) for s in agent.outbox.pending()]
-    assert kept == [(A2, 3), (A1, 4), (A2, 4), (A1, 5), (A2, 5)]
-
-    await headend.start()
-    try:
-        await agent.start()  # the sampler runs at once and drops a little more
-        stream = await headend.wait_stream()
-        await headend.wait_for(
-            lambda: {(A1, 5), (A2, 5)} <= {(s.asset_id, s.seq) for s in stream.samples()}
-        )
-        received = [(s.asset_id, s.seq) for s in stream.samples()]
-        assert min(seq for _, seq in received) >= 3  # the oldest never arrive
-        for asset_id in (A1, A2):
-            seqs = [seq for a, seq in received if a == asset_id]
-            assert seqs == sorted(set(seqs))  # oldest first, no repeats
-    finally:
-        await agent.stop()
-        await headend.stop()
 
 
 # ----------------------------------------------------------------------------- edge services
@@ -486,3 +456,14 @@ async def test_stop_leaves_no_tasks_behind(headend: FakeHeadend, make_agent: Mak
     await asyncio.sleep(0)
     leaked = [t for t in asyncio.all_tasks() - before if "der-agent" in t.get_name()]
     assert leaked == []
+
+
+def test_keepalive_finds_a_half_open_link_within_40_s_without_too_many_pings() -> None:
+    options = dict(link_module._CHANNEL_OPTIONS)
+    ping_wait_ms = max(options["grpc.keepalive_timeout_ms"], options["grpc.http2.ping_timeout_ms"])
+    assert options["grpc.keepalive_time_ms"] + ping_wait_ms <= 30_000  # 20 s + 10 s
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    assert options["grpc.http2.max_pings_without_data"] == 0  # pings go on on a quiet stream
+    headend = dict(GRPC_SERVER_OPTIONS)
+    allowed_ms = headend["grpc.http2.min_recv_ping_interval_without_data_ms"]
+    assert options["grpc.keepalive_time_ms"] >= 2 * allowed_ms  # never too_many_pings

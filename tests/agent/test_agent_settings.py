@@ -8,9 +8,10 @@ import os
 import signal
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from der_sdk.agent_config import load_agent_config
+from der_sdk.agent_config import BufferConfig, load_agent_config
 from der_sdk.errors import ConfigError, DerSdkError
 from der_sdk.inventory import load_inventory
 from der_sdk.plugins import Plugins
@@ -67,7 +68,11 @@ def files(tmp_path: Path) -> dict[str, str]:
     inventory.write_text(INVENTORY)
     config = tmp_path / "agent.yaml"
     config.write_text(AGENT_CONFIG)
-    return {"ASSETS_PATH": str(inventory), "AGENT_CONFIG": str(config)}
+    return {
+        "ASSETS_PATH": str(inventory),
+        "AGENT_CONFIG": str(config),
+        "AGENT_BUFFER_PATH": str(tmp_path / "buffers" / "agent-{agent_id}.sqlite3"),
+    }
 
 
 # ----------------------------------------------------------------------------- from_env
@@ -100,6 +105,7 @@ def test_defaults_and_overrides() -> None:
     assert settings.headend == "127.0.0.1:50051"
     assert settings.mode == "site"
     assert settings.telemetry_interval_s is None and settings.agent_config_path is None
+    assert settings.buffer_path is None
     settings = AgentSettings.from_env(
         {
             "ASSETS_PATH": "a.yaml",
@@ -108,8 +114,10 @@ def test_defaults_and_overrides() -> None:
             "GATEWAY_ID": "gw-north",
             "TELEMETRY_INTERVAL_S": "1.5",
             "HEARTBEAT_INTERVAL_S": "10",
+            "AGENT_BUFFER_PATH": "/var/lib/der/agent.sqlite3",
         }
     )
+    assert settings.buffer_path == "/var/lib/der/agent.sqlite3"
     assert settings.headend == "headend.example:6000"
     assert settings.gateway_id == "gw-north"
     assert (settings.telemetry_interval_s, settings.heartbeat_interval_s) == (1.5, 10.0)
@@ -158,6 +166,26 @@ def test_gateway_agent_from_settings(files: dict[str, str], plugins: Plugins) ->
     }
     assert agent.config.telemetry_interval_s == 0.5  # the environment wins over the file
     assert agent.config.heartbeat_interval_s == 0.2
+
+
+def test_cli_agent_buffer_path_from_env_else_config_else_der_data(
+    tmp_path: Path, files: dict[str, str], plugins: Plugins
+) -> None:
+    settings = AgentSettings.from_env({**files, "GATEWAY_SITE_ID": SITE})
+    agent = Agent.from_settings(settings, plugins)
+    assert agent.buffer.path == str(tmp_path / "buffers" / f"agent-gateway-{SITE}.sqlite3")
+
+    config = tmp_path / "buffered.yaml"
+    config.write_text(AGENT_CONFIG + "buffer:\n  path: site/{agent_id}.db\n  sync: full\n")
+    env = {**files, "AGENT_CONFIG": str(config), "GATEWAY_SITE_ID": SITE}
+    del env["AGENT_BUFFER_PATH"]
+    agent = Agent.from_settings(AgentSettings.from_env(env), plugins)
+    assert (agent.buffer.path, agent.buffer.sync) == (f"site/gateway-{SITE}.db", "full")
+
+    env["AGENT_CONFIG"] = files["AGENT_CONFIG"]
+    agent = Agent.from_settings(AgentSettings.from_env(env), plugins)
+    assert agent.buffer.path == f"der-data/agent-gateway-{SITE}.sqlite3"
+    assert not (tmp_path / "der-data").exists()  # nothing is opened before start
 
 
 def test_single_asset_agent_from_settings(files: dict[str, str], plugins: Plugins) -> None:
@@ -212,6 +240,17 @@ async def test_launch_starts_one_agent_per_site_or_asset(
                 assert registered == {f"asset-{a}": [a] for a in (A1, A2, A3)}
         finally:
             await asyncio.gather(*(a.stop() for a in agents))
+
+
+async def test_launch_refuses_one_buffer_file_for_many_agents(
+    files: dict[str, str], plugins: Plugins
+) -> None:
+    inventory = load_inventory(files["ASSETS_PATH"], asset_types=plugins.asset_types.names())
+    config = msgspec.structs.replace(
+        load_agent_config(files["AGENT_CONFIG"]), buffer=BufferConfig(path="one.sqlite3")
+    )
+    with pytest.raises(DerSdkError, match=r"shared by 2 agents; put \{agent_id\} in it"):
+        await launch(inventory, headend="127.0.0.1:1", mode="site", config=config, plugins=plugins)
 
 
 async def test_run_agent_stops_on_sigterm(files: dict[str, str], plugins: Plugins) -> None:

@@ -117,6 +117,7 @@ class Fleet:
             headend=f"127.0.0.1:{headend.grpc_port}",
             config=self.agent_config,
             plugins=self.plugins,
+            buffer_path=str(self.tmp / f"agent-{agent_id}.sqlite3"),  # durable, in the tmp dir
         )
         await agent.start()
         self.agents.append(agent)

@@ -246,6 +246,7 @@ async def test_a_live_dispatch_carries_the_time_left_before_it_expires(
     setpoint = await agent.recv_kind("setpoint")
     assert setpoint.HasField("expires_in_ms")
     assert 25_000 < setpoint.expires_in_ms <= 30_000
+    assert setpoint.expires_at_us == codec.datetime_to_us(datetime.fromisoformat(expires_at))
     assert (await _dispatch(http, asset_id=BESS_1, mw=0.1)).status_code == 202
     assert not (await agent.recv_kind("setpoint")).HasField("expires_in_ms")
 
@@ -391,3 +392,28 @@ async def test_a_sqlite_file_from_schema_1_has_its_pending_dispatches_renamed_su
         assert [e.state for e in await storage.dispatch_events("d1")] == ["submitted"]
     finally:
         await storage.close()
+
+
+async def test_streams_beyond_max_agent_streams_are_refused_and_retry_later(
+    inventory_path: Path, plugins: object
+) -> None:
+    import grpc
+    from headend_kit import RawAgent, make_config
+
+    headend = Headend(make_config(inventory_path, MAX_AGENT_STREAMS="1"), plugins=plugins)  # type: ignore[arg-type]
+    await headend.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(headend.grpc_addr) as one,
+            grpc.aio.insecure_channel(headend.grpc_addr) as two,
+        ):
+            first = RawAgent(one)
+            await first.register([BESS_1])
+            second = RawAgent(two)
+            code, _ = await second.outcome()
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await first.end()
+            third = RawAgent(two)
+            assert (await third.register([BESS_1])).accepted, "a slot is free again"
+    finally:
+        await headend.stop()

@@ -230,20 +230,22 @@ class Refusal(_message.Message):
     def __init__(self, asset_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Setpoint(_message.Message):
-    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s", "expires_in_ms")
+    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s", "expires_in_ms", "expires_at_us")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ASSET_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     MW_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_US_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     asset_id: str
     site_id: str
     mw: float
     duration_s: float
     expires_in_ms: int
-    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., expires_in_ms: _Optional[int] = ...) -> None: ...
+    expires_at_us: int
+    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., expires_in_ms: _Optional[int] = ..., expires_at_us: _Optional[int] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
     __slots__ = ("seq", "stored_through")

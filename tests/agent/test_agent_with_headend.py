@@ -1,0 +1,39 @@
+"""The agent against the reference headend (``der_sdk.testing``): the headend
+acknowledges everything the agent keeps until acknowledged, so nothing piles up."""
+
+from __future__ import annotations
+
+from der_sdk.models import Event
+from der_sdk.testing import DEFAULT_ASSET_IDS, AgentRunner, wait_until
+
+BESS_1 = DEFAULT_ASSET_IDS[0]
+
+
+async def test_the_reference_headend_acknowledges_batches_outcomes_events_and_reports(
+    der_run_agent: AgentRunner,
+) -> None:
+    link = await der_run_agent(adapter_type="sim-bess")
+    agent = link.agent
+    dispatch = await link.dispatch(1.0, asset_id=BESS_1, duration_s=0.1)
+    await link.wait_for_dispatch(dispatch.dispatch_id, "applied")
+
+    async def reverted() -> list[Event]:
+        return await link.headend.storage.events(asset_id=BESS_1, kind="duration_reverted")
+
+    await wait_until(reverted, "the duration_reverted event at the headend")
+    await agent.dispatch(asset_id=BESS_1, mw=0.5)  # a local command: reported
+
+    async def settled() -> bool:
+        stats = agent.stats()
+        return (
+            stats.unreported_outcomes == 0  # SetpointOutcomeAck
+            and stats.unacked_local_dispatches == 0  # LocalDispatchAck
+            and stats.unacked_events == 0  # EventAck
+            and stats.buffer_batches <= 2  # TelemetryAck with stored_through
+        )
+
+    await wait_until(settled, "the headend to acknowledge", last_seen=agent.stats)
+    assert agent.stats().samples_dropped == 0
+    assert agent.buffer.in_force[BESS_1] == "local"
+    entry = await agent.buffer.journal_get(dispatch.dispatch_id)
+    assert entry is not None and entry.status == "applied" and entry.reported
