@@ -15,6 +15,19 @@ variable                default                     meaning
                                                     (flow control) until storage catches up
 ``MAX_AGENT_STREAMS``   ``10000``                   agent streams served at once; more are
                                                     refused with RESOURCE_EXHAUSTED and retry
+``HEADEND_TLS_CERT``    (none)                      PEM certificate chain: serve gRPC and REST
+``HEADEND_TLS_KEY``     (none)                      over TLS (both or neither)
+``HEADEND_CLIENT_CA``   (none)                      PEM CA bundle: require agent client
+                                                    certificates signed by it (mutual TLS)
+``AGENT_IDENTITY``      ``fingerprint``             how a client certificate names an agent:
+                                                    ``fingerprint`` (SHA-256) or ``subject``
+``HEADEND_AUTH``        ``auto``                    REST bearer tokens: ``on``, ``off``, or
+                                                    ``auto`` (on unless REST is on loopback
+                                                    and no token exists)
+``HEADEND_TOKENS_FILE`` ``der-data/tokens.json``    the REST token store (hashes only)
+``METRICS_AUTH``        ``viewer``                  ``/metrics`` needs a viewer token, or
+                                                    ``open``
+``HEADEND_INSECURE``    off                         allow a non-loopback address without TLS
 ======================  ==========================  ==========================================
 
 The split policy name is checked against the installed policies when the headend starts
@@ -26,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from der_sdk.errors import DerSdkError
 from der_sdk.split import DEFAULT_SPLIT_POLICY
@@ -42,6 +56,11 @@ DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DEFAULT_HTTP_ADDR = "127.0.0.1:3001"
 DEFAULT_INGEST_QUEUE_MAX_SAMPLES = 50_000
 DEFAULT_MAX_AGENT_STREAMS = 10_000
+DEFAULT_TOKENS_FILE = "der-data/tokens.json"
+
+AgentIdentityMode = Literal["fingerprint", "subject"]
+AuthMode = Literal["auto", "on", "off"]
+MetricsAuth = Literal["viewer", "open"]
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _FALSY = frozenset({"", "0", "false", "no", "off"})
@@ -65,6 +84,21 @@ def split_host_port(addr: str, variable: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise DerSdkError(f"{variable}={addr!r}: port {port} is outside 0..65535")
     return host, port
+
+
+def _path(env: Mapping[str, str], variable: str) -> Path | None:
+    raw = env.get(variable, "").strip()
+    return Path(raw) if raw else None
+
+
+def _choice(env: Mapping[str, str], variable: str, choices: tuple[str, ...]) -> str:
+    """The value of ``variable`` (the first choice when unset), one of ``choices``."""
+    raw = env.get(variable, "").strip().lower()
+    if not raw:
+        return choices[0]
+    if raw not in choices:
+        raise DerSdkError(f"{variable}={raw!r} is not one of {', '.join(choices)}")
+    return raw
 
 
 def _int(env: Mapping[str, str], variable: str, default: int) -> int:
@@ -100,6 +134,14 @@ class HeadendConfig:
     split_policy: str = DEFAULT_SPLIT_POLICY
     ingest_queue_max_samples: int = DEFAULT_INGEST_QUEUE_MAX_SAMPLES
     max_agent_streams: int = DEFAULT_MAX_AGENT_STREAMS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    agent_identity: AgentIdentityMode = "fingerprint"
+    auth: AuthMode = "auto"
+    tokens_path: Path = Path(DEFAULT_TOKENS_FILE)
+    metrics_auth: MetricsAuth = "viewer"
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.ingest_queue_max_samples < 1:
@@ -112,6 +154,25 @@ class HeadendConfig:
         split_host_port(self.http_addr, "HEADEND_HTTP_ADDR")
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise DerSdkError(
+                "HEADEND_TLS_CERT and HEADEND_TLS_KEY go together: set both to serve TLS, "
+                "or neither"
+            )
+        if self.client_ca is not None and self.tls_cert is None:
+            raise DerSdkError(
+                "HEADEND_CLIENT_CA (mutual TLS) needs HEADEND_TLS_CERT and HEADEND_TLS_KEY"
+            )
+
+    @property
+    def tls(self) -> bool:
+        """Whether gRPC and REST are served over TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def mtls(self) -> bool:
+        """Whether agents must present a client certificate signed by ``client_ca``."""
+        return self.client_ca is not None
 
     @property
     def http_host_port(self) -> tuple[str, int]:
@@ -141,4 +202,12 @@ class HeadendConfig:
                 env, "INGEST_QUEUE_MAX_SAMPLES", DEFAULT_INGEST_QUEUE_MAX_SAMPLES
             ),
             max_agent_streams=_int(env, "MAX_AGENT_STREAMS", DEFAULT_MAX_AGENT_STREAMS),
+            tls_cert=_path(env, "HEADEND_TLS_CERT"),
+            tls_key=_path(env, "HEADEND_TLS_KEY"),
+            client_ca=_path(env, "HEADEND_CLIENT_CA"),
+            agent_identity=_choice(env, "AGENT_IDENTITY", ("fingerprint", "subject")),  # type: ignore[arg-type]
+            auth=_choice(env, "HEADEND_AUTH", ("auto", "on", "off")),  # type: ignore[arg-type]
+            tokens_path=_path(env, "HEADEND_TOKENS_FILE") or Path(DEFAULT_TOKENS_FILE),
+            metrics_auth=_choice(env, "METRICS_AUTH", ("viewer", "open")),  # type: ignore[arg-type]
+            insecure=_flag(env, "HEADEND_INSECURE"),
         )

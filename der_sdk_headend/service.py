@@ -27,6 +27,7 @@ from der_sdk.models import utc_now
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, open_storage
 from der_sdk.wire import pb_grpc
+from der_sdk_headend.audit import Auditor
 from der_sdk_headend.config import HeadendConfig
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
@@ -96,6 +97,7 @@ class Headend:
         self.plugins = plugins if plugins is not None else load_plugins()
         self._inventory: Inventory | None = None
         self._storage: StorageBackend | None = None
+        self._auditor: Auditor | None = None
         self._presence: Presence | None = None
         self._ingest: TelemetryIngest | None = None
         self._dispatcher: Dispatcher | None = None
@@ -126,6 +128,11 @@ class Headend:
     @property
     def ingest(self) -> TelemetryIngest:
         return _started(self._ingest, "ingest")
+
+    @property
+    def auditor(self) -> Auditor:
+        """Writes the audit trail (``GET /audit``)."""
+        return _started(self._auditor, "audit trail")
 
     @property
     def ingest_or_none(self) -> TelemetryIngest | None:
@@ -196,6 +203,7 @@ class Headend:
         except UnknownNameError as exc:
             raise DerSdkError(f"DATABASE_URL={config.database_url!r}: {exc}") from None
         self._storage = storage  # set before open(): /healthz says degraded while it waits
+        self._auditor = Auditor(storage)
         await self._open_storage(storage)
         if config.reset_db:
             await storage.reset()
