@@ -168,6 +168,7 @@ def cmd_headend(ns: argparse.Namespace) -> int:
             "HEADEND_GRPC_ADDR": ns.grpc_addr,
             "HEADEND_HTTP_ADDR": ns.http_addr,
             "RESET_DB": "1" if ns.reset_db else None,
+            "HEADEND_INSECURE": "1" if ns.insecure else None,
         }
     )
     _run_async(run_headend(HeadendConfig.from_env(env)))
@@ -340,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-addr", help="REST bind host:port (env HEADEND_HTTP_ADDR, default 127.0.0.1:3001)"
     )
     p.add_argument("--reset-db", action="store_true", help="clear stored data at start (RESET_DB)")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow serving plaintext (no TLS) on a non-loopback address (HEADEND_INSECURE)",
+    )
     p.set_defaults(func=cmd_headend)
 
     p = sub.add_parser(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -28,14 +29,14 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, open_storage
 from der_sdk.wire import pb_grpc
 from der_sdk_headend.audit import Auditor
-from der_sdk_headend.config import HeadendConfig
+from der_sdk_headend.config import HeadendConfig, split_host_port
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService
 from der_sdk_headend.presence import Presence
 from der_sdk_headend.rest import create_app
 
-__all__ = ["Headend", "run_headend"]
+__all__ = ["Headend", "check_exposure", "is_loopback", "run_headend"]
 
 log = logging.getLogger("der.headend")
 
@@ -164,7 +165,8 @@ class Headend:
         host, _ = self.config.http_host_port
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.http_port}"
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{host}:{self.http_port}"
 
     @property
     def grpc_addr(self) -> str:
@@ -191,6 +193,7 @@ class Headend:
 
     async def _start(self) -> None:
         config = self.config
+        check_exposure(config)
         try:
             self.plugins.split_policies.get(config.split_policy)
         except UnknownNameError as exc:
@@ -328,8 +331,15 @@ class Headend:
             raise DerSdkError(f"cannot serve REST on {addr}: {exc}") from None
         self._http_socket = sock
 
+        tls: dict[str, str] = {}
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            tls = {
+                "ssl_certfile": str(self.config.tls_cert),
+                "ssl_keyfile": str(self.config.tls_key),
+            }
         uv_config = uvicorn.Config(
             create_app(self),
+            **tls,  # type: ignore[arg-type]
             http="httptools",
             lifespan="off",
             log_level="warning",
@@ -402,6 +412,47 @@ class Headend:
     @property
     def assets_connected(self) -> int:
         return len(self._presence.connected_asset_ids()) if self._presence else 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to bind) only reaches this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that resolves who knows where
+
+
+def check_exposure(config: HeadendConfig) -> None:
+    """Refuse to serve plaintext beyond this machine unless told to (``--insecure``).
+
+    :raises DerSdkError: an address is not loopback, TLS is off and ``insecure`` is not
+        set; the message names the variable and both ways out.
+    """
+    exposed = [
+        (variable, addr)
+        for variable, addr in (
+            ("HEADEND_GRPC_ADDR", config.grpc_addr),
+            ("HEADEND_HTTP_ADDR", config.http_addr),
+        )
+        if not is_loopback(split_host_port(addr, variable)[0])
+    ]
+    if not exposed or config.tls:
+        return
+    where = ", ".join(f"{variable}={addr}" for variable, addr in exposed)
+    if not config.insecure:
+        raise DerSdkError(
+            f"{where} is not a loopback address and TLS is off: agents and operators would "
+            "talk in plaintext. Set HEADEND_TLS_CERT and HEADEND_TLS_KEY (docs/security.md; "
+            "`der certs` makes development certificates), or pass --insecure "
+            "(HEADEND_INSECURE=1) to serve plaintext on purpose"
+        )
+    log.warning(
+        "INSECURE: serving plaintext without TLS on %s (--insecure / HEADEND_INSECURE); "
+        "anyone on the network can read and forge agent and operator traffic",
+        where,
+    )
 
 
 class NotStartedError(ServiceUnavailableException, RuntimeError):
