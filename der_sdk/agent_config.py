@@ -16,6 +16,11 @@
       max_age_h: 168              # default 168 (7 days), > 0
       replay_samples_per_s: 2000  # default 2000, > 0
       sync: normal                # normal | full
+    tls:                          # optional: TLS to the headend (env AGENT_TLS_* wins)
+      ca: /etc/der/ca.pem         # the CA that signed the headend's certificate (pinned)
+      cert: /etc/der/agent.pem    # client certificate, for mutual TLS (with key)
+      key: /etc/der/agent.key
+      server_name: headend.example # the name in the headend's certificate, if not the host
     default_adapter: sim-bess     # for every served asset not listed under `assets`
     assets:                       # optional per-asset adapter choice, keyed by asset id
       0b6c1e52-7f0e-4d8a-9a57-2c1f3e4d5a61:
@@ -68,6 +73,7 @@ __all__ = [
     "AssetAdapterConfig",
     "BufferConfig",
     "EdgeServiceConfig",
+    "TlsConfig",
     "load_agent_config",
     "parse_agent_config",
     "validate_agent_config",
@@ -86,11 +92,13 @@ TOP_KEYS: tuple[str, ...] = (
     "link_loss_hold_s",
     "link_loss_fallback",
     "buffer",
+    "tls",
     "default_adapter",
     "assets",
     "edge_services",
 )
 BUFFER_KEYS: tuple[str, ...] = ("path", "max_mb", "max_age_h", "replay_samples_per_s", "sync")
+TLS_KEYS: tuple[str, ...] = ("ca", "cert", "key", "server_name")
 LINK_LOSS_FALLBACKS: tuple[str, ...] = ("default", "hold")
 SYNC_MODES: tuple[str, ...] = ("normal", "full")
 ASSET_KEYS: tuple[str, ...] = ("adapter", "options")
@@ -142,6 +150,21 @@ class BufferConfig(msgspec.Struct, frozen=True, kw_only=True):
         return self.max_age_h * 3600.0
 
 
+class TlsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """TLS to the headend (:mod:`der_sdk_agent.tls`); the ``AGENT_TLS_*`` environment
+    variables win over each field. Paths are relative to the working directory.
+
+    ``ca`` turns TLS on and is the only CA trusted for the headend's certificate;
+    ``cert`` and ``key`` (both or neither) are the client certificate for mutual TLS;
+    ``server_name`` is the name checked in the headend's certificate.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     """The agent configuration. ``assets`` is keyed by canonical asset UUID.
 
@@ -158,6 +181,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     link_loss_hold_s: float = 300.0
     link_loss_fallback: Literal["default", "hold"] = "default"
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     default_adapter: str = DEFAULT_ADAPTER
     assets: dict[str, AssetAdapterConfig] = msgspec.field(default_factory=dict)
     edge_services: list[EdgeServiceConfig] = msgspec.field(default_factory=list)
@@ -247,6 +271,7 @@ def parse_agent_config(text: str, path_label: str = "<agent config>") -> AgentCo
         root, "link_loss_fallback", LINK_LOSS_FALLBACKS, "default"
     )
     values["buffer"] = _parse_buffer(root, lines)
+    values["tls"] = _parse_tls(root, lines)
     values["split_policy"] = root.string("split_policy", default=DEFAULT_SPLIT_POLICY)
     default_adapter = root.string("default_adapter", default=DEFAULT_ADAPTER)
     values["default_adapter"] = default_adapter
@@ -294,6 +319,22 @@ def _parse_buffer(root: Section, lines: dict[str, int | None]) -> Any:
     if any(v is MISSING for v in values.values()):
         return MISSING
     return BufferConfig(**values)
+
+
+def _parse_tls(root: Section, lines: dict[str, int | None]) -> Any:
+    body = root.mapping_at("tls")
+    if body is None:
+        return TlsConfig()
+    if not isinstance(body, LineDict):
+        return MISSING
+    section = Section(root.issues, body, "tls")
+    section.check_keys(TLS_KEYS)
+    for key in body:
+        lines[section.field(str(key))] = body.line_of(key)
+    values = {key: section.string(key, default=None) for key in TLS_KEYS}
+    if any(v is MISSING for v in values.values()):
+        return MISSING
+    return TlsConfig(**values)
 
 
 def _options(section: Section, lines: dict[str, int | None]) -> Any:

@@ -1,5 +1,5 @@
 """The ``der`` command line: headend, agent, launch, demo, plugins, profiles, new-adapter,
-check-config, sim.
+check-config, sim, tokens.
 
 User mistakes (bad config, unknown names, unreachable ports) exit 2 with one clear message
 and no traceback.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from der_sdk import __version__
+from der_sdk.cli_tokens import add_tokens_parser
 from der_sdk.errors import ConfigError, DerSdkError
 
 if TYPE_CHECKING:
@@ -439,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="agent config YAML for the demo agents")
     p.add_argument("--reset-db", action="store_true", help="start from empty storage")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="run with mutual TLS for the agents, REST over HTTPS and an operator token "
+        "(development certificates under DATA_DIR/demo-tls)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -452,6 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("simulator", nargs="?", metavar="NAME", help="the simulator to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="the simulator's own options")
     p.set_defaults(func=cmd_sim, sim_parser=p)
+    add_tokens_parser(sub)
+    from der_sdk.cli_certs import add_certs_parser  # cryptography loads only when asked for
+
+    add_certs_parser(sub)
     return parser
 
 

@@ -1,11 +1,25 @@
 """``der demo``: the headend on the embedded SQLite default, with one gateway agent of
-simulated batteries per site of the inventory, in one process."""
+simulated batteries per site of the inventory, in one process.
+
+``der demo --tls`` runs the same with the security of a real deployment: a development
+CA, a headend certificate for 127.0.0.1/localhost, one client certificate per site's
+agent bound to that site in a copy of the inventory, mutual TLS on the agent link, REST
+over HTTPS with authentication on, and an operator token to try it with.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from der_sdk.inventory import Inventory
 
 log = logging.getLogger("der.demo")
 
@@ -31,6 +45,128 @@ Try:
 """
 
 
+@dataclass(frozen=True)
+class DemoTls:
+    """What ``--tls`` prepared: files for the headend, each site's agent, and a token."""
+
+    directory: Path
+    ca: Path
+    headend_cert: Path
+    headend_key: Path
+    agent_files: dict[str, tuple[Path, Path]]  # site id -> (certificate, key)
+    inventory: Path  # the inventory with each site's agent certificate bound
+    tokens: Path
+    operator_token: str
+
+
+def prepare_tls(directory: Path, inventory_path: Path, inventory: Inventory) -> DemoTls:
+    """Make (or reuse) the development certificates, bind each site's agent certificate in
+    a copy of the inventory, and create a fresh operator token. Blocking: run it in a
+    thread."""
+    from der_sdk.certs import init_ca, issue_agent, issue_headend
+    from der_sdk_headend.tokens import TokenFileStore
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "ca.pem").exists():
+        init_ca(directory)
+    headend = issue_headend(directory, ["127.0.0.1", "localhost"], force=True)
+    files: dict[str, tuple[Path, Path]] = {}
+    fingerprints: dict[str, str] = {}
+    for site_id in sorted(inventory.sites):
+        issued = issue_agent(directory, site_id, agent_id=f"gateway-{site_id}", force=True)
+        files[site_id] = (issued.cert_path, issued.key_path)
+        fingerprints[site_id] = issued.fingerprint
+
+    document: dict[str, Any] = yaml.safe_load(inventory_path.read_text(encoding="utf-8"))
+    for site in document.get("sites", []):
+        fingerprint = fingerprints.get(str(site.get("site_id", "")).lower())
+        if fingerprint is not None:
+            site["agents"] = [{"fingerprint": fingerprint}]
+    bound = directory / "assets.yaml"
+    bound.write_text(
+        "# Written by `der demo --tls`: the demo inventory with each site's agent certificate\n"
+        "# bound to it (docs/security.md).\n" + yaml.safe_dump(document, sort_keys=False),
+        encoding="utf-8",
+    )
+
+    tokens = directory / "tokens.json"
+    tokens.unlink(missing_ok=True)  # a fresh token per run: its secret is printed once
+    _, secret, _, _ = TokenFileStore(tokens).create(role="operator", name="demo-operator")
+    return DemoTls(
+        directory=directory,
+        ca=directory / "ca.pem",
+        headend_cert=headend.cert_path,
+        headend_key=headend.key_path,
+        agent_files=files,
+        inventory=bound,
+        tokens=tokens,
+        operator_token=secret,
+    )
+
+
+def _tls_banner(
+    http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: str, tls: DemoTls
+) -> str:
+    curl = f'curl --cacert {tls.ca} -H "Authorization: Bearer $DER_TOKEN"'
+    return f"""
+der-sdk demo is running with TLS (Ctrl-C to stop)
+
+  REST API     {http_url}   (HTTPS, bearer tokens required)
+  agent gRPC   {grpc_addr}   (mutual TLS; each site's agent certificate bound to its site)
+  storage      {db_url}
+  certificates {tls.directory}   (development CA: ca.pem)
+  inventory    {tls.inventory}
+
+An operator token for this run (shown once; `der tokens create --file {tls.tokens}` makes more):
+
+  export DER_TOKEN={tls.operator_token}
+
+Try:
+  {curl} {http_url}/agents
+  {curl} {http_url}/telemetry/{asset_id}
+  {curl} -X POST {http_url}/dispatch -H 'content-type: application/json' \\
+       -d '{{"asset_id": "{asset_id}", "mw": 0.5}}'
+  curl --cacert {tls.ca} {http_url}/agents                 # 401: no token
+  curl --cacert {tls.ca} {http_url}/healthz                # open
+"""
+
+
+async def _start_tls_agents(
+    inventory: Inventory, tls: DemoTls, grpc_addr: str, ns: argparse.Namespace, plugins: Any
+) -> list[Any]:
+    from der_sdk.agent_config import load_agent_config
+    from der_sdk_agent.agent import Agent
+    from der_sdk_agent.tls import LinkSecurity
+
+    config = load_agent_config(ns.config)
+    agents: list[Any] = []
+    try:
+        for site_id, (cert, key) in sorted(tls.agent_files.items()):
+            assets = inventory.assets_for_site(site_id)
+            if not assets:
+                continue
+            security = await asyncio.to_thread(
+                LinkSecurity.load, ca=str(tls.ca), cert=str(cert), key=str(key)
+            )
+            agent = Agent(
+                agent_id=f"gateway-{site_id}",
+                site_id=site_id,
+                assets=assets,
+                headend=grpc_addr,
+                config=config,
+                plugins=plugins,
+                security=security,
+                buffer_path=str(Path(ns.data_dir) / f"agent-gateway-{site_id}.sqlite3"),
+            )
+            await agent.start()
+            agents.append(agent)
+    except BaseException:
+        for agent in agents:
+            await agent.stop()
+        raise
+    return agents
+
+
 async def run_demo(ns: argparse.Namespace) -> None:
     """Start the headend and the agents, print what to try, run until a stop signal."""
     from der_sdk.agent_config import load_agent_config
@@ -46,6 +182,21 @@ async def run_demo(ns: argparse.Namespace) -> None:
     inventory = load_inventory(str(assets_path), asset_types=plugins.asset_types.names())
     db_url = f"sqlite:///{Path(ns.data_dir) / 'der.db'}"
     env = {"ASSETS_PATH": str(assets_path), "DATABASE_URL": db_url}
+    tls: DemoTls | None = None
+    if getattr(ns, "tls", False):
+        tls = await asyncio.to_thread(
+            prepare_tls, Path(ns.data_dir) / "demo-tls", assets_path, inventory
+        )
+        env.update(
+            {
+                "ASSETS_PATH": str(tls.inventory),
+                "HEADEND_TLS_CERT": str(tls.headend_cert),
+                "HEADEND_TLS_KEY": str(tls.headend_key),
+                "HEADEND_CLIENT_CA": str(tls.ca),
+                "HEADEND_TOKENS_FILE": str(tls.tokens),
+                "HEADEND_AUTH": "on",
+            }
+        )
     if ns.http_addr:
         env["HEADEND_HTTP_ADDR"] = ns.http_addr
     if ns.grpc_addr:
@@ -57,19 +208,27 @@ async def run_demo(ns: argparse.Namespace) -> None:
     agents = []
     try:
         grpc_addr = f"127.0.0.1:{headend.grpc_port}"
-        agents = await launch(
-            inventory,
-            headend=grpc_addr,
-            mode="site",
-            config=load_agent_config(ns.config),
-            plugins=plugins,
-        )
+        if tls is not None:
+            agents = await _start_tls_agents(inventory, tls, grpc_addr, ns, plugins)
+        else:
+            agents = await launch(
+                inventory,
+                headend=grpc_addr,
+                mode="site",
+                config=load_agent_config(ns.config),
+                plugins=plugins,
+            )
         site = next(iter(inventory.sites.values()))
         first_asset = inventory.assets_for_site(site.site_id)[0]
-        print(
-            _banner(headend.http_url, grpc_addr, db_url, site.site_id, first_asset.asset_id),
-            flush=True,
-        )
+        if tls is not None:
+            banner = _tls_banner(
+                headend.http_url, grpc_addr, db_url, site.site_id, first_asset.asset_id, tls
+            )
+        else:
+            banner = _banner(
+                headend.http_url, grpc_addr, db_url, site.site_id, first_asset.asset_id
+            )
+        print(banner, flush=True)
         await wait_for_stop_signal(ns.duration)
     finally:
         for agent in agents:

@@ -6,6 +6,11 @@
       - site_id: 6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f
         name: North Yard
         location: optional free text
+        agents:                     # optional: which agents may serve this site
+          - fingerprint: sha256:4f0c...   # a client certificate (mutual TLS)
+          - subject: "CN=gw-north,O=Acme" # any certificate with this subject (mTLS)
+          - token_sha256: 9b1d...         # the SHA-256 of a per-agent token (no mTLS)
+            name: gw-north spare          # optional label for operators
     assets:
       - asset_id: 0b6c1e52-7f0e-4d8a-9a57-2c1f3e4d5a61
         site_id: 6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f
@@ -17,6 +22,10 @@
         ramp_rate_mw_per_min: 1.0   # optional, > 0; absent or null: steps instantly
         efficiency: 0.9             # optional round-trip efficiency in (0, 1], default 1
         location: optional free text
+
+``agents`` binds agent identities to the site (:class:`AgentBinding`); the headend's agent
+link checks them (:mod:`der_sdk_headend.link.identity`). A site without ``agents`` accepts
+any agent unless the headend requires client certificates.
 
 ``asset_id`` and ``site_id`` must be UUIDs; any form :class:`uuid.UUID` accepts is
 normalised to canonical lower-case text. A bad file is rejected with **every** problem
@@ -32,8 +41,9 @@ import os
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from der_sdk.certs import canonical_fingerprint, canonical_subject, canonical_token_sha256
 from der_sdk.errors import UnknownNameError
 from der_sdk.models import Asset, Site
 from der_sdk.yamlconf import (
@@ -49,8 +59,11 @@ from der_sdk.yamlconf import (
 )
 
 __all__ = [
+    "AGENT_KEYS",
     "ASSET_KEYS",
     "SITE_KEYS",
+    "AgentBinding",
+    "BindingKind",
     "Inventory",
     "canonical_uuid",
     "load_inventory",
@@ -58,7 +71,9 @@ __all__ = [
 ]
 
 TOP_KEYS: tuple[str, ...] = ("sites", "assets")
-SITE_KEYS: tuple[str, ...] = ("site_id", "name", "location")
+SITE_KEYS: tuple[str, ...] = ("site_id", "name", "location", "agents")
+BINDING_KINDS: tuple[str, ...] = ("fingerprint", "subject", "token_sha256")
+AGENT_KEYS: tuple[str, ...] = (*BINDING_KINDS, "name")
 ASSET_KEYS: tuple[str, ...] = (
     "asset_id",
     "site_id",
@@ -87,13 +102,47 @@ def _lookup_key(value: str) -> str:
         return value
 
 
+BindingKind = Literal["fingerprint", "subject", "token_sha256"]
+
+_CANONICAL = {
+    "fingerprint": canonical_fingerprint,
+    "subject": canonical_subject,
+    "token_sha256": canonical_token_sha256,
+}
+
+
+@dataclass(frozen=True)
+class AgentBinding:
+    """One agent identity allowed to serve a site (an entry of the site's ``agents``).
+
+    ``value`` is canonical: ``sha256:<hex>`` for a fingerprint, the RFC 4514 form of
+    :func:`der_sdk.certs.subject` for a subject, 64 lower-case hex digits for a token
+    hash. ``name`` is the operator's label; ``line`` where the entry is in the file.
+    """
+
+    kind: BindingKind
+    value: str
+    name: str | None = None
+    line: int | None = None
+
+    def describe(self) -> str:
+        label = f" ({self.name})" if self.name else ""
+        value = self.value if self.kind != "token_sha256" else f"{self.value[:12]}..."
+        return f"{self.kind} {value}{label}"
+
+
 @dataclass(frozen=True)
 class Inventory:
-    """Sites and assets by id, in file order. Build one with :func:`load_inventory`."""
+    """Sites and assets by id, in file order. Build one with :func:`load_inventory`.
+
+    ``agents`` maps the id of each site that has an ``agents`` list to its bindings;
+    a site without one is not in it.
+    """
 
     sites: dict[str, Site]
     assets: dict[str, Asset]
     path: str = "<inventory>"
+    agents: dict[str, tuple[AgentBinding, ...]] = field(default_factory=dict)
     _by_site: dict[str, list[Asset]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +168,11 @@ class Inventory:
     def assets_for_site(self, site_id: str) -> list[Asset]:
         """The assets of ``site_id`` sorted by asset id (empty for an unknown site)."""
         return list(self._by_site.get(_lookup_key(site_id), ()))
+
+    def site_agents(self, site_id: str) -> tuple[AgentBinding, ...] | None:
+        """The agents bound to ``site_id``; ``None`` when the site lists no ``agents``
+        (or is unknown)."""
+        return self.agents.get(_lookup_key(site_id))
 
 
 def load_inventory(
@@ -157,13 +211,13 @@ def parse_inventory(
     site_items = root.list_at("sites", required=True)
     asset_items = root.list_at("assets", required=True)
 
-    sites, site_lines = _parse_sites(issues, site_items)
+    sites, site_lines, agents = _parse_sites(issues, site_items)
     assets: dict[str, Asset] = {}
     if isinstance(asset_items, LineList) and asset_items:
         installed = sorted(_installed_asset_types() if asset_types is None else asset_types)
         assets = _parse_assets(issues, asset_items, site_lines, sites, installed)
     issues.raise_if_any()
-    return Inventory(sites=sites, assets=assets, path=path_label)
+    return Inventory(sites=sites, assets=assets, path=path_label, agents=agents)
 
 
 def _installed_asset_types() -> list[str]:
@@ -200,8 +254,11 @@ def _uuid_field(section: Section, key: str) -> Any:
         return MISSING
 
 
-def _parse_sites(issues: Issues, items: Any) -> tuple[dict[str, Site], dict[str, int | None]]:
+def _parse_sites(
+    issues: Issues, items: Any
+) -> tuple[dict[str, Site], dict[str, int | None], dict[str, tuple[AgentBinding, ...]]]:
     sites: dict[str, Site] = {}
+    agents: dict[str, tuple[AgentBinding, ...]] = {}
     # Every well-formed site id, even of a site with other errors, so that its assets do
     # not also report "unknown site".
     site_lines: dict[str, int | None] = {}
@@ -210,6 +267,7 @@ def _parse_sites(issues: Issues, items: Any) -> tuple[dict[str, Site], dict[str,
         site_id = _uuid_field(section, "site_id")
         name = section.string("name", required=True)
         location = section.get("location", str | None, default=None)
+        bindings = _parse_agents(section)
         if site_id is MISSING:
             continue
         if site_id in site_lines:
@@ -222,7 +280,69 @@ def _parse_sites(issues: Issues, items: Any) -> tuple[dict[str, Site], dict[str,
         site_lines[site_id] = section.line("site_id")
         if name is not MISSING and location is not MISSING:
             sites[site_id] = Site(site_id=site_id, name=name, location=location)
-    return sites, site_lines
+        if bindings is not None and bindings is not MISSING:
+            agents[site_id] = bindings
+    return sites, site_lines, agents
+
+
+def _parse_agents(site: Section) -> Any:
+    """The site's ``agents`` bindings: ``None`` without the key, MISSING after an error."""
+    items = site.list_at("agents")
+    if not isinstance(items, LineList):
+        return items
+    if not items:
+        site.error(
+            "agents",
+            "an empty list binds no agent, so no agent could serve the site; list the "
+            "agents (fingerprint, subject or token_sha256) or remove the key",
+        )
+        return MISSING
+    bindings: list[AgentBinding] = []
+    seen: dict[tuple[str, str], int | None] = {}
+    ok = True
+    for index, item in enumerate(items):
+        field_name = site.field(f"agents[{index}]")
+        line = items.line_of(index)
+        if not isinstance(item, LineDict):
+            site.issues.add(
+                line,
+                field_name,
+                f"expected a mapping with one of {', '.join(BINDING_KINDS)}, got {type_name(item)}",
+            )
+            ok = False
+            continue
+        entry = Section(site.issues, item, field_name)
+        entry.check_keys(AGENT_KEYS)
+        kinds = [k for k in BINDING_KINDS if k in item]
+        if len(kinds) != 1:
+            got = " and ".join(kinds) if kinds else "none of them"
+            site.issues.add(
+                line,
+                field_name,
+                f"needs exactly one of {', '.join(BINDING_KINDS)}, got {got}; "
+                "one entry per identity",
+            )
+            ok = False
+            continue
+        kind = kinds[0]
+        label = entry.string("name", default=None)
+        raw = entry.string(kind, required=True)
+        if raw is MISSING or label is MISSING:
+            ok = False
+            continue
+        try:
+            value = _CANONICAL[kind](raw)
+        except ValueError as exc:
+            entry.error(kind, str(exc))
+            ok = False
+            continue
+        if (kind, value) in seen:
+            entry.error(kind, f"listed twice for this site (first on line {seen[(kind, value)]})")
+            ok = False
+            continue
+        seen[(kind, value)] = entry.line(kind)
+        bindings.append(AgentBinding(kind=kind, value=value, name=label, line=entry.line(kind)))  # type: ignore[arg-type]
+    return tuple(bindings) if ok else MISSING
 
 
 def _parse_assets(

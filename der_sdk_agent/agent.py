@@ -48,6 +48,7 @@ from der_sdk_agent.buffer import MEMORY, Buffer
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
 from der_sdk_agent.settings import AgentSettings, resolve_served_assets
+from der_sdk_agent.tls import LinkSecurity
 
 __all__ = ["DEFAULT_BUFFER_PATH", "Agent", "AgentStats", "buffer_path_for"]
 
@@ -113,6 +114,8 @@ class Agent:
     :param buffer_path: the buffer file (``{agent_id}`` is replaced); default: the config's
         ``buffer.path``, else in memory. The file is opened by :meth:`start` (or the first
         :meth:`sample_once` or local command), not here.
+    :param security: TLS, client certificate and token for the link
+        (:class:`~der_sdk_agent.tls.LinkSecurity`); default: plaintext, no token.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class Agent:
         plugins: Plugins,
         buffer_path: str | None = None,
         rng: random.Random | None = None,
+        security: LinkSecurity | None = None,
     ) -> None:
         if not assets:
             raise DerSdkError(f"agent {agent_id}: no assets to serve")
@@ -179,6 +183,7 @@ class Agent:
             replay_samples_per_s=config.buffer.replay_samples_per_s,
             link_loss_hold_s=config.link_loss_hold_s,
             link_loss_fallback=config.link_loss_fallback,
+            security=security,
         )
         self._service_plans = [self._plan_service(entry) for entry in config.edge_services]
         self.services: list[tuple[str, EdgeService]] = []
@@ -222,6 +227,7 @@ class Agent:
             config=config,
             plugins=plugins,
             buffer_path=settings.buffer_path or config.buffer.path or DEFAULT_BUFFER_PATH,
+            security=LinkSecurity.from_settings(settings, config),
         )
 
     def _plan_service(self, entry: EdgeServiceConfig) -> _ServicePlan:
@@ -287,13 +293,15 @@ class Agent:
                 self.agent_id,
             )
         log.info(
-            "agent %s starting: site %s, %d asset(s) (%s), headend %s",
+            "agent %s starting: site %s, %d asset(s) (%s), headend %s over %s",
             self.agent_id,
             self.site_id,
             len(self.assets),
             ", ".join(f"{a}={n}" for a, n in adapter_names(self.adapters).items()),
             self.headend,
+            self.link.security.describe(),
         )
+        self.link.security.warn_if_exposed(self.headend)
         await asyncio.gather(*(rt.connect() for rt in self.adapters.values()))
         try:
             await self._start_services()

@@ -20,6 +20,7 @@ from der_sdk.inventory import Inventory
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.agent import Agent
 from der_sdk_agent.settings import AgentSettings
+from der_sdk_agent.tls import LinkSecurity
 
 __all__ = ["launch", "run_agent", "run_launch", "wait_for_signal"]
 
@@ -67,16 +68,22 @@ async def launch(
     mode: Literal["site", "asset"],
     config: AgentConfig,
     plugins: Plugins | None = None,
+    security: LinkSecurity | None = None,
 ) -> list[Agent]:
     """Start one gateway agent per site (``mode="site"``) or one agent per asset
     (``mode="asset"``) of ``inventory``, all in this process. Returns them started.
+
+    ``security`` (TLS, client certificate, token) is shared by every agent: under mutual
+    TLS its certificate must then be bound to every site served.
 
     Agent ids are ``gateway-<site_id>`` and ``asset-<asset_id>``. If any agent fails to
     start, the others are stopped and the error is raised.
     """
     plugins = plugins if plugins is not None else load_plugins()
     validate_agent_config(config, plugins, inventory, list(inventory.assets))
-    agents = _build(inventory, headend=headend, mode=mode, config=config, plugins=plugins)
+    agents = _build(
+        inventory, headend=headend, mode=mode, config=config, plugins=plugins, security=security
+    )
     path = config.buffer.path
     if path is not None and "{agent_id}" not in path and len(agents) > 1:
         raise DerSdkError(
@@ -99,6 +106,7 @@ def _build(
     mode: Literal["site", "asset"],
     config: AgentConfig,
     plugins: Plugins,
+    security: LinkSecurity | None,
 ) -> list[Agent]:
     agents: list[Agent] = []
     if mode == "site":
@@ -115,6 +123,7 @@ def _build(
                     headend=headend,
                     config=config,
                     plugins=plugins,
+                    security=security,
                 )
             )
     elif mode == "asset":
@@ -128,6 +137,7 @@ def _build(
                     headend=headend,
                     config=config,
                     plugins=plugins,
+                    security=security,
                 )
             )
     else:

@@ -41,6 +41,12 @@ Pings are allowed with no call in flight and without data frames in between
 still watched. The headend accepts a ping every 10 s; 20 s is twice that, so timer jitter
 never earns a ``too_many_pings`` GOAWAY.
 
+**Security.** The channel is plaintext, or TLS with a pinned CA and optionally a client
+certificate, and the stream may carry the agent's token (:class:`~der_sdk_agent.tls.
+LinkSecurity`). A failed TLS handshake is a failed attempt like any other; its log line
+adds what to check when the failure says enough (an expired client certificate, a server
+name that does not match, a headend without TLS).
+
 **Reconnecting.** Any error or end of stream ends the attempt with one log line, and the
 link retries after the gRPC connection-backoff schedule: the base delay is
 ``reconnect_initial_s`` (1 s) times :data:`RECONNECT_MULTIPLIER` (1.6) per failed attempt,
@@ -68,6 +74,7 @@ from der_sdk.models import utc_now
 from der_sdk.wire import codec, pb, pb_grpc
 from der_sdk_agent.buffer import Buffer, JournalEntry
 from der_sdk_agent.dispatch import Dispatcher, HeadendCommand
+from der_sdk_agent.tls import LinkSecurity
 
 __all__ = [
     "DEFAULT_REPLAY_SAMPLES_PER_S",
@@ -232,6 +239,7 @@ class HeadendLink:
     :param link_loss_hold_s: how long the link may be down before the fallback.
     :param link_loss_fallback: ``default`` (assets holding a headend setpoint return to
         their default) or ``hold`` (keep every setpoint; log only).
+    :param security: TLS, client certificate and token; default: plaintext, no token.
     """
 
     def __init__(
@@ -252,6 +260,7 @@ class HeadendLink:
         link_loss_hold_s: float = DEFAULT_LINK_LOSS_HOLD_S,
         link_loss_fallback: LinkLossFallback = "default",
         register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S,
+        security: LinkSecurity | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 batch, got {window}")
@@ -270,6 +279,7 @@ class HeadendLink:
         self.link_loss_hold_s = link_loss_hold_s
         self.link_loss_fallback = link_loss_fallback
         self.register_timeout_s = register_timeout_s
+        self.security = security if security is not None else LinkSecurity()
         self.stats = LinkStats()
         self.accepted_asset_ids: tuple[str, ...] = ()
         self._wake = asyncio.Event()
@@ -321,6 +331,9 @@ class HeadendLink:
                 level, reason = logging.ERROR, _reason(exc)
             except Exception as exc:
                 reason = _reason(exc)
+                hint = self.security.explain(exc)
+                if hint:
+                    reason = f"{reason} ({hint})"
             finally:
                 self._stream = None
                 self.stats.connected = False
@@ -351,10 +364,12 @@ class HeadendLink:
         """Register and serve one stream; ends by raising (stream end is StreamEnded)."""
         self._registered = False
         await self.buffer.open()
-        channel = grpc.aio.insecure_channel(self.headend, options=_CHANNEL_OPTIONS)
+        channel = self.security.open_channel(self.headend, _CHANNEL_OPTIONS)
         call: Any = None
         try:
-            call = pb_grpc.AgentLinkStub(channel).Stream()  # type: ignore[no-untyped-call]
+            call = pb_grpc.AgentLinkStub(channel).Stream(  # type: ignore[no-untyped-call]
+                metadata=self.security.call_metadata()
+            )
             stream = _Stream(call=call)
             register = codec.agent_register(
                 agent_id=self.agent_id,

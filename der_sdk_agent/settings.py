@@ -8,6 +8,13 @@ Two modes, chosen by environment variable:
 
 ``ASSET_ID`` wins when both are set (with a warning): a command meant for one asset must
 never fan out to a site by accident.
+
+The link's security (:mod:`der_sdk_agent.tls`): ``AGENT_TLS_CA`` (the CA to trust for the
+headend's certificate, pinned: the system roots are not used), ``AGENT_TLS_CERT`` and
+``AGENT_TLS_KEY`` (the client certificate for mutual TLS), ``AGENT_TLS_SERVER_NAME`` (the
+name to check in the headend's certificate, when it differs from the host dialled) and
+``AGENT_TOKEN`` (sent as ``x-der-agent-token`` metadata). Each wins over the agent config's
+``tls`` section.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from der_sdk.errors import DerSdkError, UnknownNameError
@@ -47,6 +54,11 @@ class AgentSettings:
     telemetry_interval_s: float | None = None
     heartbeat_interval_s: float | None = None
     buffer_path: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    token: str | None = field(default=None, repr=False)
 
     @property
     def mode(self) -> Literal["asset", "site"]:
@@ -88,6 +100,11 @@ class AgentSettings:
             telemetry_interval_s=_seconds(env, "TELEMETRY_INTERVAL_S"),
             heartbeat_interval_s=_seconds(env, "HEARTBEAT_INTERVAL_S"),
             buffer_path=_get(env, "AGENT_BUFFER_PATH"),
+            tls_ca=_get(env, "AGENT_TLS_CA"),
+            tls_cert=_get(env, "AGENT_TLS_CERT"),
+            tls_key=_get(env, "AGENT_TLS_KEY"),
+            tls_server_name=_get(env, "AGENT_TLS_SERVER_NAME"),
+            token=_get(env, "AGENT_TOKEN"),
         )
 
 

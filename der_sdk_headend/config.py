@@ -36,6 +36,7 @@ The split policy name is checked against the installed policies when the headend
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "DEFAULT_GRPC_ADDR",
     "DEFAULT_HTTP_ADDR",
     "HeadendConfig",
+    "is_loopback",
     "split_host_port",
 ]
 
@@ -84,6 +86,16 @@ def split_host_port(addr: str, variable: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise DerSdkError(f"{variable}={addr!r}: port {port} is outside 0..65535")
     return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address to bind, or ``localhost``) only reaches this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
 
 
 def _path(env: Mapping[str, str], variable: str) -> Path | None:

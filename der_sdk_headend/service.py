@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import signal
 import socket
@@ -29,12 +28,14 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, open_storage
 from der_sdk.wire import pb_grpc
 from der_sdk_headend.audit import Auditor
-from der_sdk_headend.config import HeadendConfig, split_host_port
+from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService
 from der_sdk_headend.presence import Presence
 from der_sdk_headend.rest import create_app
+from der_sdk_headend.rest.auth import RestAuth
+from der_sdk_headend.tls import load_server_tls
 
 __all__ = ["Headend", "check_exposure", "is_loopback", "run_headend"]
 
@@ -99,6 +100,7 @@ class Headend:
         self._inventory: Inventory | None = None
         self._storage: StorageBackend | None = None
         self._auditor: Auditor | None = None
+        self._rest_auth: RestAuth | None = None
         self._presence: Presence | None = None
         self._ingest: TelemetryIngest | None = None
         self._dispatcher: Dispatcher | None = None
@@ -134,6 +136,11 @@ class Headend:
     def auditor(self) -> Auditor:
         """Writes the audit trail (``GET /audit``)."""
         return _started(self._auditor, "audit trail")
+
+    @property
+    def rest_auth(self) -> RestAuth:
+        """REST tokens and the authentication mode (``HEADEND_AUTH``)."""
+        return _started(self._rest_auth, "REST authentication")
 
     @property
     def ingest_or_none(self) -> TelemetryIngest | None:
@@ -200,6 +207,7 @@ class Headend:
             raise DerSdkError(f"SPLIT_POLICY: {exc}") from None
         inventory = load_inventory(config.assets_path, asset_types=self.plugins.asset_types.names())
         self._inventory = inventory
+        await self._start_rest_auth()
 
         try:
             storage = open_storage(config.database_url, self.plugins)
@@ -211,6 +219,7 @@ class Headend:
         if config.reset_db:
             await storage.reset()
             log.warning("RESET_DB: deleted all stored data in %s", storage.name)
+        await self.rest_auth.storage_ready(self.auditor)
         stale = await storage.close_open_sessions(utc_now())
         if stale:
             log.info("closed %d session(s) left open by a previous run", stale)
@@ -239,6 +248,12 @@ class Headend:
         await self._start_grpc()
         if self._http_server is None:
             await self._start_http()
+
+    async def _start_rest_auth(self) -> None:
+        """Read the REST token file and decide the authentication mode; before REST can
+        answer (it may come up early, while storage is unreachable)."""
+        self._rest_auth = RestAuth(self.config)
+        await self._rest_auth.start()
 
     async def _open_storage(self, storage: StorageBackend) -> None:
         """Open storage, retrying with backoff while its server is unreachable.
@@ -287,7 +302,12 @@ class Headend:
             presence=self._presence,
             ingest=self._ingest,
             dispatcher=self._dispatcher,
+            auditor=self._auditor,
+            mtls=self.config.mtls,
+            agent_identity=self.config.agent_identity,
         )
+        self._link.authorizer.log_startup_warnings()
+        tls = load_server_tls(self.config)
         # Without SO_REUSEPORT a second headend on the same port fails loudly instead of
         # silently sharing the agents.
         # A cap on concurrent streams bounds the memory a flood of agents can take; the
@@ -299,7 +319,10 @@ class Headend:
         pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
         addr = self.config.grpc_addr
         try:
-            port = server.add_insecure_port(addr)
+            if tls is None:
+                port = server.add_insecure_port(addr)
+            else:
+                port = server.add_secure_port(addr, tls.grpc_credentials())
         except RuntimeError as exc:
             raise DerSdkError(f"cannot listen for agents on {addr}: {exc}") from None
         if not port:
@@ -381,6 +404,8 @@ class Headend:
             if self._dispatcher is not None:
                 await self._dispatcher.close()
             await self._stop_http()
+            if self._rest_auth is not None:
+                await self._rest_auth.close()
             if self._storage is not None:
                 try:
                     await self._storage.close()
@@ -412,16 +437,6 @@ class Headend:
     @property
     def assets_connected(self) -> int:
         return len(self._presence.connected_asset_ids()) if self._presence else 0
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or name to bind) only reaches this machine."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name that resolves who knows where
 
 
 def check_exposure(config: HeadendConfig) -> None:
@@ -499,11 +514,12 @@ async def run_headend(config: HeadendConfig) -> None:
         stopping.cancel()
         starting.result()
         log.info(
-            "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents grpc://%s, "
+            "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents %s (%s), "
             "storage %s, %d sites, %d assets",
             headend.http_url,
             headend.http_url,
             headend.grpc_addr,
+            "mutual TLS" if config.mtls else "TLS" if config.tls else "plaintext",
             headend.storage.name,
             len(headend.inventory.sites),
             len(headend.inventory.assets),

@@ -308,3 +308,108 @@ def test_file_not_found(tmp_path: Path) -> None:
         load_inventory(tmp_path / "assets.yaml", asset_types=TYPES)
     assert "assets.yaml" in str(caught.value)
     assert "file not found" in str(caught.value)
+
+
+# --------------------------------------------------------------------------- agent bindings
+
+FINGERPRINT = "sha256:" + "ab" * 32
+TOKEN_HASH = "c0" * 32
+
+
+def with_agents(entries: str, site_marker: str = "    location: Depot Road\n") -> str:
+    """GOOD with an ``agents:`` list (``entries`` indented for it) under site A."""
+    return GOOD.replace(site_marker, site_marker + "    agents:\n" + entries)
+
+
+def test_agents_are_read_in_canonical_form(tmp_path: Path) -> None:
+    text = with_agents(
+        f"      - fingerprint: SHA256:{':'.join(['AB'] * 32)}\n"
+        "        name: gw-north\n"
+        '      - subject: "CN = gw-north, O = Acme\\\\, Inc"\n'
+        f"      - token_sha256: {TOKEN_HASH.upper()}\n"
+    )
+    inventory = load_inventory(write(tmp_path, text), asset_types=TYPES)
+    bindings = inventory.site_agents(SITE_A.upper())
+    assert bindings is not None
+    assert [(b.kind, b.value, b.name) for b in bindings] == [
+        ("fingerprint", FINGERPRINT, "gw-north"),
+        ("subject", "CN=gw-north,O=Acme\\, Inc", None),
+        ("token_sha256", TOKEN_HASH, None),
+    ]
+    assert bindings[0].line == line_of(text, "fingerprint:")
+    assert inventory.site_agents(SITE_B) is None, "a site without agents: is not bound"
+    assert inventory.site(SITE_A).name == "North Yard"
+
+
+def test_a_short_fingerprint_names_its_line(tmp_path: Path) -> None:
+    text = with_agents("      - fingerprint: sha256:abcd\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents[0].fingerprint")
+    assert_names(issue, line_of(text, "sha256:abcd"), None, "64 hex digits")
+
+
+def test_a_fingerprint_without_its_algorithm_is_refused(tmp_path: Path) -> None:
+    text = with_agents(f"      - fingerprint: {'ab' * 32}\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents[0].fingerprint")
+    assert_names(issue, line_of(text, "fingerprint:"), None, "sha256:<64 hex digits>")
+
+
+def test_a_bad_token_hash_says_how_to_make_one(tmp_path: Path) -> None:
+    text = with_agents("      - token_sha256: my-secret-token\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents[0].token_sha256")
+    assert_names(issue, line_of(text, "token_sha256"), None, "der certs agent-token")
+
+
+def test_a_bad_subject_is_refused(tmp_path: Path) -> None:
+    text = with_agents('      - subject: "no equals sign"\n')
+    issue = issue_for(tmp_path, text, "sites[0].agents[0].subject")
+    assert_names(issue, line_of(text, "subject:"), None, "RFC 4514")
+
+
+def test_an_entry_needs_exactly_one_identity(tmp_path: Path) -> None:
+    text = with_agents(
+        f"      - fingerprint: {FINGERPRINT}\n        token_sha256: {TOKEN_HASH}\n"
+        "      - name: nobody\n"
+    )
+    both = issue_for(tmp_path, text, "sites[0].agents[0]")
+    assert_names(both, line_of(text, "fingerprint:"), None, "exactly one", "fingerprint and")
+    none = issue_for(tmp_path, text, "sites[0].agents[1]")
+    assert_names(none, line_of(text, "name: nobody"), None, "exactly one", "none of them")
+
+
+def test_an_unknown_key_in_an_entry_suggests_the_right_one(tmp_path: Path) -> None:
+    text = with_agents(f"      - fingerprint: {FINGERPRINT}\n        nmae: x\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents[0].nmae")
+    assert_names(issue, line_of(text, "nmae"), None, "did you mean 'name'")
+
+
+def test_an_identity_listed_twice_names_the_first_line(tmp_path: Path) -> None:
+    text = with_agents(
+        f"      - fingerprint: {FINGERPRINT}\n      - fingerprint: {FINGERPRINT.upper()}\n"
+    )
+    issue = issue_for(tmp_path, text, "sites[0].agents[1].fingerprint")
+    first = line_of(text, "fingerprint:")
+    assert_names(issue, line_of(text, "fingerprint:", 2), None, f"first on line {first}")
+
+
+def test_an_empty_agents_list_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("    location: Depot Road\n", "    location: Depot Road\n    agents: []\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents")
+    assert_names(issue, line_of(text, "agents: []"), None, "binds no agent", "remove the key")
+
+
+def test_agents_must_be_a_list_of_mappings(tmp_path: Path) -> None:
+    text = with_agents("      - sha256:abc\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents[0]")
+    assert_names(issue, line_of(text, "- sha256:abc"), None, "expected a mapping")
+    text = GOOD.replace("    location: Depot Road\n", "    location: Depot Road\n    agents: x\n")
+    issue = issue_for(tmp_path, text, "sites[0].agents")
+    assert_names(issue, line_of(text, "agents: x"), None, "expected a list")
+
+
+def test_the_documented_agents_example_loads() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "inventory.md").read_text()
+    block = next(b for b in doc.split("```yaml\n")[1:] if "token_sha256:" in b).split("```")[0]
+    inventory = parse_inventory(block, "docs/inventory.md", asset_types=TYPES)
+    bound = [inventory.site_agents(site_id) for site_id in inventory.sites]
+    kinds = {b.kind for bindings in bound if bindings for b in bindings}
+    assert kinds == {"fingerprint", "subject", "token_sha256"}

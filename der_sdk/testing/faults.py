@@ -26,6 +26,7 @@ import itertools
 import os
 import re
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -712,13 +713,19 @@ class ServiceProcess:
 
 
 async def http_status(
-    host: str, port: int, path: str = "/healthz", timeout_s: float = 1.0
+    host: str,
+    port: int,
+    path: str = "/healthz",
+    timeout_s: float = 1.0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> int | None:
-    """The status code of ``GET path`` at ``host:port`` over plain HTTP/1.1, or ``None``
-    when nothing answers (refused, reset, no status line within ``timeout`` seconds)."""
+    """The status code of ``GET path`` at ``host:port`` over HTTP/1.1 (over TLS with
+    ``ssl_context``), or ``None`` when nothing answers (refused, reset, a failed TLS
+    handshake, no status line within ``timeout`` seconds)."""
     try:
         async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
             try:
                 request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
                 writer.write(request.encode())
@@ -741,6 +748,10 @@ class HeadendProcess(ServiceProcess):
     :meth:`~ServiceProcess.restart` listens where the agents already dial.
     :meth:`~ServiceProcess.start` returns once ``GET /healthz`` answers with any status
     (``503`` while storage is still unreachable counts; poll :meth:`healthz` for 200).
+
+    With ``ssl_context`` (one that trusts the headend's certificate; pass the
+    ``HEADEND_TLS_*`` variables in ``env``) ``/healthz`` is asked over HTTPS and
+    :attr:`http_url` is ``https://``.
     """
 
     command = "headend"
@@ -757,11 +768,13 @@ class HeadendProcess(ServiceProcess):
         name: str = "headend",
         log_path: Path | str | None = None,
         log_level: str = "INFO",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """:param assets_path: the inventory (``ASSETS_PATH``).
         :param database_url: the storage (``DATABASE_URL``), e.g. ``sqlite:///{tmp}/der.db``:
             use a persistent backend to see what survives a kill.
         :param grpc_port, http_port: default: free ports picked now.
+        :param ssl_context: REST is served over TLS; trust what this context trusts.
         """
         super().__init__(name, workdir=workdir, env=env, log_path=log_path, log_level=log_level)
         self.assets_path = Path(assets_path)
@@ -770,6 +783,7 @@ class HeadendProcess(ServiceProcess):
         self.grpc_port = grpc_port if grpc_port is not None else next(picked)
         self.http_port = http_port if http_port is not None else next(picked)
         self.host = LOOPBACK
+        self.ssl_context = ssl_context
 
     @property
     def grpc_addr(self) -> str:
@@ -778,8 +792,9 @@ class HeadendProcess(ServiceProcess):
 
     @property
     def http_url(self) -> str:
-        """``"http://127.0.0.1:PORT"``: the REST API."""
-        return f"http://{self.host}:{self.http_port}"
+        """``"http://127.0.0.1:PORT"`` (``https`` with TLS): the REST API."""
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
 
     def settings(self) -> dict[str, str | None]:
         return {
@@ -792,7 +807,9 @@ class HeadendProcess(ServiceProcess):
 
     async def healthz(self, timeout_s: float = 1.0) -> int | None:
         """The status of ``GET /healthz`` now; ``None`` when nothing answers."""
-        return await http_status(self.host, self.http_port, "/healthz", timeout_s)
+        return await http_status(
+            self.host, self.http_port, "/healthz", timeout_s, ssl_context=self.ssl_context
+        )
 
     async def _wait_ready(self, deadline: float) -> None:
         process = self._started_process()

@@ -62,7 +62,9 @@ assets:
 
 def headend_config(inventory_path: Path, env: Mapping[str, str] | None = None) -> HeadendConfig:
     """The test headend's configuration: ``memory://`` storage on 127.0.0.1, ports chosen
-    by the OS. ``env`` adds or overrides variables (``SPLIT_POLICY``, ``DATABASE_URL``...)."""
+    by the OS, and REST tokens in ``der-tokens.json`` beside the inventory (none, so REST
+    needs no token). ``env`` adds or overrides variables (``SPLIT_POLICY``,
+    ``DATABASE_URL``, ``HEADEND_AUTH``...)."""
     from der_sdk_headend.config import HeadendConfig
 
     return HeadendConfig.from_env(
@@ -71,6 +73,7 @@ def headend_config(inventory_path: Path, env: Mapping[str, str] | None = None) -
             "DATABASE_URL": "memory://",
             "HEADEND_GRPC_ADDR": "127.0.0.1:0",
             "HEADEND_HTTP_ADDR": "127.0.0.1:0",
+            "HEADEND_TOKENS_FILE": str(inventory_path.parent / "der-tokens.json"),
             **(env or {}),
         }
     )

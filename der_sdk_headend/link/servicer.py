@@ -4,12 +4,19 @@ The life of a stream:
 
 1. The first message must be ``Register`` within :data:`REGISTER_TIMEOUT_S`, else the
    stream is aborted with ``INVALID_ARGUMENT``.
-2. Each asset in it must be in the inventory and belong to the Register's ``site_id``.
+2. Where the inventory binds agents to the Register's site (or the headend requires
+   client certificates), the agent's identity (certificate or token) must be bound to
+   that site and every asset it names must be of that site
+   (:mod:`der_sdk_headend.link.identity`). Else the whole stream is refused
+   (``PERMISSION_DENIED`` or ``UNAUTHENTICATED``): logged, audited (``agent.refused``),
+   recorded as one ``registration_refused`` event, answered with
+   ``RegisterAck(accepted=False)``; nothing else is written.
+3. Each asset in it must be in the inventory and belong to the Register's ``site_id``.
    Refusals are logged, recorded as ``registration_refused`` events and listed in the
    ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
    and the stream is aborted with ``PERMISSION_DENIED``.
-3. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
-4. Then ``TelemetryBatch`` → the ingest queue (acknowledged once stored; while the queue
+4. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
+5. Then ``TelemetryBatch`` → the ingest queue (acknowledged once stored; while the queue
    is full the reader waits, which is the stream's flow control), ``Heartbeat`` → stored
    once per served asset through the same writer, ``SetpointAck`` → dispatcher (a final
    outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
@@ -36,8 +43,11 @@ from der_sdk.inventory import Inventory
 from der_sdk.models import Asset, Event, utc_now
 from der_sdk.storage.contract import StorageBackend
 from der_sdk.wire import codec, pb, pb_grpc
+from der_sdk_headend.audit import Actor, Auditor
+from der_sdk_headend.config import AgentIdentityMode
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
+from der_sdk_headend.link.identity import AgentAuthorizer, Refusal
 from der_sdk_headend.presence import AgentStream, Presence
 
 __all__ = ["REGISTER_TIMEOUT_S", "AgentLinkService"]
@@ -49,7 +59,12 @@ REGISTER_TIMEOUT_S = 10.0
 
 
 class AgentLinkService(pb_grpc.AgentLinkServicer):
-    """The ``der.v1.AgentLink`` servicer of the headend."""
+    """The ``der.v1.AgentLink`` servicer of the headend.
+
+    :param auditor: writes ``agent.refused`` records; default: one on ``storage``.
+    :param mtls: the headend requires client certificates (identity from the certificate).
+    :param agent_identity: how a client certificate names an agent.
+    """
 
     def __init__(
         self,
@@ -60,6 +75,9 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         ingest: TelemetryIngest,
         dispatcher: Dispatcher,
         register_timeout_s: float = REGISTER_TIMEOUT_S,
+        auditor: Auditor | None = None,
+        mtls: bool = False,
+        agent_identity: AgentIdentityMode = "fingerprint",
     ) -> None:
         self._inventory = inventory
         self._storage = storage
@@ -67,6 +85,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         self._ingest = ingest
         self._dispatcher = dispatcher
         self._register_timeout_s = register_timeout_s
+        self._auditor = auditor if auditor is not None else Auditor(storage)
+        self.authorizer = AgentAuthorizer(inventory, mtls=mtls, identity_mode=agent_identity)
         self._closing = False
         self._handlers = 0
         self._idle = asyncio.Event()
@@ -107,6 +127,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: Any, peer: str
     ) -> None:
         register = await self._first_register(request_iterator, context, peer)
+        await self._authorize(register, context, peer)
         accepted, refused = await self._check_register(register, peer)
         if not accepted:
             message = f"no asset accepted for agent {register.agent_id}; see refused"
@@ -254,6 +275,74 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 data={"agent_id": register.agent_id, "peer": peer, "reason": reason},
             )
         )
+
+    # ------------------------------------------------------------------ identity
+
+    async def _authorize(self, register: pb.Register, context: Any, peer: str) -> None:
+        """Return when the agent may serve the Register's site; else refuse the stream."""
+        verdict = self.authorizer.check(register, context)
+        if isinstance(verdict, Refusal):
+            await self._refuse_stream(register, context, peer, verdict)
+        if verdict.identity is not None:
+            log.info(
+                "agent %s (peer %s) proved %s for site %s",
+                register.agent_id,
+                peer,
+                verdict.identity,
+                register.site_id,
+            )
+
+    async def _refuse_stream(
+        self, register: pb.Register, context: Any, peer: str, refusal: Refusal
+    ) -> NoReturn:
+        """Log, audit and record the refusal, tell the agent why, and end the stream."""
+        assets = [a.asset_id for a in register.assets]
+        log.warning(
+            "agent stream refused (%s): identity %s, peer %s, agent %s, claimed site %s, "
+            "assets %s: %s",
+            refusal.code.name,
+            refusal.identity,
+            peer,
+            register.agent_id or "-",
+            register.site_id or "-",
+            ", ".join(assets) or "-",
+            refusal.reason,
+        )
+        site_id = self.authorizer.canonical_site_id(register.site_id)
+        message = f"agent {register.agent_id or '-'} ({peer}) refused: {refusal.reason}"
+        await self._auditor.record(
+            "agent.refused",
+            actor=Actor(kind="agent", name=refusal.identity),
+            source=peer,
+            outcome="refused",
+            message=message,
+            site_id=site_id,
+            reason=refusal.reason,
+            code=refusal.code.name,
+            assets=assets,
+            **refusal.details,
+        )
+        event = Event(
+            ts=utc_now(),
+            kind="registration_refused",
+            message=message,
+            site_id=site_id,
+            data={
+                "agent_id": register.agent_id,
+                "peer": peer,
+                "reason": refusal.reason,
+                "identity": refusal.identity,
+                "assets": assets,
+            },
+        )
+        try:
+            await self._storage.append_event(event)
+        except Exception as exc:  # the refusal stands; a storage failure must not hide it
+            log.error("registration_refused event not stored: %s: %s", type(exc).__name__, exc)
+        text = f"{refusal.code.name}: {refusal.reason}"
+        with contextlib.suppress(Exception):  # the agent may be gone; the abort says it all
+            await context.write(codec.headend_register_ack([], {"": refusal.reason}, text))
+        await _abort(context, refusal.code, text)
 
     # ------------------------------------------------------------------ after register
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from litestar import Controller, get
 from litestar.di import NamedDependency
 
+from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.schemas import AgentRow, SessionRow
 
 if TYPE_CHECKING:
@@ -21,7 +22,11 @@ RECENT_SESSIONS = 5
 class AgentsController(Controller):
     tags = ["presence"]
 
-    @get("/agents", summary="Every configured asset: connected or not, by which agent")
+    @get(
+        "/agents",
+        summary="Every configured asset: connected or not, by which agent",
+        **access("viewer"),
+    )
     async def list_agents(self, headend: NamedDependency[Headend]) -> list[AgentRow]:
         inventory = headend.inventory
         presence = headend.presence

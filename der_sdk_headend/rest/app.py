@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 
 import der_sdk
 from der_sdk_headend.rest.agents import AgentsController
 from der_sdk_headend.rest.assets import AssetsController
+from der_sdk_headend.rest.audit import AuditController
+from der_sdk_headend.rest.auth import BEARER_SCHEME, access, check_access_rules, create_guard
 from der_sdk_headend.rest.dispatch import DispatchController
 from der_sdk_headend.rest.errors import EXCEPTION_HANDLERS
 from der_sdk_headend.rest.heartbeat import HeartbeatController
 from der_sdk_headend.rest.system import SystemController
 from der_sdk_headend.rest.telemetry import TelemetryController
+from der_sdk_headend.rest.tokens import TokensController
 
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
@@ -26,13 +30,14 @@ __all__ = ["create_app"]
 def create_app(headend: Headend) -> Litestar:
     """The REST API of ``headend``; every handler gets it as the ``headend`` dependency.
 
-    OpenAPI is served at ``/schema/openapi.json``.
+    Every route declares who may call it (:func:`der_sdk_headend.rest.auth.access`); one
+    guard enforces it. OpenAPI is served, to anybody, at ``/schema/openapi.json``.
     """
 
     def provide_headend() -> Headend:
         return headend
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             AssetsController,
             AgentsController,
@@ -40,18 +45,36 @@ def create_app(headend: Headend) -> Litestar:
             DispatchController,
             HeartbeatController,
             SystemController,
+            TokensController,
+            AuditController,
         ],
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
         # Handlers annotate ``headend: Headend``; the service module imports this one, so
         # the name is resolved here rather than by a circular import.
         signature_namespace={"Headend": type(headend)},
+        guards=[create_guard(headend)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(
             title="der-sdk headend",
             version=der_sdk.__version__,
             description="Operator and integration API of the der-sdk reference headend: "
-            "inventory, presence, telemetry, dispatch.",
-            path="/schema",
+            "inventory, presence, telemetry, dispatch. Send `Authorization: Bearer <token>`; "
+            "each operation's `BearerToken` requirement names the role it needs.",
+            openapi_router=Router(
+                "/schema", route_handlers=[], include_in_schema=False, **access("open")
+            ),
+            components=Components(
+                security_schemes={
+                    BEARER_SCHEME: SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="A REST token (`der_...`) from `der tokens create` or "
+                        "POST /tokens. Roles: viewer < operator < admin.",
+                    )
+                }
+            ),
         ),
         logging_config=None,
     )
+    check_access_rules(app)
+    return app

@@ -9,6 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from der_sdk.models import Asset
+from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.errors import known_asset
 from der_sdk_headend.rest.schemas import SiteRow
 
@@ -21,15 +22,15 @@ __all__ = ["AssetsController"]
 class AssetsController(Controller):
     tags = ["inventory"]
 
-    @get("/assets", summary="Every asset of the inventory, in file order")
+    @get("/assets", summary="Every asset of the inventory, in file order", **access("viewer"))
     async def list_assets(self, headend: NamedDependency[Headend]) -> list[Asset]:
         return list(headend.inventory.assets.values())
 
-    @get("/assets/{asset_id:str}", summary="One asset")
+    @get("/assets/{asset_id:str}", summary="One asset", **access("viewer"))
     async def get_asset(self, headend: NamedDependency[Headend], asset_id: FromPath[str]) -> Asset:
         return known_asset(headend.inventory, asset_id)
 
-    @get("/sites", summary="Every site with the ids of its assets")
+    @get("/sites", summary="Every site with the ids of its assets", **access("viewer"))
     async def list_sites(self, headend: NamedDependency[Headend]) -> list[SiteRow]:
         inventory = headend.inventory
         return [

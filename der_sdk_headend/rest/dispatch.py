@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Annotated, get_args
+from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import msgspec
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
@@ -14,6 +14,12 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, Quer
 
 from der_sdk.errors import UnknownNameError
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState
+from der_sdk_headend.dispatch import (
+    IdempotencyConflictError,
+    InvalidDispatchError,
+    UnknownTargetError,
+)
+from der_sdk_headend.rest.auth import access, actor_of, client_source
 from der_sdk_headend.rest.params import check_limit
 from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 
@@ -23,6 +29,12 @@ if TYPE_CHECKING:
 __all__ = ["DispatchController"]
 
 _STATES: tuple[str, ...] = get_args(DispatchState)
+_REFUSALS = (InvalidDispatchError, UnknownTargetError, IdempotencyConflictError)
+"""Errors that refuse a dispatch for what was asked (4xx), not because the headend failed."""
+
+
+def _describe(target: dict[str, str | None]) -> str:
+    return " ".join(f"{key.removesuffix('_id')} {value}" for key, value in target.items())
 
 
 class DispatchController(Controller):
@@ -45,9 +57,11 @@ class DispatchController(Controller):
             200: ResponseSpec(Dispatch, description="a repeated Idempotency-Key: the record"),
             409: ResponseSpec(ErrorBody, description="Idempotency-Key used for another body"),
         },
+        **access("operator"),
     )
     async def create(
         self,
+        request: Request[Any, Any, Any],
         headend: NamedDependency[Headend],
         data: JSONBody[DispatchRequest],
         idempotency_key: Annotated[
@@ -58,14 +72,47 @@ class DispatchController(Controller):
             ),
         ] = None,
     ) -> Response[Dispatch]:
-        dispatch, created = await headend.dispatcher.submit(
-            data, source="rest", idempotency_key=idempotency_key
+        auditor = headend.auditor
+        actor, source = actor_of(request), client_source(request)
+        target: dict[str, str | None] = (
+            {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
+        )
+        try:
+            dispatch, created = await headend.dispatcher.submit(
+                data, source="rest", idempotency_key=idempotency_key
+            )
+        except Exception as exc:
+            refused = isinstance(exc, _REFUSALS)
+            await auditor.record(
+                "dispatch.create",
+                actor=actor,
+                source=source,
+                outcome="refused" if refused else "failed",
+                message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
+                f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
+                mw=data.mw,
+                reason=f"{type(exc).__name__}: {exc}",
+                **target,
+            )
+            raise
+        await auditor.record(
+            "dispatch.create",
+            actor=actor,
+            source=source,
+            outcome="ok" if created else "replayed",
+            message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
+            f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}: "
+            f"{dispatch.state}",
+            dispatch_id=dispatch.dispatch_id,
+            mw=data.mw,
+            state=dispatch.state,
+            **target,
         )
         if created:
             return Response(dispatch, status_code=202)
         return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
 
-    @get("/history", summary="Past dispatches, newest first")
+    @get("/history", summary="Past dispatches, newest first", **access("viewer"))
     async def history(
         self,
         headend: NamedDependency[Headend],
@@ -97,7 +144,7 @@ class DispatchController(Controller):
             limit=check_limit(limit),
         )
 
-    @get("/{dispatch_id:str}", summary="One dispatch with its state changes")
+    @get("/{dispatch_id:str}", summary="One dispatch with its state changes", **access("viewer"))
     async def get_one(
         self, headend: NamedDependency[Headend], dispatch_id: FromPath[str]
     ) -> DispatchDetail:

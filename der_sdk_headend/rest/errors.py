@@ -33,9 +33,13 @@ def known_asset(inventory: Inventory, asset_id: str) -> Asset:
         raise NotFoundException(f"unknown asset {asset_id}") from None
 
 
-def _body(status_code: int, detail: str, extra: Any = None) -> Response[ErrorBody]:
+def _body(
+    status_code: int, detail: str, extra: Any = None, headers: dict[str, str] | None = None
+) -> Response[ErrorBody]:
     return Response(
-        ErrorBody(status_code=status_code, detail=detail, extra=extra), status_code=status_code
+        ErrorBody(status_code=status_code, detail=detail, extra=extra),
+        status_code=status_code,
+        headers=headers,
     )
 
 
@@ -68,7 +72,7 @@ def _validation_error(
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
-    return _body(exc.status_code, str(exc.detail), exc.extra)
+    return _body(exc.status_code, str(exc.detail), exc.extra, exc.headers)  # WWW-Authenticate
 
 
 def _invalid_dispatch(

@@ -10,6 +10,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery
 
 from der_sdk.models import Heartbeat
+from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.errors import known_asset
 from der_sdk_headend.rest.params import check_limit, parse_time
 
@@ -23,7 +24,11 @@ class HeartbeatController(Controller):
     path = "/heartbeat"
     tags = ["presence"]
 
-    @get("/{asset_id:str}", summary="The latest heartbeat recorded for an asset")
+    @get(
+        "/{asset_id:str}",
+        summary="The latest heartbeat recorded for an asset",
+        **access("viewer"),
+    )
     async def latest(self, headend: NamedDependency[Headend], asset_id: FromPath[str]) -> Heartbeat:
         asset = known_asset(headend.inventory, asset_id)
         beat = await headend.storage.latest_heartbeat(asset.asset_id)
@@ -31,7 +36,7 @@ class HeartbeatController(Controller):
             raise NotFoundException(f"no heartbeat received yet for asset {asset.asset_id}")
         return beat
 
-    @get("/{asset_id:str}/history", summary="Stored heartbeats, newest first")
+    @get("/{asset_id:str}/history", summary="Stored heartbeats, newest first", **access("viewer"))
     async def history(
         self,
         headend: NamedDependency[Headend],

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from der_sdk.models import Dispatch, DispatchEvent
+from der_sdk_headend.audit import Actor
+from der_sdk_headend.tokens import MAX_NAME_LENGTH, Role, StoredToken
 
 __all__ = [
     "AgentRow",
+    "AuditRecord",
     "DispatchDetail",
     "ErrorBody",
     "Health",
+    "NewToken",
     "PluginRow",
     "SessionRow",
     "SiteRow",
+    "TokenRequest",
+    "TokenRow",
 ]
 
 
@@ -91,3 +97,55 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     status_code: int
     detail: str
     extra: Any = None
+
+
+class TokenRow(msgspec.Struct, kw_only=True):
+    """A REST token as admins see it: never its secret or hash."""
+
+    id: str
+    name: str
+    role: Role
+    created_at: datetime
+    revoked_at: datetime | None = None
+    active: bool
+
+    @classmethod
+    def of(cls, token: StoredToken) -> TokenRow:
+        return cls(
+            id=token.id,
+            name=token.name,
+            role=token.role,
+            created_at=token.created_at,
+            revoked_at=token.revoked_at,
+            active=token.active,
+        )
+
+
+class NewToken(TokenRow, kw_only=True):
+    """``POST /tokens``: the new token with its secret, shown this once and never again."""
+
+    token: str
+
+
+class TokenRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of ``POST /tokens``."""
+
+    role: Role
+    name: Annotated[
+        str, msgspec.Meta(max_length=MAX_NAME_LENGTH, pattern=r"^[^\x00-\x1f\x7f]*$")
+    ] = ""
+
+
+class AuditRecord(msgspec.Struct, kw_only=True):
+    """One audit record: who (``actor``) did what (``action``) from where (``source``),
+    how it ended (``outcome``), and the facts of that action (``details``)."""
+
+    ts: datetime
+    action: str
+    actor: Actor
+    source: str
+    outcome: str
+    message: str
+    asset_id: str | None = None
+    site_id: str | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)

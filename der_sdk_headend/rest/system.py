@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from litestar import Controller, MediaType, Response, get
 from litestar.di import NamedDependency
 
+from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.metrics import render_metrics
 from der_sdk_headend.rest.schemas import Health, PluginRow
 
@@ -19,7 +20,11 @@ __all__ = ["SystemController"]
 class SystemController(Controller):
     tags = ["system"]
 
-    @get("/plugins", summary="Installed plugins with package, version and hooks")
+    @get(
+        "/plugins",
+        summary="Installed plugins with package, version and hooks",
+        **access("viewer"),
+    )
     async def plugins(self, headend: NamedDependency[Headend]) -> list[PluginRow]:
         return [
             PluginRow(
@@ -38,7 +43,8 @@ class SystemController(Controller):
         description="200 with status `ok`; 503 with status `degraded` and a `reason` when "
         "storage is not healthy or telemetry writes are stalled (failing, or the oldest "
         "queued batch waiting longer than 5 s). Latest values and the rest of the API keep "
-        "answering while degraded.",
+        "answering while degraded. Needs no token.",
+        **access("open"),
     )
     async def healthz(self, headend: NamedDependency[Headend]) -> Response[Health]:
         storage = headend.storage
@@ -71,8 +77,10 @@ class SystemController(Controller):
         summary="Prometheus metrics",
         description="Ingest queue and storage writes, telemetry gaps, connected agents, "
         "and each connected agent's store-and-forward buffer (from its heartbeats), in the "
-        "Prometheus text format.",
+        "Prometheus text format. Needs a viewer token unless the headend runs with "
+        "`METRICS_AUTH=open`.",
         media_type=MediaType.TEXT,
+        **access("metrics"),
     )
     async def metrics(self, headend: NamedDependency[Headend]) -> str:
         return render_metrics(headend)

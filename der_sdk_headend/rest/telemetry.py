@@ -10,6 +10,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery
 
 from der_sdk.models import TelemetrySample
+from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.errors import known_asset
 from der_sdk_headend.rest.params import check_limit, parse_time
 
@@ -23,7 +24,11 @@ class TelemetryController(Controller):
     path = "/telemetry"
     tags = ["telemetry"]
 
-    @get("/{asset_id:str}", summary="The latest sample: core fields plus `details`")
+    @get(
+        "/{asset_id:str}",
+        summary="The latest sample: core fields plus `details`",
+        **access("viewer"),
+    )
     async def latest(
         self, headend: NamedDependency[Headend], asset_id: FromPath[str]
     ) -> TelemetrySample:
@@ -38,6 +43,7 @@ class TelemetryController(Controller):
         summary="Stored samples, newest first",
         description="`start` inclusive, `end` exclusive, ISO 8601 (a naive time is UTC); "
         "`limit` 1..10000, default 100.",
+        **access("viewer"),
     )
     async def history(
         self,

@@ -90,6 +90,7 @@ class Fleet:
                 "DATABASE_URL": self.database_url,
                 "HEADEND_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
                 "HEADEND_HTTP_ADDR": f"127.0.0.1:{http_port}",
+                "HEADEND_TOKENS_FILE": str(self.tmp / "tokens.json"),  # none: no REST auth
             }
         )
         headend = Headend(config, plugins=self.plugins)

@@ -200,3 +200,69 @@ def test_headend_stops_on_sigterm_while_it_waits_for_unreachable_storage(tmp_pat
     assert code == 0, text
     assert "stop signal received while starting" in text
     assert "Traceback" not in text
+
+
+def test_demo_with_tls_serves_mutual_tls_agents_https_and_requires_a_token(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    import os
+    import re
+    import ssl
+    import time
+
+    import httpx
+
+    data = tmp_path / "data"
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *DER,
+                "demo",
+                "--tls",
+                "--assets",
+                str(repo_root / "examples" / "assets.yaml"),
+                "--data-dir",
+                str(data),
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--duration",
+                "30",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "export DER_TOKEN=" not in log.read_text():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            text = log.read_text()
+            url = re.search(r"REST API\s+(https://127\.0\.0\.1:\d+)", text)
+            token = re.search(r"export DER_TOKEN=(\S+)", text)
+            assert url and token, text
+            ca = data / "demo-tls" / "ca.pem"
+            verify = ssl.create_default_context(cafile=str(ca))
+            with httpx.Client(base_url=url[1], verify=verify, timeout=5) as http:
+                assert http.get("/agents").status_code == 401
+                auth = {"Authorization": f"Bearer {token[1]}"}
+                while True:
+                    rows = http.get("/agents", headers=auth).json()
+                    if rows and all(r["connected"] for r in rows):
+                        break
+                    assert time.monotonic() < deadline, rows
+                    time.sleep(0.2)
+                assert http.get("/healthz").status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+    bound = (data / "demo-tls" / "assets.yaml").read_text()
+    assert bound.count("fingerprint: sha256:") == 2, "each site binds its agent certificate"
+    assert token[1] not in log.read_text().replace(f"export DER_TOKEN={token[1]}", ""), (
+        "the token is printed once, in the banner, and never logged"
+    )

@@ -78,6 +78,7 @@ async def _in_process_headend(inventory_path: Path, db: Path, plugins: Plugins) 
                 "DATABASE_URL": f"sqlite:///{db}",
                 "HEADEND_GRPC_ADDR": "127.0.0.1:0",
                 "HEADEND_HTTP_ADDR": "127.0.0.1:0",
+                "HEADEND_TOKENS_FILE": str(db.parent / "tokens.json"),  # none: no REST auth
             }
         ),
         plugins=plugins,

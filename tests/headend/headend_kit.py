@@ -22,6 +22,7 @@ from der_sdk.wire import codec, pb, pb_grpc
 from der_sdk_headend import HeadendConfig
 
 WAIT_S = 5.0
+TOKENS_FILE = "tokens.json"
 
 SITE_A = "6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f"
 SITE_B = "7a2d3c4e-5f60-4718-9a2b-3c4d5e6f7a8b"
@@ -70,12 +71,15 @@ assets:
 
 
 def make_config(inventory_path: Path, **env: str) -> HeadendConfig:
+    """Memory storage on 127.0.0.1, free ports, and a token file beside the inventory: with
+    no token in it, REST authentication is off (``HEADEND_AUTH=auto`` on loopback)."""
     return HeadendConfig.from_env(
         {
             "ASSETS_PATH": str(inventory_path),
             "DATABASE_URL": "memory://",
             "HEADEND_GRPC_ADDR": "127.0.0.1:0",
             "HEADEND_HTTP_ADDR": "127.0.0.1:0",
+            "HEADEND_TOKENS_FILE": str(inventory_path.parent / TOKENS_FILE),
             **env,
         }
     )
@@ -130,9 +134,11 @@ def sample(
 class RawAgent:
     """One AgentLink stream driven by hand, messages built with the codec."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]] | None = None
+    ) -> None:
         self.channel = channel
-        self.call = pb_grpc.AgentLinkStub(channel).Stream()
+        self.call = pb_grpc.AgentLinkStub(channel).Stream(metadata=metadata)
 
     async def send(self, message: pb.AgentMessage) -> None:
         await asyncio.wait_for(self.call.write(message), WAIT_S)
@@ -207,6 +213,11 @@ async def eventually(
                 await asyncio.sleep(0.02)
     except TimeoutError:
         pytest.fail(f"timed out after {deadline_s}s waiting until {what}")
+
+
+def bearer(secret: str) -> dict[str, str]:
+    """The ``Authorization`` header for a REST token."""
+    return {"Authorization": f"Bearer {secret}"}
 
 
 async def agents_by_asset(http: httpx.AsyncClient) -> Mapping[str, dict[str, Any]]:
