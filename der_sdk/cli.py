@@ -208,9 +208,16 @@ def cmd_launch(ns: argparse.Namespace) -> int:
     inventory = load_inventory(assets, asset_types=plugins.asset_types.names())
     config = load_agent_config(ns.config or os.environ.get("AGENT_CONFIG"))
 
+    security = _launch_security(config)
+
     async def run() -> None:
         agents = await launch(
-            inventory, headend=headend, mode=ns.mode, config=config, plugins=plugins
+            inventory,
+            headend=headend,
+            mode=ns.mode,
+            config=config,
+            plugins=plugins,
+            security=security,
         )
         log.info("launched %d %s agent(s) against %s", len(agents), ns.mode, headend)
         try:
@@ -220,6 +227,24 @@ def cmd_launch(ns: argparse.Namespace) -> int:
 
     _run_async(run())
     return 0
+
+
+def _launch_security(config: Any) -> Any:
+    """TLS settings for ``der launch`` from ``AGENT_TLS_*`` / ``AGENT_TOKEN`` and the agent
+    config's ``tls:``, shared by every launched agent (docs/security.md)."""
+    from der_sdk_agent.settings import AgentSettings
+    from der_sdk_agent.tls import LinkSecurity
+
+    env = os.environ
+    settings = AgentSettings(
+        assets_path=env.get("ASSETS_PATH", "-"),
+        tls_ca=env.get("AGENT_TLS_CA") or None,
+        tls_cert=env.get("AGENT_TLS_CERT") or None,
+        tls_key=env.get("AGENT_TLS_KEY") or None,
+        tls_server_name=env.get("AGENT_TLS_SERVER_NAME") or None,
+        token=env.get("AGENT_TOKEN") or None,
+    )
+    return LinkSecurity.from_settings(settings, config)
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:

@@ -266,3 +266,27 @@ def test_demo_with_tls_serves_mutual_tls_agents_https_and_requires_a_token(
     assert token[1] not in log.read_text().replace(f"export DER_TOKEN={token[1]}", ""), (
         "the token is printed once, in the banner, and never logged"
     )
+
+
+def test_launch_reads_the_agent_tls_settings_and_names_a_missing_file(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    import os
+
+    result = subprocess.run(
+        [
+            *DER,
+            "launch",
+            "--assets",
+            str(repo_root / "examples" / "assets.yaml"),
+            "--duration",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env={**os.environ, "AGENT_TLS_CA": str(tmp_path / "missing-ca.pem")},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "AGENT_TLS_CA=" in result.stderr and "missing-ca.pem: file not found" in result.stderr
