@@ -13,7 +13,8 @@ action                  when
 ``dispatch.create``     ``POST /dispatch`` made (or refused to make) a dispatch
 ``token.create``        a REST token was created
 ``token.revoke``        a REST token was revoked
-``agent.refused``       an agent stream was refused (identity, site or asset)
+``agent.refused``       an agent stream (identity, site or asset) or its TLS
+                        handshake (``stage: tls``) was refused
 ``rest.denied``         a REST request was refused (401 or 403)
 ======================  =====================================================
 """

@@ -32,6 +32,8 @@ from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService
+from der_sdk_headend.link.identity import FrontPeers
+from der_sdk_headend.link.tls_front import TlsFront, front_ssl_context
 from der_sdk_headend.presence import Presence
 from der_sdk_headend.rest import create_app
 from der_sdk_headend.rest.auth import RestAuth
@@ -107,6 +109,7 @@ class Headend:
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_port: int | None = None
+        self._front: TlsFront | None = None
         self._http_socket: socket.socket | None = None
         self._http_server: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -296,6 +299,10 @@ class Headend:
     async def _start_grpc(self) -> None:
         assert self._inventory and self._storage and self._presence
         assert self._ingest and self._dispatcher
+        tls = load_server_tls(self.config)
+        # Under mutual TLS the headend terminates TLS itself (der_sdk_headend.link.tls_front),
+        # so that refused handshakes are audited; gRPC then listens on loopback only.
+        front_peers: FrontPeers | None = {} if tls is not None and tls.mtls else None
         self._link = AgentLinkService(
             inventory=self._inventory,
             storage=self._storage,
@@ -305,9 +312,9 @@ class Headend:
             auditor=self._auditor,
             mtls=self.config.mtls,
             agent_identity=self.config.agent_identity,
+            front=front_peers,
         )
         self._link.authorizer.log_startup_warnings()
-        tls = load_server_tls(self.config)
         # Without SO_REUSEPORT a second headend on the same port fails loudly instead of
         # silently sharing the agents.
         # A cap on concurrent streams bounds the memory a flood of agents can take; the
@@ -318,18 +325,34 @@ class Headend:
         )
         pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
         addr = self.config.grpc_addr
+        listen = "127.0.0.1:0" if front_peers is not None else addr
         try:
-            if tls is None:
-                port = server.add_insecure_port(addr)
+            if tls is None or front_peers is not None:
+                port = server.add_insecure_port(listen)
             else:
-                port = server.add_secure_port(addr, tls.grpc_credentials())
+                port = server.add_secure_port(listen, tls.grpc_credentials())
         except RuntimeError as exc:
-            raise DerSdkError(f"cannot listen for agents on {addr}: {exc}") from None
+            raise DerSdkError(f"cannot listen for agents on {listen}: {exc}") from None
         if not port:
-            raise DerSdkError(f"cannot listen for agents on {addr}: the address is not available")
+            raise DerSdkError(f"cannot listen for agents on {listen}: the address is not available")
         self._grpc_server = server
-        self._grpc_port = int(port)
         await server.start()
+        if front_peers is None:
+            self._grpc_port = int(port)
+            return
+        config = self.config
+        assert config.tls_cert and config.tls_key and config.client_ca
+        try:
+            context = front_ssl_context(config.tls_cert, config.tls_key, config.client_ca)
+        except (OSError, ValueError) as exc:  # checked by load_server_tls; not expected
+            raise DerSdkError(f"cannot set up TLS for the agent port: {exc}") from None
+        front = TlsFront(context, int(port), self.auditor, front_peers)
+        host, public_port = split_host_port(addr, "HEADEND_GRPC_ADDR")
+        try:
+            self._grpc_port = await front.start(host, public_port)
+        except OSError as exc:
+            raise DerSdkError(f"cannot listen for agents on {addr}: {exc}") from None
+        self._front = front
 
     async def _start_http(self) -> None:
         host, port = self.config.http_host_port
@@ -393,10 +416,14 @@ class Headend:
             if self._stopped:
                 return
             self._stopped = True
+            if self._front is not None:  # no new agent connections; live ones end below
+                self._front.stop_accepting()
             if self._link is not None:
                 await self._link.close_all(STREAM_GRACE_S)
             if self._grpc_server is not None:
                 await self._grpc_server.stop(grace=STREAM_GRACE_S)
+            if self._front is not None:
+                await self._front.close()
             if self._presence is not None:
                 await self._presence.detach_all()
             if self._ingest is not None:

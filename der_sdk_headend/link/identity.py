@@ -5,12 +5,17 @@ The inventory binds agents to sites (a site's ``agents`` list, see
 :class:`der_sdk.inventory.AgentBinding`). :class:`AgentAuthorizer` applies it to one
 stream's ``Register``:
 
-**Mutual TLS** (``HEADEND_CLIENT_CA`` set). gRPC has already verified the client
-certificate against the CA (no certificate, a bad chain or a certificate outside its
-dates never reach Python). The agent's identity is the certificate's SHA-256
-fingerprint or its subject (``AGENT_IDENTITY``). The ``Register``'s site must list that
-identity (``fingerprint:`` or ``subject:`` entries, whichever ``AGENT_IDENTITY`` names);
-a site with no ``agents`` list cannot be served at all. Token entries are not used.
+**Mutual TLS** (``HEADEND_CLIENT_CA`` set). The TLS front
+(:mod:`der_sdk_headend.link.tls_front`) has already verified the client certificate
+against the CA, refusing and auditing no certificate, a bad chain or a certificate outside
+its dates; it hands the connection to the internal gRPC server and records which
+certificate came in on which internal connection (:class:`FrontPeers`), and
+:func:`connection_identity` reads it back from ``context.peer()``. (Without the front, as
+in unit tests, the identity comes from gRPC's ``auth_context()``.) The agent's identity is
+the certificate's SHA-256 fingerprint or its subject (``AGENT_IDENTITY``). The
+``Register``'s site must list that identity (``fingerprint:`` or ``subject:`` entries,
+whichever ``AGENT_IDENTITY`` names); a site with no ``agents`` list cannot be served at
+all. Token entries are not used.
 
 **Without mutual TLS.** A site whose ``agents`` list has ``token_sha256`` entries needs
 the metadata ``x-der-agent-token``, whose SHA-256 must be one of them: no token is
@@ -42,7 +47,16 @@ from der_sdk.inventory import AgentBinding, Inventory
 from der_sdk.wire import AGENT_TOKEN_METADATA_KEY, pb
 from der_sdk_headend.config import AgentIdentityMode
 
-__all__ = ["AgentAuthorizer", "Authorized", "Refusal", "peer_identity"]
+__all__ = [
+    "AgentAuthorizer",
+    "Authorized",
+    "FrontPeer",
+    "FrontPeers",
+    "Refusal",
+    "connection_identity",
+    "front_peer",
+    "peer_identity",
+]
 
 log = logging.getLogger("der.headend.link")
 
@@ -86,6 +100,45 @@ def peer_identity(
         return None
 
 
+@dataclass(frozen=True)
+class FrontPeer:
+    """A connection the TLS front accepted: the agent's own address (as gRPC writes
+    peers, ``ipv4:203.0.113.7:51234``) and its verified client certificate."""
+
+    peer: str
+    fingerprint: str
+    subject: str
+
+    def identity(self, mode: AgentIdentityMode) -> str:
+        return self.fingerprint if mode == "fingerprint" else self.subject
+
+
+FrontPeers = dict[int, FrontPeer]
+"""The TLS front's live connections: local port of the front's connection to the internal
+gRPC server → the agent on the other side. Written by the front, read by the servicer."""
+
+
+def front_peer(grpc_peer: str, peers: Mapping[int, FrontPeer]) -> FrontPeer | None:
+    """The agent behind ``grpc_peer`` (``context.peer()`` of the internal server:
+    ``ipv4:127.0.0.1:PORT``), ``None`` when it did not come through the front."""
+    kind, _, rest = grpc_peer.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "ipv4" or host != "127.0.0.1" or not port.isdigit():
+        return None
+    return peers.get(int(port))
+
+
+def connection_identity(
+    context: Any, mode: AgentIdentityMode, front: Mapping[int, FrontPeer] | None
+) -> str | None:
+    """The identity of the stream's client certificate, ``None`` without one: from the
+    TLS front's record when ``front`` is given, else from gRPC's ``auth_context()``."""
+    if front is None:
+        return peer_identity(context.auth_context(), mode)
+    found = front_peer(str(context.peer()), front)
+    return found.identity(mode) if found is not None else None
+
+
 def _metadata_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     for key, value in metadata or ():
         if key.lower() == AGENT_TOKEN_METADATA_KEY:
@@ -102,12 +155,19 @@ class AgentAuthorizer:
 
     :param mtls: whether the headend requires client certificates (``HEADEND_CLIENT_CA``).
     :param identity_mode: how a certificate names an agent (``AGENT_IDENTITY``).
+    :param front: the TLS front's connections, when agents come in through it.
     """
 
     def __init__(
-        self, inventory: Inventory, *, mtls: bool, identity_mode: AgentIdentityMode
+        self,
+        inventory: Inventory,
+        *,
+        mtls: bool,
+        identity_mode: AgentIdentityMode,
+        front: Mapping[int, FrontPeer] | None = None,
     ) -> None:
         self._inventory = inventory
+        self.front = front
         self.mtls = mtls
         self.identity_mode: AgentIdentityMode = identity_mode
 
@@ -171,7 +231,7 @@ class AgentAuthorizer:
         self, register: pb.Register, context: Any, site_id: str, known: bool
     ) -> Authorized | Refusal:
         mode = self.identity_mode
-        identity = peer_identity(context.auth_context(), mode)
+        identity = connection_identity(context, mode, self.front)
         base = {"auth": "mtls", "identity_mode": mode, "agent_id": register.agent_id}
         if identity is None:
             return Refusal(

@@ -47,7 +47,7 @@ from der_sdk_headend.audit import Actor, Auditor
 from der_sdk_headend.config import AgentIdentityMode
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
-from der_sdk_headend.link.identity import AgentAuthorizer, Refusal
+from der_sdk_headend.link.identity import AgentAuthorizer, FrontPeer, Refusal, front_peer
 from der_sdk_headend.presence import AgentStream, Presence
 
 __all__ = ["REGISTER_TIMEOUT_S", "AgentLinkService"]
@@ -64,6 +64,10 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
     :param auditor: writes ``agent.refused`` records; default: one on ``storage``.
     :param mtls: the headend requires client certificates (identity from the certificate).
     :param agent_identity: how a client certificate names an agent.
+    :param front: the TLS front's connections (:mod:`der_sdk_headend.link.tls_front`):
+        when given, every stream must have come through the front; the agent's address
+        and certificate are taken from there, and a stream that did not (someone dialling
+        the internal port) is refused and audited.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         auditor: Auditor | None = None,
         mtls: bool = False,
         agent_identity: AgentIdentityMode = "fingerprint",
+        front: dict[int, FrontPeer] | None = None,
     ) -> None:
         self._inventory = inventory
         self._storage = storage
@@ -86,7 +91,10 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         self._dispatcher = dispatcher
         self._register_timeout_s = register_timeout_s
         self._auditor = auditor if auditor is not None else Auditor(storage)
-        self.authorizer = AgentAuthorizer(inventory, mtls=mtls, identity_mode=agent_identity)
+        self._front = front
+        self.authorizer = AgentAuthorizer(
+            inventory, mtls=mtls, identity_mode=agent_identity, front=front
+        )
         self._closing = False
         self._handlers = 0
         self._idle = asyncio.Event()
@@ -112,6 +120,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         context: Any,
     ) -> None:
         peer = str(context.peer())
+        if self._front is not None:
+            came_in = front_peer(peer, self._front)
+            if came_in is None:
+                await self._refuse_bypass(context, peer)
+            peer = came_in.peer
         if self._closing:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the headend is shutting down")
         self._handlers += 1
@@ -277,6 +290,23 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
         )
 
     # ------------------------------------------------------------------ identity
+
+    async def _refuse_bypass(self, context: Any, peer: str) -> NoReturn:
+        """A stream on the internal port that did not come through the TLS front."""
+        reason = "the connection did not come through the headend's TLS front"
+        log.warning("agent stream refused (PERMISSION_DENIED): peer %s: %s", peer, reason)
+        await self._auditor.record(
+            "agent.refused",
+            actor=Actor(kind="agent", name="unknown (not through the TLS front)"),
+            source=peer,
+            outcome="refused",
+            message=f"agent stream from {peer} refused: {reason}",
+            reason=reason,
+            code=grpc.StatusCode.PERMISSION_DENIED.name,
+            auth="mtls",
+            stage="front",
+        )
+        await _abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
 
     async def _authorize(self, register: pb.Register, context: Any, peer: str) -> None:
         """Return when the agent may serve the Register's site; else refuse the stream."""

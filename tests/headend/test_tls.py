@@ -4,8 +4,9 @@ token: real TLS over loopback TCP, certificates from :mod:`der_sdk.certs`.
 The negative matrix, and what each refusal leaves behind:
 
 * refused in the TLS handshake (no client certificate, self-signed, another CA, expired,
-  not yet valid, plaintext): gRPC refuses the connection before any request reaches the
-  servicer, so there is nothing to audit, and nothing is written;
+  not yet valid, plaintext): the headend's TLS front refuses the connection before any
+  request exists, and records an ``agent.refused`` audit record (``stage: tls``) with the
+  peer and the reason, and nothing else;
 * refused by the servicer (a valid certificate or token for another site, a foreign asset,
   a site bound to nobody, a missing or wrong token): one ``agent.refused`` audit record
   and one ``registration_refused`` event, and nothing else.
@@ -13,6 +14,8 @@ The negative matrix, and what each refusal leaves behind:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,6 +38,7 @@ from headend_kit import (
     WAIT_S,
     RawAgent,
     agents_by_asset,
+    eventually,
     make_config,
     sample,
 )
@@ -47,6 +51,7 @@ from der_sdk.testing import certs as bad_certs
 from der_sdk.wire import AGENT_TOKEN_METADATA_KEY, codec
 from der_sdk_headend import Headend
 from der_sdk_headend.audit import AUDIT_KIND
+from der_sdk_headend.link.tls_front import RefusalLimiter
 
 ALL_ASSETS = (*SITE_A_ASSETS, PV_1)
 TOKEN_A = "dera_site-a-secret"
@@ -259,6 +264,42 @@ HANDSHAKE_REFUSALS: dict[str, HandshakeCase] = {
     "not yet valid": lambda pki, tmp: bad_certs.not_yet_valid_agent(pki.dir, SITE_A),
 }
 
+# What the audit record's reason says, per case (OpenSSL's words, either spelling).
+HANDSHAKE_REASONS: dict[str, tuple[str, ...]] = {
+    "no client certificate": ("no client certificate",),
+    "self-signed": ("self-signed certificate", "self signed certificate"),
+    "another CA": ("unable to get local issuer certificate",),
+    "expired": ("certificate has expired",),
+    "not yet valid": ("certificate is not yet valid",),
+}
+
+
+async def audited(headend: Headend) -> None:
+    """Wait for the first record: the front closes the connection, then audits."""
+
+    async def written() -> bool:
+        return bool(await headend.storage.events())
+
+    await eventually(written, "the refused handshake was audited")
+
+
+async def only_handshake_refusals(headend: Headend, *reasons: str) -> Event:
+    """The TLS front's audit record(s) of a refused handshake, and that nothing else was
+    recorded. The client may retry within the test: one record per second at most."""
+    await audited(headend)
+    events = await headend.storage.events()
+    assert all(e.kind == AUDIT_KIND for e in events), [(e.kind, e.message) for e in events]
+    for audit in events:
+        data = audit.data
+        assert data["action"] == "agent.refused" and data["outcome"] == "refused"
+        assert data["auth"] == "mtls" and data["stage"] == "tls"
+        assert data["actor"]["kind"] == "agent" and data["actor"]["name"].startswith("unknown")
+        assert data["source"].startswith("ipv4:127.0.0.1:")
+        assert data["source"] != f"ipv4:127.0.0.1:{headend.grpc_port}"
+        assert any(r in data["reason"] for r in reasons), data["reason"]
+        assert data["suppressed"] >= 0
+    return events[0]
+
 
 @pytest.mark.parametrize("case", list(HANDSHAKE_REFUSALS))
 async def test_a_bad_client_certificate_is_refused_in_the_handshake_and_nothing_is_written(
@@ -276,8 +317,8 @@ async def test_a_bad_client_certificate_is_refused_in_the_handshake_and_nothing_
     assert ack is None
     async with https(headend) as http:
         await assert_nothing_written(headend, http)
-    # The request never reached the servicer: no audit record, no event at all.
-    assert await headend.storage.events() == []
+    # The request never reached the servicer: the TLS front's audit record, nothing else.
+    await only_handshake_refusals(headend, *HANDSHAKE_REASONS[case])
 
 
 async def test_a_plaintext_agent_is_refused_by_a_tls_headend(
@@ -287,7 +328,55 @@ async def test_a_plaintext_agent_is_refused_by_a_tls_headend(
     code, _, _ = await try_register(channels(headend, plaintext=True), SITE_A_ASSETS)
     assert code == grpc.StatusCode.UNAVAILABLE
     await assert_nothing_written(headend)
-    assert await headend.storage.events() == []
+    await only_handshake_refusals(headend, "TLS handshake failed")
+
+
+async def test_a_flood_of_refused_handshakes_is_audited_at_most_once_a_second(
+    pki: Pki, start_headend: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="der.headend.link")
+    headend = await start_headend(bind(SITE_A, f"fingerprint: {pki.agent_a.fingerprint}"))
+    for _ in range(20):
+        reader, writer = await asyncio.open_connection("127.0.0.1", headend.grpc_port)
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # plaintext HTTP/2
+        with contextlib.suppress(OSError):
+            await writer.drain()
+            assert await reader.read() == b"", "closed by the headend"
+        writer.close()
+    await audited(headend)
+    events = await headend.storage.events()
+    assert 1 <= len(events) <= 2, [e.message for e in events]
+    lines = [r for r in caplog.records if "refused in the TLS handshake" in r.getMessage()]
+    assert len(lines) == len(events)
+
+
+def test_the_refusal_limiter_admits_one_per_source_a_second_and_counts_the_rest() -> None:
+    limiter = RefusalLimiter(interval_s=1.0)
+    assert limiter.admit("ipv4:192.0.2.1", now=10.0) == 0
+    assert limiter.admit("ipv4:192.0.2.1", now=10.2) is None
+    assert limiter.admit("ipv4:192.0.2.1", now=10.9) is None
+    assert limiter.admit("ipv4:192.0.2.2", now=10.9) == 0, "per source"
+    assert limiter.admit("ipv4:192.0.2.1", now=11.0) == 2, "the held-back ones, counted"
+    assert limiter.admit("ipv4:192.0.2.1", now=12.5) == 0
+
+
+async def test_a_stream_that_bypasses_the_tls_front_is_refused_and_audited(
+    pki: Pki, start_headend: Start, channels: Callable[..., grpc.aio.Channel]
+) -> None:
+    headend = await start_headend(bind(SITE_A, f"fingerprint: {pki.agent_a.fingerprint}"))
+    front = headend._front
+    assert front is not None
+    internal = grpc.aio.insecure_channel(f"127.0.0.1:{front.upstream_port}")
+    try:
+        code, details, ack = await try_register(internal, SITE_A_ASSETS)
+    finally:
+        await internal.close()
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    assert "TLS front" in details and ack is None
+    await assert_nothing_written(headend)
+    [audit] = await headend.storage.events()
+    assert audit.kind == AUDIT_KIND and audit.data["action"] == "agent.refused"
+    assert audit.data["stage"] == "front" and audit.data["source"].startswith("ipv4:127.0.0.1:")
 
 
 # --------------------------------------------------------------------------- servicer refusals
@@ -321,6 +410,12 @@ async def test_a_valid_certificate_claiming_another_site_is_refused_and_audited(
     assert audit.data["outcome"] == "refused"
     assert audit.site_id == SITE_B and audit.data["assets"] == [PV_1]
     assert audit.data["auth"] == "mtls" and audit.data["code"] == "PERMISSION_DENIED"
+    assert f"not bound to site {SITE_B}" in audit.data["reason"]
+    # the agent's own address (through the TLS front), not the internal connection's
+    front = headend._front
+    assert front is not None
+    assert audit.data["source"] in {agent.peer for agent in front.peers.values()}
+    assert audit.data["source"] != f"ipv4:127.0.0.1:{front.upstream_port}"
     assert refused.data["identity"] == pki.agent_a.fingerprint
     assert refused.site_id == SITE_B
     [warning] = [r for r in caplog.records if "agent stream refused" in r.getMessage()]
