@@ -54,7 +54,8 @@ class SetpointResult(msgspec.Struct, frozen=True, kw_only=True):
 @dataclass(frozen=True, kw_only=True)
 class AdapterContext:
     """Everything an adapter factory gets: the asset, its validated options, and the
-    installed device profiles (by name) for adapters that are profile-driven."""
+    installed device profiles for adapters that are profile-driven, keyed by
+    ``name@version`` and by ``name`` (the highest version of that name)."""
 
     asset: Asset
     options: Any

@@ -101,9 +101,11 @@ def der_device_profiles() -> list[DeviceProfile]:
 
     Called by the agent when it builds profile-driven adapters, and by ``der plugins``.
 
-    :return: a list of :class:`~der_sdk.extensions.DeviceProfile`, looked up by ``name``.
+    :return: a list of :class:`~der_sdk.extensions.DeviceProfile`, looked up by
+        ``name@version`` (a bare ``name`` means its highest version).
 
-    All results are merged; a duplicate name is an error. Since 0.1.
+    All results are merged; the same name and version from two packages is an error that
+    names both. Since 0.1.
     """
     raise NotImplementedError
 

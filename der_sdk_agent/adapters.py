@@ -20,8 +20,15 @@ from typing import Any, TypeVar
 import msgspec
 
 from der_sdk.agent_config import AgentConfig
+from der_sdk.device_packs import version_key
 from der_sdk.errors import DerSdkError, UnknownNameError
-from der_sdk.extensions import Adapter, AdapterContext, AdapterType, SetpointResult
+from der_sdk.extensions import (
+    Adapter,
+    AdapterContext,
+    AdapterType,
+    DeviceProfile,
+    SetpointResult,
+)
 from der_sdk.models import Asset, TelemetrySample, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.yamlconf import describe_validation_error
@@ -72,6 +79,19 @@ def convert_options(
         raise DerSdkError(f"{what}: invalid options{path}: {message}") from None
 
 
+def profiles_for_adapters(plugins: Plugins) -> dict[str, DeviceProfile]:
+    """The installed device profiles as adapters get them: each ``name@version``, and each
+    ``name`` alone for its highest version (so a ``profile_version`` pin finds an older
+    version while a bare name gets the newest)."""
+    profiles: dict[str, DeviceProfile] = {}
+    for profile in plugins.device_profiles:
+        profiles[f"{profile.name}@{profile.version}"] = profile
+        newest = profiles.get(profile.name)
+        if newest is None or version_key(profile.version) > version_key(newest.version):
+            profiles[profile.name] = profile
+    return profiles
+
+
 def build_adapters(
     assets: Sequence[Asset],
     config: AgentConfig,
@@ -87,7 +107,7 @@ def build_adapters(
     :raises DerSdkError: an adapter type is not installed, its options are invalid, or its
         factory failed; the message names the asset, the adapter and its package.
     """
-    profiles = {profile.name: profile for profile in plugins.device_profiles}
+    profiles = profiles_for_adapters(plugins)
     runtimes: dict[str, AdapterRuntime] = {}
     for asset in assets:
         name = adapter_name_for(asset.asset_id, config)

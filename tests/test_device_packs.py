@@ -326,3 +326,25 @@ def test_der_profiles_prints_a_table(
     assert any(
         line.startswith("example-meter ") and "der-sdk-example-pack" in line for line in lines
     )
+
+
+def test_agent_adapters_get_every_version_by_name_at_version_and_the_newest_by_name() -> None:
+    from der_sdk_agent.adapters import profiles_for_adapters
+
+    class TwoVersions:
+        @hookimpl
+        def der_device_profiles(self) -> list[DeviceProfile]:
+            return [
+                DeviceProfile(name="meter", vendor="v", model="m", version=v, protocol="modbus")
+                for v in ("1.10.0", "1.2.0", "1.9.0")
+            ]
+
+    plugins = load_plugins(entry_points=False, extra=[("two-versions", TwoVersions())], env=NO_ENV)
+    profiles = profiles_for_adapters(plugins)
+    assert profiles["meter"].version == "1.10.0", "the bare name is the highest version"
+    assert {k for k in profiles if k.startswith("meter@")} == {
+        "meter@1.10.0",
+        "meter@1.2.0",
+        "meter@1.9.0",
+    }
+    assert profiles["meter@1.2.0"].version == "1.2.0", "an older pin is reachable"
