@@ -42,22 +42,10 @@ from der_sdk_postgres import PostgresStorage
 from der_sdk_postgres.testing import admin_url, database_url
 
 from der_sdk.models import TelemetrySample
+from der_sdk.storage.contract import TELEMETRY_COLUMNS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = (
-    "asset_id",
-    "site_id",
-    "ts",
-    "mw",
-    "mw_setpoint",
-    "online",
-    "status",
-    "fault_code",
-    "seq",
-    "quality",
-    "quality_reason",
-    "details",
-)
+COLUMNS = TELEMETRY_COLUMNS
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 

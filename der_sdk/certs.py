@@ -90,6 +90,7 @@ __all__ = [
     "self_signed_ca",
     "subject",
     "token_sha256",
+    "validity_problem",
     "write_pair",
 ]
 
@@ -379,6 +380,20 @@ def write_pair(
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def validity_problem(cert: x509.Certificate, now: dt.datetime | None = None) -> str | None:
+    """Why ``cert`` is outside its validity period at ``now`` (default: this moment), as the
+    end of a sentence about it ("expired on ...", "is not valid before ..."), else ``None``."""
+    now = now or _now()
+    if cert.not_valid_after_utc <= now:
+        return f"expired on {cert.not_valid_after_utc.isoformat()}"
+    if cert.not_valid_before_utc > now:
+        return (
+            f"is not valid before {cert.not_valid_before_utc.isoformat()} "
+            "(is this machine's clock right?)"
+        )
+    return None
 
 
 @dataclass(frozen=True)

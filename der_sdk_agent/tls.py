@@ -31,7 +31,6 @@ link retries with its backoff. Renewed certificate files are read at the next st
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from der_sdk.certs import (
     key_file_too_open,
     read_certificates,
     read_private_key,
+    validity_problem,
 )
 from der_sdk.errors import DerSdkError
 from der_sdk.wire import AGENT_TOKEN_METADATA_KEY
@@ -279,17 +279,9 @@ class LinkSecurity:
                 "require a client certificate (AGENT_TLS_CERT and AGENT_TLS_KEY)"
             )
         source = self.sources.get("cert", "AGENT_TLS_CERT")
-        now = dt.datetime.now(dt.UTC)
-        if cert.not_valid_after_utc <= now:
-            return (
-                f"the client certificate {source} expired on "
-                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; renew it"
-            )
-        if cert.not_valid_before_utc > now:
-            return (
-                f"the client certificate {source} is not valid before "
-                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)"
-            )
+        problem = validity_problem(cert)
+        if problem is not None:
+            return f"the client certificate {source} {problem}; renew it"
         return (
             "the headend closed the connection during the TLS handshake: it probably does "
             f"not trust the client certificate {source} (issuer "
@@ -299,17 +291,6 @@ class LinkSecurity:
 
 
 def _warn_about_client(cert: x509.Certificate, what: str) -> None:
-    now = dt.datetime.now(dt.UTC)
-    if cert.not_valid_after_utc <= now:
-        log.warning(
-            "%s expired on %s: the headend will refuse it; renew it",
-            what,
-            cert.not_valid_after_utc.isoformat(),
-        )
-    elif cert.not_valid_before_utc > now:
-        log.warning(
-            "%s is not valid before %s (is this machine's clock right?): the headend will "
-            "refuse it until then",
-            what,
-            cert.not_valid_before_utc.isoformat(),
-        )
+    problem = validity_problem(cert)
+    if problem is not None:
+        log.warning("%s %s: the headend will refuse it until it is renewed or valid", what, problem)

@@ -17,7 +17,6 @@ Plain blocking file reads on purpose: this runs once at start-up.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,13 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from der_sdk.certs import check_key_pair, key_file_too_open, read_certificates, read_private_key
+from der_sdk.certs import (
+    check_key_pair,
+    key_file_too_open,
+    read_certificates,
+    read_private_key,
+    validity_problem,
+)
 from der_sdk_headend.config import HeadendConfig
 
 __all__ = ["ServerTls", "load_server_tls"]
@@ -84,19 +89,13 @@ def load_server_tls(config: HeadendConfig) -> ServerTls | None:
 
 
 def _warn_about(cert: x509.Certificate, cert_what: str, key_path: Path, key_what: str) -> None:
-    now = dt.datetime.now(dt.UTC)
-    if cert.not_valid_after_utc <= now:
+    problem = validity_problem(cert)
+    if problem is not None:
         log.warning(
-            "%s expired on %s: agents and clients will refuse the headend's certificate; renew it",
+            "%s %s: agents and clients will refuse the headend's certificate until it is "
+            "renewed or valid",
             cert_what,
-            cert.not_valid_after_utc.isoformat(),
-        )
-    elif cert.not_valid_before_utc > now:
-        log.warning(
-            "%s is not valid before %s (is this machine's clock right?): clients will "
-            "refuse it until then",
-            cert_what,
-            cert.not_valid_before_utc.isoformat(),
+            problem,
         )
     if key_file_too_open(key_path):
         log.warning("%s can be read by other users of this machine; chmod 600 it", key_what)

@@ -147,3 +147,10 @@ async def test_sqlite_writes_cancelled_mid_transaction_leave_the_connection_usab
         assert await storage.append_telemetry([sample(1000)]) == 1
     finally:
         await storage.close()
+
+
+def test_the_sql_telemetry_columns_are_the_sample_fields_in_order() -> None:
+    from der_sdk.models import TelemetrySample
+    from der_sdk.storage.contract import TELEMETRY_COLUMNS
+
+    assert TelemetrySample.__struct_fields__ == TELEMETRY_COLUMNS

@@ -30,10 +30,27 @@ from der_sdk.models import (
 if TYPE_CHECKING:
     from der_sdk.plugins import Plugins
 
-__all__ = ["DEFAULT_DATABASE_URL", "StorageBackend", "open_storage"]
+__all__ = ["DEFAULT_DATABASE_URL", "TELEMETRY_COLUMNS", "StorageBackend", "open_storage"]
 
 DEFAULT_DATABASE_URL = "sqlite:///der-data/der.db"
 """The embedded default: SQLite in ``./der-data/der.db`` relative to the working directory."""
+
+TELEMETRY_COLUMNS: tuple[str, ...] = (
+    "asset_id",
+    "site_id",
+    "ts",
+    "mw",
+    "mw_setpoint",
+    "online",
+    "status",
+    "fault_code",
+    "seq",
+    "quality",
+    "quality_reason",
+    "details",
+)
+"""The telemetry table's columns in SQL backends, in this order: one per
+:class:`~der_sdk.models.TelemetrySample` field, with the same names."""
 
 
 class StorageBackend(abc.ABC):

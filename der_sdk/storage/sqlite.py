@@ -32,7 +32,7 @@ from der_sdk.models import (
     TelemetrySample,
 )
 from der_sdk.plugins import hookimpl
-from der_sdk.storage.contract import StorageBackend
+from der_sdk.storage.contract import TELEMETRY_COLUMNS, StorageBackend
 
 log = logging.getLogger("der.storage.sqlite")
 
@@ -151,21 +151,7 @@ CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, ts);
 COMMIT;
 """
 
-_TELEMETRY_FIELDS = (
-    "asset_id",
-    "site_id",
-    "ts",
-    "mw",
-    "mw_setpoint",
-    "online",
-    "status",
-    "fault_code",
-    "seq",
-    "quality",
-    "quality_reason",
-    "details",
-)
-_TELEMETRY_COLUMNS = ", ".join(_TELEMETRY_FIELDS)
+_TELEMETRY_SELECT = ", ".join(TELEMETRY_COLUMNS)
 
 
 # --------------------------------------------------------------------------- conversions
@@ -438,7 +424,7 @@ class SQLiteStorage(StorageBackend):
         async with self._transaction() as db:
             before = db.total_changes
             await db.executemany(
-                f"INSERT OR IGNORE INTO telemetry ({_TELEMETRY_COLUMNS})"
+                f"INSERT OR IGNORE INTO telemetry ({_TELEMETRY_SELECT})"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
@@ -453,14 +439,14 @@ class SQLiteStorage(StorageBackend):
     ) -> list[TelemetrySample]:
         where, params = _range(start, end)
         rows = await self._fetchall(
-            f"SELECT {_TELEMETRY_COLUMNS} FROM telemetry WHERE asset_id = ?{where}"
+            f"SELECT {_TELEMETRY_SELECT} FROM telemetry WHERE asset_id = ?{where}"
             " ORDER BY ts DESC LIMIT ?",
             [asset_id, *params, max(limit, 0)],
         )
         return [_telemetry_sample(row) for row in rows]
 
     async def latest_telemetry(self) -> dict[str, TelemetrySample]:
-        columns = ", ".join(f"t.{field}" for field in _TELEMETRY_FIELDS)
+        columns = ", ".join(f"t.{field}" for field in TELEMETRY_COLUMNS)
         rows = await self._fetchall(
             f"SELECT {columns} FROM telemetry AS t"
             " JOIN (SELECT asset_id, MAX(ts) AS ts FROM telemetry GROUP BY asset_id) AS newest"

@@ -440,13 +440,7 @@ class Dispatcher:
                 ]
                 if again:
                     how = self._resend(stream, dispatch, again, _remaining_s(dispatch, now))
-                    await self._record(dispatch, f"{how} on register of {stream.describe()}")
-                    log.info(
-                        "dispatch %s: %s on register of %s",
-                        dispatch.dispatch_id,
-                        how,
-                        stream.describe(),
-                    )
+                    await self._record_delivery(stream, dispatch, how)
                     delivered += 1
                 waiting = [
                     t
@@ -468,16 +462,14 @@ class Dispatcher:
                     continue
                 how = self._deliver(stream, dispatch, waiting, remaining)
                 dispatch.state = derive_state(dispatch.targets)
-                await self._record(dispatch, f"{how} on register of {stream.describe()}")
-                self._index(dispatch)
-                log.info(
-                    "dispatch %s: %s on register of %s",
-                    dispatch.dispatch_id,
-                    how,
-                    stream.describe(),
-                )
+                await self._record_delivery(stream, dispatch, how)
                 delivered += 1
         return delivered
+
+    async def _record_delivery(self, stream: AgentStream, dispatch: Dispatch, how: str) -> None:
+        await self._record(dispatch, f"{how} on register of {stream.describe()}")
+        self._index(dispatch)
+        log.info("dispatch %s: %s on register of %s", dispatch.dispatch_id, how, stream.describe())
 
     def _deliver(
         self,

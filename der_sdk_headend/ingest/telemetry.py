@@ -436,12 +436,11 @@ class TelemetryIngest:
                 if event_item.ack is not None:
                     stream, event_id = event_item.ack
                     stream.send(codec.headend_event_ack(event_id))
-            beats = list(self._heartbeats.values())
-            stored_beats = dict(self._heartbeats)
+            beats = dict(self._heartbeats)
             if beats:
-                await self._store_heartbeats(beats)
-                for key, value in stored_beats.items():
-                    if self._heartbeats.get(key) is value:
+                await self._store_heartbeats(list(beats.values()))
+                for key, value in beats.items():
+                    if self._heartbeats.get(key) is value:  # not replaced by a newer one
                         del self._heartbeats[key]
         finally:
             self._write_started = None

@@ -33,7 +33,7 @@ from der_sdk.models import (
     Session,
     TelemetrySample,
 )
-from der_sdk.storage.contract import StorageBackend
+from der_sdk.storage.contract import TELEMETRY_COLUMNS, StorageBackend
 from der_sdk_postgres.migrations import migrate
 from der_sdk_postgres.settings import PostgresSettings
 
@@ -63,22 +63,8 @@ CLOSE_TIMEOUT_S = 10.0
 PRUNE_BATCH_ROWS = 50_000
 """Rows the retention job deletes per statement (and per transaction)."""
 
-_TELEMETRY_COLUMNS = (
-    "asset_id",
-    "site_id",
-    "ts",
-    "mw",
-    "mw_setpoint",
-    "online",
-    "status",
-    "fault_code",
-    "seq",
-    "quality",
-    "quality_reason",
-    "details",
-)
-_TELEMETRY_SELECT = ", ".join(_TELEMETRY_COLUMNS)
-_telemetry_row = attrgetter(*_TELEMETRY_COLUMNS)
+_TELEMETRY_SELECT = ", ".join(TELEMETRY_COLUMNS)
+_telemetry_row = attrgetter(*TELEMETRY_COLUMNS)
 
 _INSERT_FROM_STAGING = (
     f"INSERT INTO telemetry ({_TELEMETRY_SELECT})"
@@ -415,7 +401,7 @@ class PostgresStorage(StorageBackend):
                 # would mostly feed the garbage collector.
                 rows = map(_telemetry_row, samples[start : start + size])
                 await conn.copy_records_to_table(
-                    STAGING_TABLE, records=rows, columns=_TELEMETRY_COLUMNS
+                    STAGING_TABLE, records=rows, columns=TELEMETRY_COLUMNS
                 )
                 # Within one INSERT a later duplicate meets the row an earlier one just
                 # inserted, so the first sample for a timestamp wins and is counted once.
