@@ -108,6 +108,12 @@ def _without_none(annotation: Any) -> Any:
 
 
 @functools.cache
+def _attr_names(details: type[msgspec.Struct]) -> dict[str, str]:
+    """Encoded field name → attribute name."""
+    return {f.encode_name: f.name for f in msgspec.structs.fields(details)}
+
+
+@functools.cache
 def _field_types(details: type[msgspec.Struct]) -> dict[str, Any]:
     return {f.encode_name: _without_none(f.type) for f in msgspec.structs.fields(details)}
 
@@ -123,8 +129,27 @@ def validate_details(
         ``problems`` has one message per bad field, naming it:
         ``"details.soc_pct: expected float, got str"``. Missing fields are fine.
     """
+    # Fast path: every field valid (the common case) is one conversion in C. The result
+    # keeps the input's keys and order; ``details`` itself comes back when no value changed.
+    try:
+        converted = msgspec.convert(details, asset_type.details)
+    except msgspec.ValidationError:
+        pass
+    else:
+        attrs = _attr_names(asset_type.details)
+        checked = details
+        for key, value in details.items():
+            attr = attrs.get(key)
+            if attr is None or value is None:
+                continue
+            new = getattr(converted, attr)
+            if new is not value and (type(new) is not type(value) or new != value):
+                if checked is details:
+                    checked = dict(details)
+                checked[key] = new
+        return checked, []
     known = _field_types(asset_type.details)
-    checked: dict[str, Any] = {}
+    checked = {}
     problems: list[str] = []
     for key, value in details.items():
         expected = known.get(key)

@@ -160,6 +160,9 @@ class Inventory:
 
     def asset(self, asset_id: str) -> Asset:
         """The asset ``asset_id`` (any UUID spelling); :class:`UnknownNameError` if absent."""
+        found = self.assets.get(asset_id)  # the canonical spelling, by far the most common
+        if found is not None:
+            return found
         try:
             return self.assets[_lookup_key(asset_id)]
         except KeyError:

@@ -13,6 +13,9 @@ variable                default                     meaning
 ``INGEST_QUEUE_MAX_SAMPLES`` ``50000``              telemetry samples that may wait for
                                                     storage; then agent streams are not read
                                                     (flow control) until storage catches up
+``INGEST_WRITERS``      ``2``                       concurrent telemetry writes, where the
+                                                    storage has the connections (PostgreSQL;
+                                                    SQLite always uses 1)
 ``MAX_AGENT_STREAMS``   ``10000``                   agent streams served at once; more are
                                                     refused with RESOURCE_EXHAUSTED and retry
 ``HEADEND_TLS_CERT``    (none)                      PEM certificate chain: serve gRPC and REST
@@ -57,6 +60,7 @@ __all__ = [
 DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DEFAULT_HTTP_ADDR = "127.0.0.1:3001"
 DEFAULT_INGEST_QUEUE_MAX_SAMPLES = 50_000
+DEFAULT_INGEST_WRITERS = 2
 DEFAULT_MAX_AGENT_STREAMS = 10_000
 DEFAULT_TOKENS_FILE = "der-data/tokens.json"
 
@@ -145,6 +149,7 @@ class HeadendConfig:
     reset_db: bool = False
     split_policy: str = DEFAULT_SPLIT_POLICY
     ingest_queue_max_samples: int = DEFAULT_INGEST_QUEUE_MAX_SAMPLES
+    ingest_writers: int = DEFAULT_INGEST_WRITERS
     max_agent_streams: int = DEFAULT_MAX_AGENT_STREAMS
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -160,6 +165,8 @@ class HeadendConfig:
             raise DerSdkError(
                 f"INGEST_QUEUE_MAX_SAMPLES={self.ingest_queue_max_samples} must be at least 1"
             )
+        if not 1 <= self.ingest_writers <= 16:
+            raise DerSdkError(f"INGEST_WRITERS={self.ingest_writers} must be 1..16")
         if self.max_agent_streams < 1:
             raise DerSdkError(f"MAX_AGENT_STREAMS={self.max_agent_streams} must be at least 1")
         split_host_port(self.grpc_addr, "HEADEND_GRPC_ADDR")
@@ -213,6 +220,7 @@ class HeadendConfig:
             ingest_queue_max_samples=_int(
                 env, "INGEST_QUEUE_MAX_SAMPLES", DEFAULT_INGEST_QUEUE_MAX_SAMPLES
             ),
+            ingest_writers=_int(env, "INGEST_WRITERS", DEFAULT_INGEST_WRITERS),
             max_agent_streams=_int(env, "MAX_AGENT_STREAMS", DEFAULT_MAX_AGENT_STREAMS),
             tls_cert=_path(env, "HEADEND_TLS_CERT"),
             tls_key=_path(env, "HEADEND_TLS_KEY"),

@@ -234,6 +234,7 @@ class Headend:
             storage,
             self._presence,
             max_queued_samples=config.ingest_queue_max_samples,
+            writers=max(1, min(config.ingest_writers, storage.concurrent_writes)),
         )
         await self._ingest.warm()
         self._ingest.start()

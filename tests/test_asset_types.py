@@ -25,3 +25,27 @@ def test_bad_known_field_is_named_and_the_rest_survive() -> None:
     details, problems = validate_details(_bess(), {"soc_pct": "full", "soh_pct": 97.0})
     assert len(problems) == 1 and "details.soc_pct" in problems[0]
     assert details == {"soh_pct": 97.0}
+
+
+def test_valid_details_come_back_as_given_when_nothing_needs_converting() -> None:
+    given = {"soc_pct": 55.0, "cell_delta_mv": 12, "soh_pct": None}
+    details, problems = validate_details(_bess(), given)
+    assert problems == []
+    assert details is given  # the fast path copies nothing
+
+
+def test_valid_details_are_converted_in_place_of_a_copy_keeping_order_and_unknown_keys() -> None:
+    given = {"vendor_mode": "eco", "soc_pct": 55, "soh_pct": 97.5}
+    details, problems = validate_details(_bess(), given)
+    assert problems == []
+    assert details == {"vendor_mode": "eco", "soc_pct": 55.0, "soh_pct": 97.5}
+    assert type(details["soc_pct"]) is float
+    assert list(details) == ["vendor_mode", "soc_pct", "soh_pct"]
+    assert given["soc_pct"] == 55 and type(given["soc_pct"]) is int  # the input is untouched
+
+
+def test_an_out_of_range_field_is_named_with_the_value_it_got() -> None:
+    details, problems = validate_details(_bess(), {"soc_pct": 140.0, "soh_pct": 97.0})
+    assert len(problems) == 1
+    assert problems[0].startswith("details.soc_pct: ") and "140" in problems[0]
+    assert details == {"soh_pct": 97.0}

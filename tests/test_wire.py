@@ -69,6 +69,14 @@ def test_bad_details_json_names_the_asset() -> None:
 def test_datetime_microseconds_round_trip() -> None:
     ts = datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
     assert codec.datetime_from_us(codec.datetime_to_us(ts)) == ts
+    before_epoch = datetime(1969, 7, 20, 20, 17, 40, 5, tzinfo=UTC)
+    assert codec.datetime_from_us(codec.datetime_to_us(before_epoch)) == before_epoch
+
+
+def test_a_sample_with_a_timestamp_beyond_year_9999_is_refused_naming_the_asset() -> None:
+    msg = pb.Telemetry(asset_id="a9", site_id="s1", ts_us=2**62)
+    with pytest.raises(ValueError, match=r"asset a9: timestamp .* out of range"):
+        codec.sample_from_pb(msg)
 
 
 def test_setpoint_carries_asset_and_site_only_when_given() -> None:

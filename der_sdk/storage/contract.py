@@ -59,6 +59,11 @@ class StorageBackend(abc.ABC):
     #: Short name shown in logs and ``/healthz`` (``memory``, ``sqlite``, ``postgresql``).
     name: str = "storage"
 
+    #: How many ``append_telemetry`` calls may usefully run at once. The headend runs
+    #: ``min(INGEST_WRITERS, this)`` telemetry writers; 1 (the default) for a backend with
+    #: one connection, such as SQLite, where a second writer would only queue.
+    concurrent_writes: int = 1
+
     # ------------------------------------------------------------------ lifecycle
 
     @abc.abstractmethod

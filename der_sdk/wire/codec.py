@@ -7,7 +7,7 @@ call these functions at the stream edge.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -111,8 +111,14 @@ def datetime_to_us(ts: datetime) -> int:
 
 
 def datetime_from_us(us: int) -> datetime:
-    """The aware UTC datetime for microseconds since the Unix epoch."""
-    return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+    """The aware UTC datetime for microseconds since the Unix epoch.
+
+    :raises ValueError: ``us`` is outside the years 1..9999.
+    """
+    try:
+        return _EPOCH + timedelta(0, 0, us)
+    except OverflowError:
+        raise ValueError(f"timestamp {us} us since the epoch is out of range") from None
 
 
 # ----------------------------------------------------------------------------- telemetry
@@ -154,10 +160,14 @@ def sample_from_pb(msg: pb.Telemetry) -> TelemetrySample:
     quality = msg.quality or "good"
     if quality not in ("good", "uncertain", "bad"):
         raise ValueError(f"asset {msg.asset_id}: unknown quality {quality!r}")
+    try:
+        ts = datetime_from_us(msg.ts_us)
+    except ValueError as exc:
+        raise ValueError(f"asset {msg.asset_id}: {exc}") from None
     return TelemetrySample(
         asset_id=msg.asset_id,
         site_id=msg.site_id,
-        ts=datetime_from_us(msg.ts_us),
+        ts=ts,
         mw=msg.mw,
         mw_setpoint=msg.mw_setpoint if msg.HasField("mw_setpoint") else None,
         online=msg.online,

@@ -91,6 +91,18 @@ def render_metrics(headend: Headend) -> str:
             [({}, stats.batches_acked)],
         )
         out.metric(
+            "der_ingest_writes_total",
+            "counter",
+            "Successful storage writes (each stores up to a few thousand samples).",
+            [({}, stats.writes)],
+        )
+        out.metric(
+            "der_ingest_write_seconds_total",
+            "counter",
+            "Time spent in storage writes: its rate near 1 means storage is the bottleneck.",
+            [({}, stats.write_seconds)],
+        )
+        out.metric(
             "der_ingest_write_failures_total",
             "counter",
             "Failed storage writes (each retried).",

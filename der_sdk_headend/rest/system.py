@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from litestar import Controller, MediaType, Response, get
@@ -14,7 +15,11 @@ from der_sdk_headend.rest.schemas import Health, PluginRow
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["SystemController"]
+__all__ = ["HEALTH_CHECK_TIMEOUT_S", "SystemController"]
+
+HEALTH_CHECK_TIMEOUT_S = 2.0
+"""``/healthz`` answers degraded when storage takes longer than this to say it is healthy
+(a stalled SQLite write lock, an unreachable server), instead of keeping the prober waiting."""
 
 
 class SystemController(Controller):
@@ -41,17 +46,23 @@ class SystemController(Controller):
         "/healthz",
         summary="Liveness, storage health and ingest backlog",
         description="200 with status `ok`; 503 with status `degraded` and a `reason` when "
-        "storage is not healthy or telemetry writes are stalled (failing, or the oldest "
-        "queued batch waiting longer than 5 s). Latest values and the rest of the API keep "
-        "answering while degraded. Needs no token.",
+        "storage is not healthy (or does not answer within 2 s) or telemetry writes are "
+        "stalled (failing, or the oldest queued batch waiting longer than 5 s). Latest "
+        "values and the rest of the API keep answering while degraded. Needs no token.",
         **access("open"),
     )
     async def healthz(self, headend: NamedDependency[Headend]) -> Response[Health]:
         storage = headend.storage
         reason: str | None = None
         try:
-            if not await storage.healthy():
-                reason = f"storage {storage.name} is not healthy"
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_S):
+                if not await storage.healthy():
+                    reason = f"storage {storage.name} is not healthy"
+        except TimeoutError:
+            reason = (
+                f"storage {storage.name} did not answer its health check within "
+                f"{HEALTH_CHECK_TIMEOUT_S:g} s"
+            )
         except Exception as exc:
             reason = f"storage {storage.name} health check failed: {type(exc).__name__}"
         queued_batches = queued_samples = 0

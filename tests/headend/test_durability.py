@@ -417,3 +417,83 @@ async def test_streams_beyond_max_agent_streams_are_refused_and_retry_later(
             assert (await third.register([BESS_1])).accepted, "a slot is free again"
     finally:
         await headend.stop()
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+async def test_two_writers_store_concurrently_and_a_failed_write_is_retried_then_acked(
+    headend: Headend, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``writers=2`` two appends run at once; a failing one puts its batches back,
+    unacknowledged, and they are stored and acknowledged on the retry."""
+    from der_sdk_headend.ingest import TelemetryIngest
+
+    await headend.ingest.close()
+    ingest = TelemetryIngest(
+        headend.inventory, headend.plugins, headend.storage, headend.presence, writers=2
+    )
+    monkeypatch.setattr(headend, "_ingest", ingest)
+    monkeypatch.setattr(headend._link, "_ingest", ingest)
+    storage = headend.storage
+    original = storage.append_telemetry
+    in_flight = 0
+    most = 0
+    gate = asyncio.Event()
+    failures = [1]  # the first write fails once
+
+    async def slow(samples: Sequence[TelemetrySample]) -> int:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await gate.wait()
+            if failures:
+                failures.pop()
+                raise ConnectionError("storage went away")
+            return await original(samples)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(storage, "append_telemetry", slow)
+    ingest.start()
+    try:
+        agent = await connect_agent()
+        await _register(agent)
+        for seq in range(1, 5):  # each batch alone exceeds half a write: one per write
+            rows = [sample(BESS_1, seconds=seq * 3000 + i) for i in range(3000)]
+            await agent.send(codec.agent_telemetry(seq, rows))
+
+        async def two_in_flight() -> bool:
+            return in_flight == 2
+
+        await eventually(two_in_flight, "two writes in flight at once")
+        gate.set()
+        acked: set[int] = set()
+        while acked != {1, 2, 3, 4}:
+            acked.add((await agent.recv_kind("telemetry_ack")).seq)
+    finally:
+        gate.set()
+        await ingest.close()
+    assert most == 2
+    assert ingest.stats().write_failures == 1
+    stored = await original([])
+    assert stored == 0
+    assert len(await storage.telemetry_history(BESS_1, limit=20_000)) == 12_000
+
+
+async def test_healthz_says_degraded_when_storage_does_not_answer_its_health_check(
+    headend: Headend, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from der_sdk_headend.rest import system
+
+    monkeypatch.setattr(system, "HEALTH_CHECK_TIMEOUT_S", 0.2)
+
+    async def hangs() -> bool:
+        await asyncio.sleep(30)
+        return True
+
+    monkeypatch.setattr(headend.storage, "healthy", hangs)
+    response = await asyncio.wait_for(http.get("/healthz"), 5)
+    assert response.status_code == 503
+    assert "did not answer its health check within 0.2 s" in response.json()["reason"]

@@ -38,6 +38,8 @@ def test_config_without_assets_path_says_what_to_set() -> None:
         ({"HEADEND_GRPC_ADDR": "127.0.0.1:http"}, "HEADEND_GRPC_ADDR"),
         ({"HEADEND_GRPC_ADDR": "127.0.0.1:70000"}, "outside 0..65535"),
         ({"RESET_DB": "maybe"}, "RESET_DB"),
+        ({"INGEST_WRITERS": "0"}, "INGEST_WRITERS=0 must be 1..16"),
+        ({"INGEST_WRITERS": "two"}, "INGEST_WRITERS"),
     ],
 )
 def test_config_rejects_malformed_values_naming_the_variable(

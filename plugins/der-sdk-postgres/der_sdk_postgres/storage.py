@@ -193,6 +193,8 @@ class PostgresStorage(StorageBackend):
         self._retention_task: asyncio.Task[None] | None = None
         self.hypertable = False
         """Whether ``telemetry`` is a TimescaleDB hypertable (known after open())."""
+        # Leave pooled connections for dispatch, sessions and REST reads.
+        self.concurrent_writes = max(1, settings.pool_max // 2)
 
     @classmethod
     def from_url(cls, url: str) -> PostgresStorage:
