@@ -102,12 +102,17 @@ class Asset(msgspec.Struct, frozen=True, kw_only=True):
         return min(self.max_mw, max(self.min_mw, mw))
 
 
-class TelemetrySample(msgspec.Struct, kw_only=True, omit_defaults=False):
+class TelemetrySample(msgspec.Struct, kw_only=True, omit_defaults=False, gc=False):
     """One reading of one asset: the core fields every DER shares, plus ``details``.
 
     ``details`` holds the asset type's extension fields (see the ``der_asset_types`` hook);
     receivers keep unknown keys, so a newer agent can send fields an older headend does
     not know yet.
+
+    Samples are not tracked by Python's cycle collector (``gc=False``): a headend holds
+    hundreds of thousands of them in flight, and scanning them made every collection
+    slower (docs/performance.md). ``details`` holds JSON values, so a sample cannot be
+    part of a reference cycle; do not put the sample itself into its ``details``.
     """
 
     asset_id: str

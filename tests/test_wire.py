@@ -82,3 +82,12 @@ def test_a_sample_with_a_timestamp_beyond_year_9999_is_refused_naming_the_asset(
 def test_setpoint_carries_asset_and_site_only_when_given() -> None:
     sp = codec.headend_setpoint("c1", 2.0, site_id="s1").setpoint
     assert not sp.HasField("asset_id") and sp.site_id == "s1" and not sp.HasField("duration_s")
+
+
+def test_decoded_samples_are_not_tracked_by_the_cycle_collector() -> None:
+    import gc
+
+    msg = pb.Telemetry(asset_id="a9", site_id="s1", ts_us=1, details_json=b'{"soc_pct": 5.5}')
+    sample = codec.sample_from_pb(msg)
+    assert not gc.is_tracked(sample)
+    assert not gc.is_tracked(sample.details)  # a dict of JSON scalars is not tracked either
