@@ -165,7 +165,9 @@ def _utc(value: datetime) -> datetime:
 
 
 def _to_us(value: datetime) -> int:
-    return (_utc(value) - _EPOCH) // _MICROSECOND
+    if value.tzinfo is None:  # an aware difference needs no conversion to UTC first
+        _utc(value)  # raises, naming the value
+    return (value - _EPOCH) // _MICROSECOND
 
 
 def _from_us(value: int) -> datetime:
