@@ -139,7 +139,7 @@ async def _main(args: argparse.Namespace) -> None:
             "failed_s": sorted(round(t - go, 3) for t, _ in failures),
             "error_samples": sorted({e for _, e in failures})[:10],
             "client_cpu_s": round(cpu_seconds() - cpu0, 2),
-            "client_rss_delta_mb": round((rss_bytes() - rss0) / 2**20, 1),
+            "client_rss_delta_mib": round((rss_bytes() - rss0) / 2**20, 1),
         }
     )
     with contextlib.suppress(Exception):  # hold until told to go, or the parent is gone

@@ -321,9 +321,18 @@ class Headend:
         # silently sharing the agents.
         # A cap on concurrent streams bounds the memory a flood of agents can take; the
         # ones beyond it get RESOURCE_EXHAUSTED and retry with their backoff.
+        # gRPC core refuses calls the Python side has not picked up yet beyond 1,000
+        # waiting (all beyond 3,000), as CANCELLED or INTERNAL: in a reconnect storm of
+        # 5,000 agents a third of the registers failed that way (docs/performance.md).
+        # Let them wait in line up to the stream cap instead.
+        streams = self.config.max_agent_streams
         server = grpc.aio.server(
-            options=GRPC_SERVER_OPTIONS,
-            maximum_concurrent_rpcs=self.config.max_agent_streams,
+            options=(
+                *GRPC_SERVER_OPTIONS,
+                ("grpc.server.max_pending_requests", streams),
+                ("grpc.server.max_pending_requests_hard_limit", streams),
+            ),
+            maximum_concurrent_rpcs=streams,
         )
         pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
         addr = self.config.grpc_addr
