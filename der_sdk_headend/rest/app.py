@@ -13,10 +13,16 @@ import der_sdk
 from der_sdk_headend.rest.agents import AgentsController
 from der_sdk_headend.rest.assets import AssetsController
 from der_sdk_headend.rest.audit import AuditController
-from der_sdk_headend.rest.auth import BEARER_SCHEME, access, check_access_rules, create_guard
+from der_sdk_headend.rest.auth import (
+    BEARER_SCHEME,
+    access,
+    check_access_rules,
+    create_auth_middleware,
+)
 from der_sdk_headend.rest.dispatch import DispatchController
 from der_sdk_headend.rest.errors import EXCEPTION_HANDLERS
 from der_sdk_headend.rest.heartbeat import HeartbeatController
+from der_sdk_headend.rest.state import app_state
 from der_sdk_headend.rest.system import SystemController
 from der_sdk_headend.rest.telemetry import TelemetryController
 from der_sdk_headend.rest.tokens import TokensController
@@ -28,10 +34,11 @@ __all__ = ["create_app"]
 
 
 def create_app(headend: Headend) -> Litestar:
-    """The REST API of ``headend``; every handler gets it as the ``headend`` dependency.
+    """The REST API of ``headend``; every handler gets it as the ``headend`` dependency
+    (the hot ``GET /telemetry/{id}`` from the app's state: :mod:`.state`).
 
     Every route declares who may call it (:func:`der_sdk_headend.rest.auth.access`); one
-    guard enforces it. OpenAPI is served, to anybody, at ``/schema/openapi.json``.
+    middleware enforces it. OpenAPI is served, to anybody, at ``/schema/openapi.json``.
     """
 
     def provide_headend() -> Headend:
@@ -49,10 +56,11 @@ def create_app(headend: Headend) -> Litestar:
             AuditController,
         ],
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
+        state=app_state(headend),
         # Handlers annotate ``headend: Headend``; the service module imports this one, so
         # the name is resolved here rather than by a circular import.
         signature_namespace={"Headend": type(headend)},
-        guards=[create_guard(headend)],
+        middleware=[create_auth_middleware(headend)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(
             title="der-sdk headend",

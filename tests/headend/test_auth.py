@@ -21,6 +21,7 @@ import httpx
 import pytest
 from headend_kit import BESS_1, NOT_IN_INVENTORY, WAIT_S, bearer, eventually, make_config
 from litestar import Litestar, get
+from litestar.testing import AsyncTestClient
 
 from der_sdk.cli import main as der_main
 from der_sdk.errors import DerSdkError
@@ -31,11 +32,14 @@ from der_sdk_headend.rest.auth import (
     RELOAD_INTERVAL_S,
     DenialLimiter,
     RestAuth,
+    access,
     access_of,
     check_access_rules,
     check_auth_config,
+    create_auth_middleware,
 )
-from der_sdk_headend.tokens import TokenFileStore, hash_secret
+from der_sdk_headend.rest.errors import EXCEPTION_HANDLERS
+from der_sdk_headend.tokens import TokenFileStore, hash_secret, match_secret
 
 Role = str | None
 ROLES_TRIED: tuple[Role, ...] = (None, "viewer", "operator", "admin")
@@ -254,6 +258,107 @@ async def test_malformed_authorization_and_unknown_tokens_are_401_without_echo(
         assert detail in response.json()["detail"]
         assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
         assert bogus not in response.text and "not-even-ours" not in response.text
+
+
+async def test_refusals_are_the_error_body_with_a_bearer_challenge(
+    auth_http: httpx.AsyncClient, role_tokens: dict[str, str]
+) -> None:
+    """The access check runs as a middleware: its refusals still go through the app's
+    exception handlers, and routing still answers unknown paths and methods first."""
+    missing = await auth_http.get("/assets")
+    assert (missing.status_code, missing.headers["content-type"]) == (401, "application/json")
+    assert missing.json() == {
+        "status_code": 401,
+        "detail": "missing bearer token: send `Authorization: Bearer <token>` (an admin "
+        "creates tokens with `der tokens create` or POST /tokens)",
+        "extra": None,
+    }
+    assert missing.headers["WWW-Authenticate"] == 'Bearer realm="der-sdk headend"'
+    unknown = await auth_http.get("/assets", headers=bearer("der_" + "C" * 43))
+    assert unknown.json() == {"status_code": 401, "detail": "unknown token", "extra": None}
+    assert unknown.headers["WWW-Authenticate"] == (
+        'Bearer realm="der-sdk headend", error="invalid_token"'
+    )
+    lower = await auth_http.get("/assets", headers={"authorization": "bearer  " + "x"})
+    assert lower.json()["detail"] == "unknown token", "scheme in any case, spaces stripped"
+
+    viewer = bearer(role_tokens["viewer"])
+    token_id = await token_id_named(auth_http, role_tokens["admin"], "test viewer")
+    forbidden = await auth_http.get("/audit", headers=viewer)
+    assert (forbidden.status_code, forbidden.headers["content-type"]) == (403, "application/json")
+    assert forbidden.json() == {
+        "status_code": 403,
+        "detail": f"GET /audit needs the admin role; token {token_id} has the viewer role",
+        "extra": None,
+    }
+    assert "WWW-Authenticate" not in forbidden.headers
+
+    for headers in ({}, viewer):
+        nowhere = await auth_http.get("/no-such-thing", headers=headers)
+        assert nowhere.status_code == 404 and set(nowhere.json()) == {
+            "status_code",
+            "detail",
+            "extra",
+        }
+        assert (await auth_http.post("/assets", headers=headers)).status_code == 405
+
+
+async def test_a_route_without_a_rule_needs_admin(
+    auth_headend: Headend, role_tokens: dict[str, str]
+) -> None:
+    """Closed by default even where :func:`check_access_rules` was not called."""
+
+    @get("/forgotten", sync_to_thread=False)
+    def forgotten() -> str:
+        return "no rule"
+
+    @get("/open", sync_to_thread=False, **access("open"))
+    def anybody() -> str:
+        return "open"
+
+    app = Litestar(
+        route_handlers=[forgotten, anybody],
+        middleware=[create_auth_middleware(auth_headend)],
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    async with AsyncTestClient(app) as client:
+        assert (await client.get("/open")).text == "open"
+        assert (await client.get("/forgotten")).status_code == 401
+        refused = await client.get("/forgotten", headers=bearer(role_tokens["operator"]))
+        assert refused.status_code == 403
+        assert "needs the admin role" in refused.json()["detail"]
+        allowed = await client.get("/forgotten", headers=bearer(role_tokens["admin"]))
+        assert (allowed.status_code, allowed.text) == (200, "no rule")
+
+
+async def test_tokens_are_identified_by_their_hash_revoked_ones_too(
+    tmp_path: Path, seen_secrets: list[str]
+) -> None:
+    store = TokenFileStore(tmp_path / "tokens.json")
+    kept, kept_secret, _, _ = store.create(role="viewer", name="kept")
+    gone, gone_secret, _, _ = store.create(role="admin", name="gone")
+    store.revoke(gone.id)
+    seen_secrets += [kept_secret, gone_secret]
+    (tmp_path / "assets.yaml").write_text("sites: []\nassets: []\n")
+    auth = RestAuth(make_config(tmp_path / "assets.yaml"))
+    await auth.start()
+    try:
+        tokens = auth.tokens()
+        tried = (kept_secret, gone_secret, kept_secret + "x", "der_", "x" + kept_secret)
+        for i, secret in enumerate(tried):
+            assert auth.identify(secret) == match_secret(tokens, secret), f"secret {i}"
+        assert auth.identify(kept_secret) == kept
+        revoked = auth.identify(gone_secret)
+        assert revoked is not None and revoked.id == gone.id and not revoked.active
+        assert auth.identify(hash_secret(kept_secret)) is None, "a hash is not a secret"
+
+        new, new_secret = await auth.create(role="operator", name="new")
+        seen_secrets.append(new_secret)
+        assert auth.identify(new_secret) == new
+        revoked_now, _ = await auth.revoke(kept.id)
+        assert auth.identify(kept_secret) == revoked_now and not revoked_now.active
+    finally:
+        await auth.close()
 
 
 # --------------------------------------------------------------------------- revocation

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import httpx
+import msgspec
 import pytest
-from headend_kit import BESS_1, PV_1, SITE_A, SITE_A_ASSETS, SITE_B, ConnectAgent
+from headend_kit import BESS_1, PV_1, SITE_A, SITE_A_ASSETS, SITE_B, ConnectAgent, sample
+from litestar.serialization import encode_json
 
 from der_sdk_headend import Headend
 
@@ -94,6 +96,39 @@ async def test_openapi_schema_is_served_with_every_endpoint(http: httpx.AsyncCli
     ):
         assert path in schema["paths"], path
     assert "202" in schema["paths"]["/dispatch"]["post"]["responses"]
+
+
+async def test_the_latest_sample_is_the_json_litestar_makes_of_it(
+    headend: Headend, http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    """``GET /telemetry/{id}`` encodes the sample itself (the hot read route): the bytes
+    are those Litestar makes of a returned sample, in the same field order and format."""
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    details = {"soc_pct": 61.5, "mode": "idle", "cells": {"ok": True}}
+    await agent.telemetry(1, [sample(BESS_1, seconds=3, mw=-1.25, seq=7, details=details)])
+
+    response = await http.get(f"/telemetry/{BESS_1}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    stored = headend.ingest.latest(BESS_1)
+    assert stored is not None
+    assert response.content == encode_json(stored) == msgspec.json.encode(stored)
+    assert response.content == (
+        b'{"asset_id":"00000000-0000-4000-8000-000000000001",'
+        b'"site_id":"6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f","ts":"2025-01-31T12:00:03Z",'
+        b'"mw":-1.25,"mw_setpoint":null,"online":true,"status":null,"fault_code":null,'
+        b'"seq":7,"quality":"good","quality_reason":null,'
+        b'"details":{"soc_pct":61.5,"mode":"idle","cells":{"ok":true}}}'
+    )
+    assert int(response.headers["content-length"]) == len(response.content)
+
+    operation = (await http.get("/schema/openapi.json")).json()["paths"]["/telemetry/{asset_id}"]
+    ok = operation["get"]["responses"]["200"]
+    assert ok["content"] == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/TelemetrySample"}}
+    }
+    assert ok["description"] == "Request fulfilled, document follows"
 
 
 async def test_an_unknown_route_is_a_json_404(http: httpx.AsyncClient) -> None:
