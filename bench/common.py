@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import FleetSpec
 from der_sdk.testing.faults import HeadendProcess
 
 __all__ = [
@@ -293,10 +292,6 @@ class CpuMeter:
         }
         result["machine_cores"] = round((self._machine() - self._machine0) / elapsed, 2)
         return result
-
-
-def fleet_files(ctx: Context, name: str, spec: FleetSpec) -> tuple[Path, Path]:
-    return spec.write(ctx.scratch(f"{name}-fleet"))
 
 
 async def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:

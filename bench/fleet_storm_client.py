@@ -26,7 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import AgentSpec, FleetAgent, FleetSpec, cpu_seconds, rss_bytes
+from bench.common import proc_cpu_s, proc_rss
+from bench.loadgen import AgentSpec, FleetAgent, FleetSpec
 from der_sdk_agent.link import Backoff
 
 
@@ -112,7 +113,8 @@ async def _main(args: argparse.Namespace) -> None:
     if not line or line[0] != "go":
         return
     go = float(line[1])
-    rss0, cpu0 = rss_bytes(), cpu_seconds()
+    me = os.getpid()
+    rss0, cpu0 = proc_rss(me), proc_cpu_s(me)
     await asyncio.sleep(max(0.0, go - time.time()))
     _OFFSET = time.time() - time.perf_counter()
     started = time.time()
@@ -138,8 +140,8 @@ async def _main(args: argparse.Namespace) -> None:
             "errors": dict(errors),
             "failed_s": sorted(round(t - go, 3) for t, _ in failures),
             "error_samples": sorted({e for _, e in failures})[:10],
-            "client_cpu_s": round(cpu_seconds() - cpu0, 2),
-            "client_rss_delta_mib": round((rss_bytes() - rss0) / 2**20, 1),
+            "client_cpu_s": round(proc_cpu_s(me) - cpu0, 2),
+            "client_rss_delta_mib": round((proc_rss(me) - rss0) / 2**20, 1),
         }
     )
     with contextlib.suppress(Exception):  # hold until told to go, or the parent is gone

@@ -429,23 +429,6 @@ class Fleet:
         return False
 
 
-def rss_bytes(pid: int | None = None) -> int:
-    """Resident memory of ``pid`` (default: this process), from /proc."""
-    path = f"/proc/{pid or 'self'}/status"
-    for line in Path(path).read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS in {path}")
-
-
-def cpu_seconds(pid: int | None = None) -> float:
-    """User + system CPU time of ``pid`` (default: this process), from /proc."""
-    fields = Path(f"/proc/{pid or 'self'}/stat").read_text().rpartition(")")[2].split()
-    import os
-
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # ----------------------------------------------------------------------------- standalone
 
 

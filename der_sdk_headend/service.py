@@ -533,8 +533,8 @@ def _tune_gc() -> None:
     same long-lived objects thousands of times a second (docs/performance.md)."""
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), gen1, gen2)
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(GC_GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
 async def run_headend(config: HeadendConfig) -> None:
