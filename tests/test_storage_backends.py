@@ -154,3 +154,108 @@ def test_the_sql_telemetry_columns_are_the_sample_fields_in_order() -> None:
     from der_sdk.storage.contract import TELEMETRY_COLUMNS
 
     assert TelemetrySample.__struct_fields__ == TELEMETRY_COLUMNS
+
+
+# --------------------------------------------------------------------------- SQLite's thread
+
+
+@pytest.mark.parametrize("count", [1, 15, 17, 2047, 2049, 5000])
+async def test_sqlite_telemetry_batches_of_any_size_store_every_sample_once(
+    tmp_path: Path, count: int
+) -> None:
+    storage = SQLiteStorage(tmp_path / "sizes.db")
+    await storage.open()
+    try:
+        batch = [sample(f"asset-{n % 7}", n) for n in range(count)]
+        assert await storage.append_telemetry(batch) == count
+        # Again, with one new sample at the end: only that one is new.
+        assert await storage.append_telemetry([*batch, sample("asset-new", 0)]) == 1
+        stored = [await storage.telemetry_history(f"asset-{k}", limit=10_000) for k in range(7)]
+        assert sum(len(rows) for rows in stored) == count
+        assert sorted(s.seq for rows in stored for s in rows) == sorted(s.seq for s in batch)
+    finally:
+        await storage.close()
+
+
+async def test_sqlite_urgent_jobs_go_ahead_of_queued_telemetry_writes_but_cannot_starve_them(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import threading
+
+    from der_sdk.storage.sqlite import URGENT_BURST, _SQLiteThread
+
+    thread = _SQLiteThread(str(tmp_path / "order.db"))
+    await thread.open()
+    order: list[str] = []
+    gate = threading.Event()
+
+    def job(name: str, wait: bool = False) -> object:
+        def run(_: object) -> None:
+            if wait:
+                gate.wait(10)
+            order.append(name)
+
+        return run
+
+    try:
+        blocker = asyncio.create_task(thread.run(job("bulk-0", wait=True), bulk=True))
+        await asyncio.sleep(0.05)  # the thread is inside bulk-0
+        jobs = [asyncio.create_task(thread.run(job(f"bulk-{n}"), bulk=True)) for n in (1, 2)]
+        urgent = URGENT_BURST + 2
+        jobs += [asyncio.create_task(thread.run(job(f"urgent-{n}"))) for n in range(urgent)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(blocker, *jobs)
+    finally:
+        await thread.close()
+
+    burst = [f"urgent-{n}" for n in range(URGENT_BURST)]
+    rest = [f"urgent-{n}" for n in range(URGENT_BURST, urgent)]
+    assert order == ["bulk-0", *burst, "bulk-1", *rest, "bulk-2"]
+
+
+async def test_sqlite_a_job_cancelled_while_it_waits_never_runs(tmp_path: Path) -> None:
+    import asyncio
+    import threading
+
+    from der_sdk.storage.sqlite import _SQLiteThread
+
+    thread = _SQLiteThread(str(tmp_path / "cancel.db"))
+    await thread.open()
+    ran: list[str] = []
+    gate = threading.Event()
+    try:
+        blocker = asyncio.create_task(thread.run(lambda _: gate.wait(10)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(thread.run(lambda _: ran.append("cancelled")))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        gate.set()
+        await blocker
+        assert await thread.run(lambda _: ran.append("next")) is None
+    finally:
+        await thread.close()
+    assert ran == ["next"]
+    with pytest.raises(RuntimeError, match="not open"):
+        await thread.run(lambda _: None)
+
+
+async def test_sqlite_errors_in_a_write_roll_it_back_and_reach_the_caller(tmp_path: Path) -> None:
+    import sqlite3
+
+    storage = SQLiteStorage(tmp_path / "errors.db")
+    await storage.open()
+    try:
+
+        def half_then_fail(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO events (ts, kind, message, data) VALUES (1, 'k', 'm', '{}')")
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+        with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+            await storage._write(half_then_fail)
+        assert await storage.events() == []
+        assert await storage.healthy()
+    finally:
+        await storage.close()
+    assert not await storage.healthy()

@@ -134,6 +134,17 @@ class StorageBackend(abc.ABC):
     async def record_dispatch_event(self, event: DispatchEvent) -> None:
         """Append one lifecycle state change of a dispatch."""
 
+    async def record_dispatch(self, dispatch: Dispatch, event: DispatchEvent) -> None:
+        """Save ``dispatch`` and append its lifecycle ``event`` together.
+
+        The dispatcher records every state change through this. The default calls
+        :meth:`save_dispatch`, then :meth:`record_dispatch_event`; a backend that can do
+        both in one transaction (one round trip) should, since it is on the path of
+        every dispatch.
+        """
+        await self.save_dispatch(dispatch)
+        await self.record_dispatch_event(event)
+
     @abc.abstractmethod
     async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
         """A dispatch's state changes, oldest first."""

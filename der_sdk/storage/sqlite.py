@@ -3,7 +3,8 @@
 URL forms: ``sqlite:///relative/path.db`` (relative to the working directory),
 ``sqlite:////absolute/path.db``, and ``sqlite://:memory:`` or ``sqlite:///:memory:``.
 
-All I/O runs on aiosqlite's worker thread, so the event loop never blocks. Times are
+All I/O runs on the backend's own thread (one connection, one thread; every operation
+is one job on it), so the event loop never blocks. Times are
 stored as integer microseconds since the Unix epoch (UTC), which keeps range queries on
 plain integer indexes and round-trips every ``datetime`` exactly.
 """
@@ -11,14 +12,18 @@ plain integer indexes and round-trips every ``datetime`` exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 import msgspec
 
 from der_sdk.errors import DerSdkError
@@ -35,6 +40,8 @@ from der_sdk.plugins import hookimpl
 from der_sdk.storage.contract import TELEMETRY_COLUMNS, StorageBackend
 
 log = logging.getLogger("der.storage.sqlite")
+
+_T = TypeVar("_T")
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
@@ -152,6 +159,10 @@ COMMIT;
 """
 
 _TELEMETRY_SELECT = ", ".join(TELEMETRY_COLUMNS)
+_HEARTBEAT_COLUMNS = ("asset_id", "site_id", "agent_id", "ts", "uptime_s")
+_INSERT_DISPATCH_EVENT = (
+    "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES (?, ?, ?, ?)"
+)
 
 
 # --------------------------------------------------------------------------- conversions
@@ -259,6 +270,45 @@ def _range(start: datetime | None, end: datetime | None) -> tuple[str, list[Any]
     return sql, params
 
 
+def _dispatch_params(dispatch: Dispatch) -> tuple[tuple[Any, ...], list[tuple[str, str]]]:
+    """The ``dispatches`` row and the ``dispatch_targets`` rows of a record."""
+    record = msgspec.structs.replace(
+        dispatch, created_at=_utc(dispatch.created_at), updated_at=_utc(dispatch.updated_at)
+    )
+    row = (
+        record.dispatch_id,
+        _to_us(record.created_at),
+        _to_us(record.updated_at),
+        record.asset_id,
+        record.site_id,
+        record.state,
+        _json(record),
+    )
+    return row, [(record.dispatch_id, target.asset_id) for target in record.targets]
+
+
+def _save_dispatch(
+    conn: sqlite3.Connection, row: tuple[Any, ...], targets: list[tuple[str, str]]
+) -> None:
+    conn.execute(
+        "INSERT INTO dispatches"
+        " (dispatch_id, created_at, updated_at, asset_id, site_id, state, record)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (dispatch_id) DO UPDATE SET created_at = excluded.created_at,"
+        " updated_at = excluded.updated_at, asset_id = excluded.asset_id,"
+        " site_id = excluded.site_id, state = excluded.state, record = excluded.record",
+        row,
+    )
+    conn.execute("DELETE FROM dispatch_targets WHERE dispatch_id = ?", (row[0],))
+    conn.executemany(
+        "INSERT OR IGNORE INTO dispatch_targets (dispatch_id, asset_id) VALUES (?, ?)", targets
+    )
+
+
+def _dispatch_event_row(event: DispatchEvent) -> tuple[Any, ...]:
+    return (event.dispatch_id, event.state, _to_us(event.ts), event.detail)
+
+
 def sqlite_path_from_url(url: str) -> str:
     """The database path of a ``sqlite:`` URL, or ``":memory:"``.
 
@@ -277,22 +327,198 @@ def sqlite_path_from_url(url: str) -> str:
     )
 
 
+# --------------------------------------------------------------------------- the thread
+
+_Job = Callable[[sqlite3.Connection], Any]
+
+URGENT_BURST = 8
+"""Urgent jobs run before waiting telemetry writes, but at most this many in a row while a
+telemetry write waits, so a stream of reads cannot starve ingest."""
+
+ROWS_PER_STATEMENT = 2048
+"""Telemetry rows per ``INSERT`` statement (fewer where SQLite allows fewer variables)."""
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class _SQLiteThread:
+    """One ``sqlite3`` connection, owned by one thread that runs whole jobs.
+
+    A job is a function of the connection: a whole transaction or a whole query, so every
+    operation of the backend is one hand-over to the thread and back, and no other job's
+    statements can interleave with it. Urgent jobs (dispatch records, sessions, events,
+    reads) run before queued telemetry writes (:data:`URGENT_BURST`), which keeps a
+    dispatch from waiting behind a backlog of telemetry.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._urgent: deque[tuple[_Job, asyncio.Future[Any]]] = deque()
+        self._bulk: deque[tuple[_Job, asyncio.Future[Any]]] = deque()
+        self._ready = threading.Condition()
+        self._stopping = False
+        self._urgent_run = 0
+        self._conn: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        """Start the thread and connect on it."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"der-sqlite:{Path(self.path).name}", daemon=True
+        )
+        self._thread.start()
+        try:
+            await self.run(self._connect)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _connect(self, _: sqlite3.Connection | None) -> None:
+        # isolation_level=None: no implicit transactions; jobs issue BEGIN themselves.
+        self._conn = sqlite3.connect(self.path, isolation_level=None)
+
+    async def run(self, job: _Job, *, bulk: bool = False) -> Any:
+        """Run ``job(connection)`` on the thread; its result or exception comes back.
+
+        A caller cancelled while its job waits in line takes the job out of line; once the
+        job has started it runs to its end (a transaction commits or rolls back whole).
+        """
+        if self._loop is None or self._stopped is None or self._stopped.done():
+            raise RuntimeError(f"SQLite database {self.path} is not open; await open() first")
+        future: asyncio.Future[Any] = self._loop.create_future()
+        with self._ready:
+            if self._stopping:
+                raise RuntimeError(f"SQLite database {self.path} is closing")
+            (self._bulk if bulk else self._urgent).append((job, future))
+            self._ready.notify()
+        return await future
+
+    def _next(self) -> tuple[_Job, asyncio.Future[Any]] | None:
+        with self._ready:
+            while not (self._urgent or self._bulk or self._stopping):
+                self._ready.wait()
+            if self._bulk and (not self._urgent or self._urgent_run >= URGENT_BURST):
+                self._urgent_run = 0
+                return self._bulk.popleft()
+            if self._urgent:
+                self._urgent_run += 1 if self._bulk else 0
+                return self._urgent.popleft()
+            return None  # stopping, and nothing left to do
+
+    def _serve(self) -> None:
+        loop, stopped = self._loop, self._stopped
+        assert loop is not None and stopped is not None
+        try:
+            while (item := self._next()) is not None:
+                job, future = item
+                if future.cancelled():  # its caller gave up while it waited
+                    continue
+                result: Any = None
+                error: BaseException | None = None
+                try:
+                    result = job(self._conn)  # type: ignore[arg-type]
+                except BaseException as exc:  # handed to the caller
+                    error = exc
+                # RuntimeError: the loop is closed, so nobody waits any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, future, result, error)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, stopped, None, None)
+
+    async def close(self) -> None:
+        """Finish the queued jobs, close the connection and end the thread."""
+        if self._stopped is None:
+            return
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        await asyncio.shield(self._stopped)
+
+
+def _transaction(job: Callable[[sqlite3.Connection], _T]) -> Callable[[sqlite3.Connection], _T]:
+    """``job`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if it raises."""
+
+    def run(conn: sqlite3.Connection) -> _T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = job(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    return run
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_sql(table: str, columns: tuple[str, ...], rows: int) -> str:
+    one = "(" + ", ".join("?" * len(columns)) + ")"
+    return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([one] * rows)
+
+
+def _insert_or_ignore(
+    conn: sqlite3.Connection,
+    table: str,
+    columns: tuple[str, ...],
+    rows: Sequence[Sequence[Any]],
+) -> int:
+    """``INSERT OR IGNORE`` ``rows`` with as few statements as SQLite allows.
+
+    Multi-row statements, not ``executemany``: the sqlite3 module lets go of the GIL
+    around every statement it steps, and taking it back from a busy event loop can take a
+    whole switch interval (5 ms), so one statement per row is what made a 5,000-row write
+    take seconds while the loop was busy. A short last chunk is padded with copies of its
+    last row (ignored as duplicates) up to a power of two, so a handful of statement
+    sizes are compiled and cached, not one per batch size.
+
+    :return: how many rows were inserted.
+    """
+    limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(columns)
+    per = max(1, min(ROWS_PER_STATEMENT, limit))
+    before = conn.total_changes
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        size = min(per, max(16, 1 << (len(chunk) - 1).bit_length()))
+        params = list(itertools.chain.from_iterable(chunk))
+        if size > len(chunk):
+            params.extend(tuple(chunk[-1]) * (size - len(chunk)))
+        conn.execute(_insert_sql(table, columns, size), params)
+    return conn.total_changes - before
+
+
 # --------------------------------------------------------------------------- backend
 
 
 class SQLiteStorage(StorageBackend):
-    """One SQLite file (or an in-memory database) through one aiosqlite connection.
+    """One SQLite file (or an in-memory database) on one connection and its own thread.
 
-    A lock serialises the backend's operations on the shared connection, so one
-    coroutine's transaction never interleaves with another's statements.
+    Every operation is one job on that thread (:class:`_SQLiteThread`): a whole
+    transaction or a whole query. Telemetry writes are bulk jobs; everything else goes
+    ahead of them.
     """
 
     name = "sqlite"
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._thread: _SQLiteThread | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -303,94 +529,75 @@ class SQLiteStorage(StorageBackend):
 
     # ------------------------------------------------------------------ plumbing
 
-    @property
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
+    async def _run(self, job: Callable[[sqlite3.Connection], _T], *, bulk: bool = False) -> _T:
+        if self._thread is None:
             raise RuntimeError(f"{self!r} is not open; await open() first")
-        return self._db
+        result: _T = await self._thread.run(job, bulk=bulk)
+        return result
 
-    @asynccontextmanager
-    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            yield self._conn
+    async def _write(self, job: Callable[[sqlite3.Connection], _T], *, bulk: bool = False) -> _T:
+        return await self._run(_transaction(job), bulk=bulk)
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            db = self._conn
-            try:
-                # BEGIN inside the try: a caller cancelled while BEGIN is queued on the
-                # connection's thread still gets its ROLLBACK queued behind it, so the
-                # connection is never left inside a transaction for the next caller.
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.commit()
-            except BaseException:
-                await db.rollback()  # a no-op when no transaction is open
-                raise
-
-    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        async with self._reading() as db:
-            return list(await db.execute_fetchall(sql, params))
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self._run(lambda conn: conn.execute(sql, params).fetchall())
 
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        if self._db is not None:
+        if self._thread is not None:
             return
         if self.path != _MEMORY:
             await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; _transaction() issues BEGIN.
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+        thread = _SQLiteThread(self.path)
+        await thread.open()
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=5000")
-            await self._check_schema_version(db)
-            await db.executescript(_SCHEMA)
-            await self._migrate(db)
+            await thread.run(self._prepare)
         except BaseException:
-            await db.close()
+            await thread.close()
             raise
-        self._db = db
+        self._thread = thread
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        """Settings, the version check, the schema and migrations (on the thread)."""
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._check_schema_version(conn)
+        conn.executescript(_SCHEMA)
+        self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring a file written by an older der-sdk up to :data:`SCHEMA_VERSION`."""
-        rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
-        found = rows[0][0] or SCHEMA_VERSION
+        found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        found = found or SCHEMA_VERSION
         if found >= SCHEMA_VERSION:
             return
-        await db.execute("BEGIN IMMEDIATE")
-        try:
+
+        def migrate(conn: sqlite3.Connection) -> None:
             if found < 2:
-                await db.execute(
+                conn.execute(
                     "UPDATE dispatches SET state = 'submitted',"
                     ' record = replace(record, \'"state":"pending"\', \'"state":"submitted"\')'
                     ' WHERE record LIKE \'%"state":"pending"%\''
                 )
-                await db.execute(
+                conn.execute(
                     "UPDATE dispatch_events SET state = 'submitted' WHERE state = 'pending'"
                 )
-            await db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            await db.execute("COMMIT")
-        except BaseException:
-            await db.execute("ROLLBACK")
-            raise
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+        _transaction(migrate)(conn)
         log.info(
             "SQLite database %s migrated from schema %d to %d", self.path, found, SCHEMA_VERSION
         )
 
-    async def _check_schema_version(self, db: aiosqlite.Connection) -> None:
+    def _check_schema_version(self, conn: sqlite3.Connection) -> None:
         """Refuse a file written by a newer der-sdk before touching its schema."""
-        has_table = list(
-            await db.execute_fetchall(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            )
-        )
+        has_table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
         if not has_table:
             return
-        rows = list(await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))
-        found = rows[0][0]
+        found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
         if found is not None and found > SCHEMA_VERSION:
             raise DerSdkError(
                 f"SQLite database {self.path} has schema version {found}, newer than the "
@@ -398,18 +605,19 @@ class SQLiteStorage(StorageBackend):
             )
 
     async def close(self) -> None:
-        async with self._lock:
-            if self._db is not None:
-                db, self._db = self._db, None
-                await db.close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await thread.close()
 
     async def reset(self) -> None:
-        async with self._transaction() as db:
+        def reset(conn: sqlite3.Connection) -> None:
             for table in _TABLES:
-                await db.execute(f"DELETE FROM {table}")
+                conn.execute(f"DELETE FROM {table}")
+
+        await self._write(reset)
 
     async def healthy(self) -> bool:
-        if self._db is None:
+        if self._thread is None:
             return False
         try:
             await self._fetchall("SELECT 1")
@@ -423,14 +631,9 @@ class SQLiteStorage(StorageBackend):
         rows = [_telemetry_row(sample) for sample in samples]
         if not rows:
             return 0
-        async with self._transaction() as db:
-            before = db.total_changes
-            await db.executemany(
-                f"INSERT OR IGNORE INTO telemetry ({_TELEMETRY_SELECT})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            return db.total_changes - before
+        return await self._write(
+            lambda conn: _insert_or_ignore(conn, "telemetry", TELEMETRY_COLUMNS, rows), bulk=True
+        )
 
     async def telemetry_history(
         self,
@@ -460,34 +663,18 @@ class SQLiteStorage(StorageBackend):
     # ------------------------------------------------------------------ dispatch
 
     async def save_dispatch(self, dispatch: Dispatch) -> None:
-        record = msgspec.structs.replace(
-            dispatch, created_at=_utc(dispatch.created_at), updated_at=_utc(dispatch.updated_at)
-        )
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO dispatches"
-                " (dispatch_id, created_at, updated_at, asset_id, site_id, state, record)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (dispatch_id) DO UPDATE SET created_at = excluded.created_at,"
-                " updated_at = excluded.updated_at, asset_id = excluded.asset_id,"
-                " site_id = excluded.site_id, state = excluded.state, record = excluded.record",
-                (
-                    record.dispatch_id,
-                    _to_us(record.created_at),
-                    _to_us(record.updated_at),
-                    record.asset_id,
-                    record.site_id,
-                    record.state,
-                    _json(record),
-                ),
-            )
-            await db.execute(
-                "DELETE FROM dispatch_targets WHERE dispatch_id = ?", (record.dispatch_id,)
-            )
-            await db.executemany(
-                "INSERT OR IGNORE INTO dispatch_targets (dispatch_id, asset_id) VALUES (?, ?)",
-                [(record.dispatch_id, target.asset_id) for target in record.targets],
-            )
+        params = _dispatch_params(dispatch)
+        await self._write(lambda conn: _save_dispatch(conn, *params))
+
+    async def record_dispatch(self, dispatch: Dispatch, event: DispatchEvent) -> None:
+        params = _dispatch_params(dispatch)
+        event_row = _dispatch_event_row(event)
+
+        def record(conn: sqlite3.Connection) -> None:
+            _save_dispatch(conn, *params)
+            conn.execute(_INSERT_DISPATCH_EVENT, event_row)
+
+        await self._write(record)
 
     async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
         rows = await self._fetchall(
@@ -526,11 +713,8 @@ class SQLiteStorage(StorageBackend):
         return [_decode_dispatch(row[0]) for row in rows]
 
     async def record_dispatch_event(self, event: DispatchEvent) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES (?, ?, ?, ?)",
-                (event.dispatch_id, event.state, _to_us(event.ts), event.detail),
-            )
+        row = _dispatch_event_row(event)
+        await self._write(lambda conn: conn.execute(_INSERT_DISPATCH_EVENT, row))
 
     async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
         rows = await self._fetchall(
@@ -547,37 +731,43 @@ class SQLiteStorage(StorageBackend):
 
     async def open_session(self, session: Session) -> None:
         disconnected_at = session.disconnected_at
-        async with self._transaction() as db:
-            await db.execute(
+        row = (
+            session.session_id,
+            session.asset_id,
+            session.site_id,
+            session.agent_id,
+            session.peer,
+            _to_us(session.connected_at),
+            None if disconnected_at is None else _to_us(disconnected_at),
+        )
+        await self._write(
+            lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO sessions (session_id, asset_id, site_id, agent_id, peer,"
                 " connected_at, disconnected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    session.session_id,
-                    session.asset_id,
-                    session.site_id,
-                    session.agent_id,
-                    session.peer,
-                    _to_us(session.connected_at),
-                    None if disconnected_at is None else _to_us(disconnected_at),
-                ),
+                row,
             )
+        )
 
     async def close_session(self, session_id: str, disconnected_at: datetime) -> None:
-        async with self._transaction() as db:
-            await db.execute(
+        params = (_to_us(disconnected_at), session_id)
+        await self._write(
+            lambda conn: conn.execute(
                 "UPDATE sessions SET disconnected_at = ?"
                 " WHERE session_id = ? AND disconnected_at IS NULL",
-                (_to_us(disconnected_at), session_id),
+                params,
             )
+        )
 
     async def close_open_sessions(self, disconnected_at: datetime) -> int:
-        async with self._transaction() as db:
-            before = db.total_changes
-            await db.execute(
-                "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL",
-                (_to_us(disconnected_at),),
+        params = (_to_us(disconnected_at),)
+
+        def close(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL", params
             )
-            return db.total_changes - before
+            return cursor.rowcount
+
+        return await self._write(close)
 
     async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
         rows = await self._fetchall(
@@ -593,13 +783,9 @@ class SQLiteStorage(StorageBackend):
             (beat.asset_id, beat.site_id, beat.agent_id, _to_us(beat.ts), beat.uptime_s)
             for beat in heartbeats
         ]
-        if not rows:
-            return
-        async with self._transaction() as db:
-            await db.executemany(
-                "INSERT OR IGNORE INTO heartbeats (asset_id, site_id, agent_id, ts, uptime_s)"
-                " VALUES (?, ?, ?, ?, ?)",
-                rows,
+        if rows:
+            await self._write(
+                lambda conn: _insert_or_ignore(conn, "heartbeats", _HEARTBEAT_COLUMNS, rows)
             )
 
     async def latest_heartbeat(self, asset_id: str) -> Heartbeat | None:
@@ -615,7 +801,7 @@ class SQLiteStorage(StorageBackend):
     ) -> list[Heartbeat]:
         where, params = _range(start, end)
         rows = await self._fetchall(
-            "SELECT asset_id, site_id, agent_id, ts, uptime_s FROM heartbeats"
+            f"SELECT {', '.join(_HEARTBEAT_COLUMNS)} FROM heartbeats"
             f" WHERE asset_id = ?{where} ORDER BY ts DESC LIMIT ?",
             [asset_id, *params, max(limit, 0)],
         )
@@ -624,19 +810,21 @@ class SQLiteStorage(StorageBackend):
     # ------------------------------------------------------------------ events
 
     async def append_event(self, event: Event) -> None:
-        async with self._transaction() as db:
-            await db.execute(
+        row = (
+            _to_us(event.ts),
+            event.kind,
+            event.message,
+            event.asset_id,
+            event.site_id,
+            _json(event.data),
+        )
+        await self._write(
+            lambda conn: conn.execute(
                 "INSERT INTO events (ts, kind, message, asset_id, site_id, data)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    _to_us(event.ts),
-                    event.kind,
-                    event.message,
-                    event.asset_id,
-                    event.site_id,
-                    _json(event.data),
-                ),
+                row,
             )
+        )
 
     async def events(
         self,

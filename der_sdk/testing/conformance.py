@@ -964,6 +964,24 @@ class StorageConformance:
         ]
 
     @pytest.mark.asyncio
+    async def test_record_dispatch_saves_the_record_and_appends_its_event(
+        self, storage: StorageBackend
+    ) -> None:
+        at = self.at
+        record = self.dispatch("d1", 0, site_id=_SITE, targets=(_ASSET_A,))
+        created = DispatchEvent(dispatch_id="d1", state="submitted", ts=at(0), detail="created")
+        await storage.record_dispatch(record, created)
+
+        record.state = "sent"
+        record.updated_at = at(1)
+        sent = DispatchEvent(dispatch_id="d1", state="sent", ts=at(1), detail="pushed")
+        await storage.record_dispatch(record, sent)
+
+        assert await storage.get_dispatch("d1") == record
+        assert await storage.dispatch_events("d1") == [created, sent]
+        assert [d.dispatch_id for d in await storage.dispatch_history(asset_id=_ASSET_A)] == ["d1"]
+
+    @pytest.mark.asyncio
     async def test_dispatch_events_are_oldest_first(self, storage: StorageBackend) -> None:
         at = self.at
         states: list[tuple[Literal["sent", "submitted", "applied"], int]] = [

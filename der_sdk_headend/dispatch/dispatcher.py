@@ -750,11 +750,11 @@ class Dispatcher:
     async def _record(self, dispatch: Dispatch, detail: str) -> None:
         now = utc_now()
         dispatch.updated_at = now
-        await self._storage.save_dispatch(dispatch)
-        await self._storage.record_dispatch_event(
+        await self._storage.record_dispatch(
+            dispatch,
             DispatchEvent(
                 dispatch_id=dispatch.dispatch_id, state=dispatch.state, ts=now, detail=detail
-            )
+            ),
         )
 
     def _index(self, dispatch: Dispatch) -> None:

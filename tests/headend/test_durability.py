@@ -4,6 +4,8 @@ lifecycle (acked, outcome acks, re-sends, expiry, idempotency), agent events, me
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -359,8 +361,6 @@ async def test_metrics_show_the_ingest_queue_and_each_agents_buffer(
 async def test_a_sqlite_file_from_schema_1_has_its_pending_dispatches_renamed_submitted(
     tmp_path: Path,
 ) -> None:
-    import aiosqlite
-
     path = tmp_path / "old.db"
     storage = SQLiteStorage(str(path))
     await storage.open()
@@ -370,16 +370,19 @@ async def test_a_sqlite_file_from_schema_1_has_its_pending_dispatches_renamed_su
         '"updated_at":"2025-01-01T00:00:00Z","targets":[{"asset_id":"a","mw":1.0,'
         '"state":"pending"}]}'
     )
-    async with aiosqlite.connect(path) as db:
-        await db.execute("DELETE FROM schema_version")
-        await db.execute("INSERT INTO schema_version (version) VALUES (1)")
-        await db.execute(
-            "INSERT INTO dispatches VALUES ('d1', 0, 0, 'a', NULL, 'pending', ?)", (record,)
-        )
-        await db.execute(
-            "INSERT INTO dispatch_events (dispatch_id, state, ts) VALUES ('d1', 'pending', 0)"
-        )
-        await db.commit()
+
+    def downgrade() -> None:  # what a schema-1 file holds
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (1)")
+            db.execute(
+                "INSERT INTO dispatches VALUES ('d1', 0, 0, 'a', NULL, 'pending', ?)", (record,)
+            )
+            db.execute(
+                "INSERT INTO dispatch_events (dispatch_id, state, ts) VALUES ('d1', 'pending', 0)"
+            )
+
+    await asyncio.to_thread(downgrade)
 
     storage = SQLiteStorage(str(path))
     await storage.open()

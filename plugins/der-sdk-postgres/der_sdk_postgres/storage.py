@@ -435,46 +435,55 @@ class PostgresStorage(StorageBackend):
     # ------------------------------------------------------------------ dispatch
 
     async def save_dispatch(self, dispatch: Dispatch) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._save_dispatch(conn, dispatch)
+
+    async def record_dispatch(self, dispatch: Dispatch, event: DispatchEvent) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._save_dispatch(conn, dispatch)
+            await conn.execute(*_dispatch_event_insert(event))
+
+    @staticmethod
+    async def _save_dispatch(conn: asyncpg.Connection, dispatch: Dispatch) -> None:
         record = msgspec.structs.replace(
             dispatch,
             created_at=_check_aware(dispatch.created_at).astimezone(UTC),
             updated_at=_check_aware(dispatch.updated_at).astimezone(UTC),
         )
-        async with self.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO dispatches"
+            " (dispatch_id, created_at, updated_at, asset_id, site_id, state, mw, record)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            " ON CONFLICT (dispatch_id) DO UPDATE SET created_at = excluded.created_at,"
+            " updated_at = excluded.updated_at, asset_id = excluded.asset_id,"
+            " site_id = excluded.site_id, state = excluded.state, mw = excluded.mw,"
+            " record = excluded.record",
+            record.dispatch_id,
+            record.created_at,
+            record.updated_at,
+            record.asset_id,
+            record.site_id,
+            record.state,
+            record.mw,
+            _json_encoder.encode(record),
+        )
+        await conn.execute(
+            "DELETE FROM dispatch_targets WHERE dispatch_id = $1", record.dispatch_id
+        )
+        if record.targets:
             await conn.execute(
-                "INSERT INTO dispatches"
-                " (dispatch_id, created_at, updated_at, asset_id, site_id, state, mw, record)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                " ON CONFLICT (dispatch_id) DO UPDATE SET created_at = excluded.created_at,"
-                " updated_at = excluded.updated_at, asset_id = excluded.asset_id,"
-                " site_id = excluded.site_id, state = excluded.state, mw = excluded.mw,"
-                " record = excluded.record",
+                "INSERT INTO dispatch_targets"
+                " (dispatch_id, asset_id, mw, state, applied_mw, reason)"
+                " SELECT $1, * FROM unnest($2::text[], $3::float8[], $4::text[],"
+                " $5::float8[], $6::text[])"
+                " ON CONFLICT (dispatch_id, asset_id) DO NOTHING",
                 record.dispatch_id,
-                record.created_at,
-                record.updated_at,
-                record.asset_id,
-                record.site_id,
-                record.state,
-                record.mw,
-                _json_encoder.encode(record),
+                [t.asset_id for t in record.targets],
+                [t.mw for t in record.targets],
+                [t.state for t in record.targets],
+                [t.applied_mw for t in record.targets],
+                [t.reason for t in record.targets],
             )
-            await conn.execute(
-                "DELETE FROM dispatch_targets WHERE dispatch_id = $1", record.dispatch_id
-            )
-            if record.targets:
-                await conn.execute(
-                    "INSERT INTO dispatch_targets"
-                    " (dispatch_id, asset_id, mw, state, applied_mw, reason)"
-                    " SELECT $1, * FROM unnest($2::text[], $3::float8[], $4::text[],"
-                    " $5::float8[], $6::text[])"
-                    " ON CONFLICT (dispatch_id, asset_id) DO NOTHING",
-                    record.dispatch_id,
-                    [t.asset_id for t in record.targets],
-                    [t.mw for t in record.targets],
-                    [t.state for t in record.targets],
-                    [t.applied_mw for t in record.targets],
-                    [t.reason for t in record.targets],
-                )
 
     async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
         raw = await self.pool.fetchval(
@@ -515,13 +524,7 @@ class PostgresStorage(StorageBackend):
         return [_decode_dispatch(row[0]) for row in rows]
 
     async def record_dispatch_event(self, event: DispatchEvent) -> None:
-        await self.pool.execute(
-            "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES ($1, $2, $3, $4)",
-            event.dispatch_id,
-            event.state,
-            _check_aware(event.ts),
-            event.detail,
-        )
+        await self.pool.execute(*_dispatch_event_insert(event))
 
     async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
         rows = await self.pool.fetch(
@@ -694,4 +697,15 @@ async def _is_hypertable(conn: asyncpg.Connection) -> bool:
             "SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables"
             " WHERE hypertable_name = 'telemetry' AND hypertable_schema = current_schema())"
         )
+    )
+
+
+def _dispatch_event_insert(event: DispatchEvent) -> tuple[Any, ...]:
+    """The statement and arguments that append one dispatch lifecycle event."""
+    return (
+        "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES ($1, $2, $3, $4)",
+        event.dispatch_id,
+        event.state,
+        _check_aware(event.ts),
+        event.detail,
     )
