@@ -133,6 +133,9 @@ async def run_pg(ctx: Context) -> list[Figure]:
                     ctx, spec, f"127.0.0.1:{raw.port}", warmup_s, seconds, raw.pid
                 )
             ctx.say(f"raw pipeline: {raw_result['samples_per_s']:,.0f} samples/s")
+            # Gone before the headend runs: autovacuum of its millions of fresh rows would
+            # otherwise compete with the headend's run.
+            await drop_database(admin, raw_db)
 
         he_url = await fresh_database(admin, he_db)
         inventory, _ = spec.write(ctx.scratch("pg-fleet"))
