@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from der_sdk.models import utc_now
+from der_sdk.testing.agent_link import wait_until
 from der_sdk.wire import codec, pb
 from der_sdk_agent.buffer import RESTARTED_REASON, Buffer
 from tests.agent.conftest import A1, A2, SITE, FaultBox, MakeAgent, flaky_config
@@ -36,6 +37,13 @@ async def test_setpoint_is_acked_then_applied_each_with_a_time(
     assert [a.status for a in acks] == ["acked", "applied"]
     assert before <= acks[0].ts_us <= acks[1].ts_us
     assert final.applied_mw == pytest.approx(0.7) and _writes(box, A1) == [0.7]
+
+    # the outcome ack travels back after the final ack: wait for it to be recorded
+    async def reported() -> bool:
+        found = await agent.buffer.journal_get("c1")
+        return found is not None and found.reported
+
+    await wait_until(reported, "the outcome of c1 to be marked reported")
     entry = await agent.buffer.journal_get("c1")
     assert entry is not None and entry.status == "applied" and entry.reported
 
