@@ -10,11 +10,12 @@ negative for charge, import or consumption.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 __all__ = [
+    "DISPATCH_HORIZON_S",
     "DISPATCH_STATE_RANK",
     "TERMINAL_DISPATCH_STATES",
     "Asset",
@@ -129,20 +130,39 @@ class TelemetrySample(msgspec.Struct, kw_only=True, omit_defaults=False, gc=Fals
     details: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
+DISPATCH_HORIZON_S = 31_536_000
+"""How far ahead a dispatch may reach, in seconds: one year of 365 days. ``duration_s``
+and ``ttl_s`` are at most this, and ``expires_at`` at most this long after the dispatch is
+made. The bound keeps every date the headend computes from them (when a duration ends, when
+a dispatch expires) far inside the years a datetime can hold."""
+
+DispatchSeconds = Annotated[
+    float,
+    msgspec.Meta(
+        gt=0,
+        le=DISPATCH_HORIZON_S,
+        description=f"seconds, more than 0 and at most {DISPATCH_HORIZON_S} (one year)",
+    ),
+]
+"""A time span of a dispatch request: positive and within :data:`DISPATCH_HORIZON_S`."""
+
+
 class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The body of ``POST /dispatch``. Give ``asset_id`` or ``site_id``; ``asset_id`` wins.
 
     ``expires_at`` (an aware time) or ``ttl_s`` (seconds from now), not both: a dispatch
     not applied by then is never applied. ``duration_s``: how long the setpoint holds
-    before the asset returns to its default.
+    before the asset returns to its default. Each reaches at most
+    :data:`DISPATCH_HORIZON_S` ahead; decoding checks ``duration_s`` and ``ttl_s``, the
+    headend's dispatcher checks all three (also for requests built in code).
     """
 
     mw: float
     asset_id: str | None = None
     site_id: str | None = None
-    duration_s: float | None = None
+    duration_s: DispatchSeconds | None = None
     expires_at: datetime | None = None
-    ttl_s: float | None = None
+    ttl_s: DispatchSeconds | None = None
 
 
 class DispatchTarget(msgspec.Struct, kw_only=True):

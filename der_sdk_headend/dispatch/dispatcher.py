@@ -14,6 +14,11 @@ Rules (``docs/headend.md`` has the operator's version):
 * Expiry (``expires_at``, or ``ttl_s`` from creation): a submitted target whose expiry
   passes becomes ``expired`` and is never sent. A sent one carries the time left
   (``expires_in_ms``) and the agent refuses to apply it later, reporting ``expired``.
+* Bounds: ``duration_s`` and ``ttl_s`` are more than 0 and at most
+  :data:`~der_sdk.models.DISPATCH_HORIZON_S` (one year); ``expires_at`` is after now and
+  at most that long after it. A request outside them is refused (``InvalidDispatchError``).
+  An open record outside them (stored by a version without the bounds) is settled
+  ``failed`` when the dispatcher loads it at start: its dates cannot be computed with.
 * ``Idempotency-Key``: the key fixes the dispatch id, so a retried request returns the
   record it created; the same key with a different request is refused.
 * Routing: a per-asset target whose asset is live gets a ``Setpoint`` on that stream.
@@ -24,7 +29,10 @@ Rules (``docs/headend.md`` has the operator's version):
   dispatch expired or its ``duration_s`` has already run out (then they expire). Targets
   still ``sent`` (the stream ended before the agent answered) are sent again with the same
   command id; the agent's journal makes sure it applies each command at most once and
-  reports the outcome it recorded.
+  reports the outcome it recorded. Each dispatch is delivered on its own: when building
+  its commands fails, nothing of it is sent, its targets for that agent become ``failed``
+  with the reason (logged once, as it is no longer open), and the agent still gets every
+  other command.
 * ``SetpointAck`` updates the targets (from its allocations, or its status for a
   per-asset command) and so the dispatch's state. A final status is answered with
   ``SetpointOutcomeAck`` once recorded, so the agent stops reporting it.
@@ -49,6 +57,7 @@ import logging
 import math
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import msgspec
@@ -56,6 +65,7 @@ import msgspec
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import (
+    DISPATCH_HORIZON_S,
     DISPATCH_STATE_RANK,
     TERMINAL_DISPATCH_STATES,
     Asset,
@@ -89,6 +99,7 @@ _FINAL_ORDER: tuple[DispatchState, ...] = ("failed", "rejected", "superseded", "
 _OPEN_STATES: tuple[DispatchState, ...] = ("submitted", "sent", "acked")
 _OPEN_LIMIT = 10_000
 """How many open dispatches of each open state are reloaded from storage at start."""
+_HORIZON = timedelta(seconds=DISPATCH_HORIZON_S)
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c9a52-63b1-4c1e-9f5e-2d7f0b3f4a10")
 """Dispatch ids of idempotent requests are ``uuid5(IDEMPOTENCY_NAMESPACE, key)``."""
 _fingerprint_encode = msgspec.json.Encoder(order="sorted").encode
@@ -133,6 +144,28 @@ def _fmt(mw: float) -> str:
     return f"{mw:g}"
 
 
+@dataclass(slots=True)
+class _Command:
+    """One ``Setpoint`` built for a stream, and the targets it carries."""
+
+    message: pb.HeadendMessage
+    command_id: str
+    targets: list[DispatchTarget]
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """What registering a stream does to one open dispatch, worked out before anything
+    is sent, so a dispatch whose commands cannot be built sends nothing."""
+
+    resend: list[_Command] = field(default_factory=list)
+    resend_how: str = ""
+    deliver: list[_Command] = field(default_factory=list)
+    deliver_how: str = ""
+    expire: list[DispatchTarget] = field(default_factory=list)
+    expired_why: str = ""
+
+
 class Dispatcher:
     """Creates, routes and tracks dispatches."""
 
@@ -168,6 +201,11 @@ class Dispatcher:
         for state in _OPEN_STATES:
             stored += await self._storage.dispatch_history(state=state, limit=_OPEN_LIMIT)
         self._open = {d.dispatch_id: d for d in sorted(stored, key=lambda d: d.created_at)}
+        for dispatch in list(self._open.values()):
+            why = _out_of_bounds(dispatch)
+            if why is not None:
+                log.warning("dispatch %s: %s; settled failed", dispatch.dispatch_id, why)
+                await self._settle_undeliverable(dispatch, dispatch.targets, why)
         return len(self._open)
 
     def start(self) -> None:
@@ -261,12 +299,7 @@ class Dispatcher:
     def _build(self, request: DispatchRequest, source: str) -> Dispatch:
         if not math.isfinite(request.mw):
             raise InvalidDispatchError(f"mw must be a finite number of MW, got {request.mw}")
-        if request.duration_s is not None and not (
-            math.isfinite(request.duration_s) and request.duration_s > 0
-        ):
-            raise InvalidDispatchError(
-                f"duration_s must be a positive number of seconds, got {request.duration_s}"
-            )
+        _check_span("duration_s", request.duration_s)
         now = utc_now()
         dispatch = Dispatch(
             dispatch_id=str(uuid.uuid4()),
@@ -363,7 +396,10 @@ class Dispatcher:
             stream = self._presence.stream_for(target.asset_id)
             if stream is None:
                 return f"asset {target.asset_id} offline, kept submitted"
-            self._send_to_asset(stream, dispatch, target, dispatch.dispatch_id, dispatch.duration_s)
+            _push(
+                stream,
+                [_asset_command(dispatch, target, dispatch.dispatch_id, dispatch.duration_s)],
+            )
             return f"sent to {stream.describe()}"
 
         assert dispatch.site_id is not None
@@ -372,62 +408,28 @@ class Dispatcher:
         if len(streams) == 1:
             (stream,) = streams
             if stream is not None:
-                self._send_to_site(stream, dispatch, dispatch.duration_s)
+                _push(stream, [_site_command(dispatch, dispatch.duration_s)])
                 return f"one site setpoint sent to {stream.describe()}"
-        sent: list[str] = []
+        routed: list[tuple[AgentStream, _Command]] = []
         for target in dispatch.targets:
             stream = self._presence.stream_for(target.asset_id)
             if stream is not None:
                 command_id = f"{dispatch.dispatch_id}/{target.asset_id}"
-                self._send_to_asset(stream, dispatch, target, command_id, dispatch.duration_s)
-                sent.append(target.asset_id)
-        waiting = len(dispatch.targets) - len(sent)
-        return f"per-asset setpoints sent to {len(sent)} live asset(s), {waiting} kept submitted"
-
-    def _send_to_asset(
-        self,
-        stream: AgentStream,
-        dispatch: Dispatch,
-        target: DispatchTarget,
-        command_id: str,
-        duration_s: float | None,
-    ) -> None:
-        stream.send(
-            codec.headend_setpoint(
-                command_id,
-                target.mw,
-                asset_id=target.asset_id,
-                duration_s=duration_s,
-                expires_in_ms=_expires_in_ms(dispatch),
-                expires_at=dispatch.expires_at,
-            )
-        )
-        target.state = "sent"
-        target.command_id = command_id
-
-    def _send_to_site(
-        self, stream: AgentStream, dispatch: Dispatch, duration_s: float | None
-    ) -> None:
-        stream.send(
-            codec.headend_setpoint(
-                dispatch.dispatch_id,
-                dispatch.mw,
-                site_id=dispatch.site_id,
-                duration_s=duration_s,
-                expires_in_ms=_expires_in_ms(dispatch),
-                expires_at=dispatch.expires_at,
-            )
-        )
-        for target in dispatch.targets:
-            target.state = "sent"
-            target.command_id = dispatch.dispatch_id
+                routed.append(
+                    (stream, _asset_command(dispatch, target, command_id, dispatch.duration_s))
+                )
+        for stream, command in routed:
+            _push(stream, [command])
+        waiting = len(dispatch.targets) - len(routed)
+        return f"per-asset setpoints sent to {len(routed)} live asset(s), {waiting} kept submitted"
 
     async def deliver_pending(self, stream: AgentStream) -> int:
         """Send what ``stream`` serves and has not acknowledged (an agent registered).
 
         Submitted targets are delivered (or expire); targets still ``sent`` from an
         earlier stream are sent again with their command id, for the agent to apply at
-        most once and report.
+        most once and report. Each dispatch on its own: one whose commands cannot be
+        built is settled ``failed`` and the others are delivered all the same.
 
         :return: how many dispatches were delivered or sent again.
         """
@@ -435,36 +437,93 @@ class Dispatcher:
         async with self._lock:
             now = utc_now()
             for dispatch in sorted(self._open.values(), key=lambda d: d.created_at):
-                again = [
-                    t for t in dispatch.targets if t.state == "sent" and stream.serves(t.asset_id)
-                ]
-                if again:
-                    how = self._resend(stream, dispatch, again, _remaining_s(dispatch, now))
-                    await self._record_delivery(stream, dispatch, how)
-                    delivered += 1
-                waiting = [
-                    t
-                    for t in dispatch.targets
-                    if t.state == "submitted" and stream.serves(t.asset_id)
-                ]
-                if not waiting:
+                try:
+                    delivery = self._plan_delivery(stream, dispatch, now)
+                except Exception as exc:  # one bad record must not lock the agent out
+                    why = f"its commands could not be built ({type(exc).__name__}: {exc})"
+                    log.error(
+                        "dispatch %s: %s for %s; settled failed, the agent gets its other commands",
+                        dispatch.dispatch_id,
+                        why,
+                        stream.describe(),
+                        exc_info=exc,
+                    )
+                    targets = [t for t in dispatch.targets if _undelivered(t, stream)]
+                    await self._settle_undeliverable(dispatch, targets, why)
                     continue
-                remaining = _remaining_s(dispatch, now)
-                why = _expired_because(dispatch, now)
-                if why is not None:
-                    for target in waiting:
-                        target.state = "expired"
-                        target.reason = why
-                    dispatch.state = derive_state(dispatch.targets)
-                    await self._record(dispatch, f"expired before its asset connected: {why}")
-                    self._index(dispatch)
-                    log.info("dispatch %s expired before delivery", dispatch.dispatch_id)
-                    continue
-                how = self._deliver(stream, dispatch, waiting, remaining)
-                dispatch.state = derive_state(dispatch.targets)
-                await self._record_delivery(stream, dispatch, how)
-                delivered += 1
+                delivered += await self._carry_out(stream, dispatch, delivery)
         return delivered
+
+    def _plan_delivery(self, stream: AgentStream, dispatch: Dispatch, now: datetime) -> _Delivery:
+        """The commands ``stream`` gets for ``dispatch``, built but not sent yet."""
+        delivery = _Delivery()
+        again = [t for t in dispatch.targets if t.state == "sent" and stream.serves(t.asset_id)]
+        if again:
+            delivery.resend_how, delivery.resend = self._resend(
+                dispatch, again, _remaining_s(dispatch, now)
+            )
+        waiting = [
+            t for t in dispatch.targets if t.state == "submitted" and stream.serves(t.asset_id)
+        ]
+        if not waiting:
+            return delivery
+        why = _expired_because(dispatch, now)
+        if why is not None:
+            delivery.expire, delivery.expired_why = waiting, why
+            return delivery
+        delivery.deliver_how, delivery.deliver = self._deliver(
+            stream, dispatch, waiting, _remaining_s(dispatch, now)
+        )
+        return delivery
+
+    async def _carry_out(self, stream: AgentStream, dispatch: Dispatch, delivery: _Delivery) -> int:
+        """Send what :meth:`_plan_delivery` built and record it; how many were delivered."""
+        delivered = 0
+        if delivery.resend:
+            _push(stream, delivery.resend)
+            await self._record_delivery(stream, dispatch, delivery.resend_how)
+            delivered += 1
+        if delivery.expire:
+            for target in delivery.expire:
+                target.state = "expired"
+                target.reason = delivery.expired_why
+            dispatch.state = derive_state(dispatch.targets)
+            await self._record(
+                dispatch, f"expired before its asset connected: {delivery.expired_why}"
+            )
+            self._index(dispatch)
+            log.info("dispatch %s expired before delivery", dispatch.dispatch_id)
+        elif delivery.deliver:
+            _push(stream, delivery.deliver)
+            dispatch.state = derive_state(dispatch.targets)
+            await self._record_delivery(stream, dispatch, delivery.deliver_how)
+            delivered += 1
+        return delivered
+
+    async def _settle_undeliverable(
+        self, dispatch: Dispatch, targets: Sequence[DispatchTarget], why: str
+    ) -> None:
+        """Settle ``targets`` (those not sent yet or to be sent again) as ``failed``.
+
+        A target the agent already acknowledged keeps waiting for the outcome the agent
+        reports from its journal.
+        """
+        for target in targets:
+            if target.state in ("submitted", "sent"):
+                target.state = "failed"
+                target.reason = why
+        dispatch.state = derive_state(dispatch.targets)
+        dispatch.reason = why
+        try:
+            await self._record(dispatch, f"not delivered: {why}")
+        except Exception as exc:  # storage keeps it open until a later start
+            log.error(
+                "dispatch %s: saving its failure failed: %s: %s",
+                dispatch.dispatch_id,
+                type(exc).__name__,
+                exc,
+            )
+        self._index(dispatch)
 
     async def _record_delivery(self, stream: AgentStream, dispatch: Dispatch, how: str) -> None:
         await self._record(dispatch, f"{how} on register of {stream.describe()}")
@@ -477,41 +536,37 @@ class Dispatcher:
         dispatch: Dispatch,
         waiting: list[DispatchTarget],
         duration_s: float | None,
-    ) -> str:
+    ) -> tuple[str, list[_Command]]:
         if dispatch.asset_id is None and dispatch.site_id is not None:
             site_assets = self._inventory.assets_for_site(dispatch.site_id)
             whole_site = all(stream.serves(a.asset_id) for a in site_assets) and all(
                 t.state == "submitted" for t in dispatch.targets
             )
             if whole_site:
-                self._send_to_site(stream, dispatch, duration_s)
-                return "submitted site setpoint delivered"
-            for target in waiting:
-                command_id = f"{dispatch.dispatch_id}/{target.asset_id}"
-                self._send_to_asset(stream, dispatch, target, command_id, duration_s)
-            return f"submitted setpoints for {len(waiting)} asset(s) delivered"
-        for target in waiting:
-            self._send_to_asset(stream, dispatch, target, dispatch.dispatch_id, duration_s)
-        return "submitted setpoint delivered"
+                return "submitted site setpoint delivered", [_site_command(dispatch, duration_s)]
+            commands = [
+                _asset_command(dispatch, t, f"{dispatch.dispatch_id}/{t.asset_id}", duration_s)
+                for t in waiting
+            ]
+            return f"submitted setpoints for {len(waiting)} asset(s) delivered", commands
+        commands = [_asset_command(dispatch, t, dispatch.dispatch_id, duration_s) for t in waiting]
+        return "submitted setpoint delivered", commands
 
+    @staticmethod
     def _resend(
-        self,
-        stream: AgentStream,
-        dispatch: Dispatch,
-        targets: list[DispatchTarget],
-        duration_s: float | None,
-    ) -> str:
-        """Send unacknowledged commands again, unchanged (same command ids)."""
-        commands: dict[str, list[DispatchTarget]] = {}
+        dispatch: Dispatch, targets: list[DispatchTarget], duration_s: float | None
+    ) -> tuple[str, list[_Command]]:
+        """Unacknowledged commands, to send again unchanged (same command ids)."""
+        groups: dict[str, list[DispatchTarget]] = {}
         for target in targets:
-            commands.setdefault(target.command_id or dispatch.dispatch_id, []).append(target)
-        for command_id, group in commands.items():
+            groups.setdefault(target.command_id or dispatch.dispatch_id, []).append(target)
+        commands: list[_Command] = []
+        for command_id, group in groups.items():
             if command_id == dispatch.dispatch_id and dispatch.asset_id is None:
-                self._send_to_site(stream, dispatch, duration_s)
+                commands.append(_site_command(dispatch, duration_s))
             else:
-                for target in group:
-                    self._send_to_asset(stream, dispatch, target, command_id, duration_s)
-        return f"{len(commands)} unacknowledged command(s) sent again"
+                commands += [_asset_command(dispatch, t, command_id, duration_s) for t in group]
+        return f"{len(groups)} unacknowledged command(s) sent again", commands
 
     # ------------------------------------------------------------------ acknowledgements
 
@@ -809,14 +864,42 @@ def _idempotent_id(key: str) -> str:
     return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
 
 
+def _span_problem(name: str, seconds: float | None) -> str | None:
+    """Why ``seconds`` (``duration_s`` or ``ttl_s``) is out of bounds, or ``None``."""
+    if seconds is None or (math.isfinite(seconds) and 0 < seconds <= DISPATCH_HORIZON_S):
+        return None
+    return (
+        f"{name} must be more than 0 and at most {DISPATCH_HORIZON_S} seconds (one year), "
+        f"got {seconds:g}"
+    )
+
+
+def _check_span(name: str, seconds: float | None) -> None:
+    problem = _span_problem(name, seconds)
+    if problem is not None:
+        raise InvalidDispatchError(problem)
+
+
+def _beyond_horizon(expires_at: datetime, since: datetime) -> str | None:
+    """Why ``expires_at`` is too far after ``since``, or ``None``.
+
+    Subtracting aware datetimes is exact at any UTC offset; converting ``expires_at`` to
+    UTC first would overflow for a time such as 9999-12-31T23:59:59-12:00.
+    """
+    if expires_at - since <= _HORIZON:
+        return None
+    return (
+        f"expires_at {expires_at.isoformat()} is more than {DISPATCH_HORIZON_S} seconds "
+        f"(one year) after {since.isoformat()}; the latest allowed is "
+        f"{(since + _HORIZON).isoformat()}"
+    )
+
+
 def _expiry(request: DispatchRequest, now: datetime) -> datetime | None:
     if request.expires_at is not None and request.ttl_s is not None:
         raise InvalidDispatchError("give expires_at or ttl_s, not both")
     if request.ttl_s is not None:
-        if not (math.isfinite(request.ttl_s) and request.ttl_s > 0):
-            raise InvalidDispatchError(
-                f"ttl_s must be a positive number of seconds, got {request.ttl_s}"
-            )
+        _check_span("ttl_s", request.ttl_s)
         return now + timedelta(seconds=request.ttl_s)
     if request.expires_at is not None:
         if request.expires_at.tzinfo is None:
@@ -828,8 +911,64 @@ def _expiry(request: DispatchRequest, now: datetime) -> datetime | None:
                 f"expires_at {request.expires_at.isoformat()} is already in the past "
                 f"(headend time {now.isoformat()})"
             )
-        return request.expires_at.astimezone(now.tzinfo)
+        problem = _beyond_horizon(request.expires_at, now)
+        if problem is not None:
+            raise InvalidDispatchError(problem)
+        return now + (request.expires_at - now)  # the same instant, in UTC
     return None
+
+
+def _out_of_bounds(dispatch: Dispatch) -> str | None:
+    """Why a stored dispatch reaches beyond :data:`DISPATCH_HORIZON_S`, or ``None``.
+
+    Versions before the bounds stored such records; their dates overflow.
+    """
+    problem = _span_problem("duration_s", dispatch.duration_s)
+    if problem is None and dispatch.expires_at is not None:
+        problem = _beyond_horizon(dispatch.expires_at, dispatch.created_at)
+    if problem is None:
+        return None
+    return f"stored out of bounds: {problem}"
+
+
+def _undelivered(target: DispatchTarget, stream: AgentStream) -> bool:
+    """Whether registering ``stream`` would send ``target`` (first time or again)."""
+    return target.state in ("submitted", "sent") and stream.serves(target.asset_id)
+
+
+def _asset_command(
+    dispatch: Dispatch, target: DispatchTarget, command_id: str, duration_s: float | None
+) -> _Command:
+    message = codec.headend_setpoint(
+        command_id,
+        target.mw,
+        asset_id=target.asset_id,
+        duration_s=duration_s,
+        expires_in_ms=_expires_in_ms(dispatch),
+        expires_at=dispatch.expires_at,
+    )
+    return _Command(message, command_id, [target])
+
+
+def _site_command(dispatch: Dispatch, duration_s: float | None) -> _Command:
+    message = codec.headend_setpoint(
+        dispatch.dispatch_id,
+        dispatch.mw,
+        site_id=dispatch.site_id,
+        duration_s=duration_s,
+        expires_in_ms=_expires_in_ms(dispatch),
+        expires_at=dispatch.expires_at,
+    )
+    return _Command(message, dispatch.dispatch_id, list(dispatch.targets))
+
+
+def _push(stream: AgentStream, commands: Sequence[_Command]) -> None:
+    """Queue ``commands`` on ``stream`` and mark their targets ``sent``."""
+    for command in commands:
+        stream.send(command.message)
+        for target in command.targets:
+            target.state = "sent"
+            target.command_id = command.command_id
 
 
 def _expires_in_ms(dispatch: Dispatch) -> int | None:

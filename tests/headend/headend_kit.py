@@ -17,7 +17,9 @@ import grpc
 import httpx
 import pytest
 
+from der_sdk.extensions import StorageBackendType
 from der_sdk.models import TelemetrySample
+from der_sdk.storage.contract import StorageBackend
 from der_sdk.wire import codec, pb, pb_grpc
 from der_sdk_headend import HeadendConfig
 
@@ -116,6 +118,19 @@ def make_observer_plugin(observer: Observer) -> object:
             observer.calls.append(("der_agent_disconnected", {"sessions": sessions}))
 
     return ObserverPlugin()
+
+
+def make_storage_plugin(scheme: str, storage: StorageBackend) -> object:
+    """A plugin serving ``storage`` itself for ``<scheme>://`` URLs, so a test can write
+    records into a memory backend and then start a headend on it."""
+    from der_sdk import hookimpl
+
+    class StoragePlugin:
+        @hookimpl
+        def der_storage_backends(self) -> list[StorageBackendType]:
+            return [StorageBackendType(name=scheme, schemes=(scheme,), factory=lambda _: storage)]
+
+    return StoragePlugin()
 
 
 # --------------------------------------------------------------------------- a raw agent
