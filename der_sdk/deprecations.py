@@ -21,6 +21,11 @@ How a deprecation is announced, by kind:
 ``api`` and ``config`` (a dotted name or a configuration key)
     The code path calls :func:`warn_deprecated` with the row's name, when it is used.
 
+``rest`` (name ``METHOD /path?parameter=value``)
+    The request handler calls :func:`warn_deprecated` with the row's name. A REST client
+    is no Python program that could see a warning, so the row's message is logged on the
+    ``der.deprecations`` logger at WARNING, once per process, for the operator to pass on.
+
 Every warning is a :class:`DerSdkDeprecationWarning` whose message says what is
 deprecated, since which version, in which version it goes, and what to use instead. Plugin
 authors can make them errors in their tests:
@@ -29,6 +34,7 @@ authors can make them errors in their tests:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -43,7 +49,9 @@ __all__ = [
     "warn_deprecated",
 ]
 
-Kind = Literal["hook", "hook-argument", "api", "config"]
+Kind = Literal["hook", "hook-argument", "api", "config", "rest"]
+
+log = logging.getLogger("der.deprecations")
 
 
 class DerSdkDeprecationWarning(DeprecationWarning):
@@ -55,7 +63,8 @@ class Deprecation:
     """One row of the deprecation table.
 
     :param name: what is deprecated: ``der_hook`` (hook), ``der_hook(arg)`` (hook argument),
-        ``der_sdk.module.name`` (api) or a configuration key such as ``agent.old_key``.
+        ``der_sdk.module.name`` (api), a configuration key such as ``agent.old_key``
+        (config) or ``GET /path?parameter=value`` (rest).
     :param since: the der-sdk version that deprecated it (it warns from then on).
     :param removal: the version that removes it (at least one minor release later).
     :param replacement: what to use instead, said so a user can act on it.
@@ -82,9 +91,20 @@ class Deprecation:
         warnings.warn(self.warning(), stacklevel=stacklevel + 1)
 
 
-DEPRECATIONS: tuple[Deprecation, ...] = ()
-"""Every current deprecation. Nothing is deprecated in der-sdk 0.1; add a row here (and to
-the table in ``docs/hook_policy.md``) when something is, and remove it with the thing."""
+DEPRECATIONS: tuple[Deprecation, ...] = (
+    Deprecation(
+        kind="rest",
+        name="GET /dispatch/history?state=pending",
+        since="0.2",
+        removal="0.3",
+        replacement="filter with state=submitted, the same state under its new name",
+    ),
+)
+"""Every current deprecation. Add a row here (and to the table in ``docs/hook_policy.md``)
+when something is deprecated, and remove the row with the thing."""
+
+_logged: set[str] = set()
+"""Names of ``rest`` rows already logged by this process (each is logged once)."""
 
 
 def lookup(name: str, table: tuple[Deprecation, ...] | None = None) -> Deprecation:
@@ -101,9 +121,15 @@ def warn_deprecated(
     """Warn that ``name`` (a row of :data:`DEPRECATIONS`) was used.
 
     Call it on the code path of the deprecated thing; ``stacklevel=2`` blames the caller
-    of the function that calls this, which is usually the plugin's line.
+    of the function that calls this, which is usually the plugin's line. A ``rest`` row is
+    logged on ``der.deprecations`` instead, the first time it is used in this process.
     """
-    lookup(name, table).warn(stacklevel=stacklevel + 1)
+    row = lookup(name, table)
+    if row.kind != "rest":
+        row.warn(stacklevel=stacklevel + 1)
+    elif row.name not in _logged:
+        _logged.add(row.name)
+        log.warning("%s (a REST client used it; logged once per process)", row.message)
 
 
 def hook_argument_warnings(

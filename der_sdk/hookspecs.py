@@ -143,15 +143,26 @@ def der_device_simulators() -> list[DeviceSimulatorType]:
 
 
 # =========================================================================== observers
-# Called by the headend as things happen. Every implementation runs; return values are
-# ignored. Keep them cheap: they run on the event loop (hand slow work to a task).
+# Called by the headend as things happen, through ``Plugins.notify``: every implementation
+# is called on its own, and one that raises is logged with its plugin's name and package
+# while the others are still called. Return values are ignored. Keep them cheap: they run
+# on the event loop (hand slow work to a task).
 
 
 @hookspec
 def der_telemetry_received(samples: Sequence[TelemetrySample]) -> None:
-    """A batch of telemetry was validated by the headend, before it is stored.
+    """Telemetry was stored: called once per storage write, after it committed.
 
-    :param samples: the validated samples of one batch, in the order the agent sent them.
+    The headend's ingest writer merges the queued batches of one or more agents into one
+    write (up to 5,000 samples, or one larger batch alone) and calls this hook after the storage
+    backend committed it and before the agents' batches are acknowledged. A sample that
+    does not decode or names an asset its stream does not serve is not stored and not
+    passed here; a sample whose ``details`` had a bad field is passed with that field
+    dropped and its ``quality`` downgraded to ``uncertain``. A batch the agent sends again
+    after a lost acknowledgement is stored idempotently and passed again.
+
+    :param samples: the samples of one write, batch after batch in the order they were
+        queued; writes can finish out of order, so do not rely on order across calls.
 
     For exporters and live dashboards. Since 0.1.
     """
@@ -159,9 +170,13 @@ def der_telemetry_received(samples: Sequence[TelemetrySample]) -> None:
 
 @hookspec
 def der_dispatch_validated(dispatch: Dispatch) -> None:
-    """A dispatch passed validation and was split and clamped, before it is routed.
+    """A dispatch passed validation and was split and clamped, before it is recorded and
+    routed.
 
-    :param dispatch: the dispatch record, with its per-asset ``targets``.
+    Not called for a request whose ``Idempotency-Key`` was seen before (it returns the
+    first request's record).
+
+    :param dispatch: a copy of the new dispatch record, with its per-asset ``targets``.
 
     For guardrails that want to log or alert on commands. Since 0.1.
     """
@@ -170,6 +185,9 @@ def der_dispatch_validated(dispatch: Dispatch) -> None:
 @hookspec
 def der_agent_connected(sessions: Sequence[Session], assets: Sequence[Asset]) -> None:
     """An agent registered and its assets were accepted.
+
+    Called once the new sessions are stored and the assets are routed to the agent's
+    stream, before its pending dispatches are sent.
 
     :param sessions: one new session per accepted asset.
     :param assets: the accepted assets, in the same order.
@@ -180,9 +198,19 @@ def der_agent_connected(sessions: Sequence[Session], assets: Sequence[Asset]) ->
 
 @hookspec
 def der_agent_disconnected(sessions: Sequence[Session]) -> None:
-    """An agent's stream ended.
+    """Sessions ended and were stored as closed: an agent's stream ended (or the headend
+    is stopping), or an asset moved to another agent's stream before the old one ended.
 
     :param sessions: the closed sessions, with ``disconnected_at`` set.
 
     Since 0.1.
     """
+
+
+OBSERVER_HOOKS = (
+    "der_telemetry_received",
+    "der_dispatch_validated",
+    "der_agent_connected",
+    "der_agent_disconnected",
+)
+"""The observer hooks: fired with ``Plugins.notify``, never through the pluggy relay."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as metadata
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,6 +54,8 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "der_sdk"
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
+
+log = logging.getLogger("der.plugins")
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -224,6 +227,7 @@ class Plugins:
         self.pm = pm
         self._sources: dict[str, _Source] = {}
         self._trace = trace
+        self._observers: dict[str, tuple[pluggy.HookImpl, ...]] = {}
 
     # ---------------------------------------------------------------- registration
 
@@ -247,6 +251,7 @@ class Plugins:
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
+            _check_observers_are_plain(self.pm, plugin)
         except pluggy.PluginValidationError as exc:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
@@ -272,14 +277,53 @@ class Plugins:
             "device_simulators",
         ):
             self.__dict__.pop(attr, None)
+        self._observers.clear()
 
     @property
     def hook(self) -> Any:
-        """The pluggy hook relay, for calling observer hooks.
-
-        Example: ``plugins.hook.der_telemetry_received(samples=batch)``.
-        """
+        """The pluggy hook relay. Fire observer hooks with :meth:`notify` instead: a call
+        through the relay stops at the first implementation that raises."""
         return self.pm.hook
+
+    # ---------------------------------------------------------------- observers
+
+    def notify(self, hook_name: str, **kwargs: object) -> None:
+        """Call every implementation of observer hook ``hook_name``, each on its own.
+
+        One that raises is logged (``der.plugins``) with the hook, the plugin and its
+        package, and the others are still called: an exporter or guardrail plugin must
+        never stop ingest or dispatch, nor silence another plugin. Implementations run in
+        pluggy's order (last registered first, ``tryfirst``/``trylast`` honoured) and get
+        only the arguments they name. With ``DER_SDK_TRACE_PLUGINS=1`` each call is traced
+        as a call through :attr:`hook` would be.
+        """
+        impls = self._observers.get(hook_name)
+        if impls is None:
+            impls = self._observer_impls(hook_name)
+        if self._trace:
+            _trace_writer(hook_name, impls, kwargs)
+        for impl in impls:
+            try:
+                impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception:
+                source = self._sources.get(impl.plugin_name)
+                log.exception(
+                    "observer %s of plugin %r (%s) raised; the other observers were called "
+                    "and the caller carries on",
+                    hook_name,
+                    impl.plugin_name,
+                    source.package if source else impl.plugin_name,
+                )
+
+    def _observer_impls(self, hook_name: str) -> tuple[pluggy.HookImpl, ...]:
+        """The implementations of ``hook_name`` in call order, kept until the next
+        :meth:`register` or :meth:`unregister`."""
+        if hook_name not in hookspecs.OBSERVER_HOOKS:
+            observers = ", ".join(hookspecs.OBSERVER_HOOKS)
+            raise ValueError(f"{hook_name!r} is not an observer hook; one of {observers}")
+        impls = tuple(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
+        self._observers[hook_name] = impls
+        return impls
 
     # ---------------------------------------------------------------- registries
 
@@ -403,6 +447,21 @@ class Plugins:
     def versions(self) -> dict[str, str]:
         """Distribution name → version for every external plugin (sent in Register)."""
         return {i.package: i.version for i in self.info() if not i.builtin}
+
+
+def _check_observers_are_plain(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Refuse a wrapper implementation of an observer hook: :meth:`Plugins.notify` calls
+    each implementation on its own, so there is no call for a wrapper to wrap."""
+    for caller in pm.get_hookcallers(plugin) or ():
+        if caller.name not in hookspecs.OBSERVER_HOOKS:
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and (impl.wrapper or impl.hookwrapper):
+                raise pluggy.PluginValidationError(
+                    plugin,
+                    f"{caller.name} is an observer hook: implement it as a plain function, "
+                    "not a wrapper",
+                )
 
 
 def _trace_writer(hook_name: str, hook_impls: Sequence[Any], kwargs: Mapping[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import types
 import warnings
@@ -10,7 +11,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
-from der_sdk import hookspecs
+from der_sdk import deprecations, hookspecs
 from der_sdk.deprecations import (
     DEPRECATIONS,
     Deprecation,
@@ -44,6 +45,13 @@ TABLE = (
         removal="0.5",
         replacement="call der_sdk.example.new_function",
     ),
+    Deprecation(
+        kind="rest",
+        name="GET /example?old=1",
+        since="0.2",
+        removal="0.3",
+        replacement="send new=1",
+    ),
 )
 
 
@@ -61,6 +69,20 @@ def test_warn_deprecated_names_since_removal_and_replacement() -> None:
     )
     assert (record.filename, record.lineno) == (__file__, _line_of("        old_function()"))
     assert issubclass(DerSdkDeprecationWarning, DeprecationWarning)
+
+
+def test_a_rest_deprecation_is_logged_once_for_the_operator_and_raises_no_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deprecations, "_logged", set())
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger="der.deprecations"):
+        warnings.simplefilter("error")  # a REST client's use is no Python warning
+        warn_deprecated("GET /example?old=1", table=TABLE)
+        warn_deprecated("GET /example?old=1", table=TABLE)
+    assert [r.getMessage() for r in caplog.records] == [
+        "GET /example?old=1 is deprecated since der-sdk 0.2 and will be removed in der-sdk "
+        "0.3; send new=1 (a REST client used it; logged once per process)"
+    ]
 
 
 def test_an_unregistered_deprecation_is_a_programming_error() -> None:

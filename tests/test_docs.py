@@ -1,22 +1,26 @@
-"""Docs are part of the feature: every hook is documented and has a test, and every
-hook example is a file under docs/examples/hooks/ that the docs show verbatim and that runs
-and registers cleanly."""
+"""Docs are part of the feature: every hook is documented with the spec's signature and has
+a test, and every hook example is a file under docs/examples/hooks/ that the docs show
+verbatim and that runs and registers cleanly, its descriptors merged into a registry."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import types
+from functools import cached_property
 from pathlib import Path
 
 import pytest
 
 from der_sdk import hookspecs, load_plugins
+from der_sdk.plugins import Plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK_DOC = ROOT / "docs" / "plugin_hooks.md"
 GUIDE = ROOT / "docs" / "plugin_guide.md"
 EXAMPLES = ROOT / "docs" / "examples" / "hooks"
 HOOKS = sorted(n for n in dir(hookspecs) if n.startswith("der_"))
+REGISTRIES = sorted(n for n, v in vars(Plugins).items() if isinstance(v, cached_property))
 
 
 def _sections() -> dict[str, str]:
@@ -27,6 +31,32 @@ def _sections() -> dict[str, str]:
 
 def test_every_hook_has_a_docs_section() -> None:
     assert sorted(_sections()) == HOOKS
+
+
+def _spec_signature(hook: str) -> tuple[list[str], str]:
+    """The argument names of the spec of ``hook`` and its signature as the docs show it."""
+    signature = inspect.signature(getattr(hookspecs, hook))
+    names = list(signature.parameters)
+    arguments = ", ".join(f"{p.name}: {p.annotation}" for p in signature.parameters.values())
+    return names, f"{hook}({arguments}) -> {signature.return_annotation}"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_the_documented_signature_is_the_hookspec(hook: str) -> None:
+    blocks = re.findall(r"^```\n(.*?)\n```", _sections()[hook], flags=re.S | re.M)
+    assert blocks, f"the {hook} section of {HOOK_DOC.name} shows its signature in a ``` block"
+    documented = blocks[0].strip()
+    match = re.fullmatch(rf"{hook}\((.*)\) -> .+", documented, flags=re.S)
+    assert match, f"the {hook} section shows {documented!r}, not a signature of {hook}"
+    names, signature = _spec_signature(hook)
+    documented_names = re.findall(r"(\w+)\s*:", match.group(1))
+    assert documented_names == names, (
+        f"{HOOK_DOC.name} documents {hook} with arguments {documented_names}; "
+        f"der_sdk/hookspecs.py declares {names}"
+    )
+    assert documented == signature, (
+        f"{HOOK_DOC.name} shows {documented!r}; the spec is {signature!r}"
+    )
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -55,15 +85,13 @@ def test_hook_docs_example_runs_and_registers(hook: str) -> None:
     plugins = load_plugins(entry_points=False, extra=[(module.__name__, module)], env={})
     row = next(i for i in plugins.info() if i.name == module.__name__)
     assert hook in row.hooks
-    for registry in (
-        "adapter_types",
-        "asset_types",
-        "split_policies",
-        "storage_backends",
-        "device_profiles",
-        "edge_services",
-    ):
-        getattr(plugins, registry).names()  # merges without clashing with built-ins
+    registries = [getattr(plugins, name) for name in REGISTRIES]  # merge: no clash
+    if hook in hookspecs.OBSERVER_HOOKS:
+        return
+    for descriptor in getattr(module, hook)():
+        assert any(descriptor.name in registry for registry in registries), (
+            f"{descriptor.name!r} from the {hook} example is in none of the registries"
+        )
 
 
 def test_every_example_file_belongs_to_a_hook() -> None:

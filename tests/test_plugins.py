@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 import pytest
@@ -238,3 +239,55 @@ def test_adapter_options_struct_is_part_of_the_descriptor() -> None:
     assert options_type is not None and issubclass(options_type, msgspec.Struct)
     asset = Asset(asset_id="a", site_id="s", name="n", max_mw=1, min_mw=-1)
     assert asset.clamp(5) == 1 and asset.clamp(-5) == -1
+
+
+class Disconnections:
+    """Records the sessions of each ``der_agent_disconnected`` call."""
+
+    def __init__(self) -> None:
+        self.calls: list[Any] = []
+
+    @hookimpl
+    def der_agent_disconnected(self, sessions: Any) -> None:
+        self.calls.append(sessions)
+
+
+def test_notify_sees_plugins_registered_and_unregistered_after_its_first_call() -> None:
+    plugins = load_plugins(entry_points=False, env=NO_ENV)
+    plugins.notify("der_agent_disconnected", sessions=[])  # no implementation yet
+    first, second = Disconnections(), Disconnections()
+    plugins.register(first, "first")
+    plugins.notify("der_agent_disconnected", sessions=[])
+    plugins.register(second, "second")
+    plugins.unregister("first")
+    plugins.notify("der_agent_disconnected", sessions=[])
+    assert len(first.calls) == 1 and len(second.calls) == 1
+
+
+def test_notify_refuses_a_hook_that_is_not_an_observer() -> None:
+    plugins = load_plugins(entry_points=False, env=NO_ENV)
+    with pytest.raises(ValueError, match="'der_asset_types' is not an observer hook"):
+        plugins.notify("der_asset_types")
+
+
+def test_a_wrapper_implementation_of_an_observer_hook_is_refused() -> None:
+    class Wrapping:
+        @hookimpl(wrapper=True)
+        def der_dispatch_validated(self, dispatch: Any) -> Any:
+            return (yield)
+
+    plugins = load_plugins(entry_points=False, env=NO_ENV)
+    with pytest.raises(PluginError, match=r"'wrapping' .*der_dispatch_validated is an observer"):
+        plugins.register(Wrapping(), "wrapping")
+    assert "wrapping" not in [row.name for row in plugins.info()]
+
+
+def test_trace_env_prints_observer_calls(capsys: pytest.CaptureFixture[str]) -> None:
+    plugins = load_plugins(
+        entry_points=False,
+        extra=[("recording", Disconnections())],
+        env={"DER_SDK_TRACE_PLUGINS": "1"},
+    )
+    plugins.notify("der_agent_disconnected", sessions=[])
+    err = capsys.readouterr().err
+    assert "der_sdk trace: der_agent_disconnected(sessions) -> [recording]" in err

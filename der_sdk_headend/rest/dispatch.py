@@ -12,6 +12,7 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
+from der_sdk.deprecations import warn_deprecated
 from der_sdk.errors import UnknownNameError
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState
 from der_sdk_headend.dispatch import (
@@ -122,7 +123,8 @@ class DispatchController(Controller):
         limit: FromQuery[int] = 100,
     ) -> list[Dispatch]:
         state = state_filter
-        if state == "pending":  # the name before 0.2; kept for old scripts
+        if state == "pending":  # the name before 0.2; kept for old scripts until 0.3
+            warn_deprecated("GET /dispatch/history?state=pending")
             state = "submitted"
         if state is not None and state not in _STATES:
             raise ValidationException(

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -131,6 +132,21 @@ def make_storage_plugin(scheme: str, storage: StorageBackend) -> object:
             return [StorageBackendType(name=scheme, schemes=(scheme,), factory=lambda _: storage)]
 
     return StoragePlugin()
+
+
+def make_exploding_observer_plugin(called: list[str]) -> object:
+    """A plugin implementing every observer hook; each notes its call in ``called``, then
+    raises ``RuntimeError("boom in HOOK")``."""
+    from der_sdk import hookimpl, hookspecs
+
+    def exploding(hook: str) -> Callable[[], None]:
+        def explode() -> None:
+            called.append(hook)
+            raise RuntimeError(f"boom in {hook}")
+
+        return hookimpl(explode)
+
+    return SimpleNamespace(**{hook: exploding(hook) for hook in hookspecs.OBSERVER_HOOKS})
 
 
 # --------------------------------------------------------------------------- a raw agent

@@ -3,6 +3,7 @@ delivery, supersede, acknowledgements and the lifecycle record."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from headend_kit import (
     eventually,
 )
 
+from der_sdk import deprecations
 from der_sdk.wire import codec
 
 
@@ -275,3 +277,20 @@ async def test_dispatch_history_filters_by_target_and_state_newest_first(
     assert [d["dispatch_id"] for d in by_site] == [third["dispatch_id"]]
     bad = await http.get("/dispatch/history", params={"state": "done"})
     assert bad.status_code == 400 and "`state`" in bad.json()["detail"]
+
+
+async def test_state_pending_is_logged_as_deprecated_once_with_since_and_removal(
+    http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deprecations, "_logged", set())  # as in a fresh headend process
+    await dispatch(http, asset_id=BESS_1, mw=1.0)
+    submitted = (await http.get("/dispatch/history", params={"state": "submitted"})).json()
+    with caplog.at_level(logging.WARNING, logger="der.deprecations"):
+        for _ in range(2):
+            response = await http.get("/dispatch/history", params={"state": "pending"})
+            assert response.status_code == 200 and response.json() == submitted
+    assert [r.getMessage() for r in caplog.records if r.name == "der.deprecations"] == [
+        "GET /dispatch/history?state=pending is deprecated since der-sdk 0.2 and will be "
+        "removed in der-sdk 0.3; filter with state=submitted, the same state under its new "
+        "name (a REST client used it; logged once per process)"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import httpx
@@ -20,10 +21,12 @@ from headend_kit import (
     Observer,
     agents_by_asset,
     eventually,
+    make_exploding_observer_plugin,
     sample,
 )
 
 from der_sdk.models import Session, utc_now
+from der_sdk.plugins import Plugins
 from der_sdk.wire import codec
 from der_sdk_headend import Headend
 
@@ -209,15 +212,22 @@ async def test_heartbeat_is_recorded_once_per_served_asset(
     assert missing.json()["detail"] == f"no heartbeat received yet for asset {BESS_3}"
 
 
-async def test_observer_hooks_see_connect_telemetry_dispatch_and_disconnect(
-    http: httpx.AsyncClient, connect_agent: ConnectAgent, observer: Observer
+async def _connect_send_dispatch_and_end(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
 ) -> None:
+    """One agent's life that fires every observer hook once."""
     agent = await connect_agent()
     await agent.register([BESS_1])
     await agent.telemetry(1, [sample(BESS_1)])
     assert (await http.post("/dispatch", json={"asset_id": BESS_1, "mw": 1.0})).status_code == 202
     await agent.recv_kind("setpoint")
     await agent.end()
+
+
+async def test_observer_hooks_see_connect_telemetry_dispatch_and_disconnect(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent, observer: Observer
+) -> None:
+    await _connect_send_dispatch_and_end(http, connect_agent)
 
     names = observer.names()
     assert names == [
@@ -230,6 +240,37 @@ async def test_observer_hooks_see_connect_telemetry_dispatch_and_disconnect(
     assert [a.asset_id for a in connected["assets"]] == [BESS_1]
     assert connected["sessions"][0].asset_id == BESS_1
     assert observer.calls[2][1]["dispatch"].targets[0].asset_id == BESS_1
+
+
+async def test_an_observer_that_raises_is_logged_by_name_and_the_others_still_see_everything(
+    http: httpx.AsyncClient,
+    connect_agent: ConnectAgent,
+    observer: Observer,
+    plugins: Plugins,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    exploded: list[str] = []
+    # Registered after the recording observer, so pluggy orders it first.
+    plugins.register(
+        make_exploding_observer_plugin(exploded), "exploding", package="der-sdk-exploding"
+    )
+    with caplog.at_level(logging.ERROR, logger="der.plugins"):
+        await _connect_send_dispatch_and_end(http, connect_agent)
+
+    hooks = [
+        "der_agent_connected",
+        "der_telemetry_received",
+        "der_dispatch_validated",
+        "der_agent_disconnected",
+    ]
+    assert observer.names() == exploded == hooks
+    assert [r.getMessage() for r in caplog.records if r.name == "der.plugins"] == [
+        f"observer {hook} of plugin 'exploding' (der-sdk-exploding) raised; "
+        "the other observers were called and the caller carries on"
+        for hook in hooks
+    ]
+    stored = (await http.get(f"/telemetry/{BESS_1}/history")).json()
+    assert len(stored) == 1, "ingest carried on past the failing observer"
 
 
 async def test_an_agent_gone_while_its_sessions_are_stored_leaves_none_open(
