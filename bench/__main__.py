@@ -7,7 +7,8 @@ benchmark (``python -m bench all``) also rewrites the results table in
 small load of each, under two minutes, that shows every benchmark runs; its numbers mean
 nothing and it never touches the docs.
 
-Benchmarks: ingest-pg, ingest-sqlite, dispatch, memory, storm, rest (``all``: every one).
+Benchmarks: ingest-pg, ingest-sqlite, dispatch, memory, storm, rest, mtls (``all``: every
+one).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "memory": "bench.fleet:run_memory",
     "storm": "bench.fleet:run_storm",
     "rest": "bench.rest:run",
+    "mtls": "bench.mtls:run",
 }
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"

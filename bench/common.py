@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import statistics
 import sys
 import time
@@ -158,8 +159,11 @@ async def headend(
     inventory: Path,
     database_url: str,
     env: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[HeadendProcess]:
-    """``der headend`` in a child process, WARNING logs, stopped on exit."""
+    """``der headend`` in a child process, WARNING logs, stopped on exit; with
+    ``ssl_context`` (trusting the certificate of the ``HEADEND_TLS_*`` files in ``env``)
+    its REST API is asked over HTTPS."""
     workdir = ctx.scratch(f"{name}-headend")
     process = HeadendProcess(
         inventory,
@@ -167,6 +171,7 @@ async def headend(
         workdir,
         env={"MAX_AGENT_STREAMS": "20000", **(env or {})},
         log_level="WARNING",
+        ssl_context=ssl_context,
     )
     await process.start(timeout_s=60)
     for _ in range(600):

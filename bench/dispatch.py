@@ -33,6 +33,7 @@ import contextlib
 import os
 import random
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -67,17 +68,20 @@ _STORED = re.compile(rb"^der_ingest_samples_stored_total (\S+)$", re.M)
 class HttpClient:
     """A keep-alive HTTP/1.1 client on one connection: the least a client can do.
 
-    Content-Length and chunked bodies; one request at a time.
+    Content-Length and chunked bodies; one request at a time; HTTPS with ``ssl_context``.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
+        self.ssl_context = ssl_context
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     async def open(self) -> HttpClient:
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self._reader, self._writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.ssl_context
+        )
         return self
 
     async def close(self) -> None:
@@ -228,8 +232,9 @@ def _round(summary: dict[str, float]) -> dict[str, float]:
 
 
 def _spawn_loadgen(
-    target: str, fleet_path: Path, seconds: float, rate: float, log_path: Path
+    target: str, fleet_path: Path, seconds: float, rate: float, log_path: Path, tls: Path | None
 ) -> subprocess.Popen[bytes]:
+    extra = ["--tls", str(tls)] if tls is not None else []
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [
@@ -244,6 +249,7 @@ def _spawn_loadgen(
                 str(seconds),
                 "--rate",
                 str(rate),
+                *extra,
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -252,17 +258,23 @@ def _spawn_loadgen(
 
 
 async def _start_loadgen(
-    target: str, fleet_path: Path, seconds: float, rate: float, log_path: Path
+    target: str,
+    fleet_path: Path,
+    seconds: float,
+    rate: float,
+    log_path: Path,
+    tls: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """``python -m bench.loadgen`` in a child process (stdlib subprocess);
-    returns once its agents are registered (it printed ``ready``).
+    """``python -m bench.loadgen`` in a child process (stdlib subprocess), over mutual
+    TLS with the certificates in ``tls``; returns once its agents are registered (it
+    printed ``ready``).
 
     Started with the stdlib's :class:`subprocess.Popen` (vfork + exec, returns at once),
     not the event loop's: uvloop forks, and in a process holding gRPC channels grpcio's
     fork handlers then crash about one child in four (a segfault in the child's
     ``event_engine`` thread, in ``dmesg``) before it runs a line of Python.
     """
-    process = _spawn_loadgen(target, fleet_path, seconds, rate, log_path)
+    process = _spawn_loadgen(target, fleet_path, seconds, rate, log_path, tls)
     assert process.stdout is not None
     try:
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 120)

@@ -10,12 +10,14 @@ nothing is encoded on the hot path but those two varints.
 :func:`make_fleet` builds the inventory (sites, assets, agents) and writes it as YAML for
 the headend. :class:`Fleet` connects the agents, drives telemetry at a rate (or flat out),
 answers setpoints like an agent that applies them at once, and counts what comes back.
+With :class:`ClientTls` every agent dials over mutual TLS with its own client certificate
+(the handshake and the record encryption run in gRPC's C core, as in ``der_sdk_agent``).
 
 Run standalone it is a load process (used by the dispatch benchmark to add ingest load
 from a second process)::
 
     python -m bench.loadgen --target 127.0.0.1:50051 --inventory fleet.json --rate 20000 \
-        --seconds 30
+        --seconds 30 [--tls PKI_DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,12 @@ import grpc
 import msgspec
 import yaml
 
+from der_sdk import certs
 from der_sdk.wire import pb
 
 __all__ = [
     "AgentSpec",
+    "ClientTls",
     "Fleet",
     "FleetAgent",
     "FleetSpec",
@@ -143,6 +147,35 @@ def make_fleet(agents: int, assets_per_agent: int, *, prefix: str = "bench") -> 
     )
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """Mutual TLS for a fleet: the CA that signed the headend's certificate and each
+    agent's key and certificate (PEM) by agent id, read once before anything connects."""
+
+    root: bytes
+    pairs: Mapping[str, tuple[bytes, bytes]]
+
+    @classmethod
+    def read(cls, directory: Path, spec: FleetSpec) -> ClientTls:
+        """The files :func:`der_sdk.certs.issue_agent` wrote in ``directory`` for the
+        agents of ``spec`` (each certificate's CN is its agent id)."""
+        pairs = {}
+        for agent in spec.agents:
+            stem = certs.agent_files(agent.agent_id)
+            pairs[agent.agent_id] = (
+                (directory / f"{stem}.key").read_bytes(),
+                (directory / f"{stem}.pem").read_bytes(),
+            )
+        return cls((directory / certs.CA_CERT_FILE).read_bytes(), pairs)
+
+    def channel(self, agent_id: str, target: str) -> grpc.aio.Channel:
+        key, chain = self.pairs[agent_id]
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.root, private_key=key, certificate_chain=chain
+        )
+        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
 # ----------------------------------------------------------------------------- encoding
 
 
@@ -214,9 +247,11 @@ class FleetAgent:
         window: int,
         on_outcome_ack: Callable[[str, float], None] | None = None,
         auto_apply: bool = True,
+        tls: ClientTls | None = None,
     ) -> None:
         self.spec = spec
         self.target = target
+        self.tls = tls
         self.ticks = ticks_per_batch
         self.window = window
         self.stats = AgentStats()
@@ -279,7 +314,10 @@ class FleetAgent:
             yield message
 
     async def _run(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        if self.tls is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = self.tls.channel(self.spec.agent_id, self.target)
         call = self._channel.stream_stream(
             METHOD,
             request_serializer=None,
@@ -331,13 +369,15 @@ class FleetAgent:
 
 @dataclass
 class Fleet:
-    """Agents of ``spec`` against ``target``, all in this process."""
+    """Agents of ``spec`` against ``target``, all in this process; over mutual TLS with
+    ``tls``."""
 
     spec: FleetSpec
     target: str
     ticks_per_batch: int = 10
     window: int = 8
     on_outcome_ack: Callable[[str, float], None] | None = None
+    tls: ClientTls | None = None
     agents: list[FleetAgent] = field(default_factory=list)
 
     async def connect(self, timeout_s: float = 60.0, *, concurrency: int | None = None) -> float:
@@ -352,6 +392,7 @@ class Fleet:
                 ticks_per_batch=self.ticks_per_batch,
                 window=self.window,
                 on_outcome_ack=self.on_outcome_ack,
+                tls=self.tls,
             )
             for a in self.spec.agents
         ]
@@ -434,7 +475,8 @@ class Fleet:
 
 async def _main(args: argparse.Namespace) -> None:
     spec = FleetSpec.read(Path(args.fleet))
-    fleet = Fleet(spec, args.target, ticks_per_batch=args.ticks, window=args.window)
+    tls = await asyncio.to_thread(ClientTls.read, Path(args.tls), spec) if args.tls else None
+    fleet = Fleet(spec, args.target, ticks_per_batch=args.ticks, window=args.window, tls=tls)
     await fleet.connect(timeout_s=120)
     print(json.dumps({"ready": True}), flush=True)
     started = time.perf_counter()
@@ -462,6 +504,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="samples/s; 0 = flat out")
     parser.add_argument("--ticks", type=int, default=10)
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument(
+        "--tls", default="", help="mutual TLS: the folder with ca.pem and the agents' certificates"
+    )
     args = parser.parse_args()
     try:
         import uvloop

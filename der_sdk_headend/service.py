@@ -303,8 +303,9 @@ class Headend:
         assert self._ingest and self._dispatcher
         tls = load_server_tls(self.config)
         # Under mutual TLS the headend terminates TLS itself (der_sdk_headend.link.tls_front),
-        # so that refused handshakes are audited; gRPC then listens on loopback only.
-        front_peers: FrontPeers | None = {} if tls is not None and tls.mtls else None
+        # so that refused handshakes are audited; gRPC then listens on loopback only. In
+        # HEADEND_MTLS_MODE=native gRPC's own TLS checks the client certificate instead.
+        front_peers: FrontPeers | None = {} if tls is not None and self.config.tls_front else None
         self._link = AgentLinkService(
             inventory=self._inventory,
             storage=self._storage,
@@ -477,6 +478,12 @@ class Headend:
         return len(self._presence.connected_asset_ids()) if self._presence else 0
 
 
+def _link_security(config: HeadendConfig) -> str:
+    if config.mtls:
+        return f"mutual TLS, {config.mtls_mode}"
+    return "TLS" if config.tls else "plaintext"
+
+
 def check_exposure(config: HeadendConfig) -> None:
     """Refuse to serve plaintext beyond this machine unless told to (``--insecure``).
 
@@ -573,7 +580,7 @@ async def run_headend(config: HeadendConfig) -> None:
             headend.http_url,
             headend.http_url,
             headend.grpc_addr,
-            "mutual TLS" if config.mtls else "TLS" if config.tls else "plaintext",
+            _link_security(config),
             headend.storage.name,
             len(headend.inventory.sites),
             len(headend.inventory.assets),

@@ -40,6 +40,8 @@ def test_config_without_assets_path_says_what_to_set() -> None:
         ({"RESET_DB": "maybe"}, "RESET_DB"),
         ({"INGEST_WRITERS": "0"}, "INGEST_WRITERS=0 must be 1..16"),
         ({"INGEST_WRITERS": "two"}, "INGEST_WRITERS"),
+        ({"HEADEND_MTLS_MODE": "grpc"}, "HEADEND_MTLS_MODE='grpc' is not one of front, native"),
+        ({"HEADEND_MTLS_MODE": "native"}, "HEADEND_MTLS_MODE=native .* needs HEADEND_CLIENT_CA"),
     ],
 )
 def test_config_rejects_malformed_values_naming_the_variable(

@@ -379,6 +379,48 @@ async def test_a_stream_that_bypasses_the_tls_front_is_refused_and_audited(
     assert audit.data["stage"] == "front" and audit.data["source"].startswith("ipv4:127.0.0.1:")
 
 
+# --------------------------------------------------------------------------- native mode
+
+
+async def test_in_native_mode_grpc_checks_the_certificate_and_refusals_go_unaudited(
+    pki: Pki, start_headend: Start, channels: Callable[..., grpc.aio.Channel]
+) -> None:
+    headend = await start_headend(
+        bind(SITE_A, f"fingerprint: {pki.agent_a.fingerprint}"), HEADEND_MTLS_MODE="native"
+    )
+    assert headend._front is None, "gRPC's own TLS serves the agent port"
+
+    code, details, ack = await try_register(channels(headend, None, ca=pki.ca), SITE_A_ASSETS)
+    assert code == grpc.StatusCode.UNAVAILABLE, details
+    assert ack is None
+    await assert_nothing_written(headend)
+    # What this mode gives up: gRPC refused the handshake in its C core, unseen.
+    await asyncio.sleep(0.3)
+    assert await headend.storage.events() == []
+
+    agent = RawAgent(channels(headend, pki.agent_a, ca=pki.ca))
+    ack = await agent.register(SITE_A_ASSETS)
+    assert ack.accepted and list(ack.accepted_asset_ids) == list(SITE_A_ASSETS)
+    assert (await agent.telemetry(1, [sample(BESS_1, seconds=1)])).seq == 1
+    assert len(await headend.storage.telemetry_history(BESS_1)) == 1
+
+
+async def test_in_native_mode_a_valid_certificate_claiming_another_site_is_refused(
+    pki: Pki, start_headend: Start, channels: Callable[..., grpc.aio.Channel]
+) -> None:
+    headend = await start_headend(
+        bind(SITE_A, f"fingerprint: {pki.agent_a.fingerprint}"), HEADEND_MTLS_MODE="native"
+    )
+    code, details, _ = await try_register(
+        channels(headend, pki.agent_b, ca=pki.ca), [BESS_3], site_id=SITE_A
+    )
+    assert code == grpc.StatusCode.PERMISSION_DENIED, details
+    await assert_nothing_written(headend)
+    audit, _ = await only_refusal_records(headend)
+    assert audit.data["actor"]["name"] == pki.agent_b.fingerprint
+    assert audit.data["source"].startswith("ipv4:127.0.0.1:")
+
+
 # --------------------------------------------------------------------------- servicer refusals
 
 
