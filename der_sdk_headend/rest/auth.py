@@ -15,6 +15,10 @@ admin (refused at start on a non-loopback address unless ``HEADEND_INSECURE``); 
 is on unless the REST address is loopback and the file has no active token. ``auto`` is
 re-decided whenever the token set changes: creating the first token turns checking on
 without a restart.
+
+Routes marked :data:`TOKEN_ALWAYS` (``/tokens``) check the token in every mode: while
+checking is off, a local process must not be able to mint an admin token for itself. The
+first token is made with ``der tokens create``, by whoever may write the token file.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ __all__ = [
     "ACCESS_LEVELS",
     "BEARER_SCHEME",
     "RELOAD_INTERVAL_S",
+    "TOKEN_ALWAYS",
     "Access",
     "DenialLimiter",
     "RestAuth",
@@ -79,6 +84,10 @@ Access = Literal["open", "metrics", "viewer", "operator", "admin"]
 ``METRICS_AUTH``); or a token with at least that role."""
 ACCESS_LEVELS: tuple[Access, ...] = get_args(Access)
 ACCESS_KEY = "der_access"
+TOKEN_ALWAYS_KEY = "der_token_always"
+TOKEN_ALWAYS: dict[str, Any] = {TOKEN_ALWAYS_KEY: True}
+"""``opt`` of a controller or route whose token is checked even while authentication is
+off (``HEADEND_AUTH=off``, or ``auto`` on loopback with no active token)."""
 BEARER_SCHEME = "BearerToken"
 RELOAD_INTERVAL_S = 0.5
 """How often the token file's ``stat`` is checked; a change is live within about this."""
@@ -577,9 +586,12 @@ def create_auth_middleware(headend: Headend) -> Callable[..., ASGIApp]:
                 level = "open" if headend.config.metrics_auth == "open" else "viewer"
             if level != "open":
                 auth = headend.rest_auth
-                scope["user"] = (
-                    await _authenticate(auth, scope, level) if auth.enabled else ANONYMOUS
-                )
+                if auth.enabled:
+                    scope["user"] = await _authenticate(auth, scope, level)
+                elif scope["route_handler"].opt.get(TOKEN_ALWAYS_KEY):
+                    scope["user"] = await _authenticate(auth, scope, level, always=True)
+                else:
+                    scope["user"] = ANONYMOUS
             await app(scope, receive, send)
 
         return check_access
@@ -595,16 +607,26 @@ def _authorization(scope: Scope) -> str | None:
     return None
 
 
-async def _authenticate(auth: RestAuth, scope: Scope, level: Role) -> Actor:
-    """The actor of a request to a route that needs ``level``; raises the 401/403."""
+async def _authenticate(
+    auth: RestAuth, scope: Scope, level: Role, *, always: bool = False
+) -> Actor:
+    """The actor of a request to a route that needs ``level``; raises the 401/403.
+
+    ``always``: the route checks tokens although authentication is off, which the 401
+    says, with the way to the first token."""
     header = _authorization(scope)
     if header is None:
         await _refuse(
             auth,
             ASGIConnection(scope),
             401,
-            "missing bearer token: send `Authorization: Bearer "
-            "<token>` (an admin creates tokens with `der tokens create` or POST /tokens)",
+            "missing bearer token: send `Authorization: Bearer <token>` "
+            + (
+                "(/tokens needs an admin token even while REST authentication is off: "
+                "create the first one with `der tokens create --role admin`)"
+                if always
+                else "(an admin creates tokens with `der tokens create` or POST /tokens)"
+            ),
         )
     scheme, _, secret = header.strip().partition(" ")
     secret = secret.strip()

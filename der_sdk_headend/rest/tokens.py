@@ -1,4 +1,5 @@
-"""``/tokens``: REST bearer tokens, for admins. Every change is audited."""
+"""``/tokens``: REST bearer tokens, for admins only, whatever ``HEADEND_AUTH`` says (the
+first admin token is made with ``der tokens create``). Every change is audited."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.params import FromPath, JSONBody
 
 from der_sdk.errors import DerSdkError
-from der_sdk_headend.rest.auth import access, actor_of, client_source
+from der_sdk_headend.rest.auth import TOKEN_ALWAYS, access, actor_of, client_source
 from der_sdk_headend.rest.schemas import NewToken, TokenRequest, TokenRow
 from der_sdk_headend.tokens import UnknownTokenError
 
@@ -29,6 +30,9 @@ def _file_error(exc: DerSdkError) -> HTTPException:
 class TokensController(Controller):
     path = "/tokens"
     tags = ["admin"]
+    # An admin token even while authentication is off (auto on loopback with no token
+    # yet): otherwise any local process could mint the first admin token for itself.
+    opt = TOKEN_ALWAYS
 
     @get("/", summary="Every REST token (no secrets), oldest first", **access("admin"))
     async def list_tokens(self, headend: NamedDependency[Headend]) -> list[TokenRow]:

@@ -8,6 +8,7 @@ Every test here also checks that no token secret reached a log record.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -649,21 +650,105 @@ async def test_auth_is_off_on_loopback_without_tokens_said_loudly_and_audited_an
 
 
 async def test_auto_turns_on_with_the_first_token_and_off_when_none_is_active(
-    headend: Headend, http: httpx.AsyncClient, seen_secrets: list[str]
+    headend: Headend,
+    http: httpx.AsyncClient,
+    tokens_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seen_secrets: list[str],
 ) -> None:
-    created = await http.post("/tokens", json={"role": "admin", "name": "first"})
-    assert created.status_code == 201
-    secret = created.json()["token"]
+    args = ["tokens", "create", "--role", "admin", "--name", "first", "--json"]
+    assert await asyncio.to_thread(run_der, *args, "--file", str(tokens_path)) == 0
+    created = json.loads(capsys.readouterr().out)
+    secret = created["token"]
     seen_secrets.append(secret)
-    assert headend.rest_auth.enabled is True
-    assert (await http.get("/assets")).status_code == 401
-    assert (await http.get("/assets", headers=bearer(secret))).status_code == 200
-    (record,) = await audit(http, bearer(secret), action="token.create")
-    assert record["actor"]["kind"] == "anonymous", "made while authentication was off"
 
-    revoked = await http.delete(f"/tokens/{created.json()['id']}", headers=bearer(secret))
+    async def turned_on() -> bool:
+        return (await http.get("/assets")).status_code == 401
+
+    await eventually(turned_on, "the first token turns authentication on", deadline_s=1.5)
+    assert headend.rest_auth.enabled is True
+    assert (await http.get("/assets", headers=bearer(secret))).status_code == 200
+
+    revoked = await http.delete(f"/tokens/{created['id']}", headers=bearer(secret))
     assert revoked.status_code == 200
     assert (await http.get("/assets")).status_code == 200, "loopback, no active token: off"
+
+
+TOKEN_ROUTE_REQUESTS: list[tuple[str, str, Any, int]] = [
+    ("GET", "/tokens", None, 200),
+    ("POST", "/tokens", {"role": "admin", "name": "minted"}, 201),
+    ("DELETE", "/tokens/{token_id}", None, 200),
+]
+"""Every token route, asked with what an admin would get."""
+
+
+async def test_no_anonymous_request_reaches_the_token_routes_while_auth_is_off(
+    headend: Headend,
+    http: httpx.AsyncClient,
+    tokens_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    seen_secrets: list[str],
+) -> None:
+    """``HEADEND_AUTH=auto`` on loopback with no token: every other route is open, but a
+    local process must not mint the first admin token for itself over REST."""
+    assert headend.rest_auth.enabled is False
+    for method, path, body, _ in TOKEN_ROUTE_REQUESTS:
+        path = path.format(token_id="tok_00000000")
+        refused = await http.request(method, path, json=body)
+        assert refused.status_code == 401, f"{method} {path}: {refused.text}"
+        assert refused.headers["WWW-Authenticate"] == 'Bearer realm="der-sdk headend"'
+        assert "`der tokens create --role admin`" in refused.json()["detail"]
+    assert TokenFileStore(tokens_path).read().tokens == [], "no token was made"
+    assert headend.rest_auth.enabled is False
+    assert (await http.get("/assets")).status_code == 200, "the other routes stay open"
+
+    # the way in: `der tokens create`, by whoever may write the token file
+    args = ["tokens", "create", "--role", "admin", "--file", str(tokens_path)]
+    assert await asyncio.to_thread(run_der, *args) == 0
+    secret = capsys.readouterr().out.strip()
+    seen_secrets.append(secret)
+
+    async def admin_lists_tokens() -> bool:
+        return (await http.get("/tokens", headers=bearer(secret))).status_code == 200
+
+    await eventually(admin_lists_tokens, "the CLI-made admin token is accepted", deadline_s=1.5)
+    made = await http.post("/tokens", json={"role": "viewer"}, headers=bearer(secret))
+    assert made.status_code == 201, made.text
+    seen_secrets.append(made.json()["token"])
+
+
+async def test_the_token_routes_need_an_admin_token_even_with_auth_off(
+    inventory_path: Path,
+    plugins: Plugins,
+    role_tokens: dict[str, str],
+    tokens_path: Path,
+    seen_secrets: list[str],
+) -> None:
+    spare = TokenFileStore(tokens_path).create(role="viewer", name=SPARE_TOKEN_NAME)[0]
+    headend = Headend(make_config(inventory_path, HEADEND_AUTH="off"), plugins=plugins)
+    await headend.start()
+    try:
+        async with httpx.AsyncClient(base_url=headend.http_url, timeout=WAIT_S) as http:
+            assert (await http.get("/audit")).status_code == 200, "off: other routes open"
+            for method, path, body, admin_status in TOKEN_ROUTE_REQUESTS:
+                path = path.format(token_id=spare.id)
+                where = f"{method} {path}"
+                anonymous = await http.request(method, path, json=body)
+                assert anonymous.status_code == 401, f"{where}: {anonymous.text}"
+                for role in ("viewer", "operator"):
+                    headers = bearer(role_tokens[role])
+                    weak = await http.request(method, path, json=body, headers=headers)
+                    assert weak.status_code == 403, f"{role}: {where}: {weak.text}"
+                    assert "needs the admin role" in weak.json()["detail"]
+                headers = bearer(role_tokens["admin"])
+                admin = await http.request(method, path, json=body, headers=headers)
+                assert admin.status_code == admin_status, f"admin: {where}: {admin.text}"
+                if method == "POST":
+                    seen_secrets.append(admin.json()["token"])
+            (record,) = await audit(http, {}, action="token.create")
+            assert (record["actor"]["kind"], record["actor"]["role"]) == ("token", "admin")
+    finally:
+        await headend.stop()
 
 
 async def test_auto_is_on_when_a_token_exists(

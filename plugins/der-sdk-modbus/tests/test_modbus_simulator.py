@@ -1,15 +1,18 @@
 """``der sim modbus``: listed by ``der sim --help``, runs from the command line with a
-start-up fault, and its device moves plausibly."""
+start-up fault, its device moves plausibly, and it refuses the functions it does not
+serve as the Modbus specification says."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import struct
 import sys
 
 import pytest
 from der_sdk_modbus.simulator import ModbusSimServer, SimulatedDevice
 from modbus_kit import SUNSPEC_BESS, MakeAdapter, eventually, good_sample, profile
+from pymodbus.client import AsyncModbusTcpClient
 
 from der_sdk.cli import main
 
@@ -117,3 +120,58 @@ async def test_a_device_serves_several_unit_ids_like_a_gateway(
         assert "exception response 0B" in (missing.quality_reason or "")
         for adapter in (one, two, nobody):
             await adapter.close()
+
+
+async def exchange(port: int, unit: int, pdu: bytes, transaction: int = 0x1234) -> bytes:
+    """Send one Modbus TCP frame over a fresh loopback connection; the whole reply frame."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(struct.pack(">HHHB", transaction, 0, len(pdu) + 1, unit) + pdu)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            header = await reader.readexactly(6)
+            return header + await reader.readexactly(struct.unpack(">H", header[4:6])[0])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def exception_frame(function: int, code: int, unit: int = 1, transaction: int = 0x1234) -> bytes:
+    return struct.pack(">HHHBBB", transaction, 0, 3, unit, function | 0x80, code)
+
+
+UNSERVED_REQUESTS = {
+    "0x2B/0x0E read device identification": bytes([0x2B, 0x0E, 0x01, 0x00]),
+    "0x07 read exception status": bytes([0x07]),
+    "0x08 diagnostics (return query data)": bytes([0x08, 0x00, 0x00, 0x12, 0x34]),
+    "0x11 report server id": bytes([0x11]),
+    "0x14 read file record": bytes([0x14, 0x07, 0x06, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01]),
+    "0x18 read FIFO queue": bytes([0x18, 0x00, 0x00]),
+    "0x41 unknown to pymodbus": bytes([0x41]),
+    "0x14 read file record, malformed": bytes([0x14, 0x07, 0x06, 0x00]),
+}
+
+
+async def test_an_unserved_function_gets_exception_01_under_its_own_code_plus_0x80() -> None:
+    device = SimulatedDevice([profile("acme-bess@1.0.0")], unit_id=1, ramp_s=0, seed=1)
+    async with ModbusSimServer(device) as server:
+        for what, pdu in UNSERVED_REQUESTS.items():
+            reply = await exchange(server.port, 1, pdu)
+            assert reply == exception_frame(pdu[0], 0x01), f"{what}: {reply.hex(' ')}"
+        assert device.requests == 0, "refused before reaching the device"
+
+        # a function the device serves, with a body that does not parse: 03, under 0x83
+        truncated = await exchange(server.port, 1, bytes([0x03, 0x00]))
+        assert truncated == exception_frame(0x03, 0x03)
+        # and one it serves, whole: answered from its registers
+        read = await exchange(server.port, 1, bytes([0x03, 0x00, 0x00, 0x00, 0x01]))
+        assert read[7:9] == bytes([0x03, 0x02]), read.hex(" ")
+
+        client = AsyncModbusTcpClient("127.0.0.1", port=server.port, timeout=5, retries=0)
+        await client.connect()
+        try:
+            identity = await client.read_device_information(device_id=1)
+            assert identity.isError()
+            assert (identity.function_code, identity.exception_code) == (0xAB, 0x01)
+        finally:
+            client.close()

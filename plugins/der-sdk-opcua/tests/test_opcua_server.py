@@ -7,12 +7,13 @@ The real dispatch path, the headend record and the authority rule are in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,16 @@ import pytest_asyncio
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.utils import create_nonce
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from der_sdk_opcua.certs import make_application_certificate
+from der_sdk_opcua.security import TrustList
 from der_sdk_opcua.server import OpcuaEdgeServer, OpcuaServerOptions
-from opcua_kit import LoopThread, Pki, eventually, secure_client
+from opcua_kit import CLIENT_URI, ROGUE_URI, LoopThread, Pki, eventually, secure_client
 
 from der_sdk.errors import DerSdkError
 from der_sdk.extensions import EdgeServiceContext
@@ -201,6 +209,91 @@ async def test_a_private_key_in_the_trust_folder_is_named(
         await edge(trusted_certificates=str(trust))
 
 
+def issue(
+    common_name: str, *, ca: bool, issuer: tuple[x509.Certificate, Any] | None = None
+) -> tuple[x509.Certificate, Any]:
+    """A certificate (self-signed, or signed by ``issuer``) and its key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer[0].subject if issuer else name)
+        .not_valid_before(NOW - timedelta(minutes=5))
+        .not_valid_after(NOW + timedelta(days=1))
+        .serial_number(x509.random_serial_number())
+        .public_key(key.public_key())
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer[1] if issuer else key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def test_the_trust_list_says_why_a_certificate_issued_by_another_is_not_trusted() -> None:
+    """The cases where the X.509 verifier's own message ("basicConstraints.cA must be
+    asserted in a CA certificate") names a check rather than the reason."""
+    plain = issue("plain", ca=False)  # a self-signed end-entity certificate
+    ca = issue("ca", ca=True)
+    trust = TrustList([plain[0], ca[0]], Path("pki/trusted"))
+    assert trust.is_trusted(plain[0]) and trust.is_trusted(ca[0])
+    assert trust.is_trusted(issue("leaf", ca=False, issuer=ca)[0])
+
+    by_plain = issue("by-plain", ca=False, issuer=plain)[0]
+    assert trust.untrusted_reason(by_plain) == (
+        "issued by CN=plain, whose certificate in the trust list is not a CA certificate "
+        "(basicConstraints CA:FALSE) and so cannot vouch for others"
+    )
+    stranger = issue("other-ca", ca=True)
+    by_stranger = issue("by-stranger", ca=False, issuer=stranger)[0]
+    assert trust.untrusted_reason(by_stranger) == (
+        "issued by CN=other-ca, which is not in the trust list (pki/trusted)"
+    )
+    assert TrustList([], None).untrusted_reason(plain[0]) == (
+        "the trust list (no trusted_certificates folder) is empty"
+    )
+
+
+def write_crl(folder: Path, name: str, serials: list[int], pki: Pki) -> Path:
+    """A CRL revoking ``serials``, signed with the server's key (only the serials count)."""
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")]))
+        .last_update(NOW)
+        .next_update(NOW + timedelta(days=1))
+    )
+    for serial in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW).build()
+        )
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+async def test_a_revoked_client_certificate_is_refused_naming_the_crl(
+    edge: Starter, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    serial = x509.load_der_x509_certificate(pki.client_cert.read_bytes()).serial_number
+    write_crl(tmp_path / "crl", "revoked.crl.pem", [serial], pki)
+    server = await edge(revoked_certificates=str(tmp_path / "crl"))
+    client = await secure_client(server.endpoint_url, pki)
+    with pytest.raises(UaStatusCodeError) as refused:
+        await client.connect()
+    assert code_of(refused.value) == "BadCertificateRevoked"
+    (warning,) = [r for r in caplog.records if r.name == "der.opcua.security"]
+    assert f"serial number {serial:#x} is revoked by the CRL revoked.crl.pem" in (
+        warning.getMessage()
+    )
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "notes.pem").write_text("not a CRL")
+    with pytest.raises(DerSdkError, match=r"notes.pem is not a certificate revocation list"):
+        await edge(revoked_certificates=str(tmp_path / "bad"))
+
+
 # --------------------------------------------------------------------------- security
 
 
@@ -219,6 +312,75 @@ async def test_an_untrusted_client_certificate_is_refused(shared: Shared, pki: P
         assert value.StatusCode.name == "BadWaitingForInitialData"  # no telemetry yet
     finally:
         await trusted.disconnect()
+
+
+NOW = datetime.now(UTC)
+REFUSED_CERTIFICATES: dict[str, tuple[dict[str, Any], str, str]] = {
+    # case: (certificate, status, the reason logged)
+    "untrusted": (
+        {"common_name": "rogue", "application_uri": ROGUE_URI},
+        "BadCertificateUntrusted",
+        "self-signed and not in the trust list",
+    ),
+    "made again": (  # the trusted scada certificate's subject and URI, a new key
+        {"common_name": "scada", "application_uri": CLIENT_URI},
+        "BadCertificateUntrusted",
+        "which holds another certificate with the same subject, SHA-1 thumbprint",
+    ),
+    "expired": (
+        {
+            "common_name": "stale",
+            "application_uri": ROGUE_URI,
+            "valid_from": NOW - timedelta(days=400),
+        },
+        "BadCertificateTimeInvalid",
+        f"it expired at {NOW - timedelta(days=35):%Y-%m-%d}",
+    ),
+    "not yet valid": (
+        {
+            "common_name": "early",
+            "application_uri": ROGUE_URI,
+            "valid_from": NOW + timedelta(days=2),
+        },
+        "BadCertificateTimeInvalid",
+        f"it is not valid before {NOW + timedelta(days=2):%Y-%m-%d %H:%M:%S}Z",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_CERTIFICATES)
+async def test_a_refused_client_certificate_is_one_warning_with_subject_thumbprint_and_reason(
+    shared: Shared, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    made_with, status_name, reason = REFUSED_CERTIFICATES[case]
+    made = make_application_certificate(**made_with)
+    client = Client(shared.server.endpoint_url, timeout=5)
+    client.application_uri = made_with["application_uri"]
+    await client.set_security(
+        SecurityPolicyBasic256Sha256, made.certificate_der, made.private_key_der
+    )
+    caplog.set_level(logging.DEBUG)
+    caplog.clear()  # the client's own check of its certificate, on the test's side
+    with pytest.raises(UaStatusCodeError) as refused:
+        await client.connect()
+    assert code_of(refused.value) == status_name
+
+    server_side = [r for r in caplog.records if not r.name.startswith("asyncua.client")]
+    warnings = [r for r in server_side if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [f"{r.name} {r.levelname} {r.getMessage()}" for r in warnings]
+    (warning,) = warnings
+    message = warning.getMessage()
+    subject = x509.load_der_x509_certificate(made.certificate_der).subject.rfc4514_string()
+    sha1 = hashlib.sha1(made.certificate_der).hexdigest().upper()
+    assert warning.levelno == logging.WARNING and warning.name == "der.opcua.security"
+    assert message.startswith(f"OPC UA client certificate refused ({status_name}): "), message
+    assert reason in message, message
+    assert f"certificate {subject} (SHA-1 thumbprint {sha1})" in message, message
+    assert f"application {made_with['application_uri']}" in message, message
+    assert "\n" not in message
+    for record in server_side:
+        assert record.exc_info is None and record.exc_text is None, record.getMessage()
+        assert "basicConstraints" not in record.getMessage()
 
 
 async def test_security_policy_none_is_off_by_default(shared: Shared, pki: Pki) -> None:

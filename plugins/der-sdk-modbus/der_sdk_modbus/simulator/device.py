@@ -32,7 +32,7 @@ from der_sdk_modbus.codec import DATA_TYPES, canonical_type
 from der_sdk_modbus.points import Point, Table, compile_profile, sunspec_models_of
 from der_sdk_modbus.sunspec import SUNS_MARKER
 
-__all__ = ["Fault", "FaultKind", "RequestRecord", "SimulatedDevice"]
+__all__ = ["SERVED_FUNCTIONS", "Fault", "FaultKind", "RequestRecord", "SimulatedDevice"]
 
 FaultKind = Literal["delay", "exception", "drop", "disconnect"]
 FAULT_KINDS: Final = ("delay", "exception", "drop", "disconnect")
@@ -49,6 +49,10 @@ _FUNCTION_TABLES: Final[dict[int, Table]] = {
     23: "holding",
     4: "input",
 }
+SERVED_FUNCTIONS: Final = frozenset(_FUNCTION_TABLES)
+"""The function codes a simulated device answers: reads and writes of its four tables.
+Any other is answered with exception 01 (illegal function), as a device that does not
+implement it would."""
 _SIZE: Final = 0x10000
 _MIN_STEP_S: Final = 0.02
 

@@ -3,8 +3,12 @@
 pymodbus parses and frames requests; each parsed request is handed to
 :class:`SimulatedDevice` of its unit id, which counts it, may apply an injected fault
 (delay, exception response, no response, closed connection) and otherwise answers it
-from its registers. Every request runs in a task the server tracks, so stopping the server
-leaves nothing behind, and a delayed answer never holds up other connections.
+from its registers. A function the device does not serve (:data:`SERVED_FUNCTIONS`),
+whether pymodbus knows it or not, is answered with exception 01 (illegal function) under
+that function code + 0x80, as the Modbus specification asks; a served function whose
+request does not parse gets exception 03 (illegal data value). Every request runs in a
+task the server tracks, so stopping the server leaves nothing behind, and a delayed answer
+never holds up other connections.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData, SimDevice
 from pymodbus.transaction import TransactionManager
 
-from der_sdk_modbus.simulator.device import SimulatedDevice
+from der_sdk_modbus.simulator.device import SERVED_FUNCTIONS, SimulatedDevice
 
 __all__ = ["ModbusSimServer"]
 
 log = logging.getLogger("der.modbus.sim")
+
+
+_MBAP_SIZE = 7
+"""Bytes of the Modbus TCP header before the function code."""
 
 
 def _request_range(pdu: ModbusPDU) -> tuple[int, int]:
@@ -45,9 +53,15 @@ class _Handler(ServerRequestHandler):
         try:
             used = TransactionManager.callback_data(self, data, addr)
         except ModbusIOException as exc:
+            # pymodbus could not decode the request (a function it does not know, or a body
+            # of the wrong size) and does not say which function it was: the function code
+            # is the byte after the header of the frame, the first one in data.
+            function = data[_MBAP_SIZE] if len(data) > _MBAP_SIZE else 0
             response = ExceptionResponse(
-                exc.fcode or 0,
-                exception_code=ExcCodes.ILLEGAL_FUNCTION,
+                function,
+                exception_code=ExcCodes.ILLEGAL_VALUE
+                if function in SERVED_FUNCTIONS
+                else ExcCodes.ILLEGAL_FUNCTION,
                 device_id=exc.dev_id or 0,
                 transaction=exc.transaction_id or 0,
             )
@@ -68,6 +82,11 @@ class _Handler(ServerRequestHandler):
             self._send(
                 pdu, ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE), addr
             )
+            return
+        if pdu.function_code not in SERVED_FUNCTIONS:
+            # pymodbus would answer diagnostics, device identification, FIFO and file
+            # records with its own made-up data: a simulated DER does not implement them.
+            self._send(pdu, ExceptionResponse(pdu.function_code, ExcCodes.ILLEGAL_FUNCTION), addr)
             return
         address, count = _request_range(pdu)
         fault = device.begin_request(pdu.function_code, address, count)
