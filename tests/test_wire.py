@@ -91,3 +91,13 @@ def test_decoded_samples_are_not_tracked_by_the_cycle_collector() -> None:
     sample = codec.sample_from_pb(msg)
     assert not gc.is_tracked(sample)
     assert not gc.is_tracked(sample.details)  # a dict of JSON scalars is not tracked either
+
+
+def test_bytes_that_are_not_an_agent_message_are_refused_in_one_line() -> None:
+    assert codec.parse_agent_message(
+        codec.agent_heartbeat("g", datetime.now(UTC), 1).SerializeToString()
+    ).HasField("heartbeat")
+    with pytest.raises(
+        ValueError, match=r"^a message of 3 bytes that does not parse as der\.v1\.AgentMessage$"
+    ):
+        codec.parse_agent_message(b"\xff\xff\xff")

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+from google.protobuf.message import DecodeError
 
 from der_sdk.models import Heartbeat, TelemetrySample
 from der_sdk.wire import pb
@@ -41,6 +42,7 @@ __all__ = [
     "headend_telemetry_ack",
     "heartbeats_from_pb",
     "local_dispatch_from_pb",
+    "parse_agent_message",
     "sample_from_pb",
     "sample_to_pb",
     "samples_from_batch",
@@ -185,6 +187,21 @@ def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
 
 
 # ----------------------------------------------------------------------------- agent side
+
+
+def parse_agent_message(raw: bytes) -> pb.AgentMessage:
+    """The ``AgentMessage`` serialized in ``raw`` (the headend reads its stream as bytes).
+
+    :raises ValueError: ``raw`` does not parse as a ``der.v1.AgentMessage``; the message
+        is one line saying so and how long it was.
+    """
+    try:
+        message: pb.AgentMessage = pb.AgentMessage.FromString(raw)
+    except DecodeError:
+        raise ValueError(
+            f"a message of {len(raw)} bytes that does not parse as der.v1.AgentMessage"
+        ) from None
+    return message
 
 
 def agent_register(
