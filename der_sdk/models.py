@@ -9,6 +9,7 @@ negative for charge, import or consumption.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,8 @@ __all__ = [
     "Session",
     "Site",
     "TelemetrySample",
+    "holds_non_finite",
+    "refuse_non_finite",
     "utc_now",
 ]
 
@@ -145,6 +148,56 @@ DispatchSeconds = Annotated[
     ),
 ]
 """A time span of a dispatch request: positive and within :data:`DISPATCH_HORIZON_S`."""
+
+
+def refuse_non_finite(sample: TelemetrySample) -> tuple[TelemetrySample, list[str]]:
+    """``sample`` with every non-finite number (NaN, +inf, -inf) taken out, and what was.
+
+    JSON has no spelling for these numbers (a JSON encoder writes ``null``), so a sample
+    carrying one would be stored as a number and served as ``null``. Instead the sample
+    is refused as ``bad``: a non-finite ``mw`` becomes ``0.0`` (as in every bad sample),
+    a non-finite ``mw_setpoint`` becomes ``None``, and a ``details`` field holding one at
+    any depth is left out; ``quality_reason`` names each field after any reason the
+    sample already had.
+
+    :return: ``(sample, problems)``; ``sample`` itself and ``[]`` when every number is
+        finite, else a copy and one message per field:
+        ``"mw: expected a finite number, got nan"``.
+    """
+    problems: list[str] = []
+    changes: dict[str, Any] = {}
+    if not math.isfinite(sample.mw):
+        problems.append(f"mw: expected a finite number, got {sample.mw!r}")
+        changes["mw"] = 0.0
+    if sample.mw_setpoint is not None and not math.isfinite(sample.mw_setpoint):
+        problems.append(f"mw_setpoint: expected a finite number, got {sample.mw_setpoint!r}")
+        changes["mw_setpoint"] = None
+    bad_keys = [key for key, value in sample.details.items() if holds_non_finite(value)]
+    if bad_keys:
+        for key in bad_keys:
+            value = sample.details[key]
+            if isinstance(value, float):
+                problems.append(f"details.{key}: expected a finite number, got {value!r}")
+            else:
+                problems.append(f"details.{key}: holds a non-finite number")
+        changes["details"] = {k: v for k, v in sample.details.items() if k not in bad_keys}
+    if not problems:
+        return sample, problems
+    reasons = [sample.quality_reason] if sample.quality_reason else []
+    changes["quality"] = "bad"
+    changes["quality_reason"] = "; ".join([*reasons, *problems])
+    return msgspec.structs.replace(sample, **changes), problems
+
+
+def holds_non_finite(value: object) -> bool:
+    """Whether ``value`` is, or holds at any depth, a non-finite float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(holds_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(holds_non_finite(v) for v in value)
+    return False
 
 
 class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

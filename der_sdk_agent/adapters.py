@@ -29,7 +29,7 @@ from der_sdk.extensions import (
     DeviceProfile,
     SetpointResult,
 )
-from der_sdk.models import Asset, TelemetrySample, utc_now
+from der_sdk.models import Asset, TelemetrySample, refuse_non_finite, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.yamlconf import describe_validation_error
 
@@ -248,7 +248,13 @@ class AdapterRuntime:
             except Exception as exc:
                 return await self._read_failed(_describe(exc, self.timeout_s))
         self._failed_reads = 0
-        if self._last_problem is not None:
+        sample, non_finite = refuse_non_finite(sample)
+        if non_finite:  # never sent as a number the headend would have to refuse
+            self._report_problem(
+                f"{self.label} read {'; '.join(non_finite)}",
+                "reporting the sample as bad without those values",
+            )
+        elif self._last_problem is not None:
             log.info("asset %s: %s recovered", self.asset.asset_id, self.label)
             self._last_problem = None
         return self._own(sample)

@@ -27,12 +27,11 @@ from der_sdk.inventory import Inventory, load_inventory
 from der_sdk.models import utc_now
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, open_storage
-from der_sdk.wire import pb_grpc
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
-from der_sdk_headend.link import AgentLinkService
+from der_sdk_headend.link import AgentLinkService, add_agent_link
 from der_sdk_headend.link.identity import FrontPeers
 from der_sdk_headend.link.tls_front import TlsFront, front_ssl_context
 from der_sdk_headend.presence import Presence
@@ -335,7 +334,7 @@ class Headend:
             ),
             maximum_concurrent_rpcs=streams,
         )
-        pb_grpc.add_AgentLinkServicer_to_server(self._link, server)  # type: ignore[no-untyped-call]
+        add_agent_link(self._link, server)
         addr = self.config.grpc_addr
         listen = "127.0.0.1:0" if front_peers is not None else addr
         try:

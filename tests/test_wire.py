@@ -91,3 +91,54 @@ def test_decoded_samples_are_not_tracked_by_the_cycle_collector() -> None:
     sample = codec.sample_from_pb(msg)
     assert not gc.is_tracked(sample)
     assert not gc.is_tracked(sample.details)  # a dict of JSON scalars is not tracked either
+
+
+def test_a_finite_sample_decodes_unchanged_with_no_problems() -> None:
+    msg = pb.Telemetry(asset_id="a1", site_id="s1", mw=1.0, mw_setpoint=2.0, details_json=b"{}")
+    sample, problems = codec.checked_sample_from_pb(msg)
+    assert problems == () and sample.quality == "good" and sample.mw_setpoint == 2.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b'{"x": NaN}', "details.x: expected a finite number, got nan"),
+        (b'{"x": -Infinity}', "details.x: expected a finite number, got -inf"),
+        (b'{"x": 1e999}', "details.x: expected a finite number, got inf"),
+        (b'{"x": [1, NaN]}', "details.x: holds a non-finite number"),
+    ],
+)
+def test_non_finite_details_keep_the_sample_as_bad_without_the_field(
+    raw: bytes, problem: str
+) -> None:
+    msg = pb.Telemetry(asset_id="a1", site_id="s1", mw=1.0, details_json=raw[:-1] + b', "y": 2}')
+    sample, problems = codec.checked_sample_from_pb(msg)
+    assert list(problems) == [problem]
+    assert (sample.quality, sample.quality_reason, sample.details) == ("bad", problem, {"y": 2})
+
+
+DEEP = b'{"x": ' + b"[" * 100_000 + b"NaN" + b"]" * 100_000 + b"}"
+"""Nested beyond any parser's recursion limit (msgspec raised RecursionError)."""
+
+
+@pytest.mark.parametrize("raw", [b'{"x": NaN', b"[NaN]", b'{"x": 1e999, "y": nope}', DEEP])
+def test_details_json_malformed_beyond_non_finite_numbers_is_still_refused(raw: bytes) -> None:
+    msg = pb.Telemetry(asset_id="a9", site_id="s1", details_json=raw)
+    with pytest.raises(ValueError, match="asset a9: details_json is not a JSON object"):
+        codec.sample_from_pb(msg)
+
+
+def test_bytes_that_are_not_an_agent_message_are_refused_in_one_line() -> None:
+    assert codec.parse_agent_message(
+        codec.agent_heartbeat("g", datetime.now(UTC), 1).SerializeToString()
+    ).HasField("heartbeat")
+    with pytest.raises(
+        ValueError, match=r"^a message of 3 bytes that does not parse as der\.v1\.AgentMessage$"
+    ):
+        codec.parse_agent_message(b"\xff\xff\xff")
+
+
+def test_event_data_nested_beyond_the_recursion_limit_is_a_value_error() -> None:
+    msg = pb.AgentEvent(event_id="e1", kind="k", data_json=DEEP)
+    with pytest.raises(ValueError, match="event e1: data_json is not a JSON object"):
+        codec.event_from_pb(msg)

@@ -6,13 +6,16 @@ call these functions at the stream edge.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+from google.protobuf.message import DecodeError
 
-from der_sdk.models import Heartbeat, TelemetrySample
+from der_sdk.models import Heartbeat, TelemetrySample, holds_non_finite, refuse_non_finite
 from der_sdk.wire import pb
 
 __all__ = [
@@ -30,6 +33,7 @@ __all__ = [
     "allocations_from_pb",
     "buffer_stats_from_pb",
     "buffer_stats_to_pb",
+    "checked_sample_from_pb",
     "datetime_from_us",
     "datetime_to_us",
     "event_from_pb",
@@ -41,6 +45,7 @@ __all__ = [
     "headend_telemetry_ack",
     "heartbeats_from_pb",
     "local_dispatch_from_pb",
+    "parse_agent_message",
     "sample_from_pb",
     "sample_to_pb",
     "samples_from_batch",
@@ -148,15 +153,36 @@ def sample_to_pb(sample: TelemetrySample) -> pb.Telemetry:
 
 
 def sample_from_pb(msg: pb.Telemetry) -> TelemetrySample:
-    """A domain sample from the wire.
+    """A domain sample from the wire (:func:`checked_sample_from_pb` without the problems).
 
+    :raises ValueError: as :func:`checked_sample_from_pb`.
+    """
+    return checked_sample_from_pb(msg)[0]
+
+
+def checked_sample_from_pb(msg: pb.Telemetry) -> tuple[TelemetrySample, Sequence[str]]:
+    """A domain sample from the wire, and its non-finite numbers refused.
+
+    A non-finite ``mw``, ``mw_setpoint`` or ``details`` number makes the sample ``bad``
+    with the field named (:func:`der_sdk.models.refuse_non_finite`). msgspec's JSON decoder
+    refuses ``NaN``, ``Infinity`` and numbers beyond a double; only then is
+    ``details_json`` read again by the standard library, which takes them, so that the
+    sample is kept (as ``bad``, without those fields) instead of lost.
+
+    :return: ``(sample, problems)``: one message per refused field, empty when none.
     :raises ValueError: ``details_json`` is not a JSON object, or ``quality`` is unknown;
         the message names the asset.
     """
+    lenient = False
     try:
         details = _json_decode_object(msg.details_json) if msg.details_json else {}
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"asset {msg.asset_id}: details_json is not a JSON object: {exc}") from exc
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        with_non_finite = _details_with_non_finite(msg.details_json)
+        if with_non_finite is None:
+            raise ValueError(
+                f"asset {msg.asset_id}: details_json is not a JSON object: {exc}"
+            ) from exc
+        details, lenient = with_non_finite, True
     quality = msg.quality or "good"
     if quality not in ("good", "uncertain", "bad"):
         raise ValueError(f"asset {msg.asset_id}: unknown quality {quality!r}")
@@ -164,12 +190,13 @@ def sample_from_pb(msg: pb.Telemetry) -> TelemetrySample:
         ts = datetime_from_us(msg.ts_us)
     except ValueError as exc:
         raise ValueError(f"asset {msg.asset_id}: {exc}") from None
-    return TelemetrySample(
+    mw_setpoint = msg.mw_setpoint if msg.HasField("mw_setpoint") else None
+    sample = TelemetrySample(
         asset_id=msg.asset_id,
         site_id=msg.site_id,
         ts=ts,
         mw=msg.mw,
-        mw_setpoint=msg.mw_setpoint if msg.HasField("mw_setpoint") else None,
+        mw_setpoint=mw_setpoint,
         online=msg.online,
         status=msg.status if msg.HasField("status") else None,
         fault_code=msg.fault_code if msg.HasField("fault_code") else None,
@@ -178,6 +205,26 @@ def sample_from_pb(msg: pb.Telemetry) -> TelemetrySample:
         quality_reason=msg.quality_reason if msg.HasField("quality_reason") else None,
         details=details,
     )
+    if (
+        lenient
+        or not math.isfinite(sample.mw)
+        or (mw_setpoint is not None and not math.isfinite(mw_setpoint))
+    ):
+        return refuse_non_finite(sample)
+    return sample, ()
+
+
+def _details_with_non_finite(raw: bytes) -> dict[str, Any] | None:
+    """``raw`` read by the standard library's JSON parser, which takes ``NaN``,
+    ``Infinity`` and overflowing numbers; ``None`` unless that gives an object holding a
+    non-finite number (then it was malformed for another reason)."""
+    try:
+        details = json.loads(raw)
+        if isinstance(details, dict) and holds_non_finite(details):
+            return details
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to walk
+        pass
+    return None
 
 
 def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
@@ -185,6 +232,21 @@ def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
 
 
 # ----------------------------------------------------------------------------- agent side
+
+
+def parse_agent_message(raw: bytes) -> pb.AgentMessage:
+    """The ``AgentMessage`` serialized in ``raw`` (the headend reads its stream as bytes).
+
+    :raises ValueError: ``raw`` does not parse as a ``der.v1.AgentMessage``; the message
+        is one line saying so and how long it was.
+    """
+    try:
+        message: pb.AgentMessage = pb.AgentMessage.FromString(raw)
+    except DecodeError:
+        raise ValueError(
+            f"a message of {len(raw)} bytes that does not parse as der.v1.AgentMessage"
+        ) from None
+    return message
 
 
 def agent_register(
@@ -280,7 +342,7 @@ def event_from_pb(msg: pb.AgentEvent) -> AgentEventRecord:
     if msg.data_json:
         try:
             data = _json_decode_object(msg.data_json)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise ValueError(
                 f"event {msg.event_id}: data_json is not a JSON object: {exc}"
             ) from None

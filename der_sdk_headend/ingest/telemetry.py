@@ -5,7 +5,10 @@ A batch goes through two stages.
 **On the stream's reader** (:meth:`TelemetryIngest.submit`):
 
 1. decode each sample through :mod:`der_sdk.wire.codec`; a sample that does not decode is
-   logged with its asset and skipped, the rest of the batch goes on;
+   logged with its asset and skipped, the rest of the batch goes on; a non-finite number
+   (NaN, ±inf) in ``mw``, ``mw_setpoint`` or ``details`` is taken out and the sample kept
+   as ``bad`` with the field named in ``quality_reason`` (one warning per stream, asset
+   and fields);
 2. drop samples for assets the stream does not serve (an event and one warning per
    stream and asset);
 3. check ``details`` against the asset type: a bad field is dropped from ``details``, the
@@ -340,7 +343,7 @@ class TelemetryIngest:
     def _accept(self, stream: AgentStream, message: pb.Telemetry) -> TelemetrySample | None:
         """The checked sample for ``message``, or ``None`` when it is skipped."""
         try:
-            sample = codec.sample_from_pb(message)
+            sample, non_finite = codec.checked_sample_from_pb(message)
         except ValueError as exc:
             log.warning(
                 "skipped a sample from %s for asset %s: %s",
@@ -357,6 +360,15 @@ class TelemetryIngest:
             self._refuse_unserved(stream, sample.asset_id)
             return None
         asset, asset_type = known
+        if non_finite:
+            self._warn_once(
+                stream,
+                f"non-finite:{asset.asset_id}:{';'.join(non_finite)}",
+                "telemetry of asset %s from %s: %s; sample kept as bad without those values",
+                asset.asset_id,
+                stream.describe(),
+                "; ".join(non_finite),
+            )
 
         quality = sample.quality
         reason = sample.quality_reason

@@ -4,6 +4,7 @@ The life of a stream:
 
 1. The first message must be ``Register`` within :data:`REGISTER_TIMEOUT_S`, else the
    stream is aborted with ``INVALID_ARGUMENT``.
+
 2. Where the inventory binds agents to the Register's site (or the headend requires
    client certificates), the agent's identity (certificate or token) must be bound to
    that site and every asset it names must be of that site
@@ -26,6 +27,12 @@ The life of a stream:
 The handler coroutine is the stream's only writer: it drains the stream's outbox, so
 messages from ingest, dispatch and registration never interleave. A reader task handles
 what the agent sends. Whatever ends the stream, ``finally`` closes its sessions.
+
+The stream is read as bytes (:func:`add_agent_link`) and parsed here, so that bytes which
+are not an ``AgentMessage``, first or later, end the stream with ``INVALID_ARGUMENT`` and a
+one-line reason, logged as one WARNING (naming the agent once it registered), instead of
+grpc's deserializer failing (an ERROR traceback, then ``UNKNOWN``, or ``OK`` once
+registered).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import Asset, Event, utc_now
 from der_sdk.storage.contract import StorageBackend
-from der_sdk.wire import codec, pb, pb_grpc
+from der_sdk.wire import codec, pb
 from der_sdk_headend.audit import Actor, Auditor
 from der_sdk_headend.config import AgentIdentityMode
 from der_sdk_headend.dispatch import Dispatcher
@@ -50,7 +57,7 @@ from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link.identity import AgentAuthorizer, FrontPeer, Refusal, front_peer
 from der_sdk_headend.presence import AgentStream, Presence
 
-__all__ = ["REGISTER_TIMEOUT_S", "AgentLinkService"]
+__all__ = ["REGISTER_TIMEOUT_S", "AgentLinkService", "add_agent_link"]
 
 log = logging.getLogger("der.headend.link")
 
@@ -58,7 +65,25 @@ REGISTER_TIMEOUT_S = 10.0
 """How long a new stream may take to send its ``Register``."""
 
 
-class AgentLinkService(pb_grpc.AgentLinkServicer):
+def add_agent_link(link: AgentLinkService, server: grpc.aio.Server) -> None:
+    """Serve ``link`` as ``der.v1.AgentLink`` on ``server``.
+
+    Unlike the generated ``add_AgentLinkServicer_to_server``, requests reach the handler
+    as bytes: a message that does not parse is then the handler's to refuse.
+    """
+    service = pb.DESCRIPTOR.services_by_name["AgentLink"].full_name
+    handlers = {
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            link.Stream,
+            request_deserializer=None,
+            response_serializer=pb.HeadendMessage.SerializeToString,
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
+
+
+class AgentLinkService:
     """The ``der.v1.AgentLink`` servicer of the headend.
 
     :param auditor: writes ``agent.refused`` records; default: one on ``storage``.
@@ -116,7 +141,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
 
     async def Stream(
         self,
-        request_iterator: AsyncIterator[pb.AgentMessage],
+        request_iterator: AsyncIterator[bytes],
         context: Any,
     ) -> None:
         peer = str(context.peer())
@@ -136,9 +161,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             if not self._handlers:
                 self._idle.set()
 
-    async def _serve(
-        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Any, peer: str
-    ) -> None:
+    async def _serve(self, request_iterator: AsyncIterator[bytes], context: Any, peer: str) -> None:
         register = await self._first_register(request_iterator, context, peer)
         await self._authorize(register, context, peer)
         accepted, refused = await self._check_register(register, peer)
@@ -158,7 +181,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             peer=peer,
             telemetry_stream=register.stream_id,
         )
-        reader: asyncio.Task[None] | None = None
+        reader: asyncio.Task[str | None] | None = None
         try:
             await self._presence.attach(stream, accepted)
             if self._closing:  # the headend began stopping while this stream registered
@@ -183,6 +206,8 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
                 if outgoing is None:
                     break
                 await context.write(outgoing)
+            if reader.done() and not reader.cancelled() and (refusal := reader.result()):
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, refusal)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -202,11 +227,11 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
     # ------------------------------------------------------------------ register
 
     async def _first_register(
-        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Any, peer: str
+        self, request_iterator: AsyncIterator[bytes], context: Any, peer: str
     ) -> pb.Register:
         try:
             async with asyncio.timeout(self._register_timeout_s):
-                first = await anext(request_iterator)
+                raw = await anext(request_iterator)
         except TimeoutError:
             log.warning(
                 "stream from %s sent no Register within %gs", peer, self._register_timeout_s
@@ -218,6 +243,12 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             )
         except StopAsyncIteration:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "stream ended before Register")
+        try:
+            first = codec.parse_agent_message(raw)
+        except ValueError as exc:
+            reason = f"the first message must be Register; got {exc}"
+            log.warning("stream from %s refused (INVALID_ARGUMENT): %s", peer, reason)
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason)
         if first.WhichOneof("msg") != "register":
             log.warning("stream from %s began with %s, not Register", peer, first.WhichOneof("msg"))
             await _abort(
@@ -377,10 +408,17 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
     # ------------------------------------------------------------------ after register
 
     async def _read(
-        self, request_iterator: AsyncIterator[pb.AgentMessage], stream: AgentStream
-    ) -> None:
+        self, request_iterator: AsyncIterator[bytes], stream: AgentStream
+    ) -> str | None:
+        """Handle what the agent sends until its stream ends; return why the stream must
+        be refused (``INVALID_ARGUMENT``), or ``None``."""
         try:
-            async for message in request_iterator:
+            async for raw in request_iterator:
+                try:
+                    message = codec.parse_agent_message(raw)
+                except ValueError as exc:
+                    log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), exc)
+                    return str(exc)
                 await self._handle(stream, message)
         except asyncio.CancelledError:
             raise
@@ -390,6 +428,7 @@ class AgentLinkService(pb_grpc.AgentLinkServicer):
             log.exception("stream of %s failed; closing it", stream.describe())
         finally:
             stream.end()
+        return None
 
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
         kind = message.WhichOneof("msg")

@@ -72,6 +72,8 @@ class FaultBox:
     read_error: Exception | None = None
     apply_error: Exception | None = None
     apply_delay_s: float = 0.0
+    read_fields: dict[str, Any] = field(default_factory=dict)
+    """Fields every read reports instead of the adapter's own (e.g. ``mw=nan``)."""
     connects: int = 0
     closes: int = 0
     applied: list[tuple[str, float, float | None]] = field(default_factory=list)
@@ -92,8 +94,9 @@ class FlakyAdapter(Adapter):
     async def read(self) -> TelemetrySample:
         if self.box.read_error is not None:
             raise self.box.read_error
+        fields: dict[str, Any] = {"mw": self.mw, **self.box.read_fields}
         return TelemetrySample(
-            asset_id=self.asset.asset_id, site_id=self.asset.site_id, ts=utc_now(), mw=self.mw
+            asset_id=self.asset.asset_id, site_id=self.asset.site_id, ts=utc_now(), **fields
         )
 
     async def apply_setpoint(self, mw: float, duration_s: float | None = None) -> SetpointResult:

@@ -297,6 +297,29 @@ async def test_adapter_fault_gives_bad_sample_naming_the_adapter_and_agent_runs_
     assert box.connects >= 2  # connected again after the close
 
 
+async def test_an_adapter_reading_non_finite_values_sends_a_bad_sample_naming_each_field(
+    headend: FakeHeadend,
+    make_agent: MakeAgent,
+    box: FaultBox,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    box.read_fields = {"mw": math.nan, "details": {"soc_pct": math.inf, "soh_pct": 97.0}}
+    config = fast_config(assets={A1: AssetAdapterConfig(adapter="test-flaky")})
+    agent = make_agent(headend.address, config=config)
+    await agent.start()
+    stream = await headend.wait_stream()
+
+    bad = await _sample_where(headend, stream, A1, lambda s: True)
+    await _sample_where(headend, stream, A1, lambda s: True)  # a second read: no new warning
+    assert (bad.quality, bad.mw, bad.details) == ("bad", 0.0, {"soh_pct": 97.0})
+    assert bad.quality_reason == (
+        "mw: expected a finite number, got nan; details.soc_pct: expected a finite number, got inf"
+    )
+    warnings = [r for r in caplog.records if "a finite number" in r.getMessage()]
+    assert [r.levelno for r in warnings] == [logging.WARNING], "once while it repeats"
+    assert A1 in warnings[0].getMessage() and "test-flaky" in warnings[0].getMessage()
+
+
 async def test_failed_connect_is_retried_on_the_next_poll(
     headend: FakeHeadend, make_agent: MakeAgent, box: FaultBox
 ) -> None:

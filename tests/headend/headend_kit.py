@@ -21,7 +21,7 @@ import pytest
 from der_sdk.extensions import StorageBackendType
 from der_sdk.models import TelemetrySample
 from der_sdk.storage.contract import StorageBackend
-from der_sdk.wire import codec, pb, pb_grpc
+from der_sdk.wire import codec, pb
 from der_sdk_headend import HeadendConfig
 
 WAIT_S = 5.0
@@ -162,16 +162,28 @@ def sample(
     )
 
 
+STREAM_METHOD = "/der.v1.AgentLink/Stream"
+
+
+def _to_wire(message: pb.AgentMessage | bytes) -> bytes:
+    """A message serialized, or bytes sent as they are (garbage a hostile peer sends)."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
 class RawAgent:
-    """One AgentLink stream driven by hand, messages built with the codec."""
+    """One AgentLink stream driven by hand, messages built with the codec (or raw bytes)."""
 
     def __init__(
         self, channel: grpc.aio.Channel, metadata: Sequence[tuple[str, str]] | None = None
     ) -> None:
         self.channel = channel
-        self.call = pb_grpc.AgentLinkStub(channel).Stream(metadata=metadata)
+        self.call = channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=_to_wire,
+            response_deserializer=pb.HeadendMessage.FromString,
+        )(metadata=metadata)
 
-    async def send(self, message: pb.AgentMessage) -> None:
+    async def send(self, message: pb.AgentMessage | bytes) -> None:
         await asyncio.wait_for(self.call.write(message), WAIT_S)
 
     async def recv(self) -> pb.HeadendMessage:

@@ -4,13 +4,30 @@ schema evolution in ``details``, bad samples never break the stream."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 from collections.abc import Sequence
+from pathlib import Path
 
+import grpc
 import httpx
 import pytest
-from headend_kit import BESS_1, BESS_2, PV_1, SITE_A_ASSETS, ConnectAgent, Observer, sample
+from headend_kit import (
+    BESS_1,
+    BESS_2,
+    BESS_3,
+    PV_1,
+    SITE_A_ASSETS,
+    WAIT_S,
+    ConnectAgent,
+    Observer,
+    RawAgent,
+    make_config,
+    sample,
+)
 
 from der_sdk.models import TelemetrySample
+from der_sdk.plugins import Plugins
 from der_sdk.wire import codec, pb
 from der_sdk_headend import Headend
 
@@ -170,3 +187,73 @@ async def test_bad_history_parameters_are_400_naming_the_parameter(
     detail = response.json()["detail"]
     assert f"parameter `{named}`" in detail
     assert "ParamType" not in detail
+
+
+@pytest.mark.parametrize("storage", ["memory", "sqlite"])
+async def test_non_finite_mw_and_setpoint_are_kept_as_bad_naming_the_field_never_null(
+    storage: str,
+    tmp_path: Path,
+    inventory_path: Path,
+    plugins: Plugins,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = "memory://" if storage == "memory" else f"sqlite:///{tmp_path / 'der.db'}"
+    server = Headend(make_config(inventory_path, DATABASE_URL=url), plugins=plugins)
+    await server.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+            httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as http,
+        ):
+            agent = RawAgent(channel)
+            await agent.register(SITE_A_ASSETS)
+            samples = [
+                sample(BESS_1, mw=math.nan, mw_setpoint=1.0, quality_reason="from the meter"),
+                sample(BESS_2, mw=0.5, mw_setpoint=math.inf),
+                sample(BESS_3, mw=-math.inf, details={"soh_pct": 97.0}),
+            ]
+            await agent.telemetry(1, samples)
+
+            for asset_id, mw, setpoint, reason in [
+                (BESS_1, 0.0, 1.0, "from the meter; mw: expected a finite number, got nan"),
+                (BESS_2, 0.5, None, "mw_setpoint: expected a finite number, got inf"),
+                (BESS_3, 0.0, None, "mw: expected a finite number, got -inf"),
+            ]:
+                latest = await http.get(f"/telemetry/{asset_id}")
+                history = await http.get(f"/telemetry/{asset_id}/history")
+                assert history.json() == [latest.json()]
+                row = latest.json()
+                assert (row["mw"], row["mw_setpoint"]) == (mw, setpoint)
+                assert (row["quality"], row["quality_reason"]) == ("bad", reason)
+            assert (await http.get(f"/telemetry/{BESS_3}")).json()["details"] == {"soh_pct": 97.0}
+    finally:
+        await server.stop()
+    warnings = [r for r in caplog.records if "a finite number" in r.getMessage()]
+    assert [r.levelno for r in warnings] == [logging.WARNING] * 3, "one per asset"
+    assert any(BESS_2 in r.getMessage() and "mw_setpoint" in r.getMessage() for r in warnings)
+
+
+async def test_non_finite_details_spelled_nan_or_infinity_keep_the_sample_as_bad_without_them(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    message = codec.sample_to_pb(sample(BESS_1, mw=1.5))
+    # What Python's json.dumps writes for NaN and ±inf, and a number beyond a double.
+    message.details_json = (
+        b'{"soc_pct": NaN, "soh_pct": 97, "dc_voltage_v": Infinity,'
+        b' "energy_mwh": -1e999, "cells": {"min_v": NaN}}'
+    )
+    await agent.send(pb.AgentMessage(telemetry=pb.TelemetryBatch(seq=1, samples=[message])))
+    await agent.recv_kind("telemetry_ack")
+
+    row = (await http.get(f"/telemetry/{BESS_1}")).json()
+    assert row["mw"] == 1.5
+    assert row["details"] == {"soh_pct": 97.0}
+    assert row["quality"] == "bad"
+    assert row["quality_reason"] == (
+        "details.soc_pct: expected a finite number, got nan; "
+        "details.dc_voltage_v: expected a finite number, got inf; "
+        "details.energy_mwh: expected a finite number, got -inf; "
+        "details.cells: holds a non-finite number"
+    )

@@ -315,3 +315,52 @@ async def test_an_agent_gone_while_its_sessions_are_stored_leaves_none_open(
         [],
         ["der_agent_connected", "der_agent_disconnected"],
     ), "connect and disconnect hooks stay paired"
+
+
+NOT_AN_AGENT_MESSAGE = b"\xff" * 8  # field 31 with a varint that never ends
+"""Bytes that do not parse as ``AgentMessage`` (a hostile or broken peer)."""
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_first_message_that_is_not_an_agent_message_ends_the_stream_invalid_argument(
+    headend: Headend, connect_agent: ConnectAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = await connect_agent()
+    await agent.send(NOT_AN_AGENT_MESSAGE)
+
+    code, details = await agent.outcome()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == (
+        "the first message must be Register; got a message of 8 bytes that does not parse "
+        "as der.v1.AgentMessage"
+    )
+    assert _errors(caplog) == [], "no traceback for bad input"
+    (warning,) = [r for r in caplog.records if "does not parse" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "127.0.0.1" in warning.getMessage()
+    assert headend.agents_connected == 0
+
+
+async def test_bytes_that_do_not_parse_after_register_end_the_stream_invalid_argument(
+    headend: Headend,
+    http: httpx.AsyncClient,
+    connect_agent: ConnectAgent,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1], agent_id="gw-garbage")
+    await agent.send(NOT_AN_AGENT_MESSAGE)
+
+    code, details = await agent.outcome()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "a message of 8 bytes that does not parse as der.v1.AgentMessage"
+    assert _errors(caplog) == [], "no traceback for bad input"
+    (warning,) = [r for r in caplog.records if "does not parse" in r.getMessage()]
+    assert warning.levelno == logging.WARNING and "agent gw-garbage" in warning.getMessage()
+
+    async def disconnected() -> bool:
+        return (await agents_by_asset(http))[BESS_1]["connected"] is False
+
+    await eventually(disconnected, "the refused stream's session is closed")
