@@ -9,6 +9,7 @@ from litestar import Controller, get
 from litestar.di import NamedDependency
 
 from der_sdk_headend.rest.auth import access
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
 from der_sdk_headend.rest.schemas import AgentRow, SessionRow
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ class AgentsController(Controller):
         "/agents",
         summary="Every configured asset: connected or not, by which agent",
         **access("viewer"),
+        **NEEDS_STORAGE,
     )
     async def list_agents(self, headend: NamedDependency[Headend]) -> list[AgentRow]:
         inventory = headend.inventory

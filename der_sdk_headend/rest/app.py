@@ -19,9 +19,11 @@ from der_sdk_headend.rest.auth import (
     check_access_rules,
     create_auth_middleware,
 )
+from der_sdk_headend.rest.body import MAX_BODY_BYTES, JsonBodyRequest
 from der_sdk_headend.rest.dispatch import DispatchController
 from der_sdk_headend.rest.errors import EXCEPTION_HANDLERS
 from der_sdk_headend.rest.heartbeat import HeartbeatController
+from der_sdk_headend.rest.openapi import StrictStructSchemaPlugin, declare_refusals
 from der_sdk_headend.rest.state import app_state
 from der_sdk_headend.rest.system import SystemController
 from der_sdk_headend.rest.telemetry import TelemetryController
@@ -38,7 +40,9 @@ def create_app(headend: Headend) -> Litestar:
     (the hot ``GET /telemetry/{id}`` from the app's state: :mod:`.state`).
 
     Every route declares who may call it (:func:`der_sdk_headend.rest.auth.access`); one
-    middleware enforces it. OpenAPI is served, to anybody, at ``/schema/openapi.json``.
+    middleware enforces it. Bodies are JSON of bounded size (:mod:`.body`). OpenAPI is
+    served, to anybody, at ``/schema/openapi.json``, with every refusal a route can answer
+    (:mod:`.openapi`).
     """
 
     def provide_headend() -> Headend:
@@ -62,6 +66,9 @@ def create_app(headend: Headend) -> Litestar:
         signature_namespace={"Headend": type(headend)},
         middleware=[create_auth_middleware(headend)],
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=JsonBodyRequest,
+        request_max_body_size=MAX_BODY_BYTES,
+        plugins=[StrictStructSchemaPlugin()],
         openapi_config=OpenAPIConfig(
             title="der-sdk headend",
             version=der_sdk.__version__,
@@ -85,4 +92,5 @@ def create_app(headend: Headend) -> Litestar:
         logging_config=None,
     )
     check_access_rules(app)
+    declare_refusals(app)
     return app

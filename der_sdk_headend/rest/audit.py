@@ -12,7 +12,8 @@ from litestar.params import FromQuery
 from der_sdk.models import Event
 from der_sdk_headend.audit import AUDIT_KIND, Actor
 from der_sdk_headend.rest.auth import access
-from der_sdk_headend.rest.params import MAX_LIMIT, check_limit
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
+from der_sdk_headend.rest.params import MAX_LIMIT, LimitQuery, check_limit
 from der_sdk_headend.rest.schemas import AuditRecord
 
 if TYPE_CHECKING:
@@ -54,12 +55,13 @@ class AuditController(Controller):
         "(`agent.refused`). `action` keeps one action (searched among the newest "
         f"{MAX_LIMIT} records); `limit` 1..{MAX_LIMIT}, default 100.",
         **access("admin"),
+        **NEEDS_STORAGE,
     )
     async def audit(
         self,
         headend: NamedDependency[Headend],
         action: FromQuery[str | None] = None,
-        limit: FromQuery[int] = 100,
+        limit: LimitQuery = 100,
     ) -> list[AuditRecord]:
         limit = check_limit(limit)
         # Storage filters events by kind only; the action is a field of the record, so it

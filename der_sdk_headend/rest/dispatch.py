@@ -10,6 +10,7 @@ from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from der_sdk.deprecations import warn_deprecated
@@ -21,7 +22,8 @@ from der_sdk_headend.dispatch import (
     UnknownTargetError,
 )
 from der_sdk_headend.rest.auth import access, actor_of, client_source
-from der_sdk_headend.rest.params import check_limit
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
+from der_sdk_headend.rest.params import LimitQuery, check_limit
 from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["DispatchController"]
 
 _STATES: tuple[str, ...] = get_args(DispatchState)
+_STATE_FILTERS = [*_STATES, "pending"]
+"""What ``state`` accepts: a lifecycle state, or ``pending`` (``submitted`` before 0.2)."""
 _REFUSALS = (InvalidDispatchError, UnknownTargetError, IdempotencyConflictError)
 """Errors that refuse a dispatch for what was asked (4xx), not because the headend failed."""
 
@@ -56,9 +60,11 @@ class DispatchController(Controller):
         "`Idempotent-Replayed: true`); the same key with a different body is 409.",
         responses={
             200: ResponseSpec(Dispatch, description="a repeated Idempotency-Key: the record"),
+            404: ResponseSpec(ErrorBody, description="no such asset or site: `detail` names it"),
             409: ResponseSpec(ErrorBody, description="Idempotency-Key used for another body"),
         },
         **access("operator"),
+        **NEEDS_STORAGE,
     )
     async def create(
         self,
@@ -113,14 +119,22 @@ class DispatchController(Controller):
             return Response(dispatch, status_code=202)
         return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
 
-    @get("/history", summary="Past dispatches, newest first", **access("viewer"))
+    @get("/history", summary="Past dispatches, newest first", **access("viewer"), **NEEDS_STORAGE)
     async def history(
         self,
         headend: NamedDependency[Headend],
         asset_id: FromQuery[str | None] = None,
         site_id: FromQuery[str | None] = None,
-        state_filter: Annotated[str | None, QueryParameter(name="state")] = None,
-        limit: FromQuery[int] = 100,
+        state_filter: Annotated[
+            str | None,
+            QueryParameter(
+                name="state",
+                description="Keep one lifecycle state (`pending` is the name of `submitted` "
+                "before 0.2).",
+                schema_extra={"one_of": None, "type": OpenAPIType.STRING, "enum": _STATE_FILTERS},
+            ),
+        ] = None,
+        limit: LimitQuery = 100,
     ) -> list[Dispatch]:
         state = state_filter
         if state == "pending":  # the name before 0.2; kept for old scripts until 0.3
@@ -146,7 +160,12 @@ class DispatchController(Controller):
             limit=check_limit(limit),
         )
 
-    @get("/{dispatch_id:str}", summary="One dispatch with its state changes", **access("viewer"))
+    @get(
+        "/{dispatch_id:str}",
+        summary="One dispatch with its state changes",
+        **access("viewer"),
+        **NEEDS_STORAGE,
+    )
     async def get_one(
         self, headend: NamedDependency[Headend], dispatch_id: FromPath[str]
     ) -> DispatchDetail:

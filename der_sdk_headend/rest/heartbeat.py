@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath
 
 from der_sdk.models import Heartbeat
 from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.errors import known_asset
-from der_sdk_headend.rest.params import check_limit, parse_time
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
+from der_sdk_headend.rest.params import LimitQuery, TimeQuery, check_limit, parse_time
 
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
@@ -28,6 +29,7 @@ class HeartbeatController(Controller):
         "/{asset_id:str}",
         summary="The latest heartbeat recorded for an asset",
         **access("viewer"),
+        **NEEDS_STORAGE,
     )
     async def latest(self, headend: NamedDependency[Headend], asset_id: FromPath[str]) -> Heartbeat:
         asset = known_asset(headend.inventory, asset_id)
@@ -36,14 +38,19 @@ class HeartbeatController(Controller):
             raise NotFoundException(f"no heartbeat received yet for asset {asset.asset_id}")
         return beat
 
-    @get("/{asset_id:str}/history", summary="Stored heartbeats, newest first", **access("viewer"))
+    @get(
+        "/{asset_id:str}/history",
+        summary="Stored heartbeats, newest first",
+        **access("viewer"),
+        **NEEDS_STORAGE,
+    )
     async def history(
         self,
         headend: NamedDependency[Headend],
         asset_id: FromPath[str],
-        start: FromQuery[str | None] = None,
-        end: FromQuery[str | None] = None,
-        limit: FromQuery[int] = 100,
+        start: TimeQuery = None,
+        end: TimeQuery = None,
+        limit: LimitQuery = 100,
     ) -> list[Heartbeat]:
         asset = known_asset(headend.inventory, asset_id)
         return await headend.storage.heartbeat_history(

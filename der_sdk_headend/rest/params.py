@@ -1,14 +1,45 @@
-"""Query parameters shared by the history endpoints, checked with errors that name them."""
+"""Query parameters shared by the history endpoints, checked with errors that name them.
+
+The annotations :data:`LimitQuery` and :data:`TimeQuery` declare in the OpenAPI document
+what the checks here accept (bounds, ``format: date-time``); the checks, not Litestar,
+refuse what is out of them, with a message that names the parameter.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Annotated
 
 from litestar.exceptions import ValidationException
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIType
+from litestar.params import QueryParameter
 
-__all__ = ["MAX_LIMIT", "check_limit", "parse_time"]
+__all__ = ["MAX_LIMIT", "LimitQuery", "TimeQuery", "check_limit", "parse_time"]
 
 MAX_LIMIT = 10_000
+
+LimitQuery = Annotated[
+    int,
+    QueryParameter(
+        description=f"How many records, 1..{MAX_LIMIT}.",
+        schema_extra={"minimum": 1, "maximum": MAX_LIMIT},
+    ),
+]
+"""A ``limit`` query parameter (check it with :func:`check_limit`)."""
+
+TimeQuery = Annotated[
+    str | None,
+    QueryParameter(
+        description="An ISO 8601 time; without a time zone it is UTC.",
+        # A query parameter is a string or absent, never null.
+        schema_extra={
+            "one_of": None,
+            "type": OpenAPIType.STRING,
+            "format": OpenAPIFormat.DATE_TIME,
+        },
+    ),
+]
+"""A time query parameter, ``start`` or ``end`` (parse it with :func:`parse_time`)."""
 
 
 def parse_time(value: str | None, name: str) -> datetime | None:
@@ -30,7 +61,14 @@ def parse_time(value: str | None, name: str) -> datetime | None:
             continue
         if parsed.tzinfo is None:
             return parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            # 9999-12-31T23:59:59-12:00 is a valid time whose UTC is past year 9999.
+            raise ValidationException(
+                f"query parameter `{name}`: {value!r} is out of range: in UTC it must lie "
+                "within the years 1 to 9999"
+            ) from None
     raise ValidationException(
         f"query parameter `{name}`: {value!r} is not an ISO 8601 time "
         "(for example 2025-01-31T12:00:00Z)"

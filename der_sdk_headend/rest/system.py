@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from litestar import Controller, MediaType, Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 
 from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.metrics import render_metrics
@@ -49,6 +50,7 @@ class SystemController(Controller):
         "storage is not healthy (or does not answer within 2 s) or telemetry writes are "
         "stalled (failing, or the oldest queued batch waiting longer than 5 s). Latest "
         "values and the rest of the API keep answering while degraded. Needs no token.",
+        responses={503: ResponseSpec(Health, description="`degraded`, with a `reason`")},
         **access("open"),
     )
     async def healthz(self, headend: NamedDependency[Headend]) -> Response[Health]:

@@ -10,13 +10,14 @@ from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath
 from litestar.serialization import default_serializer
 
 from der_sdk.models import TelemetrySample
 from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.errors import known_asset
-from der_sdk_headend.rest.params import check_limit, parse_time
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
+from der_sdk_headend.rest.params import LimitQuery, TimeQuery, check_limit, parse_time
 from der_sdk_headend.rest.state import headend_of
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class TelemetryController(Controller):
             200: ResponseSpec(data_container=TelemetrySample, description=HTTPStatus.OK.description)
         },
         **access("viewer"),
+        **NEEDS_STORAGE,
     )
     async def latest(
         self, request: Request[Any, Any, Any], asset_id: FromPath[str]
@@ -64,14 +66,15 @@ class TelemetryController(Controller):
         description="`start` inclusive, `end` exclusive, ISO 8601 (a naive time is UTC); "
         "`limit` 1..10000, default 100.",
         **access("viewer"),
+        **NEEDS_STORAGE,
     )
     async def history(
         self,
         headend: NamedDependency[Headend],
         asset_id: FromPath[str],
-        start: FromQuery[str | None] = None,
-        end: FromQuery[str | None] = None,
-        limit: FromQuery[int] = 100,
+        start: TimeQuery = None,
+        end: TimeQuery = None,
+        limit: LimitQuery = 100,
     ) -> list[TelemetrySample]:
         asset = known_asset(headend.inventory, asset_id)
         return await headend.storage.telemetry_history(

@@ -12,6 +12,7 @@ from litestar.params import FromPath, JSONBody
 
 from der_sdk.errors import DerSdkError
 from der_sdk_headend.rest.auth import TOKEN_ALWAYS, access, actor_of, client_source
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
 from der_sdk_headend.rest.schemas import NewToken, TokenRequest, TokenRow
 from der_sdk_headend.tokens import UnknownTokenError
 
@@ -47,6 +48,7 @@ class TokensController(Controller):
         "`token`: it is shown this once and stored only as a hash. Use it as "
         "`Authorization: Bearer <token>`.",
         **access("admin"),
+        **NEEDS_STORAGE,  # the audit trail
     )
     async def create_token(
         self,
@@ -88,6 +90,7 @@ class TokensController(Controller):
         description="Refused from the next request on. Revoking a revoked token changes "
         "nothing and returns it.",
         **access("admin"),
+        **NEEDS_STORAGE,  # the audit trail
     )
     async def revoke_token(
         self,
