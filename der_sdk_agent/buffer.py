@@ -7,6 +7,8 @@ What it holds, each in its own table:
 * ``telemetry`` — one row per sampler batch, keyed by its ``seq`` (the batch's serialized
   protobuf ``TelemetryBatch``, its sample count, size and creation time). ``seq`` increases
   by one per batch for the life of the file, across agent restarts;
+* ``dropped`` — the seq ranges the bounds dropped without an acknowledgement, until the
+  headend confirms them (see *Drops* below);
 * ``outcomes`` — the dispatch journal: one row per headend command id, ``acked`` when
   received and then its final outcome, reported until the headend acknowledges it;
 * ``events`` — :class:`~der_sdk.wire.codec.AgentEventRecord` not yet acknowledged;
@@ -30,6 +32,17 @@ at most once a minute and recorded as one coalesced ``telemetry_dropped`` event 
 minute. The journal, events, local reports and in-force table are never dropped by the
 bounds; journal rows are pruned once older than :data:`JOURNAL_KEEP_S` *and* beyond the
 newest :data:`JOURNAL_KEEP_ROWS`.
+
+**Drops are the agent's to tell.** A held batch leaves the buffer for one of two reasons:
+the headend acknowledged it, or the bounds dropped it. Only the agent knows which, so the
+seqs it dropped are kept as exact ranges in the ``dropped`` table, committed in the same
+transaction as the drop, and every batch sent lists them (:meth:`Buffer.drop_report`) until
+a ``TelemetryAck`` with ``stored_through`` at or past them says the headend recorded them
+(as stored, or as a gap). Every other seq below the floor was acknowledged. The headend
+therefore never has to guess a gap from the floor: not after its own restart (when it no
+longer remembers what it acknowledged), not after the agent's (the ranges are in the file).
+A buffer written by an older agent starts with no ranges; its drops were reported by its
+own ``telemetry_dropped`` events.
 
 **Threading.** SQLite runs on one dedicated thread (a one-worker executor): every
 operation is a whole transaction in one hop, so transactions never interleave and the
@@ -64,11 +77,18 @@ import msgspec
 from der_sdk.errors import DerSdkError
 from der_sdk.models import TelemetrySample
 from der_sdk.wire import codec
-from der_sdk.wire.codec import AgentEventRecord, Allocation, BufferStats, LocalDispatchReport
+from der_sdk.wire.codec import (
+    AgentEventRecord,
+    Allocation,
+    BufferStats,
+    LocalDispatchReport,
+    SeqRange,
+)
 
 __all__ = [
     "DEFAULT_MAX_AGE_S",
     "DEFAULT_MAX_BYTES",
+    "DROPPED_RANGES_PER_BATCH",
     "FINAL_STATUSES",
     "JOURNAL_KEEP_ROWS",
     "JOURNAL_KEEP_S",
@@ -94,6 +114,8 @@ ACK_FLUSH_S = 0.05
 """Acknowledged batches are deleted in one transaction at most this often."""
 JOURNAL_PRUNE_EVERY_S = 3600.0
 SCHEMA_VERSION = 1
+DROPPED_RANGES_PER_BATCH = 64
+"""At most this many dropped ranges ride on one batch; see :meth:`Buffer.drop_report`."""
 FINAL_STATUSES = frozenset({"applied", "rejected", "failed", "expired"})
 RESTARTED_REASON = "agent restarted before the outcome was known; not applied again"
 
@@ -133,6 +155,10 @@ CREATE TABLE IF NOT EXISTS local_reports (
     command_id TEXT NOT NULL UNIQUE,
     created_us INTEGER NOT NULL,
     report BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dropped (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS in_force (
     asset_id TEXT PRIMARY KEY,
@@ -195,6 +221,7 @@ class _Loaded:
     unreported: list[str]
     in_force: dict[str, str]
     recovered: list[str]  # command ids found in progress, now failed
+    dropped: list[SeqRange]
 
 
 @dataclass
@@ -206,6 +233,22 @@ class _Drops:
     batches: int = 0
     samples: int = 0
     reasons: set[str] = field(default_factory=set)
+
+
+def _runs(seqs: Sequence[int]) -> list[SeqRange]:
+    """Increasing ``seqs`` as ranges of consecutive seqs."""
+    runs: list[SeqRange] = []
+    for seq in seqs:
+        if runs and runs[-1][1] + 1 == seq:
+            runs[-1] = (runs[-1][0], seq)
+        else:
+            runs.append((seq, seq))
+    return runs
+
+
+def _ranges_above(ranges: Sequence[SeqRange], through: int) -> list[SeqRange]:
+    """``ranges`` without the seqs up to ``through``."""
+    return [(max(first, through + 1), last) for first, last in ranges if last > through]
 
 
 def _us(seconds: float) -> int:
@@ -254,6 +297,7 @@ class Buffer:
         self.stream_id = ""
         self._next_seq = 1
         self._index: collections.OrderedDict[int, _Held] = collections.OrderedDict()
+        self._dropped: list[SeqRange] = []  # dropped, not yet confirmed; increasing
         self._samples = 0
         self._bytes = 0
         self.dropped_samples = 0
@@ -331,6 +375,7 @@ class Buffer:
             self._report_count, self._last_report_n = loaded.reports
             self._unreported.update(loaded.unreported)
             self._in_force.update(loaded.in_force)
+            self._dropped = loaded.dropped
             self._opened = True
         for command_id in loaded.recovered:
             log.warning(
@@ -398,6 +443,22 @@ class Buffer:
     def floor_seq(self) -> int:
         """The lowest seq held, or the next seq when nothing is held."""
         return next(iter(self._index), self._next_seq)
+
+    @property
+    def dropped_ranges(self) -> list[SeqRange]:
+        """The seq ranges dropped by the bounds and not yet confirmed by the headend."""
+        return list(self._dropped)
+
+    def drop_report(self, limit: int = DROPPED_RANGES_PER_BATCH) -> tuple[int, list[SeqRange]]:
+        """What the next batch tells the headend: a floor and the dropped ranges below it.
+
+        Every seq below the floor that is not in the ranges was acknowledged. With more
+        than ``limit`` unconfirmed ranges the floor is lowered to the first range left
+        out, which keeps that true; the rest follow once the first ones are confirmed.
+        """
+        if len(self._dropped) > limit:
+            return self._dropped[limit][0], self._dropped[:limit]
+        return self.floor_seq, list(self._dropped)
 
     def __contains__(self, seq: object) -> bool:
         return seq in self._index
@@ -480,7 +541,8 @@ class Buffer:
         return codec.samples_from_batch(message.telemetry)
 
     def ack_telemetry(self, seq: int, stored_through: int = 0) -> int:
-        """Forget batch ``seq`` and every batch ``<= stored_through`` (a ``TelemetryAck``).
+        """Forget batch ``seq`` and every batch ``<= stored_through`` (a ``TelemetryAck``),
+        and the dropped ranges up to ``stored_through`` (the headend recorded them).
 
         The index changes at once; the rows are deleted in one transaction a moment later
         (:data:`ACK_FLUSH_S`). Returns how many held batches were forgotten.
@@ -496,6 +558,8 @@ class Buffer:
             self._forget(seq)
             forgotten += 1
             self._pending_acks.add(seq)
+        if self._dropped and stored_through >= self._dropped[0][0]:
+            self._dropped = _ranges_above(self._dropped, stored_through)
         if stored_through > self._pending_through:
             self._pending_through = stored_through
         pending = self._pending_acks or self._pending_through
@@ -572,6 +636,12 @@ class Buffer:
                 self._bytes -= held.bytes
             self.dropped_samples += held.samples
             self.dropped_batches += 1
+        ranges = self._dropped
+        for first, last in _runs([seq for seq, _ in dropped]):
+            if ranges and ranges[-1][1] + 1 == first:
+                ranges[-1] = (ranges[-1][0], last)
+            else:
+                ranges.append((first, last))
 
     def _note_drops(
         self, dropped: Sequence[tuple[int, _Held]], reasons: set[str], *, force: bool = False
@@ -956,6 +1026,12 @@ class Buffer:
             ],
             in_force=dict(conn.execute("SELECT asset_id, source FROM in_force").fetchall()),
             recovered=recovered,
+            dropped=[
+                (int(first), int(last))
+                for first, last in conn.execute(
+                    "SELECT first_seq, last_seq FROM dropped ORDER BY first_seq"
+                )
+            ],
         )
 
     def _close_sync(self) -> None:
@@ -1007,9 +1083,18 @@ class Buffer:
         dropped_batches: int,
         report: AgentEventRecord | None,
     ) -> int | None:
-        """Delete ``drops``, store the counters and the event; returns the event's position."""
+        """Delete ``drops``, note them in ``dropped`` (extending the range they continue),
+        store the counters and the event; returns the event's position."""
         if drops:
             conn.execute("DELETE FROM telemetry WHERE seq <= ?", (drops[-1],))
+            for first, last in _runs(drops):
+                extended = conn.execute(
+                    "UPDATE dropped SET last_seq = ? WHERE last_seq = ?", (last, first - 1)
+                )
+                if not extended.rowcount:
+                    conn.execute(
+                        "INSERT INTO dropped (first_seq, last_seq) VALUES (?, ?)", (first, last)
+                    )
             conn.executemany(
                 "UPDATE meta SET value = ? WHERE key = ?",
                 [(dropped_samples, "dropped_samples"), (dropped_batches, "dropped_batches")],
@@ -1024,6 +1109,11 @@ class Buffer:
         def work(conn: sqlite3.Connection) -> None:
             if through:
                 conn.execute("DELETE FROM telemetry WHERE seq <= ?", (through,))
+                conn.execute("DELETE FROM dropped WHERE last_seq <= ?", (through,))
+                conn.execute(
+                    "UPDATE dropped SET first_seq = ? WHERE first_seq <= ?",
+                    (through + 1, through),
+                )
             conn.executemany("DELETE FROM telemetry WHERE seq = ?", [(s,) for s in seqs])
 
         self._tx(work)

@@ -7,9 +7,10 @@ and run
 * one **writer** (the only task that writes to the call): setpoint acks first, then
   reports of local commands (``LocalDispatch``) and agent events not yet sent on this
   stream, then a heartbeat (with the buffer's figures) when due, then telemetry batches
-  from the buffer, each with its buffer ``seq`` and ``floor_seq``;
+  from the buffer, each with its buffer ``seq``, ``floor_seq`` and the seq ranges the
+  buffer dropped that the headend has not confirmed yet (:meth:`Buffer.drop_report`);
 * one **reader**: ``Setpoint`` goes to the command worker, ``TelemetryAck`` forgets the
-  batch and every batch up to ``stored_through``, ``SetpointOutcomeAck``,
+  batch and every batch and dropped range up to ``stored_through``, ``SetpointOutcomeAck``,
   ``LocalDispatchAck`` and ``EventAck`` mark the outcome, report or event as recorded.
 
 Two tasks live as long as the link, across streams:
@@ -515,8 +516,9 @@ class HeadendLink:
             if seq is not None:
                 payload = await buffer.read(seq)
                 if payload is not None:  # else acknowledged or dropped meanwhile
+                    floor_seq, dropped = buffer.drop_report()
                     await stream.call.write(
-                        codec.agent_telemetry_payload(seq, payload, buffer.floor_seq)
+                        codec.agent_telemetry_payload(seq, payload, floor_seq, dropped)
                     )
                     stream.in_flight.add(seq)
                     self.stats.batches_sent += 1

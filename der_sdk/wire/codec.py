@@ -23,6 +23,7 @@ __all__ = [
     "Allocation",
     "BufferStats",
     "LocalDispatchReport",
+    "SeqRange",
     "agent_event",
     "agent_heartbeat",
     "agent_local_dispatch",
@@ -31,6 +32,7 @@ __all__ = [
     "agent_telemetry",
     "agent_telemetry_payload",
     "allocations_from_pb",
+    "batch_dropped",
     "buffer_stats_from_pb",
     "buffer_stats_to_pb",
     "checked_sample_from_pb",
@@ -271,14 +273,20 @@ def agent_register(
     )
 
 
+SeqRange = tuple[int, int]
+"""The seqs ``first..last``, both included."""
+
+
 def agent_telemetry(
-    seq: int, samples: Iterable[TelemetrySample], floor_seq: int = 0
+    seq: int,
+    samples: Iterable[TelemetrySample],
+    floor_seq: int = 0,
+    dropped: Sequence[SeqRange] | None = None,
 ) -> pb.AgentMessage:
-    return pb.AgentMessage(
-        telemetry=pb.TelemetryBatch(
-            seq=seq, samples=[sample_to_pb(s) for s in samples], floor_seq=floor_seq
-        )
-    )
+    """A ``TelemetryBatch``; ``dropped=None`` leaves the drop list out, as older agents do."""
+    batch = pb.TelemetryBatch(seq=seq, samples=[sample_to_pb(s) for s in samples])
+    _set_batch_floor(batch, floor_seq, dropped)
+    return pb.AgentMessage(telemetry=batch)
 
 
 def telemetry_payload(samples: Iterable[TelemetrySample]) -> bytes:
@@ -290,12 +298,31 @@ def telemetry_payload(samples: Iterable[TelemetrySample]) -> bytes:
     return payload
 
 
-def agent_telemetry_payload(seq: int, payload: bytes, floor_seq: int = 0) -> pb.AgentMessage:
+def agent_telemetry_payload(
+    seq: int, payload: bytes, floor_seq: int = 0, dropped: Sequence[SeqRange] | None = None
+) -> pb.AgentMessage:
     """The ``TelemetryBatch`` message for a stored :func:`telemetry_payload`."""
     batch = pb.TelemetryBatch.FromString(payload)
     batch.seq = seq
-    batch.floor_seq = floor_seq
+    _set_batch_floor(batch, floor_seq, dropped)
     return pb.AgentMessage(telemetry=batch)
+
+
+def _set_batch_floor(
+    batch: pb.TelemetryBatch, floor_seq: int, dropped: Sequence[SeqRange] | None
+) -> None:
+    batch.floor_seq = floor_seq
+    if dropped is not None:
+        batch.lists_dropped = True
+        batch.dropped.extend(pb.SeqRange(first=first, last=last) for first, last in dropped)
+
+
+def batch_dropped(batch: pb.TelemetryBatch) -> tuple[SeqRange, ...] | None:
+    """The seq ranges a batch lists as dropped by the agent; ``None`` from an agent that
+    does not list its drops (older than the field)."""
+    if not batch.lists_dropped:
+        return None
+    return tuple((r.first, r.last) for r in batch.dropped)
 
 
 def agent_heartbeat(

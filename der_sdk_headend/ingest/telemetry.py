@@ -30,22 +30,49 @@ its batches back at the head of the queue, unacknowledged, and is retried with b
 (one log line when it starts failing, one when it recovers); ``/healthz`` reports the
 stall. Heartbeats and events ride writer 0 (heartbeats coalesced per agent).
 
-**Sequence tracking.** Batch ``seq`` numbers are per agent telemetry stream (the agent's
-buffer, ``Register.stream_id``), durable across agent restarts. For each stream the
-writer keeps ``stored_through``: every seq up to it is stored, or was reported dropped by
-the agent (``floor_seq``). Seqs below the agent's floor that never arrived are recorded
-as one ``telemetry_gap`` event per range. Duplicates (a batch sent again after a lost
-ack) are stored idempotently by the backend's ``(asset_id, ts)`` key.
+**Sequence tracking and gaps.** Batch ``seq`` numbers are per agent telemetry stream (the
+agent's buffer, ``Register.stream_id``), durable across agent restarts. A seq leaves the
+agent's buffer in one of two ways, acknowledged or dropped by its size or age bounds, and
+only the agent knows which. So the agent is the source of truth: every batch carries
+``floor_seq`` (the lowest seq it holds) and ``dropped``, the exact seq ranges it dropped
+without an acknowledgement, kept in its buffer file until an acknowledgement covers them.
+Below the floor, every seq not listed was acknowledged, by this run or an earlier one.
+
+For each stream the headend keeps a :class:`SeqCursor` for as long as it runs. When a
+batch is queued, a listed seq this run has neither stored nor received is a **gap**;
+when the batch is stored, its gaps are written as ``telemetry_gap`` events (one per range)
+*before* it is acknowledged, and ``stored_through`` moves over everything settled: stored,
+acknowledged earlier, or recorded as a gap. The agent forgets a listed range once an ack's
+``stored_through`` covers it. What this gives:
+
+* *headend restart*: the new cursor knows nothing and needs nothing; seqs an earlier run
+  acknowledged are below the floor and not listed, so they are no gap, even the live
+  batches a replay sent first, which sit above seqs the agent still holds;
+* *agent restart*: the ranges are in the buffer file and listed again;
+* *duplicates*: a range is listed by every batch until the ack covering it arrives; once
+  recorded (or pending) it is not recorded again, and a batch sent twice is stored
+  idempotently by the backend's ``(asset_id, ts)`` key;
+* *a dropped seq that did arrive* (sent, then dropped before its ack came back) was read
+  from the stream before the batch listing it, so it is stored or queued: no gap;
+* *older agents* send no list (``lists_dropped`` false): their acknowledged and dropped
+  seqs below the floor cannot be told apart, so the watermark follows the floor and no gap
+  is inferred; their own ``telemetry_dropped`` events remain the record of their drops.
+
+Not promised: a batch stored by an earlier run whose ack was lost, and then dropped by the
+agent before it could send it again, is reported as a gap although it is stored. A gap
+event whose ack is lost with a killed headend is recorded again by the next run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -58,6 +85,7 @@ from der_sdk.models import Asset, Event, Heartbeat, TelemetrySample, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 from der_sdk.wire import codec, pb
+from der_sdk.wire.codec import SeqRange
 from der_sdk_headend.observers import notify
 from der_sdk_headend.presence import AgentStream, Presence
 
@@ -89,39 +117,134 @@ RETRY_MAX_S = 5.0
 
 @dataclass
 class SeqCursor:
-    """What the headend knows of one agent telemetry stream's sequence numbers."""
+    """What this headend run knows of one agent telemetry stream's sequence numbers.
 
-    stored_through: int
-    above: set[int] = field(default_factory=set)
+    Seqs are *settled* when the agent may forget them: stored, acknowledged to the agent
+    earlier (below its floor and not listed as dropped), or dropped by the agent and
+    recorded as a gap. ``stored_through`` is the contiguous watermark (every seq up to it
+    is settled) and what each ``TelemetryAck`` carries; ``settled`` holds the settled
+    ranges above it. ``pending`` holds what is on its way to settled: seqs received in this
+    run and not yet stored, and gaps found and not yet written. All are sorted lists of
+    disjoint ``(first, last)`` ranges, so a dropped range of a million seqs is one entry.
+
+    Two calls per batch: :meth:`received` on the stream's reader when the batch is queued
+    (it finds the gaps), :meth:`stored` on the writer once the batch and its gap events
+    are in storage (it moves the watermark).
+    """
+
+    stored_through: int = 0
+    settled: list[SeqRange] = field(default_factory=list)
+    pending: list[SeqRange] = field(default_factory=list)
     gaps: int = 0
 
-    def stored(self, seq: int, floor_seq: int) -> list[tuple[int, int]]:
-        """Note batch ``seq`` stored with the agent's ``floor_seq``; return new gaps.
+    def received(self, seq: int, dropped: Sequence[SeqRange] | None) -> list[SeqRange]:
+        """Batch ``seq`` was queued listing the agent's ``dropped`` ranges; return the gaps:
+        the dropped seqs this run has neither settled nor received.
 
-        A gap is a range of seqs below the agent's floor (the agent no longer holds them)
-        that never reached storage.
+        A dropped seq the agent sent before dropping it was read from the stream before
+        this batch (one stream keeps order), so it is settled or pending, never a gap. A
+        range listed again (every batch lists it until the agent hears it was recorded)
+        finds its seqs pending or settled: one gap per range and run.
         """
+        gaps: list[SeqRange] = []
+        for first, last in dropped or ():
+            first = max(first, self.stored_through + 1)
+            if first <= last:
+                gaps.extend(_uncovered(first, last, self.settled, self.pending))
+        for first, last in gaps:
+            _add(self.pending, first, last)
         if seq > self.stored_through:
-            self.above.add(seq)
-        gaps: list[tuple[int, int]] = []
-        if floor_seq > self.stored_through + 1:
-            start = None
-            for missing in range(self.stored_through + 1, floor_seq):
-                if missing in self.above:
-                    if start is not None:
-                        gaps.append((start, missing - 1))
-                        start = None
-                elif start is None:
-                    start = missing
-            if start is not None:
-                gaps.append((start, floor_seq - 1))
-            self.stored_through = floor_seq - 1
-            self.above = {s for s in self.above if s > self.stored_through}
-        while self.stored_through + 1 in self.above:
-            self.stored_through += 1
-            self.above.discard(self.stored_through)
-        self.gaps += len(gaps)
+            _add(self.pending, seq, seq)
         return gaps
+
+    def stored(
+        self,
+        seq: int,
+        floor_seq: int,
+        dropped: Sequence[SeqRange] | None,
+        gaps: Sequence[SeqRange] = (),
+    ) -> int:
+        """Batch ``seq`` and the ``gaps`` it revealed are in storage; return the new
+        ``stored_through``.
+
+        Below ``floor_seq`` every seq the agent does not list as dropped was acknowledged
+        (in this run or an earlier one): settled. A listed seq settles only when it is
+        stored or its gap recorded. From an agent that does not list its drops
+        (``dropped is None``) everything below the floor settles, and no gap is inferred:
+        its acknowledged and dropped seqs cannot be told apart.
+        """
+        _remove(self.pending, seq, seq)
+        if seq == self.stored_through + 1 and not gaps:
+            self.stored_through = seq  # the usual case: the next seq, nothing to merge yet
+        elif seq > self.stored_through:
+            _add(self.settled, seq, seq)
+        for first, last in gaps:
+            _remove(self.pending, first, last)
+            _add(self.settled, first, last)
+        below = self.stored_through + 1, floor_seq - 1
+        if below[0] <= below[1]:
+            acked = [below] if dropped is None else _uncovered(*below, dropped)
+            for first, last in acked:
+                _add(self.settled, first, last)
+        settled = self.settled
+        while settled and settled[0][0] <= self.stored_through + 1:
+            self.stored_through = max(self.stored_through, settled.pop(0)[1])
+        self.gaps += len(gaps)
+        return self.stored_through
+
+
+def _overlapping(ranges: Sequence[SeqRange], first: int, last: int) -> range:
+    """The indexes of the ranges in sorted, disjoint ``ranges`` that overlap first..last."""
+    start = bisect.bisect_left(ranges, (first,))
+    if start and ranges[start - 1][1] >= first:
+        start -= 1
+    end = bisect.bisect_right(ranges, (last, math.inf), start)
+    return range(start, end)
+
+
+def _add(ranges: list[SeqRange], first: int, last: int) -> None:
+    """Add first..last to sorted, disjoint ``ranges``, merging what touches it."""
+    if not ranges or ranges[-1][1] < first - 1:  # the usual case: seqs arrive in order
+        ranges.append((first, last))
+        return
+    if ranges[-1][1] == first - 1:
+        ranges[-1] = (ranges[-1][0], last)
+        return
+    span = _overlapping(ranges, first - 1, last + 1)
+    if span:
+        first = min(first, ranges[span.start][0])
+        last = max(last, ranges[span.stop - 1][1])
+    ranges[span.start : span.stop] = [(first, last)]
+
+
+def _remove(ranges: list[SeqRange], first: int, last: int) -> None:
+    """Take first..last out of sorted, disjoint ``ranges``."""
+    if ranges and ranges[0][0] == first:  # the usual case: stored in order
+        if ranges[0][1] <= last:
+            if len(ranges) == 1 or ranges[1][0] > last:
+                del ranges[0]
+                return
+        else:
+            ranges[0] = (last + 1, ranges[0][1])
+            return
+    span = _overlapping(ranges, first, last)
+    pieces: list[SeqRange] = []
+    if span:
+        low, high = ranges[span.start][0], ranges[span.stop - 1][1]
+        if low < first:
+            pieces.append((low, first - 1))
+        if high > last:
+            pieces.append((last + 1, high))
+    ranges[span.start : span.stop] = pieces
+
+
+def _uncovered(first: int, last: int, *covers: Sequence[SeqRange]) -> list[SeqRange]:
+    """The parts of first..last outside every range in ``covers`` (each sorted, disjoint)."""
+    left = [(first, last)]
+    for cover in covers:
+        for index in _overlapping(cover, first, last):
+            _remove(left, *cover[index])
+    return left
 
 
 @dataclass(frozen=True)
@@ -147,6 +270,8 @@ class _Item:
     stream: AgentStream
     seq: int
     floor_seq: int
+    dropped: tuple[SeqRange, ...] | None  # None: an agent that does not list its drops
+    gaps: list[SeqRange]  # dropped seqs never received: recorded before the batch is acked
     samples: list[TelemetrySample]
     queued_at: float
 
@@ -322,10 +447,25 @@ class TelemetryIngest:
                     or self._queued_samples + size <= self.max_queued_samples
                 )
             )
-        self._queue.append(_Item(stream, batch.seq, batch.floor_seq, samples, time.monotonic()))
+        self._queue.append(self._received(stream, batch, samples))
         self._queued_samples += size
         self._work.set()
         return size
+
+    def _received(
+        self, stream: AgentStream, batch: pb.TelemetryBatch, samples: list[TelemetrySample]
+    ) -> _Item:
+        """The queue item for ``batch``, noted in its stream's cursor (see :class:`SeqCursor`)."""
+        dropped = codec.batch_dropped(batch)
+        key = (stream.agent_id, stream.telemetry_stream)
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            # An agent that sends no floor (older still): the watermark starts below its
+            # first batch, as the agent acknowledged nothing it cannot have sent.
+            start = batch.seq - 1 if not batch.floor_seq and dropped is None else 0
+            cursor = self._cursors[key] = SeqCursor(stored_through=max(start, 0))
+        gaps = cursor.received(batch.seq, dropped)
+        return _Item(stream, batch.seq, batch.floor_seq, dropped, gaps, samples, time.monotonic())
 
     def submit_heartbeat(self, stream: AgentStream, heartbeat: pb.Heartbeat) -> None:
         """Queue a heartbeat; a newer one from the same stream replaces one not yet stored."""
@@ -496,6 +636,9 @@ class TelemetryIngest:
         try:
             if samples:
                 await self._storage.append_telemetry(samples)
+            for item in items:  # recorded before the acks that let the agent forget them
+                for first, last in item.gaps:
+                    await self._storage.append_event(_gap_event(item.stream, first, last))
         except BaseException:
             queue.extendleft(reversed(items))
             raise
@@ -511,9 +654,8 @@ class TelemetryIngest:
         self._samples_stored += total
         async with self._space:
             self._space.notify_all()
-        gaps: list[Event] = []
         for item in items:
-            stored_through = self._track(item, gaps)
+            stored_through = self._track(item)
             item.stream.send(codec.headend_telemetry_ack(item.seq, stored_through))
             self._batches_acked += 1
             log.debug(
@@ -523,8 +665,6 @@ class TelemetryIngest:
                 len(item.samples),
                 stored_through,
             )
-        for event in gaps:
-            self.submit_event(event)
         if index == 0:  # after the acks: a failure here must not hold telemetry back
             await self._write_side_records()
 
@@ -550,42 +690,19 @@ class TelemetryIngest:
             self._write_seconds += time.monotonic() - started
             del self._write_started[-1]
 
-    def _track(self, item: _Item, gaps: list[Event]) -> int:
+    def _track(self, item: _Item) -> int:
         stream = item.stream
-        key = (stream.agent_id, stream.telemetry_stream)
-        cursor = self._cursors.get(key)
-        if cursor is None:
-            # First batch of this stream in this headend run: everything below the agent's
-            # floor was acknowledged earlier or reported dropped by the agent itself.
-            start = item.floor_seq - 1 if item.floor_seq else item.seq - 1
-            cursor = self._cursors[key] = SeqCursor(stored_through=max(start, 0))
-        for first, last in cursor.stored(item.seq, item.floor_seq):
-            count = last - first + 1
+        cursor = self._cursors[(stream.agent_id, stream.telemetry_stream)]
+        for first, last in item.gaps:
             log.warning(
                 "telemetry gap from %s: %d batch(es), seq %d..%d, never reached storage "
                 "(the agent dropped them)",
                 stream.describe(),
-                count,
+                last - first + 1,
                 first,
                 last,
             )
-            gaps.append(
-                Event(
-                    ts=utc_now(),
-                    kind="telemetry_gap",
-                    message=f"agent {stream.agent_id}: telemetry batches {first}..{last} "
-                    f"({count}) never reached storage; the agent no longer holds them",
-                    site_id=stream.site_id or None,
-                    data={
-                        "agent_id": stream.agent_id,
-                        "stream_id": stream.telemetry_stream,
-                        "first_seq": first,
-                        "last_seq": last,
-                        "batches": count,
-                    },
-                )
-            )
-        return cursor.stored_through
+        return cursor.stored(item.seq, item.floor_seq, item.dropped, item.gaps)
 
     async def _store_heartbeats(self, beats: list[tuple[AgentStream, pb.Heartbeat]]) -> None:
         rows: list[Heartbeat] = []
@@ -636,3 +753,21 @@ class TelemetryIngest:
         )
         self._failing_since = None
         self._failure = None
+
+
+def _gap_event(stream: AgentStream, first: int, last: int) -> Event:
+    count = last - first + 1
+    return Event(
+        ts=utc_now(),
+        kind="telemetry_gap",
+        message=f"agent {stream.agent_id}: telemetry batches {first}..{last} ({count}) never "
+        f"reached storage; the agent dropped them by its buffer bounds",
+        site_id=stream.site_id or None,
+        data={
+            "agent_id": stream.agent_id,
+            "stream_id": stream.telemetry_stream,
+            "first_seq": first,
+            "last_seq": last,
+            "batches": count,
+        },
+    )

@@ -252,6 +252,36 @@ async def test_ack_forgets_the_batch_and_everything_through_stored_through(
     assert rows() == [4, 5, 7]
 
 
+async def test_the_buffer_lists_exactly_the_seqs_it_dropped_until_an_ack_covers_them(
+    tmp_path: Path, opened: Callable[..., Buffer]
+) -> None:
+    path = tmp_path / "dropped.sqlite3"
+    size = len(buffer_module.codec.telemetry_payload(_batch("a")))
+    buffer = opened(path, max_bytes=size * 3, ack_flush_s=0.01)
+    for tag in "abc":
+        await buffer.append(_batch(tag))
+    buffer.ack_telemetry(2)  # acknowledged, not dropped: held 1, 3
+    for tag in "def":
+        await buffer.append(_batch(tag))  # 4, 5, 6 push out 1 and 3
+    assert buffer.seqs() == [4, 5, 6] and buffer.dropped_ranges == [(1, 1), (3, 3)]
+    assert buffer.drop_report() == (4, [(1, 1), (3, 3)])
+    assert buffer.drop_report(limit=1) == (3, [(1, 1)])  # 3 is left out: the floor says so
+    await buffer.append(_batch("g"))  # drops 4: continues the range of 3
+    assert buffer.dropped_ranges == [(1, 1), (3, 4)]
+
+    await buffer.close()
+    reopened = opened(path, max_bytes=size * 3, ack_flush_s=0.01)
+    await reopened.open()
+    assert reopened.dropped_ranges == [(1, 1), (3, 4)], "kept in the file"
+    reopened.ack_telemetry(5, stored_through=3)
+    assert reopened.dropped_ranges == [(4, 4)]
+    await asyncio.sleep(0.05)  # the delete is batched
+    await reopened.close()
+    again = opened(path, max_bytes=size * 3)
+    await again.open()
+    assert again.dropped_ranges == [(4, 4)] and again.drop_report() == (6, [(4, 4)])
+
+
 # ----------------------------------------------------------------------------- journal
 
 

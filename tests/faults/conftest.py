@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 import textwrap
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ __all__ = [
     "OTHER_SITE",
     "SITE",
     "StoredRow",
+    "stored_events",
     "stored_rows",
     "wait_until",
     "write_agent_config",
@@ -71,6 +73,19 @@ async def stored_rows(db: Path) -> list[StoredRow]:
                 (str(a), int(ts), int(seq))
                 for a, ts, seq in conn.execute("SELECT asset_id, ts, seq FROM telemetry")
             ]
+
+    return await asyncio.to_thread(read)
+
+
+async def stored_events(db: Path, kind: str) -> list[dict[str, object]]:
+    """The ``data`` of every event of ``kind`` in a headend's SQLite file, oldest first."""
+
+    def read() -> list[dict[str, object]]:
+        with contextlib.closing(
+            sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        ) as conn:
+            rows = conn.execute("SELECT data FROM events WHERE kind = ? ORDER BY id", (kind,))
+            return [json.loads(data) for (data,) in rows]
 
     return await asyncio.to_thread(read)
 

@@ -35,6 +35,7 @@ from tests.faults.conftest import (
     OTHER_SITE,
     SITE,
     StoredRow,
+    stored_events,
     stored_rows,
     wait_until,
     write_agent_config,
@@ -155,6 +156,117 @@ async def test_headend_killed_mid_burst_stores_every_sample_exactly_once(
     assert held_at_kill > 0, "the kill came while samples were still unacknowledged"
     assert len(rows) == total
     assert len({(a, ts) for a, ts, _ in rows}) == total
+
+
+# ----------------------------------------------------------------------------- gaps
+
+
+async def _drained(agent: Agent, what: str, within: float = 60) -> None:
+    async def empty() -> bool:
+        return agent.stats().connected and len(agent.buffer) == 0
+
+    await wait_until(empty, within=within, what=what)
+
+
+def _headend_and_quiet_agent(
+    tmp_path: Path, inventory_path: Path, plugins: Plugins, buffer: dict[str, float]
+) -> tuple[Path, HeadendProcess, Agent]:
+    """A headend process (not started) on SQLite, and an agent whose batches the test
+    appends itself (its sampler polls once an hour), with ``buffer`` settings."""
+    db = tmp_path / "der.db"
+    headend = HeadendProcess(inventory_path, f"sqlite:///{db}", tmp_path)
+    agent = _agent(
+        tmp_path,
+        inventory_path,
+        plugins,
+        headend.grpc_addr,
+        telemetry_interval_s=3600,
+        buffer=buffer,
+    )
+    return db, headend, agent
+
+
+async def test_headend_killed_while_an_agent_replays_its_backlog_reports_no_gap(
+    tmp_path: Path, inventory_path: Path, der_plugins: Plugins
+) -> None:
+    """Live batches go first: some newer than the backlog are acknowledged and deleted by
+    the agent before the kill. The restarted headend never saw them; they are no gap."""
+    size, backlog, live = 100, 100, 10
+    db, headend, agent = _headend_and_quiet_agent(
+        tmp_path, inventory_path, der_plugins, {"replay_samples_per_s": 2000}
+    )
+    await agent.start()
+    try:
+        for n in range(backlog):  # the headend is down: 10,000 samples of backlog
+            await agent.buffer.append(_burst(n, size))
+        await headend.start()
+        async with asyncio.timeout(15):
+            await agent.wait_connected()
+        live_seqs = [
+            await agent.buffer.append(_burst(n, size)) for n in range(backlog, backlog + live)
+        ]
+
+        async def live_acked_backlog_replaying() -> bool:
+            buffer = agent.buffer
+            return buffer.floor_seq > 1 and not any(seq in buffer for seq in live_seqs)
+
+        await wait_until(
+            live_acked_backlog_replaying, within=15, what="live batches and some backlog are acked"
+        )
+        await headend.kill()
+        held_at_kill = len(agent.buffer)
+        await headend.restart()
+        await _drained(agent, "the agent replays the rest of its backlog")
+        await agent.buffer.append(_burst(backlog + live, size))  # live data goes on
+        await _drained(agent, "the agent's next live batch is acknowledged")
+    finally:
+        await agent.stop()
+        if headend.running:
+            await headend.terminate()
+    assert 0 < held_at_kill < backlog, "the kill came in the middle of the replay"
+    rows = [r for r in await stored_rows(db) if r[1] >= _us(BURST_BASE)]
+    total = (backlog + live + 1) * size
+    assert len(rows) == total and len({(a, ts) for a, ts, _ in rows}) == total
+    assert await stored_events(db, "telemetry_gap") == []
+
+
+async def test_an_agent_buffer_that_drops_its_oldest_batches_is_one_gap_event_with_their_range(
+    tmp_path: Path, inventory_path: Path, der_plugins: Plugins
+) -> None:
+    """The buffer overflows while the headend is down (and so forgets what it acknowledged):
+    the restarted headend records exactly the seqs the agent dropped, once."""
+    size = 100
+    batch_bytes = len(codec.telemetry_payload(_burst(0, size)))
+    db, headend, agent = _headend_and_quiet_agent(
+        tmp_path, inventory_path, der_plugins, {"max_mb": batch_bytes * 5.5 / 2**20}
+    )
+    await headend.start()
+    await agent.start()
+    try:
+        async with asyncio.timeout(15):
+            await agent.wait_connected()
+        for n in range(5):
+            await agent.buffer.append(_burst(n, size))
+        await _drained(agent, "the first batches are acknowledged")
+        await headend.kill()
+        first = agent.buffer.next_seq
+        for n in range(5, 25):
+            await agent.buffer.append(_burst(n, size))  # holds 5: the 15 oldest go
+        last = first + 14
+        assert agent.stats().batches_dropped == 15
+        await headend.restart()
+        await _drained(agent, "the agent sends what it kept")
+        await agent.buffer.append(_burst(25, size))
+        await _drained(agent, "the next live batch is acknowledged")
+    finally:
+        await agent.stop()
+        if headend.running:
+            await headend.terminate()
+    gaps = await stored_events(db, "telemetry_gap")
+    assert [(g["first_seq"], g["last_seq"], g["batches"]) for g in gaps] == [(first, last, 15)]
+    assert agent.buffer.dropped_ranges == [], "the headend's ack confirmed the range"
+    rows = [r for r in await stored_rows(db) if r[1] >= _us(BURST_BASE)]
+    assert len(rows) == (26 - 15) * size == len({(a, ts) for a, ts, _ in rows})
 
 
 # ----------------------------------------------------------------------------- kill -9 agent

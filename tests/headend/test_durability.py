@@ -35,7 +35,7 @@ async def _register(agent: object, assets: Sequence[str] = SITE_A_ASSETS) -> Non
 # ----------------------------------------------------------------------------- telemetry
 
 
-async def test_acks_carry_the_contiguous_watermark_and_gaps_below_the_agents_floor_are_events(
+async def test_acks_carry_the_contiguous_watermark_and_the_agents_dropped_ranges_are_gap_events(
     headend: Headend, connect_agent: ConnectAgent
 ) -> None:
     agent = await connect_agent()
@@ -51,8 +51,11 @@ async def test_acks_carry_the_contiguous_watermark_and_gaps_below_the_agents_flo
     )
     await agent.recv_kind("register_ack")
 
-    async def batch(seq: int, floor: int, second: int) -> pb.TelemetryAck:
-        await agent.send(codec.agent_telemetry(seq, [sample(BESS_1, seconds=second)], floor))
+    async def batch(
+        seq: int, floor: int, second: int, dropped: Sequence[tuple[int, int]] = ()
+    ) -> pb.TelemetryAck:
+        message = codec.agent_telemetry(seq, [sample(BESS_1, seconds=second)], floor, dropped)
+        await agent.send(message)
         ack: pb.TelemetryAck = await agent.recv_kind("telemetry_ack")
         return ack
 
@@ -62,9 +65,12 @@ async def test_acks_carry_the_contiguous_watermark_and_gaps_below_the_agents_flo
     assert (ahead.seq, ahead.stored_through) == (3, 1)
     filled = await batch(2, 1, 2)
     assert (filled.seq, filled.stored_through) == (2, 3)
-    # The agent dropped 4..6 by its buffer bounds: its floor is now 7.
-    jumped = await batch(7, 7, 7)
+    # The agent dropped 4..6 by its buffer bounds: its floor is now 7, and it says so.
+    jumped = await batch(7, 7, 7, dropped=[(4, 6)])
     assert (jumped.seq, jumped.stored_through) == (7, 7)
+    # It lists the range until an ack covers it: a batch sent before that ack arrived.
+    again = await batch(8, 8, 8, dropped=[(4, 6)])
+    assert (again.seq, again.stored_through) == (8, 8)
 
     async def gap_recorded() -> bool:
         return bool(await headend.storage.events(kind="telemetry_gap"))
@@ -74,6 +80,23 @@ async def test_acks_carry_the_contiguous_watermark_and_gaps_below_the_agents_flo
     assert (gap.data["first_seq"], gap.data["last_seq"]) == (4, 6)
     assert gap.data["stream_id"] == "buffer-1"
     assert headend.ingest.stats().gaps == 1
+
+
+async def test_an_agent_that_does_not_list_its_drops_gets_its_watermark_but_no_inferred_gap(
+    headend: Headend, connect_agent: ConnectAgent
+) -> None:
+    """Older agents send only floor_seq: below it the headend cannot tell acknowledged seqs
+    (perhaps by a previous headend run) from dropped ones, so it reports no gap."""
+    agent = await connect_agent()
+    await _register(agent)
+    await agent.send(codec.agent_telemetry(1, [sample(BESS_1, seconds=1)], 1))
+    assert (await agent.recv_kind("telemetry_ack")).stored_through == 1
+    await agent.send(codec.agent_telemetry(7, [sample(BESS_1, seconds=7)], 7))
+    assert (await agent.recv_kind("telemetry_ack")).stored_through == 7
+    await agent.send(codec.agent_telemetry(8, [sample(BESS_1, seconds=8)], 8))
+    assert (await agent.recv_kind("telemetry_ack")).stored_through == 8
+    assert await headend.storage.events(kind="telemetry_gap") == []
+    assert headend.ingest.stats().gaps == 0
 
 
 async def test_a_resent_batch_is_acknowledged_again_and_stored_once(

@@ -56,14 +56,26 @@ class PluginVersion(_message.Message):
     def __init__(self, package: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
-    __slots__ = ("seq", "samples", "floor_seq")
+    __slots__ = ("seq", "samples", "floor_seq", "dropped", "lists_dropped")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FLOOR_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LISTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     seq: int
     samples: _containers.RepeatedCompositeFieldContainer[Telemetry]
     floor_seq: int
-    def __init__(self, seq: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Telemetry, _Mapping]]] = ..., floor_seq: _Optional[int] = ...) -> None: ...
+    dropped: _containers.RepeatedCompositeFieldContainer[SeqRange]
+    lists_dropped: bool
+    def __init__(self, seq: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Telemetry, _Mapping]]] = ..., floor_seq: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[SeqRange, _Mapping]]] = ..., lists_dropped: _Optional[bool] = ...) -> None: ...
+
+class SeqRange(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
 
 class Telemetry(_message.Message):
     __slots__ = ("asset_id", "site_id", "ts_us", "mw", "mw_setpoint", "online", "status", "fault_code", "seq", "quality", "quality_reason", "details_json")
