@@ -31,6 +31,7 @@ class SystemController(Controller):
         **access("viewer"),
     )
     async def plugins(self, headend: NamedDependency[Headend]) -> list[PluginRow]:
+        commands = headend.plugins.commands.by_plugin()
         return [
             PluginRow(
                 name=p.name,
@@ -38,6 +39,7 @@ class SystemController(Controller):
                 version=p.version,
                 hooks=list(p.hooks),
                 builtin=p.builtin,
+                commands=commands.get(p.name, []),
             )
             for p in headend.plugins.info()
         ]
