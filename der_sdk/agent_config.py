@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
-from der_sdk.errors import ConfigError, ConfigIssue
+from der_sdk.errors import ConfigError, ConfigIssue, DerSdkError
 from der_sdk.inventory import Inventory, canonical_uuid
 from der_sdk.split import DEFAULT_SPLIT_POLICY
 from der_sdk.yamlconf import (
@@ -74,6 +74,7 @@ __all__ = [
     "BufferConfig",
     "EdgeServiceConfig",
     "TlsConfig",
+    "convert_options",
     "load_agent_config",
     "parse_agent_config",
     "validate_agent_config",
@@ -436,6 +437,28 @@ def _parse_edge_services(root: Section, lines: dict[str, int | None]) -> Any:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def convert_options(
+    raw: Any, options_type: type[msgspec.Struct] | None, *, what: str
+) -> msgspec.Struct | None:
+    """Validate ``raw`` options (a mapping from YAML) against ``options_type``.
+
+    :param what: names the owner in errors, e.g. ``asset 0b6c… adapter 'modbus'``.
+    :raises DerSdkError: an option is missing, unknown or of the wrong type; the message
+        names ``what`` and the field (``options.port``).
+    """
+    if options_type is None:
+        if raw:
+            raise DerSdkError(f"{what}: takes no options, got {sorted(raw)}; remove 'options'")
+        return None
+    if isinstance(raw, options_type):
+        return raw
+    try:
+        return msgspec.convert(raw if raw is not None else {}, type=options_type)
+    except msgspec.ValidationError as exc:
+        path, message = describe_validation_error(exc)
+        raise DerSdkError(f"{what}: invalid options{path}: {message}") from None
 
 
 def _check_options(

@@ -17,7 +17,7 @@ from cryptography import x509
 from der_sdk import certs
 from der_sdk.errors import DerSdkError
 
-__all__ = ["add_certs_parser", "cmd_certs"]
+__all__ = ["add_certs_arguments", "cmd_certs"]
 
 
 def _days(text: str) -> int:
@@ -163,16 +163,8 @@ def cmd_certs(ns: argparse.Namespace) -> int:
     return result
 
 
-def add_certs_parser(sub: Any) -> None:
-    """Add ``der certs`` and its subcommands to the ``der`` subparsers ``sub``."""
-    parser = sub.add_parser(
-        "certs",
-        help="development certificates for TLS and mutual TLS (a dev CA, agents, headend)",
-        description="Make a development CA and the certificates the headend and agents "
-        "need for TLS and mutual TLS, and agent tokens. A development aid: in production "
-        "the operator's PKI issues the certificates (der certs show prints what the "
-        "inventory needs from them).",
-    )
+def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the subcommands of ``der certs`` to its ``parser``."""
     parser.set_defaults(func=cmd_certs, certs_parser=parser)
     commands = parser.add_subparsers(dest="certs_command", metavar="COMMAND")
 

@@ -26,6 +26,7 @@ __all__ = [
     "AdapterContext",
     "AdapterType",
     "AssetType",
+    "CommandType",
     "DevicePoint",
     "DeviceProfile",
     "DeviceSimulatorType",
@@ -238,7 +239,8 @@ class EdgeServiceType:
 
 
 def _no_arguments(parser: argparse.ArgumentParser) -> None:
-    """Default for :attr:`DeviceSimulatorType.add_arguments`: the simulator takes none."""
+    """Default for ``add_arguments`` of :class:`DeviceSimulatorType` and
+    :class:`CommandType`: no options."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,3 +256,31 @@ class DeviceSimulatorType:
     run: Callable[[argparse.Namespace], Awaitable[None]]
     add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
     description: str = ""
+
+
+# --------------------------------------------------------------------------- der commands
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandType:
+    """A subcommand of the ``der`` command line: ``der NAME [options]``.
+
+    ``der`` adds a parser called ``name`` with ``help`` (its line in ``der --help``),
+    ``description`` (the top of ``der NAME --help``) and ``add_help``, then calls
+    ``add_arguments(parser)`` to add the command's options (or its own subcommands; a
+    subparser may set ``func`` with ``set_defaults`` to take over from ``run``). ``der NAME``
+    calls ``run(args)`` and exits with the number it returns.
+
+    ``run`` is synchronous: start an event loop inside it (:func:`der_sdk.cli.run_async`)
+    for async work. It raises :class:`~der_sdk.errors.ConfigError` or
+    :class:`~der_sdk.errors.DerSdkError` for a user's mistake: ``der`` prints the message
+    (no traceback) and exits 2. Import heavy modules inside ``run``, not at the top of the
+    plugin, so ``der --help`` stays quick.
+    """
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    description: str = ""
+    add_help: bool = True

@@ -19,6 +19,7 @@ import pluggy
 from der_sdk.extensions import (
     AdapterType,
     AssetType,
+    CommandType,
     DeviceProfile,
     DeviceSimulatorType,
     EdgeServiceType,
@@ -138,6 +139,27 @@ def der_device_simulators() -> list[DeviceSimulatorType]:
         builds a parser with ``add_arguments``, then awaits ``run(args)`` until Ctrl-C.
 
     All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_commands() -> list[CommandType]:
+    """Subcommands of the ``der`` command line (``der headend``, ``der tokens``...).
+
+    Called once by ``der`` when it builds its parser, before it reads the command line,
+    so ``der --help`` lists every installed command; also by ``der plugins``. The
+    reference headend (``headend``, ``tokens``, ``demo``) and agent (``agent``,
+    ``launch``) register theirs through this hook from the ``der_sdk`` entry point group,
+    as any plugin can; der-sdk's own commands (``plugins``, ``profiles``,
+    ``new-adapter``, ``check-config``, ``sim``, ``certs``) come from a built-in plugin.
+
+    :return: a list of :class:`~der_sdk.extensions.CommandType`; ``der NAME`` runs the one
+        called ``NAME``. Keep this hook cheap: import what a command needs inside its
+        ``run``.
+
+    All results are merged; a duplicate name is an error that names both providers.
+    Since 0.1.
     """
     raise NotImplementedError
 

@@ -9,7 +9,8 @@ Environment:
 
 ``DER_SDK_PLUGINS``
     Comma-separated allow list of entry point or distribution names. When set, only these
-    external plugins load (built-ins always do).
+    external plugins load (built-ins always do, and so do the entry points of the der-sdk
+    distribution itself: the reference headend's and agent's ``der`` commands).
 ``DER_SDK_DISABLE_PLUGINS``
     Comma-separated block list, matched the same way.
 ``DER_SDK_TRACE_PLUGINS=1``
@@ -22,6 +23,7 @@ import importlib
 import importlib.metadata as metadata
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from der_sdk.errors import PluginError, UnknownNameError
 from der_sdk.extensions import (
     AdapterType,
     AssetType,
+    CommandType,
     DeviceProfile,
     DeviceSimulatorType,
     EdgeServiceType,
@@ -44,6 +47,7 @@ from der_sdk.extensions import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CommandRegistry",
     "PluginInfo",
     "Plugins",
     "ProfileRegistry",
@@ -53,6 +57,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "der_sdk"
+SDK_DISTRIBUTION = "der-sdk"
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
 
 log = logging.getLogger("der.plugins")
@@ -125,6 +130,30 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class CommandRegistry(Registry[CommandType]):
+    """The ``der`` subcommands, each with its provider: the plugin and its package, since
+    one distribution (der-sdk) carries several plugins (``der_sdk_headend``,
+    ``der_sdk_agent`` and the built-in ``der_sdk.commands``)."""
+
+    def __init__(
+        self, entries: Mapping[str, tuple[CommandType, str]], plugins: Mapping[str, str]
+    ) -> None:
+        super().__init__("command", entries)
+        self._plugins = dict(plugins)
+
+    def plugin(self, name: str) -> str:
+        """The name of the plugin that provided command ``name``."""
+        self.get(name)
+        return self._plugins[name]
+
+    def by_plugin(self) -> dict[str, list[str]]:
+        """Plugin name → the commands it provides, sorted."""
+        provided: dict[str, list[str]] = {}
+        for name in self.names():
+            provided.setdefault(self._plugins[name], []).append(name)
+        return provided
 
 
 class ProfileRegistry(Registry[DeviceProfile]):
@@ -209,6 +238,11 @@ def _env_list(env: Mapping[str, str], key: str) -> set[str] | None:
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
+def _normalized(distribution: str) -> str:
+    """A distribution name as PEP 503 compares them (``der_sdk`` is ``der-sdk``)."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 def _sdk_version() -> str:
     try:
         return metadata.version("der-sdk")
@@ -275,6 +309,7 @@ class Plugins:
             "device_profiles",
             "edge_services",
             "device_simulators",
+            "commands",
         ):
             self.__dict__.pop(attr, None)
         self._observers.clear()
@@ -328,9 +363,18 @@ class Plugins:
     # ---------------------------------------------------------------- registries
 
     def _collect(
-        self, hook_name: str, kind: str, key: Callable[[Any], str] | None = None
+        self,
+        hook_name: str,
+        kind: str,
+        key: Callable[[Any], str] | None = None,
+        *,
+        by_plugin: dict[str, str] | None = None,
     ) -> dict[str, tuple[Any, str]]:
-        """Merge the descriptors of every plugin by ``key`` (default: the ``name``)."""
+        """Merge the descriptors of every plugin by ``key`` (default: the ``name``).
+
+        :param by_plugin: when given, filled with the plugin that provided each name, and
+            providers are shown as ``plugin (package)`` where the two differ.
+        """
         caller = getattr(self.pm.hook, hook_name)
         found: dict[str, tuple[Any, str]] = {}
         # pluggy calls last-registered first; walk in registration order so errors and
@@ -338,6 +382,8 @@ class Plugins:
         for impl in caller.get_hookimpls():
             source = self._sources.get(impl.plugin_name)
             package = source.package if source else impl.plugin_name
+            if by_plugin is not None and impl.plugin_name != package:
+                package = f"{impl.plugin_name} ({package})"
             try:
                 result = impl.function()
             except Exception as exc:
@@ -365,6 +411,8 @@ class Plugins:
                         f"and {package}; uninstall one or block it with DER_SDK_DISABLE_PLUGINS"
                     )
                 found[ident] = (descriptor, package)
+                if by_plugin is not None:
+                    by_plugin[ident] = impl.plugin_name
         return found
 
     @cached_property
@@ -418,6 +466,12 @@ class Plugins:
         return Registry(
             "device simulator", self._collect("der_device_simulators", "device simulator")
         )
+
+    @cached_property
+    def commands(self) -> CommandRegistry:
+        by_plugin: dict[str, str] = {}
+        entries = self._collect("der_commands", "command", by_plugin=by_plugin)
+        return CommandRegistry(entries, by_plugin)
 
     def storage_for_url(self, url: str) -> StorageBackendType:
         """The backend whose scheme matches ``url`` (``sqlite:///x.db`` → ``sqlite``)."""
@@ -474,12 +528,17 @@ def load_plugins(
     entry_points: bool = True,
     extra: Sequence[tuple[str, object]] = (),
     env: Mapping[str, str] | None = None,
+    on_error: Callable[[PluginError], None] | None = None,
 ) -> Plugins:
     """Build the plugin manager: built-ins, then the ``der_sdk`` entry points, then ``extra``.
 
     :param entry_points: load installed plugins (off in some tests).
     :param extra: ``(name, plugin)`` pairs to register as well.
     :param env: the environment to read allow/block lists and tracing from.
+    :param on_error: when given, an installed plugin that fails to import or register is
+        passed to it as a :class:`PluginError` and skipped, instead of raised (the ``der``
+        command builds its parser this way, so one broken plugin does not take every
+        command down; the command that loads the plugins then reports it).
     :raises PluginError: a plugin failed to import, clashed by name, or is invalid; the
         message names it and its distribution.
     """
@@ -505,19 +564,26 @@ def load_plugins(
             dist_name = ep.dist.name if ep.dist is not None else "<unknown distribution>"
             dist_version = ep.dist.version if ep.dist is not None else "0"
             keys = {ep.name, dist_name}
-            if allow is not None and not keys & allow:
+            # the headend and agent ship in der-sdk: they load like built-ins
+            own = _normalized(dist_name) == SDK_DISTRIBUTION
+            if allow is not None and not own and not keys & allow:
                 continue
             if keys & block:
                 continue
             try:
-                obj = ep.load()
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {ep.name!r} from distribution {dist_name} {dist_version} failed "
-                    f"to import ({ep.value}): {type(exc).__name__}: {exc}. Fix or uninstall it, "
-                    f"or skip it with DER_SDK_DISABLE_PLUGINS={ep.name}"
-                ) from exc
-            plugins.register(obj, ep.name, package=dist_name, version=dist_version)
+                try:
+                    obj = ep.load()
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {ep.name!r} from distribution {dist_name} {dist_version} "
+                        f"failed to import ({ep.value}): {type(exc).__name__}: {exc}. Fix or "
+                        f"uninstall it, or skip it with DER_SDK_DISABLE_PLUGINS={ep.name}"
+                    ) from exc
+                plugins.register(obj, ep.name, package=dist_name, version=dist_version, builtin=own)
+            except PluginError as exc:
+                if on_error is None:
+                    raise
+                on_error(exc)
 
     for name, plugin in extra:
         plugins.register(plugin, name, package=name)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from der_sdk.agent_config import AgentConfig
+from der_sdk.agent_config import AgentConfig, convert_options
 from der_sdk.device_packs import version_key
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.extensions import (
@@ -31,7 +31,6 @@ from der_sdk.extensions import (
 )
 from der_sdk.models import Asset, TelemetrySample, refuse_non_finite, utc_now
 from der_sdk.plugins import Plugins
-from der_sdk.yamlconf import describe_validation_error
 
 __all__ = [
     "RECONNECT_AFTER_FAILED_READS",
@@ -55,28 +54,6 @@ T = TypeVar("T")
 def adapter_name_for(asset_id: str, config: AgentConfig) -> str:
     """The adapter type configured for ``asset_id`` (or the config's default)."""
     return config.adapter_for(asset_id).adapter
-
-
-def convert_options(
-    raw: Any, options_type: type[msgspec.Struct] | None, *, what: str
-) -> msgspec.Struct | None:
-    """Validate ``raw`` options (a mapping from YAML) against ``options_type``.
-
-    :param what: names the owner in errors, e.g. ``asset 0b6c… adapter 'modbus'``.
-    :raises DerSdkError: an option is missing, unknown or of the wrong type; the message
-        names ``what`` and the field (``options.port``).
-    """
-    if options_type is None:
-        if raw:
-            raise DerSdkError(f"{what}: takes no options, got {sorted(raw)}; remove 'options'")
-        return None
-    if isinstance(raw, options_type):
-        return raw
-    try:
-        return msgspec.convert(raw if raw is not None else {}, type=options_type)
-    except msgspec.ValidationError as exc:
-        path, message = describe_validation_error(exc)
-        raise DerSdkError(f"{what}: invalid options{path}: {message}") from None
 
 
 def profiles_for_adapters(plugins: Plugins) -> dict[str, DeviceProfile]:

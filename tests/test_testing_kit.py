@@ -15,17 +15,20 @@ from der_sdk.plugins import Plugins
 from der_sdk.testing import (
     DEFAULT_ASSET_IDS,
     DEFAULT_SITE_ID,
-    AgentLink,
-    AgentRunner,
     RegisterPlugin,
     SimulatedDevicePlugin,
 )
+from der_sdk.testing import fixtures as core_fixtures
 from der_sdk.testing import pytest_plugin as der_pytest_plugin
-from der_sdk.testing.fixtures import __all__ as FIXTURES
 from der_sdk.testing.tasks import ALLOW_LEAKS_MARKER
+from der_sdk_agent.testing import AgentLink, AgentRunner
+from der_sdk_agent.testing import fixtures as agent_fixtures
 from der_sdk_headend.service import Headend
+from der_sdk_headend.testing import fixtures as headend_fixtures
 
 pytest_plugins = ["pytester"]
+
+FIXTURES = [*core_fixtures.__all__, *headend_fixtures.__all__, *agent_fixtures.__all__]
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "testing.md"

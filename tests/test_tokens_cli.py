@@ -176,8 +176,8 @@ def test_writes_are_atomic_and_leave_no_temporary_files(
 
 
 def test_the_cli_default_file_and_roles_are_the_headends() -> None:
-    from der_sdk.cli_tokens import DEFAULT_TOKENS_FILE
-    from der_sdk.cli_tokens import ROLES as CLI_ROLES
+    from der_sdk_headend.cli_tokens import DEFAULT_TOKENS_FILE
+    from der_sdk_headend.cli_tokens import ROLES as CLI_ROLES
     from der_sdk_headend.config import DEFAULT_TOKENS_FILE as HEADEND_DEFAULT
     from der_sdk_headend.tokens import ROLES
 

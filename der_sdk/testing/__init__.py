@@ -1,16 +1,21 @@
 """Test kit for der-sdk plugin authors, shipped as a pytest plugin (see ``docs/testing.md``).
 
 Installing der-sdk registers the pytest plugin :mod:`der_sdk.testing.pytest_plugin`: the
-``der_*`` fixtures (a headend on memory storage with an HTTP client, an in-process agent
-link, a simulated device with fault injection, plugin registration for one test) and a
-check that fails async tests which leak asyncio tasks.
+``der_*`` fixtures that need no headend or agent (a simulated device with fault injection,
+plugin registration for one test, the test inventory) and a check that fails async tests
+which leak asyncio tasks. The fixtures that run the reference apps live beside them and are
+registered the same way: a headend on memory storage with an HTTP client
+(:mod:`der_sdk_headend.testing`) and an in-process agent link
+(:mod:`der_sdk_agent.testing`). Nothing here imports the apps.
 
 Import from here what you subclass or call:
 
 * :class:`AdapterConformance`, :class:`StorageConformance` — conformance suites;
 * :class:`SimulatedDevice`, :class:`FaultyAdapter`, :class:`SimulatedDevicePlugin` — the
   ``test-device`` adapter and its device;
-* :class:`AgentLink`, :class:`AgentRunner`, :func:`wait_until` — the agent link;
+* :func:`wait_until` — await a condition with a deadline;
+* :data:`DEFAULT_SITE_ID`, :data:`DEFAULT_ASSET_IDS`, :data:`DEFAULT_INVENTORY_YAML` — the
+  test inventory;
 * :class:`BlockingWatch` — catch calls that block the event loop;
 * :class:`TcpProxy`, :class:`HeadendProcess`, :class:`AgentProcess` — cut, blackhole or
   delay a TCP link, and run the headend and agent as processes to SIGKILL;
@@ -23,11 +28,11 @@ module's asserts are rewritten by pytest.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from der_sdk.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
-    from der_sdk.testing.agent_link import FAST_AGENT_SETTINGS, AgentLink, AgentRunner, wait_until
     from der_sdk.testing.blocking import BlockingWatch
     from der_sdk.testing.conformance import (
         DEFAULT_CONFORMANCE_ASSET,
@@ -52,20 +57,16 @@ if TYPE_CHECKING:
         free_port,
     )
     from der_sdk.testing.fixtures import RegisterPlugin
-    from der_sdk.testing.headend import (
+    from der_sdk.testing.inventory import (
         DEFAULT_ASSET_IDS,
         DEFAULT_INVENTORY_YAML,
         DEFAULT_SITE_ID,
-        headend_config,
     )
     from der_sdk.testing.services import require_tcp_service, services_required
     from der_sdk.testing.tasks import ALLOW_LEAKS_MARKER, find_leaked_tasks
+    from der_sdk.testing.waits import WAIT_S, wait_until
 
 _EXPORTS = {
-    "FAST_AGENT_SETTINGS": "agent_link",
-    "AgentLink": "agent_link",
-    "AgentRunner": "agent_link",
-    "wait_until": "agent_link",
     "BlockingWatch": "blocking",
     "DEFAULT_CONFORMANCE_ASSET": "conformance",
     "AdapterConformance": "conformance",
@@ -84,14 +85,15 @@ _EXPORTS = {
     "TcpProxy": "faults",
     "free_port": "faults",
     "RegisterPlugin": "fixtures",
-    "DEFAULT_ASSET_IDS": "headend",
-    "DEFAULT_INVENTORY_YAML": "headend",
-    "DEFAULT_SITE_ID": "headend",
-    "headend_config": "headend",
+    "DEFAULT_ASSET_IDS": "inventory",
+    "DEFAULT_INVENTORY_YAML": "inventory",
+    "DEFAULT_SITE_ID": "inventory",
     "require_tcp_service": "services",
     "services_required": "services",
     "ALLOW_LEAKS_MARKER": "tasks",
     "find_leaked_tasks": "tasks",
+    "WAIT_S": "waits",
+    "wait_until": "waits",
 }
 
 __all__ = [
@@ -100,13 +102,11 @@ __all__ = [
     "DEFAULT_CONFORMANCE_ASSET",
     "DEFAULT_INVENTORY_YAML",
     "DEFAULT_SITE_ID",
-    "FAST_AGENT_SETTINGS",
     "FAULT_KINDS",
     "TEST_DEVICE",
+    "WAIT_S",
     "AdapterConformance",
-    "AgentLink",
     "AgentProcess",
-    "AgentRunner",
     "BlockingWatch",
     "DeviceError",
     "FaultyAdapter",
@@ -121,20 +121,13 @@ __all__ = [
     "TcpProxy",
     "find_leaked_tasks",
     "free_port",
-    "headend_config",
     "require_tcp_service",
     "services_required",
     "wait_until",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'der_sdk.testing' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"der_sdk.testing.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

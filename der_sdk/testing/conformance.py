@@ -31,6 +31,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
+from der_sdk.agent_config import convert_options
 from der_sdk.errors import DerSdkError
 from der_sdk.extensions import Adapter, AdapterContext, DeviceProfile, SetpointResult
 from der_sdk.models import (
@@ -166,8 +167,6 @@ class AdapterConformance:
         return load_plugins()
 
     def build_adapter(self) -> Adapter:
-        from der_sdk_agent.adapters import convert_options
-
         if not self.adapter_type:
             raise DerSdkError(
                 f"{type(self).__name__}: set the class attribute adapter_type to the name of "

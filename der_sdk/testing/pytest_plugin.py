@@ -3,13 +3,15 @@ der-sdk makes its fixtures, markers and the leaked-task check available to every
 suite in the environment (``-p no:der_sdk`` turns it off).
 
 * fixtures (:mod:`der_sdk.testing.fixtures`): ``der_plugins``, ``der_register_plugin``,
-  ``der_test_device``, ``der_inventory_yaml``, ``der_inventory_path``, ``der_inventory``,
-  ``der_headend_config``, ``der_headend``, ``der_http``, ``der_run_agent``,
-  ``der_adapter_type``, ``der_adapter_options``, ``der_agent_link``;
+  ``der_test_device``, ``der_inventory_yaml``, ``der_inventory_path``, ``der_inventory``;
 * the leaked-task check (:mod:`der_sdk.testing.tasks`), with its marker
   ``der_allow_task_leaks(reason)`` and ini option ``der_check_task_leaks``.
 
-The async fixtures need pytest-asyncio; without it only the plugin's markers load.
+The fixtures that run a headend or an agent come from the pytest plugins of those apps,
+registered the same way: :mod:`der_sdk_headend.testing.pytest_plugin` (``der_headend``...)
+and :mod:`der_sdk_agent.testing.pytest_plugin` (``der_agent_link``...).
+
+The fixtures need pytest-asyncio; without it only the plugin's markers load.
 """
 
 from __future__ import annotations
@@ -30,34 +32,20 @@ except ImportError:  # pragma: no cover - the fixtures need pytest-asyncio
 else:
     HAVE_PYTEST_ASYNCIO = True
     from der_sdk.testing.fixtures import (
-        der_adapter_options,
-        der_adapter_type,
-        der_agent_link,
-        der_headend,
-        der_headend_config,
-        der_http,
         der_inventory,
         der_inventory_path,
         der_inventory_yaml,
         der_plugins,
         der_register_plugin,
-        der_run_agent,
         der_test_device,
     )
 
     __all__ = [
-        "der_adapter_options",
-        "der_adapter_type",
-        "der_agent_link",
-        "der_headend",
-        "der_headend_config",
-        "der_http",
         "der_inventory",
         "der_inventory_path",
         "der_inventory_yaml",
         "der_plugins",
         "der_register_plugin",
-        "der_run_agent",
         "der_test_device",
     ]
 

@@ -76,6 +76,8 @@ class PluginRow(msgspec.Struct, kw_only=True):
     version: str
     hooks: list[str]
     builtin: bool
+    commands: list[str] = msgspec.field(default_factory=list)
+    """The ``der`` subcommands this plugin provides (``der_commands``)."""
 
 
 class Health(msgspec.Struct, kw_only=True):

@@ -32,6 +32,7 @@ class SystemController(Controller):
         **access("viewer"),
     )
     async def plugins(self, headend: NamedDependency[Headend]) -> list[PluginRow]:
+        commands = headend.plugins.commands.by_plugin()
         return [
             PluginRow(
                 name=p.name,
@@ -39,6 +40,7 @@ class SystemController(Controller):
                 version=p.version,
                 hooks=list(p.hooks),
                 builtin=p.builtin,
+                commands=commands.get(p.name, []),
             )
             for p in headend.plugins.info()
         ]

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from der_sdk.models import utc_now
-from der_sdk.testing.agent_link import wait_until
+from der_sdk.testing import wait_until
 from der_sdk.wire import codec, pb
 from der_sdk_agent.buffer import RESTARTED_REASON, Buffer
 from tests.agent.conftest import A1, A2, SITE, FaultBox, MakeAgent, flaky_config

@@ -15,11 +15,12 @@ from der_sdk import certs
 from der_sdk.agent_config import AgentConfig, parse_agent_config
 from der_sdk.errors import DerSdkError
 from der_sdk.plugins import Plugins
-from der_sdk.testing import AgentLink, wait_until
 from der_sdk.testing import certs as bad_certs
+from der_sdk.testing import wait_until
 from der_sdk.testing.faults import AgentProcess, HeadendProcess
 from der_sdk_agent.agent import Agent
 from der_sdk_agent.settings import AgentSettings
+from der_sdk_agent.testing import AgentLink
 from der_sdk_agent.tls import LinkSecurity
 from der_sdk_headend import Headend, HeadendConfig
 from tests.agent.conftest import A1, A2, SITE, MakeAgent

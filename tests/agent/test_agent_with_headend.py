@@ -4,7 +4,8 @@ acknowledges everything the agent keeps until acknowledged, so nothing piles up.
 from __future__ import annotations
 
 from der_sdk.models import Event
-from der_sdk.testing import DEFAULT_ASSET_IDS, AgentRunner, wait_until
+from der_sdk.testing import DEFAULT_ASSET_IDS, wait_until
+from der_sdk_agent.testing import AgentRunner
 
 BESS_1 = DEFAULT_ASSET_IDS[0]
 

@@ -1,6 +1,7 @@
 """der_run_agent: drive your adapter through the real agent, against der_headend."""
 
-from der_sdk.testing import DEFAULT_ASSET_IDS, AgentRunner
+from der_sdk.testing import DEFAULT_ASSET_IDS
+from der_sdk_agent.testing import AgentRunner
 
 BESS_1 = DEFAULT_ASSET_IDS[0]  # limited to -2..2 MW
 

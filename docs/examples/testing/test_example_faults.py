@@ -1,7 +1,8 @@
 """der_test_device: a simulated device whose faults you switch on and off, driven by a
 real agent (adapter type "test-device")."""
 
-from der_sdk.testing import DEFAULT_ASSET_IDS, AgentRunner, SimulatedDevicePlugin
+from der_sdk.testing import DEFAULT_ASSET_IDS, SimulatedDevicePlugin
+from der_sdk_agent.testing import AgentRunner
 
 BESS_1 = DEFAULT_ASSET_IDS[0]
 

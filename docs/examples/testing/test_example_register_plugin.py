@@ -4,7 +4,8 @@ from collections.abc import Sequence
 
 from der_sdk import hookimpl
 from der_sdk.models import TelemetrySample
-from der_sdk.testing import AgentRunner, RegisterPlugin
+from der_sdk.testing import RegisterPlugin
+from der_sdk_agent.testing import AgentRunner
 
 
 class TelemetryCounter:

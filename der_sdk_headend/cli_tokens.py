@@ -12,10 +12,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from der_sdk.errors import DerSdkError
+
 if TYPE_CHECKING:
     from der_sdk_headend.tokens import StoredToken, TokenFileStore
 
-__all__ = ["DEFAULT_TOKENS_FILE", "add_tokens_parser"]
+__all__ = ["DEFAULT_TOKENS_FILE", "add_tokens_arguments", "cmd_tokens"]
 
 DEFAULT_TOKENS_FILE = "der-data/tokens.json"
 """The headend's default ``HEADEND_TOKENS_FILE`` (``der_sdk_headend.config``; a test
@@ -104,15 +106,14 @@ def _short_time(iso: str | None) -> str:
     return iso[:19].replace("T", " ") + "Z" if iso else "-"
 
 
-def add_tokens_parser(sub: Any) -> None:
-    """Add ``der tokens create|list|revoke`` to the ``der`` subcommands ``sub``."""
-    p = sub.add_parser(
-        "tokens",
-        help="create, list and revoke REST bearer tokens",
-        description="Manage the headend's REST tokens (roles viewer, operator, admin) in "
-        "its token file. A running headend picks up changes within a second and records "
-        "them in its audit trail.",
-    )
+def cmd_tokens(ns: argparse.Namespace) -> int:
+    """``der tokens`` itself: the parser of each ACTION sets its own ``func`` (and argparse
+    requires an ACTION), so this runs only when called without one."""
+    raise DerSdkError("choose an action: der tokens create|list|revoke")
+
+
+def add_tokens_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``create|list|revoke`` to the parser of ``der tokens``."""
     actions = p.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
     file_default = os.environ.get("HEADEND_TOKENS_FILE") or DEFAULT_TOKENS_FILE
     file_help = f"the token file (env HEADEND_TOKENS_FILE, default {DEFAULT_TOKENS_FILE})"

@@ -1,4 +1,5 @@
-"""An in-process agent link: a real :class:`der_sdk_agent.agent.Agent` dialling a test headend.
+"""An in-process agent link: a real :class:`der_sdk_agent.agent.Agent` dialling a test headend
+(the ``der_headend`` fixture of :mod:`der_sdk_headend.testing`).
 
 The adapter under test is driven by the agent's own code: registration, the sampler,
 the buffer, the stream, the dispatch path (clamp, split, revert). Every wait has a
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
 
 from der_sdk.models import TERMINAL_DISPATCH_STATES, Dispatch, TelemetrySample
-from der_sdk.testing.headend import WAIT_S
+from der_sdk.testing.waits import WAIT_S, wait_until
 
 if TYPE_CHECKING:
     import httpx
@@ -26,9 +27,7 @@ if TYPE_CHECKING:
     from der_sdk_agent.agent import Agent
     from der_sdk_headend.service import Headend
 
-__all__ = ["FAST_AGENT_SETTINGS", "AgentLink", "AgentRunner", "wait_until"]
-
-T = TypeVar("T")
+__all__ = ["FAST_AGENT_SETTINGS", "AgentLink", "AgentRunner"]
 
 FAST_AGENT_SETTINGS: Mapping[str, float] = {
     "telemetry_interval_s": 0.05,
@@ -37,32 +36,6 @@ FAST_AGENT_SETTINGS: Mapping[str, float] = {
     "reconnect_max_s": 0.2,
 }
 """Agent timings for tests: telemetry every 50 ms, quick reconnects."""
-
-
-async def wait_until(
-    probe: Callable[[], Awaitable[T | None]],
-    what: str,
-    *,
-    timeout_s: float = WAIT_S,
-    interval: float = 0.02,
-    last_seen: Callable[[], object] | None = None,
-) -> T:
-    """Await ``probe()`` until it returns something other than ``None``/``False``.
-
-    :param what: completes "timed out after 5 s waiting for ...".
-    :param last_seen: called on timeout to say what was seen last.
-    :raises pytest.fail.Exception: on the deadline.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        result = await probe()
-        if result is not None and result is not False:
-            return result
-        if loop.time() >= deadline:
-            seen = f"; last seen: {last_seen()!r}" if last_seen is not None else ""
-            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}{seen}", pytrace=False)
-        await asyncio.sleep(interval)
 
 
 class AgentLink:
