@@ -30,7 +30,7 @@ from der_sdk.storage.contract import StorageBackend, open_storage
 from der_sdk.wire import pb_grpc
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
-from der_sdk_headend.dispatch import Dispatcher
+from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService
 from der_sdk_headend.link.identity import FrontPeers
@@ -240,7 +240,7 @@ class Headend:
         await self._ingest.warm()
         self._ingest.start()
         self._dispatcher = Dispatcher(
-            inventory, self.plugins, storage, self._presence, config.split_policy
+            inventory, self.plugins, storage, PresenceRouter(self._presence), config.split_policy
         )
         reloaded = await self._dispatcher.load_open()
         if reloaded:
