@@ -19,7 +19,9 @@ __all__ = [
     "DISPATCH_HORIZON_S",
     "DISPATCH_STATE_RANK",
     "TERMINAL_DISPATCH_STATES",
+    "Allocation",
     "Asset",
+    "BufferStats",
     "Dispatch",
     "DispatchEvent",
     "DispatchRequest",
@@ -27,8 +29,12 @@ __all__ = [
     "DispatchTarget",
     "Event",
     "Heartbeat",
+    "LocalDispatchReport",
     "Quality",
     "Session",
+    "SetpointAck",
+    "SetpointCommand",
+    "SetpointOutcomeAck",
     "Site",
     "TelemetrySample",
     "holds_non_finite",
@@ -297,3 +303,85 @@ class Event(msgspec.Struct, kw_only=True):
     asset_id: str | None = None
     site_id: str | None = None
     data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- agent link
+# What travels on the agent's stream, as the headend's rooms behind the link and the agent
+# see it; :mod:`der_sdk.wire.codec` converts each to and from its protobuf message.
+
+
+class Allocation(msgspec.Struct, frozen=True, kw_only=True):
+    """One asset's part of an acknowledged setpoint."""
+
+    asset_id: str
+    mw: float
+    status: str = "applied"
+    reason: str | None = None
+
+
+class SetpointCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """A setpoint for an agent (``Setpoint`` on the wire): ``asset_id`` for one asset, or
+    ``site_id`` for a site the agent splits. ``expires_in_ms`` is the time left when it was
+    built (relative, so agent clock skew does not matter); ``expires_at`` the same instant."""
+
+    command_id: str
+    mw: float
+    asset_id: str | None = None
+    site_id: str | None = None
+    duration_s: float | None = None
+    expires_in_ms: int | None = None
+    expires_at: datetime | None = None
+
+
+class SetpointAck(msgspec.Struct, frozen=True, kw_only=True):
+    """An agent's answer to a :class:`SetpointCommand` (``SetpointAck`` on the wire).
+
+    ``status`` is ``acked`` (in the agent's journal) or a final one: ``applied``,
+    ``rejected``, ``failed``, ``expired`` (anything else is an unknown status, taken as
+    ``failed``). ``allocations`` are the per-asset outcomes of a final status; ``ts`` is
+    when the agent answered, by its clock (``None``: not given).
+    """
+
+    command_id: str
+    status: str
+    applied_mw: float = 0.0
+    reason: str | None = None
+    ts: datetime | None = None
+    allocations: tuple[Allocation, ...] = ()
+
+
+class SetpointOutcomeAck(msgspec.Struct, frozen=True, kw_only=True):
+    """The headend recorded the final :class:`SetpointAck` of ``command_id``; the agent
+    stops reporting it (``SetpointOutcomeAck`` on the wire)."""
+
+    command_id: str
+
+
+class LocalDispatchReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A command an edge service sent down the agent's dispatch path, and its outcome
+    (the ``LocalDispatch`` message). ``mw`` is as requested; ``allocations`` are after split
+    and clamp; ``ts`` is when the agent applied it."""
+
+    command_id: str
+    mw: float
+    ts: datetime
+    status: str
+    asset_id: str | None = None
+    site_id: str | None = None
+    duration_s: float | None = None
+    reason: str | None = None
+    allocations: tuple[Allocation, ...] = ()
+    unallocated_mw: float = 0.0
+    policy: str | None = None
+
+
+class BufferStats(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's store-and-forward buffer, as reported with each heartbeat."""
+
+    batches: int = 0
+    samples: int = 0
+    bytes: int = 0
+    oldest_age_s: float = 0.0
+    dropped_samples: int = 0
+    dropped_batches: int = 0
+    replay_batches: int = 0

@@ -29,7 +29,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, open_storage
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
-from der_sdk_headend.dispatch import Dispatcher
+from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService, add_agent_link
 from der_sdk_headend.link.identity import FrontPeers
@@ -239,7 +239,7 @@ class Headend:
         await self._ingest.warm()
         self._ingest.start()
         self._dispatcher = Dispatcher(
-            inventory, self.plugins, storage, self._presence, config.split_policy
+            inventory, self.plugins, storage, PresenceRouter(self._presence), config.split_policy
         )
         reloaded = await self._dispatcher.load_open()
         if reloaded:

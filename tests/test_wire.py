@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from der_sdk.models import TelemetrySample
+from der_sdk.models import (
+    Allocation,
+    SetpointAck,
+    SetpointCommand,
+    SetpointOutcomeAck,
+    TelemetrySample,
+)
 from der_sdk.wire import codec, pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +148,44 @@ def test_event_data_nested_beyond_the_recursion_limit_is_a_value_error() -> None
     msg = pb.AgentEvent(event_id="e1", kind="k", data_json=DEEP)
     with pytest.raises(ValueError, match="event e1: data_json is not a JSON object"):
         codec.event_from_pb(msg)
+
+
+def test_a_setpoint_ack_decodes_to_the_domain_ack_the_agent_encoded() -> None:
+    ts = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    allocations = [
+        Allocation(asset_id="a1", mw=0.5),
+        Allocation(asset_id="a2", mw=0.0, status="rejected", reason="offline"),
+    ]
+    wire = codec.agent_setpoint_ack("c1", "applied", allocations, "partly", ts).setpoint_ack
+    assert codec.setpoint_ack_from_pb(wire) == SetpointAck(
+        command_id="c1",
+        status="applied",
+        applied_mw=0.5,
+        reason="partly",
+        ts=ts,
+        allocations=tuple(allocations),
+    )
+    bare = codec.setpoint_ack_from_pb(pb.SetpointAck(command_id="c2", status="acked"))
+    assert (bare.reason, bare.ts, bare.allocations) == (None, None, ())
+    with pytest.raises(ValueError, match=r"SetpointAck of command 'c3': timestamp .* out of range"):
+        codec.setpoint_ack_from_pb(pb.SetpointAck(command_id="c3", status="acked", ts_us=2**62))
+
+
+def test_the_outbox_messages_are_encoded_and_wire_messages_pass_as_they_are() -> None:
+    expires_at = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    command = SetpointCommand(
+        command_id="c1",
+        mw=2.0,
+        site_id="s1",
+        duration_s=60.0,
+        expires_in_ms=5,
+        expires_at=expires_at,
+    )
+    assert codec.headend_message(command) == codec.headend_setpoint(
+        "c1", 2.0, site_id="s1", duration_s=60.0, expires_in_ms=5, expires_at=expires_at
+    )
+    assert codec.headend_message(SetpointOutcomeAck(command_id="c1")) == (
+        codec.headend_outcome_ack("c1")
+    )
+    built = codec.headend_telemetry_ack(7)
+    assert codec.headend_message(built) is built

@@ -1,7 +1,9 @@
 """Conversion between the protobuf wire messages and the msgspec domain model.
 
 This is the only module that knows both; the headend and agent speak domain Structs and
-call these functions at the stream edge.
+call these functions at the stream edge. The link's Structs (:class:`Allocation`,
+:class:`LocalDispatchReport`, :class:`BufferStats`, ...) live in :mod:`der_sdk.models`;
+the first three are also importable from here, where they were defined before 0.3.
 """
 
 from __future__ import annotations
@@ -10,12 +12,23 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from google.protobuf.message import DecodeError
 
-from der_sdk.models import Heartbeat, TelemetrySample, holds_non_finite, refuse_non_finite
+from der_sdk.models import (
+    Allocation,
+    BufferStats,
+    Heartbeat,
+    LocalDispatchReport,
+    SetpointAck,
+    SetpointCommand,
+    SetpointOutcomeAck,
+    TelemetrySample,
+    holds_non_finite,
+    refuse_non_finite,
+)
 from der_sdk.wire import pb
 
 __all__ = [
@@ -39,8 +52,10 @@ __all__ = [
     "datetime_from_us",
     "datetime_to_us",
     "event_from_pb",
+    "headend_command",
     "headend_event_ack",
     "headend_local_dispatch_ack",
+    "headend_message",
     "headend_outcome_ack",
     "headend_register_ack",
     "headend_setpoint",
@@ -51,51 +66,14 @@ __all__ = [
     "sample_from_pb",
     "sample_to_pb",
     "samples_from_batch",
+    "setpoint_ack_from_pb",
     "telemetry_payload",
 ]
 
+_Encoded = TypeVar("_Encoded")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _json_encode = msgspec.json.Encoder().encode
 _json_decode_object = msgspec.json.Decoder(dict[str, Any]).decode
-
-
-class Allocation(msgspec.Struct, frozen=True, kw_only=True):
-    """One asset's part of an acknowledged setpoint."""
-
-    asset_id: str
-    mw: float
-    status: str = "applied"
-    reason: str | None = None
-
-
-class LocalDispatchReport(msgspec.Struct, frozen=True, kw_only=True):
-    """A command an edge service sent down the agent's dispatch path, and its outcome
-    (the ``LocalDispatch`` message). ``mw`` is as requested; ``allocations`` are after split
-    and clamp; ``ts`` is when the agent applied it."""
-
-    command_id: str
-    mw: float
-    ts: datetime
-    status: str
-    asset_id: str | None = None
-    site_id: str | None = None
-    duration_s: float | None = None
-    reason: str | None = None
-    allocations: tuple[Allocation, ...] = ()
-    unallocated_mw: float = 0.0
-    policy: str | None = None
-
-
-class BufferStats(msgspec.Struct, frozen=True, kw_only=True):
-    """The agent's store-and-forward buffer, as reported with each heartbeat."""
-
-    batches: int = 0
-    samples: int = 0
-    bytes: int = 0
-    oldest_age_s: float = 0.0
-    dropped_samples: int = 0
-    dropped_batches: int = 0
-    replay_batches: int = 0
 
 
 class AgentEventRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -417,6 +395,28 @@ def allocations_from_pb(ack: pb.SetpointAck | pb.LocalDispatch) -> list[Allocati
     ]
 
 
+def setpoint_ack_from_pb(msg: pb.SetpointAck) -> SetpointAck:
+    """The domain acknowledgement; a ``ts_us`` of 0 (not given) is ``ts=None``.
+
+    :raises ValueError: ``ts_us`` is outside the years 1..9999; the message names the
+        command.
+    """
+    ts = None
+    if msg.ts_us > 0:
+        try:
+            ts = datetime_from_us(msg.ts_us)
+        except ValueError as exc:
+            raise ValueError(f"SetpointAck of command {msg.command_id!r}: {exc}") from None
+    return SetpointAck(
+        command_id=msg.command_id,
+        status=msg.status,
+        applied_mw=msg.applied_mw,
+        reason=msg.reason if msg.HasField("reason") else None,
+        ts=ts,
+        allocations=tuple(allocations_from_pb(msg)),
+    )
+
+
 def agent_local_dispatch(report: LocalDispatchReport) -> pb.AgentMessage:
     msg = pb.LocalDispatch(
         command_id=report.command_id,
@@ -499,6 +499,31 @@ def headend_setpoint(
     if duration_s is not None:
         sp.duration_s = duration_s
     return pb.HeadendMessage(setpoint=sp)
+
+
+def headend_command(command: SetpointCommand) -> pb.HeadendMessage:
+    return headend_setpoint(
+        command.command_id,
+        command.mw,
+        asset_id=command.asset_id,
+        site_id=command.site_id,
+        duration_s=command.duration_s,
+        expires_in_ms=command.expires_in_ms,
+        expires_at=command.expires_at,
+    )
+
+
+def headend_message(
+    message: SetpointCommand | SetpointOutcomeAck | _Encoded,
+) -> pb.HeadendMessage | _Encoded:
+    """The wire form of what an agent stream's outbox holds: a domain message is encoded;
+    anything else is a ``HeadendMessage`` built at the link, already in wire form, and is
+    returned as is."""
+    if isinstance(message, SetpointCommand):
+        return headend_command(message)
+    if isinstance(message, SetpointOutcomeAck):
+        return headend_outcome_ack(message.command_id)
+    return message
 
 
 def headend_telemetry_ack(seq: int, stored_through: int = 0) -> pb.HeadendMessage:

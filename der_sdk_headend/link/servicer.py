@@ -205,7 +205,7 @@ class AgentLinkService:
                 outgoing = await stream.outbox.get()
                 if outgoing is None:
                     break
-                await context.write(outgoing)
+                await context.write(codec.headend_message(outgoing))
             if reader.done() and not reader.cancelled() and (refusal := reader.result()):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, refusal)
         finally:
@@ -440,7 +440,8 @@ class AgentLinkService:
             self._agent_event(stream, message.event)
         elif kind == "setpoint_ack":
             self._presence.touch(stream)
-            await self._dispatcher.on_ack(stream, message.setpoint_ack)
+            ack = codec.setpoint_ack_from_pb(message.setpoint_ack)
+            await self._dispatcher.on_ack(stream, ack)
         elif kind == "local_dispatch":
             self._presence.touch(stream)
             report = codec.local_dispatch_from_pb(message.local_dispatch)

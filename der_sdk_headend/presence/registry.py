@@ -18,20 +18,37 @@ from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
-from der_sdk.models import Asset, Session, utc_now
+from der_sdk.models import (
+    Asset,
+    BufferStats,
+    Session,
+    SetpointCommand,
+    SetpointOutcomeAck,
+    utc_now,
+)
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
-from der_sdk.wire import pb
-from der_sdk.wire.codec import BufferStats
 from der_sdk_headend.observers import notify
 
-__all__ = ["AgentStream", "Outbox", "Presence"]
+__all__ = ["AgentStream", "Outbox", "Outgoing", "Presence", "WireMessage"]
 
 log = logging.getLogger("der.headend.presence")
 
 T = TypeVar("T")
+
+
+class WireMessage(Protocol):
+    """A message already in its wire form (a protobuf ``HeadendMessage``), built by the
+    link for its own replies (and, until it speaks domain types, by ingest); written as is.
+    Presence never looks inside one."""
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
+Outgoing: TypeAlias = SetpointCommand | SetpointOutcomeAck | WireMessage
+"""What an agent stream's outbox holds; the link encodes it when it writes it."""
 
 
 class Outbox:
@@ -44,16 +61,16 @@ class Outbox:
     __slots__ = ("_items", "_waiter")
 
     def __init__(self) -> None:
-        self._items: deque[pb.HeadendMessage | None] = deque()
+        self._items: deque[Outgoing | None] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
-    def put_nowait(self, item: pb.HeadendMessage | None) -> None:
+    def put_nowait(self, item: Outgoing | None) -> None:
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> pb.HeadendMessage | None:
+    async def get(self) -> Outgoing | None:
         """The oldest message, waiting for one if there is none (one reader at a time)."""
         while not self._items:
             if self._waiter is not None:
@@ -110,7 +127,7 @@ class AgentStream:
     def serves(self, asset_id: str) -> bool:
         return asset_id in self.sessions
 
-    def send(self, message: pb.HeadendMessage) -> None:
+    def send(self, message: Outgoing) -> None:
         """Queue ``message`` for the agent (never blocks)."""
         self.outbox.put_nowait(message)
 

@@ -1,0 +1,271 @@
+"""Planning a dispatch: validate the request, split and clamp it into targets, and fix its
+id from an ``Idempotency-Key``. Nothing here routes, stores or sends.
+
+Bounds (``docs/headend.md``, "Time bounds"): ``duration_s`` and ``ttl_s`` are more than 0
+and at most :data:`~der_sdk.models.DISPATCH_HORIZON_S` (one year); ``expires_at`` has a
+time zone, is after now and at most that long after it. A request outside them is refused
+(:class:`InvalidDispatchError`); :func:`out_of_bounds` finds stored records outside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import uuid
+from datetime import datetime, timedelta
+
+import msgspec
+
+from der_sdk.errors import DerSdkError, UnknownNameError
+from der_sdk.extensions import SplitPolicy
+from der_sdk.inventory import Inventory
+from der_sdk.models import (
+    DISPATCH_HORIZON_S,
+    Asset,
+    Dispatch,
+    DispatchRequest,
+    DispatchTarget,
+)
+
+__all__ = [
+    "IDEMPOTENCY_NAMESPACE",
+    "DispatchError",
+    "IdempotencyConflictError",
+    "InvalidDispatchError",
+    "UnknownTargetError",
+    "check_idempotency_key",
+    "fingerprint",
+    "idempotent_id",
+    "out_of_bounds",
+    "plan",
+    "replay",
+]
+
+log = logging.getLogger("der.headend.dispatch")
+
+_HORIZON = timedelta(seconds=DISPATCH_HORIZON_S)
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c9a52-63b1-4c1e-9f5e-2d7f0b3f4a10")
+"""Dispatch ids of idempotent requests are ``uuid5(IDEMPOTENCY_NAMESPACE, key)``."""
+_fingerprint_encode = msgspec.json.Encoder(order="sorted").encode
+
+
+class DispatchError(DerSdkError):
+    """A dispatch request was refused; the message says why."""
+
+
+class InvalidDispatchError(DispatchError):
+    """The request is malformed (REST: 400)."""
+
+
+class UnknownTargetError(DispatchError):
+    """The asset or site is not in the inventory (REST: 404)."""
+
+
+class IdempotencyConflictError(DispatchError):
+    """The ``Idempotency-Key`` was used before for a different request (REST: 409)."""
+
+
+def fmt_mw(mw: float) -> str:
+    return f"{mw:g}"
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def plan(
+    request: DispatchRequest,
+    *,
+    inventory: Inventory,
+    policy: SplitPolicy,
+    source: str,
+    now: datetime,
+) -> Dispatch:
+    """The ``submitted`` dispatch record for ``request``: checked, split and clamped.
+
+    ``asset_id`` wins over ``site_id``: one target, clamped to the asset's
+    ``[min_mw, max_mw]``. A site is split over its inventory assets by ``policy``; what no
+    asset can take is ``unallocated_mw``.
+
+    :raises InvalidDispatchError: no target, a non-finite ``mw``, a bad ``duration_s``,
+        ``ttl_s`` or ``expires_at``, or a site without assets.
+    :raises UnknownTargetError: the asset or site is not in the inventory.
+    """
+    if not math.isfinite(request.mw):
+        raise InvalidDispatchError(f"mw must be a finite number of MW, got {request.mw}")
+    _check_span("duration_s", request.duration_s)
+    dispatch = Dispatch(
+        dispatch_id=str(uuid.uuid4()),
+        mw=request.mw,
+        state="submitted",
+        created_at=now,
+        updated_at=now,
+        duration_s=request.duration_s,
+        source=source,
+        expires_at=_expiry(request, now),
+    )
+    if request.asset_id:
+        asset = _asset(inventory, request.asset_id)
+        if request.site_id and request.site_id != asset.site_id:
+            log.info(
+                "dispatch for asset %s also names site %s; asset_id wins",
+                asset.asset_id,
+                request.site_id,
+            )
+        target = asset.clamp(request.mw)
+        reason = None
+        if target != request.mw:
+            reason = f"clamped to [{fmt_mw(asset.min_mw)}, {fmt_mw(asset.max_mw)}]"
+        dispatch.asset_id = asset.asset_id
+        dispatch.site_id = asset.site_id
+        dispatch.targets = [DispatchTarget(asset_id=asset.asset_id, mw=target, reason=reason)]
+        dispatch.reason = reason
+        return dispatch
+    if request.site_id:
+        site_id = _site_id(inventory, request.site_id)
+        assets = inventory.assets_for_site(site_id)
+        if not assets:
+            raise InvalidDispatchError(f"site {site_id} has no assets in the inventory")
+        try:
+            split = policy.split(request.mw, assets)
+        except ValueError as exc:
+            raise InvalidDispatchError(f"site {site_id}: {exc}") from exc
+        dispatch.site_id = site_id
+        dispatch.policy = policy.name
+        dispatch.targets = [
+            DispatchTarget(asset_id=asset_id, mw=mw) for asset_id, mw in split.shares.items()
+        ]
+        dispatch.unallocated_mw = split.unallocated_mw
+        if split.unallocated_mw:
+            dispatch.reason = (
+                f"{fmt_mw(split.unallocated_mw)} MW could not be placed within the limits "
+                f"of site {site_id}'s assets"
+            )
+        return dispatch
+    raise InvalidDispatchError("give asset_id or site_id: the dispatch has no target")
+
+
+def _asset(inventory: Inventory, asset_id: str) -> Asset:
+    try:
+        return inventory.asset(asset_id)
+    except UnknownNameError:
+        raise UnknownTargetError(f"unknown asset {asset_id}") from None
+
+
+def _site_id(inventory: Inventory, site_id: str) -> str:
+    try:
+        return inventory.site(site_id).site_id
+    except UnknownNameError:
+        raise UnknownTargetError(f"unknown site {site_id}") from None
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def _span_problem(name: str, seconds: float | None) -> str | None:
+    """Why ``seconds`` (``duration_s`` or ``ttl_s``) is out of bounds, or ``None``."""
+    if seconds is None or (math.isfinite(seconds) and 0 < seconds <= DISPATCH_HORIZON_S):
+        return None
+    return (
+        f"{name} must be more than 0 and at most {DISPATCH_HORIZON_S} seconds (one year), "
+        f"got {seconds:g}"
+    )
+
+
+def _check_span(name: str, seconds: float | None) -> None:
+    problem = _span_problem(name, seconds)
+    if problem is not None:
+        raise InvalidDispatchError(problem)
+
+
+def _beyond_horizon(expires_at: datetime, since: datetime) -> str | None:
+    """Why ``expires_at`` is too far after ``since``, or ``None``.
+
+    Subtracting aware datetimes is exact at any UTC offset; converting ``expires_at`` to
+    UTC first would overflow for a time such as 9999-12-31T23:59:59-12:00.
+    """
+    if expires_at - since <= _HORIZON:
+        return None
+    return (
+        f"expires_at {expires_at.isoformat()} is more than {DISPATCH_HORIZON_S} seconds "
+        f"(one year) after {since.isoformat()}; the latest allowed is "
+        f"{(since + _HORIZON).isoformat()}"
+    )
+
+
+def _expiry(request: DispatchRequest, now: datetime) -> datetime | None:
+    if request.expires_at is not None and request.ttl_s is not None:
+        raise InvalidDispatchError("give expires_at or ttl_s, not both")
+    if request.ttl_s is not None:
+        _check_span("ttl_s", request.ttl_s)
+        return now + timedelta(seconds=request.ttl_s)
+    if request.expires_at is not None:
+        if request.expires_at.tzinfo is None:
+            raise InvalidDispatchError(
+                "expires_at needs a time zone, e.g. 2026-01-01T12:00:00Z or +01:00"
+            )
+        if request.expires_at <= now:
+            raise InvalidDispatchError(
+                f"expires_at {request.expires_at.isoformat()} is already in the past "
+                f"(headend time {now.isoformat()})"
+            )
+        problem = _beyond_horizon(request.expires_at, now)
+        if problem is not None:
+            raise InvalidDispatchError(problem)
+        return now + (request.expires_at - now)  # the same instant, in UTC
+    return None
+
+
+def out_of_bounds(dispatch: Dispatch) -> str | None:
+    """Why a stored dispatch reaches beyond :data:`DISPATCH_HORIZON_S`, or ``None``.
+
+    Versions before the bounds stored such records; their dates overflow.
+    """
+    problem = _span_problem("duration_s", dispatch.duration_s)
+    if problem is None and dispatch.expires_at is not None:
+        problem = _beyond_horizon(dispatch.expires_at, dispatch.created_at)
+    if problem is None:
+        return None
+    return f"stored out of bounds: {problem}"
+
+
+# ----------------------------------------------------------------------------- idempotency
+
+
+def check_idempotency_key(key: str) -> str:
+    """The key, stripped. :raises InvalidDispatchError: not 1 to 255 printable characters."""
+    key = key.strip()
+    if not key or len(key) > 255 or not key.isprintable():
+        raise InvalidDispatchError(
+            "header Idempotency-Key must be 1 to 255 printable characters (a UUID is a good key)"
+        )
+    return key
+
+
+def idempotent_id(key: str) -> str:
+    """The dispatch id an ``Idempotency-Key`` fixes."""
+    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, key))
+
+
+def fingerprint(request: DispatchRequest) -> str:
+    """SHA-256 of the request, to tell a retry from a reused key."""
+    return hashlib.sha256(_fingerprint_encode(request)).hexdigest()
+
+
+def replay(known: Dispatch, request_fingerprint: str | None) -> Dispatch:
+    """``known``, the record an earlier request with the same key created.
+
+    :raises IdempotencyConflictError: that request was a different one.
+    """
+    if known.request_fingerprint != request_fingerprint:
+        raise IdempotencyConflictError(
+            f"Idempotency-Key {known.idempotency_key!r} was already used for dispatch "
+            f"{known.dispatch_id} with a different request; use a new key for a new "
+            "dispatch"
+        )
+    log.info(
+        "dispatch %s: repeated request with Idempotency-Key %r; returning the record",
+        known.dispatch_id,
+        known.idempotency_key,
+    )
+    return known
