@@ -42,7 +42,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -78,7 +77,6 @@ DEFAULT_WRITERS = 2
 """Concurrent writes: while one commits (PostgreSQL waits for its WAL flush), the next
 is copied in. Measured with 1,000 streams (docs/performance.md): 2 writers store about a
 third more than 1; 3 no more than 2."""
-"""The most samples the writer stores in one ``append_telemetry`` call."""
 STALL_AFTER_S = 5.0
 """A write failing, or running or waiting longer than this, makes ``/healthz`` degraded."""
 RETRY_INITIAL_S = 0.25
@@ -254,10 +252,6 @@ class TelemetryIngest:
 
     def latest(self, asset_id: str) -> TelemetrySample | None:
         return self._latest.get(asset_id)
-
-    @property
-    def latest_by_asset(self) -> Mapping[str, TelemetrySample]:
-        return self._latest
 
     # ------------------------------------------------------------------ status
 
