@@ -305,37 +305,25 @@ class CpuMeter:
         return result
 
 
-async def http_get(url: str, timeout_s: float = 10.0) -> tuple[int, bytes]:
-    """A plain HTTP/1.1 GET (no client library): status and body."""
-    from urllib.parse import urlsplit
+async def http_get(
+    url: str, headers: dict[str, str] | None = None, timeout_s: float = 10.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One ``GET`` through httpx: status, headers (lower-case names), body. Not for load:
+    the REST load comes from :mod:`bench.rest_client`."""
+    import httpx
 
-    parts = urlsplit(url)
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        path = parts.path + (f"?{parts.query}" if parts.query else "")
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n".encode()
-        )
-        raw = await reader.read()
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    if b"transfer-encoding: chunked" in head.lower():
-        chunks, rest = [], body
-        while rest:
-            size_text, _, rest = rest.partition(b"\r\n")
-            size = int(size_text, 16)
-            if not size:
-                break
-            chunks.append(rest[:size])
-            rest = rest[size + 2 :]
-        body = b"".join(chunks)
-    return status, body
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        response = await client.get(url, headers=headers)
+    return (
+        response.status_code,
+        {k.lower(): v for k, v in response.headers.items()},
+        response.content,
+    )
 
 
 async def metrics(base_url: str) -> dict[str, float]:
     """The headend's ``/metrics`` as name → value (series without labels only)."""
-    _, body = await http_get(f"{base_url}/metrics")
+    _, _, body = await http_get(f"{base_url}/metrics")
     values: dict[str, float] = {}
     for line in body.decode().splitlines():
         if line and not line.startswith("#") and "{" not in line:

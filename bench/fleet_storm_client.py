@@ -44,7 +44,6 @@ class StormAgent:
         self.agent: FleetAgent | None = None
         self.attempts = 0
         self.registered_wall: float | None = None
-        self.last_error: str | None = None
 
     async def run(self, deadline: float, backoff: Backoff) -> None:
         while True:
@@ -58,7 +57,6 @@ class StormAgent:
                     await agent.registered.wait()
             except TimeoutError:
                 self.errors["timeout (not registered by the deadline)"] += 1
-                self.last_error = "timeout"
                 return
             if agent.stats.registered_at is not None and agent.stats.error is None:
                 # registered_at is perf_counter(); the offset was taken once at start.
@@ -67,7 +65,6 @@ class StormAgent:
             error = agent.stats.error or "stream ended before RegisterAck"
             self.errors[_kind(error)] += 1
             self.failures.append((time.time(), error))
-            self.last_error = error
             await agent.close()
             self.agent = None
             delay = backoff.delay(self.attempts)

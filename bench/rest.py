@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import profiling
-from bench.common import ROOT, Context, CpuMeter, Figure, RawServer, headend
+from bench.common import ROOT, Context, CpuMeter, Figure, RawServer, headend, http_get
 from bench.loadgen import Fleet, make_fleet
 from der_sdk.testing.faults import HeadendProcess
 from der_sdk_headend.tokens import TokenFileStore
@@ -42,36 +42,6 @@ from der_sdk_headend.tokens import TokenFileStore
 __all__ = ["run"]
 
 PATH = "/telemetry/{asset_id}"
-
-
-# ----------------------------------------------------------------------------- one request
-
-
-async def http_get(
-    url: str, headers: dict[str, str] | None = None, timeout_s: float = 5.0
-) -> tuple[int, dict[str, str], bytes]:
-    """One ``GET`` on its own connection: status, headers (lower-case names), body."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    lines = [f"GET {parts.path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    async with asyncio.timeout(timeout_s):
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-            raw = await reader.read()
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    found = {
-        name.strip().lower(): value.strip()
-        for name, _, value in (line.partition(":") for line in header_lines)
-    }
-    length = int(found.get("content-length", len(body)))
-    return int(status_line.split()[1]), found, body[:length]
 
 
 # ----------------------------------------------------------------------------- a load run

@@ -175,6 +175,16 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"the certificate folder (default {certs.DEFAULT_CERTS_DIR})",
         )
 
+    def with_issue_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--days",
+            type=_days,
+            default=certs.DEFAULT_AGENT_DAYS,
+            help=f"validity in days (default {certs.DEFAULT_AGENT_DAYS})",
+        )
+        p.add_argument("--force", action="store_true", help="replace existing files")
+        with_dir(p)
+
     p = commands.add_parser(
         "init",
         help="create the development CA (EC P-256, 10 years)",
@@ -194,14 +204,7 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("site_id", metavar="SITE_ID", help="the site's id in the inventory")
     p.add_argument("--agent-id", help="the certificate's CN (default agent-SITE_ID)")
-    p.add_argument(
-        "--days",
-        type=_days,
-        default=certs.DEFAULT_AGENT_DAYS,
-        help=f"validity in days (default {certs.DEFAULT_AGENT_DAYS})",
-    )
-    p.add_argument("--force", action="store_true", help="replace existing files")
-    with_dir(p)
+    with_issue_options(p)
 
     p = commands.add_parser(
         "issue-headend",
@@ -211,14 +214,7 @@ def add_certs_arguments(parser: argparse.ArgumentParser) -> None:
         "serverAuth.",
     )
     p.add_argument("hosts", metavar="HOST", nargs="+", help="DNS names and IP addresses")
-    p.add_argument(
-        "--days",
-        type=_days,
-        default=certs.DEFAULT_AGENT_DAYS,
-        help=f"validity in days (default {certs.DEFAULT_AGENT_DAYS})",
-    )
-    p.add_argument("--force", action="store_true", help="replace existing files")
-    with_dir(p)
+    with_issue_options(p)
 
     p = commands.add_parser(
         "agent-token",

@@ -18,7 +18,7 @@ the field. The file format is documented in ``docs/device_packs.md``.
 Profiles are versioned: the registry keys them by ``name@version``, so several versions of
 one profile coexist, and two packs offering the same name *and* version is an error naming
 both. :func:`version_key` orders versions the way PEP 440 does (``1.0.dev1 < 1.0a1 <
-1.0rc1 < 1.0 == 1.0.0 < 1.0.post1 < 1.1``) without depending on ``packaging``.
+1.0rc1 < 1.0 == 1.0.0 < 1.0.post1 < 1.1``), through ``packaging``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import re
 from collections.abc import Iterable
 from importlib.resources.abc import Traversable
 from typing import TYPE_CHECKING, Any, Final
+
+from packaging.version import InvalidVersion, Version
 
 from der_sdk.errors import ConfigError, ConfigIssue
 from der_sdk.extensions import DevicePoint, DeviceProfile
@@ -71,45 +73,20 @@ _SUFFIXES: Final = (".yaml", ".yml")
 
 # --------------------------------------------------------------------------- versions
 
-_VERSION = re.compile(
-    r"""
-    v?
-    (?P<release>[0-9]+(?:\.[0-9]+)*)
-    (?:[-_.]?(?P<pre_l>a|alpha|b|beta|rc|c|pre|preview)[-_.]?(?P<pre_n>[0-9]+)?)?
-    (?:[-_.]?(?P<post_l>post|rev|r)[-_.]?(?P<post_n>[0-9]+)?)?
-    (?:[-_.]?(?P<dev_l>dev)[-_.]?(?P<dev_n>[0-9]+)?)?
-    """,
-    re.VERBOSE | re.IGNORECASE,
-)
-_PRE_RANK: Final = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "rc": 2, "c": 2, "pre": 2, "preview": 2}
-
-VersionKey = tuple[tuple[int, ...], tuple[int, int, int], tuple[int, int], tuple[int, int]]
+VersionKey = Version
+"""What :func:`version_key` returns: a :class:`packaging.version.Version`."""
 
 
-def version_key(version: str) -> VersionKey:
-    """A sort key that orders ``version`` as PEP 440 does; equal keys are equal versions.
-
-    Supports release numbers with optional pre (``a``, ``b``, ``rc``), post and dev parts;
-    trailing zeros do not count (``1.0 == 1.0.0``).
+def version_key(version: str) -> Version:
+    """``version`` as PEP 440 orders it (through ``packaging``); equal keys are equal
+    versions (``1.0 == 1.0.0``).
 
     :raises ValueError: ``version`` is not such a version (``"latest"``, ``"1.x"``).
     """
-    match = _VERSION.fullmatch(version.strip())
-    if match is None:
-        raise ValueError(f"{version!r} is not a version like 1.2.0 (PEP 440)")
-    release = tuple(int(part) for part in match["release"].split("."))
-    while len(release) > 1 and release[-1] == 0:
-        release = release[:-1]
-    # dev-only releases sort before pre-releases, which sort before the final release
-    if match["pre_l"]:
-        pre = (1, _PRE_RANK[match["pre_l"].lower()], int(match["pre_n"] or 0))
-    elif match["dev_l"] and not match["post_l"]:
-        pre = (0, 0, 0)
-    else:
-        pre = (2, 0, 0)
-    post = (1, int(match["post_n"] or 0)) if match["post_l"] else (0, 0)
-    dev = (0, int(match["dev_n"] or 0)) if match["dev_l"] else (1, 0)
-    return release, pre, post, dev
+    try:
+        return Version(version)
+    except InvalidVersion:
+        raise ValueError(f"{version!r} is not a version like 1.2.0 (PEP 440)") from None
 
 
 # --------------------------------------------------------------------------- one profile

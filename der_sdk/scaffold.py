@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from packaging.version import Version
+
 from der_sdk import __version__
 from der_sdk.errors import DerSdkError
 
@@ -157,7 +159,8 @@ def new_adapter(
         if given is None and not no_input and ask is not None:
             value = ask(question, default or "")
         context[key] = _check_text(key, value)
-    context["__der_sdk_version"] = ".".join(__version__.split(".")[:2])
+    release = Version(__version__)
+    context["__der_sdk_version"] = f"{release.major}.{release.minor}"
     return _generate(find_template(), Path(output), context)
 
 

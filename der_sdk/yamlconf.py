@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_C = TypeVar("_C", "LineDict", "LineList")
 
 
 class _Missing:
@@ -338,20 +339,15 @@ class Section:
 
     def mapping_at(self, key: str, *, required: bool = False) -> LineDict | _Missing | None:
         """The mapping under ``key``: ``None`` when absent (or null), MISSING if not a mapping."""
-        if key not in self.mapping:
-            if required:
-                self.issues.add(self.line(), self.field(key), f"missing required key {key!r}")
-            return None
-        value = self.mapping[key]
-        if value is None:
-            return None
-        if not isinstance(value, LineDict):
-            self.error(key, f"expected a mapping, got {type_name(value)}")
-            return MISSING
-        return value
+        return self._container_at(key, LineDict, "a mapping", required)
 
     def list_at(self, key: str, *, required: bool = False) -> LineList | _Missing | None:
         """The list under ``key``: ``None`` when absent (or null), MISSING if not a list."""
+        return self._container_at(key, LineList, "a list", required)
+
+    def _container_at(
+        self, key: str, kind: type[_C], what: str, required: bool
+    ) -> _C | _Missing | None:
         if key not in self.mapping:
             if required:
                 self.issues.add(self.line(), self.field(key), f"missing required key {key!r}")
@@ -359,8 +355,8 @@ class Section:
         value = self.mapping[key]
         if value is None:
             return None
-        if not isinstance(value, LineList):
-            self.error(key, f"expected a list, got {type_name(value)}")
+        if not isinstance(value, kind):
+            self.error(key, f"expected {what}, got {type_name(value)}")
             return MISSING
         return value
 

@@ -52,9 +52,10 @@ name that does not match, a headend without TLS).
 link retries after the gRPC connection-backoff schedule: the base delay is
 ``reconnect_initial_s`` (1 s) times :data:`RECONNECT_MULTIPLIER` (1.6) per failed attempt,
 capped at ``reconnect_max_s`` (120 s), and each delay is the base ±
-:data:`RECONNECT_JITTER` (20 %), uniformly. The jitter spreads a fleet that lost the
-headend at the same instant (even its first retries), and stays on at the cap so the
-fleet stays spread. The attempt count resets after a successful register.
+:data:`RECONNECT_JITTER` (20 %), uniformly (:class:`der_sdk.backoff.Backoff`). The jitter
+spreads a fleet that lost the headend at the same instant (even its first retries), and
+stays on at the cap so the fleet stays spread. The attempt count resets after a successful
+register.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ import asyncio
 import collections
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -71,6 +71,7 @@ from typing import Any, Literal
 
 import grpc
 
+from der_sdk.backoff import JITTER, MULTIPLIER, Backoff
 from der_sdk.models import utc_now
 from der_sdk.wire import codec, pb, pb_grpc
 from der_sdk_agent.buffer import Buffer, JournalEntry
@@ -96,8 +97,8 @@ DEFAULT_REGISTER_TIMEOUT_S = 10.0
 DEFAULT_WINDOW_BATCHES = 32
 DEFAULT_REPLAY_SAMPLES_PER_S = 2000.0
 DEFAULT_LINK_LOSS_HOLD_S = 300.0
-RECONNECT_MULTIPLIER = 1.6
-RECONNECT_JITTER = 0.2
+RECONNECT_MULTIPLIER = MULTIPLIER
+RECONNECT_JITTER = JITTER
 CLOCK_SKEW_WARN_S = 5.0
 """A setpoint's absolute and relative expiry disagreeing by more is logged as clock skew
 (at most once a minute)."""
@@ -145,30 +146,6 @@ class LinkStats:
     last_ack_seq: int = 0
     replay_from_seq: int | None = None
     fallbacks: int = 0
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays after the gRPC connection-backoff guidance (module docstring)."""
-
-    initial_s: float = 1.0
-    max_s: float = 120.0
-    rng: random.Random = field(default_factory=random.Random)
-    multiplier: float = RECONNECT_MULTIPLIER
-    jitter: float = RECONNECT_JITTER
-
-    def base(self, attempt: int) -> float:
-        """The delay before jitter for failed attempt ``attempt`` (1, 2, ...)."""
-        delay = self.initial_s
-        for _ in range(max(attempt - 1, 0)):
-            delay *= self.multiplier
-            if delay >= self.max_s:
-                return self.max_s
-        return min(delay, self.max_s)
-
-    def delay(self, attempt: int) -> float:
-        """The base delay, ± ``jitter`` of it, uniformly."""
-        return self.base(attempt) * (1.0 + self.rng.uniform(-self.jitter, self.jitter))
 
 
 class TokenBucket:

@@ -22,6 +22,7 @@ import grpc
 import uvicorn
 from litestar.exceptions import ServiceUnavailableException
 
+from der_sdk.backoff import Backoff
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory, load_inventory
 from der_sdk.models import utc_now
@@ -50,7 +51,8 @@ INGEST_DRAIN_S = 5.0
 """How long queued telemetry gets to reach storage when the headend stops."""
 HTTP_START_TIMEOUT_S = 5.0
 STORAGE_RETRY_INITIAL_S = 1.0
-"""First wait before retrying storage that is unreachable at start; doubles each attempt."""
+"""First wait before retrying storage that is unreachable at start; doubles each attempt
+up to :data:`STORAGE_RETRY_MAX_S`."""
 STORAGE_RETRY_MAX_S = 30.0
 
 T = TypeVar("T")
@@ -267,10 +269,11 @@ class Headend:
         ``/healthz`` answers 503 ``degraded``, and agents are not accepted until storage is
         open. Any other error ends the start with its message.
         """
-        delay = STORAGE_RETRY_INITIAL_S
+        backoff = Backoff(STORAGE_RETRY_INITIAL_S, STORAGE_RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         attempt = 0
         while True:
             attempt += 1
+            delay = backoff.delay(attempt)
             try:
                 await storage.open()
                 return
@@ -295,7 +298,6 @@ class Headend:
                     "REST is up at %s; /healthz reports degraded until storage opens", self.http_url
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, STORAGE_RETRY_MAX_S)
 
     async def _start_grpc(self) -> None:
         assert self._inventory and self._storage and self._presence

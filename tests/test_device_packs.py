@@ -94,6 +94,12 @@ def test_versions_order_as_pep_440() -> None:
     assert version_key("1.0") == version_key("1.0.0") == version_key("v1.0")
 
 
+def test_every_pep_440_form_is_a_version_local_labels_and_epochs_too() -> None:
+    ordered = ["1.0", "1.0+fw.3", "1.0+fw.10", "1.0.post1", "2.0", "1!0.5"]
+    assert sorted(reversed(ordered), key=version_key) == ordered
+    assert version_key("1.0+FW.3") == version_key("1.0.0+fw.3")
+
+
 @pytest.mark.parametrize("bad", ["latest", "1.x", "", "1..2", "one"])
 def test_a_non_version_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match=r"not a version like 1\.2\.0"):

@@ -46,8 +46,8 @@ _T = TypeVar("_T")
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
 SCHEMA_VERSION = 2
-"""1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``."""
-"""The schema this module creates; a newer version in the file is refused at open."""
+"""The schema this module creates; a newer version in the file is refused at open.
+1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``."""
 
 _MEMORY = ":memory:"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

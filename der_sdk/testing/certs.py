@@ -83,27 +83,31 @@ def expired_agent(
     ca_directory: str | os.PathLike[str], site_id: str, *, agent_id: str = "agent-expired"
 ) -> IssuedCert:
     """An agent certificate from the CA in ``ca_directory`` that expired a day ago."""
-    now = _now()
-    return issue_agent(
-        ca_directory,
-        site_id,
-        agent_id=agent_id,
-        force=True,
-        not_before=now - dt.timedelta(days=30),
-        not_after=now - dt.timedelta(days=1),
-    )
+    return _agent_valid_for(ca_directory, site_id, agent_id, from_days=-30, to_days=-1)
 
 
 def not_yet_valid_agent(
     ca_directory: str | os.PathLike[str], site_id: str, *, agent_id: str = "agent-future"
 ) -> IssuedCert:
     """An agent certificate from the CA in ``ca_directory`` valid only from tomorrow."""
+    return _agent_valid_for(ca_directory, site_id, agent_id, from_days=1, to_days=30)
+
+
+def _agent_valid_for(
+    ca_directory: str | os.PathLike[str],
+    site_id: str,
+    agent_id: str,
+    *,
+    from_days: int,
+    to_days: int,
+) -> IssuedCert:
+    """An agent certificate valid from ``from_days`` to ``to_days`` days from now."""
     now = _now()
     return issue_agent(
         ca_directory,
         site_id,
         agent_id=agent_id,
         force=True,
-        not_before=now + dt.timedelta(days=1),
-        not_after=now + dt.timedelta(days=30),
+        not_before=now + dt.timedelta(days=from_days),
+        not_after=now + dt.timedelta(days=to_days),
     )

@@ -720,25 +720,18 @@ async def http_status(
     *,
     ssl_context: ssl.SSLContext | None = None,
 ) -> int | None:
-    """The status code of ``GET path`` at ``host:port`` over HTTP/1.1 (over TLS with
+    """The status code of ``GET path`` at ``host:port`` through httpx (over TLS with
     ``ssl_context``), or ``None`` when nothing answers (refused, reset, a failed TLS
-    handshake, no status line within ``timeout`` seconds)."""
+    handshake, no answer within ``timeout_s`` seconds)."""
+    import httpx
+
+    scheme = "https" if ssl_context is not None else "http"
     try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
-            try:
-                request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-                writer.write(request.encode())
-                await writer.drain()
-                status_line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-    except (OSError, TimeoutError):
+        async with httpx.AsyncClient(verify=ssl_context or True, timeout=timeout_s) as client:
+            response = await client.get(f"{scheme}://{host}:{port}{path}")
+    except httpx.TransportError:
         return None
-    match = re.match(rb"HTTP/\d(?:\.\d)? (\d{3})", status_line)
-    return int(match[1]) if match else None
+    return response.status_code
 
 
 class HeadendProcess(ServiceProcess):

@@ -72,12 +72,13 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from der_sdk.asset_types import validate_details
+from der_sdk.backoff import Backoff
 from der_sdk.errors import UnknownNameError
 from der_sdk.extensions import AssetType
 from der_sdk.inventory import Inventory
@@ -108,10 +109,11 @@ DEFAULT_WRITERS = 2
 """Concurrent writes: while one commits (PostgreSQL waits for its WAL flush), the next
 is copied in. Measured with 1,000 streams (docs/performance.md): 2 writers store about a
 third more than 1; 3 no more than 2."""
-"""The most samples the writer stores in one ``append_telemetry`` call."""
 STALL_AFTER_S = 5.0
 """A write failing, or running or waiting longer than this, makes ``/healthz`` degraded."""
 RETRY_INITIAL_S = 0.25
+"""A writer's first wait after a failed write; doubles each failure up to
+:data:`RETRY_MAX_S`, back to this after a good write."""
 RETRY_MAX_S = 5.0
 
 
@@ -380,10 +382,6 @@ class TelemetryIngest:
     def latest(self, asset_id: str) -> TelemetrySample | None:
         return self._latest.get(asset_id)
 
-    @property
-    def latest_by_asset(self) -> Mapping[str, TelemetrySample]:
-        return self._latest
-
     # ------------------------------------------------------------------ status
 
     def stats(self) -> IngestStats:
@@ -601,7 +599,8 @@ class TelemetryIngest:
 
     async def _write_loop(self, index: int) -> None:
         """Writer ``index``: telemetry from the queue; writer 0 also events, heartbeats."""
-        delay = RETRY_INITIAL_S
+        backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
+        failed = 0
         while True:
             while not (self._queue or (index == 0 and (self._events or self._heartbeats))):
                 self._work.clear()
@@ -612,11 +611,12 @@ class TelemetryIngest:
                 raise
             except Exception as exc:
                 self._write_failures += 1
+                failed += 1
+                delay = backoff.delay(failed)
                 self._on_failure(exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
             else:
-                delay = RETRY_INITIAL_S
+                failed = 0
                 self._on_success()
 
     async def _write_once(self, index: int = 0) -> None:

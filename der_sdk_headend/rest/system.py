@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from litestar import Controller, MediaType, Response, get
+from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 
@@ -97,5 +97,8 @@ class SystemController(Controller):
         media_type=MediaType.TEXT,
         **access("metrics"),
     )
-    async def metrics(self, headend: NamedDependency[Headend]) -> str:
-        return render_metrics(headend)
+    async def metrics(
+        self, request: Request[Any, Any, Any], headend: NamedDependency[Headend]
+    ) -> Response[bytes]:
+        body, content_type = render_metrics(headend, request.headers.get("accept"))
+        return Response(body, media_type=content_type)

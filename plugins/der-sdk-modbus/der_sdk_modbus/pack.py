@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 import yaml
+from packaging.version import InvalidVersion, Version
 
 from der_sdk.extensions import DeviceProfile
 from der_sdk_modbus.points import ProfileError
@@ -46,16 +47,13 @@ def _load_profiles_without_device_packs(package: str, folder: str) -> list[Devic
     return profiles
 
 
-def version_key(version: str) -> Any:
-    """A sort key for profile versions (PEP 440 order where der-sdk provides it)."""
+def version_key(version: str) -> tuple[int, Version]:
+    """A sort key for profile versions in PEP 440 order (through ``packaging``); one that
+    is not a PEP 440 version sorts below every one that is."""
     try:
-        from der_sdk.device_packs import version_key as pep440_key
-    except ImportError:
-        return tuple(int(part) if part.isdigit() else 0 for part in version.split("."))
-    try:
-        return pep440_key(version)
-    except ValueError:
-        return ((0,), (0, 0, 0), (0, 0), (0, 0))
+        return (1, Version(version))
+    except InvalidVersion:
+        return (0, Version("0"))
 
 
 def modbus_profiles(profiles: Mapping[str, DeviceProfile]) -> list[DeviceProfile]:

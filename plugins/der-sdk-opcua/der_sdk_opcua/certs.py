@@ -1,10 +1,11 @@
 """OPC UA application certificates: make self-signed ones, and load PEM or DER files.
 
 OPC UA authenticates applications with X.509 certificates whose subject alternative name
-carries the application URI. :func:`make_application_certificate` makes one the way the
-OPC UA specification (Part 6, 6.2.2) asks for: RSA 2048, SHA-256, the URI and host names
-in the SAN, key usages for signing and encryption, client and server auth. It is
-self-signed with ``CA:TRUE``, so it can itself be placed in a peer's trust list.
+carries the application URI. :func:`make_application_certificate` makes one through
+asyncua's own :mod:`asyncua.crypto.cert_gen`, the way the OPC UA specification (Part 6,
+6.2.2) asks for: RSA 2048, SHA-256, the URI and host names in the SAN, key usages for
+signing and encryption, client and server auth. It is self-signed with ``CA:TRUE``, so it
+can itself be placed in a peer's trust list.
 
 Run ``python -m der_sdk_opcua.certs --out DIR --name NAME --uri URI`` to write
 ``NAME.der`` and ``NAME.key.pem`` (keep the key out of any trust folder).
@@ -13,16 +14,15 @@ Run ``python -m der_sdk_opcua.certs --out DIR --name NAME --uri URI`` to write
 from __future__ import annotations
 
 import argparse
-import datetime
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from asyncua.crypto import cert_gen
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from der_sdk.errors import DerSdkError
 
@@ -44,11 +44,6 @@ class ApplicationCertificate:
     private_key_der: bytes
 
     @property
-    def certificate_pem(self) -> bytes:
-        cert = x509.load_der_x509_certificate(self.certificate_der)
-        return cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
     def private_key_pem(self) -> bytes:
         key = serialization.load_der_private_key(self.private_key_der, password=None)
         return key.private_bytes(
@@ -64,53 +59,24 @@ def make_application_certificate(
     application_uri: str,
     hostnames: tuple[str, ...] | None = None,
     days: int = 365,
-    valid_from: datetime.datetime | None = None,
 ) -> ApplicationCertificate:
-    """A new self-signed application instance certificate and its key.
+    """A new self-signed application instance certificate and its key, made by asyncua's
+    :mod:`asyncua.crypto.cert_gen`. Valid from the moment it is made.
 
     :param hostnames: DNS names for the SAN (default: ``localhost`` and this host's name).
-    :param valid_from: start of validity (default: five minutes ago, for clock skew).
     """
     if hostnames is None:
         hostnames = tuple(dict.fromkeys(("localhost", socket.gethostname())))
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    start = valid_from or datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    key = cert_gen.generate_private_key()
     alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
     alt_names += [x509.DNSName(h) for h in hostnames]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
-        .serial_number(x509.random_serial_number())
-        .public_key(key.public_key())
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-        # Self-signed and CA:TRUE: the certificate is its own trust anchor in a trust list.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=True,
-                key_encipherment=True,
-                data_encipherment=True,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key,
+        common_name,
+        {},
+        alt_names,
+        extended=[ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH],
+        days=days,
     )
     return ApplicationCertificate(
         certificate_der=cert.public_bytes(serialization.Encoding.DER),

@@ -192,10 +192,6 @@ class BessSimulator:
         host = hostport.rsplit(":", 1)[0]
         return f"{scheme}://{host}:{self._port}{slash}{path}"
 
-    @property
-    def server_certificate_der(self) -> bytes | None:
-        return self.certificate.certificate_der if self.certificate else None
-
     async def start(self) -> None:
         """Start the server and the battery loop."""
         if self.certificate is None:

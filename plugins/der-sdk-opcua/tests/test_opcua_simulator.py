@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 from asyncua import ua
 from asyncua.client.client import Client
+from asyncua.crypto.uacrypto import check_certificate
 from cryptography import x509
-from der_sdk_opcua.certs import application_uri_of, load_certificate_der
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from der_sdk_opcua.certs import (
+    application_uri_of,
+    load_certificate_der,
+    make_application_certificate,
+)
 from der_sdk_opcua.simulator import (
     OPCUA_SIMULATOR,
     SIM_PROFILE_NAME,
@@ -158,3 +164,23 @@ def test_the_certificate_command_writes_a_usable_pair(tmp_path: Path) -> None:
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.digital_signature and usage.key_encipherment and usage.data_encipherment
     assert (tmp_path / "scada.key.pem").stat().st_mode & 0o077 == 0
+
+
+def test_application_certificates_are_made_by_asyncuas_cert_gen() -> None:
+    made = make_application_certificate(
+        common_name="edge", application_uri="urn:site-a:edge", hostnames=("edge-1", "localhost")
+    )
+    cert = x509.load_der_x509_certificate(made.certificate_der)
+    assert not check_certificate(cert, "urn:site-a:edge", "edge-1"), "asyncua accepts it"
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "edge"
+    assert cert.subject == cert.issuer
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    # cert_gen names the certificate its own authority, as OPC UA stacks expect of a
+    # self-signed application certificate
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(usage) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+    days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+    assert days == 365
