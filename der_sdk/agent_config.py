@@ -128,7 +128,7 @@ class EdgeServiceConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BufferConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """The agent's durable store-and-forward buffer (:mod:`der_sdk_agent.buffer`).
+    """The agent's durable store-and-forward buffer (:mod:`der_sdk_agent.store`).
 
     ``path``: the SQLite file; ``{agent_id}`` in it is replaced by the agent id. ``None``:
     the CLI uses ``der-data/agent-<agent_id>.sqlite3`` (relative to the working

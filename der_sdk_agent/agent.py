@@ -1,4 +1,4 @@
-"""The edge agent: adapters, edge services, the sampler, the buffer and the headend link.
+"""The edge agent: adapters, edge services, the sampler, the stores and the headend link.
 
 :class:`Agent` is assembled from already-loaded parts (tests, the launcher) or from
 environment settings (:meth:`Agent.from_settings`). Its tasks:
@@ -6,13 +6,16 @@ environment settings (:meth:`Agent.from_settings`). Its tasks:
 * the **sampler** reads every adapter concurrently every ``telemetry_interval_s``, whether
   or not the headend is reachable, numbers each sample per asset (``seq`` increases by one
   per reading of that asset), hands the batch to every edge service and commits it to the
-  durable buffer (:mod:`der_sdk_agent.buffer`);
-* the **link** (:mod:`der_sdk_agent.link`) sends the buffer to the headend and feeds
-  setpoints into the dispatch path (:mod:`der_sdk_agent.dispatch`);
-* the **upkeep** drops telemetry past the buffer's age bound, prunes the dispatch journal
-  and, while the buffer holds a backlog, logs its figures once a minute.
+  durable telemetry queue;
+* the **link** (:mod:`der_sdk_agent.link`) sends the queue, the outbox and the journal's
+  outcomes to the headend and feeds setpoints into the dispatch path
+  (:mod:`der_sdk_agent.dispatch`);
+* the **upkeep** drops telemetry past the queue's age bound, prunes the dispatch journal
+  and, while the queue holds a backlog, logs its figures once a minute.
 
-Where the buffer lives: the ``buffer_path`` argument, else the agent config's
+The three stores (:mod:`der_sdk_agent.store`: the telemetry queue, the command journal
+and the outbox) share one buffer file. Where it lives: the ``buffer_path`` argument, else
+the agent config's
 ``buffer.path``, else in memory (not durable). The CLI (:meth:`Agent.from_settings`) puts
 it at ``AGENT_BUFFER_PATH``, else ``buffer.path``, else :data:`DEFAULT_BUFFER_PATH`.
 ``{agent_id}`` in a path is replaced by the agent id.
@@ -44,10 +47,10 @@ from der_sdk.inventory import load_inventory
 from der_sdk.models import Asset, TelemetrySample
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.adapters import AdapterRuntime, adapter_names, build_adapters, convert_options
-from der_sdk_agent.buffer import MEMORY, Buffer
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
 from der_sdk_agent.settings import AgentSettings, resolve_served_assets
+from der_sdk_agent.store import MEMORY, BufferFile, CommandJournal, Outbox, TelemetryQueue
 from der_sdk_agent.tls import LinkSecurity
 
 __all__ = ["DEFAULT_BUFFER_PATH", "Agent", "AgentStats", "buffer_path_for"]
@@ -154,18 +157,25 @@ class Agent:
         except UnknownNameError as exc:
             raise DerSdkError(f"agent config split_policy: {exc}") from None
         template = buffer_path if buffer_path is not None else config.buffer.path
-        self.buffer = Buffer(
+        self.buffer = BufferFile(
             buffer_path_for(template, agent_id) if template is not None else MEMORY,
+            sync=config.buffer.sync,
+        )
+        self.outbox = Outbox(self.buffer)
+        self.journal = CommandJournal(self.buffer)
+        self.telemetry = TelemetryQueue(
+            self.buffer,
+            self.outbox,
             max_bytes=config.buffer.max_bytes,
             max_age_s=config.buffer.max_age_s,
-            sync=config.buffer.sync,
         )
         self.dispatcher = Dispatcher(
             agent_id=agent_id,
             site_id=site_id,
             runtimes=self.adapters,
             policy=policy,
-            buffer=self.buffer,
+            journal=self.journal,
+            outbox=self.outbox,
         )
         self.link = HeadendLink(
             headend=headend,
@@ -174,7 +184,9 @@ class Agent:
             adapters=adapter_names(self.adapters),
             sdk_version=der_sdk.__version__,
             plugin_versions=plugins.versions(),
-            buffer=self.buffer,
+            telemetry=self.telemetry,
+            journal=self.journal,
+            outbox=self.outbox,
             dispatcher=self.dispatcher,
             heartbeat_interval_s=config.heartbeat_interval_s,
             backoff=Backoff(
@@ -248,14 +260,14 @@ class Agent:
     def stats(self) -> AgentStats:
         """A snapshot of the counters."""
         link = self.link.stats
-        buffer = self.buffer.stats(link.replay_from_seq)
+        buffer = self.telemetry.stats(link.replay_from_seq)
         return AgentStats(
             connected=link.connected,
             reconnects=link.reconnects,
             failed_attempts=link.failed_attempts,
             batches_sent=link.batches_sent,
             last_ack_seq=link.last_ack_seq,
-            stream_id=self.buffer.stream_id,
+            stream_id=self.telemetry.stream_id,
             buffer_batches=buffer.batches,
             buffer_samples=buffer.samples,
             buffer_bytes=buffer.bytes,
@@ -263,9 +275,9 @@ class Agent:
             samples_dropped=buffer.dropped_samples,
             batches_dropped=buffer.dropped_batches,
             replay_batches=buffer.replay_batches,
-            unacked_events=self.buffer.event_count,
+            unacked_events=self.outbox.events.count,
             unacked_local_dispatches=self.link.unacked_local_dispatches,
-            unreported_outcomes=self.buffer.unreported_outcomes,
+            unreported_outcomes=self.journal.unreported_count,
         )
 
     async def start(self) -> None:
@@ -435,7 +447,7 @@ class Agent:
                     exc_info=True,
                 )
         try:
-            await self.buffer.append(samples)
+            await self.telemetry.append(samples)
         except Exception:
             now = time.monotonic()
             if now - self._buffer_error_logged_at >= UPKEEP_EVERY_S:
@@ -453,13 +465,14 @@ class Agent:
         while True:
             await asyncio.sleep(UPKEEP_EVERY_S)
             try:
-                await self.buffer.maintain()
+                await self.telemetry.maintain()
+                await self.journal.maintain()
             except Exception:
                 log.exception("agent %s: telemetry buffer upkeep failed", self.agent_id)
             self._log_backlog()
 
     def _log_backlog(self) -> None:
-        stats = self.buffer.stats(self.link.stats.replay_from_seq)
+        stats = self.telemetry.stats(self.link.stats.replay_from_seq)
         if stats.oldest_age_s <= 2 * self.config.telemetry_interval_s:
             return
         log.info(

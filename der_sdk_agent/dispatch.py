@@ -14,22 +14,22 @@ fallback (:meth:`Dispatcher.link_loss_fallback`) take the same path:
   setpoint for the asset cancels the revert.
 
 Headend commands are **applied at most once per command id**, across reconnects and agent
-restarts, through the dispatch journal in the agent's buffer
-(:class:`~der_sdk_agent.buffer.Buffer`): the command is committed as ``acked`` before any
-device is touched, and a command id already in the journal is never applied again (its
-final outcome is sent again instead). A command with an expiry is not applied after its
-deadline; it ends ``expired``.
+restarts, through the dispatch journal
+(:class:`~der_sdk_agent.store.journal.CommandJournal`): the command is committed as
+``acked`` before any device is touched, and a command id already in the journal is never
+applied again (its final outcome is sent again instead). A command with an expiry is not
+applied after its deadline; it ends ``expired``.
 
 Dispatches are serialised (one lock), so two commands never interleave on an asset and
 "newer" has one meaning: whichever command reaches this path last, from the headend or
 from an edge service, is the one in force.
 
 Local commands are reported: the report (a :class:`~der_sdk.wire.codec.LocalDispatchReport`)
-is committed to the buffer, from which the link sends it until the headend acknowledges it
+is committed to the outbox, from which the link sends it until the headend acknowledges it
 (the headend records a dispatch with source ``local``), and every listener added with
 :meth:`Dispatcher.add_local_listener` gets it too.
 
-The buffer also remembers, per asset, where the setpoint in force came from (``headend``,
+The journal also remembers, per asset, where the setpoint in force came from (``headend``,
 ``local``, ``fallback``, ``default``): the link-loss fallback only touches assets whose
 setpoint came from the headend.
 """
@@ -48,7 +48,8 @@ from der_sdk.extensions import SetpointResult, SplitPolicy
 from der_sdk.models import utc_now
 from der_sdk.wire.codec import Allocation, LocalDispatchReport
 from der_sdk_agent.adapters import AdapterRuntime
-from der_sdk_agent.buffer import Buffer, JournalEntry
+from der_sdk_agent.store.journal import CommandJournal, JournalEntry
+from der_sdk_agent.store.outbox import Outbox
 
 __all__ = ["DispatchOutcome", "Dispatcher", "HeadendCommand", "InForceSource"]
 
@@ -118,9 +119,10 @@ class HeadendCommand:
 class Dispatcher:
     """Applies commands to the served assets through their adapter runtimes.
 
-    :param buffer: the agent's buffer: the dispatch journal, local reports, events and
-        the setpoints in force live there. Without one (unit tests) nothing is recorded
-        and :meth:`headend_command` is unavailable.
+    :param journal: the dispatch journal and the setpoints in force. Without it nothing
+        is recorded and :meth:`headend_command` is unavailable.
+    :param outbox: where local command reports and events go. Without it they are only
+        logged (and given to the local listeners).
     """
 
     def __init__(
@@ -130,13 +132,15 @@ class Dispatcher:
         site_id: str,
         runtimes: Mapping[str, AdapterRuntime],
         policy: SplitPolicy,
-        buffer: Buffer | None = None,
+        journal: CommandJournal | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.site_id = site_id
         self.runtimes = dict(sorted(runtimes.items()))
         self.policy = policy
-        self.buffer = buffer
+        self.journal = journal
+        self.outbox = outbox
         self._lock = asyncio.Lock()
         self._reverts: dict[str, asyncio.Task[None]] = {}
         self._local_listeners: list[Callable[[LocalDispatchReport], None]] = []
@@ -203,9 +207,9 @@ class Dispatcher:
             the loop, it must not block.
         :return: the command's journal entry, final unless it was in progress already.
         """
-        if self.buffer is None:
-            raise RuntimeError("headend commands need the agent's buffer (the journal)")
-        entry, new = await self.buffer.journal_receive(
+        if self.journal is None:
+            raise RuntimeError("headend commands need the agent's dispatch journal")
+        entry, new = await self.journal.receive(
             command.command_id,
             asset_id=command.asset_id,
             site_id=command.site_id,
@@ -240,7 +244,7 @@ class Dispatcher:
                 duration_s=command.duration_s,
                 deadline=deadline,
             )
-        entry = await self.buffer.journal_finish(
+        entry = await self.journal.finish(
             command.command_id, outcome.status, outcome.allocations, outcome.reason
         )
         send(entry)
@@ -256,7 +260,7 @@ class Dispatcher:
         """The :data:`~der_sdk.extensions.LocalDispatch` callable for edge services.
 
         The command id is unique (``local-<uuid>``): it becomes the headend's dispatch id.
-        The report is committed to the buffer before this returns.
+        The report is committed to the outbox before this returns.
         """
         return await self._local_command(asset_id, site_id, mw, duration_s, source="local")
 
@@ -267,9 +271,9 @@ class Dispatcher:
 
         :param why: said in each command's reported reason.
         """
-        if self.buffer is None:
+        if self.journal is None:
             return []
-        in_force = self.buffer.in_force
+        in_force = self.journal.in_force
         targets = [a for a in self.runtimes if in_force.get(a) == "headend"]
         return [
             await self._local_command(a, None, 0.0, None, source="fallback", note=why)
@@ -330,9 +334,9 @@ class Dispatcher:
             unallocated_mw=outcome.unallocated_mw,
             policy=self.policy.name if not asset_id and site_id else None,
         )
-        if self.buffer is not None:
+        if self.outbox is not None:
             try:
-                await self.buffer.add_local_report(report)
+                await self.outbox.local_reports.add(report)
             except Exception:
                 log.exception(
                     "local command %s: its report could not be stored; the headend will "
@@ -346,12 +350,12 @@ class Dispatcher:
                 log.exception("local command %s: a listener failed", outcome.command_id)
 
     async def _record_in_force(self, outcome: DispatchOutcome, source: InForceSource) -> None:
-        if self.buffer is None:
+        if self.journal is None:
             return
         try:
             for allocation in outcome.allocations:
                 if allocation.status == "applied":
-                    await self.buffer.set_in_force(allocation.asset_id, source, outcome.command_id)
+                    await self.journal.set_in_force(allocation.asset_id, source, outcome.command_id)
         except Exception:  # the command was applied all the same
             log.exception("command %s: recording the setpoints in force failed", outcome.command_id)
 
@@ -520,9 +524,9 @@ class Dispatcher:
                 f"{result.status}: {result.reason}"
             )
             log.warning("asset %s: %s", asset_id, message)
-        if self.buffer is not None:
+        if self.outbox is not None:
             try:
-                await self.buffer.add_event(
+                await self.outbox.add_event(
                     "duration_reverted",
                     message,
                     asset_id=asset_id,

@@ -1,14 +1,15 @@
 """The outbound link to the headend: one bidirectional gRPC stream, kept open.
 
-Per attempt: open a channel, send ``Register`` (with the buffer's ``stream_id``), wait for
+Per attempt: open a channel, send ``Register`` (with the telemetry queue's ``stream_id``), wait for
 ``RegisterAck``; then send every final setpoint outcome the headend has not acknowledged
 and run
 
 * one **writer** (the only task that writes to the call): setpoint acks first, then
   reports of local commands (``LocalDispatch``) and agent events not yet sent on this
   stream, then a heartbeat (with the buffer's figures) when due, then telemetry batches
-  from the buffer, each with its buffer ``seq``, ``floor_seq`` and the seq ranges the
-  buffer dropped that the headend has not confirmed yet (:meth:`Buffer.drop_report`);
+  from the telemetry queue, each with its ``seq``, ``floor_seq`` and the seq ranges the
+  queue dropped that the headend has not confirmed yet
+  (:meth:`~der_sdk_agent.store.telemetry.TelemetryQueue.drop_report`);
 * one **reader**: ``Setpoint`` goes to the command worker, ``TelemetryAck`` forgets the
   batch and every batch and dropped range up to ``stored_through``, ``SetpointOutcomeAck``,
   ``LocalDispatchAck`` and ``EventAck`` mark the outcome, report or event as recorded.
@@ -74,8 +75,8 @@ import grpc
 from der_sdk.backoff import JITTER, MULTIPLIER, Backoff
 from der_sdk.models import utc_now
 from der_sdk.wire import codec, pb, pb_grpc
-from der_sdk_agent.buffer import Buffer, JournalEntry
 from der_sdk_agent.dispatch import Dispatcher, HeadendCommand
+from der_sdk_agent.store import CommandJournal, JournalEntry, Outbox, TelemetryQueue
 from der_sdk_agent.tls import LinkSecurity
 
 __all__ = [
@@ -187,7 +188,7 @@ class _Stream:
     bucket: TokenBucket | None = None
     in_flight: set[int] = field(default_factory=set)
     acks: collections.deque[pb.AgentMessage] = field(default_factory=collections.deque)
-    reports_sent_n: int = 0  # position of the last LocalDispatch sent (Buffer positions)
+    reports_sent_n: int = 0  # position of the last LocalDispatch sent (outbox positions)
     events_sent_n: int = 0
 
 
@@ -229,7 +230,9 @@ class HeadendLink:
         adapters: Mapping[str, str],
         sdk_version: str,
         plugin_versions: Mapping[str, str],
-        buffer: Buffer,
+        telemetry: TelemetryQueue,
+        journal: CommandJournal,
+        outbox: Outbox,
         dispatcher: Dispatcher,
         heartbeat_interval_s: float,
         backoff: Backoff,
@@ -248,7 +251,9 @@ class HeadendLink:
         self.adapters = dict(adapters)
         self.sdk_version = sdk_version
         self.plugin_versions = dict(plugin_versions)
-        self.buffer = buffer
+        self.telemetry = telemetry
+        self.journal = journal
+        self.outbox = outbox
         self.dispatcher = dispatcher
         self.heartbeat_interval_s = heartbeat_interval_s
         self.backoff = backoff
@@ -269,7 +274,8 @@ class HeadendLink:
         self._stream: _Stream | None = None
         self._commands: asyncio.Queue[HeadendCommand] = asyncio.Queue()
         self._skew_logged_at = -math.inf
-        buffer.add_listener(self._wake.set)
+        telemetry.add_listener(self._wake.set)
+        outbox.add_listener(self._wake.set)
 
     async def wait_connected(self) -> None:
         """Return once the agent is registered on a live stream."""
@@ -278,7 +284,7 @@ class HeadendLink:
     @property
     def unacked_local_dispatches(self) -> int:
         """Local command reports the headend has not acknowledged yet."""
-        return self.buffer.local_report_count
+        return self.outbox.local_reports.count
 
     # ------------------------------------------------------------------ reconnect loop
 
@@ -341,7 +347,7 @@ class HeadendLink:
     async def _attempt(self) -> None:
         """Register and serve one stream; ends by raising (stream end is StreamEnded)."""
         self._registered = False
-        await self.buffer.open()
+        await self.telemetry.open()
         channel = self.security.open_channel(self.headend, _CHANNEL_OPTIONS)
         call: Any = None
         try:
@@ -355,7 +361,7 @@ class HeadendLink:
                 assets=self.adapters,
                 sdk_version=self.sdk_version,
                 plugins=self.plugin_versions,
-                stream_id=self.buffer.stream_id,
+                stream_id=self.telemetry.stream_id,
             )
             loop = asyncio.get_running_loop()
             try:
@@ -396,7 +402,7 @@ class HeadendLink:
             )
         self.accepted_asset_ids = tuple(ack.accepted_asset_ids)
 
-        buffer = self.buffer
+        buffer = self.telemetry
         stream.live_from = stream.next_live = buffer.next_seq
         stream.backlog = buffer.seqs()
         stream.bucket = TokenBucket(self.replay_samples_per_s, asyncio.get_running_loop().time)
@@ -430,7 +436,7 @@ class HeadendLink:
         )
 
     async def _serve(self, stream: _Stream) -> None:
-        for entry in await self.buffer.journal_unreported():
+        for entry in await self.journal.unreported():
             stream.acks.append(_setpoint_ack(entry))
         self._stream = stream
         # The reader first: when the stream ends, its error says why; a failed write
@@ -457,27 +463,27 @@ class HeadendLink:
 
     async def _writer(self, stream: _Stream) -> None:
         loop = asyncio.get_running_loop()
-        buffer = self.buffer
+        buffer, reports, events = self.telemetry, self.outbox.local_reports, self.outbox.events
         heartbeat_due = loop.time() + self.heartbeat_interval_s
         while True:
             self._wake.clear()
             while stream.acks:
                 await stream.call.write(stream.acks.popleft())
-            newest = buffer.last_local_report_n
+            newest = reports.last_n
             if newest > stream.reports_sent_n:
-                page = await buffer.local_reports_after(stream.reports_sent_n)
+                page = await reports.after(stream.reports_sent_n)
                 for n, report in page:
                     await stream.call.write(codec.agent_local_dispatch(report))
                     stream.reports_sent_n = n
-                if len(page) < buffer.PAGE:  # the rest was acknowledged meanwhile
+                if len(page) < reports.PAGE:  # the rest was acknowledged meanwhile
                     stream.reports_sent_n = max(stream.reports_sent_n, newest)
-            newest = buffer.last_event_n
+            newest = events.last_n
             if newest > stream.events_sent_n:
-                events = await buffer.events_after(stream.events_sent_n)
-                for n, event in events:
+                new_events = await events.after(stream.events_sent_n)
+                for n, event in new_events:
                     await stream.call.write(codec.agent_event(event))
                     stream.events_sent_n = n
-                if len(events) < buffer.PAGE:
+                if len(new_events) < events.PAGE:
                     stream.events_sent_n = max(stream.events_sent_n, newest)
             if loop.time() >= heartbeat_due:
                 await stream.call.write(
@@ -517,7 +523,7 @@ class HeadendLink:
         """
         if len(stream.in_flight) >= self.window:
             return None, None
-        buffer = self.buffer
+        buffer = self.telemetry
         while stream.next_live < buffer.next_seq:
             seq = stream.next_live
             stream.next_live += 1
@@ -551,7 +557,6 @@ class HeadendLink:
 
     async def _reader(self, stream: _Stream) -> None:
         loop = asyncio.get_running_loop()
-        buffer = self.buffer
         while True:
             message = await stream.call.read()
             if message is grpc.aio.EOF:
@@ -563,11 +568,11 @@ class HeadendLink:
                 ack = message.telemetry_ack
                 self._on_telemetry_ack(stream, ack.seq, ack.stored_through)
             elif kind == "outcome_ack":
-                await buffer.journal_reported(message.outcome_ack.command_id)
+                await self.journal.mark_reported(message.outcome_ack.command_id)
             elif kind == "local_dispatch_ack":
-                await buffer.ack_local_report(message.local_dispatch_ack.command_id)
+                await self.outbox.local_reports.ack(message.local_dispatch_ack.command_id)
             elif kind == "event_ack":
-                await buffer.ack_event(message.event_ack.event_id)
+                await self.outbox.events.ack(message.event_ack.event_id)
             else:
                 log.debug("ignoring headend message %s on an open stream", kind)
 
@@ -592,7 +597,7 @@ class HeadendLink:
         stream.in_flight.discard(seq)
         if stored_through:
             stream.in_flight = {s for s in stream.in_flight if s > stored_through}
-        self.buffer.ack_telemetry(seq, stored_through)
+        self.telemetry.ack(seq, stored_through)
         self.stats.last_ack_seq = max(self.stats.last_ack_seq, seq)
         self._wake.set()
 
@@ -647,7 +652,7 @@ class HeadendLink:
             + (f"; not applied to {', '.join(failed)}" if failed else "")
         )
         log.warning("headend %s %s", self.headend, message)
-        await self.buffer.add_event(
+        await self.outbox.add_event(
             "link_loss_fallback",
             message,
             data={

@@ -183,9 +183,9 @@ async def test_sqlite_urgent_jobs_go_ahead_of_queued_telemetry_writes_but_cannot
     import asyncio
     import threading
 
-    from der_sdk.storage.sqlite import URGENT_BURST, _SQLiteThread
+    from der_sdk.sqlite_worker import URGENT_BURST, SQLiteWorker
 
-    thread = _SQLiteThread(str(tmp_path / "order.db"))
+    thread = SQLiteWorker(str(tmp_path / "order.db"))
     await thread.open()
     order: list[str] = []
     gate = threading.Event()
@@ -219,9 +219,9 @@ async def test_sqlite_a_job_cancelled_while_it_waits_never_runs(tmp_path: Path) 
     import asyncio
     import threading
 
-    from der_sdk.storage.sqlite import _SQLiteThread
+    from der_sdk.sqlite_worker import SQLiteWorker
 
-    thread = _SQLiteThread(str(tmp_path / "cancel.db"))
+    thread = SQLiteWorker(str(tmp_path / "cancel.db"))
     await thread.open()
     ran: list[str] = []
     gate = threading.Event()

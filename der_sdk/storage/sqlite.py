@@ -4,7 +4,8 @@ URL forms: ``sqlite:///relative/path.db`` (relative to the working directory),
 ``sqlite:////absolute/path.db``, and ``sqlite://:memory:`` or ``sqlite:///:memory:``.
 
 All I/O runs on the backend's own thread (one connection, one thread; every operation
-is one job on it), so the event loop never blocks. Times are
+is one job on it: :class:`der_sdk.sqlite_worker.SQLiteWorker`), so the event loop never
+blocks. Times are
 stored as integer microseconds since the Unix epoch (UTC), which keeps range queries on
 plain integer indexes and round-trips every ``datetime`` exactly.
 """
@@ -12,13 +13,10 @@ plain integer indexes and round-trips every ``datetime`` exactly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import itertools
 import logging
 import sqlite3
-import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,6 +35,7 @@ from der_sdk.models import (
     TelemetrySample,
 )
 from der_sdk.plugins import hookimpl
+from der_sdk.sqlite_worker import SQLiteWorker, transaction
 from der_sdk.storage.contract import TELEMETRY_COLUMNS, StorageBackend
 
 log = logging.getLogger("der.storage.sqlite")
@@ -327,144 +326,10 @@ def sqlite_path_from_url(url: str) -> str:
     )
 
 
-# --------------------------------------------------------------------------- the thread
-
-_Job = Callable[[sqlite3.Connection], Any]
-
-URGENT_BURST = 8
-"""Urgent jobs run before waiting telemetry writes, but at most this many in a row while a
-telemetry write waits, so a stream of reads cannot starve ingest."""
+# --------------------------------------------------------------------------- statements
 
 ROWS_PER_STATEMENT = 2048
 """Telemetry rows per ``INSERT`` statement (fewer where SQLite allows fewer variables)."""
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-class _SQLiteThread:
-    """One ``sqlite3`` connection, owned by one thread that runs whole jobs.
-
-    A job is a function of the connection: a whole transaction or a whole query, so every
-    operation of the backend is one hand-over to the thread and back, and no other job's
-    statements can interleave with it. Urgent jobs (dispatch records, sessions, events,
-    reads) run before queued telemetry writes (:data:`URGENT_BURST`), which keeps a
-    dispatch from waiting behind a backlog of telemetry.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._urgent: deque[tuple[_Job, asyncio.Future[Any]]] = deque()
-        self._bulk: deque[tuple[_Job, asyncio.Future[Any]]] = deque()
-        self._ready = threading.Condition()
-        self._stopping = False
-        self._urgent_run = 0
-        self._conn: sqlite3.Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopped: asyncio.Future[None] | None = None
-
-    async def open(self) -> None:
-        """Start the thread and connect on it."""
-        self._loop = asyncio.get_running_loop()
-        self._stopped = self._loop.create_future()
-        self._thread = threading.Thread(
-            target=self._serve, name=f"der-sqlite:{Path(self.path).name}", daemon=True
-        )
-        self._thread.start()
-        try:
-            await self.run(self._connect)
-        except BaseException:
-            await self.close()
-            raise
-
-    def _connect(self, _: sqlite3.Connection | None) -> None:
-        # isolation_level=None: no implicit transactions; jobs issue BEGIN themselves.
-        self._conn = sqlite3.connect(self.path, isolation_level=None)
-
-    async def run(self, job: _Job, *, bulk: bool = False) -> Any:
-        """Run ``job(connection)`` on the thread; its result or exception comes back.
-
-        A caller cancelled while its job waits in line takes the job out of line; once the
-        job has started it runs to its end (a transaction commits or rolls back whole).
-        """
-        if self._loop is None or self._stopped is None or self._stopped.done():
-            raise RuntimeError(f"SQLite database {self.path} is not open; await open() first")
-        future: asyncio.Future[Any] = self._loop.create_future()
-        with self._ready:
-            if self._stopping:
-                raise RuntimeError(f"SQLite database {self.path} is closing")
-            (self._bulk if bulk else self._urgent).append((job, future))
-            self._ready.notify()
-        return await future
-
-    def _next(self) -> tuple[_Job, asyncio.Future[Any]] | None:
-        with self._ready:
-            while not (self._urgent or self._bulk or self._stopping):
-                self._ready.wait()
-            if self._bulk and (not self._urgent or self._urgent_run >= URGENT_BURST):
-                self._urgent_run = 0
-                return self._bulk.popleft()
-            if self._urgent:
-                self._urgent_run += 1 if self._bulk else 0
-                return self._urgent.popleft()
-            return None  # stopping, and nothing left to do
-
-    def _serve(self) -> None:
-        loop, stopped = self._loop, self._stopped
-        assert loop is not None and stopped is not None
-        try:
-            while (item := self._next()) is not None:
-                job, future = item
-                if future.cancelled():  # its caller gave up while it waited
-                    continue
-                result: Any = None
-                error: BaseException | None = None
-                try:
-                    result = job(self._conn)  # type: ignore[arg-type]
-                except BaseException as exc:  # handed to the caller
-                    error = exc
-                # RuntimeError: the loop is closed, so nobody waits any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_resolve, future, result, error)
-        finally:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, stopped, None, None)
-
-    async def close(self) -> None:
-        """Finish the queued jobs, close the connection and end the thread."""
-        if self._stopped is None:
-            return
-        with self._ready:
-            self._stopping = True
-            self._ready.notify()
-        await asyncio.shield(self._stopped)
-
-
-def _transaction(job: Callable[[sqlite3.Connection], _T]) -> Callable[[sqlite3.Connection], _T]:
-    """``job`` inside ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back if it raises."""
-
-    def run(conn: sqlite3.Connection) -> _T:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = job(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
-    return run
 
 
 @functools.lru_cache(maxsize=64)
@@ -509,16 +374,17 @@ def _insert_or_ignore(
 class SQLiteStorage(StorageBackend):
     """One SQLite file (or an in-memory database) on one connection and its own thread.
 
-    Every operation is one job on that thread (:class:`_SQLiteThread`): a whole
-    transaction or a whole query. Telemetry writes are bulk jobs; everything else goes
-    ahead of them.
+    Every operation is one job on that thread (:class:`SQLiteWorker`): a whole
+    transaction or a whole query. Telemetry writes are bulk jobs; everything else
+    (dispatch records, sessions, events, reads) goes ahead of them, so a dispatch does
+    not wait behind a backlog of telemetry.
     """
 
     name = "sqlite"
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._thread: _SQLiteThread | None = None
+        self._worker: SQLiteWorker | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -530,13 +396,13 @@ class SQLiteStorage(StorageBackend):
     # ------------------------------------------------------------------ plumbing
 
     async def _run(self, job: Callable[[sqlite3.Connection], _T], *, bulk: bool = False) -> _T:
-        if self._thread is None:
+        if self._worker is None:
             raise RuntimeError(f"{self!r} is not open; await open() first")
-        result: _T = await self._thread.run(job, bulk=bulk)
+        result: _T = await self._worker.run(job, bulk=bulk)
         return result
 
     async def _write(self, job: Callable[[sqlite3.Connection], _T], *, bulk: bool = False) -> _T:
-        return await self._run(_transaction(job), bulk=bulk)
+        return await self._run(transaction(job), bulk=bulk)
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         return await self._run(lambda conn: conn.execute(sql, params).fetchall())
@@ -544,18 +410,18 @@ class SQLiteStorage(StorageBackend):
     # ------------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
-        if self._thread is not None:
+        if self._worker is not None:
             return
         if self.path != _MEMORY:
             await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
-        thread = _SQLiteThread(self.path)
-        await thread.open()
+        worker = SQLiteWorker(self.path)
+        await worker.open()
         try:
-            await thread.run(self._prepare)
+            await worker.run(self._prepare)
         except BaseException:
-            await thread.close()
+            await worker.close()
             raise
-        self._thread = thread
+        self._worker = worker
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         """Settings, the version check, the schema and migrations (on the thread)."""
@@ -585,7 +451,7 @@ class SQLiteStorage(StorageBackend):
                 )
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
-        _transaction(migrate)(conn)
+        transaction(migrate)(conn)
         log.info(
             "SQLite database %s migrated from schema %d to %d", self.path, found, SCHEMA_VERSION
         )
@@ -605,9 +471,9 @@ class SQLiteStorage(StorageBackend):
             )
 
     async def close(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            await thread.close()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.close()
 
     async def reset(self) -> None:
         def reset(conn: sqlite3.Connection) -> None:
@@ -617,7 +483,7 @@ class SQLiteStorage(StorageBackend):
         await self._write(reset)
 
     async def healthy(self) -> bool:
-        if self._thread is None:
+        if self._worker is None:
             return False
         try:
             await self._fetchall("SELECT 1")

@@ -16,7 +16,8 @@ import pytest
 from der_sdk.models import utc_now
 from der_sdk.testing import wait_until
 from der_sdk.wire import codec, pb
-from der_sdk_agent.buffer import RESTARTED_REASON, Buffer
+from der_sdk_agent.store import BufferFile, CommandJournal
+from der_sdk_agent.store.journal import RESTARTED_REASON
 from tests.agent.conftest import A1, A2, SITE, FaultBox, MakeAgent, flaky_config
 from tests.agent.fake_headend import FakeHeadend
 
@@ -40,11 +41,11 @@ async def test_setpoint_is_acked_then_applied_each_with_a_time(
 
     # the outcome ack travels back after the final ack: wait for it to be recorded
     async def reported() -> bool:
-        found = await agent.buffer.journal_get("c1")
+        found = await agent.journal.get("c1")
         return found is not None and found.reported
 
     await wait_until(reported, "the outcome of c1 to be marked reported")
-    entry = await agent.buffer.journal_get("c1")
+    entry = await agent.journal.get("c1")
     assert entry is not None and entry.status == "applied" and entry.reported
 
 
@@ -93,15 +94,15 @@ async def test_setpoint_resent_after_an_agent_restart_is_not_applied_again(
     assert stream.stream_id == headend.streams[0].stream_id
     ack = await headend.setpoint("c1", -0.6, asset_id=A1, stream=stream)
     assert ack.status == "applied" and _writes(box, A1) == [-0.6]
-    assert restarted.buffer.in_force == {A1: "headend"}
+    assert restarted.journal.in_force == {A1: "headend"}
 
 
 async def test_command_in_progress_when_the_agent_died_is_failed_and_never_applied(
     headend: FakeHeadend, make_agent: MakeAgent, box: FaultBox, tmp_path: Path
 ) -> None:
     path = str(tmp_path / "agent.sqlite3")
-    died = Buffer(path)  # what an agent killed between the journal and the device left
-    await died.journal_receive("c9", asset_id=A1, site_id=None, mw=0.9, duration_s=None)
+    died = BufferFile(path)  # what an agent killed between the journal and the device left
+    await CommandJournal(died).receive("c9", asset_id=A1, site_id=None, mw=0.9, duration_s=None)
     await died.close()
 
     agent = make_agent(headend.address, config=flaky_config(), buffer_path=path)
@@ -187,7 +188,7 @@ async def test_local_reports_and_events_outlive_a_restart_and_repeat_until_ackno
     await headend.stop()  # nobody listening yet
     agent = make_agent(headend.address, config=flaky_config(), buffer_path=path)
     outcome = await agent.dispatch(asset_id=A1, mw=0.25)
-    event = await agent.buffer.add_event("custom", "seen offline")
+    event = await agent.outbox.add_event("custom", "seen offline")
     await agent.stop()
 
     restarted = make_agent(headend.address, config=flaky_config(), buffer_path=path)
@@ -201,7 +202,7 @@ async def test_local_reports_and_events_outlive_a_restart_and_repeat_until_ackno
         assert first.local_dispatches[0].command_id == outcome.command_id
         assert first.events[0].event_id == event.event_id
         first.event_ack(event.event_id)
-        await headend.wait_for(lambda: restarted.buffer.event_count == 0)
+        await headend.wait_for(lambda: restarted.outbox.events.count == 0)
         first.close()
 
         second = await headend.wait_stream(index=1)
@@ -227,7 +228,7 @@ async def test_duration_revert_is_recorded_as_an_event(
     data = msgspec.json.decode(event.data_json)
     assert data["duration_s"] == 0.1 and data["mw"] == 0.0 and data["status"] == "applied"
     assert _writes(box, A1) == [0.6, 0.0]
-    assert agent.buffer.in_force[A1] == "default"
+    assert agent.journal.in_force[A1] == "default"
 
 
 async def test_link_loss_fallback_returns_headend_assets_to_default_once_per_outage(
@@ -248,7 +249,7 @@ async def test_link_loss_fallback_returns_headend_assets_to_default_once_per_out
         assert _writes(box, A1) == [0.8, 0.0] and _writes(box, A2) == [-0.5]
         await asyncio.sleep(0.5)  # once per outage
         assert _writes(box, A1) == [0.8, 0.0] and agent.link.stats.fallbacks == 1
-        assert agent.buffer.in_force == {A1: "fallback", A2: "local"}
+        assert agent.journal.in_force == {A1: "fallback", A2: "local"}
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("returned 1 asset(s)" in m and A1 in m for m in warnings)
 
@@ -284,7 +285,7 @@ async def test_hold_fallback_keeps_every_setpoint_and_only_logs(
         await headend.setpoint("c1", 0.8, asset_id=A1)
         await headend.stop()
         await headend.wait_for(lambda: agent.link.stats.fallbacks == 1, within=3)
-        assert _writes(box, A1) == [0.8] and agent.buffer.event_count == 0
+        assert _writes(box, A1) == [0.8] and agent.outbox.events.count == 0
         assert any("'hold'" in r.getMessage() for r in caplog.records)
     finally:
         await agent.stop()
@@ -298,13 +299,13 @@ async def test_hundreds_of_waiting_reports_and_events_are_all_sent_once_in_pages
     await headend.stop()
     agent = make_agent(headend.address, config=flaky_config())
     for n in range(250):
-        await agent.buffer.add_local_report(
+        await agent.outbox.local_reports.add(
             codec.LocalDispatchReport(
                 command_id=f"local-{n}", mw=0.1, ts=utc_now(), status="applied", asset_id=A1
             )
         )
         if n % 2:
-            await agent.buffer.add_event("custom", f"event {n}")
+            await agent.outbox.add_event("custom", f"event {n}")
     await headend.start()
     try:
         await agent.start()
@@ -314,7 +315,7 @@ async def test_hundreds_of_waiting_reports_and_events_are_all_sent_once_in_pages
         )
         ids = [d.command_id for d in stream.local_dispatches]
         assert ids == [f"local-{n}" for n in range(250)]  # oldest first, each once
-        await headend.wait_for(lambda: agent.buffer.event_count == 0)
+        await headend.wait_for(lambda: agent.outbox.events.count == 0)
         assert agent.stats().unacked_local_dispatches == 250
     finally:
         await agent.stop()

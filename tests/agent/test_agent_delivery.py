@@ -30,7 +30,7 @@ async def test_register_carries_the_stream_id_and_batches_carry_seq_and_floor(
     await agent.start()
     stream = await headend.wait_stream()
     await headend.wait_for(lambda: len(stream.batches) >= 3)
-    assert stream.stream_id == agent.buffer.stream_id == agent.stats().stream_id
+    assert stream.stream_id == agent.telemetry.stream_id == agent.stats().stream_id
     assert len(stream.stream_id) == 36  # a UUID
     first, second = stream.batches[:2]
     assert (first.seq, second.seq) == (1, 2)
@@ -47,8 +47,8 @@ async def test_acknowledged_batches_are_forgotten_through_stored_through_and_not
         first = await headend.wait_stream()
         await headend.wait_for(lambda: len(first.batches) >= 6)
         first.ack(5, stored_through=3)  # 1..3 and 5 are stored; 4 is not
-        await headend.wait_for(lambda: 5 not in agent.buffer and 4 in agent.buffer)
-        assert agent.buffer.floor_seq == 4
+        await headend.wait_for(lambda: 5 not in agent.telemetry and 4 in agent.telemetry)
+        assert agent.telemetry.floor_seq == 4
         first.close()
 
         second = await headend.wait_stream(index=1)
@@ -129,7 +129,7 @@ async def test_heartbeats_carry_the_buffer_figures(make_agent: MakeAgent) -> Non
         assert figures.dropped_samples == 0
         live_from = agent.link.stats.replay_from_seq
         assert live_from is not None  # the batches from before the register are backlog
-        assert figures.replay_batches == len([s for s in agent.buffer.seqs() if s < live_from])
+        assert figures.replay_batches == len([s for s in agent.telemetry.seqs() if s < live_from])
 
 
 async def test_size_bound_at_the_agent_drops_oldest_and_tells_the_headend(
@@ -142,9 +142,9 @@ async def test_size_bound_at_the_agent_drops_oldest_and_tells_the_headend(
         await agent.sample_once()
     stats = agent.stats()
     assert stats.buffer_bytes <= 2000 and stats.samples_dropped == 2 * stats.batches_dropped
-    floor = agent.buffer.floor_seq
+    floor = agent.telemetry.floor_seq
     assert floor == stats.batches_dropped + 1  # the oldest went
-    [event] = await agent.buffer.events()
+    [event] = await agent.outbox.events.all()
     assert event.kind == "telemetry_dropped" and event.data["first_seq"] == 1
 
     await headend.start()
@@ -157,7 +157,7 @@ async def test_size_bound_at_the_agent_drops_oldest_and_tells_the_headend(
         assert data["batches"] >= 1 and data["samples"] == 2 * data["batches"]
         first = stream.batches[0]  # the sampler ran at start: perhaps one more dropped
         assert first.seq >= floor and first.floor_seq == first.seq
-        await headend.wait_for(lambda: agent.buffer.event_count == 0)  # EventAck: forgotten
+        await headend.wait_for(lambda: agent.outbox.events.count == 0)  # EventAck: forgotten
         samples = [(s.asset_id, s.seq) for s in stream.samples()]
         assert (A1, 1) not in samples and (A2, 1) not in samples
     finally:

@@ -35,6 +35,6 @@ async def test_the_reference_headend_acknowledges_batches_outcomes_events_and_re
 
     await wait_until(settled, "the headend to acknowledge", last_seen=agent.stats)
     assert agent.stats().samples_dropped == 0
-    assert agent.buffer.in_force[BESS_1] == "local"
-    entry = await agent.buffer.journal_get(dispatch.dispatch_id)
+    assert agent.journal.in_force[BESS_1] == "local"
+    entry = await agent.journal.get(dispatch.dispatch_id)
     assert entry is not None and entry.status == "applied" and entry.reported

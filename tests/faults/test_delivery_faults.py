@@ -134,7 +134,7 @@ async def test_headend_killed_mid_burst_stores_every_sample_exactly_once(
             async with asyncio.timeout(15):
                 await agent.wait_connected()
             for n in range(batches // 2):
-                await agent.buffer.append(_burst(n, size))
+                await agent.telemetry.append(_burst(n, size))
 
             async def some_acked() -> bool:
                 return agent.stats().last_ack_seq > 0
@@ -143,7 +143,7 @@ async def test_headend_killed_mid_burst_stores_every_sample_exactly_once(
             await headend.kill()
             held_at_kill = agent.stats().buffer_samples
             for n in range(batches // 2, batches):
-                await agent.buffer.append(_burst(n, size))
+                await agent.telemetry.append(_burst(n, size))
             await headend.restart()
 
             async def drained() -> bool:
@@ -163,7 +163,7 @@ async def test_headend_killed_mid_burst_stores_every_sample_exactly_once(
 
 async def _drained(agent: Agent, what: str, within: float = 60) -> None:
     async def empty() -> bool:
-        return agent.stats().connected and len(agent.buffer) == 0
+        return agent.stats().connected and len(agent.telemetry) == 0
 
     await wait_until(empty, within=within, what=what)
 
@@ -198,26 +198,26 @@ async def test_headend_killed_while_an_agent_replays_its_backlog_reports_no_gap(
     await agent.start()
     try:
         for n in range(backlog):  # the headend is down: 10,000 samples of backlog
-            await agent.buffer.append(_burst(n, size))
+            await agent.telemetry.append(_burst(n, size))
         await headend.start()
         async with asyncio.timeout(15):
             await agent.wait_connected()
         live_seqs = [
-            await agent.buffer.append(_burst(n, size)) for n in range(backlog, backlog + live)
+            await agent.telemetry.append(_burst(n, size)) for n in range(backlog, backlog + live)
         ]
 
         async def live_acked_backlog_replaying() -> bool:
-            buffer = agent.buffer
+            buffer = agent.telemetry
             return buffer.floor_seq > 1 and not any(seq in buffer for seq in live_seqs)
 
         await wait_until(
             live_acked_backlog_replaying, within=15, what="live batches and some backlog are acked"
         )
         await headend.kill()
-        held_at_kill = len(agent.buffer)
+        held_at_kill = len(agent.telemetry)
         await headend.restart()
         await _drained(agent, "the agent replays the rest of its backlog")
-        await agent.buffer.append(_burst(backlog + live, size))  # live data goes on
+        await agent.telemetry.append(_burst(backlog + live, size))  # live data goes on
         await _drained(agent, "the agent's next live batch is acknowledged")
     finally:
         await agent.stop()
@@ -246,17 +246,17 @@ async def test_an_agent_buffer_that_drops_its_oldest_batches_is_one_gap_event_wi
         async with asyncio.timeout(15):
             await agent.wait_connected()
         for n in range(5):
-            await agent.buffer.append(_burst(n, size))
+            await agent.telemetry.append(_burst(n, size))
         await _drained(agent, "the first batches are acknowledged")
         await headend.kill()
-        first = agent.buffer.next_seq
+        first = agent.telemetry.next_seq
         for n in range(5, 25):
-            await agent.buffer.append(_burst(n, size))  # holds 5: the 15 oldest go
+            await agent.telemetry.append(_burst(n, size))  # holds 5: the 15 oldest go
         last = first + 14
         assert agent.stats().batches_dropped == 15
         await headend.restart()
         await _drained(agent, "the agent sends what it kept")
-        await agent.buffer.append(_burst(25, size))
+        await agent.telemetry.append(_burst(25, size))
         await _drained(agent, "the next live batch is acknowledged")
     finally:
         await agent.stop()
@@ -264,7 +264,7 @@ async def test_an_agent_buffer_that_drops_its_oldest_batches_is_one_gap_event_wi
             await headend.terminate()
     gaps = await stored_events(db, "telemetry_gap")
     assert [(g["first_seq"], g["last_seq"], g["batches"]) for g in gaps] == [(first, last, 15)]
-    assert agent.buffer.dropped_ranges == [], "the headend's ack confirmed the range"
+    assert agent.telemetry.dropped_ranges == [], "the headend's ack confirmed the range"
     rows = [r for r in await stored_rows(db) if r[1] >= _us(BURST_BASE)]
     assert len(rows) == (26 - 15) * size == len({(a, ts) for a, ts, _ in rows})
 
