@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from der_sdk_opcua.certs import make_application_certificate
+from der_sdk_opcua.certs import ApplicationCertificate, make_application_certificate
 from der_sdk_opcua.security import TrustList
 from der_sdk_opcua.server import OpcuaEdgeServer, OpcuaServerOptions
 from opcua_kit import CLIENT_URI, ROGUE_URI, LoopThread, Pki, eventually, secure_client
@@ -348,12 +348,40 @@ REFUSED_CERTIFICATES: dict[str, tuple[dict[str, Any], str, str]] = {
 }
 
 
+def _valid_from(made: ApplicationCertificate, start: datetime) -> ApplicationCertificate:
+    """``made`` signed again by its own key, valid for 365 days from ``start`` (asyncua's
+    cert_gen always starts a certificate now)."""
+    cert = x509.load_der_x509_certificate(made.certificate_der)
+    key = serialization.load_der_private_key(made.private_key_der, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=365))
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    again = builder.sign(key, hashes.SHA256())
+    return ApplicationCertificate(
+        certificate_der=again.public_bytes(serialization.Encoding.DER),
+        private_key_der=made.private_key_der,
+    )
+
+
 @pytest.mark.parametrize("case", REFUSED_CERTIFICATES)
 async def test_a_refused_client_certificate_is_one_warning_with_subject_thumbprint_and_reason(
     shared: Shared, caplog: pytest.LogCaptureFixture, case: str
 ) -> None:
     made_with, status_name, reason = REFUSED_CERTIFICATES[case]
+    made_with = dict(made_with)
+    valid_from = made_with.pop("valid_from", None)
     made = make_application_certificate(**made_with)
+    if valid_from is not None:
+        made = _valid_from(made, valid_from)
     client = Client(shared.server.endpoint_url, timeout=5)
     client.application_uri = made_with["application_uri"]
     await client.set_security(
