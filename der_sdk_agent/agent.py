@@ -73,16 +73,18 @@ def buffer_path_for(template: str, agent_id: str) -> str:
 class AgentStats:
     """A snapshot of the agent's counters.
 
-    ``reconnects`` counts registrations after the first; ``last_ack_seq`` is the highest
-    telemetry batch ``seq`` the headend acknowledged on the current stream. The
-    ``buffer_*`` figures are what the buffer holds (sent or not, not yet acknowledged);
-    ``samples_dropped`` and ``batches_dropped`` count what its bounds dropped since the
-    buffer file was created; ``replay_batches`` is the backlog the current stream is still
-    to send. ``unacked_*`` and ``unreported_outcomes`` wait for the headend's
-    acknowledgement.
+    ``headend`` is the address the agent is registered with (``None`` while
+    disconnected); ``reconnects`` counts registrations after the first; ``last_ack_seq``
+    is the highest telemetry batch ``seq`` the headend acknowledged on the current
+    stream. The ``buffer_*`` figures are what the buffer holds (sent or not, not yet
+    acknowledged); ``samples_dropped`` and ``batches_dropped`` count what its bounds
+    dropped since the buffer file was created; ``replay_batches`` is the backlog the
+    current stream is still to send. ``unacked_*`` and ``unreported_outcomes`` wait for
+    the headend's acknowledgement.
     """
 
     connected: bool
+    headend: str | None
     reconnects: int
     failed_attempts: int
     batches_sent: int
@@ -109,7 +111,9 @@ class _ServicePlan:
 
 
 class Agent:
-    """One edge agent: serves ``assets`` of ``site_id`` over one stream to ``headend``.
+    """One edge agent: serves ``assets`` of ``site_id`` over one stream to ``headend``
+    (one address, or several: a sequence or a comma-separated list; the link moves to the
+    next when one fails, see :mod:`der_sdk_agent.headends`).
 
     Construction builds the adapters and validates edge service options (a bad config
     fails here, naming the asset or service); nothing connects until :meth:`start`.
@@ -127,7 +131,7 @@ class Agent:
         agent_id: str,
         site_id: str,
         assets: Sequence[Asset],
-        headend: str,
+        headend: str | Sequence[str],
         config: AgentConfig,
         plugins: Plugins,
         buffer_path: str | None = None,
@@ -145,7 +149,6 @@ class Agent:
         self.agent_id = agent_id
         self.site_id = site_id
         self.assets: tuple[Asset, ...] = tuple(sorted(assets, key=lambda a: a.asset_id))
-        self.headend = headend
         self.config = config
         self.plugins = plugins
 
@@ -197,6 +200,8 @@ class Agent:
             link_loss_fallback=config.link_loss_fallback,
             security=security,
         )
+        self.headends = self.link.headends
+        self.headend = ",".join(self.headends)
         self._service_plans = [self._plan_service(entry) for entry in config.edge_services]
         self.services: list[tuple[str, EdgeService]] = []
         self._sample_seq: dict[str, int] = {a.asset_id: 0 for a in self.assets}
@@ -263,6 +268,7 @@ class Agent:
         buffer = self.telemetry.stats(link.replay_from_seq)
         return AgentStats(
             connected=link.connected,
+            headend=link.headend,
             reconnects=link.reconnects,
             failed_attempts=link.failed_attempts,
             batches_sent=link.batches_sent,
@@ -313,7 +319,8 @@ class Agent:
             self.headend,
             self.link.security.describe(),
         )
-        self.link.security.warn_if_exposed(self.headend)
+        for headend in self.headends:
+            self.link.security.warn_if_exposed(headend)
         await asyncio.gather(*(rt.connect() for rt in self.adapters.values()))
         try:
             await self._start_services()

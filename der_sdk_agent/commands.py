@@ -20,11 +20,19 @@ __all__ = ["der_commands"]
 
 log = logging.getLogger("der.cli")
 
+_HEADEND_HELP = (
+    "headend gRPC host:port, or several separated by commas: the agent moves to the next "
+    "when one fails (env HEADEND_GRPC)"
+)
+
 
 def cmd_agent(ns: argparse.Namespace) -> int:
+    from der_sdk_agent.headends import parse_headend_addresses
     from der_sdk_agent.launch import run_agent
     from der_sdk_agent.settings import AgentSettings
 
+    if ns.headend is not None:  # checked here too, so that an error names the flag
+        parse_headend_addresses(ns.headend, source="--headend")
     env = env_with(
         {
             "HEADEND_GRPC": ns.headend,
@@ -40,7 +48,7 @@ def cmd_agent(ns: argparse.Namespace) -> int:
 
 
 def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--headend", help="headend gRPC host:port (env HEADEND_GRPC)")
+    p.add_argument("--headend", help=_HEADEND_HELP)
     p.add_argument("--assets", help="inventory YAML (env ASSETS_PATH)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--asset-id", help="single-asset mode (env ASSET_ID)")
@@ -53,12 +61,18 @@ def cmd_launch(ns: argparse.Namespace) -> int:
     from der_sdk.agent_config import load_agent_config
     from der_sdk.inventory import load_inventory
     from der_sdk.plugins import load_plugins
+    from der_sdk_agent.headends import parse_headend_addresses
     from der_sdk_agent.launch import launch
+    from der_sdk_agent.settings import DEFAULT_HEADEND_GRPC
 
     assets = ns.assets or os.environ.get("ASSETS_PATH")
     if not assets:
         raise DerSdkError("no inventory: pass --assets FILE or set ASSETS_PATH")
-    headend = ns.headend or os.environ.get("HEADEND_GRPC", "127.0.0.1:50051")
+    if ns.headend is not None:
+        raw, source = ns.headend, "--headend"
+    else:
+        raw, source = os.environ.get("HEADEND_GRPC") or DEFAULT_HEADEND_GRPC, "HEADEND_GRPC"
+    headend = ",".join(parse_headend_addresses(raw, source=source))
     plugins = load_plugins()
     inventory = load_inventory(assets, asset_types=plugins.asset_types.names())
     config = load_agent_config(ns.config or os.environ.get("AGENT_CONFIG"))
@@ -104,7 +118,7 @@ def _launch_security(config: Any) -> Any:
 
 def _add_launch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", help="inventory YAML (env ASSETS_PATH)")
-    p.add_argument("--headend", help="headend gRPC host:port (env HEADEND_GRPC)")
+    p.add_argument("--headend", help=_HEADEND_HELP)
     p.add_argument("--mode", choices=["site", "asset"], default="site")
     p.add_argument("--config", help="agent config YAML (env AGENT_CONFIG)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from der_sdk.agent_config import AgentConfig, validate_agent_config
@@ -64,7 +65,7 @@ async def run_agent(settings: AgentSettings, plugins: Plugins | None = None) -> 
 async def launch(
     inventory: Inventory,
     *,
-    headend: str,
+    headend: str | Sequence[str],
     mode: Literal["site", "asset"],
     config: AgentConfig,
     plugins: Plugins | None = None,
@@ -73,8 +74,10 @@ async def launch(
     """Start one gateway agent per site (``mode="site"``) or one agent per asset
     (``mode="asset"``) of ``inventory``, all in this process. Returns them started.
 
-    ``security`` (TLS, client certificate, token) is shared by every agent: under mutual
-    TLS its certificate must then be bound to every site served.
+    ``headend`` is one address or several; with several, each agent shuffles its own
+    order, so the agents spread over the headends. ``security`` (TLS, client certificate,
+    token) is shared by every agent: under mutual TLS its certificate must then be bound
+    to every site served.
 
     Agent ids are ``gateway-<site_id>`` and ``asset-<asset_id>``. If any agent fails to
     start, the others are stopped and the error is raised.
@@ -102,7 +105,7 @@ async def launch(
 def _build(
     inventory: Inventory,
     *,
-    headend: str,
+    headend: str | Sequence[str],
     mode: Literal["site", "asset"],
     config: AgentConfig,
     plugins: Plugins,
@@ -148,7 +151,7 @@ def _build(
 async def run_launch(
     inventory: Inventory,
     *,
-    headend: str,
+    headend: str | Sequence[str],
     mode: Literal["site", "asset"],
     config: AgentConfig,
     plugins: Plugins | None = None,

@@ -57,6 +57,14 @@ capped at ``reconnect_max_s`` (120 s), and each delay is the base ±
 spreads a fleet that lost the headend at the same instant (even its first retries), and
 stays on at the cap so the fleet stays spread. The attempt count resets after a successful
 register.
+
+**Several headends.** With several addresses the link dials one at a time, in an order
+shuffled at start, and every failure moves it to the next address after the first delay;
+the delay grows only when every address failed in a row
+(:class:`~der_sdk_agent.headends.HeadendRotation`). Registering at another address than
+the last register is one INFO line naming both. Nothing else changes on a move: the
+buffer's unacknowledged batches, outcomes, reports and events go to the new headend like
+after any reconnect.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +84,7 @@ from der_sdk.backoff import JITTER, MULTIPLIER, Backoff
 from der_sdk.models import utc_now
 from der_sdk.wire import codec, pb, pb_grpc
 from der_sdk_agent.dispatch import Dispatcher, HeadendCommand
+from der_sdk_agent.headends import HeadendRotation, parse_headend_addresses
 from der_sdk_agent.store import CommandJournal, JournalEntry, Outbox, TelemetryQueue
 from der_sdk_agent.tls import LinkSecurity
 
@@ -137,9 +146,11 @@ class RegisterRefused(Exception):
 class LinkStats:
     """Counters for tests and operators. ``last_ack_seq`` is the highest batch seq the
     headend acknowledged on the current stream; ``replay_from_seq`` the current stream's
-    first live seq (``None`` while disconnected)."""
+    first live seq and ``headend`` the address it is registered with (both ``None``
+    while disconnected)."""
 
     connected: bool = False
+    headend: str | None = None
     registrations: int = 0
     reconnects: int = 0
     failed_attempts: int = 0
@@ -213,6 +224,8 @@ def _setpoint_ack(entry: JournalEntry) -> pb.AgentMessage:
 class HeadendLink:
     """Keeps the agent's stream to the headend open until cancelled.
 
+    :param headend: the headend's address, or several (a sequence or a comma-separated
+        list); :attr:`headend` is then the address dialled now.
     :param window: most telemetry batches in flight (sent, not acknowledged) per stream.
     :param replay_samples_per_s: pace of the backlog after a reconnect.
     :param link_loss_hold_s: how long the link may be down before the fallback.
@@ -224,7 +237,7 @@ class HeadendLink:
     def __init__(
         self,
         *,
-        headend: str,
+        headend: str | Sequence[str],
         agent_id: str,
         site_id: str,
         adapters: Mapping[str, str],
@@ -245,7 +258,10 @@ class HeadendLink:
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 batch, got {window}")
-        self.headend = headend
+        self.headends = parse_headend_addresses(headend, source="headend")
+        self.rotation = HeadendRotation(self.headends, backoff)
+        self.headend = self.rotation.current
+        self._registered_at: str | None = None  # the address of the last register
         self.agent_id = agent_id
         self.site_id = site_id
         self.adapters = dict(adapters)
@@ -321,23 +337,28 @@ class HeadendLink:
             finally:
                 self._stream = None
                 self.stats.connected = False
+                self.stats.headend = None
                 self.stats.replay_from_seq = None
                 self._connected.clear()
                 self._disconnected.set()
             if self._registered:
                 attempt = 1  # a good register resets the backoff
+                self.rotation.registered()
                 what = "connection lost"
             else:
                 self.stats.failed_attempts += 1
                 what = "refused registration" if level == logging.ERROR else "unreachable"
-            delay = self.backoff.delay(attempt)
+            failed, delay = self.headend, self.rotation.failed()
+            self.headend = self.rotation.current
+            then = "retrying" if self.headend == failed else f"trying headend {self.headend}"
             log.log(
                 level,
-                "headend %s %s (attempt %d): %s; retrying in %.1f s",
-                self.headend,
+                "headend %s %s (attempt %d): %s; %s in %.1f s",
+                failed,
                 what,
                 attempt,
                 reason,
+                then,
                 delay,
             )
             await asyncio.sleep(delay)
@@ -420,10 +441,19 @@ class HeadendLink:
             )
         self.stats.registrations += 1
         self.stats.connected = True
+        self.stats.headend = self.headend
         self.stats.last_ack_seq = 0
         self.stats.replay_from_seq = stream.live_from
         self._connected.set()
         self._disconnected.clear()
+        if self._registered_at not in (None, self.headend):
+            log.info(
+                "agent %s moved from headend %s to headend %s",
+                self.agent_id,
+                self._registered_at,
+                self.headend,
+            )
+        self._registered_at = self.headend
         log.info(
             "registered with headend %s as agent %s (stream %s): %d asset(s) accepted, "
             "%d refused%s",
@@ -635,7 +665,7 @@ class HeadendLink:
             log.warning(
                 "headend %s unreachable for %g s; link_loss_fallback is 'hold': every "
                 "setpoint stays in force",
-                self.headend,
+                ", ".join(self.headends),
                 hold,
             )
             return
@@ -651,7 +681,7 @@ class HeadendLink:
             + (f" ({', '.join(f'{a}={mw:g} MW' for a, mw in assets.items())})" if assets else "")
             + (f"; not applied to {', '.join(failed)}" if failed else "")
         )
-        log.warning("headend %s %s", self.headend, message)
+        log.warning("headend %s %s", ", ".join(self.headends), message)
         await self.outbox.add_event(
             "link_loss_fallback",
             message,

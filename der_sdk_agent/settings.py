@@ -15,6 +15,9 @@ headend's certificate, pinned: the system roots are not used), ``AGENT_TLS_CERT`
 name to check in the headend's certificate, when it differs from the host dialled) and
 ``AGENT_TOKEN`` (sent as ``x-der-agent-token`` metadata). Each wins over the agent config's
 ``tls`` section.
+
+``HEADEND_GRPC`` is one headend address or a comma-separated list of them
+(:mod:`der_sdk_agent.headends`): the agent dials one at a time and moves on when it fails.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Literal
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import Asset
+from der_sdk_agent.headends import parse_headend_addresses
 
 __all__ = ["DEFAULT_HEADEND_GRPC", "AgentSettings", "ServedAssets", "resolve_served_assets"]
 
@@ -42,7 +46,8 @@ class AgentSettings:
 
     Build one with :meth:`from_env`. ``telemetry_interval_s``, ``heartbeat_interval_s``
     and ``buffer_path`` are ``None`` unless set in the environment; when set they override
-    the agent config file.
+    the agent config file. ``headend`` is one address or a comma-separated list
+    (:attr:`headends`).
     """
 
     headend: str = DEFAULT_HEADEND_GRPC
@@ -61,6 +66,11 @@ class AgentSettings:
     token: str | None = field(default=None, repr=False)
 
     @property
+    def headends(self) -> tuple[str, ...]:
+        """The headend addresses in ``headend``, in the order given."""
+        return parse_headend_addresses(self.headend)
+
+    @property
     def mode(self) -> Literal["asset", "site"]:
         """``asset`` (single-asset mode) or ``site`` (gateway mode)."""
         return "asset" if self.asset_id is not None else "site"
@@ -70,8 +80,11 @@ class AgentSettings:
         """Read the settings from ``env`` (usually ``os.environ``).
 
         :raises DerSdkError: ``ASSETS_PATH`` is missing, neither ``ASSET_ID`` nor
-            ``GATEWAY_SITE_ID`` is set, or an interval is not a positive number.
+            ``GATEWAY_SITE_ID`` is set, an interval is not a positive number, or
+            ``HEADEND_GRPC`` is not a list of ``host:port`` addresses (the message names
+            the entry).
         """
+        headends = parse_headend_addresses(_get(env, "HEADEND_GRPC") or DEFAULT_HEADEND_GRPC)
         assets_path = _get(env, "ASSETS_PATH")
         if assets_path is None:
             raise DerSdkError("ASSETS_PATH is not set: point it at the asset inventory YAML file")
@@ -91,7 +104,7 @@ class AgentSettings:
             )
             site_id = None
         return cls(
-            headend=_get(env, "HEADEND_GRPC") or DEFAULT_HEADEND_GRPC,
+            headend=",".join(headends),
             assets_path=assets_path,
             asset_id=asset_id,
             site_id=site_id,
