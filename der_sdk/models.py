@@ -10,6 +10,7 @@ negative for charge, import or consumption.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ __all__ = [
     "DISPATCH_HORIZON_S",
     "DISPATCH_STATE_RANK",
     "TERMINAL_DISPATCH_STATES",
+    "AgentHeartbeat",
     "Allocation",
     "Asset",
     "BufferStats",
@@ -28,14 +30,18 @@ __all__ = [
     "DispatchState",
     "DispatchTarget",
     "Event",
+    "EventAck",
     "Heartbeat",
     "LocalDispatchReport",
     "Quality",
+    "SeqRange",
     "Session",
     "SetpointAck",
     "SetpointCommand",
     "SetpointOutcomeAck",
     "Site",
+    "TelemetryAck",
+    "TelemetryBatch",
     "TelemetrySample",
     "holds_non_finite",
     "refuse_non_finite",
@@ -385,3 +391,54 @@ class BufferStats(msgspec.Struct, frozen=True, kw_only=True):
     dropped_samples: int = 0
     dropped_batches: int = 0
     replay_batches: int = 0
+
+
+SeqRange = tuple[int, int]
+"""The telemetry batch seqs ``first..last``, both included."""
+
+
+class TelemetryBatch(msgspec.Struct, kw_only=True):
+    """One batch of an agent's telemetry stream as it arrived (``TelemetryBatch`` on the
+    wire), its samples decoded.
+
+    ``seq`` numbers the batch in the agent's stream; ``floor_seq`` is the lowest seq the
+    agent still holds; ``dropped`` the seq ranges it dropped without an acknowledgement
+    (``None`` from an older agent that does not list them). ``samples`` are those that
+    decoded, in order; a sample that did not is not here. ``non_finite`` names, by index
+    in ``samples``, the samples whose non-finite numbers were taken out
+    (:func:`refuse_non_finite`: they are ``bad``), one message per field.
+    """
+
+    seq: int
+    samples: list[TelemetrySample]
+    floor_seq: int = 0
+    dropped: tuple[SeqRange, ...] | None = None
+    non_finite: dict[int, Sequence[str]] = msgspec.field(default_factory=dict)
+
+
+class TelemetryAck(msgspec.Struct, frozen=True, kw_only=True):
+    """Batch ``seq`` is in storage, and every seq up to ``stored_through`` is settled
+    (stored, acknowledged earlier or recorded as a gap): the agent may forget them
+    (``TelemetryAck`` on the wire)."""
+
+    seq: int
+    stored_through: int = 0
+
+
+class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """An agent's heartbeat as it arrived (``Heartbeat`` on the wire); stored as one
+    :class:`Heartbeat` per asset the agent serves. ``agent_id`` is empty and ``ts`` is
+    ``None`` when the agent sent none (the headend fills in its own); ``buffer`` is its
+    store-and-forward buffer, when reported."""
+
+    agent_id: str = ""
+    ts: datetime | None = None
+    uptime_s: float = 0.0
+    buffer: BufferStats | None = None
+
+
+class EventAck(msgspec.Struct, frozen=True, kw_only=True):
+    """The headend stored the agent's event ``event_id``; the agent stops sending it
+    (``EventAck`` on the wire)."""
+
+    event_id: str

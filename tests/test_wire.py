@@ -10,16 +10,21 @@ from pathlib import Path
 import pytest
 
 from der_sdk.models import (
+    AgentHeartbeat,
     Allocation,
+    BufferStats,
+    EventAck,
     SetpointAck,
     SetpointCommand,
     SetpointOutcomeAck,
+    TelemetryAck,
     TelemetrySample,
 )
 from der_sdk.wire import codec, pb
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "der_sdk" / "wire" / "_generated"
+TS = datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)
 
 
 def test_generated_wire_code_matches_the_proto(tmp_path: Path) -> None:
@@ -189,3 +194,41 @@ def test_the_outbox_messages_are_encoded_and_wire_messages_pass_as_they_are() ->
     )
     built = codec.headend_telemetry_ack(7)
     assert codec.headend_message(built) is built
+
+
+def test_telemetry_and_event_acks_are_encoded_from_their_domain_messages() -> None:
+    assert codec.headend_message(TelemetryAck(seq=7, stored_through=5)) == (
+        codec.headend_telemetry_ack(7, 5)
+    )
+    assert codec.headend_message(EventAck(event_id="e1")) == codec.headend_event_ack("e1")
+
+
+def test_a_batch_decodes_to_the_domain_batch_listing_what_it_skipped_and_refused() -> None:
+    good = codec.sample_to_pb(TelemetrySample(asset_id="a1", site_id="s1", ts=TS, mw=1.0))
+    bad_json = pb.Telemetry(asset_id="a2", site_id="s1", ts_us=1, details_json=b"[1]")
+    nan = pb.Telemetry(asset_id="a3", site_id="s1", ts_us=1, mw=float("nan"))
+    batch, skipped = codec.telemetry_batch_from_pb(
+        codec.agent_telemetry(9, [], floor_seq=4, dropped=[(2, 3)]).telemetry
+    )
+    assert (batch.seq, batch.floor_seq, batch.dropped, batch.samples) == (9, 4, ((2, 3),), [])
+    assert skipped == []
+
+    message = pb.TelemetryBatch(seq=10, samples=[good, bad_json, nan])
+    batch, skipped = codec.telemetry_batch_from_pb(message)
+    assert batch.dropped is None, "an agent that does not list its drops"
+    assert [s.asset_id for s in batch.samples] == ["a1", "a3"]
+    assert [asset for asset, _ in skipped] == ["a2"]
+    assert "details_json is not a JSON object" in skipped[0][1]
+    assert batch.samples[1].quality == "bad"
+    assert batch.non_finite == {1: ["mw: expected a finite number, got nan"]}
+
+
+def test_a_heartbeat_decodes_without_clock_as_none_and_refuses_one_out_of_range() -> None:
+    stats = BufferStats(batches=2, samples=10)
+    beat = codec.agent_heartbeat("gw-1", TS, 5.0, stats).heartbeat
+    assert codec.agent_heartbeat_from_pb(beat) == AgentHeartbeat(
+        agent_id="gw-1", ts=TS, uptime_s=5.0, buffer=stats
+    )
+    assert codec.agent_heartbeat_from_pb(pb.Heartbeat(ts_us=-1)) == AgentHeartbeat()
+    with pytest.raises(ValueError, match=r"Heartbeat of agent 'gw-1'.*out of range"):
+        codec.agent_heartbeat_from_pb(pb.Heartbeat(agent_id="gw-1", ts_us=2**62))

@@ -18,13 +18,18 @@ import msgspec
 from google.protobuf.message import DecodeError
 
 from der_sdk.models import (
+    AgentHeartbeat,
     Allocation,
     BufferStats,
+    EventAck,
     Heartbeat,
     LocalDispatchReport,
+    SeqRange,
     SetpointAck,
     SetpointCommand,
     SetpointOutcomeAck,
+    TelemetryAck,
+    TelemetryBatch,
     TelemetrySample,
     holds_non_finite,
     refuse_non_finite,
@@ -39,6 +44,7 @@ __all__ = [
     "SeqRange",
     "agent_event",
     "agent_heartbeat",
+    "agent_heartbeat_from_pb",
     "agent_local_dispatch",
     "agent_register",
     "agent_setpoint_ack",
@@ -67,6 +73,7 @@ __all__ = [
     "sample_to_pb",
     "samples_from_batch",
     "setpoint_ack_from_pb",
+    "telemetry_batch_from_pb",
     "telemetry_payload",
 ]
 
@@ -211,6 +218,38 @@ def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
     return [sample_from_pb(m) for m in batch.samples]
 
 
+def telemetry_batch_from_pb(
+    msg: pb.TelemetryBatch,
+) -> tuple[TelemetryBatch, list[tuple[str, str]]]:
+    """The domain batch, each sample decoded by :func:`checked_sample_from_pb`.
+
+    A sample that does not decode is left out; the batch goes on without it.
+
+    :return: ``(batch, skipped)``: ``skipped`` lists ``(asset id, reason)`` for each sample
+        left out, empty when none.
+    """
+    samples: list[TelemetrySample] = []
+    skipped: list[tuple[str, str]] = []
+    non_finite: dict[int, Sequence[str]] = {}
+    for message in msg.samples:
+        try:
+            sample, problems = checked_sample_from_pb(message)
+        except ValueError as exc:
+            skipped.append((message.asset_id, str(exc)))
+            continue
+        if problems:
+            non_finite[len(samples)] = problems
+        samples.append(sample)
+    batch = TelemetryBatch(
+        seq=msg.seq,
+        samples=samples,
+        floor_seq=msg.floor_seq,
+        dropped=batch_dropped(msg),
+        non_finite=non_finite,
+    )
+    return batch, skipped
+
+
 # ----------------------------------------------------------------------------- agent side
 
 
@@ -249,10 +288,6 @@ def agent_register(
             stream_id=stream_id,
         )
     )
-
-
-SeqRange = tuple[int, int]
-"""The seqs ``first..last``, both included."""
 
 
 def agent_telemetry(
@@ -395,18 +430,26 @@ def allocations_from_pb(ack: pb.SetpointAck | pb.LocalDispatch) -> list[Allocati
     ]
 
 
+def _sent_at(ts_us: int, what: str) -> datetime | None:
+    """An agent's optional time stamp: ``None`` for 0 or less (not given).
+
+    :raises ValueError: ``ts_us`` is outside the years 1..9999, naming ``what``.
+    """
+    if ts_us <= 0:
+        return None
+    try:
+        return datetime_from_us(ts_us)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
 def setpoint_ack_from_pb(msg: pb.SetpointAck) -> SetpointAck:
     """The domain acknowledgement; a ``ts_us`` of 0 (not given) is ``ts=None``.
 
     :raises ValueError: ``ts_us`` is outside the years 1..9999; the message names the
         command.
     """
-    ts = None
-    if msg.ts_us > 0:
-        try:
-            ts = datetime_from_us(msg.ts_us)
-        except ValueError as exc:
-            raise ValueError(f"SetpointAck of command {msg.command_id!r}: {exc}") from None
+    ts = _sent_at(msg.ts_us, f"SetpointAck of command {msg.command_id!r}")
     return SetpointAck(
         command_id=msg.command_id,
         status=msg.status,
@@ -449,6 +492,18 @@ def local_dispatch_from_pb(msg: pb.LocalDispatch) -> LocalDispatchReport:
         allocations=tuple(allocations_from_pb(msg)),
         unallocated_mw=msg.unallocated_mw,
         policy=msg.policy if msg.HasField("policy") else None,
+    )
+
+
+def agent_heartbeat_from_pb(msg: pb.Heartbeat) -> AgentHeartbeat:
+    """The domain heartbeat; a ``ts_us`` of 0 or less (no clock) is ``ts=None``, and one
+    outside the years 1..9999 a ``ValueError`` naming the agent."""
+    ts = _sent_at(msg.ts_us, f"Heartbeat of agent {msg.agent_id!r}")
+    return AgentHeartbeat(
+        agent_id=msg.agent_id,
+        ts=ts,
+        uptime_s=msg.uptime_s,
+        buffer=buffer_stats_from_pb(msg.buffer) if msg.HasField("buffer") else None,
     )
 
 
@@ -514,11 +569,15 @@ def headend_command(command: SetpointCommand) -> pb.HeadendMessage:
 
 
 def headend_message(
-    message: SetpointCommand | SetpointOutcomeAck | _Encoded,
+    message: TelemetryAck | EventAck | SetpointCommand | SetpointOutcomeAck | _Encoded,
 ) -> pb.HeadendMessage | _Encoded:
     """The wire form of what an agent stream's outbox holds: a domain message is encoded;
     anything else is a ``HeadendMessage`` built at the link, already in wire form, and is
     returned as is."""
+    if isinstance(message, TelemetryAck):  # first: one per stored batch
+        return headend_telemetry_ack(message.seq, message.stored_through)
+    if isinstance(message, EventAck):
+        return headend_event_ack(message.event_id)
     if isinstance(message, SetpointCommand):
         return headend_command(message)
     if isinstance(message, SetpointOutcomeAck):

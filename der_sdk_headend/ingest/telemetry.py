@@ -1,16 +1,24 @@
-"""Telemetry ingest: decode and check on the stream's reader, store on one writer task.
+"""Telemetry ingest: check on the stream's reader, store on one writer task.
+
+Ingest speaks :mod:`der_sdk.models` only. The link's servicer decodes what arrives
+(:func:`der_sdk.wire.codec.telemetry_batch_from_pb`) into a
+:class:`~der_sdk.models.TelemetryBatch`: a sample that does not decode is logged there
+with its asset and skipped, the rest of the batch goes on; a non-finite number (NaN,
+±inf) in ``mw``, ``mw_setpoint`` or ``details`` is taken out and the sample kept as
+``bad`` with the field named in ``quality_reason``, and the batch's ``non_finite`` says
+which. Heartbeats arrive as :class:`~der_sdk.models.AgentHeartbeat`, events as
+:class:`~der_sdk.models.Event`; acknowledgements leave as
+:class:`~der_sdk.models.TelemetryAck` and :class:`~der_sdk.models.EventAck` on the
+stream's outbox, encoded by the link as it writes them.
 
 A batch goes through two stages.
 
 **On the stream's reader** (:meth:`TelemetryIngest.submit`):
 
-1. decode each sample through :mod:`der_sdk.wire.codec`; a sample that does not decode is
-   logged with its asset and skipped, the rest of the batch goes on; a non-finite number
-   (NaN, ±inf) in ``mw``, ``mw_setpoint`` or ``details`` is taken out and the sample kept
-   as ``bad`` with the field named in ``quality_reason`` (one warning per stream, asset
-   and fields);
-2. drop samples for assets the stream does not serve (an event and one warning per
+1. drop samples for assets the stream does not serve (an event and one warning per
    stream and asset);
+2. log a warning for a sample the decoder kept as ``bad`` for its non-finite numbers
+   (one per stream, asset and fields);
 3. check ``details`` against the asset type: a bad field is dropped from ``details``, the
    sample is kept and its quality downgraded from ``good`` to ``uncertain`` with the
    problem appended to ``quality_reason``; unknown fields are kept, missing ones are fine;
@@ -82,11 +90,20 @@ from der_sdk.backoff import Backoff
 from der_sdk.errors import UnknownNameError
 from der_sdk.extensions import AssetType
 from der_sdk.inventory import Inventory
-from der_sdk.models import Asset, Event, Heartbeat, TelemetrySample, utc_now
+from der_sdk.models import (
+    AgentHeartbeat,
+    Asset,
+    Event,
+    EventAck,
+    Heartbeat,
+    SeqRange,
+    TelemetryAck,
+    TelemetryBatch,
+    TelemetrySample,
+    utc_now,
+)
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
-from der_sdk.wire import codec, pb
-from der_sdk.wire.codec import SeqRange
 from der_sdk_headend.observers import notify
 from der_sdk_headend.presence import AgentStream, Presence
 
@@ -314,7 +331,7 @@ class TelemetryIngest:
         self.stall_after_s = stall_after_s
         self._queue: deque[_Item] = deque()
         self._events: deque[_EventItem] = deque()
-        self._heartbeats: dict[str, tuple[AgentStream, pb.Heartbeat]] = {}
+        self._heartbeats: dict[str, tuple[AgentStream, AgentHeartbeat]] = {}
         self._queued_samples = 0
         self._space = asyncio.Condition()
         self._work = asyncio.Event()
@@ -418,15 +435,16 @@ class TelemetryIngest:
 
     # ------------------------------------------------------------------ the reader side
 
-    async def submit(self, stream: AgentStream, batch: pb.TelemetryBatch) -> int:
+    async def submit(self, stream: AgentStream, batch: TelemetryBatch) -> int:
         """Check ``batch`` and queue it for storage; wait while the queue is full.
 
         :return: how many samples were queued.
         """
         self._presence.touch(stream)
         samples: list[TelemetrySample] = []
-        for message in batch.samples:
-            sample = self._accept(stream, message)
+        non_finite = batch.non_finite
+        for index, received in enumerate(batch.samples):
+            sample = self._accept(stream, received, non_finite.get(index) if non_finite else None)
             if sample is not None:
                 samples.append(sample)
 
@@ -451,10 +469,10 @@ class TelemetryIngest:
         return size
 
     def _received(
-        self, stream: AgentStream, batch: pb.TelemetryBatch, samples: list[TelemetrySample]
+        self, stream: AgentStream, batch: TelemetryBatch, samples: list[TelemetrySample]
     ) -> _Item:
         """The queue item for ``batch``, noted in its stream's cursor (see :class:`SeqCursor`)."""
-        dropped = codec.batch_dropped(batch)
+        dropped = batch.dropped
         key = (stream.agent_id, stream.telemetry_stream)
         cursor = self._cursors.get(key)
         if cursor is None:
@@ -465,11 +483,11 @@ class TelemetryIngest:
         gaps = cursor.received(batch.seq, dropped)
         return _Item(stream, batch.seq, batch.floor_seq, dropped, gaps, samples, time.monotonic())
 
-    def submit_heartbeat(self, stream: AgentStream, heartbeat: pb.Heartbeat) -> None:
+    def submit_heartbeat(self, stream: AgentStream, heartbeat: AgentHeartbeat) -> None:
         """Queue a heartbeat; a newer one from the same stream replaces one not yet stored."""
         self._presence.touch(stream)
-        if heartbeat.HasField("buffer"):
-            stream.buffer = codec.buffer_stats_from_pb(heartbeat.buffer)
+        if heartbeat.buffer is not None:
+            stream.buffer = heartbeat.buffer
         self._heartbeats[stream.stream_id] = (stream, heartbeat)
         self._work.set()
 
@@ -478,19 +496,11 @@ class TelemetryIngest:
         self._events.append(_EventItem(event, ack))
         self._work.set()
 
-    def _accept(self, stream: AgentStream, message: pb.Telemetry) -> TelemetrySample | None:
-        """The checked sample for ``message``, or ``None`` when it is skipped."""
-        try:
-            sample, non_finite = codec.checked_sample_from_pb(message)
-        except ValueError as exc:
-            log.warning(
-                "skipped a sample from %s for asset %s: %s",
-                stream.describe(),
-                message.asset_id or "<none>",
-                exc,
-            )
-            return None
-
+    def _accept(
+        self, stream: AgentStream, sample: TelemetrySample, non_finite: Sequence[str] | None
+    ) -> TelemetrySample | None:
+        """The checked ``sample``, or ``None`` when it is dropped. ``non_finite``: the
+        fields whose non-finite numbers the decoder took out (the sample is ``bad``)."""
         known = self._known.get(sample.asset_id)
         if known is None:
             known = self._resolve(sample.asset_id)
@@ -656,7 +666,7 @@ class TelemetryIngest:
             self._space.notify_all()
         for item in items:
             stored_through = self._track(item)
-            item.stream.send(codec.headend_telemetry_ack(item.seq, stored_through))
+            item.stream.send(TelemetryAck(seq=item.seq, stored_through=stored_through))
             self._batches_acked += 1
             log.debug(
                 "batch %d from %s: %d samples stored, acknowledged through %d",
@@ -679,7 +689,7 @@ class TelemetryIngest:
                 self._events.popleft()
                 if event_item.ack is not None:
                     stream, event_id = event_item.ack
-                    stream.send(codec.headend_event_ack(event_id))
+                    stream.send(EventAck(event_id=event_id))
             beats = dict(self._heartbeats)
             if beats:
                 await self._store_heartbeats(list(beats.values()))
@@ -704,20 +714,22 @@ class TelemetryIngest:
             )
         return cursor.stored(item.seq, item.floor_seq, item.dropped, item.gaps)
 
-    async def _store_heartbeats(self, beats: list[tuple[AgentStream, pb.Heartbeat]]) -> None:
+    async def _store_heartbeats(self, beats: list[tuple[AgentStream, AgentHeartbeat]]) -> None:
         rows: list[Heartbeat] = []
         for stream, heartbeat in beats:
-            if heartbeat.ts_us <= 0 or not heartbeat.agent_id:
-                # An agent without a clock or id still proves it is alive: use ours.
-                heartbeat = pb.Heartbeat(
-                    agent_id=heartbeat.agent_id or stream.agent_id,
-                    ts_us=heartbeat.ts_us
-                    if heartbeat.ts_us > 0
-                    else codec.datetime_to_us(utc_now()),
+            # An agent without a clock or id still proves it is alive: use ours.
+            agent_id = heartbeat.agent_id or stream.agent_id
+            ts = heartbeat.ts if heartbeat.ts is not None else utc_now()
+            rows.extend(
+                Heartbeat(
+                    asset_id=session.asset_id,
+                    site_id=session.site_id,
+                    agent_id=agent_id,
+                    ts=ts,
                     uptime_s=heartbeat.uptime_s,
                 )
-            served = {s.asset_id: s.site_id for s in stream.sessions.values()}
-            rows.extend(codec.heartbeats_from_pb(heartbeat, served))
+                for session in stream.sessions.values()
+            )
         if rows:
             await self._storage.append_heartbeats(rows)
 

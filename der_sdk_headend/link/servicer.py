@@ -17,12 +17,18 @@ The life of a stream:
    ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
    and the stream is aborted with ``PERMISSION_DENIED``.
 4. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
-5. Then ``TelemetryBatch`` → the ingest queue (acknowledged once stored; while the queue
-   is full the reader waits, which is the stream's flow control), ``Heartbeat`` → stored
-   once per served asset through the same writer, ``SetpointAck`` → dispatcher (a final
+5. Then ``TelemetryBatch`` → decoded (a sample that does not decode is logged with its
+   asset and skipped) → the ingest queue (acknowledged once stored; while the queue is
+   full the reader waits, which is the stream's flow control), ``Heartbeat`` → stored
+   once per served asset through the same writer (a clock out of range is logged and
+   replaced by the headend's), ``SetpointAck`` → dispatcher (a final
    outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
    dispatcher (source ``local``), then acknowledged with ``LocalDispatchAck``,
    ``AgentEvent`` → stored as an event, then acknowledged with ``EventAck``.
+
+Ingest, dispatch and presence see only :mod:`der_sdk.models`: this module decodes what
+the agent sends through :mod:`der_sdk.wire.codec`, and encodes what the stream's outbox
+holds (domain acks and commands, or a reply it built itself) as it writes it.
 
 The handler coroutine is the stream's only writer: it drains the stream's outbox, so
 messages from ingest, dispatch and registration never interleave. A reader task handles
@@ -47,7 +53,7 @@ import grpc
 
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
-from der_sdk.models import Asset, Event, utc_now
+from der_sdk.models import AgentHeartbeat, Asset, Event, utc_now
 from der_sdk.storage.contract import StorageBackend
 from der_sdk.wire import codec, pb
 from der_sdk_headend.audit import Actor, Auditor
@@ -433,9 +439,17 @@ class AgentLinkService:
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
         kind = message.WhichOneof("msg")
         if kind == "telemetry":
-            await self._ingest.submit(stream, message.telemetry)
+            batch, skipped = codec.telemetry_batch_from_pb(message.telemetry)
+            for asset_id, reason in skipped:
+                log.warning(
+                    "skipped a sample from %s for asset %s: %s",
+                    stream.describe(),
+                    asset_id or "<none>",
+                    reason,
+                )
+            await self._ingest.submit(stream, batch)
         elif kind == "heartbeat":
-            self._ingest.submit_heartbeat(stream, message.heartbeat)
+            self._ingest.submit_heartbeat(stream, self._heartbeat(stream, message.heartbeat))
         elif kind == "event":
             self._agent_event(stream, message.event)
         elif kind == "setpoint_ack":
@@ -459,6 +473,18 @@ class AgentLinkService:
             log.warning("%s sent a second Register; ignored", stream.describe())
         else:
             log.warning("%s sent an empty or unknown message; ignored", stream.describe())
+
+    @staticmethod
+    def _heartbeat(stream: AgentStream, message: pb.Heartbeat) -> AgentHeartbeat:
+        try:
+            return codec.agent_heartbeat_from_pb(message)
+        except ValueError as exc:
+            # Still proof that the agent is alive: stored with the headend's clock.
+            log.warning("%s: %s; stored with the headend's clock", stream.describe(), exc)
+            clockless = pb.Heartbeat()
+            clockless.CopyFrom(message)
+            clockless.ts_us = 0
+            return codec.agent_heartbeat_from_pb(clockless)
 
     def _agent_event(self, stream: AgentStream, message: pb.AgentEvent) -> None:
         self._presence.touch(stream)

@@ -23,9 +23,11 @@ from typing import Any, Protocol, TypeAlias, TypeVar
 from der_sdk.models import (
     Asset,
     BufferStats,
+    EventAck,
     Session,
     SetpointCommand,
     SetpointOutcomeAck,
+    TelemetryAck,
     utc_now,
 )
 from der_sdk.plugins import Plugins
@@ -41,14 +43,14 @@ T = TypeVar("T")
 
 class WireMessage(Protocol):
     """A message already in its wire form (a protobuf ``HeadendMessage``), built by the
-    link for its own replies (and, until it speaks domain types, by ingest); written as is.
-    Presence never looks inside one."""
+    link for its own replies; written as is. Presence never looks inside one."""
 
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
 
-Outgoing: TypeAlias = SetpointCommand | SetpointOutcomeAck | WireMessage
-"""What an agent stream's outbox holds; the link encodes it when it writes it."""
+Outgoing: TypeAlias = TelemetryAck | EventAck | SetpointCommand | SetpointOutcomeAck | WireMessage
+"""What an agent stream's outbox holds: acks from ingest, commands and outcome acks from
+dispatch, the link's own replies. The link encodes it when it writes it."""
 
 
 class Outbox:

@@ -1,6 +1,6 @@
 """Routing sits behind :class:`DispatchRouter`: the dispatcher reaches agents through any
 router (a multi-replica headend brings its own), and this process's router queues domain
-commands on the stream's outbox. Dispatch and presence never see protobuf."""
+commands on the stream's outbox. Dispatch, presence and ingest never see protobuf."""
 
 from __future__ import annotations
 
@@ -113,9 +113,9 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_dispatch_and_presence_import_no_protobuf() -> None:
+def test_dispatch_presence_and_ingest_import_no_protobuf() -> None:
     wire = ("der_sdk.wire", "google.protobuf", "grpc", "der_sdk_headend.link")
-    for room in ("dispatch", "presence"):
+    for room in ("dispatch", "presence", "ingest"):
         for path in sorted((HEADEND / room).glob("*.py")):
             seen = sorted(n for n in _imports(path) if n.startswith(wire))
             assert not seen, f"{path.relative_to(HEADEND.parent)} imports {', '.join(seen)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 
 import grpc
 import httpx
@@ -210,6 +211,29 @@ async def test_heartbeat_is_recorded_once_per_served_asset(
     missing = await http.get(f"/heartbeat/{BESS_3}")
     assert missing.status_code == 404
     assert missing.json()["detail"] == f"no heartbeat received yet for asset {BESS_3}"
+
+
+async def test_a_heartbeat_with_its_clock_out_of_range_is_stored_with_ours_and_stalls_nothing(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    beat = codec.agent_heartbeat("gw-1", utc_now(), 7.0)
+    beat.heartbeat.ts_us = 2**62  # about the year 146,000: no datetime holds it
+    before = utc_now()
+    await agent.send(beat)
+
+    async def recorded() -> bool:
+        return (await http.get(f"/heartbeat/{BESS_1}")).status_code == 200
+
+    await eventually(recorded, "the heartbeat is stored")
+    stored = (await http.get(f"/heartbeat/{BESS_1}")).json()
+    assert stored["uptime_s"] == 7.0
+    assert datetime.fromisoformat(stored["ts"]) >= before
+    health = await http.get("/healthz")
+    assert health.status_code == 200, health.json()
+    warning = next(r for r in caplog.records if "out of range" in r.getMessage())
+    assert "gw-1" in warning.getMessage() and "headend's clock" in warning.getMessage()
 
 
 async def _connect_send_dispatch_and_end(
