@@ -288,6 +288,9 @@ class Session(msgspec.Struct, kw_only=True):
     peer: str
     connected_at: datetime
     disconnected_at: datetime | None = None
+    headend_id: str | None = None
+    """The headend that opened the session (``HEADEND_ID``); ``None`` in records written
+    before headends had ids. A restarting headend closes only its own open sessions."""
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):

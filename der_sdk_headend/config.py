@@ -35,6 +35,9 @@ variable                default                     meaning
 ``METRICS_AUTH``        ``viewer``                  ``/metrics`` needs a viewer token, or
                                                     ``open``
 ``HEADEND_INSECURE``    off                         allow a non-loopback address without TLS
+``HEADEND_ID``          ``HOSTNAME:GRPC_PORT``      this headend's id, kept on its sessions;
+                                                    at start it closes only its own sessions
+                                                    left open (and those with no id)
 ======================  ==========================  ==========================================
 
 The split policy name is checked against the installed policies when the headend starts
@@ -44,6 +47,8 @@ The split policy name is checked against the installed policies when the headend
 from __future__ import annotations
 
 import ipaddress
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +62,7 @@ __all__ = [
     "DEFAULT_GRPC_ADDR",
     "DEFAULT_HTTP_ADDR",
     "HeadendConfig",
+    "default_headend_id",
     "is_loopback",
     "split_host_port",
 ]
@@ -72,6 +78,10 @@ AgentIdentityMode = Literal["fingerprint", "subject"]
 MtlsMode = Literal["front", "native"]
 AuthMode = Literal["auto", "on", "off"]
 MetricsAuth = Literal["viewer", "open"]
+
+HEADEND_ID_MAX_LEN = 128
+_HEADEND_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{HEADEND_ID_MAX_LEN - 1}}}")
+_NOT_IN_HEADEND_ID = re.compile(r"[^A-Za-z0-9._-]+")
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _FALSY = frozenset({"", "0", "false", "no", "off"})
@@ -105,6 +115,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # another host name: it may resolve to anything
+
+
+def default_headend_id(grpc_addr: str) -> str:
+    """``HOSTNAME:PORT``: this machine's host name and the port of ``grpc_addr`` (the
+    configured one, ``0`` included). A headend restarted on the same machine and port gets
+    the same id, so it finds the sessions it left open."""
+    _, port = split_host_port(grpc_addr, "HEADEND_GRPC_ADDR")
+    host = _NOT_IN_HEADEND_ID.sub("-", socket.gethostname()).strip("-._") or "localhost"
+    suffix = f":{port}"
+    return host[: HEADEND_ID_MAX_LEN - len(suffix)] + suffix
 
 
 def _path(env: Mapping[str, str], variable: str) -> Path | None:
@@ -165,6 +185,8 @@ class HeadendConfig:
     tokens_path: Path = Path(DEFAULT_TOKENS_FILE)
     metrics_auth: MetricsAuth = "viewer"
     insecure: bool = False
+    headend_id: str = ""
+    """Empty: :func:`default_headend_id` of ``grpc_addr``, filled in when built."""
 
     def __post_init__(self) -> None:
         if self.ingest_queue_max_samples < 1:
@@ -177,6 +199,14 @@ class HeadendConfig:
             raise DerSdkError(f"MAX_AGENT_STREAMS={self.max_agent_streams} must be at least 1")
         split_host_port(self.grpc_addr, "HEADEND_GRPC_ADDR")
         split_host_port(self.http_addr, "HEADEND_HTTP_ADDR")
+        if not self.headend_id:
+            object.__setattr__(self, "headend_id", default_headend_id(self.grpc_addr))
+        elif not _HEADEND_ID.fullmatch(self.headend_id):
+            raise DerSdkError(
+                f"HEADEND_ID={self.headend_id!r} is not a headend id: use 1 to "
+                f"{HEADEND_ID_MAX_LEN} letters, digits, '.', '_', ':' or '-', starting with a "
+                "letter or digit (for example headend-a)"
+            )
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -251,4 +281,5 @@ class HeadendConfig:
             tokens_path=_path(env, "HEADEND_TOKENS_FILE") or Path(DEFAULT_TOKENS_FILE),
             metrics_auth=_choice(env, "METRICS_AUTH", ("viewer", "open")),  # type: ignore[arg-type]
             insecure=_flag(env, "HEADEND_INSECURE"),
+            headend_id=env.get("HEADEND_ID", "").strip(),
         )

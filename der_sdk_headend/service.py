@@ -27,7 +27,7 @@ from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory, load_inventory
 from der_sdk.models import utc_now
 from der_sdk.plugins import Plugins, load_plugins
-from der_sdk.storage.contract import StorageBackend, open_storage
+from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
@@ -225,11 +225,16 @@ class Headend:
             await storage.reset()
             log.warning("RESET_DB: deleted all stored data in %s", storage.name)
         await self.rest_auth.storage_ready(self.auditor)
-        stale = await storage.close_open_sessions(utc_now())
+        # Only this headend's: other headends on the same storage keep their agents' sessions.
+        stale = await close_sessions_left_open(storage, utc_now(), config.headend_id)
         if stale:
-            log.info("closed %d session(s) left open by a previous run", stale)
+            log.info(
+                "closed %d session(s) left open by a previous run of headend %s",
+                stale,
+                config.headend_id,
+            )
 
-        self._presence = Presence(storage, self.plugins)
+        self._presence = Presence(storage, self.plugins, config.headend_id)
         self._ingest = TelemetryIngest(
             inventory,
             self.plugins,
@@ -577,12 +582,13 @@ async def run_headend(config: HeadendConfig) -> None:
         _tune_gc()
         log.info(
             "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents %s (%s), "
-            "storage %s, %d sites, %d assets",
+            "storage %s, headend id %s, %d sites, %d assets",
             headend.http_url,
             headend.http_url,
             headend.grpc_addr,
             _link_security(config),
             headend.storage.name,
+            config.headend_id,
             len(headend.inventory.sites),
             len(headend.inventory.assets),
         )

@@ -3,6 +3,10 @@ backends, ``memory://`` and SQLite, plus what is specific to SQLite."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -10,7 +14,9 @@ import pytest
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage import open_storage
-from der_sdk.storage.sqlite import SQLiteStorage, sqlite_path_from_url
+from der_sdk.storage.contract import close_sessions_left_open
+from der_sdk.storage.memory import MemoryStorage
+from der_sdk.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
 from der_sdk.testing import StorageConformance
 
 ASSET_A = StorageConformance.ASSET_A
@@ -19,6 +25,13 @@ at = StorageConformance.at
 sample = StorageConformance.sample
 dispatch = StorageConformance.dispatch
 session = StorageConformance.session
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(when: datetime) -> int:
+    """``when`` as SQLite stores it: microseconds since the Unix epoch."""
+    return (when - _EPOCH) // timedelta(microseconds=1)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +79,86 @@ async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path, plugins: Pl
         assert await second.append_telemetry([sample(ASSET_A, 0)]) == 0
     finally:
         await second.close()
+
+
+async def test_a_sqlite_file_from_schema_2_keeps_its_data_and_gains_headend_ids(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "schema2.db"
+    storage = SQLiteStorage(path)
+    await storage.open()
+    await storage.append_telemetry([sample(ASSET_A, 0)])
+    await storage.save_dispatch(dispatch("d1", 0, asset_id=ASSET_A))
+    await storage.close()
+
+    def downgrade() -> None:  # what der-sdk before headend ids (schema 2) wrote
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("DROP INDEX sessions_open_by_headend")
+            db.execute("ALTER TABLE sessions DROP COLUMN headend_id")
+            db.execute("DELETE FROM schema_version")
+            db.execute("INSERT INTO schema_version (version) VALUES (2)")
+            db.executemany(
+                "INSERT INTO sessions (session_id, asset_id, site_id, agent_id, peer,"
+                " connected_at, disconnected_at) VALUES (?, ?, ?, 'agent-1', 'peer', ?, ?)",
+                [
+                    ("left-open", ASSET_A, SITE, _us(at(2)), None),
+                    ("closed", ASSET_A, SITE, _us(at(0)), _us(at(1))),
+                ],
+            )
+
+    await asyncio.to_thread(downgrade)
+
+    # Two headends starting on the old file at once: both migrate-or-wait and open.
+    first, second = SQLiteStorage(path), SQLiteStorage(path)
+    await asyncio.gather(first.open(), second.open())
+    try:
+        assert await first.telemetry_history(ASSET_A) == [sample(ASSET_A, 0)]
+        assert [d.dispatch_id for d in await first.dispatch_history()] == ["d1"]
+        recent = await first.recent_sessions(ASSET_A)
+        assert [(s.session_id, s.headend_id, s.disconnected_at) for s in recent] == [
+            ("left-open", None, None),
+            ("closed", None, at(1)),
+        ]
+        await second.open_session(session("new", ASSET_A, 3, headend_id="headend-b"))
+        # The session from before headend ids is closed by the first headend to start.
+        assert await second.close_open_sessions(at(9), headend_id="headend-a") == 1
+        newest, left_open, _ = await first.recent_sessions(ASSET_A)
+        assert (newest.headend_id, newest.disconnected_at) == ("headend-b", None)
+        assert left_open.disconnected_at == at(9)
+    finally:
+        await asyncio.gather(first.close(), second.close())
+
+    def versions() -> list[int]:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return [v for (v,) in db.execute("SELECT version FROM schema_version")]
+
+    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 3
+
+
+class _StorageBeforeHeadendIds(MemoryStorage):
+    """A backend written for der-sdk 0.1: ``close_open_sessions`` takes no headend id."""
+
+    async def close_open_sessions(self, disconnected_at: datetime) -> int:  # type: ignore[override]
+        return await super().close_open_sessions(disconnected_at)
+
+
+async def test_a_backend_without_headend_id_in_close_open_sessions_still_works_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    storage = _StorageBeforeHeadendIds()
+    await storage.open()
+    await storage.open_session(session("a", ASSET_A, 0, headend_id="headend-a"))
+    await storage.open_session(session("b", ASSET_A, 1, headend_id="headend-b"))
+
+    assert await close_sessions_left_open(storage, at(5), "headend-a") == 2
+    assert "close_open_sessions without headend_id" in caplog.text
+    assert "closing every headend's open sessions" in caplog.text
+
+    newer = MemoryStorage()
+    await newer.open()
+    await newer.open_session(session("a", ASSET_A, 0, headend_id="headend-a"))
+    await newer.open_session(session("b", ASSET_A, 1, headend_id="headend-b"))
+    assert await close_sessions_left_open(newer, at(5), "headend-a") == 1
 
 
 async def test_sqlite_relative_path_is_created_under_the_working_directory(

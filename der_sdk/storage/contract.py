@@ -14,6 +14,8 @@ Conventions that hold for every backend (the conformance suite checks them):
 from __future__ import annotations
 
 import abc
+import inspect
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -30,7 +32,15 @@ from der_sdk.models import (
 if TYPE_CHECKING:
     from der_sdk.plugins import Plugins
 
-__all__ = ["DEFAULT_DATABASE_URL", "TELEMETRY_COLUMNS", "StorageBackend", "open_storage"]
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "TELEMETRY_COLUMNS",
+    "StorageBackend",
+    "close_sessions_left_open",
+    "open_storage",
+]
+
+log = logging.getLogger("der.storage")
 
 DEFAULT_DATABASE_URL = "sqlite:///der-data/der.db"
 """The embedded default: SQLite in ``./der-data/der.db`` relative to the working directory."""
@@ -160,8 +170,18 @@ class StorageBackend(abc.ABC):
         """Set ``disconnected_at`` of an open session (no-op if unknown or closed)."""
 
     @abc.abstractmethod
-    async def close_open_sessions(self, disconnected_at: datetime) -> int:
-        """Close sessions left open by a previous run (called at headend start)."""
+    async def close_open_sessions(
+        self, disconnected_at: datetime, headend_id: str | None = None
+    ) -> int:
+        """Close sessions left open by a previous run (called at headend start).
+
+        :param disconnected_at: what the closed sessions get as ``disconnected_at``.
+        :param headend_id: since 0.2. Given, close only the open sessions of that headend
+            (``Session.headend_id``) and those with no headend id (written before headends
+            had ids), and leave other headends' open sessions alone. ``None`` closes every
+            open session.
+        :return: how many sessions were closed.
+        """
 
     @abc.abstractmethod
     async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
@@ -208,3 +228,29 @@ def open_storage(url: str, plugins: Plugins) -> StorageBackend:
     :raises der_sdk.errors.UnknownNameError: no installed backend handles the URL scheme.
     """
     return plugins.storage_for_url(url).factory(url)
+
+
+async def close_sessions_left_open(
+    storage: StorageBackend, disconnected_at: datetime, headend_id: str
+) -> int:
+    """Close the sessions that headend ``headend_id`` left open (and those with no headend
+    id), through :meth:`StorageBackend.close_open_sessions`; called at headend start.
+
+    A backend written before ``close_open_sessions`` took ``headend_id`` keeps working: it
+    is called without it, which closes every headend's open sessions, and a warning says
+    so.
+    """
+    parameters = inspect.signature(storage.close_open_sessions).parameters
+    takes_id = "headend_id" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+    if takes_id:
+        return await storage.close_open_sessions(disconnected_at, headend_id=headend_id)
+    log.warning(
+        "storage %s (%s) has a close_open_sessions without headend_id (der-sdk 0.1): "
+        "closing every headend's open sessions, other headends' on the same storage "
+        "included; upgrade the storage plugin",
+        storage.name,
+        type(storage).__module__,
+    )
+    return await storage.close_open_sessions(disconnected_at)

@@ -197,11 +197,15 @@ class MemoryStorage(StorageBackend):
         if session is not None and session.disconnected_at is None:
             session.disconnected_at = _utc(disconnected_at)
 
-    async def close_open_sessions(self, disconnected_at: datetime) -> int:
+    async def close_open_sessions(
+        self, disconnected_at: datetime, headend_id: str | None = None
+    ) -> int:
         when = _utc(disconnected_at)
         closed = 0
         for session in self._sessions.values():
-            if session.disconnected_at is None:
+            if session.disconnected_at is None and (
+                headend_id is None or session.headend_id in (headend_id, None)
+            ):
                 session.disconnected_at = when
                 closed += 1
         return closed

@@ -44,9 +44,10 @@ _T = TypeVar("_T")
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema this module creates; a newer version in the file is refused at open.
-1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``."""
+1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``. 3: sessions
+record the headend that opened them (``headend_id``)."""
 
 _MEMORY = ":memory:"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -128,7 +129,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     agent_id        TEXT    NOT NULL,
     peer            TEXT    NOT NULL,
     connected_at    INTEGER NOT NULL,
-    disconnected_at INTEGER
+    disconnected_at INTEGER,
+    headend_id      TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_by_asset ON sessions (asset_id, connected_at);
 
@@ -156,6 +158,15 @@ CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, ts);
 
 COMMIT;
 """
+
+# After the migrations: a file from schema 2 has no headend_id column before them.
+_SESSIONS_OPEN_INDEX = (
+    "CREATE INDEX IF NOT EXISTS sessions_open_by_headend ON sessions (headend_id)"
+    " WHERE disconnected_at IS NULL"
+)
+_SESSION_COLUMNS = (
+    "session_id, asset_id, site_id, agent_id, peer, connected_at, disconnected_at, headend_id"
+)
 
 _TELEMETRY_SELECT = ", ".join(TELEMETRY_COLUMNS)
 _HEARTBEAT_COLUMNS = ("asset_id", "site_id", "agent_id", "ts", "uptime_s")
@@ -233,7 +244,7 @@ def _heartbeat(row: Sequence[Any]) -> Heartbeat:
 
 
 def _session(row: Sequence[Any]) -> Session:
-    session_id, asset_id, site_id, agent_id, peer, connected_at, disconnected_at = row
+    session_id, asset_id, site_id, agent_id, peer, connected_at, disconnected_at = row[:7]
     return Session(
         session_id=session_id,
         asset_id=asset_id,
@@ -242,6 +253,7 @@ def _session(row: Sequence[Any]) -> Session:
         peer=peer,
         connected_at=_from_us(connected_at),
         disconnected_at=None if disconnected_at is None else _from_us(disconnected_at),
+        headend_id=row[7],
     )
 
 
@@ -431,15 +443,17 @@ class SQLiteStorage(StorageBackend):
         self._check_schema_version(conn)
         conn.executescript(_SCHEMA)
         self._migrate(conn)
+        conn.execute(_SESSIONS_OPEN_INDEX)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring a file written by an older der-sdk up to :data:`SCHEMA_VERSION`."""
-        found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
-        found = found or SCHEMA_VERSION
-        if found >= SCHEMA_VERSION:
-            return
 
-        def migrate(conn: sqlite3.Connection) -> None:
+        def migrate(conn: sqlite3.Connection) -> int | None:
+            # Read under the write lock: another headend on the same file may be migrating.
+            found: int = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+            found = found or SCHEMA_VERSION
+            if found >= SCHEMA_VERSION:
+                return None
             if found < 2:
                 conn.execute(
                     "UPDATE dispatches SET state = 'submitted',"
@@ -449,12 +463,22 @@ class SQLiteStorage(StorageBackend):
                 conn.execute(
                     "UPDATE dispatch_events SET state = 'submitted' WHERE state = 'pending'"
                 )
+            session_columns = {row[1] for row in conn.execute("PRAGMA table_info(sessions)")}
+            if "headend_id" not in session_columns:
+                # Sessions written before have no headend id (NULL): the first headend to
+                # start closes them, whatever its id (close_open_sessions).
+                conn.execute("ALTER TABLE sessions ADD COLUMN headend_id TEXT")
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            return found
 
-        transaction(migrate)(conn)
-        log.info(
-            "SQLite database %s migrated from schema %d to %d", self.path, found, SCHEMA_VERSION
-        )
+        found = transaction(migrate)(conn)
+        if found is not None:
+            log.info(
+                "SQLite database %s migrated from schema %d to %d",
+                self.path,
+                found,
+                SCHEMA_VERSION,
+            )
 
     def _check_schema_version(self, conn: sqlite3.Connection) -> None:
         """Refuse a file written by a newer der-sdk before touching its schema."""
@@ -605,11 +629,12 @@ class SQLiteStorage(StorageBackend):
             session.peer,
             _to_us(session.connected_at),
             None if disconnected_at is None else _to_us(disconnected_at),
+            session.headend_id,
         )
         await self._write(
             lambda conn: conn.execute(
-                "INSERT OR REPLACE INTO sessions (session_id, asset_id, site_id, agent_id, peer,"
-                " connected_at, disconnected_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO sessions ({_SESSION_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
         )
@@ -624,21 +649,23 @@ class SQLiteStorage(StorageBackend):
             )
         )
 
-    async def close_open_sessions(self, disconnected_at: datetime) -> int:
-        params = (_to_us(disconnected_at),)
+    async def close_open_sessions(
+        self, disconnected_at: datetime, headend_id: str | None = None
+    ) -> int:
+        sql = "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL"
+        params: tuple[Any, ...] = (_to_us(disconnected_at),)
+        if headend_id is not None:
+            sql += " AND (headend_id = ? OR headend_id IS NULL)"
+            params += (headend_id,)
 
         def close(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "UPDATE sessions SET disconnected_at = ? WHERE disconnected_at IS NULL", params
-            )
-            return cursor.rowcount
+            return conn.execute(sql, params).rowcount
 
         return await self._write(close)
 
     async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
         rows = await self._fetchall(
-            "SELECT session_id, asset_id, site_id, agent_id, peer, connected_at, disconnected_at"
-            " FROM sessions WHERE asset_id = ?"
+            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE asset_id = ?"
             " ORDER BY connected_at DESC, session_id DESC LIMIT ?",
             (asset_id, max(limit, 0)),
         )

@@ -771,7 +771,9 @@ class StorageConformance:
         )
 
     @staticmethod
-    def session(session_id: str, asset_id: str, seconds: float) -> Session:
+    def session(
+        session_id: str, asset_id: str, seconds: float, headend_id: str | None = None
+    ) -> Session:
         return Session(
             session_id=session_id,
             asset_id=asset_id,
@@ -779,6 +781,7 @@ class StorageConformance:
             agent_id="agent-1",
             peer="ipv4:127.0.0.1:5000",
             connected_at=StorageConformance.at(seconds),
+            headend_id=headend_id,
         )
 
     @staticmethod
@@ -1037,6 +1040,37 @@ class StorageConformance:
         assert [s.disconnected_at for s in recent] == [at(30), at(30), at(5)]
         assert recent[0] == msgspec.structs.replace(
             session("s3", _ASSET_A, 20), disconnected_at=at(30)
+        )
+
+    @pytest.mark.asyncio
+    async def test_close_open_sessions_of_one_headend_leaves_other_headends_sessions_open(
+        self, storage: StorageBackend
+    ) -> None:
+        at, session = self.at, self.session
+        await storage.open_session(session("a-open", _ASSET_A, 0, headend_id="headend-a"))
+        await storage.open_session(session("a-closed", _ASSET_A, 1, headend_id="headend-a"))
+        await storage.close_session("a-closed", at(2))
+        await storage.open_session(session("b-open", _ASSET_A, 3, headend_id="headend-b"))
+        await storage.open_session(session("legacy", _ASSET_B, 4))  # written with no id
+
+        # headend-a's open sessions and those with no headend id; not headend-b's.
+        assert await storage.close_open_sessions(at(10), headend_id="headend-a") == 2
+        assert await storage.close_open_sessions(at(11), headend_id="headend-a") == 0
+
+        recent = {s.session_id: s for s in await storage.recent_sessions(_ASSET_A)}
+        assert {key: (s.headend_id, s.disconnected_at) for key, s in recent.items()} == {
+            "b-open": ("headend-b", None),
+            "a-closed": ("headend-a", at(2)),
+            "a-open": ("headend-a", at(10)),
+        }
+        (legacy,) = await storage.recent_sessions(_ASSET_B)
+        assert (legacy.headend_id, legacy.disconnected_at) == (None, at(10))
+
+        # Without an id, every open session is closed (the contract before headend ids).
+        assert await storage.close_open_sessions(at(20)) == 1
+        newest = (await storage.recent_sessions(_ASSET_A))[0]
+        assert newest == msgspec.structs.replace(
+            session("b-open", _ASSET_A, 3, headend_id="headend-b"), disconnected_at=at(20)
         )
 
     @pytest.mark.asyncio

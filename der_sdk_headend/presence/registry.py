@@ -145,11 +145,17 @@ class AgentStream:
 
 
 class Presence:
-    """Asset id → the live stream that serves it; opens and closes sessions."""
+    """Asset id → the live stream that serves it; opens and closes sessions.
 
-    def __init__(self, storage: StorageBackend, plugins: Plugins) -> None:
+    :param headend_id: recorded on every session opened here (``Session.headend_id``).
+    """
+
+    def __init__(
+        self, storage: StorageBackend, plugins: Plugins, headend_id: str | None = None
+    ) -> None:
         self._storage = storage
         self._plugins = plugins
+        self._headend_id = headend_id
         self._by_asset: dict[str, AgentStream] = {}
         self._streams: dict[str, AgentStream] = {}
         self._last_seen: dict[str, datetime] = {}
@@ -199,6 +205,7 @@ class Presence:
                 agent_id=stream.agent_id,
                 peer=stream.peer,
                 connected_at=now,
+                headend_id=self._headend_id,
             )
             for asset in assets
         ]

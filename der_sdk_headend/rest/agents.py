@@ -56,6 +56,7 @@ class AgentsController(Controller):
                             disconnected_at=s.disconnected_at,
                             peer=s.peer,
                             agent_id=s.agent_id,
+                            headend_id=s.headend_id,
                         )
                         for s in recent
                     ],

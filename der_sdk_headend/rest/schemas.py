@@ -42,6 +42,9 @@ class SessionRow(msgspec.Struct, kw_only=True):
     disconnected_at: datetime | None
     peer: str
     agent_id: str
+    headend_id: str | None = None
+    """The headend the agent was registered with (``HEADEND_ID``); ``null`` for sessions
+    recorded before headends had ids."""
 
 
 class AgentRow(msgspec.Struct, kw_only=True):

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -136,6 +137,79 @@ async def test_agent_moves_to_the_other_headend_when_its_own_is_killed_and_loses
     assert len(stored) == len({(a, ts) for a, ts, _ in stored})
     lines = [r.getMessage() for r in caplog.records]
     assert f"agent gw moved from headend {first} to headend {other}" in lines, lines
+
+
+# ----------------------------------------------------------------------------- sessions at start
+
+
+async def _agent_row(http: httpx.AsyncClient, headend: HeadendProcess, asset_id: str) -> Any:
+    """``asset_id``'s row of ``GET /agents`` on ``headend``."""
+    rows = (await http.get(f"{headend.http_url}/agents")).json()
+    return next(row for row in rows if row["asset_id"] == asset_id)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
+async def test_a_restarted_headend_closes_only_its_own_sessions_not_the_other_headends(
+    tmp_path: Path, inventory_path: Path, der_plugins: Plugins, storage: str
+) -> None:
+    async with _shared_storage(storage, tmp_path) as (url, _):
+        one = HeadendProcess(inventory_path, url, tmp_path / "one", name="headend-one")
+        two = HeadendProcess(inventory_path, url, tmp_path / "two", name="headend-two")
+        await asyncio.gather(one.start(), two.start(), return_exceptions=True)
+        async with one, two, httpx.AsyncClient(timeout=5) as http:
+            inventory = load_inventory(str(inventory_path))
+            config = load_agent_config(str(write_agent_config(tmp_path / "agent.yaml")))
+
+            def agent_on(headend: HeadendProcess, asset_id: str) -> Agent:
+                return Agent(
+                    agent_id=f"gw-{headend.name}",
+                    site_id=SITE,
+                    assets=[inventory.assets[asset_id]],
+                    headend=headend.grpc_addr,
+                    config=config,
+                    plugins=der_plugins,
+                    buffer_path=str(tmp_path / f"{headend.name}.sqlite3"),
+                )
+
+            # B1's agent on headend one, B2's on headend two; each headend has its own id
+            # (the default: host name and gRPC port).
+            on_one, on_two = agent_on(one, B1), agent_on(two, B2)
+            await on_one.start()
+            await on_two.start()
+            try:
+                async with asyncio.timeout(15):
+                    await on_one.wait_connected()
+                    await on_two.wait_connected()
+                (b1_session,) = (await _agent_row(http, one, B1))["sessions"]
+                (b2_session,) = (await _agent_row(http, two, B2))["sessions"]
+                one_id, two_id = b1_session["headend_id"], b2_session["headend_id"]
+                assert one_id and two_id and one_id != two_id
+
+                await one.kill()  # leaves B1's session open in storage
+                await one.restart()
+
+                async def back_on_one() -> bool:
+                    stats = on_one.stats()
+                    return stats.connected and stats.reconnects >= 1
+
+                await wait_until(back_on_one, within=15, what="B1's agent registers again")
+                b1_row = await _agent_row(http, one, B1)
+                b2_on_two = await _agent_row(http, two, B2)
+                b2_on_one = await _agent_row(http, one, B2)
+            finally:
+                await on_one.stop()
+                await on_two.stop()
+
+    # Headend one closed the session its killed run left open; its agent has a new one.
+    newest, killed = b1_row["sessions"]
+    assert (newest["headend_id"], newest["disconnected_at"]) == (one_id, None)
+    assert killed["headend_id"] == one_id and killed["disconnected_at"] is not None
+    # Headend two's agent kept its session: open in storage, seen from either headend.
+    assert b2_on_two["connected"] is True
+    for row in (b2_on_two, b2_on_one):
+        assert [(s["headend_id"], s["disconnected_at"]) for s in row["sessions"]] == [
+            (two_id, None)
+        ], row
 
 
 # ----------------------------------------------------------------------------- one address, HAProxy

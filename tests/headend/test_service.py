@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,20 @@ def test_config_reads_the_environment_with_defaults(inventory_path: Path) -> Non
     assert config.split_policy == "capacity_weighted"
 
 
+def test_headend_id_defaults_to_host_name_and_grpc_port_so_a_restart_keeps_it(
+    inventory_path: Path,
+) -> None:
+    env = {"ASSETS_PATH": str(inventory_path), "HEADEND_GRPC_ADDR": "0.0.0.0:50061"}
+    first = HeadendConfig.from_env(env)
+    again = HeadendConfig.from_env(env)
+    other_port = HeadendConfig.from_env({**env, "HEADEND_GRPC_ADDR": "0.0.0.0:50062"})
+    chosen = HeadendConfig.from_env({**env, "HEADEND_ID": "replica-a.site_1:2"})
+
+    assert first.headend_id == again.headend_id == f"{socket.gethostname()}:50061"
+    assert other_port.headend_id == f"{socket.gethostname()}:50062"
+    assert chosen.headend_id == "replica-a.site_1:2"
+
+
 def test_config_without_assets_path_says_what_to_set() -> None:
     with pytest.raises(DerSdkError, match="ASSETS_PATH is not set"):
         HeadendConfig.from_env({})
@@ -42,6 +57,10 @@ def test_config_without_assets_path_says_what_to_set() -> None:
         ({"INGEST_WRITERS": "two"}, "INGEST_WRITERS"),
         ({"HEADEND_MTLS_MODE": "grpc"}, "HEADEND_MTLS_MODE='grpc' is not one of front, native"),
         ({"HEADEND_MTLS_MODE": "native"}, "HEADEND_MTLS_MODE=native .* needs HEADEND_CLIENT_CA"),
+        ({"HEADEND_ID": "headend a"}, "HEADEND_ID='headend a' is not a headend id: use 1 to 128"),
+        ({"HEADEND_ID": "-a"}, "HEADEND_ID='-a' is not a headend id"),
+        ({"HEADEND_ID": "a/b"}, "HEADEND_ID='a/b' is not a headend id"),
+        ({"HEADEND_ID": "a" * 129}, "is not a headend id: use 1 to 128"),
     ],
 )
 def test_config_rejects_malformed_values_naming_the_variable(

@@ -543,13 +543,13 @@ class PostgresStorage(StorageBackend):
         disconnected_at = session.disconnected_at
         await self.pool.execute(
             "INSERT INTO agent_sessions (session_id, asset_id, asset_name, site_id, site_name,"
-            " agent_id, peer, connected_at, disconnected_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " agent_id, peer, connected_at, disconnected_at, headend_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
             " ON CONFLICT (session_id) DO UPDATE SET asset_id = excluded.asset_id,"
             " asset_name = excluded.asset_name, site_id = excluded.site_id,"
             " site_name = excluded.site_name, agent_id = excluded.agent_id,"
             " peer = excluded.peer, connected_at = excluded.connected_at,"
-            " disconnected_at = excluded.disconnected_at",
+            " disconnected_at = excluded.disconnected_at, headend_id = excluded.headend_id",
             session.session_id,
             session.asset_id,
             # Names are kept when the session carries them (newer der-sdk models).
@@ -560,6 +560,7 @@ class PostgresStorage(StorageBackend):
             session.peer,
             _check_aware(session.connected_at),
             None if disconnected_at is None else _check_aware(disconnected_at),
+            session.headend_id,
         )
 
     async def close_session(self, session_id: str, disconnected_at: datetime) -> None:
@@ -570,17 +571,27 @@ class PostgresStorage(StorageBackend):
             _check_aware(disconnected_at),
         )
 
-    async def close_open_sessions(self, disconnected_at: datetime) -> int:
-        status = await self.pool.execute(
-            "UPDATE agent_sessions SET disconnected_at = $1 WHERE disconnected_at IS NULL",
-            _check_aware(disconnected_at),
-        )
+    async def close_open_sessions(
+        self, disconnected_at: datetime, headend_id: str | None = None
+    ) -> int:
+        if headend_id is None:
+            status = await self.pool.execute(
+                "UPDATE agent_sessions SET disconnected_at = $1 WHERE disconnected_at IS NULL",
+                _check_aware(disconnected_at),
+            )
+        else:
+            status = await self.pool.execute(
+                "UPDATE agent_sessions SET disconnected_at = $1 WHERE disconnected_at IS NULL"
+                " AND (headend_id = $2 OR headend_id IS NULL)",
+                _check_aware(disconnected_at),
+                headend_id,
+            )
         return _count(status)
 
     async def recent_sessions(self, asset_id: str, limit: int = 5) -> list[Session]:
         rows = await self.pool.fetch(
             "SELECT session_id, asset_id, site_id, agent_id, peer, connected_at,"
-            " disconnected_at FROM agent_sessions WHERE asset_id = $1"
+            " disconnected_at, headend_id FROM agent_sessions WHERE asset_id = $1"
             " ORDER BY connected_at DESC, session_id DESC LIMIT $2",
             asset_id,
             max(limit, 0),
@@ -594,6 +605,7 @@ class PostgresStorage(StorageBackend):
                 peer=row[4],
                 connected_at=row[5],
                 disconnected_at=row[6],
+                headend_id=row[7],
             )
             for row in rows
         ]

@@ -212,6 +212,51 @@ async def test_a_schema_newer_than_the_plugin_is_refused(fresh_database: str) ->
     await backend.close()
 
 
+async def test_a_database_from_before_headend_ids_keeps_its_sessions_and_gains_the_column(
+    fresh_database: str,
+) -> None:
+    before = [m for m in load_migrations() if m.name != "session_headend"]
+    assert len(before) == 3, "the migrations up to 0003 are what der-sdk 0.1 left"
+    conn = await asyncpg.connect(fresh_database)
+    try:  # a database migrated by der-sdk-postgres before headend ids, with two sessions
+        await conn.execute(
+            "CREATE TABLE der_schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for migration in before:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO der_schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+        await conn.executemany(
+            "INSERT INTO agent_sessions (session_id, asset_id, site_id, agent_id, peer,"
+            " connected_at, disconnected_at) VALUES ($1, 'a', 's', 'agent-1', 'peer', $2, $3)",
+            [("left-open", T0, None), ("closed", T0 - timedelta(hours=1), T0)],
+        )
+    finally:
+        await conn.close()
+
+    first, second = (
+        PostgresStorage.from_url(fresh_database),
+        PostgresStorage.from_url(fresh_database),
+    )
+    await asyncio.gather(first.open(), second.open())  # two headends start at once
+    try:
+        recent = await first.recent_sessions("a")
+        assert [(s.session_id, s.headend_id, s.disconnected_at) for s in recent] == [
+            ("left-open", None, None),
+            ("closed", None, T0),
+        ]
+        # The session from before headend ids is closed by the first headend to start.
+        assert await second.close_open_sessions(T0 + timedelta(1), headend_id="headend-a") == 1
+        assert (await first.recent_sessions("a"))[0].disconnected_at == T0 + timedelta(1)
+    finally:
+        await asyncio.gather(first.close(), second.close())
+    assert await _count(fresh_database, "SELECT max(version) FROM der_schema_migrations") == 4
+
+
 async def test_search_path_keeps_the_tables_in_a_schema_of_their_own(
     fresh_database: str,
 ) -> None:
