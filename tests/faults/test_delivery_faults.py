@@ -305,6 +305,15 @@ async def test_agent_killed_while_buffering_loses_no_committed_sample(
     try:
         await agent.start()  # the headend is not running: the agent buffers
         await asyncio.sleep(buffering_s)
+
+        async def buffered_enough() -> bool:
+            # a loaded machine can take most of the sleep to start the agent process
+            try:
+                return len(await asyncio.to_thread(_buffered_samples, buffer)) >= 3 * 10
+            except sqlite3.Error:  # the agent has not created its buffer file yet
+                return False
+
+        await wait_until(buffered_enough, within=30, what="the agent to commit 30 samples")
         await agent.kill()
         committed = await asyncio.to_thread(_buffered_samples, buffer)
         assert len(committed) >= 3 * 10, "the agent committed samples while buffering"
