@@ -26,6 +26,7 @@ PLUGINS = [
     "plugins/der-sdk-modbus",
     "plugins/der-sdk-opcua",
     "plugins/der-sdk-postgres",
+    "plugins/der-sdk-nats",
 ]
 
 

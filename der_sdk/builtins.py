@@ -5,5 +5,6 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "der_sdk.split",
     "der_sdk.storage.memory",
     "der_sdk.storage.sqlite",
+    "der_sdk.bus.memory",
     "der_sdk.commands",
 )

@@ -34,6 +34,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         "asset_types": plugins.asset_types,
         "split_policies": plugins.split_policies,
         "storage_backends": plugins.storage_backends,
+        "bus_backends": plugins.bus_backends,
         "device_profiles": plugins.device_profiles,
         "edge_services": plugins.edge_services,
         "device_simulators": plugins.device_simulators,

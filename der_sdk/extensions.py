@@ -19,6 +19,7 @@ import msgspec
 from der_sdk.models import Asset, TelemetrySample
 
 if TYPE_CHECKING:
+    from der_sdk.bus.contract import BusOptions, MessageBus
     from der_sdk.storage.contract import StorageBackend
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "AdapterContext",
     "AdapterType",
     "AssetType",
+    "BusBackendType",
     "CommandType",
     "DevicePoint",
     "DeviceProfile",
@@ -154,6 +156,26 @@ class StorageBackendType:
     name: str
     schemes: tuple[str, ...]
     factory: Callable[[str], StorageBackend]
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- message buses
+
+
+@dataclass(frozen=True, kw_only=True)
+class BusBackendType:
+    """A message bus backend for multi-replica headends, chosen by the scheme of its URL.
+
+    ``factory(url, options)`` receives the whole URL (where and how to connect) and the
+    :class:`~der_sdk.bus.contract.BusOptions` (namespace and limits, chosen by the caller)
+    and returns an unconnected :class:`~der_sdk.bus.contract.MessageBus`. It must not do
+    I/O: the caller awaits ``connect()``. A URL the backend cannot use raises
+    :class:`~der_sdk.errors.DerSdkError` naming the parameter.
+    """
+
+    name: str
+    schemes: tuple[str, ...]
+    factory: Callable[[str, BusOptions], MessageBus]
     description: str = ""
 
 

@@ -19,6 +19,7 @@ import pluggy
 from der_sdk.extensions import (
     AdapterType,
     AssetType,
+    BusBackendType,
     CommandType,
     DeviceProfile,
     DeviceSimulatorType,
@@ -92,6 +93,26 @@ def der_storage_backends() -> list[StorageBackendType]:
         ``memory`` (``memory://``) and ``sqlite`` (``sqlite:///PATH``).
 
     All results are merged; a duplicate name or scheme is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_bus_backends() -> list[BusBackendType]:
+    """Message bus backends for several headend replicas, selected by URL scheme.
+
+    Called when a bus is opened for a URL (:func:`der_sdk.bus.open_bus`), and by
+    ``der plugins``. The bus carries what replicas share: commands to the replica that
+    holds an agent's stream, presence, the durable telemetry stream and fan-out; its
+    contract is :class:`der_sdk.bus.MessageBus`, checked by
+    :class:`der_sdk.testing.BusConformance`.
+
+    :return: a list of :class:`~der_sdk.extensions.BusBackendType`. Built-in: ``memory``
+        (``memory://NAME``: buses with the same URL in one process share one in-process
+        broker; for tests). The ``der-sdk-nats`` plugin adds ``nats://`` (NATS JetStream).
+
+    All results are merged; a duplicate name or scheme is an error that names both
+    packages. Since 0.1.
     """
     raise NotImplementedError
 

@@ -37,6 +37,7 @@ from der_sdk.errors import PluginError, UnknownNameError
 from der_sdk.extensions import (
     AdapterType,
     AssetType,
+    BusBackendType,
     CommandType,
     DeviceProfile,
     DeviceSimulatorType,
@@ -306,6 +307,7 @@ class Plugins:
             "asset_types",
             "split_policies",
             "storage_backends",
+            "bus_backends",
             "device_profiles",
             "edge_services",
             "device_simulators",
@@ -427,19 +429,32 @@ class Plugins:
     def split_policies(self) -> Registry[SplitPolicy]:
         return Registry("split policy", self._collect("der_split_policies", "split policy"))
 
-    @cached_property
-    def storage_backends(self) -> Registry[StorageBackendType]:
-        entries = self._collect("der_storage_backends", "storage backend")
+    def _by_scheme(self, hook_name: str, family: str) -> Registry[Any]:
+        """A registry of backends chosen by URL scheme: a name or a scheme claimed by two
+        backends is an error that names both packages.
+
+        :param family: what the backends are for (``storage``, ``bus``), for messages.
+        """
+        kind = f"{family} backend"
+        entries = self._collect(hook_name, kind)
         by_scheme: dict[str, str] = {}
         for name, (backend, package) in entries.items():
             for scheme in backend.schemes:
                 if scheme in by_scheme:
                     raise PluginError(
-                        f"duplicate storage scheme {scheme!r}: provided by both "
+                        f"duplicate {family} scheme {scheme!r}: provided by both "
                         f"{entries[by_scheme[scheme]][1]} and {package}"
                     )
                 by_scheme[scheme] = name
-        return Registry("storage backend", entries)
+        return Registry(kind, entries)
+
+    @cached_property
+    def storage_backends(self) -> Registry[StorageBackendType]:
+        return self._by_scheme("der_storage_backends", "storage")
+
+    @cached_property
+    def bus_backends(self) -> Registry[BusBackendType]:
+        return self._by_scheme("der_bus_backends", "bus")
 
     @cached_property
     def device_profiles(self) -> ProfileRegistry:
@@ -475,12 +490,11 @@ class Plugins:
 
     def storage_for_url(self, url: str) -> StorageBackendType:
         """The backend whose scheme matches ``url`` (``sqlite:///x.db`` → ``sqlite``)."""
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
-        for backend in self.storage_backends:
-            if scheme in backend.schemes:
-                return backend
-        schemes = sorted(s for b in self.storage_backends for s in b.schemes)
-        raise UnknownNameError("storage URL scheme", scheme or url, schemes)
+        return _for_url(self.storage_backends, url, "storage URL scheme")
+
+    def bus_for_url(self, url: str) -> BusBackendType:
+        """The bus backend whose scheme matches ``url`` (``nats://host:4222`` → ``nats``)."""
+        return _for_url(self.bus_backends, url, "bus URL scheme")
 
     # ---------------------------------------------------------------- introspection
 
@@ -501,6 +515,24 @@ class Plugins:
     def versions(self) -> dict[str, str]:
         """Distribution name → version for every external plugin (sent in Register)."""
         return {i.package: i.version for i in self.info() if not i.builtin}
+
+
+class _SchemeBackend(_Named, Protocol):
+    @property
+    def schemes(self) -> tuple[str, ...]: ...
+
+
+B = TypeVar("B", bound=_SchemeBackend)
+
+
+def _for_url(registry: Registry[B], url: str, kind: str) -> B:
+    """The backend of ``registry`` whose schemes include the scheme of ``url``."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    for backend in registry:
+        if scheme in backend.schemes:
+            return backend
+    schemes = sorted(s for b in registry for s in b.schemes)
+    raise UnknownNameError(kind, scheme or url, schemes)
 
 
 def _check_observers_are_plain(pm: pluggy.PluginManager, plugin: object) -> None:

@@ -10,7 +10,8 @@ registered the same way: a headend on memory storage with an HTTP client
 
 Import from here what you subclass or call:
 
-* :class:`AdapterConformance`, :class:`StorageConformance` — conformance suites;
+* :class:`AdapterConformance`, :class:`StorageConformance`, :class:`BusConformance` —
+  conformance suites;
 * :class:`SimulatedDevice`, :class:`FaultyAdapter`, :class:`SimulatedDevicePlugin` — the
   ``test-device`` adapter and its device;
 * :func:`wait_until` — await a condition with a deadline;
@@ -34,6 +35,7 @@ from der_sdk.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from der_sdk.testing.blocking import BlockingWatch
+    from der_sdk.testing.bus_conformance import BusConformance
     from der_sdk.testing.conformance import (
         DEFAULT_CONFORMANCE_ASSET,
         AdapterConformance,
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "BlockingWatch": "blocking",
+    "BusConformance": "bus_conformance",
     "DEFAULT_CONFORMANCE_ASSET": "conformance",
     "AdapterConformance": "conformance",
     "StorageConformance": "conformance",
@@ -108,6 +111,7 @@ __all__ = [
     "AdapterConformance",
     "AgentProcess",
     "BlockingWatch",
+    "BusConformance",
     "DeviceError",
     "FaultyAdapter",
     "HeadendProcess",

@@ -20,8 +20,8 @@ from collections.abc import Generator
 
 import pytest
 
-# Before the conformance module is imported: its asserts then explain themselves.
-pytest.register_assert_rewrite("der_sdk.testing.conformance")
+# Before the conformance modules are imported: their asserts then explain themselves.
+pytest.register_assert_rewrite("der_sdk.testing.conformance", "der_sdk.testing.bus_conformance")
 
 from der_sdk.testing import tasks  # noqa: E402
 
