@@ -47,7 +47,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -454,11 +454,23 @@ class AgentLinkService:
             self._agent_event(stream, message.event)
         elif kind == "setpoint_ack":
             self._presence.touch(stream)
-            ack = codec.setpoint_ack_from_pb(message.setpoint_ack)
+            try:
+                ack = codec.setpoint_ack_from_pb(message.setpoint_ack)
+            except ValueError as exc:
+                ack = codec.setpoint_ack_from_pb(_with_our_clock(stream, message.setpoint_ack, exc))
             await self._dispatcher.on_ack(stream, ack)
         elif kind == "local_dispatch":
             self._presence.touch(stream)
-            report = codec.local_dispatch_from_pb(message.local_dispatch)
+            try:
+                report = codec.local_dispatch_from_pb(message.local_dispatch)
+            except ValueError as exc:
+                report = codec.local_dispatch_from_pb(
+                    _with_our_clock(
+                        stream,
+                        message.local_dispatch,
+                        f"local command {message.local_dispatch.command_id!r}: {exc}",
+                    )
+                )
             try:
                 await self._dispatcher.record_local(stream, report)
             except Exception:  # not acknowledged: the agent sends it again on its next stream
@@ -494,6 +506,10 @@ class AgentLinkService:
         if message.event_id in stream.events_seen:  # sent again before our ack arrived
             stream.send(codec.headend_event_ack(message.event_id))
             return
+        if not _in_range(message.ts_us):
+            message = _with_our_clock(
+                stream, message, f"event {message.event_id!r}: its time is out of range"
+            )
         try:
             record = codec.event_from_pb(message)
         except ValueError as exc:
@@ -529,3 +545,27 @@ def _refusals(refused: dict[str, str]) -> str:
 async def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
     await context.abort(code, details)
     raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+_TimedMessage = TypeVar("_TimedMessage", pb.SetpointAck, pb.LocalDispatch, pb.AgentEvent)
+
+
+def _in_range(ts_us: int) -> bool:
+    try:
+        codec.datetime_from_us(ts_us)
+    except ValueError:
+        return False
+    return True
+
+
+def _with_our_clock(
+    stream: AgentStream, message: _TimedMessage, problem: ValueError | str
+) -> _TimedMessage:
+    """A copy of ``message`` stamped with the headend's clock, for an agent whose clock
+    is beyond what a datetime holds: the message is kept and acknowledged, so the agent
+    does not send it again on every stream (one WARNING)."""
+    log.warning("%s: %s; kept with the headend's clock", stream.describe(), problem)
+    stamped = type(message)()
+    stamped.CopyFrom(message)
+    stamped.ts_us = codec.datetime_to_us(utc_now())
+    return stamped

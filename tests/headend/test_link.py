@@ -26,7 +26,7 @@ from headend_kit import (
     sample,
 )
 
-from der_sdk.models import Session, utc_now
+from der_sdk.models import Allocation, LocalDispatchReport, Session, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.wire import codec
 from der_sdk_headend import Headend
@@ -388,3 +388,46 @@ async def test_bytes_that_do_not_parse_after_register_end_the_stream_invalid_arg
         return (await agents_by_asset(http))[BESS_1]["connected"] is False
 
     await eventually(disconnected, "the refused stream's session is closed")
+
+
+async def test_an_event_local_report_and_ack_with_clocks_out_of_range_are_kept_with_ours(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer whose clock is out of any datetime's range must not break its stream: each
+    message is kept with the headend's clock and acknowledged, so the agent is never
+    caught resending it on every reconnect."""
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    out_of_range = 2**62  # about the year 146,000: no datetime holds it
+
+    event = codec.agent_event(
+        codec.AgentEventRecord(event_id="e-far", ts=utc_now(), kind="k", message="far")
+    )
+    event.event.ts_us = out_of_range
+    await agent.send(event)
+    assert (await agent.recv_kind("event_ack")).event_id == "e-far"
+
+    report = codec.agent_local_dispatch(
+        LocalDispatchReport(
+            command_id="local-far", mw=0.2, ts=utc_now(), status="applied", asset_id=BESS_1
+        )
+    )
+    report.local_dispatch.ts_us = out_of_range
+    await agent.send(report)
+    assert (await agent.recv_kind("local_dispatch_ack")).command_id == "local-far"
+
+    created = await http.post("/dispatch", json={"asset_id": BESS_1, "mw": 0.4})
+    setpoint = await agent.recv_kind("setpoint")
+    ack = codec.agent_setpoint_ack(
+        setpoint.command_id, "applied", [Allocation(asset_id=BESS_1, mw=0.4)]
+    )
+    ack.setpoint_ack.ts_us = out_of_range
+    await agent.send(ack)
+    assert (await agent.recv_kind("outcome_ack")).command_id == setpoint.command_id
+
+    dispatch = (await http.get(f"/dispatch/{created.json()['dispatch_id']}")).json()
+    assert dispatch["state"] == "applied"
+    assert (await agent.telemetry(1, [sample(BESS_1)])).seq == 1  # the stream is alive
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    warned = [r.getMessage() for r in caplog.records if "headend's clock" in r.getMessage()]
+    assert len(warned) == 3, warned
