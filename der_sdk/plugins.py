@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -62,6 +63,17 @@ SDK_DISTRIBUTION = "der-sdk"
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT_NAME)
 
 log = logging.getLogger("der.plugins")
+
+OBSERVER_FAILURE_LOG_S = 60.0
+"""After an observer's failure is logged, further failures of the same hook and plugin
+are counted and logged as one line at most this often."""
+
+
+def _exception_line() -> str:
+    """The exception being handled, as one line."""
+    exc = sys.exc_info()[1]
+    return f"{type(exc).__name__}: {exc}" if exc is not None else "unknown"
+
 
 _TRUTHY = {"1", "true", "yes", "on"}
 
@@ -263,6 +275,7 @@ class Plugins:
         self._sources: dict[str, _Source] = {}
         self._trace = trace
         self._observers: dict[str, tuple[pluggy.HookImpl, ...]] = {}
+        self._observer_failures: dict[tuple[str, str], tuple[float, int]] = {}
 
     # ---------------------------------------------------------------- registration
 
@@ -343,14 +356,40 @@ class Plugins:
             try:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
             except Exception:
-                source = self._sources.get(impl.plugin_name)
-                log.exception(
-                    "observer %s of plugin %r (%s) raised; the other observers were called "
-                    "and the caller carries on",
-                    hook_name,
-                    impl.plugin_name,
-                    source.package if source else impl.plugin_name,
-                )
+                self._observer_failed(hook_name, impl.plugin_name)
+
+    def _observer_failed(self, hook_name: str, plugin_name: str) -> None:
+        """Log an observer's failure: the first with its traceback, then at most one line
+        per :data:`OBSERVER_FAILURE_LOG_S` with how many more there were, because an
+        observer that keeps failing fails on every storage write."""
+        key = (hook_name, plugin_name)
+        now = time.monotonic()
+        last = self._observer_failures.get(key)
+        if last is not None and now - last[0] < OBSERVER_FAILURE_LOG_S:
+            self._observer_failures[key] = (last[0], last[1] + 1)
+            return
+        self._observer_failures[key] = (now, 0)
+        source = self._sources.get(plugin_name)
+        package = source.package if source else plugin_name
+        if last is None or not last[1]:
+            log.exception(
+                "observer %s of plugin %r (%s) raised; the other observers were called "
+                "and the caller carries on",
+                hook_name,
+                plugin_name,
+                package,
+            )
+        else:
+            log.error(
+                "observer %s of plugin %r (%s) raised again, %d more time(s) in the last "
+                "%.0f s; the latest: %s",
+                hook_name,
+                plugin_name,
+                package,
+                last[1] + 1,
+                now - last[0],
+                _exception_line(),
+            )
 
     def _observer_impls(self, hook_name: str) -> tuple[pluggy.HookImpl, ...]:
         """The implementations of ``hook_name`` in call order, kept until the next

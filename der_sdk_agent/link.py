@@ -128,9 +128,6 @@ _CHANNEL_OPTIONS = (
     ("grpc.http2.ping_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # gRPC waits for a ping's answer for grpc.http2.ping_timeout_ms (default 60 s), not
-    # only keepalive_timeout_ms: without this a silent link took 80 s to notice.
-    ("grpc.http2.ping_timeout_ms", 10_000),
 )
 
 

@@ -291,3 +291,37 @@ def test_trace_env_prints_observer_calls(capsys: pytest.CaptureFixture[str]) -> 
     plugins.notify("der_agent_disconnected", sessions=[])
     err = capsys.readouterr().err
     assert "der_sdk trace: der_agent_disconnected(sessions) -> [recording]" in err
+
+
+def test_an_observer_failing_on_every_call_is_logged_once_then_once_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    import der_sdk.plugins as plugins_module
+
+    class Failing:
+        @hookimpl
+        def der_telemetry_received(self, samples: Sequence[TelemetrySample]) -> None:
+            raise RuntimeError(f"boom {len(samples)}")
+
+    plugins = load_plugins(entry_points=False, env={})
+    plugins.register(Failing(), "failing", package="der-failing")
+    clock = [1000.0]
+    monkeypatch.setattr(plugins_module.time, "monotonic", lambda: clock[0])
+
+    with caplog.at_level(logging.ERROR, logger="der.plugins"):
+        for _ in range(50):
+            plugins.notify("der_telemetry_received", samples=[])
+        assert len(caplog.records) == 1 and caplog.records[0].exc_info is not None
+
+        clock[0] += plugins_module.OBSERVER_FAILURE_LOG_S + 1
+        plugins.notify("der_telemetry_received", samples=[1, 2])
+
+    assert len(caplog.records) == 2
+    again = caplog.records[1]
+    assert again.exc_info is None
+    assert again.getMessage() == (
+        "observer der_telemetry_received of plugin 'failing' (der-failing) raised again, "
+        "50 more time(s) in the last 61 s; the latest: RuntimeError: boom 2"
+    )
