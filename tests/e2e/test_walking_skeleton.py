@@ -174,6 +174,8 @@ async def test_agent_reconnects_after_headend_restart_and_sqlite_history_survive
 
     await fleet.start_headend(grpc_port=grpc_port, http_port=http_port)
     rows = await eventually(lambda: fleet.connected_rows(3), what="agent to reconnect by itself")
+    # the headend lists the stream before the agent has read its RegisterAck
+    await eventually(_async(lambda: agent.stats().connected), what="agent to read its ack")
     assert len({r["peer"] for r in rows}) == 1
     assert agent.stats().reconnects >= 1
 
