@@ -36,8 +36,9 @@ variable                default                     meaning
                                                     ``open``
 ``HEADEND_INSECURE``    off                         allow a non-loopback address without TLS
 ``HEADEND_ID``          ``HOSTNAME:GRPC_PORT``      this headend's id, kept on its sessions;
-                                                    at start it closes only its own sessions
-                                                    left open (and those with no id)
+                                                    when set, a start closes only its own
+                                                    sessions left open (and those with no
+                                                    id); unset, a start closes every open one
 ======================  ==========================  ==========================================
 
 The split policy name is checked against the installed policies when the headend starts
@@ -187,6 +188,11 @@ class HeadendConfig:
     insecure: bool = False
     headend_id: str = ""
     """Empty: :func:`default_headend_id` of ``grpc_addr``, filled in when built."""
+    headend_id_configured: bool = False
+    """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
+    built. Only a configured id scopes the closing of sessions at start: a derived one
+    changes with the host name (a container's, at every restart) and would leave the
+    sessions of earlier runs open for ever."""
 
     def __post_init__(self) -> None:
         if self.ingest_queue_max_samples < 1:
@@ -199,6 +205,7 @@ class HeadendConfig:
             raise DerSdkError(f"MAX_AGENT_STREAMS={self.max_agent_streams} must be at least 1")
         split_host_port(self.grpc_addr, "HEADEND_GRPC_ADDR")
         split_host_port(self.http_addr, "HEADEND_HTTP_ADDR")
+        object.__setattr__(self, "headend_id_configured", bool(self.headend_id))
         if not self.headend_id:
             object.__setattr__(self, "headend_id", default_headend_id(self.grpc_addr))
         elif not _HEADEND_ID.fullmatch(self.headend_id):

@@ -225,8 +225,12 @@ class Headend:
             await storage.reset()
             log.warning("RESET_DB: deleted all stored data in %s", storage.name)
         await self.rest_auth.storage_ready(self.auditor)
-        # Only this headend's: other headends on the same storage keep their agents' sessions.
-        stale = await close_sessions_left_open(storage, utc_now(), config.headend_id)
+        # With a configured id only this headend's: other headends sharing the storage keep
+        # their agents' sessions. A derived id may differ from the last run's (a new host
+        # name), so without one every session left open is closed, as by a lone headend.
+        stale = await close_sessions_left_open(
+            storage, utc_now(), config.headend_id if config.headend_id_configured else None
+        )
         if stale:
             log.info(
                 "closed %d session(s) left open by a previous run of headend %s",

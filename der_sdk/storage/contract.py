@@ -231,10 +231,11 @@ def open_storage(url: str, plugins: Plugins) -> StorageBackend:
 
 
 async def close_sessions_left_open(
-    storage: StorageBackend, disconnected_at: datetime, headend_id: str
+    storage: StorageBackend, disconnected_at: datetime, headend_id: str | None
 ) -> int:
     """Close the sessions that headend ``headend_id`` left open (and those with no headend
-    id), through :meth:`StorageBackend.close_open_sessions`; called at headend start.
+    id), or every open session when ``headend_id`` is ``None``, through
+    :meth:`StorageBackend.close_open_sessions`; called at headend start.
 
     A backend written before ``close_open_sessions`` took ``headend_id`` keeps working: it
     is called without it, which closes every headend's open sessions, and a warning says
@@ -244,6 +245,8 @@ async def close_sessions_left_open(
     takes_id = "headend_id" in parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     )
+    if headend_id is None:
+        return await storage.close_open_sessions(disconnected_at)
     if takes_id:
         return await storage.close_open_sessions(disconnected_at, headend_id=headend_id)
     log.warning(

@@ -153,8 +153,16 @@ async def test_a_restarted_headend_closes_only_its_own_sessions_not_the_other_he
     tmp_path: Path, inventory_path: Path, der_plugins: Plugins, storage: str
 ) -> None:
     async with _shared_storage(storage, tmp_path) as (url, _):
-        one = HeadendProcess(inventory_path, url, tmp_path / "one", name="headend-one")
-        two = HeadendProcess(inventory_path, url, tmp_path / "two", name="headend-two")
+        one, two = (
+            HeadendProcess(
+                inventory_path,
+                url,
+                tmp_path / name,
+                name=f"headend-{name}",
+                env={"HEADEND_ID": f"headend-{name}"},
+            )
+            for name in ("one", "two")
+        )
         await asyncio.gather(one.start(), two.start(), return_exceptions=True)
         async with one, two, httpx.AsyncClient(timeout=5) as http:
             inventory = load_inventory(str(inventory_path))
@@ -171,8 +179,7 @@ async def test_a_restarted_headend_closes_only_its_own_sessions_not_the_other_he
                     buffer_path=str(tmp_path / f"{headend.name}.sqlite3"),
                 )
 
-            # B1's agent on headend one, B2's on headend two; each headend has its own id
-            # (the default: host name and gRPC port).
+            # B1's agent on headend one, B2's on headend two; each headend has its own id.
             on_one, on_two = agent_on(one, B1), agent_on(two, B2)
             await on_one.start()
             await on_two.start()
@@ -183,7 +190,7 @@ async def test_a_restarted_headend_closes_only_its_own_sessions_not_the_other_he
                 (b1_session,) = (await _agent_row(http, one, B1))["sessions"]
                 (b2_session,) = (await _agent_row(http, two, B2))["sessions"]
                 one_id, two_id = b1_session["headend_id"], b2_session["headend_id"]
-                assert one_id and two_id and one_id != two_id
+                assert (one_id, two_id) == ("headend-one", "headend-two")
 
                 await one.kill()  # leaves B1's session open in storage
                 await one.restart()

@@ -11,7 +11,9 @@ import pytest
 from headend_kit import BESS_1, BESS_2, WAIT_S, RawAgent, make_config, sample
 
 from der_sdk.errors import DerSdkError
+from der_sdk.models import Session, utc_now
 from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.storage.sqlite import SQLiteStorage
 from der_sdk.wire import codec
 from der_sdk_headend import Headend, HeadendConfig
 
@@ -167,3 +169,45 @@ async def test_sqlite_headend_keeps_history_and_pending_dispatches_across_restar
         assert reset.ingest.latest(BESS_1) is None
     finally:
         await reset.stop()
+
+
+@pytest.mark.parametrize(
+    ("headend_id", "left_open"),
+    [
+        (None, set()),  # derived id: may differ from the last run's, so every session closes
+        ("headend-a", {"s-other"}),  # configured: only its own (and those with no id)
+    ],
+)
+async def test_a_start_closes_only_its_own_sessions_when_its_id_is_configured(
+    tmp_path: Path, inventory_path: Path, headend_id: str | None, left_open: set[str]
+) -> None:
+    path = tmp_path / "der.db"
+    storage = SQLiteStorage(str(path))
+    await storage.open()
+    for session_id, owner in (("s-own", "headend-a"), ("s-other", "headend-b"), ("s-old", None)):
+        await storage.open_session(
+            Session(
+                session_id=session_id,
+                asset_id=BESS_1,
+                site_id="site",
+                agent_id="gw",
+                peer="ipv4:127.0.0.1:1",
+                connected_at=utc_now(),
+                headend_id=owner,
+            )
+        )
+    await storage.close()
+
+    env = {"DATABASE_URL": f"sqlite:///{path}"}
+    if headend_id is not None:
+        env["HEADEND_ID"] = headend_id
+    headend = Headend(
+        make_config(inventory_path, **env), plugins=load_plugins(entry_points=False, env={})
+    )
+    await headend.start()
+    try:
+        sessions = await headend.storage.recent_sessions(BESS_1)
+    finally:
+        await headend.stop()
+    assert {s.session_id for s in sessions if s.disconnected_at is None} == left_open
+    assert headend.config.headend_id_configured is (headend_id is not None)
