@@ -9,13 +9,12 @@ one is an error, so a misspelled setting does not pass unnoticed.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from der_sdk.errors import DerSdkError
+from der_sdk.url_parameters import ParameterParser, seconds, text, whole_number
 
 __all__ = ["DEFAULT_PORT", "PARAMETERS", "SCHEMES", "NatsSettings", "redact"]
 
@@ -23,44 +22,16 @@ SCHEMES = ("nats",)
 """The URL schemes this backend serves."""
 
 DEFAULT_PORT = 4222
+_WHERE = "bus URL"
 
 
-def _whole(minimum: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise DerSdkError(f"bus URL: {name}={raw!r} is not a whole number") from None
-        if value < minimum:
-            raise DerSdkError(f"bus URL: {name}={value} must be at least {minimum}")
-        return value
-
-    return parse
-
-
-def _seconds(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise DerSdkError(f"bus URL: {name}={raw!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise DerSdkError(f"bus URL: {name}={raw!r} must be more than 0")
-    return value
-
-
-def _text(name: str, raw: str) -> str:
-    if not raw:
-        raise DerSdkError(f"bus URL: {name} is empty")
-    return raw
-
-
-PARAMETERS: dict[str, Callable[[str, str], Any]] = {
-    "name": _text,
-    "connect_timeout": _seconds,
-    "connect_attempts": _whole(1),
-    "reconnect_wait": _seconds,
-    "request_timeout": _seconds,
-    "replicas": _whole(1),
+PARAMETERS: dict[str, ParameterParser] = {
+    "name": text(_WHERE),
+    "connect_timeout": seconds(_WHERE),
+    "connect_attempts": whole_number(_WHERE, 1),
+    "reconnect_wait": seconds(_WHERE),
+    "request_timeout": seconds(_WHERE),
+    "replicas": whole_number(_WHERE, 1),
 }
 """The URL query parameters and their parsers (the names of :class:`NatsSettings` fields)."""
 

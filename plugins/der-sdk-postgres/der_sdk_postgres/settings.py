@@ -11,13 +11,12 @@ settings, for example ``application_name=der-headend`` or ``search_path=der``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from der_sdk.errors import DerSdkError
+from der_sdk.url_parameters import ParameterParser, seconds, whole_number
 
 __all__ = ["PARAMETERS", "SCHEMES", "PostgresSettings", "redact"]
 
@@ -25,31 +24,7 @@ SCHEMES = ("postgresql", "postgres")
 """The URL schemes this backend serves."""
 
 
-def _integer(minimum: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise DerSdkError(f"DATABASE_URL: {name}={raw!r} is not a whole number") from None
-        if value < minimum:
-            raise DerSdkError(f"DATABASE_URL: {name}={value} must be at least {minimum}")
-        return value
-
-    return parse
-
-
-def _seconds(*, allow_zero: bool) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise DerSdkError(f"DATABASE_URL: {name}={raw!r} is not a number") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            bound = "0 or more" if allow_zero else "more than 0"
-            raise DerSdkError(f"DATABASE_URL: {name}={raw!r} must be {bound}")
-        return value
-
-    return parse
+_WHERE = "DATABASE_URL"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,17 +116,17 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
-PARAMETERS: dict[str, Callable[[str, str], Any]] = {
-    "pool_min": _integer(0),
-    "pool_max": _integer(1),
-    "connect_timeout": _seconds(allow_zero=False),
-    "command_timeout": _seconds(allow_zero=True),
-    "statement_cache_size": _integer(0),
-    "max_inactive_connection_lifetime": _seconds(allow_zero=True),
-    "batch_size": _integer(1),
-    "flush_interval_ms": _integer(0),
-    "retention_days": _seconds(allow_zero=False),
-    "retention_interval_s": _seconds(allow_zero=False),
+PARAMETERS: dict[str, ParameterParser] = {
+    "pool_min": whole_number(_WHERE, 0),
+    "pool_max": whole_number(_WHERE, 1),
+    "connect_timeout": seconds(_WHERE),
+    "command_timeout": seconds(_WHERE, allow_zero=True),
+    "statement_cache_size": whole_number(_WHERE, 0),
+    "max_inactive_connection_lifetime": seconds(_WHERE, allow_zero=True),
+    "batch_size": whole_number(_WHERE, 1),
+    "flush_interval_ms": whole_number(_WHERE, 0),
+    "retention_days": seconds(_WHERE),
+    "retention_interval_s": seconds(_WHERE),
 }
 """This plugin's URL query parameters and their parsers (the names of
 :class:`PostgresSettings` fields); all others are passed on to asyncpg."""
