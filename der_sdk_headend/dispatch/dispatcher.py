@@ -82,7 +82,6 @@ from der_sdk_headend.dispatch.delivery import (
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.planning import fmt_mw as _fmt
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
-from der_sdk_headend.observers import notify
 
 __all__ = ["Dispatcher"]
 
@@ -190,7 +189,7 @@ class Dispatcher:
             dispatch.dispatch_id = planning.idempotent_id(idempotency_key)
             dispatch.idempotency_key = idempotency_key
             dispatch.request_fingerprint = fingerprint
-        notify(self._plugins, "der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
+        self._plugins.notify("der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
         async with self._lock:
             if idempotency_key is not None:  # a concurrent request with the same key
                 known = await self._storage.get_dispatch(dispatch.dispatch_id)

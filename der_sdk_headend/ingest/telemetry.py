@@ -104,7 +104,6 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
-from der_sdk_headend.observers import notify
 from der_sdk_headend.presence import AgentStream, Presence
 
 __all__ = [
@@ -659,7 +658,7 @@ class TelemetryIngest:
         self._writes += 1
 
         if samples:
-            notify(self._plugins, "der_telemetry_received", samples=samples)
+            self._plugins.notify("der_telemetry_received", samples=samples)
         self._queued_samples -= total
         self._samples_stored += total
         async with self._space:

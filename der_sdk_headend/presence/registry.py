@@ -32,7 +32,6 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
-from der_sdk_headend.observers import notify
 
 __all__ = ["AgentStream", "Outbox", "Outgoing", "Presence", "WireMessage"]
 
@@ -237,7 +236,7 @@ class Presence:
             self._by_asset[asset.asset_id] = stream
             self._last_seen[asset.asset_id] = now
         self._streams[stream.stream_id] = stream
-        notify(self._plugins, "der_agent_connected", sessions=opened, assets=list(assets))
+        self._plugins.notify("der_agent_connected", sessions=opened, assets=list(assets))
         await run_to_completion(self._close_in_storage(taken_over))
         return opened
 
@@ -274,7 +273,7 @@ class Presence:
             assert session.disconnected_at is not None
             await self._storage.close_session(session.session_id, session.disconnected_at)
         if announce:
-            notify(self._plugins, "der_agent_disconnected", sessions=list(sessions))
+            self._plugins.notify("der_agent_disconnected", sessions=list(sessions))
 
 
 async def run_to_completion(work: Coroutine[Any, Any, T]) -> T:

@@ -9,7 +9,6 @@ import pytest
 from headend_kit import Observer, make_exploding_observer_plugin, make_observer_plugin
 
 from der_sdk import hookspecs, load_plugins
-from der_sdk_headend.observers import notify
 
 
 def test_the_observer_hooks_are_the_hooks_that_return_nothing() -> None:
@@ -39,7 +38,7 @@ def test_an_observer_that_raises_is_logged_by_name_and_the_next_is_still_called(
     }
 
     with caplog.at_level(logging.ERROR, logger="der.plugins"):
-        notify(plugins, hook, **arguments)
+        plugins.notify(hook, **arguments)
 
     assert exploded == [hook]
     assert observer.calls == [(hook, arguments)]
