@@ -22,7 +22,6 @@ from der_sdk.models import (
     Allocation,
     BufferStats,
     EventAck,
-    Heartbeat,
     LocalDispatchReport,
     SeqRange,
     SetpointAck,
@@ -66,7 +65,6 @@ __all__ = [
     "headend_register_ack",
     "headend_setpoint",
     "headend_telemetry_ack",
-    "heartbeats_from_pb",
     "local_dispatch_from_pb",
     "parse_agent_message",
     "sample_from_pb",
@@ -505,15 +503,6 @@ def agent_heartbeat_from_pb(msg: pb.Heartbeat) -> AgentHeartbeat:
         uptime_s=msg.uptime_s,
         buffer=buffer_stats_from_pb(msg.buffer) if msg.HasField("buffer") else None,
     )
-
-
-def heartbeats_from_pb(msg: pb.Heartbeat, served: Mapping[str, str]) -> list[Heartbeat]:
-    """One domain heartbeat per served asset. ``served`` maps asset id → site id."""
-    ts = datetime_from_us(msg.ts_us)
-    return [
-        Heartbeat(asset_id=a, site_id=s, agent_id=msg.agent_id, ts=ts, uptime_s=msg.uptime_s)
-        for a, s in served.items()
-    ]
 
 
 # ----------------------------------------------------------------------------- headend side
