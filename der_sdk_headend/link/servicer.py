@@ -490,13 +490,8 @@ class AgentLinkService:
     def _heartbeat(stream: AgentStream, message: pb.Heartbeat) -> AgentHeartbeat:
         try:
             return codec.agent_heartbeat_from_pb(message)
-        except ValueError as exc:
-            # Still proof that the agent is alive: stored with the headend's clock.
-            log.warning("%s: %s; stored with the headend's clock", stream.describe(), exc)
-            clockless = pb.Heartbeat()
-            clockless.CopyFrom(message)
-            clockless.ts_us = 0
-            return codec.agent_heartbeat_from_pb(clockless)
+        except ValueError as exc:  # still proof that the agent is alive
+            return codec.agent_heartbeat_from_pb(_with_our_clock(stream, message, exc))
 
     def _agent_event(self, stream: AgentStream, message: pb.AgentEvent) -> None:
         self._presence.touch(stream)
@@ -547,7 +542,9 @@ async def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
-_TimedMessage = TypeVar("_TimedMessage", pb.SetpointAck, pb.LocalDispatch, pb.AgentEvent)
+_TimedMessage = TypeVar(
+    "_TimedMessage", pb.Heartbeat, pb.SetpointAck, pb.LocalDispatch, pb.AgentEvent
+)
 
 
 def _in_range(ts_us: int) -> bool:
