@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from der_sdk.bus.contract import BusOptions
 from der_sdk.errors import DerSdkError
 from der_sdk.split import DEFAULT_SPLIT_POLICY
 from der_sdk.storage.contract import DEFAULT_DATABASE_URL
@@ -153,6 +154,16 @@ def _int(env: Mapping[str, str], variable: str, default: int) -> int:
         raise DerSdkError(f"{variable}={raw!r} is not a whole number") from None
 
 
+def _float(env: Mapping[str, str], variable: str, default: float) -> float:
+    raw = env.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise DerSdkError(f"{variable}={raw!r} is not a number") from None
+
+
 def _flag(env: Mapping[str, str], variable: str) -> bool:
     raw = env.get(variable, "").strip().lower()
     if raw in _TRUTHY:
@@ -188,6 +199,20 @@ class HeadendConfig:
     insecure: bool = False
     headend_id: str = ""
     """Empty: :func:`default_headend_id` of ``grpc_addr``, filled in when built."""
+    bus_url: str | None = None
+    """``HEADEND_BUS_URL``: the message bus shared by the replicas of a cluster
+    (``nats://127.0.0.1:4222``); ``None`` runs one headend alone (docs/cluster.md)."""
+    bus_namespace: str = "der"
+    """``HEADEND_BUS_NAMESPACE``: the prefix of every name this cluster uses on the bus."""
+    bus_presence_max_age_s: float = 15.0
+    """``HEADEND_BUS_PRESENCE_MAX_AGE_S``: seconds a replica's presence entries outlive it."""
+    bus_telemetry_max_bytes: int = 1024**3
+    """``HEADEND_BUS_TELEMETRY_MAX_BYTES``: bytes of telemetry the bus holds for the writers."""
+    bus_telemetry_max_messages: int = 1_000_000
+    """``HEADEND_BUS_TELEMETRY_MAX_MESSAGES``: telemetry messages the bus holds."""
+    bus_ack_wait_s: float = 30.0
+    """``HEADEND_BUS_ACK_WAIT_S``: seconds before a telemetry message a writer took and did
+    not acknowledge (it died) goes to another writer."""
     headend_id_configured: bool = False
     """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
     built. Only a configured id scopes the closing of sessions at start: a derived one
@@ -214,6 +239,8 @@ class HeadendConfig:
                 f"{HEADEND_ID_MAX_LEN} letters, digits, '.', '_', ':' or '-', starting with a "
                 "letter or digit (for example headend-a)"
             )
+        if self.bus_url is not None:
+            self.bus_options()  # the bounds, named by variable
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -233,6 +260,47 @@ class HeadendConfig:
                 "HEADEND_CLIENT_CA (with HEADEND_TLS_CERT and HEADEND_TLS_KEY); without "
                 "mutual TLS leave it unset"
             )
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this headend is a replica of a cluster (``HEADEND_BUS_URL`` is set)."""
+        return self.bus_url is not None
+
+    def bus_options(self) -> BusOptions:
+        """The bus options of ``HEADEND_BUS_*``.
+
+        :raises DerSdkError: a value is out of range; the message names the variable.
+        """
+        variables: dict[str, tuple[str, object]] = {
+            "presence_max_age_s": (
+                "HEADEND_BUS_PRESENCE_MAX_AGE_S",
+                self.bus_presence_max_age_s,
+            ),
+            "telemetry_max_bytes": (
+                "HEADEND_BUS_TELEMETRY_MAX_BYTES",
+                self.bus_telemetry_max_bytes,
+            ),
+            "telemetry_max_messages": (
+                "HEADEND_BUS_TELEMETRY_MAX_MESSAGES",
+                self.bus_telemetry_max_messages,
+            ),
+            "telemetry_ack_wait_s": ("HEADEND_BUS_ACK_WAIT_S", self.bus_ack_wait_s),
+        }
+        try:
+            return BusOptions(
+                namespace=self.bus_namespace,
+                presence_max_age_s=self.bus_presence_max_age_s,
+                telemetry_max_bytes=self.bus_telemetry_max_bytes,
+                telemetry_max_messages=self.bus_telemetry_max_messages,
+                telemetry_ack_wait_s=self.bus_ack_wait_s,
+            )
+        except ValueError as exc:
+            text = str(exc)
+            if text.startswith("bus namespace"):
+                raise DerSdkError(f"HEADEND_BUS_NAMESPACE: {text}") from None
+            field = text.removeprefix("BusOptions.").split(" ", 1)[0]
+            variable, value = variables.get(field, ("HEADEND_BUS_*", "?"))
+            raise DerSdkError(f"{variable}={value!r} must be more than 0") from None
 
     @property
     def tls(self) -> bool:
@@ -289,4 +357,10 @@ class HeadendConfig:
             metrics_auth=_choice(env, "METRICS_AUTH", ("viewer", "open")),  # type: ignore[arg-type]
             insecure=_flag(env, "HEADEND_INSECURE"),
             headend_id=env.get("HEADEND_ID", "").strip(),
+            bus_url=env.get("HEADEND_BUS_URL", "").strip() or None,
+            bus_namespace=env.get("HEADEND_BUS_NAMESPACE", "").strip() or "der",
+            bus_presence_max_age_s=_float(env, "HEADEND_BUS_PRESENCE_MAX_AGE_S", 15.0),
+            bus_telemetry_max_bytes=_int(env, "HEADEND_BUS_TELEMETRY_MAX_BYTES", 1024**3),
+            bus_telemetry_max_messages=_int(env, "HEADEND_BUS_TELEMETRY_MAX_MESSAGES", 1_000_000),
+            bus_ack_wait_s=_float(env, "HEADEND_BUS_ACK_WAIT_S", 30.0),
         )

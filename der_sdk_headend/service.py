@@ -29,6 +29,7 @@ from der_sdk.models import utc_now
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend.audit import Auditor
+from der_sdk_headend.cluster import Cluster
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.ingest import TelemetryIngest
@@ -103,6 +104,7 @@ class Headend:
         self.plugins = plugins if plugins is not None else load_plugins()
         self._inventory: Inventory | None = None
         self._storage: StorageBackend | None = None
+        self._cluster: Cluster | None = None
         self._auditor: Auditor | None = None
         self._rest_auth: RestAuth | None = None
         self._presence: Presence | None = None
@@ -132,6 +134,12 @@ class Headend:
     @property
     def presence(self) -> Presence:
         return _started(self._presence, "presence")
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """This replica's part in a cluster, or ``None`` for a headend alone (no
+        ``HEADEND_BUS_URL``)."""
+        return self._cluster
 
     @property
     def ingest(self) -> TelemetryIngest:
@@ -218,9 +226,21 @@ class Headend:
             storage = open_storage(config.database_url, self.plugins)
         except UnknownNameError as exc:
             raise DerSdkError(f"DATABASE_URL={config.database_url!r}: {exc}") from None
+        if config.clustered:
+            if not storage.shared:
+                raise DerSdkError(
+                    f"HEADEND_BUS_URL is set, so this headend is a replica of a cluster, and "
+                    f"replicas need a storage they share: DATABASE_URL={config.database_url!r} "
+                    f"is {storage.name}, which one process owns. Use PostgreSQL "
+                    "(DATABASE_URL=postgresql://...), or unset HEADEND_BUS_URL to run alone "
+                    "(docs/cluster.md)"
+                )
+            self._cluster = Cluster(config, self.plugins)
         self._storage = storage  # set before open(): /healthz says degraded while it waits
         self._auditor = Auditor(storage)
         await self._open_storage(storage)
+        if self._cluster is not None:
+            await self._cluster.connect(on_retry=self._start_http_early)
         if config.reset_db:
             await storage.reset()
             log.warning("RESET_DB: deleted all stored data in %s", storage.name)
@@ -228,8 +248,11 @@ class Headend:
         # With a configured id only this headend's: other headends sharing the storage keep
         # their agents' sessions. A derived id may differ from the last run's (a new host
         # name), so without one every session left open is closed, as by a lone headend.
+        # A replica of a cluster always closes only its own (its id is unique in the
+        # cluster; the sessions of a replica that died are closed by the others).
+        scoped = config.headend_id_configured or config.clustered
         stale = await close_sessions_left_open(
-            storage, utc_now(), config.headend_id if config.headend_id_configured else None
+            storage, utc_now(), config.headend_id if scoped else None
         )
         if stale:
             log.info(
@@ -259,6 +282,8 @@ class Headend:
                 reloaded,
             )
         self._dispatcher.start()
+        if self._cluster is not None:
+            await self._cluster.serve()
 
         await self._start_grpc()
         if self._http_server is None:
@@ -301,12 +326,18 @@ class Headend:
                     f"cannot open storage DATABASE_URL={self.config.database_url!r}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            if self._http_server is None:
-                await self._start_http()
-                log.info(
-                    "REST is up at %s; /healthz reports degraded until storage opens", self.http_url
-                )
+            await self._start_http_early()
             await asyncio.sleep(delay)
+
+    async def _start_http_early(self) -> None:
+        """Bring REST up while storage or the bus is still unreachable, so that
+        ``/healthz`` answers 503 ``degraded`` with the reason."""
+        if self._http_server is None:
+            await self._start_http()
+            log.info(
+                "REST is up at %s; /healthz reports degraded until the headend has started",
+                self.http_url,
+            )
 
     async def _start_grpc(self) -> None:
         assert self._inventory and self._storage and self._presence
@@ -452,6 +483,11 @@ class Headend:
                 await self._ingest.close(INGEST_DRAIN_S)
             if self._dispatcher is not None:
                 await self._dispatcher.close()
+            if self._cluster is not None:
+                try:
+                    await self._cluster.close()
+                except Exception:
+                    log.exception("closing the message bus failed")
             await self._stop_http()
             if self._rest_auth is not None:
                 await self._rest_auth.close()
@@ -586,13 +622,14 @@ async def run_headend(config: HeadendConfig) -> None:
         _tune_gc()
         log.info(
             "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents %s (%s), "
-            "storage %s, headend id %s, %d sites, %d assets",
+            "storage %s, headend id %s%s, %d sites, %d assets",
             headend.http_url,
             headend.http_url,
             headend.grpc_addr,
             _link_security(config),
             headend.storage.name,
             config.headend_id,
+            f", replica on bus {headend.cluster.bus.name}" if headend.cluster else "",
             len(headend.inventory.sites),
             len(headend.inventory.assets),
         )

@@ -14,9 +14,11 @@ Conventions that hold for every backend (the conformance suite checks them):
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -73,6 +75,11 @@ class StorageBackend(abc.ABC):
     #: ``min(INGEST_WRITERS, this)`` telemetry writers; 1 (the default) for a backend with
     #: one connection, such as SQLite, where a second writer would only queue.
     concurrent_writes: int = 1
+
+    #: Whether several headend processes may use this storage at once (the replicas of
+    #: a cluster, docs/cluster.md): their writes are safe together and each sees the
+    #: others'. ``False`` for an embedded database (memory, SQLite).
+    shared: bool = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +161,17 @@ class StorageBackend(abc.ABC):
         """
         await self.save_dispatch(dispatch)
         await self.record_dispatch_event(event)
+
+    def dispatch_lock(self, dispatch_id: str) -> AbstractAsyncContextManager[None]:
+        """Hold ``dispatch_id`` against changes by other headend processes.
+
+        A :attr:`shared` backend serialises the read, change and :meth:`record_dispatch`
+        of one dispatch across every process that uses it (PostgreSQL: an advisory lock),
+        so two replicas acknowledging targets of one site dispatch never overwrite each
+        other's change. The default, for backends one process owns, holds nothing: the
+        dispatcher's own lock serialises that process.
+        """
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:

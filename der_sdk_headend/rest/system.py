@@ -49,7 +49,8 @@ class SystemController(Controller):
         "/healthz",
         summary="Liveness, storage health and ingest backlog",
         description="200 with status `ok`; 503 with status `degraded` and a `reason` when "
-        "storage is not healthy (or does not answer within 2 s) or telemetry writes are "
+        "storage is not healthy (or does not answer within 2 s), the message bus of a cluster "
+        "is not connected, or telemetry writes are "
         "stalled (failing, or the oldest queued batch waiting longer than 5 s). Latest "
         "values and the rest of the API keep answering while degraded. Needs no token.",
         responses={503: ResponseSpec(Health, description="`degraded`, with a `reason`")},
@@ -69,6 +70,9 @@ class SystemController(Controller):
             )
         except Exception as exc:
             reason = f"storage {storage.name} health check failed: {type(exc).__name__}"
+        cluster = headend.cluster
+        if reason is None and cluster is not None:
+            reason = cluster.health_reason()
         queued_batches = queued_samples = 0
         ingest = headend.ingest_or_none
         if ingest is not None:

@@ -186,6 +186,7 @@ class PostgresStorage(StorageBackend):
     """The headend's storage on PostgreSQL through an asyncpg pool."""
 
     name = "postgresql"
+    shared = True
 
     def __init__(self, settings: PostgresSettings) -> None:
         self.settings = settings
