@@ -30,6 +30,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.cluster import Cluster
+from der_sdk_headend.cluster.ingest import BusTelemetrySink, StreamWriters
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.ingest import TelemetryIngest
@@ -109,6 +110,7 @@ class Headend:
         self._rest_auth: RestAuth | None = None
         self._presence: Presence | None = None
         self._ingest: TelemetryIngest | None = None
+        self._stream_writers: StreamWriters | None = None  # cluster ingest (bus mode)
         self._dispatcher: Dispatcher | None = None
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -144,6 +146,11 @@ class Headend:
     @property
     def ingest(self) -> TelemetryIngest:
         return _started(self._ingest, "ingest")
+
+    @property
+    def stream_writers(self) -> StreamWriters | None:
+        """The writers that store the bus's telemetry stream (bus mode), or ``None``."""
+        return self._stream_writers
 
     @property
     def auditor(self) -> Auditor:
@@ -262,16 +269,27 @@ class Headend:
             )
 
         self._presence = Presence(storage, self.plugins, config.headend_id)
+        writers = max(1, min(config.ingest_writers, storage.concurrent_writes))
+        # --- cluster ingest (bus mode): agents are acknowledged once JetStream holds their
+        # batches; this replica's stream writers store the stream into the database.
+        bus = self._cluster.bus if self._cluster is not None else None
         self._ingest = TelemetryIngest(
             inventory,
             self.plugins,
             storage,
             self._presence,
             max_queued_samples=config.ingest_queue_max_samples,
-            writers=max(1, min(config.ingest_writers, storage.concurrent_writes)),
+            writers=writers,
+            sink=BusTelemetrySink(bus) if bus is not None else None,
         )
         await self._ingest.warm()
         self._ingest.start()
+        if bus is not None:
+            self._stream_writers = StreamWriters(
+                bus, storage, self.plugins, self._ingest, writers=writers
+            )
+            self._stream_writers.start()
+        # --- end cluster ingest
         self._dispatcher = Dispatcher(
             inventory, self.plugins, storage, PresenceRouter(self._presence), config.split_policy
         )
@@ -479,8 +497,10 @@ class Headend:
                 await self._front.close()
             if self._presence is not None:
                 await self._presence.detach_all()
-            if self._ingest is not None:
+            if self._ingest is not None:  # in bus mode: drains the queue into the stream
                 await self._ingest.close(INGEST_DRAIN_S)
+            if self._stream_writers is not None:  # unacknowledged messages are redelivered
+                await self._stream_writers.close(INGEST_DRAIN_S)
             if self._dispatcher is not None:
                 await self._dispatcher.close()
             if self._cluster is not None:

@@ -66,6 +66,13 @@ acknowledged earlier, or recorded as a gap. The agent forgets a listed range onc
   seqs below the floor cannot be told apart, so the watermark follows the floor and no gap
   is inferred; their own ``telemetry_dropped`` events remain the record of their drops.
 
+**Sinks.** By default the writers store into the headend's storage. A replica of a
+cluster (``HEADEND_BUS_URL``) gives :class:`TelemetryIngest` a :class:`TelemetrySink`
+instead (:class:`der_sdk_headend.cluster.ingest.BusTelemetrySink`): a writer hands its group
+(samples and gap events) to the sink and acknowledges the agents once the sink has it
+durably. A sink's failure is a write failure like storage's: the batches go back to the
+queue head, the queue fills, readers stop reading, agents buffer.
+
 Not promised: a batch stored by an earlier run whose ack was lost, and then dropped by the
 agent before it could send it again, is reported as a gap although it is stored. A gap
 event whose ack is lost with a killed headend is recorded again by the next run.
@@ -73,6 +80,7 @@ event whose ack is lost with a killed headend is recorded again by the next run.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import bisect
 import contextlib
@@ -112,7 +120,9 @@ __all__ = [
     "WRITE_BATCH_SAMPLES",
     "IngestStats",
     "SeqCursor",
+    "SinkBatch",
     "TelemetryIngest",
+    "TelemetrySink",
 ]
 
 log = logging.getLogger("der.headend.ingest")
@@ -283,8 +293,46 @@ class IngestStats:
     oldest_queued_s: float
 
 
+class SinkBatch(abc.ABC):
+    """One agent batch as a :class:`TelemetrySink` sees it (read-only)."""
+
+    __slots__ = ()
+
+    stream: AgentStream
+    seq: int
+    samples: list[TelemetrySample]
+    gaps: list[SeqRange]
+
+    def gap_events(self) -> list[Event]:
+        """The ``telemetry_gap`` events of the batch: recorded before it is acknowledged."""
+        return [_gap_event(self.stream, first, last) for first, last in self.gaps]
+
+
+class TelemetrySink(abc.ABC):
+    """Where the ingest writers put checked telemetry instead of the headend's storage.
+
+    :meth:`write` returns once the batches (their samples and gap events) are held
+    durably; the writer then acknowledges them to their agents. Raising is a write
+    failure: the batches go back to the head of the ingest queue and are written again
+    with backoff, so a sink must take the same batches twice without harm (an
+    idempotency key per batch).
+    """
+
+    #: Shown in logs (``bus nats``).
+    name: str = "sink"
+
+    @abc.abstractmethod
+    async def write(self, batches: Sequence[SinkBatch]) -> None:
+        """Hold ``batches`` durably; raise when they are not (all) held."""
+
+    def failure_reason(self, exc: Exception) -> str:
+        """What ``/healthz`` says while :meth:`write` keeps failing with ``exc``."""
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"{self.name} writes failing: {text}"
+
+
 @dataclass
-class _Item:
+class _Item(SinkBatch):
     stream: AgentStream
     seq: int
     floor_seq: int
@@ -314,6 +362,7 @@ class TelemetryIngest:
         max_queued_samples: int = DEFAULT_QUEUE_MAX_SAMPLES,
         stall_after_s: float = STALL_AFTER_S,
         writers: int = DEFAULT_WRITERS,
+        sink: TelemetrySink | None = None,
     ) -> None:
         if max_queued_samples < 1:
             raise ValueError(f"max_queued_samples must be at least 1, got {max_queued_samples}")
@@ -323,6 +372,7 @@ class TelemetryIngest:
         self._inventory = inventory
         self._plugins = plugins
         self._storage = storage
+        self._sink = sink
         self._presence = presence
         self._latest: dict[str, TelemetrySample] = {}
         self._known: dict[str, tuple[Asset, AssetType | None]] = {}
@@ -345,6 +395,7 @@ class TelemetryIngest:
         self._write_seconds = 0.0
         self._failing_since: float | None = None
         self._failure: str | None = None
+        self._failure_reason: str | None = None
         self._write_started: dict[int, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -398,6 +449,18 @@ class TelemetryIngest:
     def latest(self, asset_id: str) -> TelemetrySample | None:
         return self._latest.get(asset_id)
 
+    def merge_latest(self, samples: Sequence[TelemetrySample]) -> int:
+        """Take ``samples`` (stored elsewhere, e.g. by another replica) into the latest
+        cache where they are newer than what it holds; return how many were taken."""
+        taken = 0
+        assets = self._inventory.assets
+        for sample in samples:
+            current = self._latest.get(sample.asset_id)
+            if (current is None or sample.ts > current.ts) and sample.asset_id in assets:
+                self._latest[sample.asset_id] = sample
+                taken += 1
+        return taken
+
     # ------------------------------------------------------------------ status
 
     def stats(self) -> IngestStats:
@@ -423,11 +486,12 @@ class TelemetryIngest:
         )
 
     def _stall_reason(self, now: float, oldest: float) -> str | None:
-        if self._failure is not None:
-            return f"storage writes failing: {self._failure}"
+        if self._failure_reason is not None:
+            return self._failure_reason
         started = min(self._write_started.values(), default=None)
         if started is not None and now - started > self.stall_after_s:
-            return f"a storage write has been running for {now - started:.0f} s"
+            what = "storage" if self._sink is None else self._sink.name
+            return f"a {what} write has been running for {now - started:.0f} s"
         if oldest > self.stall_after_s:
             return f"the oldest queued batch has waited {oldest:.0f} s"
         return None
@@ -643,11 +707,14 @@ class TelemetryIngest:
         samples = [s for item in items for s in item.samples]
         self._write_started[index] = started = time.monotonic()
         try:
-            if samples:
-                await self._storage.append_telemetry(samples)
-            for item in items:  # recorded before the acks that let the agent forget them
-                for first, last in item.gaps:
-                    await self._storage.append_event(_gap_event(item.stream, first, last))
+            if self._sink is not None:
+                await self._sink.write(items)
+            else:
+                if samples:
+                    await self._storage.append_telemetry(samples)
+                for item in items:  # recorded before the acks that let the agent forget them
+                    for first, last in item.gaps:
+                        await self._storage.append_event(_gap_event(item.stream, first, last))
         except BaseException:
             queue.extendleft(reversed(items))
             raise
@@ -657,7 +724,7 @@ class TelemetryIngest:
             del self._write_started[index]
         self._writes += 1
 
-        if samples:
+        if samples and self._sink is None:  # a sink's samples are stored (and told) later
             self._plugins.notify("der_telemetry_received", samples=samples)
         self._queued_samples -= total
         self._samples_stored += total
@@ -732,38 +799,48 @@ class TelemetryIngest:
         if rows:
             await self._storage.append_heartbeats(rows)
 
+    @property
+    def _target(self) -> str:
+        """What the writers write to, for logs."""
+        return f"storage {self._storage.name}" if self._sink is None else self._sink.name
+
     def _on_failure(self, exc: Exception, delay: float) -> None:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        target = self._target
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.error(
-                "storage %s: writing telemetry failed: %s; %d batch(es) (%d samples) held "
+                "%s: writing telemetry failed: %s; %d batch(es) (%d samples) held "
                 "unacknowledged, retrying (agents keep buffering)",
-                self._storage.name,
+                target,
                 text,
                 len(self._queue),
                 self._queued_samples,
             )
         elif text != self._failure:
-            log.warning("storage %s: still failing: %s", self._storage.name, text)
+            log.warning("%s: still failing: %s", target, text)
         else:
-            log.debug(
-                "storage %s: write retry in %.2f s failed: %s", self._storage.name, delay, text
-            )
+            log.debug("%s: write retry in %.2f s failed: %s", target, delay, text)
         self._failure = text
+        self._failure_reason = (
+            f"storage writes failing: {text}"
+            if self._sink is None
+            else self._sink.failure_reason(exc)
+        )
 
     def _on_success(self) -> None:
         if self._failing_since is None:
             return
         down = time.monotonic() - self._failing_since
         log.warning(
-            "storage %s: writes recovered after %.1f s; %d batch(es) still queued",
-            self._storage.name,
+            "%s: writes recovered after %.1f s; %d batch(es) still queued",
+            self._target,
             down,
             len(self._queue),
         )
         self._failing_since = None
         self._failure = None
+        self._failure_reason = None
 
 
 def _gap_event(stream: AgentStream, first: int, last: int) -> Event:

@@ -1,0 +1,223 @@
+"""Ingest in bus mode (issue 17, items 3 and 4): agents are acknowledged once JetStream holds
+their batches, the stream writers store them into PostgreSQL exactly once whatever
+happens to the database or to a writer, a full stream holds the agents back, and the
+latest telemetry received on one replica shows on every replica.
+
+Real NATS (JetStream) and real PostgreSQL; replicas and agents run in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from der_sdk_postgres.storage import PostgresStorage
+
+from der_sdk.models import TelemetrySample
+from der_sdk.wire import codec, pb
+from der_sdk_headend.cluster.ingest import decode_message
+from der_sdk_headend.service import Headend
+from tests.cluster.ingest_kit import ClusterKit, cluster, pg_refusing, stored_count, within
+from tests.headend.headend_kit import BESS_1, BESS_2, RawAgent, sample
+
+__all__ = ["cluster"]
+
+pytestmark = pytest.mark.services
+
+ASSETS = [BESS_1, BESS_2]
+
+
+def batch(seq: int, per_asset: int = 5) -> list[TelemetrySample]:
+    """``per_asset`` samples of each asset, a second apart, distinct for each ``seq``."""
+    base = seq * 1000
+    return [sample(a, seconds=base + i) for a in ASSETS for i in range(per_asset)]
+
+
+async def send(agent: RawAgent, seq: int, per_asset: int = 5) -> int:
+    """Send batch ``seq``; return its acknowledged seq."""
+    ack = await agent.telemetry(seq, batch(seq, per_asset))
+    return int(ack.seq)
+
+
+async def backlog_messages(headend: Headend) -> int:
+    assert headend.cluster is not None
+    return (await headend.cluster.bus.telemetry.backlog()).messages
+
+
+async def test_a_batch_is_acknowledged_once_jetstream_holds_it_and_stored_exactly_once(
+    cluster: ClusterKit,
+) -> None:
+    replica = await cluster.replica()
+    writers = replica.stream_writers
+    assert writers is not None
+    await writers.close()  # nothing consumes the stream: the ack cannot wait for PostgreSQL
+    agent = await cluster.agent(replica, ASSETS, "gw-1")
+
+    assert await send(agent, 1) == 1
+    assert await send(agent, 2) == 2
+    assert await backlog_messages(replica) >= 1
+    assert await stored_count(cluster.database_url) == (0, 0)
+
+    assert await send(agent, 2) == 2  # sent again (a lost ack): stored once all the same
+    writers.start()
+
+    async def stored() -> bool:
+        return (await stored_count(cluster.database_url))[0] >= 20
+
+    await within(stored, 10, "both batches stored")
+    await within(lambda: _empty(replica), 5, "the stream emptied")
+    assert await stored_count(cluster.database_url) == (20, 20)
+    assert writers.stats().messages_acked >= 2
+
+
+async def _empty(headend: Headend) -> bool:
+    return await backlog_messages(headend) == 0
+
+
+async def test_agents_are_acknowledged_while_postgres_refuses_and_every_sample_is_stored_once_after(
+    cluster: ClusterKit,
+) -> None:
+    await _postgres_outage(cluster, seconds=5.0)
+
+
+@pytest.mark.slow
+async def test_a_60_s_postgres_outage_under_load_loses_and_duplicates_nothing(
+    cluster: ClusterKit,
+) -> None:
+    await _postgres_outage(cluster, seconds=60.0)
+
+
+async def _postgres_outage(cluster: ClusterKit, seconds: float) -> None:
+    replica = await cluster.replica()
+    writers = replica.stream_writers
+    assert writers is not None
+    agent = await cluster.agent(replica, ASSETS, "gw-1")
+    assert await send(agent, 1) == 1
+    loop = asyncio.get_running_loop()
+    seq = 1
+    async with httpx.AsyncClient(base_url=replica.http_url) as http:
+        async with pg_refusing(cluster.database_url):
+            end = loop.time() + seconds
+            saw_degraded = False
+            while loop.time() < end:
+                seq += 1
+                # each batch is acknowledged although PostgreSQL refuses every connection
+                assert await send(agent, seq) == seq
+                health = await http.get("/healthz")
+                reason = writers.health_reason() or ""
+                if health.status_code == 503 and "cannot store telemetry" in reason:
+                    saw_degraded = True
+                await asyncio.sleep(0.1)
+            assert saw_degraded, "/healthz was not degraded with the writers failing"
+
+        expected = seq * 2 * 5
+
+        async def all_stored() -> bool:
+            return (await stored_count(cluster.database_url))[0] >= expected
+
+        await within(all_stored, 30, f"all {expected} samples stored after the outage")
+        assert await stored_count(cluster.database_url) == (expected, expected)
+
+        async def healthy() -> bool:
+            return (await http.get("/healthz")).status_code == 200
+
+        await within(healthy, 10, "/healthz ok again")
+
+
+async def test_a_writer_that_dies_mid_batch_leaves_it_to_be_delivered_again_and_stored_once(
+    cluster: ClusterKit,
+) -> None:
+    replica = await cluster.replica(HEADEND_BUS_ACK_WAIT_S="1")
+    writers = replica.stream_writers
+    assert writers is not None
+    await writers.close()
+    agent = await cluster.agent(replica, ASSETS, "gw-1")
+    assert await send(agent, 1) == 1
+    assert await send(agent, 2) == 2
+
+    # A writer of another replica fetches the batches, stores part of them, and dies
+    # before it acknowledges anything (its connection ends, as with kill -9).
+    dying = await cluster.bus(telemetry_ack_wait_s=1.0)
+    consumer = await dying.telemetry.consumer()
+    messages = await consumer.fetch(1, timeout_s=5.0)
+    assert messages
+    samples, _ = decode_message(messages[0].data)
+    storage = PostgresStorage.from_url(cluster.database_url)
+    await storage.open()
+    try:
+        await storage.append_telemetry(samples[: len(samples) // 2])
+    finally:
+        await storage.close()
+    await dying.close()
+
+    writers.start()
+
+    async def stored() -> bool:
+        return (await stored_count(cluster.database_url))[0] >= 20
+
+    await within(stored, 10, "both batches stored after the redelivery")
+    await within(lambda: _empty(replica), 5, "the stream emptied")
+    assert await stored_count(cluster.database_url) == (20, 20)
+    assert writers.stats().messages_redelivered >= 1
+
+
+async def test_a_full_stream_holds_the_agent_back_and_loses_nothing_once_space_frees(
+    cluster: ClusterKit,
+) -> None:
+    replica = await cluster.replica(HEADEND_BUS_TELEMETRY_MAX_MESSAGES="2")
+    writers = replica.stream_writers
+    assert writers is not None
+    await writers.close()
+    agent = await cluster.agent(replica, ASSETS, "gw-1")
+    assert await send(agent, 1) == 1
+    assert await send(agent, 2) == 2
+    assert await backlog_messages(replica) == 2
+
+    await agent.send(_telemetry(3))
+    reader = asyncio.create_task(agent.call.read())
+    done, _ = await asyncio.wait({reader}, timeout=1.5)
+    assert not done, "batch 3 was acknowledged although the stream is full"
+    async with httpx.AsyncClient(base_url=replica.http_url) as http:
+        health = await http.get("/healthz")
+        assert health.status_code == 503
+        assert "the bus telemetry stream is full (2 messages" in health.json()["reason"]
+    assert replica.ingest.stats().write_failures >= 1
+    assert await stored_count(cluster.database_url) == (0, 0)
+
+    writers.start()  # the writers free space; the publish retried with backoff goes through
+    message = await asyncio.wait_for(reader, 10)
+    assert message.WhichOneof("msg") == "telemetry_ack", message
+    assert message.telemetry_ack.seq == 3
+
+    async def stored() -> bool:
+        return (await stored_count(cluster.database_url))[0] >= 30
+
+    await within(stored, 10, "all three batches stored")
+    assert await stored_count(cluster.database_url) == (30, 30)
+
+
+def _telemetry(seq: int) -> pb.AgentMessage:
+    return codec.agent_telemetry(seq, batch(seq))
+
+
+async def test_latest_telemetry_received_on_one_replica_shows_on_another_within_a_second(
+    cluster: ClusterKit,
+) -> None:
+    a = await cluster.replica()
+    b = await cluster.replica()
+    agent = await cluster.agent(a, ASSETS, "gw-1")
+    assert await send(agent, 1) == 1
+    newest = batch(1)[4].ts  # BESS_1's last sample of batch 1
+    async with httpx.AsyncClient(base_url=b.http_url) as http:
+
+        async def on_b() -> bool:
+            response = await http.get(f"/telemetry/{BESS_1}")
+            if response.status_code != 200:
+                return False
+            return bool(response.json()["ts"].startswith(newest.strftime("%Y-%m-%dT%H:%M:%S")))
+
+        took = await within(on_b, 1.0, "replica B shows the sample replica A received")
+    assert took <= 1.0
+    assert b.ingest.latest(BESS_1) is not None
+    assert b.ingest.latest(BESS_1).ts == newest  # type: ignore[union-attr]
