@@ -124,9 +124,8 @@ def encode_batches(batches: Sequence[SinkBatch], max_bytes: int) -> list[tuple[s
 
     Batches are packed in order, so the same batches give the same messages (and ids)
     when a group is published again. A batch larger than ``max_bytes`` is split into
-    parts (its gap events ride the first).
-
-    :raises ValueError: one sample alone is larger than ``max_bytes``.
+    parts (its gap events ride the first); a sample alone larger than that is kept without
+    its ``details``, as ``bad`` (logged).
     """
     parts: list[tuple[str, bytes]] = []  # (key, encoded _BusBatch)
     for batch in batches:
@@ -162,14 +161,24 @@ def _split(batch: SinkBatch, gaps: list[Event], max_bytes: int) -> list[tuple[st
         if len(encoded) + 8 <= max_bytes:
             out.append((_batch_key(batch, f"|{start}-{end}"), encoded))
         elif end - start <= 1:
-            raise ValueError(
-                f"a telemetry sample of asset {batch.samples[start].asset_id} encodes to "
-                f"{len(encoded)} bytes, more than the bus carries ({max_bytes})"
-            )
+            out.append((_batch_key(batch, f"|{start}"), _oversize(chunk, len(encoded))))
         else:
             middle = (start + end) // 2
             pending[:0] = [(start, middle), (middle, end)]
     return out
+
+
+def _oversize(chunk: _BusBatch, size: int) -> bytes:
+    """One sample too large for a bus message: kept, as ``bad``, without its details
+    (logged; the agent's batch is not held back for ever by one sample)."""
+    sample = chunk.samples[0]
+    reason = f"details too large for the message bus ({size} bytes), left out"
+    log.error("telemetry sample of asset %s at %s: %s", sample.asset_id, sample.ts, reason)
+    before = [sample.quality_reason] if sample.quality_reason else []
+    kept = msgspec.structs.replace(
+        sample, details={}, quality="bad", quality_reason="; ".join([*before, reason])
+    )
+    return _encoder.encode(_BusBatch([kept], chunk.gaps))
 
 
 def decode_message(payload: bytes) -> tuple[list[TelemetrySample], list[Event]]:

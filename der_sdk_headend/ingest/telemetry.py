@@ -396,6 +396,11 @@ class TelemetryIngest:
         self._failing_since: float | None = None
         self._failure: str | None = None
         self._failure_reason: str | None = None
+        # events and heartbeats when telemetry goes to a sink (their own failures)
+        self._side_failure: str | None = None
+        self._side_failed = 0
+        self._side_retry_at: float | None = None
+        self._side_backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         self._write_started: dict[int, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -488,6 +493,8 @@ class TelemetryIngest:
     def _stall_reason(self, now: float, oldest: float) -> str | None:
         if self._failure_reason is not None:
             return self._failure_reason
+        if self._side_failure is not None:
+            return f"storage writes failing (events and heartbeats held): {self._side_failure}"
         started = min(self._write_started.values(), default=None)
         if started is not None and now - started > self.stall_after_s:
             what = "storage" if self._sink is None else self._sink.name
@@ -675,9 +682,15 @@ class TelemetryIngest:
         backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         failed = 0
         while True:
-            while not (self._queue or (index == 0 and (self._events or self._heartbeats))):
+            while not (self._queue or (index == 0 and self._side_records_due())):
                 self._work.clear()
-                await self._work.wait()
+                retry_at = self._side_retry_at
+                if index == 0 and retry_at is not None:  # a sink's side records wait
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, retry_at - time.monotonic())):
+                            await self._work.wait()
+                else:
+                    await self._work.wait()
             try:
                 await self._write_once(index)
             except asyncio.CancelledError:
@@ -742,7 +755,48 @@ class TelemetryIngest:
                 stored_through,
             )
         if index == 0:  # after the acks: a failure here must not hold telemetry back
+            if self._sink is None:
+                await self._write_side_records()
+            elif self._side_records_due():
+                await self._write_side_records_apart()
+
+    def _side_records_due(self) -> bool:
+        """Events or heartbeats wait and are not held back by a failed write's backoff."""
+        if not (self._events or self._heartbeats):
+            return False
+        retry_at = self._side_retry_at
+        return retry_at is None or time.monotonic() >= retry_at
+
+    async def _write_side_records_apart(self) -> None:
+        """Events and heartbeats when telemetry goes to a sink: they still go to storage,
+        and a storage failure must neither slow the telemetry writers nor be taken for a
+        sink failure. Retried with their own backoff; one log line when failing starts,
+        one on recovery; ``/healthz`` says so meanwhile."""
+        try:
             await self._write_side_records()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._side_failed += 1
+            self._write_failures += 1
+            delay = self._side_backoff.delay(self._side_failed)
+            self._side_retry_at = time.monotonic() + delay
+            if self._side_failure is None:
+                log.error(
+                    "storage %s: writing events and heartbeats failed: %s; %d event(s) held, "
+                    "retrying (telemetry is not held back)",
+                    self._storage.name,
+                    text,
+                    len(self._events),
+                )
+            self._side_failure = text
+            return
+        if self._side_failure is not None:
+            log.warning("storage %s: events and heartbeats stored again", self._storage.name)
+        self._side_failure = None
+        self._side_failed = 0
+        self._side_retry_at = None
 
     async def _write_side_records(self) -> None:
         """Events and heartbeats (writer 0 only)."""

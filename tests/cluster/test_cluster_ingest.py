@@ -9,21 +9,24 @@ Real NATS (JetStream) and real PostgreSQL; replicas and agents run in this proce
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import httpx
+import msgspec
 import pytest
 from der_sdk_postgres.storage import PostgresStorage
 
-from der_sdk.models import TelemetrySample
+from der_sdk.models import SeqRange, TelemetrySample
 from der_sdk.wire import codec, pb
-from der_sdk_headend.cluster.ingest import decode_message
+from der_sdk_headend.cluster.ingest import decode_message, encode_batches
+from der_sdk_headend.ingest.telemetry import SinkBatch
+from der_sdk_headend.presence import AgentStream
 from der_sdk_headend.service import Headend
 from tests.cluster.ingest_kit import ClusterKit, cluster, pg_refusing, stored_count, within
 from tests.headend.headend_kit import BESS_1, BESS_2, RawAgent, sample
 
 __all__ = ["cluster"]
 
-pytestmark = pytest.mark.services
 
 ASSETS = [BESS_1, BESS_2]
 
@@ -221,3 +224,60 @@ async def test_latest_telemetry_received_on_one_replica_shows_on_another_within_
     assert took <= 1.0
     assert b.ingest.latest(BESS_1) is not None
     assert b.ingest.latest(BESS_1).ts == newest  # type: ignore[union-attr]
+
+
+@dataclass
+class _Batch(SinkBatch):
+    stream: AgentStream
+    seq: int
+    samples: list[TelemetrySample]
+    gaps: list[SeqRange]
+
+
+def _group(batches: int, per_asset: int, details_bytes: int = 0) -> list[_Batch]:
+    stream = AgentStream(agent_id="gw-1", site_id="site", peer="test")
+    details = {"note": "x" * details_bytes} if details_bytes else {}
+    return [
+        _Batch(
+            stream,
+            seq,
+            [
+                msgspec.structs.replace(s, details=details) if details else s
+                for s in batch(seq, per_asset)
+            ],
+            [(seq * 100, seq * 100 + 1)] if seq == 1 else [],
+        )
+        for seq in range(1, batches + 1)
+    ]
+
+
+def test_a_group_is_split_into_messages_under_the_bus_limit_with_ids_stable_for_a_retry() -> None:
+    group = _group(6, 50)
+    messages = encode_batches(group, 4_000)
+    assert len(messages) > 6  # each batch is split too: 100 samples do not fit 4 kB
+    assert all(len(payload) <= 4_000 for _, payload in messages)
+    assert len({msg_id for msg_id, _ in messages}) == len(messages)
+    ids = [msg_id for msg_id, _ in messages]
+    assert [i for i, _ in encode_batches(group, 4_000)] == ids  # published again: same ids
+
+    samples: list[TelemetrySample] = []
+    gaps = []
+    for _, payload in messages:
+        got_samples, got_gaps = decode_message(payload)
+        samples.extend(got_samples)
+        gaps.extend(got_gaps)
+    assert samples == [s for b in group for s in b.samples]
+    assert [(g.data["first_seq"], g.data["last_seq"]) for g in gaps] == [(100, 101)]
+
+    # more batches queued behind the retried ones: the first messages keep their ids
+    longer = [msg_id for msg_id, _ in encode_batches(_group(7, 50), 4_000)]
+    assert longer[: len(ids) - 1] == ids[:-1]
+
+
+def test_a_sample_too_large_for_one_message_is_kept_as_bad_without_its_details() -> None:
+    group = _group(1, 1, details_bytes=5_000)
+    messages = encode_batches(group, 4_000)
+    samples = [s for _, payload in messages for s in decode_message(payload)[0]]
+    assert len(samples) == 2
+    assert all(s.quality == "bad" and s.details == {} for s in samples)
+    assert all("too large for the message bus" in (s.quality_reason or "") for s in samples)
