@@ -89,6 +89,8 @@ BACKLOG_POLL_S = 1.0
 RETRY_INITIAL_S = 0.25
 """A stream writer's first wait after a failed store; doubles up to :data:`RETRY_MAX_S`."""
 RETRY_MAX_S = 5.0
+FULL_RETRY_MAX_S = 0.5
+"""The longest wait before publishing again into a full stream."""
 STALL_AFTER_S = 5.0
 """A store failing, or running longer than this, makes ``/healthz`` degraded."""
 
@@ -216,6 +218,11 @@ class BusTelemetrySink(TelemetrySink):
             self.messages_published += 1
             if ack.duplicate:
                 self.duplicates += 1
+
+    def retry_max_s(self, exc: Exception) -> float:
+        # a full stream is flow control, not an outage: try again soon after the writers
+        # free space, or the stream drains while every publisher sleeps
+        return FULL_RETRY_MAX_S if isinstance(exc, StreamFullError) else RETRY_MAX_S
 
     def failure_reason(self, exc: Exception) -> str:
         if isinstance(exc, StreamFullError):

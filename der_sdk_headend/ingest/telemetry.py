@@ -325,6 +325,11 @@ class TelemetrySink(abc.ABC):
     async def write(self, batches: Sequence[SinkBatch]) -> None:
         """Hold ``batches`` durably; raise when they are not (all) held."""
 
+    def retry_max_s(self, exc: Exception) -> float:
+        """The longest wait before writing again after :meth:`write` failed with ``exc``
+        (the writers back off from 0.25 s, doubling, up to this or 5 s)."""
+        return RETRY_MAX_S
+
     def failure_reason(self, exc: Exception) -> str:
         """What ``/healthz`` says while :meth:`write` keeps failing with ``exc``."""
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -699,6 +704,8 @@ class TelemetryIngest:
                 self._write_failures += 1
                 failed += 1
                 delay = backoff.delay(failed)
+                if self._sink is not None:
+                    delay = min(delay, self._sink.retry_max_s(exc))
                 self._on_failure(exc, delay)
                 await asyncio.sleep(delay)
             else:
