@@ -403,10 +403,14 @@ class StreamWriters:
             except BusError as exc:
                 failed += 1
                 log.debug("stream writer %d: fetch failed: %s", index, exc)
-                if self._bus.state == "closed":
+                state = self._bus.state
+                if state == "closed":
                     return
-                if consumer is not None and "closed" in str(exc):
-                    self._consumers.pop(index, None)
+                if state == "connected":  # the bus is fine, so this consumer is not
+                    stale = self._consumers.pop(index, None)
+                    if stale is not None:
+                        with contextlib.suppress(Exception):
+                            await stale.close()
                 await asyncio.sleep(backoff.delay(failed))
                 continue
             if messages:
@@ -442,13 +446,17 @@ class StreamWriters:
         holder = asyncio.create_task(self._hold(good), name=f"headend-stream-hold-{index}")
         backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         failed = 0
+        gap_count = len(gaps)
+        unstored = bool(samples)
         try:
             while True:
                 try:
-                    if samples:
+                    if unstored:
                         await self._storage.append_telemetry(samples)
-                    for gap in gaps:
-                        await self._storage.append_event(gap)
+                        unstored = False
+                    while gaps:  # each recorded once, however often a later one fails
+                        await self._storage.append_event(gaps[0])
+                        del gaps[0]
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -469,7 +477,7 @@ class StreamWriters:
         self._on_success()
         self._stores += 1
         self._samples_stored += len(samples)
-        self._gaps_stored += len(gaps)
+        self._gaps_stored += gap_count
         if samples:
             self._plugins.notify("der_telemetry_received", samples=samples)
         results = await asyncio.gather(*(m.ack() for m in good), return_exceptions=True)

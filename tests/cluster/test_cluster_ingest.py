@@ -9,8 +9,10 @@ Real NATS (JetStream) and real PostgreSQL; replicas and agents run in this proce
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
+import asyncpg
 import httpx
 import msgspec
 import pytest
@@ -199,6 +201,16 @@ async def test_a_full_stream_holds_the_agent_back_and_loses_nothing_once_space_f
     await within(stored, 10, "all three batches stored")
     assert await stored_count(cluster.database_url) == (30, 30)
 
+    async with httpx.AsyncClient(base_url=replica.http_url) as http:
+
+        async def metrics_show_the_stream() -> bool:
+            text = (await http.get("/metrics")).text
+            return "der_bus_stream_max_messages 2.0" in text and (
+                "der_bus_writer_samples_stored_total 30.0" in text
+            )
+
+        await within(metrics_show_the_stream, 5, "/metrics shows the stream and the writers")
+
 
 def _telemetry(seq: int) -> pb.AgentMessage:
     return codec.agent_telemetry(seq, batch(seq))
@@ -281,3 +293,30 @@ def test_a_sample_too_large_for_one_message_is_kept_as_bad_without_its_details()
     assert len(samples) == 2
     assert all(s.quality == "bad" and s.details == {} for s in samples)
     assert all("too large for the message bus" in (s.quality_reason or "") for s in samples)
+
+
+async def test_a_gap_the_agent_reports_travels_the_stream_and_is_recorded_once(
+    cluster: ClusterKit,
+) -> None:
+    replica = await cluster.replica()
+    agent = await cluster.agent(replica, ASSETS, "gw-1")
+    await agent.send(codec.agent_telemetry(5, batch(5), floor_seq=1, dropped=[(1, 4)]))
+    ack = await agent.recv_kind("telemetry_ack")
+    assert (ack.seq, ack.stored_through) == (5, 5)  # the gap is on the stream: settled
+
+    async def gap_events() -> list[tuple[int, int]]:
+        conn = await asyncpg.connect(cluster.database_url)
+        try:
+            rows = await conn.fetch("SELECT data FROM events WHERE kind = 'telemetry_gap'")
+        finally:
+            await conn.close()
+        found = [json.loads(r["data"]) if isinstance(r["data"], str) else r["data"] for r in rows]
+        return [(d["first_seq"], d["last_seq"]) for d in found]
+
+    async def recorded() -> bool:
+        return bool(await gap_events())
+
+    await within(recorded, 10, "the gap event stored")
+    await asyncio.sleep(0.5)
+    assert await gap_events() == [(1, 4)]
+    assert await stored_count(cluster.database_url) == (10, 10)
