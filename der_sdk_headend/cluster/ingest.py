@@ -414,7 +414,12 @@ class StreamWriters:
                 await asyncio.sleep(backoff.delay(failed))
                 continue
             if messages:
-                await self._store(index, messages)
+                try:
+                    await self._store(index, messages)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # not acknowledged: delivered again after the ack wait
+                    log.exception("stream writer %d failed on %d message(s)", index, len(messages))
 
     async def _store(self, index: int, messages: list[StreamMessage]) -> None:
         """Store ``messages`` until it works, then acknowledge them."""
@@ -533,9 +538,18 @@ class StreamWriters:
             current = newest.get(sample.asset_id)
             if current is None or sample.ts > current.ts:
                 newest[sample.asset_id] = sample
+        latest = list(newest.values())
+        payload = _encoder.encode(latest)
+        limit = self._bus.max_message_bytes
+        parts = [payload]
+        if len(payload) > limit:  # many assets in one store: several messages
+            pieces = len(payload) // limit + 2
+            step = -(-len(latest) // pieces)
+            parts = [_encoder.encode(latest[i : i + step]) for i in range(0, len(latest), step)]
         try:
-            await self._bus.broadcast(LATEST_TOPIC, _encoder.encode(list(newest.values())))
-        except BusError as exc:  # at most once: the next store broadcasts newer samples
+            for part in parts:
+                await self._bus.broadcast(LATEST_TOPIC, part)
+        except Exception as exc:  # at most once: the next store broadcasts newer samples
             log.debug("broadcasting the latest telemetry failed: %s", exc)
 
     async def _latest_loop(self) -> None:

@@ -20,7 +20,12 @@ from der_sdk_postgres.storage import PostgresStorage
 
 from der_sdk.models import SeqRange, TelemetrySample
 from der_sdk.wire import codec, pb
-from der_sdk_headend.cluster.ingest import decode_message, encode_batches
+from der_sdk_headend.cluster.ingest import (
+    LATEST_TOPIC,
+    StreamWriters,
+    decode_message,
+    encode_batches,
+)
 from der_sdk_headend.ingest.telemetry import SinkBatch
 from der_sdk_headend.presence import AgentStream
 from der_sdk_headend.service import Headend
@@ -320,3 +325,24 @@ async def test_a_gap_the_agent_reports_travels_the_stream_and_is_recorded_once(
     await asyncio.sleep(0.5)
     assert await gap_events() == [(1, 4)]
     assert await stored_count(cluster.database_url) == (10, 10)
+
+
+async def test_the_latest_of_more_assets_than_one_message_holds_is_broadcast_in_parts(
+    cluster: ClusterKit,
+) -> None:
+    replica = await cluster.replica()
+    bus = await cluster.bus()
+    listener = await bus.subscribe(LATEST_TOPIC)
+    writers = StreamWriters(bus, replica.storage, cluster.plugins, replica.ingest)
+    samples = [sample(f"asset-{i:05d}", details={"pad": "x" * 200}) for i in range(5_000)]
+    assert len(msgspec.msgpack.encode(samples)) > bus.max_message_bytes
+
+    await writers._broadcast_latest(samples)
+
+    received: list[str] = []
+    while len(received) < len(samples):
+        payload = await asyncio.wait_for(anext(listener), 5)
+        assert len(payload) <= bus.max_message_bytes
+        part = msgspec.msgpack.decode(payload, type=list[TelemetrySample])
+        received.extend(s.asset_id for s in part)
+    assert sorted(received) == [s.asset_id for s in samples]
