@@ -80,7 +80,7 @@ LATEST_TOPIC = "telemetry.latest"
 FETCH_MESSAGES = 16
 """The most stream messages a writer holds at once (each at most ``max_message_bytes``,
 1 MB by default): bounds a writer's memory."""
-FETCH_WAIT_S = 1.0
+FETCH_WAIT_S = 0.5
 """How long a fetch waits for the first message."""
 NEAR_FULL_FRACTION = 0.9
 """``/healthz`` says degraded when the stream holds this share of a limit."""
@@ -294,8 +294,6 @@ class StreamWriters:
         self._closing = False
         self._backlog: StreamBacklog | None = None
         self._store_started: dict[int, float] = {}
-        self._idle = asyncio.Event()  # set while no writer is storing
-        self._idle.set()
         self._failing_since: float | None = None
         self._failure: str | None = None
         self._acked = 0
@@ -325,20 +323,31 @@ class StreamWriters:
         ]
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Let stores in progress finish (up to ``timeout_s``), then stop. Messages
-        fetched and not acknowledged are delivered again after the ack wait."""
+        """Let the writers finish what they hold (up to ``timeout_s``; they fetch nothing
+        more), then stop. Messages fetched and not acknowledged are delivered again after
+        the ack wait."""
         self._closing = True
-        if not self._tasks:
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
             return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        for task in self._tasks:
+        writers, others = tasks[: self.writers], tasks[self.writers :]
+        for task in others:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        # A writer ends on its own after its fetch (FETCH_WAIT_S) or store: a fetch is not
+        # cancelled, as nats-py answers a cancelled fetch with a TimeoutError.
+        await asyncio.wait(writers, timeout=timeout_s + FETCH_WAIT_S)
+        for _ in range(3):
+            pending = [task for task in tasks if not task.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+        for task in tasks:
+            if not task.done():
+                log.warning("%s did not stop", task.get_name())
+            elif not task.cancelled() and task.exception() is not None:
+                log.debug("%s ended with %r", task.get_name(), task.exception())
         for consumer in list(self._consumers.values()):
             with contextlib.suppress(Exception):
                 await consumer.close()
@@ -447,7 +456,6 @@ class StreamWriters:
         if not good:
             return
         self._store_started[index] = started = time.monotonic()
-        self._idle.clear()
         holder = asyncio.create_task(self._hold(good), name=f"headend-stream-hold-{index}")
         backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         failed = 0
@@ -477,8 +485,6 @@ class StreamWriters:
                 await holder
             self._store_seconds += time.monotonic() - started
             del self._store_started[index]
-            if not self._store_started:
-                self._idle.set()
         self._on_success()
         self._stores += 1
         self._samples_stored += len(samples)
@@ -589,7 +595,7 @@ class StreamWriters:
             await asyncio.sleep(RETRY_INITIAL_S)
 
     async def _backlog_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 self._backlog = await self._bus.telemetry.backlog()
             except BusError as exc:
