@@ -442,9 +442,18 @@ class TelemetryIngest:
             )
         for writer in self._writers:
             writer.cancel()
+        # Bounded: a client library may swallow a cancel (nats-py turns some into
+        # timeouts, which a sink reports as a failure to retry): cancel such a writer again.
+        for _ in range(3):
+            pending = [writer for writer in self._writers if not writer.done()]
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=1.0)
+            for writer in pending:
+                writer.cancel()
         for writer in self._writers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                log.error("ingest writer %s ended: %r", writer.get_name(), writer.exception())
         self._writers = []
         async with self._space:
             self._space.notify_all()
