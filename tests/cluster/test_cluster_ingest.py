@@ -346,3 +346,50 @@ async def test_the_latest_of_more_assets_than_one_message_holds_is_broadcast_in_
         part = msgspec.msgpack.decode(payload, type=list[TelemetrySample])
         received.extend(s.asset_id for s in part)
     assert sorted(received) == [s.asset_id for s in samples]
+
+
+async def test_a_real_agent_buffers_while_the_stream_is_full_and_every_sample_arrives_after(
+    cluster: ClusterKit,
+) -> None:
+    from der_sdk_agent.testing import AgentRunner
+
+    replica = await cluster.replica(HEADEND_BUS_TELEMETRY_MAX_MESSAGES="3")
+    writers = replica.stream_writers
+    assert writers is not None
+    await writers.close()
+    async with httpx.AsyncClient(base_url=replica.http_url) as http:
+        runner = AgentRunner(replica, cluster.plugins, http)
+        try:
+            link = await runner(adapter_type="sim-bess", assets=ASSETS)
+            agent = link.agent
+
+            async def buffering() -> bool:
+                return agent.stats().buffer_batches >= 10
+
+            await within(buffering, 10, "the agent buffers behind the full stream")
+            assert await backlog_messages(replica) == 3
+            held = agent.stats()
+
+            writers.start()
+
+            async def drained() -> bool:
+                return agent.stats().buffer_batches <= 2
+
+            await within(drained, 20, "the agent's buffer drained into the stream")
+            await agent.stop()
+            await within(lambda: _empty(replica), 10, "the stream emptied")
+        finally:
+            await runner.close()
+    assert held.samples_dropped == 0
+    conn = await asyncpg.connect(cluster.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT asset_id, count(*) AS n, min(seq) AS lo, max(seq) AS hi "
+            "FROM telemetry GROUP BY asset_id"
+        )
+    finally:
+        await conn.close()
+    assert {r["asset_id"] for r in rows} == set(ASSETS)
+    for r in rows:  # every sample the agent took, no hole, no duplicate
+        assert r["n"] == r["hi"] - r["lo"] + 1, dict(r)
+        assert r["n"] >= 10
