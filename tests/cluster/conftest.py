@@ -78,14 +78,14 @@ async def start_replica(
     started: list[Headend] = []
 
     async def start(headend_id: str, **env: str) -> Headend:
-        config = make_config(
-            inventory_path,
-            DATABASE_URL=database_url,
-            HEADEND_ID=headend_id,
-            HEADEND_BUS_URL=nats_url,
-            HEADEND_BUS_NAMESPACE=namespace,
+        settings = {
+            "DATABASE_URL": database_url,
+            "HEADEND_ID": headend_id,
+            "HEADEND_BUS_URL": nats_url,
+            "HEADEND_BUS_NAMESPACE": namespace,
             **env,
-        )
+        }
+        config = make_config(inventory_path, **settings)
         replica = Headend(config, plugins=cluster_plugins)
         started.append(replica)
         await replica.start()

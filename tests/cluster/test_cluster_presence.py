@@ -7,12 +7,14 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 
 from der_sdk.bus.contract import check_key
+from der_sdk.testing import TcpProxy
 from der_sdk_headend import Headend
 from der_sdk_headend.cluster.presence import agent_key
 from tests.cluster.conftest import ConnectAgent, StartReplica
-from tests.headend.headend_kit import PV_1, SITE_A_ASSETS, SITE_B, eventually
+from tests.headend.headend_kit import PV_1, SITE_A_ASSETS, SITE_B, eventually, sample
 
 VIEW_S = 2.0
 """Every replica agrees within this long after a connect or disconnect."""
@@ -49,6 +51,10 @@ async def _sees(replica: Headend, agents: int, assets: int, holder: str | None =
     if len(rows) != assets:
         return False
     return holder is None or all(row["headend_id"] == holder for row in rows.values())
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _open_sessions(replica: Headend, asset_id: str) -> list[str | None]:
@@ -113,6 +119,14 @@ async def test_a_connect_and_disconnect_show_on_every_replica_within_2s(
             f"{replica.config.headend_id} lists no agent after gw-1 disconnected",
             VIEW_S,
         )
+
+    await c.stop()  # a clean stop deletes its replica entry: the others know at once
+    assert b.cluster_presence is not None
+    await eventually(
+        lambda: _true(b.cluster_presence.replicas() == ["replica-a", "replica-b"]),  # type: ignore[union-attr]
+        "b to see replica-c gone",
+        VIEW_S,
+    )
 
 
 async def test_an_agent_moving_to_another_replica_is_listed_once_held_by_the_new_one(
@@ -191,3 +205,50 @@ async def test_a_restarting_replica_closes_only_its_own_sessions_and_stale_entri
     assert await _open_sessions(b, PV_1) == ["replica-b"], "and left replica-b's open"
     # The restarted replica deleted its previous run's entries: gone from B's view too.
     await eventually(lambda: _sees(b, 1, 1, holder="replica-b"), "b lists gw-2 only", VIEW_S)
+
+
+async def test_a_bus_outage_longer_than_the_max_age_keeps_agents_and_reclaims_after(
+    start_replica: StartReplica,
+    connect_agent: ConnectAgent,
+    nats_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fast = {"HEADEND_BUS_PRESENCE_MAX_AGE_S": "3"}
+    host, _, port = nats_url.removeprefix("nats://").rpartition(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        a = await start_replica(
+            "replica-a", HEADEND_BUS_URL=f"nats://{proxy.addr}?reconnect_wait=0.2", **fast
+        )
+        b = await start_replica("replica-b", **fast)
+        agent = await connect_agent(a)
+        await agent.register(SITE_A_ASSETS, agent_id="gw-1")
+        await eventually(lambda: _sees(b, 1, 3, holder="replica-a"), "b sees gw-1", VIEW_S)
+
+        proxy.cut()
+        # A's entries expire on the server; B takes replica-a for dead meanwhile.
+        await eventually(lambda: _sees(b, 0, 0), "b to see replica-a's entries expire", 8.0)
+
+        async def sessions_closed() -> bool:
+            return not [s for x in SITE_A_ASSETS for s in await _open_sessions(b, x)]
+
+        await eventually(sessions_closed, "b to close replica-a's sessions", 3.0)
+        ack = await agent.telemetry(1, [sample(SITE_A_ASSETS[0])])
+        assert ack.seq == 1, "the agent's link carries on without the bus"
+        assert await _sees(a, 1, 3, holder="replica-a"), "a still counts its own agent"
+        assert (await _get(a, "/healthz")).json()["status"] == "degraded"
+
+        proxy.heal()
+        for replica in (a, b):
+            await eventually(
+                lambda r=replica: _sees(r, 1, 3, holder="replica-a"),  # type: ignore[misc]
+                f"{replica.config.headend_id} to list gw-1 on replica-a again",
+                6.0,
+            )
+
+        async def sessions_open_again() -> bool:
+            opened = [await _open_sessions(b, asset_id) for asset_id in SITE_A_ASSETS]
+            return opened == [["replica-a"]] * 3
+
+        await eventually(sessions_open_again, "replica-a's live sessions written open again", 3.0)
+    outage = [r for r in caplog.records if "unavailable for presence" in r.getMessage()]
+    assert len(outage) == 1, "the outage is logged once, not on every tick"
