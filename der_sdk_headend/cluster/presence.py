@@ -70,6 +70,9 @@ AGENT_PREFIX = "agents."
 REPLICA_PREFIX = "replicas."
 CALLS_AT_ONCE = 64
 """Presence writes in flight at once during a refresh tick."""
+RELEASE_AT_STOP_S = 5.0
+"""How long a clean stop waits to release this replica's entries before leaving them to
+expire."""
 REWATCH_WAIT_S = 1.0
 """Wait before watching the table again after a watch failed or ended."""
 
@@ -208,10 +211,23 @@ class ClusterPresence:
                 releases[held.key] = held.revision
         if self._replica_revision is not None:
             releases[self._replica_key] = self._replica_revision
-        try:
-            await asyncio.gather(*(self._table.release(k, r) for k, r in releases.items()))
-        except BusError as exc:
-            log.warning("could not release this replica's presence entries: %s", exc)
+        results: list[bool | BaseException] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RELEASE_AT_STOP_S):
+                results = await asyncio.gather(
+                    *(self._table.release(k, r) for k, r in releases.items()),
+                    return_exceptions=True,
+                )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed or len(results) < len(releases):
+            log.warning(
+                "could not release %d of this replica's %d presence entries (%s): they "
+                "expire on their own within HEADEND_BUS_PRESENCE_MAX_AGE_S=%g s",
+                len(releases) - len(results) + len(failed),
+                len(releases),
+                failed[0] if failed else "timed out",
+                self._table.max_age_s,
+            )
 
     # ------------------------------------------------------------------ the view
 
@@ -311,7 +327,12 @@ class ClusterPresence:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("cluster presence task failed", exc_info=exc)
 
     async def _claim(self, held: _Held) -> None:
         held.busy = True
