@@ -344,8 +344,15 @@ class ClusterPresence:
         finally:
             held.busy = False
         self._changed()
-        if self._held.get(held.stream.agent_id) is not held and not self._closed:
+        if self._closed or held.revision is None:
+            return
+        current = self._held.get(held.stream.agent_id)
+        if current is None:
             await self._release(held)  # the stream ended while we claimed
+        elif current is not held and not current.busy:
+            # A newer stream of the agent here claimed before this claim landed: write
+            # the newer one again, so the entry describes the stream that is live.
+            await self._claim(current)
 
     async def _release(self, held: _Held) -> None:
         if held.revision is None or held.lost:
@@ -462,6 +469,17 @@ class ClusterPresence:
                     held.busy = False
                     await self._claim(held)
                     return held.revision is not None
+                try:
+                    holder = await self._holder(held.key)
+                except BusError as exc:
+                    self._bus_failed(exc)
+                    return False
+                if holder == self.replica:
+                    # Written by this replica for an older stream of the agent: ours.
+                    held.revision = None
+                    held.busy = False
+                    await self._claim(held)
+                    return held.revision is not None
                 held.lost = True
                 self._changed()
                 log.info(
@@ -474,6 +492,16 @@ class ClusterPresence:
             finally:
                 held.busy = False
             return True
+
+    async def _holder(self, key: str) -> str | None:
+        """The replica whose claim ``key`` holds now, or ``None`` (gone, or unreadable)."""
+        entry = await self._table.get(key)
+        if entry is None:
+            return None
+        try:
+            return _decode_agent(entry.value).replica
+        except msgspec.DecodeError:
+            return None
 
     def _bus_failed(self, exc: BaseException | None) -> None:
         if not self._bus_down:

@@ -156,6 +156,24 @@ async def test_an_agent_moving_to_another_replica_is_listed_once_held_by_the_new
     assert a.cluster_presence.replica_of_asset(SITE_A_ASSETS[0]) == "replica-b"
 
 
+async def test_an_agent_reconnecting_to_the_same_replica_stays_listed_after_its_old_stream_ends(
+    start_replica: StartReplica, connect_agent: ConnectAgent
+) -> None:
+    fast = {"HEADEND_BUS_PRESENCE_MAX_AGE_S": "3"}
+    a = await start_replica("replica-a", **fast)
+    b = await start_replica("replica-b", **fast)
+    old = await connect_agent(a)
+    await old.register(SITE_A_ASSETS, agent_id="gw-1")
+    new = await connect_agent(a)
+    await new.register(SITE_A_ASSETS, agent_id="gw-1")
+    await old.end()
+    await asyncio.sleep(2.5)  # two refreshes: the new stream's entry is kept alive
+    for replica in (a, b):
+        assert await _sees(replica, 1, 3, holder="replica-a")
+    await new.end()
+    await eventually(lambda: _sees(b, 0, 0), "b to see gw-1 gone", VIEW_S)
+
+
 async def test_a_replica_that_dies_has_its_entries_expire_and_its_sessions_closed(
     start_replica: StartReplica, connect_agent: ConnectAgent
 ) -> None:
