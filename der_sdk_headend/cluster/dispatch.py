@@ -298,7 +298,7 @@ class ClusterDispatcher(Dispatcher):
             dispatch_id = await self._queue.get()
             self._queued.discard(dispatch_id)
             try:
-                await self._settle(dispatch_id, "asked by another replica")
+                await self._settle(dispatch_id, "at the request of another replica, to")
             except Exception:
                 log.exception(
                     "dispatch %s: delivering it on request of another replica failed; "
@@ -330,14 +330,14 @@ class ClusterDispatcher(Dispatcher):
         delivered = 0
         for dispatch in await self._open_stored(site_id=peer.site_id):
             if any(t.state in _DELIVERABLE and peer.serves(t.asset_id) for t in dispatch.targets):
-                delivered += await self._settle(dispatch.dispatch_id, "on register")
+                delivered += await self._settle(dispatch.dispatch_id, "on register of")
         return delivered
 
     async def _settle(self, dispatch_id: str, occasion: str) -> int:
         """Under the dispatch's lock, from a fresh read: expire its submitted targets if
         its expiry passed, and deliver to this replica's streams what they serve and
-        were not sent on them. ``occasion`` (``on register``, ``by reconciliation``...)
-        goes into the lifecycle event. :return: 1 when something was sent."""
+        were not sent on them. ``occasion`` and the agent end the lifecycle event's text
+        (``on register of`` agent ...). :return: 1 when something was sent."""
         async with self._lock, self._storage.dispatch_lock(dispatch_id):
             dispatch = await self._storage.get_dispatch(dispatch_id)
             if dispatch is None or not lifecycle.is_open(dispatch):
@@ -346,7 +346,7 @@ class ClusterDispatcher(Dispatcher):
             await self._expire_due(dispatch, now)
             delivered = 0
             for peer in self._local_peers(dispatch):
-                where = f"{occasion} of {peer.describe()} on replica {self._cluster.replica}"
+                where = f"{occasion} {peer.describe()} on replica {self._cluster.replica}"
                 delivered += await self._deliver_to(peer, dispatch, now, where)
             return 1 if delivered else 0
 
@@ -388,7 +388,9 @@ class ClusterDispatcher(Dispatcher):
         for dispatch in await self._open_stored():
             if self._has_work(dispatch, now):
                 try:
-                    self.reconciled += await self._settle(dispatch.dispatch_id, "by reconciliation")
+                    self.reconciled += await self._settle(
+                        dispatch.dispatch_id, "by reconciliation, to"
+                    )
                 except Exception:
                     log.exception(
                         "dispatch %s: reconciling it failed; trying again next pass",

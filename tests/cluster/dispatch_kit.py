@@ -6,9 +6,11 @@ Every test gets a database and a bus namespace of its own, dropped and destroyed
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,14 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 
 from der_sdk.agent_config import AgentConfig, AssetAdapterConfig
 from der_sdk.bus import BusOptions, open_bus
+from der_sdk.bus.contract import BusUnavailableError
 from der_sdk.models import Dispatch, DispatchEvent
 from der_sdk.plugins import Plugins
+from der_sdk.testing import free_port, services_required
 from der_sdk.testing.waits import wait_until
 from der_sdk_agent.agent import Agent
 from der_sdk_agent.testing import FAST_AGENT_SETTINGS
@@ -28,7 +33,7 @@ from der_sdk_headend.cluster.dispatch import ClusterDispatcher
 from der_sdk_headend.service import Headend
 from tests.headend.headend_kit import INVENTORY_YAML, make_config
 
-__all__ = ["ClusterRig", "Replica", "cluster_rig"]
+__all__ = ["ClusterRig", "OwnNats", "Replica", "cluster_rig"]
 
 
 @dataclass
@@ -179,13 +184,62 @@ async def _registered(on: Sequence[Replica], assets: Sequence[str]) -> bool:
     return any(all(r.headend.presence.stream_for(a) is not None for a in assets) for r in on)
 
 
+class OwnNats:
+    """A ``nats-server`` of a test's own (JetStream on, file store in ``directory``), on
+    a free loopback port, that the test can kill and start again on the same port."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            reason = "nats-server is not installed (apt-get install nats-server)"
+            if services_required():
+                pytest.fail(f"{reason}; DER_SDK_REQUIRE_SERVICES=1 requires it", pytrace=False)
+            pytest.skip(reason)
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            self.binary,
+            *("-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.directory)),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+        async def listening() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            writer.close()
+            await writer.wait_closed()
+            return True
+
+        await wait_until(listening, f"nats-server listening on {self.port}", timeout_s=5)
+
+    async def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            await self.process.wait()
+            self.process = None
+
+
 @contextlib.asynccontextmanager
-async def cluster_rig(tmp_path: Path, plugins: Plugins) -> AsyncIterator[ClusterRig]:
-    """A database and a bus namespace of its own; replicas and agents stopped after."""
+async def cluster_rig(
+    tmp_path: Path, plugins: Plugins, bus_url: str | None = None
+) -> AsyncIterator[ClusterRig]:
+    """A database and a bus namespace of its own (on the test NATS server, or
+    ``bus_url``); replicas and agents stopped after."""
     from der_sdk_nats.testing import require_nats
     from der_sdk_postgres.testing import temporary_database
 
-    bus_url = require_nats()
+    bus_url = bus_url or require_nats()
     namespace = f"test-dispatch-{secrets.token_hex(4)}"
     async with temporary_database() as database_url:
         rig = ClusterRig(tmp_path, plugins, database_url, bus_url, namespace)
@@ -194,8 +248,9 @@ async def cluster_rig(tmp_path: Path, plugins: Plugins) -> AsyncIterator[Cluster
         finally:
             await rig.close()
             bus = open_bus(bus_url, plugins, BusOptions(namespace=namespace))
-            await bus.connect()
-            try:
-                await bus.destroy()
-            finally:
-                await bus.close()
+            with contextlib.suppress(BusUnavailableError):  # an own server already gone
+                await bus.connect()
+                try:
+                    await bus.destroy()
+                finally:
+                    await bus.close()

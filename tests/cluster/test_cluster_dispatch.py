@@ -23,7 +23,7 @@ from der_sdk.testing.devices import SimulatedDevicePlugin
 from der_sdk.testing.waits import wait_until
 from der_sdk.wire import codec
 from der_sdk_headend.presence.registry import AgentStream
-from tests.cluster.dispatch_kit import ClusterRig, Replica, cluster_rig
+from tests.cluster.dispatch_kit import ClusterRig, OwnNats, Replica, cluster_rig
 from tests.headend.headend_kit import BESS_1, BESS_2, BESS_3, SITE_A, RawAgent, make_config
 
 pytestmark = pytest.mark.services
@@ -63,7 +63,7 @@ async def test_a_dispatch_posted_on_one_replica_is_applied_by_the_agent_on_anoth
     _, events = await b.detail(created.dispatch_id)
     assert [e.state for e in events] == ["submitted", "sent", "acked", "applied"]
     assert "replica replica-b" in events[0].detail, events[0].detail
-    assert "asked by another replica" in events[1].detail, events[1].detail
+    assert "at the request of another replica, to agent gw-1" in events[1].detail, events[1].detail
     assert a.dispatcher.nudges_sent == 1
     assert der_test_device.device(BESS_1).writes == [0.5]
 
@@ -107,7 +107,7 @@ async def test_a_lost_nudge_is_delivered_by_reconciliation_within_seconds(
     assert b.dispatcher.reconciled >= 1
     assert took < 3.0, f"applied {took:.1f} s after the POST"
     _, events = await a.detail(created.dispatch_id)
-    assert "by reconciliation" in events[1].detail, events[1].detail
+    assert "by reconciliation, to agent gw-1" in events[1].detail, events[1].detail
     assert der_test_device.device(BESS_3).writes == [0.25]
 
 
@@ -265,6 +265,52 @@ async def _off(replica: Replica, asset_id: str) -> bool:
 
 async def _on(replica: Replica, asset_id: str) -> bool:
     return replica.headend.presence.stream_for(asset_id) is not None
+
+
+async def test_during_a_bus_outage_a_dispatch_for_another_replica_is_delivered_from_the_database(
+    tmp_path: Path, der_plugins: Plugins, der_test_device: SimulatedDevicePlugin
+) -> None:
+    """NATS down: the nudge fails visibly (logged, counted) and the holder's
+    reconciliation delivers from PostgreSQL; NATS back: nudges deliver again."""
+    nats = OwnNats(tmp_path / "nats")
+    await nats.start()
+    try:
+        async with cluster_rig(tmp_path, der_plugins, bus_url=nats.url) as rig:
+            a = await rig.replica("replica-a", reconcile_s=1.0)
+            b = await rig.replica("replica-b", reconcile_s=1.0)
+            await rig.agent(SITE_A, [BESS_1], on=[b])
+            await nats.kill()
+            await wait_until(lambda: _bus_down(a), "replica-a sees the bus down", timeout_s=10)
+
+            during = await a.dispatch(asset_id=BESS_1, mw=0.5)
+            await b.wait_state(during.dispatch_id, "applied", timeout_s=5)
+            await wait_until(
+                lambda: _true(a.dispatcher.nudges_failed == 1), "the nudge failed", timeout_s=5
+            )
+
+            await nats.start()
+            await wait_until(lambda: _bus_up(a, b), "both replicas reconnected", timeout_s=15)
+            b.dispatcher.reconcile_s = 60.0  # from now on only a nudge delivers in time
+            await asyncio.sleep(1.1)  # b's pass due before the change runs once more
+            after = await a.dispatch(asset_id=BESS_1, mw=-0.5)
+            await b.wait_state(after.dispatch_id, "applied", timeout_s=5)
+            assert a.dispatcher.nudges_sent == 1
+    finally:
+        await nats.kill()
+    assert der_test_device.device(BESS_1).writes == [0.5, -0.5]
+
+
+async def _bus_down(replica: Replica) -> bool:
+    cluster = replica.headend.cluster
+    return cluster is not None and not cluster.connected
+
+
+async def _bus_up(*replicas: Replica) -> bool:
+    return all(r.headend.cluster is not None and r.headend.cluster.connected for r in replicas)
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "3601", "nan"])
