@@ -11,10 +11,13 @@ set:
     telemetry stream; the writer acknowledges the agents once every message is stored
     (file storage). Each message carries a ``msg_id`` made of the agent, stream, seq and
     sample span of its batches, so a retried group is not stored twice within the bus's
-    duplicate window. ``StreamFullError`` and ``BusUnavailableError`` are write failures:
-    the batches go back to the ingest queue's head and are retried with backoff, the
-    bounded queue fills, readers stop reading, gRPC flow control pushes back on the agents,
-    which buffer. Nothing is dropped.
+    duplicate window. ``StreamFullError`` is a write failure: the batches go back to the
+    ingest queue's head and are retried with backoff, the bounded queue fills, readers stop
+    reading, gRPC flow control pushes back on the agents, which buffer. Nothing is
+    dropped. While the bus is unavailable (``BusUnavailableError``) the group is stored
+    directly in the database instead, as a headend alone does, so a replica keeps
+    acknowledging its own agents through a bus outage (after the commit); when the
+    database fails too, that is a write failure as above.
 
 :class:`StreamWriters`
     ``writers`` tasks sharing the stream's durable consumer with every replica's writers.
@@ -201,23 +204,73 @@ def decode_message(payload: bytes) -> tuple[list[TelemetrySample], list[Event]]:
 
 class BusTelemetrySink(TelemetrySink):
     """Publishes the ingest writers' groups to the bus's telemetry stream (module
-    docstring)."""
+    docstring).
 
-    def __init__(self, bus: MessageBus) -> None:
+    With ``storage``, a group the bus cannot take because it is unavailable (not because
+    the stream is full) is stored there directly instead, as a headend alone stores it:
+    the replica keeps acknowledging its own agents through a bus outage, after the
+    database committed. Storage keeps one row per ``(asset_id, ts)``, so a group whose
+    publish had an unknown outcome is stored once all the same.
+    """
+
+    def __init__(
+        self,
+        bus: MessageBus,
+        storage: StorageBackend | None = None,
+        plugins: Plugins | None = None,
+    ) -> None:
         self._bus = bus
+        self._storage = storage
+        self._plugins = plugins
         self.name = f"bus {bus.name}"
         self.messages_published = 0
         self.duplicates = 0
+        self.direct_writes = 0
+        self._direct_since: float | None = None
 
     async def write(self, batches: Sequence[SinkBatch]) -> None:
         bus = self._bus
-        messages = encode_batches(batches, bus.max_message_bytes)
-        stream = bus.telemetry
-        for msg_id, payload in messages:
-            ack = await stream.publish(payload, msg_id=msg_id)
-            self.messages_published += 1
-            if ack.duplicate:
-                self.duplicates += 1
+        try:
+            messages = encode_batches(batches, bus.max_message_bytes)
+            stream = bus.telemetry
+            for msg_id, payload in messages:
+                ack = await stream.publish(payload, msg_id=msg_id)
+                self.messages_published += 1
+                if ack.duplicate:
+                    self.duplicates += 1
+        except BusUnavailableError as exc:
+            if self._storage is None:
+                raise
+            await self._write_direct(batches, exc)
+            return
+        if self._direct_since is not None:
+            log.warning(
+                "bus %s: telemetry goes through the stream again (stored directly for %.1f s)",
+                bus.name,
+                time.monotonic() - self._direct_since,
+            )
+            self._direct_since = None
+
+    async def _write_direct(self, batches: Sequence[SinkBatch], exc: BusUnavailableError) -> None:
+        storage = self._storage
+        assert storage is not None
+        samples = [s for batch in batches for s in batch.samples]
+        if samples:
+            await storage.append_telemetry(samples)
+        for batch in batches:
+            for event in batch.gap_events() if batch.gaps else ():
+                await storage.append_event(event)
+        self.direct_writes += 1
+        if self._direct_since is None:
+            self._direct_since = time.monotonic()
+            log.warning(
+                "bus %s unavailable (%s): storing telemetry directly in %s until it is back",
+                self._bus.name,
+                exc,
+                storage.name,
+            )
+        if samples and self._plugins is not None:
+            self._plugins.notify("der_telemetry_received", samples=samples)
 
     def retry_max_s(self, exc: Exception) -> float:
         # a full stream is flow control, not an outage: try again soon after the writers

@@ -49,14 +49,14 @@ class ClusterKit:
     async def replica(self, **env: str) -> Headend:
         """Start a replica (``HEADEND_*`` settings in ``env`` on top of the cluster's)."""
         self._replicas += 1
-        config = make_config(
-            self.inventory,
-            DATABASE_URL=self.database_url,
-            HEADEND_BUS_URL=self.nats_url,
-            HEADEND_BUS_NAMESPACE=self.namespace,
-            HEADEND_ID=f"replica-{self._replicas}",
+        settings = {
+            "DATABASE_URL": self.database_url,
+            "HEADEND_BUS_URL": self.nats_url,
+            "HEADEND_BUS_NAMESPACE": self.namespace,
+            "HEADEND_ID": f"replica-{self._replicas}",
             **env,
-        )
+        }
+        config = make_config(self.inventory, **settings)
         headend = Headend(config, plugins=self.plugins)
         await headend.start()
         self.stack.push_async_callback(headend.stop)

@@ -393,3 +393,36 @@ async def test_a_real_agent_buffers_while_the_stream_is_full_and_every_sample_ar
     for r in rows:  # every sample the agent took, no hole, no duplicate
         assert r["n"] == r["hi"] - r["lo"] + 1, dict(r)
         assert r["n"] >= 10
+
+
+async def test_through_a_bus_outage_a_replica_stores_its_agents_telemetry_directly(
+    cluster: ClusterKit,
+) -> None:
+    from der_sdk.testing.faults import TcpProxy
+
+    host, _, port = cluster.nats_url.removeprefix("nats://").rpartition(":")
+    async with TcpProxy(host, int(port)) as proxy:
+        replica = await cluster.replica(HEADEND_BUS_URL=f"nats://{proxy.addr}?reconnect_wait=0.2")
+        agent = await cluster.agent(replica, ASSETS, "gw-1")
+        assert await send(agent, 1) == 1
+
+        proxy.cut()
+        assert await send(agent, 2) == 2  # acknowledged after PostgreSQL committed it
+        assert await stored_count(cluster.database_url) >= (10, 10)
+
+        proxy.heal()
+        assert replica.cluster is not None
+        bus = replica.cluster.bus
+
+        async def connected() -> bool:
+            return bus.state == "connected"
+
+        await within(connected, 10, "the replica's bus reconnected")
+        assert await send(agent, 3) == 3
+
+        async def stored() -> bool:
+            return (await stored_count(cluster.database_url))[0] >= 30
+
+        await within(stored, 10, "every batch stored")
+        assert await stored_count(cluster.database_url) == (30, 30)
+        assert (await bus.telemetry.backlog()).messages == 0
