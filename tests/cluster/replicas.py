@@ -292,6 +292,14 @@ class CountingAgent(Agent):
         return samples
 
 
+class _InOrder(random.Random):
+    """Random numbers as usual (backoff jitter), but a "shuffle" of the headend list that
+    keeps the order given (:class:`der_sdk_agent.headends.HeadendRotation`)."""
+
+    def sample(self, population: Sequence[T], k: int, **_: Any) -> list[T]:  # type: ignore[override]
+        return list(population)[:k]
+
+
 # ----------------------------------------------------------------------------- the cluster
 
 
@@ -452,10 +460,16 @@ class ReplicaCluster:
         on: Iterable[str] = (),
         connect: bool = True,
         seed: int | None = None,
+        in_order: bool = False,
     ) -> CountingAgent:
         """Start an in-process agent: a gateway of ``site`` (agent id ``gw-<site>``) or a
         single-asset agent of ``asset``, dialling the replicas ``on`` (default: every
-        one, starting at a random one); with ``connect``, return once it registered."""
+        one); with ``connect``, return once it registered.
+
+        The agent shuffles its list (seeded with ``seed``) and starts at the first; with
+        ``in_order`` it keeps the order of ``on``: it starts at ``on[0]`` and moves to
+        the next when that one fails.
+        """
         if (site is None) == (asset is None):
             raise ValueError("give exactly one of site and asset")
         if site is not None:
@@ -473,7 +487,7 @@ class ReplicaCluster:
             config=load_agent_config(str(self.agent_config_path)),
             plugins=self.plugins,
             buffer_path=str(self.tmp / f"{agent_id}-{len(self.agents)}.sqlite3"),
-            rng=random.Random(seed),
+            rng=_InOrder(seed) if in_order else random.Random(seed),
         )
         await agent.start()
         self.agents.append(agent)

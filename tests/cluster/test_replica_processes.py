@@ -335,13 +335,16 @@ async def test_a_replica_killed_under_load_loses_no_sample_and_settles_its_dispa
     tmp_path: Path,
 ) -> None:
     async with open_cluster(tmp_path) as cluster:
+        # one agent on each replica, each with every replica in its list
+        ids = list(cluster.replicas)
         agents = [
-            await cluster.start_agent(site=site, seed=n) for n, site in enumerate(SITES, start=1)
+            await cluster.start_agent(site=site, on=ids[n:] + ids[:n], in_order=True)
+            for n, site in enumerate(SITES)
         ]
+        assert [cluster.replica_of(a) for a in agents] == ids
         await cluster.wait_stored(agents, within=15)
         # the victim: the replica of the first agent; the dispatch is posted elsewhere
-        victim = cluster.replica_of(agents[0])
-        assert victim is not None
+        victim = "a"
         survivors = [r for r in cluster.replicas if r != victim]
         asset = site_assets(SITES[0])[0]
 
@@ -373,6 +376,8 @@ async def test_a_replica_killed_under_load_loses_no_sample_and_settles_its_dispa
 
             await eventually(all_moved, within=MOVE_WITHIN_S, what="every agent moved")
             moved_s = time.monotonic() - killed_at
+            # the survivors' own agents stayed where they were
+            assert agents[1].stats().reconnects == agents[2].stats().reconnects == 0
             await asyncio.sleep(2.0)
         finally:
             load.cancel()
