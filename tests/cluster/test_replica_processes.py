@@ -328,6 +328,38 @@ async def test_a_60s_database_stall_under_load_loses_and_duplicates_nothing(
     await _pg_stall(tmp_path, stall_s=60.0)
 
 
+@pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
+async def test_a_full_stream_holds_the_agents_back_and_drops_nothing(tmp_path: Path) -> None:
+    """At the stream's limit the replica stops acknowledging: the agent buffers, and
+    everything is stored once the writers catch up (issue 17, (4): backpressure)."""
+    async with open_cluster(
+        tmp_path,
+        replicas=1,
+        pg_proxy=True,
+        env={"HEADEND_BUS_TELEMETRY_MAX_MESSAGES": "20"},
+    ) as cluster:
+        proxy = cluster.pg_proxy
+        assert proxy is not None
+        agent = await cluster.start_agent(site=SITES[0], on=["a"])
+        await cluster.wait_stored([agent], within=15)
+        proxy.cut()
+        held: list[int] = []
+
+        async def acks_stopped() -> bool:
+            # no acknowledgement for a second while the agent keeps sampling
+            held.append(agent.stats().last_ack_seq)
+            return len(held) > 10 and held[-1] == held[-11]
+
+        await eventually(acks_stopped, within=20, what="the full stream stops the acks")
+        buffered = agent.stats().buffer_samples
+        await asyncio.sleep(2.0)
+        assert agent.stats().buffer_samples > buffered, agent.stats()  # the agent buffers
+        assert agent.stats().samples_dropped == 0
+        proxy.heal()
+        await cluster.wait_stored([agent], within=30)
+        await cluster.assert_exactly_once([agent])
+
+
 # ============================================================================ (5) a replica dies
 
 
