@@ -351,6 +351,12 @@ async def test_a_full_stream_holds_the_agents_back_and_drops_nothing(tmp_path: P
             return len(held) > 10 and held[-1] == held[-11]
 
         await eventually(acks_stopped, within=20, what="the full stream stops the acks")
+
+        async def at_limit() -> bool:
+            return await cluster["a"].metric("der_bus_stream_messages") == 20
+
+        await eventually(at_limit, within=5, what="/metrics shows the stream at its limit")
+        await cluster["a"].wait_for_log(r"telemetry stream .* is full", 5)  # said, not silent
         buffered = agent.stats().buffer_samples
         await asyncio.sleep(2.0)
         assert agent.stats().buffer_samples > buffered, agent.stats()  # the agent buffers
