@@ -37,6 +37,17 @@ CONVERGE_WITHIN_S = 30.0
 """Issue 17, (6): everything converges this soon after NATS returns."""
 
 NOT_YET = "needs the cluster part of issue 17 that has not landed on main yet: "
+# Temporary: each mark names the part of issue 17 a test waits for; remove it once the
+# part is merged (they all pass with cluster-presence, cluster-ingest and cluster-dispatch
+# merged together).
+PRESENCE = pytest.mark.xfail(
+    reason=NOT_YET + "cluster presence (cluster/presence.py)", strict=False
+)
+DISPATCH = pytest.mark.xfail(
+    reason=NOT_YET + "cluster presence and dispatch (cluster/presence.py, cluster/dispatch.py)",
+    strict=False,
+)
+INGEST = pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
 
 
 async def presence_view(cluster: ReplicaCluster, replica_id: str) -> tuple[Any, ...]:
@@ -156,6 +167,7 @@ async def test_a_restarting_replica_closes_only_its_own_sessions(tmp_path: Path)
         assert await cluster["b"].connected_assets() >= set(site_assets(SITES[1]))
 
 
+@PRESENCE
 async def test_every_replica_agrees_on_presence_within_2s_of_a_connect_and_a_disconnect(
     tmp_path: Path,
 ) -> None:
@@ -181,6 +193,7 @@ async def test_every_replica_agrees_on_presence_within_2s_of_a_connect_and_a_dis
         assert took <= PRESENCE_WITHIN_S, f"replicas agreed on a disconnect after {took:.2f} s"
 
 
+@PRESENCE
 async def test_a_killed_replicas_agents_vanish_from_every_replicas_view(tmp_path: Path) -> None:
     """Presence of a replica that died (no release) expires: the others stop listing its
     agents (within the presence max age plus the 2 s of (2))."""
@@ -199,6 +212,7 @@ async def test_a_killed_replicas_agents_vanish_from_every_replicas_view(tmp_path
 # ============================================================================ (1) dispatch
 
 
+@DISPATCH
 async def test_a_dispatch_posted_on_one_replica_is_applied_by_an_agent_on_another(
     tmp_path: Path,
 ) -> None:
@@ -218,6 +232,7 @@ async def test_a_dispatch_posted_on_one_replica_is_applied_by_an_agent_on_anothe
             assert lifecycle(seen) == states, (replica.replica_id, lifecycle(seen), states)
 
 
+@DISPATCH
 async def test_a_dispatch_to_an_offline_asset_is_delivered_once_when_it_connects_elsewhere(
     tmp_path: Path,
 ) -> None:
@@ -237,6 +252,7 @@ async def test_a_dispatch_to_an_offline_asset_is_delivered_once_when_it_connects
 # ============================================================================ (3) latest
 
 
+@INGEST
 async def test_latest_telemetry_on_every_replica_is_within_1s_of_the_newest_stored(
     tmp_path: Path,
 ) -> None:
@@ -313,7 +329,7 @@ async def _pg_stall(tmp_path: Path, stall_s: float) -> None:
         assert all(n > 0 for n in counts.values()), counts
 
 
-@pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
+@INGEST
 async def test_agents_are_acknowledged_through_a_database_stall_and_every_sample_is_stored_once(
     tmp_path: Path,
 ) -> None:
@@ -321,14 +337,14 @@ async def test_agents_are_acknowledged_through_a_database_stall_and_every_sample
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
+@INGEST
 async def test_a_60s_database_stall_under_load_loses_and_duplicates_nothing(
     tmp_path: Path,
 ) -> None:
     await _pg_stall(tmp_path, stall_s=60.0)
 
 
-@pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
+@INGEST
 async def test_a_full_stream_holds_the_agents_back_and_drops_nothing(tmp_path: Path) -> None:
     """At the stream's limit the replica stops acknowledging: the agent buffers, and
     everything is stored once the writers catch up (issue 17, (4): backpressure)."""
@@ -369,6 +385,7 @@ async def test_a_full_stream_holds_the_agents_back_and_drops_nothing(tmp_path: P
 # ============================================================================ (5) a replica dies
 
 
+@DISPATCH
 async def test_a_replica_killed_under_load_loses_no_sample_and_settles_its_dispatch(
     tmp_path: Path,
 ) -> None:
@@ -497,12 +514,14 @@ async def _bus_outage(tmp_path: Path, outage_s: float) -> None:
             assert on_b.device_writes[other_asset] == [0.3]
 
 
+@DISPATCH
 async def test_a_bus_outage_degrades_replicas_that_keep_serving_their_agents_and_converge(
     tmp_path: Path,
 ) -> None:
     await _bus_outage(tmp_path, outage_s=5.0)
 
 
+@DISPATCH
 @pytest.mark.slow
 async def test_a_60s_bus_outage_under_load_converges_within_30s(tmp_path: Path) -> None:
     await _bus_outage(tmp_path, outage_s=60.0)
