@@ -37,16 +37,8 @@ CONVERGE_WITHIN_S = 30.0
 """Issue 17, (6): everything converges this soon after NATS returns."""
 
 NOT_YET = "needs the cluster part of issue 17 that has not landed on main yet: "
-# Temporary: each mark names the part of issue 17 a test waits for; remove it once the
-# part is merged (they all pass with cluster-presence, cluster-ingest and cluster-dispatch
-# merged together).
-PRESENCE = pytest.mark.xfail(
-    reason=NOT_YET + "cluster presence (cluster/presence.py)", strict=False
-)
-DISPATCH = pytest.mark.xfail(
-    reason=NOT_YET + "cluster presence and dispatch (cluster/presence.py, cluster/dispatch.py)",
-    strict=False,
-)
+# Temporary: the mark names the part of issue 17 a test waits for; remove it once the
+# part is merged (these tests pass with cluster-ingest merged).
 INGEST = pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
 
 
@@ -167,7 +159,6 @@ async def test_a_restarting_replica_closes_only_its_own_sessions(tmp_path: Path)
         assert await cluster["b"].connected_assets() >= set(site_assets(SITES[1]))
 
 
-@PRESENCE
 async def test_every_replica_agrees_on_presence_within_2s_of_a_connect_and_a_disconnect(
     tmp_path: Path,
 ) -> None:
@@ -193,7 +184,6 @@ async def test_every_replica_agrees_on_presence_within_2s_of_a_connect_and_a_dis
         assert took <= PRESENCE_WITHIN_S, f"replicas agreed on a disconnect after {took:.2f} s"
 
 
-@PRESENCE
 async def test_a_killed_replicas_agents_vanish_from_every_replicas_view(tmp_path: Path) -> None:
     """Presence of a replica that died (no release) expires: the others stop listing its
     agents (within the presence max age plus the 2 s of (2))."""
@@ -212,7 +202,6 @@ async def test_a_killed_replicas_agents_vanish_from_every_replicas_view(tmp_path
 # ============================================================================ (1) dispatch
 
 
-@DISPATCH
 async def test_a_dispatch_posted_on_one_replica_is_applied_by_an_agent_on_another(
     tmp_path: Path,
 ) -> None:
@@ -232,7 +221,6 @@ async def test_a_dispatch_posted_on_one_replica_is_applied_by_an_agent_on_anothe
             assert lifecycle(seen) == states, (replica.replica_id, lifecycle(seen), states)
 
 
-@DISPATCH
 async def test_a_dispatch_to_an_offline_asset_is_delivered_once_when_it_connects_elsewhere(
     tmp_path: Path,
 ) -> None:
@@ -385,7 +373,6 @@ async def test_a_full_stream_holds_the_agents_back_and_drops_nothing(tmp_path: P
 # ============================================================================ (5) a replica dies
 
 
-@DISPATCH
 async def test_a_replica_killed_under_load_loses_no_sample_and_settles_its_dispatch(
     tmp_path: Path,
 ) -> None:
@@ -514,14 +501,12 @@ async def _bus_outage(tmp_path: Path, outage_s: float) -> None:
             assert on_b.device_writes[other_asset] == [0.3]
 
 
-@DISPATCH
 async def test_a_bus_outage_degrades_replicas_that_keep_serving_their_agents_and_converge(
     tmp_path: Path,
 ) -> None:
     await _bus_outage(tmp_path, outage_s=5.0)
 
 
-@DISPATCH
 @pytest.mark.slow
 async def test_a_60s_bus_outage_under_load_converges_within_30s(tmp_path: Path) -> None:
     await _bus_outage(tmp_path, outage_s=60.0)
