@@ -36,11 +36,6 @@ MOVE_WITHIN_S = 30.0
 CONVERGE_WITHIN_S = 30.0
 """Issue 17, (6): everything converges this soon after NATS returns."""
 
-NOT_YET = "needs the cluster part of issue 17 that has not landed on main yet: "
-# Temporary: the mark names the part of issue 17 a test waits for; remove it once the
-# part is merged (these tests pass with cluster-ingest merged).
-INGEST = pytest.mark.xfail(reason=NOT_YET + "JetStream ingest (cluster/ingest.py)", strict=False)
-
 
 async def presence_view(cluster: ReplicaCluster, replica_id: str) -> tuple[Any, ...]:
     """What replica ``replica_id`` says is connected: the assets of ``GET /agents``, the
@@ -240,7 +235,6 @@ async def test_a_dispatch_to_an_offline_asset_is_delivered_once_when_it_connects
 # ============================================================================ (3) latest
 
 
-@INGEST
 async def test_latest_telemetry_on_every_replica_is_within_1s_of_the_newest_stored(
     tmp_path: Path,
 ) -> None:
@@ -317,7 +311,6 @@ async def _pg_stall(tmp_path: Path, stall_s: float) -> None:
         assert all(n > 0 for n in counts.values()), counts
 
 
-@INGEST
 async def test_agents_are_acknowledged_through_a_database_stall_and_every_sample_is_stored_once(
     tmp_path: Path,
 ) -> None:
@@ -325,14 +318,12 @@ async def test_agents_are_acknowledged_through_a_database_stall_and_every_sample
 
 
 @pytest.mark.slow
-@INGEST
 async def test_a_60s_database_stall_under_load_loses_and_duplicates_nothing(
     tmp_path: Path,
 ) -> None:
     await _pg_stall(tmp_path, stall_s=60.0)
 
 
-@INGEST
 async def test_a_full_stream_holds_the_agents_back_and_drops_nothing(tmp_path: Path) -> None:
     """At the stream's limit the replica stops acknowledging: the agent buffers, and
     everything is stored once the writers catch up (issue 17, (4): backpressure)."""
