@@ -282,22 +282,30 @@ async def _pg_stall(tmp_path: Path, stall_s: float) -> None:
         loop = asyncio.get_running_loop()
         stalled_at = loop.time()
         peak = dict(rss_before)
+        acked_midway: list[int] | None = None
         while loop.time() - stalled_at < stall_s:
             await asyncio.sleep(0.5)
             for r in cluster.replicas.values():
                 peak[r.replica_id] = max(peak[r.replica_id], r.rss_bytes() or 0)
+            if acked_midway is None and loop.time() - stalled_at >= stall_s / 2:
+                acked_midway = [a.stats().last_ack_seq for a in agents]
         acked_during = [a.stats().last_ack_seq for a in agents]
+        assert acked_midway is not None
         proxy.heal()
         # kill -9 of a replica (a writer) while the writers drain the stall's backlog:
         # what it took and did not acknowledge is delivered again, and stored once
         await asyncio.sleep(0.3)
         await cluster.kill("a")
-        for agent, before, during in zip(agents, acked_before, acked_during, strict=True):
-            # acknowledged meanwhile: at least half of the batches of the stall
-            want = before + stall_s / 0.1 / 2
-            assert during >= want, (
-                f"agent {agent.agent_id} was acknowledged up to batch {during} during a "
-                f"{stall_s:g} s database stall, expected {want:.0f}: {agent.stats()}"
+        for agent, before, midway, during in zip(
+            agents, acked_before, acked_midway, acked_during, strict=True
+        ):
+            # Acknowledged all through the stall, in both halves: a headend that waits for
+            # the database acknowledges nothing until it is back. (How many depends on the
+            # machine's speed, so no rate is asserted.)
+            assert before < midway < during, (
+                f"agent {agent.agent_id} acknowledged through batch {before} before a "
+                f"{stall_s:g} s database stall, {midway} halfway, {during} at its end: "
+                f"{agent.stats()}"
             )
         for replica_id, peak_rss in peak.items():
             grown = (peak_rss - rss_before[replica_id]) / 2**20
