@@ -93,6 +93,9 @@ NO_GOAL = "— (issue 17 asks for the figure, sets no goal)"
 FAILOVER_PRESENCE_MAX_AGE_S = 5.0
 """``HEADEND_BUS_PRESENCE_MAX_AGE_S`` of the failover run: the dead replica's presence
 entries expire this long after its last refresh."""
+CONVERGE_WAIT_S = 3 * FAILOVER_PRESENCE_MAX_AGE_S
+"""How long after the last agent moved the run watches for every survivor's
+``der_agents_connected`` to count the whole fleet again (bus mode counts the cluster's)."""
 FAILED_STATES = frozenset({"rejected", "failed", "superseded", "expired"})
 MAX_TIMEOUTS_IN_A_ROW = 3
 """Dispatches in a row without an outcome before the run gives up (delivery is broken;
@@ -229,13 +232,20 @@ async def stored_rows(database_url: str) -> int:
         await conn.close()
 
 
-async def _stored_counter(urls: Sequence[str]) -> float:
-    """``der_ingest_samples_stored_total`` summed over the replicas (a cross-check)."""
-    total = 0.0
+STORED_COUNTERS = ("der_ingest_samples_stored_total", "der_bus_writer_samples_stored_total")
+"""What the replicas count as stored: the direct writer's and the bus stream writers'."""
+
+
+async def _stored_counters(urls: Sequence[str]) -> dict[str, float]:
+    """Each of :data:`STORED_COUNTERS` summed over the replicas (a cross-check of the
+    rows)."""
+    totals = dict.fromkeys(STORED_COUNTERS, 0.0)
     for url in urls:
         with contextlib.suppress(Exception):
-            total += (await metrics(url)).get("der_ingest_samples_stored_total", 0.0)
-    return total
+            values = await metrics(url)
+            for name in STORED_COUNTERS:
+                totals[name] += values.get(name, 0.0)
+    return totals
 
 
 async def wait_stored(database_url: str, expected: int, timeout_s: float) -> tuple[int, float]:
@@ -285,7 +295,7 @@ async def _ingest_once(
                     "loadgen": os.getpid(),
                 }
             )
-            counter0 = await _stored_counter(http)
+            counters0 = await _stored_counters(http)
             acked0 = fleet.samples_acked
             meter.start()
             t0 = time.perf_counter()
@@ -295,7 +305,7 @@ async def _ingest_once(
             rows1 = await stored_rows(url)
             acked1 = fleet.samples_acked
             cpu = meter.stop()
-            counter1 = await _stored_counter(http)
+            counters1 = await _stored_counters(http)
             await drive
             all_acked = await fleet.wait_acked(60)
             acked = fleet.samples_acked
@@ -305,12 +315,14 @@ async def _ingest_once(
     elapsed = t1 - t0
     stored_rate = (rows1 - rows0) / elapsed
     server_cores = cpu["replicas_cores"] + (cpu["nats_cores"] if bus else 0.0)
-    result = {
+    result: dict[str, Any] = {
         "replicas": count,
         "bus": bus is not None,
         "stored_samples_per_s": stored_rate,
         "acked_samples_per_s": (acked1 - acked0) / elapsed,
-        "stored_counter_samples_per_s": round((counter1 - counter0) / elapsed),
+        "counters_per_s": {
+            name: round((counters1[name] - counters0[name]) / elapsed) for name in STORED_COUNTERS
+        },
         "cpu_us_per_stored_sample": server_cores / stored_rate * 1e6 if stored_rate else None,
         "postgres_cpu_us_per_stored_sample": cpu["postgres_cores"] / stored_rate * 1e6
         if stored_rate
@@ -684,6 +696,14 @@ class RotatingAgent:
                 await self._agent.close()
 
 
+async def _agents_connected(url: str) -> float:
+    """``der_agents_connected`` of one replica's ``/metrics``; -1 when it does not answer."""
+    try:
+        return (await metrics(url)).get("der_agents_connected", -1.0)
+    except Exception:
+        return -1.0
+
+
 async def _failover(
     ctx: Context,
     label: str,
@@ -695,7 +715,9 @@ async def _failover(
     watch: list[str] | None = None,
 ) -> dict[str, Any]:
     """Connect ``spec`` rotating over ``addresses``; ``kill[address]()`` the address with
-    the most agents; seconds until each of its agents registered elsewhere."""
+    the most agents; seconds until each of its agents registered elsewhere. With ``watch``
+    (the survivors' REST URLs, filled in by the kill), also the seconds until every
+    survivor's ``/metrics`` counts the whole fleet connected."""
     rng = random.Random(17)
     errors: Counter[str] = Counter()
     agents = [RotatingAgent(a, addresses, random.Random(rng.random()), errors) for a in spec.agents]
@@ -722,17 +744,21 @@ async def _failover(
         kill_s = time.perf_counter() - t0
         deadline = t0 + timeout_s
         next_watch = t0
+        all_moved_at: float | None = None
+        converged_s: float | None = None
         while time.perf_counter() < deadline:
-            if watch and time.perf_counter() >= next_watch:
-                next_watch += 0.5
-                counts = []
-                for url in watch:
-                    try:
-                        counts.append((await metrics(url)).get("der_agents_connected", -1.0))
-                    except Exception:
-                        counts.append(-1.0)
-                timeline.append((round(time.perf_counter() - t0, 2), counts))
-            if all(a.address not in (None, victim) for a in moving):
+            now = time.perf_counter()
+            if all_moved_at is None and all(a.address not in (None, victim) for a in moving):
+                all_moved_at = now
+            if watch and now >= next_watch:
+                next_watch += 0.25
+                counts = [await _agents_connected(u) for u in watch]
+                timeline.append((round(now - t0, 2), counts))
+                if all_moved_at is not None and all(c == len(agents) for c in counts):
+                    converged_s = now - t0
+            if all_moved_at is not None and (
+                not watch or converged_s is not None or now - all_moved_at > CONVERGE_WAIT_S
+            ):
                 break
             await asyncio.sleep(0.05)
         moved = [
@@ -758,6 +784,7 @@ async def _failover(
             "attempts_after_kill": sum(a.attempts for a in moving) - len(moving),
             "stream_ends_and_refusals": dict(errors),
             "connect_s": round(connect_s, 2),
+            "survivors_show_all_s": converged_s,
             "survivor_agents_connected": timeline,
         }
     finally:
@@ -768,6 +795,12 @@ async def _failover(
         f"registered elsewhere, "
         + (f"the last {last:.2f} s after the kill" if last is not None else "NOT all")
         + f" (p50 {result['moved_p50_s']:.2f} s); others moved: {result['others_moved']}"
+        + (
+            f"; every survivor's /metrics counts all {len(agents)} after "
+            f"{result['survivors_show_all_s']:.2f} s"
+            if result["survivors_show_all_s"] is not None
+            else ""
+        )
     )
     return result
 
