@@ -68,6 +68,7 @@ from bench.common import (
     RawServer,
     drop_database,
     fresh_database,
+    http_get,
     metrics,
     percentile,
     pids_named,
@@ -96,9 +97,9 @@ NO_GOAL = "— (issue 17 asks for the figure, sets no goal)"
 FAILOVER_PRESENCE_MAX_AGE_S = 5.0
 """``HEADEND_BUS_PRESENCE_MAX_AGE_S`` of the failover run: the dead replica's presence
 entries expire this long after its last refresh."""
-CONVERGE_WAIT_S = 3 * FAILOVER_PRESENCE_MAX_AGE_S
-"""How long after the last agent moved the run watches for every survivor's
-``der_agents_connected`` to count the whole fleet again (bus mode counts the cluster's)."""
+CONVERGE_WAIT_S = 6 * FAILOVER_PRESENCE_MAX_AGE_S
+"""How long after the last agent moved the run waits for every survivor's view
+(``GET /agents``) to show each agent on a live replica."""
 FAILED_STATES = frozenset({"rejected", "failed", "superseded", "expired"})
 MAX_TIMEOUTS_IN_A_ROW = 3
 """Dispatches in a row without an outcome before the run gives up (delivery is broken;
@@ -740,6 +741,47 @@ async def _agents_connected(url: str) -> float:
         return -1.0
 
 
+@dataclass
+class Survivors:
+    """The replicas left after the kill (set by the kill) and the killed one's id."""
+
+    urls: list[str] = field(default_factory=list)
+    victim_id: str = ""
+
+    async def _view_ok(self, url: str, agents: int) -> bool | None:
+        """Whether ``GET /agents`` shows ``agents`` connected, none on the victim;
+        ``None`` when its rows have no ``headend_id`` (no cluster presence)."""
+        status, _, body = await http_get(f"{url}/agents", timeout_s=10)
+        if status != 200:
+            return False
+        rows = msgspec.json.decode(body)
+        if rows and "headend_id" not in rows[0]:
+            return None
+        on_live = [
+            r for r in rows if r["connected"] and r["headend_id"] not in (None, self.victim_id)
+        ]
+        return len(on_live) == agents
+
+    async def view_moved(self, t0: float, agents: int) -> float | None:
+        """Seconds from ``t0`` until every survivor's ``GET /agents`` shows ``agents``
+        connected to live replicas (asked once a second, after the agents moved: the
+        requests read storage and must not slow the move itself); ``None`` if not within
+        :data:`CONVERGE_WAIT_S`."""
+        deadline = time.perf_counter() + CONVERGE_WAIT_S
+        while time.perf_counter() < deadline:
+            at = time.perf_counter()
+            try:
+                oks = [await self._view_ok(url, agents) for url in self.urls]
+            except Exception:
+                oks = [False]
+            if None in oks:
+                return None
+            if all(oks):
+                return at - t0
+            await asyncio.sleep(1.0)
+        return None
+
+
 async def _failover(
     ctx: Context,
     label: str,
@@ -748,12 +790,12 @@ async def _failover(
     kill: dict[str, Callable[[], Awaitable[None]]],
     settle_s: float,
     timeout_s: float,
-    watch: list[str] | None = None,
+    watch: Survivors | None = None,
 ) -> dict[str, Any]:
     """Connect ``spec`` rotating over ``addresses``; ``kill[address]()`` the address with
     the most agents; seconds until each of its agents registered elsewhere. With ``watch``
-    (the survivors' REST URLs, filled in by the kill), also the seconds until every
-    survivor's ``/metrics`` counts the whole fleet connected."""
+    (filled in by the kill), the survivors' ``der_agents_connected`` meanwhile, and the
+    seconds until every survivor's ``GET /agents`` shows every agent on a live replica."""
     rng = random.Random(17)
     errors: Counter[str] = Counter()
     agents = [RotatingAgent(a, addresses, random.Random(rng.random()), errors) for a in spec.agents]
@@ -780,23 +822,16 @@ async def _failover(
         kill_s = time.perf_counter() - t0
         deadline = t0 + timeout_s
         next_watch = t0
-        all_moved_at: float | None = None
-        converged_s: float | None = None
         while time.perf_counter() < deadline:
             now = time.perf_counter()
-            if all_moved_at is None and all(a.address not in (None, victim) for a in moving):
-                all_moved_at = now
             if watch and now >= next_watch:
                 next_watch += 0.25
-                counts = [await _agents_connected(u) for u in watch]
+                counts = [await _agents_connected(u) for u in watch.urls]
                 timeline.append((round(now - t0, 2), counts))
-                if all_moved_at is not None and all(c == len(agents) for c in counts):
-                    converged_s = now - t0
-            if all_moved_at is not None and (
-                not watch or converged_s is not None or now - all_moved_at > CONVERGE_WAIT_S
-            ):
+            if all(a.address not in (None, victim) for a in moving):
                 break
             await asyncio.sleep(0.05)
+        view_s = await watch.view_moved(t0, len(agents)) if watch else None
         moved = [
             a.registrations[registered_before[id(a)]][0] - t0
             for a in moving
@@ -820,7 +855,7 @@ async def _failover(
             "attempts_after_kill": sum(a.attempts for a in moving) - len(moving),
             "stream_ends_and_refusals": dict(errors),
             "connect_s": round(connect_s, 2),
-            "survivors_show_all_s": converged_s,
+            "survivors_view_s": view_s,
             "survivor_agents_connected": timeline,
         }
     finally:
@@ -832,9 +867,9 @@ async def _failover(
         + (f"the last {last:.2f} s after the kill" if last is not None else "NOT all")
         + f" (p50 {result['moved_p50_s']:.2f} s); others moved: {result['others_moved']}"
         + (
-            f"; every survivor's /metrics counts all {len(agents)} after "
-            f"{result['survivors_show_all_s']:.2f} s"
-            if result["survivors_show_all_s"] is not None
+            f"; every survivor's GET /agents shows all {len(agents)} on a live replica "
+            f"after {result['survivors_view_s']:.2f} s"
+            if result["survivors_view_s"] is not None
             else ""
         )
     )
@@ -889,12 +924,12 @@ async def run_failover(ctx: Context) -> list[Figure]:
             def kill_replica(process: HeadendProcess) -> Callable[[], Awaitable[None]]:
                 async def kill() -> None:
                     await process.kill()
-                    rest = [p.http_url for p in group.processes if p.running]
-                    watch[:] = rest
+                    watch.urls = [p.http_url for p in group.processes if p.running]
+                    watch.victim_id = process.name  # its HEADEND_ID
 
                 return kill
 
-            watch = [p.http_url for p in group.processes]
+            watch = Survivors([p.http_url for p in group.processes])
             result = await _failover(
                 ctx,
                 "replicas",
