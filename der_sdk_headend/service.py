@@ -30,6 +30,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.cluster import Cluster
+from der_sdk_headend.cluster.presence import ClusterPresence
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.ingest import TelemetryIngest
@@ -105,6 +106,7 @@ class Headend:
         self._inventory: Inventory | None = None
         self._storage: StorageBackend | None = None
         self._cluster: Cluster | None = None
+        self._cluster_presence: ClusterPresence | None = None
         self._auditor: Auditor | None = None
         self._rest_auth: RestAuth | None = None
         self._presence: Presence | None = None
@@ -140,6 +142,12 @@ class Headend:
         """This replica's part in a cluster, or ``None`` for a headend alone (no
         ``HEADEND_BUS_URL``)."""
         return self._cluster
+
+    @property
+    def cluster_presence(self) -> ClusterPresence | None:
+        """The cluster's view of presence (bus mode), or ``None`` for a headend alone or
+        before it started."""
+        return self._cluster_presence
 
     @property
     def ingest(self) -> TelemetryIngest:
@@ -262,6 +270,12 @@ class Headend:
             )
 
         self._presence = Presence(storage, self.plugins, config.headend_id)
+        # --- cluster presence (issue 17): share this replica's agents on the bus, watch
+        # the others'; before agents are accepted.
+        if self._cluster is not None:
+            self._cluster_presence = ClusterPresence(self._cluster, self._presence, storage)
+            await self._cluster_presence.start()
+        # --- end cluster presence
         self._ingest = TelemetryIngest(
             inventory,
             self.plugins,
@@ -483,6 +497,11 @@ class Headend:
                 await self._ingest.close(INGEST_DRAIN_S)
             if self._dispatcher is not None:
                 await self._dispatcher.close()
+            if self._cluster_presence is not None:  # cluster presence (issue 17)
+                try:
+                    await self._cluster_presence.close()  # releases this replica's entries
+                except Exception:
+                    log.exception("closing the cluster presence failed")
             if self._cluster is not None:
                 try:
                     await self._cluster.close()
@@ -517,10 +536,16 @@ class Headend:
 
     @property
     def agents_connected(self) -> int:
+        """Agents connected: to this headend, or in bus mode to any replica."""
+        if self._cluster_presence is not None:  # cluster presence (issue 17)
+            return self._cluster_presence.agent_count()
         return len(self._presence.streams()) if self._presence else 0
 
     @property
     def assets_connected(self) -> int:
+        """Assets served by a connected agent: here, or in bus mode on any replica."""
+        if self._cluster_presence is not None:  # cluster presence (issue 17)
+            return self._cluster_presence.asset_count()
         return len(self._presence.connected_asset_ids()) if self._presence else 0
 
 

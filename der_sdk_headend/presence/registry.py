@@ -15,7 +15,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias, TypeVar
@@ -33,7 +33,7 @@ from der_sdk.models import (
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 
-__all__ = ["AgentStream", "Outbox", "Outgoing", "Presence", "WireMessage"]
+__all__ = ["AgentStream", "Outbox", "Outgoing", "Presence", "StreamListener", "WireMessage"]
 
 log = logging.getLogger("der.headend.presence")
 
@@ -46,6 +46,9 @@ class WireMessage(Protocol):
 
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
+
+StreamListener: TypeAlias = Callable[["AgentStream"], None]
+"""Told of a stream that was attached or detached (:meth:`Presence.add_listener`)."""
 
 Outgoing: TypeAlias = TelemetryAck | EventAck | SetpointCommand | SetpointOutcomeAck | WireMessage
 """What an agent stream's outbox holds: acks from ingest, commands and outcome acks from
@@ -158,6 +161,29 @@ class Presence:
         self._by_asset: dict[str, AgentStream] = {}
         self._streams: dict[str, AgentStream] = {}
         self._last_seen: dict[str, datetime] = {}
+        self._listeners: list[tuple[StreamListener, StreamListener]] = []
+
+    def add_listener(self, on_attach: StreamListener, on_detach: StreamListener) -> None:
+        """Call ``on_attach(stream)`` once a stream's sessions are on record and its assets
+        show as connected, and ``on_detach(stream)`` once it no longer serves any (a
+        cluster shares this through the bus: der_sdk_headend.cluster.presence).
+
+        The callbacks are synchronous and must not block: schedule async work. One that
+        raises is logged and never breaks the agent's link. Without listeners, attach and
+        detach cost nothing more.
+        """
+        self._listeners.append((on_attach, on_detach))
+
+    def _tell(self, attached: bool, stream: AgentStream) -> None:
+        for on_attach, on_detach in self._listeners:
+            try:
+                (on_attach if attached else on_detach)(stream)
+            except Exception:
+                log.exception(
+                    "presence listener failed on %s of %s",
+                    "attach" if attached else "detach",
+                    stream.describe(),
+                )
 
     # ------------------------------------------------------------------ queries
 
@@ -236,6 +262,8 @@ class Presence:
             self._by_asset[asset.asset_id] = stream
             self._last_seen[asset.asset_id] = now
         self._streams[stream.stream_id] = stream
+        if self._listeners:
+            self._tell(True, stream)
         self._plugins.notify("der_agent_connected", sessions=opened, assets=list(assets))
         await run_to_completion(self._close_in_storage(taken_over))
         return opened
@@ -252,6 +280,8 @@ class Presence:
             session.disconnected_at = now
             closed.append(session)
         stream.sessions.clear()
+        if self._listeners:
+            self._tell(False, stream)
         await run_to_completion(self._close_in_storage(closed))
         return closed
 

@@ -1,4 +1,7 @@
-"""``/agents``: one row per configured asset with its connection and recent sessions."""
+"""``/agents``: one row per configured asset with its connection and recent sessions.
+
+In a cluster (``HEADEND_BUS_URL``) the connection is the cluster's: an asset whose agent
+is connected to another replica shows as connected, held by that replica."""
 
 from __future__ import annotations
 
@@ -36,19 +39,28 @@ class AgentsController(Controller):
         sessions = await asyncio.gather(
             *(headend.storage.recent_sessions(a.asset_id, RECENT_SESSIONS) for a in assets)
         )
+        cluster = headend.cluster_presence
+        own_id = headend.config.headend_id
         rows: list[AgentRow] = []
         for asset, recent in zip(assets, sessions, strict=True):
             site = inventory.sites.get(asset.site_id)
-            stream = presence.stream_for(asset.asset_id)
+            peer = agent_id = holder = None
+            if cluster is not None:  # in a cluster, whichever replica holds it
+                entry = cluster.holder_of_asset(asset.asset_id)
+                if entry is not None:
+                    peer, agent_id, holder = entry.peer, entry.agent_id, entry.headend_id
+            elif (stream := presence.stream_for(asset.asset_id)) is not None:
+                peer, agent_id, holder = stream.peer, stream.agent_id, own_id
             rows.append(
                 AgentRow(
                     asset_id=asset.asset_id,
                     asset_name=asset.name,
                     site_id=asset.site_id,
                     site_name=site.name if site else "",
-                    connected=stream is not None,
-                    peer=stream.peer if stream else None,
-                    agent_id=stream.agent_id if stream else None,
+                    connected=holder is not None,
+                    peer=peer,
+                    agent_id=agent_id,
+                    headend_id=holder,
                     last_seen=presence.last_seen(asset.asset_id),
                     sessions=[
                         SessionRow(

@@ -59,12 +59,23 @@ class HeadendCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         headend = self.headend
-        yield _gauge("der_agents_connected", "Agent streams connected.", headend.agents_connected)
+        yield _gauge(
+            "der_agents_connected",
+            "Agent streams connected (in a cluster: to any replica).",
+            headend.agents_connected,
+        )
         yield _gauge(
             "der_assets_connected",
-            "Assets served by a connected agent.",
+            "Assets served by a connected agent (in a cluster: on any replica).",
             headend.assets_connected,
         )
+        cluster = headend.cluster_presence
+        if cluster is not None:
+            yield _gauge(
+                "der_cluster_replicas",
+                "Live replicas of the cluster, this one included.",
+                len(cluster.replicas()),
+            )
         ingest = headend.ingest_or_none
         if ingest is not None:
             stats = ingest.stats()

@@ -50,8 +50,10 @@ class SessionRow(msgspec.Struct, kw_only=True):
 class AgentRow(msgspec.Struct, kw_only=True):
     """One configured asset and the agent stream serving it (if any).
 
-    ``peer`` and ``agent_id`` are those of the live stream; ``last_seen`` is kept after
-    the asset disconnects (for this headend run).
+    ``peer`` and ``agent_id`` are those of the live stream, and ``headend_id`` the
+    ``HEADEND_ID`` of the headend holding it (in a cluster, any replica's); ``last_seen``
+    is when this headend last heard from the asset, kept after it disconnects (for this
+    headend run).
     """
 
     asset_id: str
@@ -61,6 +63,7 @@ class AgentRow(msgspec.Struct, kw_only=True):
     connected: bool
     peer: str | None = None
     agent_id: str | None = None
+    headend_id: str | None = None
     last_seen: datetime | None = None
     sessions: list[SessionRow] = msgspec.field(default_factory=list)
 

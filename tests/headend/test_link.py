@@ -33,7 +33,7 @@ from der_sdk_headend import Headend
 
 
 async def test_register_accepted_shows_every_served_asset_connected_with_the_same_peer(
-    http: httpx.AsyncClient, connect_agent: ConnectAgent
+    headend: Headend, http: httpx.AsyncClient, connect_agent: ConnectAgent
 ) -> None:
     agent = await connect_agent()
     ack = await agent.register(SITE_A_ASSETS)
@@ -49,10 +49,12 @@ async def test_register_accepted_shows_every_served_asset_connected_with_the_sam
         row = rows[asset_id]
         assert row["connected"] is True
         assert row["agent_id"] == "gw-1"
+        assert row["headend_id"] == headend.config.headend_id, "held by this headend"
         assert row["site_name"] == "North Yard"
         assert row["last_seen"] is not None
         assert [s["disconnected_at"] for s in row["sessions"]] == [None]
     assert rows[PV_1]["connected"] is False
+    assert rows[PV_1]["headend_id"] is None
     assert rows[PV_1]["sessions"] == []
 
 
