@@ -213,6 +213,9 @@ class HeadendConfig:
     bus_ack_wait_s: float = 30.0
     """``HEADEND_BUS_ACK_WAIT_S``: seconds before a telemetry message a writer took and did
     not acknowledge (it died) goes to another writer."""
+    bus_dispatch_reconcile_s: float = 2.0
+    """``HEADEND_BUS_DISPATCH_RECONCILE_S``: seconds between a replica's reads of the open
+    dispatches in storage, to deliver what its agents serve (a nudge that was lost)."""
     headend_id_configured: bool = False
     """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
     built. Only a configured id scopes the closing of sessions at start: a derived one
@@ -241,6 +244,11 @@ class HeadendConfig:
             )
         if self.bus_url is not None:
             self.bus_options()  # the bounds, named by variable
+        if not 0 < self.bus_dispatch_reconcile_s <= 3600:
+            raise DerSdkError(
+                f"HEADEND_BUS_DISPATCH_RECONCILE_S={self.bus_dispatch_reconcile_s:g} must be "
+                "more than 0 and at most 3600 seconds"
+            )
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -363,4 +371,5 @@ class HeadendConfig:
             bus_telemetry_max_bytes=_int(env, "HEADEND_BUS_TELEMETRY_MAX_BYTES", 1024**3),
             bus_telemetry_max_messages=_int(env, "HEADEND_BUS_TELEMETRY_MAX_MESSAGES", 1_000_000),
             bus_ack_wait_s=_float(env, "HEADEND_BUS_ACK_WAIT_S", 30.0),
+            bus_dispatch_reconcile_s=_float(env, "HEADEND_BUS_DISPATCH_RECONCILE_S", 2.0),
         )

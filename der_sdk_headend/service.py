@@ -30,6 +30,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.cluster import Cluster
+from der_sdk_headend.cluster.dispatch import ClusterDispatcher
 from der_sdk_headend.cluster.presence import ClusterPresence
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
@@ -286,9 +287,32 @@ class Headend:
         )
         await self._ingest.warm()
         self._ingest.start()
-        self._dispatcher = Dispatcher(
-            inventory, self.plugins, storage, PresenceRouter(self._presence), config.split_policy
-        )
+        if self._cluster is None:
+            self._dispatcher = Dispatcher(
+                inventory,
+                self.plugins,
+                storage,
+                PresenceRouter(self._presence),
+                config.split_policy,
+            )
+        else:
+            # A replica: storage is the record, other replicas are nudged over the bus and
+            # every replica reconciles from storage (der_sdk_headend/cluster/dispatch.py).
+            # Registers its bus command, so before serve() below.
+            self._dispatcher = ClusterDispatcher(
+                inventory,
+                self.plugins,
+                storage,
+                PresenceRouter(self._presence),
+                config.split_policy,
+                cluster=self._cluster,
+                locate=(
+                    self._cluster_presence.replica_of_asset
+                    if self._cluster_presence is not None
+                    else None
+                ),
+                reconcile_s=config.bus_dispatch_reconcile_s,
+            )
         reloaded = await self._dispatcher.load_open()
         if reloaded:
             log.info(

@@ -56,6 +56,7 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
+from datetime import datetime
 
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
@@ -209,12 +210,16 @@ class Dispatcher:
 
     async def _supersede_submitted(self, newer: Dispatch) -> None:
         assets = {t.asset_id for t in newer.targets}
-        why = f"superseded by dispatch {newer.dispatch_id}"
         for older in list(self._open.values()):
-            waiting = [t for t in older.targets if t.state == "submitted" and t.asset_id in assets]
-            replaced = lifecycle.move(older, waiting, "supersede", why)
-            if not replaced:
-                continue
+            await self._supersede_in(older, newer, assets)
+
+    async def _supersede_in(self, older: Dispatch, newer: Dispatch, assets: set[str]) -> None:
+        """Supersede the submitted targets of ``older`` for ``assets`` (those of ``newer``)."""
+        waiting = [t for t in older.targets if t.state == "submitted" and t.asset_id in assets]
+        replaced = lifecycle.move(
+            older, waiting, "supersede", f"superseded by dispatch {newer.dispatch_id}"
+        )
+        if replaced:
             names = ", ".join(t.asset_id for t in replaced)
             await self._record(
                 older,
@@ -251,29 +256,47 @@ class Dispatcher:
         async with self._lock:
             now = utc_now()
             for dispatch in sorted(self._open.values(), key=lambda d: d.created_at):
-                try:
-                    delivery = plan_delivery(peer, dispatch, self._inventory, now, utc_now())
-                except Exception as exc:  # one bad record must not lock the agent out
-                    why = f"its commands could not be built ({type(exc).__name__}: {exc})"
-                    log.error(
-                        "dispatch %s: %s for %s; settled failed, the agent gets its other commands",
-                        dispatch.dispatch_id,
-                        why,
-                        peer.describe(),
-                        exc_info=exc,
-                    )
-                    targets = [t for t in dispatch.targets if undelivered(t, peer)]
-                    await self._settle_undeliverable(dispatch, targets, why)
-                    continue
-                delivered += await self._carry_out(peer, dispatch, delivery)
+                delivered += await self._deliver_to(peer, dispatch, now)
         return delivered
 
-    async def _carry_out(self, peer: AgentPeer, dispatch: Dispatch, delivery: Delivery) -> int:
+    async def _deliver_to(
+        self, peer: AgentPeer, dispatch: Dispatch, now: datetime, occasion: str | None = None
+    ) -> int:
+        """Deliver to ``peer`` what it serves of ``dispatch`` (or expire it); 1 when
+        something was sent. A dispatch whose commands cannot be built is settled
+        ``failed`` for ``peer``'s targets. ``occasion`` ends the lifecycle event's text
+        (default: ``on register of`` the agent)."""
+        try:
+            delivery = self._plan_delivery(peer, dispatch, now)
+        except Exception as exc:  # one bad record must not lock the agent out
+            why = f"its commands could not be built ({type(exc).__name__}: {exc})"
+            log.error(
+                "dispatch %s: %s for %s; settled failed, the agent gets its other commands",
+                dispatch.dispatch_id,
+                why,
+                peer.describe(),
+                exc_info=exc,
+            )
+            targets = [t for t in dispatch.targets if undelivered(t, peer)]
+            await self._settle_undeliverable(dispatch, targets, why)
+            return 0
+        return await self._carry_out(
+            peer, dispatch, delivery, occasion or f"on register of {peer.describe()}"
+        )
+
+    def _plan_delivery(self, peer: AgentPeer, dispatch: Dispatch, now: datetime) -> Delivery:
+        """:func:`plan_delivery` for ``peer``; a replica of a cluster leaves out what it
+        already pushed on that stream."""
+        return plan_delivery(peer, dispatch, self._inventory, now, utc_now())
+
+    async def _carry_out(
+        self, peer: AgentPeer, dispatch: Dispatch, delivery: Delivery, occasion: str
+    ) -> int:
         """Send what :func:`plan_delivery` built and record it; how many were delivered."""
         delivered = 0
         if delivery.resend:
             self._push(peer, delivery.resend)
-            await self._record_delivery(peer, dispatch, delivery.resend_how)
+            await self._record_delivery(dispatch, f"{delivery.resend_how} {occasion}")
             delivered += 1
         if delivery.expire:
             lifecycle.move(dispatch, delivery.expire, "expire", delivery.expired_why)
@@ -285,7 +308,7 @@ class Dispatcher:
         elif delivery.deliver:
             self._push(peer, delivery.deliver)
             dispatch.state = derive_state(dispatch.targets)
-            await self._record_delivery(peer, dispatch, delivery.deliver_how)
+            await self._record_delivery(dispatch, f"{delivery.deliver_how} {occasion}")
             delivered += 1
         return delivered
 
@@ -309,10 +332,10 @@ class Dispatcher:
             )
         self._index(dispatch)
 
-    async def _record_delivery(self, peer: AgentPeer, dispatch: Dispatch, how: str) -> None:
-        await self._record(dispatch, f"{how} on register of {peer.describe()}")
+    async def _record_delivery(self, dispatch: Dispatch, what: str) -> None:
+        await self._record(dispatch, what)
         self._index(dispatch)
-        log.info("dispatch %s: %s on register of %s", dispatch.dispatch_id, how, peer.describe())
+        log.info("dispatch %s: %s", dispatch.dispatch_id, what)
 
     # ------------------------------------------------------------------ acknowledgements
 
@@ -326,46 +349,52 @@ class Dispatcher:
         dispatch_id = ack.command_id.partition("/")[0]
         async with self._lock:
             dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
-            if dispatch is None:
-                log.warning(
-                    "acknowledgement from %s for unknown command %r ignored",
-                    peer.describe(),
-                    ack.command_id,
-                )
-                if ack.status != "acked":
-                    self._router.confirm_outcome(peer, ack.command_id)
-                return
-            effect = lifecycle.apply_ack(dispatch, ack)
-            for asset_id in effect.strangers:
-                log.warning(
-                    "acknowledgement of %s from %s names asset %s, which is not a "
-                    "target of the dispatch; ignored",
-                    ack.command_id,
-                    peer.describe(),
-                    asset_id,
-                )
-            if effect.changed:
-                detail = f"{effect.status} by agent {peer.agent_id} (command {ack.command_id})"
-                if effect.status == "applied":
-                    detail += f", {_fmt(ack.applied_mw)} MW applied"
-                if effect.reason:
-                    detail += f": {effect.reason}"
-                if ack.ts is not None:
-                    detail += f"; at the agent {ack.ts.isoformat()}"
-                await self._record(dispatch, detail)
-                self._index(dispatch)
-                log.info("dispatch %s: %s; now %s", dispatch.dispatch_id, detail, dispatch.state)
-            else:
-                log.debug(
-                    "dispatch %s: %s from %s for command %s changes nothing (now %s)",
-                    dispatch.dispatch_id,
-                    ack.status,
-                    peer.describe(),
-                    ack.command_id,
-                    dispatch.state,
-                )
-            if effect.final:
+            await self._apply_ack(peer, ack, dispatch)
+
+    async def _apply_ack(
+        self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
+    ) -> None:
+        """Apply ``ack`` to ``dispatch`` (``None``: unknown), record and confirm it."""
+        if dispatch is None:
+            log.warning(
+                "acknowledgement from %s for unknown command %r ignored",
+                peer.describe(),
+                ack.command_id,
+            )
+            if ack.status != "acked":
                 self._router.confirm_outcome(peer, ack.command_id)
+            return
+        effect = lifecycle.apply_ack(dispatch, ack)
+        for asset_id in effect.strangers:
+            log.warning(
+                "acknowledgement of %s from %s names asset %s, which is not a "
+                "target of the dispatch; ignored",
+                ack.command_id,
+                peer.describe(),
+                asset_id,
+            )
+        if effect.changed:
+            detail = f"{effect.status} by agent {peer.agent_id} (command {ack.command_id})"
+            if effect.status == "applied":
+                detail += f", {_fmt(ack.applied_mw)} MW applied"
+            if effect.reason:
+                detail += f": {effect.reason}"
+            if ack.ts is not None:
+                detail += f"; at the agent {ack.ts.isoformat()}"
+            await self._record(dispatch, detail)
+            self._index(dispatch)
+            log.info("dispatch %s: %s; now %s", dispatch.dispatch_id, detail, dispatch.state)
+        else:
+            log.debug(
+                "dispatch %s: %s from %s for command %s changes nothing (now %s)",
+                dispatch.dispatch_id,
+                ack.status,
+                peer.describe(),
+                ack.command_id,
+                dispatch.state,
+            )
+        if effect.final:
+            self._router.confirm_outcome(peer, ack.command_id)
 
     async def record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
         """Record a command the agent on ``peer``'s stream applied locally (``LocalDispatch``).
@@ -379,75 +408,79 @@ class Dispatcher:
             recorded or names an asset the stream does not serve (logged).
         """
         async with self._lock:
-            if not report.command_id:
-                log.warning("%s reported a local command without an id; ignored", peer.describe())
-                return None
-            if await self._storage.get_dispatch(report.command_id) is not None:
-                return None
-            asset_id, site_id = report.asset_id, report.site_id
-            if asset_id:
-                with contextlib.suppress(UnknownNameError):
-                    asset_id = self._inventory.asset(asset_id).asset_id
-                if not peer.serves(asset_id):
-                    log.warning(
-                        "%s reported local command %s for asset %s, which it does not serve; "
-                        "not recorded",
-                        peer.describe(),
-                        report.command_id,
-                        asset_id,
-                    )
-                    return None
-                site_id = peer.site_id
-            elif site_id:
-                with contextlib.suppress(UnknownNameError):
-                    site_id = self._inventory.site(site_id).site_id
-            targets: list[DispatchTarget] = []
-            for allocation in report.allocations:
-                if not peer.serves(allocation.asset_id):
-                    log.warning(
-                        "local command %s from %s names asset %s, which the stream does not "
-                        "serve; left out",
-                        report.command_id,
-                        peer.describe(),
-                        allocation.asset_id,
-                    )
-                    continue
-                state = lifecycle.ack_state(allocation.status)
-                targets.append(
-                    DispatchTarget(
-                        asset_id=allocation.asset_id,
-                        mw=allocation.mw,
-                        state=state,
-                        applied_mw=allocation.mw if state == "applied" else None,
-                        reason=allocation.reason,
-                    )
+            return await self._record_local(peer, report)
+
+    async def _record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
+        """:meth:`record_local`, under the dispatcher's lock."""
+        if not report.command_id:
+            log.warning("%s reported a local command without an id; ignored", peer.describe())
+            return None
+        if await self._storage.get_dispatch(report.command_id) is not None:
+            return None
+        asset_id, site_id = report.asset_id, report.site_id
+        if asset_id:
+            with contextlib.suppress(UnknownNameError):
+                asset_id = self._inventory.asset(asset_id).asset_id
+            if not peer.serves(asset_id):
+                log.warning(
+                    "%s reported local command %s for asset %s, which it does not serve; "
+                    "not recorded",
+                    peer.describe(),
+                    report.command_id,
+                    asset_id,
                 )
-            now = utc_now()
-            dispatch = Dispatch(
-                dispatch_id=report.command_id,
-                mw=report.mw,
-                state=derive_state(targets) if targets else lifecycle.ack_state(report.status),
-                created_at=min(report.ts, now),  # an agent clock ahead of ours
-                updated_at=now,
-                asset_id=asset_id,
-                site_id=site_id,
-                duration_s=report.duration_s,
-                targets=targets,
-                unallocated_mw=report.unallocated_mw,
-                policy=report.policy,
-                source="local",
-                reason=report.reason,
+                return None
+            site_id = peer.site_id
+        elif site_id:
+            with contextlib.suppress(UnknownNameError):
+                site_id = self._inventory.site(site_id).site_id
+        targets: list[DispatchTarget] = []
+        for allocation in report.allocations:
+            if not peer.serves(allocation.asset_id):
+                log.warning(
+                    "local command %s from %s names asset %s, which the stream does not "
+                    "serve; left out",
+                    report.command_id,
+                    peer.describe(),
+                    allocation.asset_id,
+                )
+                continue
+            state = lifecycle.ack_state(allocation.status)
+            targets.append(
+                DispatchTarget(
+                    asset_id=allocation.asset_id,
+                    mw=allocation.mw,
+                    state=state,
+                    applied_mw=allocation.mw if state == "applied" else None,
+                    reason=allocation.reason,
+                )
             )
-            applied = math.fsum(t.mw for t in targets if t.state == "applied")
-            detail = (
-                f"{dispatch.state} locally by agent {peer.agent_id} "
-                f"(command {report.command_id}), {_fmt(applied)} MW applied"
-            )
-            if report.reason:
-                detail += f": {report.reason}"
-            await self._record(dispatch, detail)
-            log.info("dispatch %s (local): %s", dispatch.dispatch_id, detail)
-            return copy.deepcopy(dispatch)
+        now = utc_now()
+        dispatch = Dispatch(
+            dispatch_id=report.command_id,
+            mw=report.mw,
+            state=derive_state(targets) if targets else lifecycle.ack_state(report.status),
+            created_at=min(report.ts, now),  # an agent clock ahead of ours
+            updated_at=now,
+            asset_id=asset_id,
+            site_id=site_id,
+            duration_s=report.duration_s,
+            targets=targets,
+            unallocated_mw=report.unallocated_mw,
+            policy=report.policy,
+            source="local",
+            reason=report.reason,
+        )
+        applied = math.fsum(t.mw for t in targets if t.state == "applied")
+        detail = (
+            f"{dispatch.state} locally by agent {peer.agent_id} "
+            f"(command {report.command_id}), {_fmt(applied)} MW applied"
+        )
+        if report.reason:
+            detail += f": {report.reason}"
+        await self._record(dispatch, detail)
+        log.info("dispatch %s (local): %s", dispatch.dispatch_id, detail)
+        return copy.deepcopy(dispatch)
 
     async def on_stream_end(self, peer: AgentPeer) -> None:
         """A stream ended. Its sent and acked dispatches stay open: sent ones are sent

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
 from typing import Any
@@ -62,6 +64,25 @@ CLOSE_TIMEOUT_S = 10.0
 """How long close() lets running queries finish before terminating the connections."""
 PRUNE_BATCH_ROWS = 50_000
 """Rows the retention job deletes per statement (and per transaction)."""
+DISPATCH_LOCK_CLASS = 0x44535054
+"""The first key of every dispatch lock (the bytes of ``DSPT``): dispatch locks are
+``pg_advisory_lock(DISPATCH_LOCK_CLASS, hashtext(dispatch_id))``, in the two-key space,
+apart from the one-key lock of the migrations."""
+
+
+@dataclass(slots=True, eq=False)
+class _HeldLock:
+    """The pooled connection on which a task holds dispatch locks; the dispatch reads
+    and writes of that task run on it while it holds them."""
+
+    storage: PostgresStorage
+    task: asyncio.Task[object] | None
+    conn: asyncpg.Connection
+
+
+_held_lock: contextvars.ContextVar[_HeldLock | None] = contextvars.ContextVar(
+    "der_postgres_dispatch_lock", default=None
+)
 
 _TELEMETRY_SELECT = ", ".join(TELEMETRY_COLUMNS)
 _telemetry_row = attrgetter(*TELEMETRY_COLUMNS)
@@ -435,11 +456,59 @@ class PostgresStorage(StorageBackend):
 
     # ------------------------------------------------------------------ dispatch
 
+    @contextlib.asynccontextmanager
+    async def dispatch_lock(self, dispatch_id: str) -> AsyncIterator[None]:
+        """Hold ``dispatch_id`` against every other process (and task) using this
+        database: a session-level advisory lock on a pooled connection, for as long as
+        the block runs.
+
+        The dispatch reads and writes of the holding task run on that connection, so a
+        holder never waits for a second pooled connection, and a lock taken inside
+        another (a new dispatch superseding older ones) reuses it. Waiting for a lock
+        another holder keeps counts against ``command_timeout``.
+        """
+        held = self._held()
+        if held is not None:
+            await held.execute(_LOCK, DISPATCH_LOCK_CLASS, dispatch_id)
+            try:
+                yield
+            finally:
+                await _unlock(held, dispatch_id)
+            return
+        async with self.pool.acquire() as conn:
+            await conn.execute(_LOCK, DISPATCH_LOCK_CLASS, dispatch_id)
+            token = _held_lock.set(_HeldLock(self, asyncio.current_task(), conn))
+            try:
+                yield
+            finally:
+                _held_lock.reset(token)
+                # A connection that fails here goes back to the pool, whose reset (or
+                # the end of the session) releases every advisory lock it holds.
+                await _unlock(conn, dispatch_id)
+
+    def _held(self) -> asyncpg.Connection | None:
+        """The connection of the dispatch lock the current task holds, if any."""
+        held = _held_lock.get()
+        if held is None or held.storage is not self or held.task is not asyncio.current_task():
+            return None
+        return held.conn
+
     async def save_dispatch(self, dispatch: Dispatch) -> None:
+        held = self._held()
+        if held is not None:
+            async with held.transaction():
+                await self._save_dispatch(held, dispatch)
+            return
         async with self.pool.acquire() as conn, conn.transaction():
             await self._save_dispatch(conn, dispatch)
 
     async def record_dispatch(self, dispatch: Dispatch, event: DispatchEvent) -> None:
+        held = self._held()
+        if held is not None:
+            async with held.transaction():
+                await self._save_dispatch(held, dispatch)
+                await held.execute(*_dispatch_event_insert(event))
+            return
         async with self.pool.acquire() as conn, conn.transaction():
             await self._save_dispatch(conn, dispatch)
             await conn.execute(*_dispatch_event_insert(event))
@@ -487,7 +556,7 @@ class PostgresStorage(StorageBackend):
             )
 
     async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
-        raw = await self.pool.fetchval(
+        raw = await (self._held() or self.pool).fetchval(
             "SELECT record FROM dispatches WHERE dispatch_id = $1", dispatch_id
         )
         return None if raw is None else _decode_dispatch(raw)
@@ -517,7 +586,7 @@ class PostgresStorage(StorageBackend):
             conditions.append(f"d.state = ${len(params)}")
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         params.append(max(limit, 0))
-        rows = await self.pool.fetch(
+        rows = await (self._held() or self.pool).fetch(
             f"SELECT d.record FROM dispatches AS d{where}"
             f" ORDER BY d.created_at DESC, d.dispatch_id DESC LIMIT ${len(params)}",
             *params,
@@ -525,10 +594,10 @@ class PostgresStorage(StorageBackend):
         return [_decode_dispatch(row[0]) for row in rows]
 
     async def record_dispatch_event(self, event: DispatchEvent) -> None:
-        await self.pool.execute(*_dispatch_event_insert(event))
+        await (self._held() or self.pool).execute(*_dispatch_event_insert(event))
 
     async def dispatch_events(self, dispatch_id: str) -> list[DispatchEvent]:
-        rows = await self.pool.fetch(
+        rows = await (self._held() or self.pool).fetch(
             "SELECT dispatch_id, state, ts, detail FROM dispatch_events"
             " WHERE dispatch_id = $1 ORDER BY ts, id",
             dispatch_id,
@@ -711,6 +780,22 @@ async def _is_hypertable(conn: asyncpg.Connection) -> bool:
             " WHERE hypertable_name = 'telemetry' AND hypertable_schema = current_schema())"
         )
     )
+
+
+_LOCK = "SELECT pg_advisory_lock($1::int4, hashtext($2))"
+_UNLOCK = "SELECT pg_advisory_unlock($1::int4, hashtext($2))"
+
+
+async def _unlock(conn: asyncpg.Connection, dispatch_id: str) -> None:
+    try:
+        await conn.execute(_UNLOCK, DISPATCH_LOCK_CLASS, dispatch_id)
+    except Exception as exc:  # the pool's reset or the session's end releases it
+        log.warning(
+            "releasing the lock of dispatch %s failed (%s: %s); the connection's reset releases it",
+            dispatch_id,
+            type(exc).__name__,
+            exc,
+        )
 
 
 def _dispatch_event_insert(event: DispatchEvent) -> tuple[Any, ...]:
