@@ -31,6 +31,7 @@ from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, o
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.cluster import Cluster
 from der_sdk_headend.cluster.dispatch import ClusterDispatcher
+from der_sdk_headend.cluster.ingest import BusTelemetrySink, StreamWriters
 from der_sdk_headend.cluster.presence import ClusterPresence
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
@@ -112,6 +113,7 @@ class Headend:
         self._rest_auth: RestAuth | None = None
         self._presence: Presence | None = None
         self._ingest: TelemetryIngest | None = None
+        self._stream_writers: StreamWriters | None = None  # cluster ingest (bus mode)
         self._dispatcher: Dispatcher | None = None
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -153,6 +155,11 @@ class Headend:
     @property
     def ingest(self) -> TelemetryIngest:
         return _started(self._ingest, "ingest")
+
+    @property
+    def stream_writers(self) -> StreamWriters | None:
+        """The writers that store the bus's telemetry stream (bus mode), or ``None``."""
+        return self._stream_writers
 
     @property
     def auditor(self) -> Auditor:
@@ -277,16 +284,27 @@ class Headend:
             self._cluster_presence = ClusterPresence(self._cluster, self._presence, storage)
             await self._cluster_presence.start()
         # --- end cluster presence
+        writers = max(1, min(config.ingest_writers, storage.concurrent_writes))
+        # --- cluster ingest (bus mode): agents are acknowledged once JetStream holds their
+        # batches; this replica's stream writers store the stream into the database.
+        bus = self._cluster.bus if self._cluster is not None else None
         self._ingest = TelemetryIngest(
             inventory,
             self.plugins,
             storage,
             self._presence,
             max_queued_samples=config.ingest_queue_max_samples,
-            writers=max(1, min(config.ingest_writers, storage.concurrent_writes)),
+            writers=writers,
+            sink=BusTelemetrySink(bus, storage, self.plugins) if bus is not None else None,
         )
         await self._ingest.warm()
         self._ingest.start()
+        if bus is not None:
+            self._stream_writers = StreamWriters(
+                bus, storage, self.plugins, self._ingest, writers=writers
+            )
+            self._stream_writers.start()
+        # --- end cluster ingest
         if self._cluster is None:
             self._dispatcher = Dispatcher(
                 inventory,
@@ -517,8 +535,10 @@ class Headend:
                 await self._front.close()
             if self._presence is not None:
                 await self._presence.detach_all()
-            if self._ingest is not None:
+            if self._ingest is not None:  # in bus mode: drains the queue into the stream
                 await self._ingest.close(INGEST_DRAIN_S)
+            if self._stream_writers is not None:  # unacknowledged messages are redelivered
+                await self._stream_writers.close(INGEST_DRAIN_S)
             if self._dispatcher is not None:
                 await self._dispatcher.close()
             if self._cluster_presence is not None:  # cluster presence (issue 17)

@@ -66,6 +66,13 @@ acknowledged earlier, or recorded as a gap. The agent forgets a listed range onc
   seqs below the floor cannot be told apart, so the watermark follows the floor and no gap
   is inferred; their own ``telemetry_dropped`` events remain the record of their drops.
 
+**Sinks.** By default the writers store into the headend's storage. A replica of a
+cluster (``HEADEND_BUS_URL``) gives :class:`TelemetryIngest` a :class:`TelemetrySink`
+instead (:class:`der_sdk_headend.cluster.ingest.BusTelemetrySink`): a writer hands its group
+(samples and gap events) to the sink and acknowledges the agents once the sink has it
+durably. A sink's failure is a write failure like storage's: the batches go back to the
+queue head, the queue fills, readers stop reading, agents buffer.
+
 Not promised: a batch stored by an earlier run whose ack was lost, and then dropped by the
 agent before it could send it again, is reported as a gap although it is stored. A gap
 event whose ack is lost with a killed headend is recorded again by the next run.
@@ -73,6 +80,7 @@ event whose ack is lost with a killed headend is recorded again by the next run.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import bisect
 import contextlib
@@ -112,7 +120,9 @@ __all__ = [
     "WRITE_BATCH_SAMPLES",
     "IngestStats",
     "SeqCursor",
+    "SinkBatch",
     "TelemetryIngest",
+    "TelemetrySink",
 ]
 
 log = logging.getLogger("der.headend.ingest")
@@ -283,8 +293,51 @@ class IngestStats:
     oldest_queued_s: float
 
 
+class SinkBatch(abc.ABC):
+    """One agent batch as a :class:`TelemetrySink` sees it (read-only)."""
+
+    __slots__ = ()
+
+    stream: AgentStream
+    seq: int
+    samples: list[TelemetrySample]
+    gaps: list[SeqRange]
+
+    def gap_events(self) -> list[Event]:
+        """The ``telemetry_gap`` events of the batch: recorded before it is acknowledged."""
+        return [_gap_event(self.stream, first, last) for first, last in self.gaps]
+
+
+class TelemetrySink(abc.ABC):
+    """Where the ingest writers put checked telemetry instead of the headend's storage.
+
+    :meth:`write` returns once the batches (their samples and gap events) are held
+    durably; the writer then acknowledges them to their agents. Raising is a write
+    failure: the batches go back to the head of the ingest queue and are written again
+    with backoff, so a sink must take the same batches twice without harm (an
+    idempotency key per batch).
+    """
+
+    #: Shown in logs (``bus nats``).
+    name: str = "sink"
+
+    @abc.abstractmethod
+    async def write(self, batches: Sequence[SinkBatch]) -> None:
+        """Hold ``batches`` durably; raise when they are not (all) held."""
+
+    def retry_max_s(self, exc: Exception) -> float:
+        """The longest wait before writing again after :meth:`write` failed with ``exc``
+        (the writers back off from 0.25 s, doubling, up to this or 5 s)."""
+        return RETRY_MAX_S
+
+    def failure_reason(self, exc: Exception) -> str:
+        """What ``/healthz`` says while :meth:`write` keeps failing with ``exc``."""
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"{self.name} writes failing: {text}"
+
+
 @dataclass
-class _Item:
+class _Item(SinkBatch):
     stream: AgentStream
     seq: int
     floor_seq: int
@@ -314,6 +367,7 @@ class TelemetryIngest:
         max_queued_samples: int = DEFAULT_QUEUE_MAX_SAMPLES,
         stall_after_s: float = STALL_AFTER_S,
         writers: int = DEFAULT_WRITERS,
+        sink: TelemetrySink | None = None,
     ) -> None:
         if max_queued_samples < 1:
             raise ValueError(f"max_queued_samples must be at least 1, got {max_queued_samples}")
@@ -323,6 +377,7 @@ class TelemetryIngest:
         self._inventory = inventory
         self._plugins = plugins
         self._storage = storage
+        self._sink = sink
         self._presence = presence
         self._latest: dict[str, TelemetrySample] = {}
         self._known: dict[str, tuple[Asset, AssetType | None]] = {}
@@ -345,6 +400,12 @@ class TelemetryIngest:
         self._write_seconds = 0.0
         self._failing_since: float | None = None
         self._failure: str | None = None
+        self._failure_reason: str | None = None
+        # events and heartbeats when telemetry goes to a sink (their own failures)
+        self._side_failure: str | None = None
+        self._side_failed = 0
+        self._side_retry_at: float | None = None
+        self._side_backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         self._write_started: dict[int, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -381,9 +442,18 @@ class TelemetryIngest:
             )
         for writer in self._writers:
             writer.cancel()
+        # Bounded: a client library may swallow a cancel (nats-py turns some into
+        # timeouts, which a sink reports as a failure to retry): cancel such a writer again.
+        for _ in range(3):
+            pending = [writer for writer in self._writers if not writer.done()]
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=1.0)
+            for writer in pending:
+                writer.cancel()
         for writer in self._writers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                log.error("ingest writer %s ended: %r", writer.get_name(), writer.exception())
         self._writers = []
         async with self._space:
             self._space.notify_all()
@@ -397,6 +467,18 @@ class TelemetryIngest:
 
     def latest(self, asset_id: str) -> TelemetrySample | None:
         return self._latest.get(asset_id)
+
+    def merge_latest(self, samples: Sequence[TelemetrySample]) -> int:
+        """Take ``samples`` (stored elsewhere, e.g. by another replica) into the latest
+        cache where they are newer than what it holds; return how many were taken."""
+        taken = 0
+        assets = self._inventory.assets
+        for sample in samples:
+            current = self._latest.get(sample.asset_id)
+            if (current is None or sample.ts > current.ts) and sample.asset_id in assets:
+                self._latest[sample.asset_id] = sample
+                taken += 1
+        return taken
 
     # ------------------------------------------------------------------ status
 
@@ -423,11 +505,14 @@ class TelemetryIngest:
         )
 
     def _stall_reason(self, now: float, oldest: float) -> str | None:
-        if self._failure is not None:
-            return f"storage writes failing: {self._failure}"
+        if self._failure_reason is not None:
+            return self._failure_reason
+        if self._side_failure is not None:
+            return f"storage writes failing (events and heartbeats held): {self._side_failure}"
         started = min(self._write_started.values(), default=None)
         if started is not None and now - started > self.stall_after_s:
-            return f"a storage write has been running for {now - started:.0f} s"
+            what = "storage" if self._sink is None else self._sink.name
+            return f"a {what} write has been running for {now - started:.0f} s"
         if oldest > self.stall_after_s:
             return f"the oldest queued batch has waited {oldest:.0f} s"
         return None
@@ -611,9 +696,15 @@ class TelemetryIngest:
         backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         failed = 0
         while True:
-            while not (self._queue or (index == 0 and (self._events or self._heartbeats))):
+            while not (self._queue or (index == 0 and self._side_records_due())):
                 self._work.clear()
-                await self._work.wait()
+                retry_at = self._side_retry_at
+                if index == 0 and retry_at is not None:  # a sink's side records wait
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, retry_at - time.monotonic())):
+                            await self._work.wait()
+                else:
+                    await self._work.wait()
             try:
                 await self._write_once(index)
             except asyncio.CancelledError:
@@ -622,6 +713,8 @@ class TelemetryIngest:
                 self._write_failures += 1
                 failed += 1
                 delay = backoff.delay(failed)
+                if self._sink is not None:
+                    delay = min(delay, self._sink.retry_max_s(exc))
                 self._on_failure(exc, delay)
                 await asyncio.sleep(delay)
             else:
@@ -643,11 +736,14 @@ class TelemetryIngest:
         samples = [s for item in items for s in item.samples]
         self._write_started[index] = started = time.monotonic()
         try:
-            if samples:
-                await self._storage.append_telemetry(samples)
-            for item in items:  # recorded before the acks that let the agent forget them
-                for first, last in item.gaps:
-                    await self._storage.append_event(_gap_event(item.stream, first, last))
+            if self._sink is not None:
+                await self._sink.write(items)
+            else:
+                if samples:
+                    await self._storage.append_telemetry(samples)
+                for item in items:  # recorded before the acks that let the agent forget them
+                    for first, last in item.gaps:
+                        await self._storage.append_event(_gap_event(item.stream, first, last))
         except BaseException:
             queue.extendleft(reversed(items))
             raise
@@ -657,7 +753,7 @@ class TelemetryIngest:
             del self._write_started[index]
         self._writes += 1
 
-        if samples:
+        if samples and self._sink is None:  # a sink's samples are stored (and told) later
             self._plugins.notify("der_telemetry_received", samples=samples)
         self._queued_samples -= total
         self._samples_stored += total
@@ -675,7 +771,48 @@ class TelemetryIngest:
                 stored_through,
             )
         if index == 0:  # after the acks: a failure here must not hold telemetry back
+            if self._sink is None:
+                await self._write_side_records()
+            elif self._side_records_due():
+                await self._write_side_records_apart()
+
+    def _side_records_due(self) -> bool:
+        """Events or heartbeats wait and are not held back by a failed write's backoff."""
+        if not (self._events or self._heartbeats):
+            return False
+        retry_at = self._side_retry_at
+        return retry_at is None or time.monotonic() >= retry_at
+
+    async def _write_side_records_apart(self) -> None:
+        """Events and heartbeats when telemetry goes to a sink: they still go to storage,
+        and a storage failure must neither slow the telemetry writers nor be taken for a
+        sink failure. Retried with their own backoff; one log line when failing starts,
+        one on recovery; ``/healthz`` says so meanwhile."""
+        try:
             await self._write_side_records()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._side_failed += 1
+            self._write_failures += 1
+            delay = self._side_backoff.delay(self._side_failed)
+            self._side_retry_at = time.monotonic() + delay
+            if self._side_failure is None:
+                log.error(
+                    "storage %s: writing events and heartbeats failed: %s; %d event(s) held, "
+                    "retrying (telemetry is not held back)",
+                    self._storage.name,
+                    text,
+                    len(self._events),
+                )
+            self._side_failure = text
+            return
+        if self._side_failure is not None:
+            log.warning("storage %s: events and heartbeats stored again", self._storage.name)
+        self._side_failure = None
+        self._side_failed = 0
+        self._side_retry_at = None
 
     async def _write_side_records(self) -> None:
         """Events and heartbeats (writer 0 only)."""
@@ -732,38 +869,48 @@ class TelemetryIngest:
         if rows:
             await self._storage.append_heartbeats(rows)
 
+    @property
+    def _target(self) -> str:
+        """What the writers write to, for logs."""
+        return f"storage {self._storage.name}" if self._sink is None else self._sink.name
+
     def _on_failure(self, exc: Exception, delay: float) -> None:
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        target = self._target
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.error(
-                "storage %s: writing telemetry failed: %s; %d batch(es) (%d samples) held "
+                "%s: writing telemetry failed: %s; %d batch(es) (%d samples) held "
                 "unacknowledged, retrying (agents keep buffering)",
-                self._storage.name,
+                target,
                 text,
                 len(self._queue),
                 self._queued_samples,
             )
         elif text != self._failure:
-            log.warning("storage %s: still failing: %s", self._storage.name, text)
+            log.warning("%s: still failing: %s", target, text)
         else:
-            log.debug(
-                "storage %s: write retry in %.2f s failed: %s", self._storage.name, delay, text
-            )
+            log.debug("%s: write retry in %.2f s failed: %s", target, delay, text)
         self._failure = text
+        self._failure_reason = (
+            f"storage writes failing: {text}"
+            if self._sink is None
+            else self._sink.failure_reason(exc)
+        )
 
     def _on_success(self) -> None:
         if self._failing_since is None:
             return
         down = time.monotonic() - self._failing_since
         log.warning(
-            "storage %s: writes recovered after %.1f s; %d batch(es) still queued",
-            self._storage.name,
+            "%s: writes recovered after %.1f s; %d batch(es) still queued",
+            self._target,
             down,
             len(self._queue),
         )
         self._failing_since = None
         self._failure = None
+        self._failure_reason = None
 
 
 def _gap_event(stream: AgentStream, first: int, last: int) -> Event:

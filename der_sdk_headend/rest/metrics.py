@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from der_sdk_headend.cluster.ingest import StreamWriterStats
     from der_sdk_headend.service import Headend
 
 __all__ = ["HeadendCollector", "render_metrics"]
@@ -134,6 +135,9 @@ class HeadendCollector(Collector):
                 "Ranges of telemetry batches that never reached storage.",
                 stats.gaps,
             )
+        writers = headend.stream_writers
+        if writers is not None:
+            yield from _stream_metrics(writers.stats())
         presence = headend.presence_or_none
         buffers = [
             (stream.agent_id, stream.buffer)
@@ -154,3 +158,69 @@ def render_metrics(headend: Headend, accept: str | None = None) -> tuple[bytes, 
     asks for, and its content type, as prometheus-client negotiates them."""
     encode, content_type = choose_encoder(accept or "")
     return encode(HeadendCollector(headend)), content_type
+
+
+def _stream_metrics(stats: StreamWriterStats) -> Iterator[Metric]:
+    """The bus's telemetry stream and this replica's stream writers (bus mode)."""
+    backlog = stats.backlog
+    if backlog is not None:
+        yield _gauge(
+            "der_bus_stream_messages",
+            "Telemetry messages the bus stream holds for the writers (unacknowledged).",
+            backlog.messages,
+        )
+        yield _gauge("der_bus_stream_bytes", "Bytes the bus telemetry stream holds.", backlog.bytes)
+        yield _gauge(
+            "der_bus_stream_max_messages",
+            "The stream's message limit; at it agents are held back and buffer.",
+            backlog.max_messages,
+        )
+        yield _gauge(
+            "der_bus_stream_max_bytes",
+            "The stream's byte limit; at it agents are held back and buffer.",
+            backlog.max_bytes,
+        )
+    yield _gauge("der_bus_writers", "Stream writers on this replica.", stats.writers)
+    yield _gauge(
+        "der_bus_writers_stalled",
+        "1 while the stream writers cannot store or the stream is near full.",
+        1.0 if stats.stalled else 0.0,
+    )
+    yield _counter(
+        "der_bus_writer_samples_stored_total",
+        "Samples this replica's stream writers stored (redeliveries included).",
+        stats.samples_stored,
+    )
+    yield _counter(
+        "der_bus_writer_messages_acked_total",
+        "Stream messages stored and acknowledged by this replica's writers.",
+        stats.messages_acked,
+    )
+    yield _counter(
+        "der_bus_writer_messages_redelivered_total",
+        "Stream messages this replica received again (a writer died or was too slow).",
+        stats.messages_redelivered,
+    )
+    yield _counter(
+        "der_bus_writer_messages_undecodable_total",
+        "Stream messages that were not telemetry (logged, acknowledged, left out).",
+        stats.messages_undecodable,
+    )
+    yield _counter(
+        "der_bus_writer_stores_total", "Successful stores by the stream writers.", stats.stores
+    )
+    yield _counter(
+        "der_bus_writer_store_seconds_total",
+        "Time the stream writers spent storing (retries included).",
+        stats.store_seconds,
+    )
+    yield _counter(
+        "der_bus_writer_store_failures_total",
+        "Failed stores by the stream writers (each retried).",
+        stats.store_failures,
+    )
+    yield _counter(
+        "der_bus_latest_received_total",
+        "Latest-telemetry fan-out messages this replica received.",
+        stats.latest_received,
+    )

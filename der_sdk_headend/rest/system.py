@@ -80,6 +80,9 @@ class SystemController(Controller):
             queued_batches, queued_samples = stats.queued_batches, stats.queued_samples
             if reason is None and stats.stalled:
                 reason = stats.stall_reason
+        writers = headend.stream_writers  # bus mode: the stream writers and the stream
+        if reason is None and writers is not None:
+            reason = writers.health_reason()
         health = Health(
             status="ok" if reason is None else "degraded",
             storage=storage.name,
