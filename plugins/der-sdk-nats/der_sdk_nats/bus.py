@@ -322,9 +322,15 @@ class _NatsConsumer(StreamConsumer):
         self._bus._require_connected("fetch telemetry")
         try:
             messages = await self._subscription.fetch(max_messages, timeout=timeout_s)
-        except nats.errors.TimeoutError:
-            return []
         except nats.errors.Error as exc:
+            # nats-py may report a fetch cancelled while it waits as a timeout or a closed
+            # connection: a cancel must stay a cancel, or the task that asked to stop
+            # carries on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            if isinstance(exc, nats.errors.TimeoutError):
+                return []
             raise BusUnavailableError(f"NATS: fetch telemetry failed: {exc}") from exc
         return [_NatsMessage(self._bus, m) for m in messages]
 

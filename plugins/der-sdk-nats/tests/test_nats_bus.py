@@ -242,3 +242,19 @@ async def test_acknowledged_batches_survive_a_nats_server_kill(tmp_path: Path) -
             assert [m.data for m in got] == [f"batch-{i}".encode() for i in range(20)]
         finally:
             await writer.close()
+
+
+async def test_a_fetch_cancelled_while_waiting_ends_its_task_as_cancelled(
+    open_nats_bus: OpenNatsBus,
+) -> None:
+    bus = await open_nats_bus()
+    consumer = await bus.telemetry.consumer()
+    for close_too in (False, True):  # a writer stopping as the bus closes, too
+        fetching = asyncio.create_task(consumer.fetch(1, timeout_s=5.0))
+        await asyncio.sleep(0.3)
+        fetching.cancel()
+        if close_too:
+            await bus.close()
+        with pytest.raises(asyncio.CancelledError):
+            await fetching
+        assert fetching.cancelled()
