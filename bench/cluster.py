@@ -268,6 +268,29 @@ async def _stored_counters(urls: Sequence[str]) -> dict[str, float]:
     return totals
 
 
+BUS_METRICS = (
+    "der_bus_stream_messages",
+    "der_bus_stream_bytes",
+    "der_bus_writers",
+    "der_bus_writers_stalled",
+    "der_bus_writer_messages_acked_total",
+    "der_bus_writer_store_failures_total",
+)
+
+
+async def _bus_metrics(urls: Sequence[str]) -> dict[str, list[float]]:
+    """:data:`BUS_METRICS` of each replica (-1: it did not answer)."""
+    values: dict[str, list[float]] = {name: [] for name in BUS_METRICS}
+    for url in urls:
+        try:
+            got = await metrics(url)
+        except Exception:
+            got = {}
+        for name in BUS_METRICS:
+            values[name].append(got.get(name, -1.0))
+    return values
+
+
 async def wait_stored(database_url: str, expected: int, timeout_s: float) -> tuple[int, float]:
     """Wait until ``expected`` rows are stored, or the count stopped moving for 10 s, or
     ``timeout_s``; the rows and the seconds waited."""
@@ -335,6 +358,8 @@ async def _ingest_once(
             rows, drain_s = await wait_stored(url, acked, 30 if ctx.quick else 180)
             t_end = time.perf_counter()
             cpu = whole.stop()
+            # what the replicas say of the bus when samples are missing
+            bus_state = await _bus_metrics(http) if rows < acked else {}
         finally:
             await fleet.close()
     # The whole run, first batch sent to last sample stored: in bus mode the agents
@@ -383,7 +408,10 @@ async def _ingest_once(
         f"{result['missing']} missing"
     )
     if result["missing"]:
-        raise RuntimeError(f"{label}: {result['missing']} acknowledged samples not stored")
+        raise RuntimeError(
+            f"{label}: {result['missing']} acknowledged samples not stored "
+            f"after {drain_s:.0f} s; the replicas' bus metrics then: {bus_state}"
+        )
     return result
 
 
