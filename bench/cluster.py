@@ -613,6 +613,12 @@ async def run_dispatch(ctx: Context) -> list[Figure]:
                 t1, rows1 = time.perf_counter(), await stored_rows(url)
                 await _wait_or_kill(load, 60)
                 max_rate = (rows1 - rows0) / (t1 - t0)
+                if max_rate <= 0:
+                    raise RuntimeError(
+                        "nothing was stored while the load ran flat out, so there is no "
+                        "50% load to time dispatches under; the replicas' bus metrics: "
+                        f"{await _bus_metrics([a.http_url, b.http_url])}"
+                    )
                 await _rows_settled(url, 120)
                 ctx.say(f"stored ingest flat out: {max_rate:,.0f} samples/s")
 
