@@ -7,8 +7,9 @@ benchmark (``python -m bench all``) also rewrites the results table in
 small load of each, under two minutes, that shows every benchmark runs; its numbers mean
 nothing and it never touches the docs.
 
-Benchmarks: ingest-pg, ingest-sqlite, ingest-bus, dispatch, memory, storm, rest, mtls
-(``all``: every one).
+Benchmarks: ingest-pg, ingest-sqlite, ingest-bus, dispatch, memory, storm, rest, mtls, and
+the replicas of a cluster on NATS and PostgreSQL: cluster-ingest, cluster-dispatch,
+cluster-failover (``all``: every one).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ BENCHMARKS: dict[str, str] = {
     "storm": "bench.fleet:run_storm",
     "rest": "bench.rest:run",
     "mtls": "bench.mtls:run",
+    "cluster-ingest": "bench.cluster:run_ingest",
+    "cluster-dispatch": "bench.cluster:run_dispatch",
+    "cluster-failover": "bench.cluster:run_failover",
 }
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"

@@ -266,12 +266,19 @@ def pids_named(name: str) -> list[int]:
     return found
 
 
-def _cpu(pids: int | list[int]) -> float:
-    total = 0.0
+def _cpu(pids: int | list[int]) -> dict[int, float]:
+    """CPU seconds of each of ``pids`` still running."""
+    readings: dict[int, float] = {}
     for pid in [pids] if isinstance(pids, int) else pids:
         with contextlib.suppress(OSError):
-            total += proc_cpu_s(pid)
-    return total
+            readings[pid] = proc_cpu_s(pid)
+    return readings
+
+
+def _used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds used between two readings by the processes alive at both (a process
+    that exited in between, e.g. a PostgreSQL backend, would otherwise count negative)."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
 class CpuMeter:
@@ -281,7 +288,7 @@ class CpuMeter:
     def __init__(self, pids: dict[str, int | list[int]]) -> None:
         self.pids = pids
         self._t0 = 0.0
-        self._cpu0: dict[str, float] = {}
+        self._cpu0: dict[str, dict[int, float]] = {}
         self._machine0 = 0.0
 
     @staticmethod
@@ -298,7 +305,7 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self._t0
         result = {
-            f"{k}_cores": round((_cpu(p) - self._cpu0[k]) / elapsed, 2)
+            f"{k}_cores": round(_used(self._cpu0[k], _cpu(p)) / elapsed, 2)
             for k, p in self.pids.items()
         }
         result["machine_cores"] = round((self._machine() - self._machine0) / elapsed, 2)

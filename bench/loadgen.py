@@ -370,7 +370,8 @@ class FleetAgent:
 @dataclass
 class Fleet:
     """Agents of ``spec`` against ``target``, all in this process; over mutual TLS with
-    ``tls``."""
+    ``tls``. ``target`` may list several addresses separated by commas (the replicas of
+    a cluster): agent ``i`` dials the ``i``-th, round-robin."""
 
     spec: FleetSpec
     target: str
@@ -385,16 +386,17 @@ class Fleet:
 
         :raises RuntimeError: an agent was refused or its stream failed.
         """
+        targets = [t.strip() for t in self.target.split(",")]
         self.agents = [
             FleetAgent(
                 a,
-                self.target,
+                targets[i % len(targets)],
                 ticks_per_batch=self.ticks_per_batch,
                 window=self.window,
                 on_outcome_ack=self.on_outcome_ack,
                 tls=self.tls,
             )
-            for a in self.spec.agents
+            for i, a in enumerate(self.spec.agents)
         ]
         started = time.perf_counter()
         if concurrency is None:
@@ -498,7 +500,9 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", required=True)
+    parser.add_argument(
+        "--target", required=True, help="host:port, or several separated by commas (round-robin)"
+    )
     parser.add_argument("--fleet", required=True, help="fleet.json written by FleetSpec.write")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=0.0, help="samples/s; 0 = flat out")
