@@ -7,7 +7,7 @@ benchmark (``python -m bench all``) also rewrites the results table in
 small load of each, under two minutes, that shows every benchmark runs; its numbers mean
 nothing and it never touches the docs.
 
-Benchmarks: ingest-pg, ingest-sqlite, ingest-bus, dispatch, memory, storm, rest, mtls, and
+Benchmarks: ingest-pg, ingest-sqlite, dispatch, memory, storm, rest, mtls, and
 the replicas of a cluster on NATS and PostgreSQL: cluster-ingest, cluster-dispatch,
 cluster-failover (``all``: every one).
 """
@@ -35,7 +35,6 @@ from bench.common import ROOT, Context, Figure
 BENCHMARKS: dict[str, str] = {
     "ingest-pg": "bench.ingest:run_pg",
     "ingest-sqlite": "bench.ingest:run_sqlite",
-    "ingest-bus": "bench.ingest_bus:run",
     "dispatch": "bench.dispatch:run",
     "memory": "bench.fleet:run_memory",
     "storm": "bench.fleet:run_storm",

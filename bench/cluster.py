@@ -110,14 +110,9 @@ waiting ``ACK_TIMEOUT_S`` for each of hundreds would only hide that)."""
 
 
 def bus_url() -> str | None:
-    """The NATS server of the run (``DER_SDK_BENCH_NATS``, else ``DER_BENCH_NATS_URL`` as
-    ``ingest-bus`` reads it, default the local one), or ``None`` when nothing listens
-    there."""
-    url = (
-        os.environ.get("DER_SDK_BENCH_NATS")
-        or os.environ.get("DER_BENCH_NATS_URL")
-        or "nats://127.0.0.1:4222"
-    )
+    """The NATS server of the run (``DER_SDK_BENCH_NATS``, default the local one), or
+    ``None`` when nothing listens there."""
+    url = os.environ.get("DER_SDK_BENCH_NATS") or "nats://127.0.0.1:4222"
     host, _, port = url.removeprefix("nats://").split(",")[0].rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port or 4222)), timeout=1):

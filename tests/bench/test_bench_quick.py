@@ -4,7 +4,7 @@ judged by full benchmark runs (docs/performance.md), never by a test.
 
 The benchmarks run in two groups, each its own ``python -m bench`` and test, so each
 stays within its time limit: those of one headend, and those of a cluster of replicas
-(``cluster-*`` and ``ingest-bus``: NATS and PostgreSQL; without them they report no
+(``cluster-*``: NATS and PostgreSQL; without them they report no
 figure, which passes unless ``DER_SDK_REQUIRE_SERVICES=1``)."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _groups() -> dict[str, list[str]]:
     from bench.__main__ import BENCHMARKS
 
-    cluster = [n for n in BENCHMARKS if n.startswith("cluster-") or n == "ingest-bus"]
+    cluster = [n for n in BENCHMARKS if n.startswith("cluster-")]
     return {"single": [n for n in BENCHMARKS if n not in cluster], "cluster": cluster}
 
 
@@ -45,7 +45,7 @@ def _services_missing(name: str) -> bool:
         return False
     if name == "ingest-pg":
         return postgres_url() is None
-    if name.startswith("cluster-") or name == "ingest-bus":
+    if name.startswith("cluster-"):
         return postgres_url() is None or bus_url() is None
     return False
 
