@@ -21,10 +21,13 @@ from headend_kit import (
     SITE_A,
     WAIT_S,
     bearer,
+    eventually,
     make_config,
     sample,
 )
 
+from der_sdk.models import BufferStats, utc_now
+from der_sdk.wire import codec
 from der_sdk_headend import Headend
 from der_sdk_headend.console.auth import COOKIE, CSRF_HEADER
 from der_sdk_headend.console.pages import PAGE_SIZE
@@ -244,8 +247,19 @@ async def test_the_fleet_shows_live_values_site_totals_and_makes_offline_stand_o
     site_row = re.search(rf'<tr class="site-row" data-site-id="{SITE_A}">.*?</tr>', html, re.S)
     assert site_row and 'data-field="site_mw">1.250<' in site_row.group(0)
     assert "2/3 connected" in site_row.group(0)
+    buffer = BufferStats(batches=3, samples=120, bytes=4096, oldest_age_s=12.5, dropped_samples=7)
+    await agent.send(codec.agent_heartbeat("gw-1", utc_now(), 1.0, buffer))
+
+    async def buffer_shown() -> bool:
+        return "120 samples" in (await http.get("/console/agents")).text
+
+    await eventually(buffer_shown, "the Agents page shows the heartbeat's buffer figures")
     agents = (await http.get("/console/agents")).text
-    assert "gw-1" in agents and "127.0.0.1" in agents
+    session = re.search(r'<tr data-agent-id="gw-1">.*?</tr>', agents, re.S)
+    assert session, "no live session row for gw-1"
+    row = session.group(0)
+    assert "127.0.0.1" in row and "3 batches" in row and "4096 B" in row
+    assert "12.5 s" in row and 'data-field="buffer_dropped">7<' in row
 
 
 async def test_the_fleet_filters_on_the_server_and_answers_htmx_with_the_table_alone(
