@@ -56,6 +56,7 @@ __all__ = [
     "csrf_token",
     "is_console_route",
     "page",
+    "session_cookie",
     "sign_in",
     "sign_in_form",
     "sign_out",
@@ -179,7 +180,8 @@ def _local_next(target: str | None) -> str:
     return "/"
 
 
-def _cookie(headend: Headend, value: str, *, max_age: int | None = None) -> Cookie:
+def session_cookie(headend: Headend, value: str, *, max_age: int | None = None) -> Cookie:
+    """The console cookie holding ``value`` (``max_age=0`` with ``""``: forget it)."""
     return Cookie(
         key=COOKIE,
         value=value,
@@ -247,7 +249,7 @@ async def sign_in(
         outcome="ok",
         message=f"{actor.name} ({actor.role}) signed in to the console",
     )
-    return Redirect(target, status_code=303, cookies=[_cookie(headend, secret)])
+    return Redirect(target, status_code=303, cookies=[session_cookie(headend, secret)])
 
 
 @post("/console/sign-out", **page("viewer"), status_code=303)
@@ -265,5 +267,5 @@ async def sign_out(request: Request[Any, Any, Any], headend: NamedDependency[Hea
     return Redirect(
         SIGN_IN_PATH if headend.rest_auth.enabled else "/",
         status_code=303,
-        cookies=[_cookie(headend, "", max_age=0)],
+        cookies=[session_cookie(headend, "", max_age=0)],
     )

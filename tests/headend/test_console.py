@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -29,7 +30,7 @@ from headend_kit import (
 from der_sdk.models import BufferStats, utc_now
 from der_sdk.wire import codec
 from der_sdk_headend import Headend
-from der_sdk_headend.console.auth import COOKIE, CSRF_HEADER
+from der_sdk_headend.console.auth import COOKIE, CSRF_HEADER, session_cookie
 from der_sdk_headend.console.pages import PAGE_SIZE
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([0-9a-f]+)">')
@@ -103,6 +104,33 @@ async def test_a_wrong_token_is_refused_with_a_clear_message(
     assert "Unknown token" in response.text
     assert "set-cookie" not in response.headers
     assert (await auth_http.get("/")).status_code == 303
+
+
+async def test_a_revoked_token_cannot_sign_in_and_its_cookie_stops_working(
+    auth_http: httpx.AsyncClient, role_tokens: dict[str, str]
+) -> None:
+    admin = bearer(role_tokens["admin"])
+    made = await auth_http.post("/tokens", json={"role": "viewer", "name": "soon"}, headers=admin)
+    secret, token_id = made.json()["token"], made.json()["id"]
+    await sign_in(auth_http, secret)
+    assert (await auth_http.get("/")).status_code == 200
+    assert (await auth_http.delete(f"/tokens/{token_id}", headers=admin)).status_code == 200
+    assert (await auth_http.get("/")).status_code == 303  # back to the sign-in page
+    refused = await sign_in(auth_http, secret)
+    assert refused.status_code == 401
+    assert f"Token {token_id} was revoked" in refused.text
+    # An htmx request is told where to go instead of getting a redirect to swap in.
+    partial = await auth_http.get("/", headers={"HX-Request": "true"})
+    assert partial.status_code == 401 and partial.headers["HX-Redirect"] == "/console/sign-in"
+
+
+def test_the_cookie_is_secure_under_tls() -> None:
+    def cookie_for(tls: bool) -> Any:
+        return session_cookie(SimpleNamespace(config=SimpleNamespace(tls=tls)), "der_x")  # type: ignore[arg-type]
+
+    assert cookie_for(True).secure and cookie_for(True).httponly
+    assert not cookie_for(False).secure
+    assert cookie_for(True).samesite == "strict"
 
 
 async def test_sign_out_clears_the_cookie_and_is_audited(
