@@ -265,15 +265,16 @@ async def test_the_fleet_shows_live_values_site_totals_and_makes_offline_stand_o
     )
     html = (await http.get("/")).text
     row = asset_row(html, BESS_1)
-    assert 'data-field="mw">1.500<' in row
-    assert 'data-field="mw_setpoint">1.500<' in row
-    assert 'data-key="soc_pct"' in row and "55.0 %" in row
+    assert 'data-field="mw" data-digits="3">1.500<' in row
+    assert 'data-field="mw_setpoint" data-digits="3">1.500<' in row
+    assert 'data-field="details.soc_pct" data-digits="1" data-unit="%">55.0 %<' in row
     assert "connected" in row and "offline" not in row
     assert "uncertain" in asset_row(html, BESS_2)
     offline = asset_row(html, BESS_3)  # registered by nobody
     assert 'class="offline"' in offline and "badge off" in offline
-    site_row = re.search(rf'<tr class="site-row" data-site-id="{SITE_A}">.*?</tr>', html, re.S)
+    site_row = re.search(rf'<tr class="site-row" data-site-id="{SITE_A}"[^>]*>.*?</tr>', html, re.S)
     assert site_row and 'data-field="site_mw">1.250<' in site_row.group(0)
+    assert 'data-others="{}"' in site_row.group(0)  # all its assets are on the page
     assert "2/3 connected" in site_row.group(0)
     buffer = BufferStats(batches=3, samples=120, bytes=4096, oldest_age_s=12.5, dropped_samples=7)
     await agent.send(codec.agent_heartbeat("gw-1", utc_now(), 1.0, buffer))
