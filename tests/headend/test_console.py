@@ -7,6 +7,8 @@ Browser flows are in tests/console (Playwright); these check the server's answer
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -368,3 +370,12 @@ def asset_row(html: str, asset_id: str) -> str:
     match = re.search(rf'<tr data-asset-id="{asset_id}".*?</tr>', html, re.S)
     assert match, f"no row for {asset_id}"
     return match.group(0)
+
+
+def test_the_console_package_imports_on_its_own() -> None:
+    # The console imports rest.auth, whose package imports the app that mounts the console.
+    for module in ("der_sdk_headend.console", "der_sdk_headend.console.pages"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
