@@ -98,6 +98,21 @@ async def test_sign_in_never_redirects_off_the_headend(
     assert response.headers["location"] == "/"
 
 
+async def test_sign_in_from_a_page_of_another_site_is_refused(
+    auth_http: httpx.AsyncClient, role_tokens: dict[str, str]
+) -> None:
+    data = {"token": role_tokens["viewer"], "next": "/"}
+    foreign = await auth_http.post(
+        "/console/sign-in", data=data, headers={"Origin": "http://evil.example"}
+    )
+    assert foreign.status_code == 403 and "another site" in foreign.text
+    assert "set-cookie" not in foreign.headers
+    own = await auth_http.post(
+        "/console/sign-in", data=data, headers={"Origin": str(auth_http.base_url).rstrip("/")}
+    )
+    assert own.status_code == 303
+
+
 async def test_a_wrong_token_is_refused_with_a_clear_message(
     auth_http: httpx.AsyncClient,
 ) -> None:
