@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 import der_sdk
@@ -45,6 +46,11 @@ def create_app(headend: Headend) -> Litestar:
     (:mod:`.openapi`).
     """
 
+    # Imported here: the console imports rest.auth, and this package's __init__ imports
+    # this module, so a module-level import would be circular when the console is
+    # imported first.
+    from der_sdk_headend.console import STATIC_PATH, console_handlers, template_config
+
     def provide_headend() -> Headend:
         return headend
 
@@ -58,7 +64,9 @@ def create_app(headend: Headend) -> Litestar:
             SystemController,
             TokensController,
             AuditController,
+            *console_handlers(),
         ],
+        template_config=template_config(),
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
         state=app_state(headend),
         # Handlers annotate ``headend: Headend``; the service module imports this one, so
@@ -75,6 +83,17 @@ def create_app(headend: Headend) -> Litestar:
             description="Operator and integration API of the der-sdk reference headend: "
             "inventory, presence, telemetry, dispatch. Send `Authorization: Bearer <token>`; "
             "each operation's `BearerToken` requirement names the role it needs.",
+            render_plugins=[
+                # Served from the console's static files: the API browser works offline.
+                SwaggerRenderPlugin(
+                    path="/swagger",
+                    js_url=f"{STATIC_PATH}/swagger/swagger-ui-bundle.js",
+                    css_url=f"{STATIC_PATH}/swagger/swagger-ui.css",
+                    standalone_preset_js_url=f"{STATIC_PATH}/swagger/swagger-ui-standalone-preset.js",
+                    favicon=f"<link rel='icon' type='image/png' "
+                    f"href='{STATIC_PATH}/swagger/favicon-32x32.png'>",
+                )
+            ],
             openapi_router=Router(
                 "/schema", route_handlers=[], include_in_schema=False, **access("open")
             ),
