@@ -1,18 +1,250 @@
 """The operator console in a real browser (Debian's Chromium, driven by pytest-playwright):
 the flows of issue 18 as a person would go through them, against a headend with
-``HEADEND_AUTH=on``, the demo's five simulated batteries and a token per role.
+``HEADEND_AUTH=on``, the demo's five simulated batteries (two sites, one gateway agent
+each) and a token per role.
 
-Each test writes a screenshot of its page into docs/console/ (docs/console.md shows them).
+Each test writes a screenshot of its page into docs/console/ (docs/console.md shows them);
+the names are fixed, so a run overwrites the last one's.
 """
 
 from __future__ import annotations
 
-from playwright.sync_api import Page
+import re
 
-from tests.console.console_kit import ConsoleStack
+import pytest
+from playwright.sync_api import Page, expect
+
+from tests.console.console_kit import SCREENSHOTS, ConsoleStack
+
+NORTH_YARD = "ed7332b8-d686-44d3-938c-9ddfd76b4791"  # North BESS 1, 2, 3 (6 MW discharge)
+SOLAR_RIDGE = "6319b625-eebf-4fa9-a64a-af7409f6c1b5"
+NORTH_BESS_2 = "d8dc771f-a331-4ad6-82b3-5cb666dc0d89"
+DEMO_ASSETS = ("North BESS 1", "North BESS 2", "North BESS 3", "Ridge BESS A", "Ridge BESS B")
+LIVE_S = 10_000  # ms: what a person would wait for a live update (samples come every 0.25 s)
+
+
+def screenshot(page: Page, name: str) -> None:
+    """Write the page (its full height) to docs/console/NAME.png."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
+
+
+def sign_in(page: Page, token: str, *, next_path: str = "/") -> None:
+    """Open ``next_path``, get sent to the sign-in page, sign in with ``token`` and land on
+    ``next_path``."""
+    page.goto(next_path)
+    expect(page).to_have_url(re.compile(r"/console/sign-in"))
+    page.get_by_label("REST token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page).to_have_url(re.compile(re.escape(next_path) + r"$"))
+
+
+def csrf_of(page: Page) -> str:
+    return page.locator('meta[name="csrf-token"]').get_attribute("content") or ""
+
+
+def post_from_page(page: Page, path: str, body: dict[str, object], csrf: str | None) -> int:
+    """``fetch`` a JSON POST from the page: the browser sends the console cookie; the CSRF
+    header only when ``csrf`` is given. Returns the status."""
+    return int(
+        page.evaluate(
+            """async ([path, body, csrf]) => {
+                const headers = {"content-type": "application/json"};
+                if (csrf !== null) headers["X-CSRF-Token"] = csrf;
+                const r = await fetch(path, {method: "POST", headers, body: JSON.stringify(body),
+                                             credentials: "same-origin"});
+                return r.status;
+            }""",
+            [path, body, csrf],
+        )
+    )
+
+
+def dispatch_count(page: Page) -> int:
+    """How many dispatches the headend holds (GET /dispatch/history with the cookie)."""
+    response = page.request.get("/dispatch/history?limit=500")
+    assert response.ok, f"GET /dispatch/history answered {response.status}: {response.text()}"
+    body = response.json()
+    items = body["items"] if isinstance(body, dict) else body
+    return len(items)
+
+
+# ------------------------------------------------------------------------------- the tests
 
 
 def test_chromium_opens_the_headends_openapi_document(page: Page, console: ConsoleStack) -> None:
     response = page.goto("/schema/openapi.json")
     assert response is not None and response.status == 200, response
     assert page.evaluate("() => JSON.parse(document.body.innerText).openapi").startswith("3.")
+
+
+def test_a_wrong_token_is_refused_at_sign_in(page: Page, console: ConsoleStack) -> None:
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/console/sign-in"))
+    page.get_by_label("REST token").fill("der_not-a-token-of-this-headend")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("alert")).to_contain_text("Unknown token")
+    expect(page).to_have_url(re.compile(r"/console/sign-in"))
+    screenshot(page, "sign-in")
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"/console/sign-in")), "still not signed in"
+
+
+def test_signed_in_fleet_shows_the_demos_assets_connected(
+    page: Page, console: ConsoleStack
+) -> None:
+    sign_in(page, console.tokens["operator"])
+    expect(page.get_by_role("heading", name="Fleet")).to_be_visible()
+    for name in DEMO_ASSETS:
+        row = page.get_by_role("row").filter(has_text=name)
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text(re.compile(r"\bconnected\b", re.IGNORECASE))
+        expect(row).not_to_contain_text(re.compile(r"offline", re.IGNORECASE))
+    expect(page.get_by_role("link", name="North Yard")).to_be_visible()
+    expect(page.get_by_role("link", name="Solar Ridge")).to_be_visible()
+    screenshot(page, "fleet")
+
+
+def test_fleet_search_narrows_the_assets(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["viewer"])
+    page.get_by_role("searchbox").first.fill("Ridge")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("row").filter(has_text="Ridge BESS A")).to_have_count(1)
+    expect(page.get_by_role("row").filter(has_text="North BESS 1")).to_have_count(0)
+
+
+def test_an_assets_trend_grows_live(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["viewer"])
+    page.get_by_role("link", name="North BESS 2").first.click()
+    expect(page).to_have_url(re.compile(f"/console/assets/{NORTH_BESS_2}"))
+    expect(page.get_by_role("heading", name="North BESS 2")).to_be_visible()
+    chart = page.locator("[data-trend-points]").first
+    expect(chart).to_be_visible()
+    before = int(chart.get_attribute("data-trend-points") or "0")
+    page.wait_for_function(
+        """([n]) => {
+            const el = document.querySelector("[data-trend-points]");
+            return el && Number(el.getAttribute("data-trend-points")) >= n;
+        }""",
+        arg=[before + 4],
+        timeout=LIVE_S,
+    )
+    expect(page.locator("#live-status")).to_contain_text(re.compile("live", re.IGNORECASE))
+    screenshot(page, "asset")
+
+
+def test_a_site_dispatch_is_previewed_confirmed_and_becomes_applied(
+    page: Page, console: ConsoleStack
+) -> None:
+    sign_in(page, console.tokens["operator"], next_path=f"/console/sites/{NORTH_YARD}")
+    form = page.locator("form").filter(has=page.get_by_label(re.compile(r"^MW", re.IGNORECASE)))
+    form.get_by_label(re.compile(r"^MW", re.IGNORECASE)).fill("1.5")
+    form.get_by_role("button", name=re.compile("preview", re.IGNORECASE)).click()
+    preview = page.locator("[data-preview]")
+    expect(preview).to_be_visible()
+    for name in ("North BESS 1", "North BESS 2", "North BESS 3"):
+        expect(preview).to_contain_text(name)
+    expect(preview).to_contain_text(re.compile("unallocated", re.IGNORECASE))
+    screenshot(page, "site-preview")
+    before = dispatch_count(page)
+    page.get_by_role("button", name=re.compile("confirm", re.IGNORECASE)).click()
+    page.goto("/console/dispatch")
+    latest = page.locator("[data-dispatch-id]").first
+    expect(latest).to_contain_text("North Yard")
+    expect(latest).to_contain_text("applied", timeout=LIVE_S)
+    assert dispatch_count(page) == before + 1, "one dispatch was stored"
+    screenshot(page, "dispatch")
+
+
+def test_a_viewer_sees_no_dispatch_form_and_a_forged_post_is_refused(
+    page: Page, console: ConsoleStack
+) -> None:
+    sign_in(page, console.tokens["viewer"])
+    before = dispatch_count(page)
+    body = {"site_id": NORTH_YARD, "mw": 1.0}
+    # the viewer's own session, with the right CSRF token: the role refuses it
+    assert post_from_page(page, "/dispatch", body, csrf_of(page)) == 403
+    assert post_from_page(page, "/dispatch/preview", body, csrf_of(page)) == 403
+    # the cookie without a CSRF token, with a wrong one, and a direct POST (no page)
+    assert post_from_page(page, "/dispatch", body, None) == 403
+    assert post_from_page(page, "/dispatch", body, "0" * 64) == 403
+    assert page.request.post("/dispatch", data=body).status == 403
+    assert dispatch_count(page) == before, "nothing was stored"
+    for path in (f"/console/sites/{NORTH_YARD}", "/console/dispatch"):
+        response = page.goto(path)
+        assert response is not None and response.status == 200, f"{path}: {response}"
+        main = page.get_by_role("main")
+        expect(main.get_by_role("spinbutton")).to_have_count(0)
+        expect(
+            main.get_by_role("button", name=re.compile("preview|dispatch|confirm", re.I))
+        ).to_have_count(0)
+
+
+def test_an_operators_cookie_without_the_csrf_token_cannot_dispatch(
+    page: Page, console: ConsoleStack
+) -> None:
+    sign_in(page, console.tokens["operator"])
+    before = dispatch_count(page)
+    body = {"asset_id": NORTH_BESS_2, "mw": 0.5}
+    assert post_from_page(page, "/dispatch", body, None) == 403
+    assert post_from_page(page, "/dispatch", body, "0" * 64) == 403
+    assert page.request.post("/dispatch", data=body).status == 403
+    assert dispatch_count(page) == before, "nothing was stored"
+
+
+def test_the_agents_page_lists_each_sites_gateway(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["viewer"], next_path="/console/agents")
+    for site_id in (NORTH_YARD, SOLAR_RIDGE):
+        session = page.locator(f'tr[data-agent-id="gateway-{site_id}"]')
+        expect(session).to_have_count(1)
+        expect(session.locator('[data-field="buffer"]')).to_contain_text("samples")
+    for name in DEMO_ASSETS:
+        row = page.get_by_role("row").filter(has=page.get_by_role("link", name=name))
+        expect(row).to_contain_text("gateway-")
+        expect(row).to_contain_text("connected")
+    screenshot(page, "agents")
+
+
+def test_the_main_controls_are_reachable_with_the_keyboard(
+    page: Page, console: ConsoleStack
+) -> None:
+    sign_in(page, console.tokens["operator"])
+    reached: list[str] = []
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        reached.append(
+            page.evaluate(
+                """() => {
+                    const el = document.activeElement;
+                    if (!el) return "";
+                    const label = el.labels && el.labels.length ? el.labels[0].innerText : "";
+                    return `${el.tagName} ${el.getAttribute("aria-label") || ""} ${label} `
+                        + `${el.innerText || el.value || ""}`.trim();
+                }"""
+            )
+        )
+    text = "\n".join(reached)
+    for control in ("Fleet", "Agents", "Dispatch", "Sign out", "North BESS 1"):
+        assert control in text, f"Tab never reached {control!r}; reached:\n{text}"
+    assert re.search(r"^INPUT", text, re.MULTILINE), f"Tab reached no input:\n{text}"
+
+
+@pytest.mark.parametrize("width", [390])
+def test_the_fleet_page_fits_a_narrow_screen(page: Page, console: ConsoleStack, width: int) -> None:
+    page.set_viewport_size({"width": width, "height": 844})
+    sign_in(page, console.tokens["viewer"])
+    expect(page.get_by_text("North BESS 1").first).to_be_attached()
+    overflow = page.evaluate(
+        "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    )
+    assert overflow <= 0, f"the fleet page is {overflow} px wider than a {width} px screen"
+    screenshot(page, "fleet-narrow")
+
+
+def test_sign_out_ends_the_session(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["viewer"])
+    page.get_by_role("button", name="Sign out").click()
+    expect(page).to_have_url(re.compile(r"/console/sign-in"))
+    page.goto("/console/agents")
+    expect(page).to_have_url(re.compile(r"/console/sign-in"))
+    assert page.request.get("/dispatch/history").status == 401
