@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from tests.console.console_kit import SCREENSHOTS, ConsoleStack
 
@@ -76,6 +76,34 @@ def test_chromium_opens_the_headends_openapi_document(page: Page, console: Conso
     response = page.goto("/schema/openapi.json")
     assert response is not None and response.status == 200, response
     assert page.evaluate("() => JSON.parse(document.body.innerText).openapi").startswith("3.")
+
+
+def test_every_page_loads_without_the_internet(page: Page, console: ConsoleStack) -> None:
+    """Air-gapped: a request to any other host fails, and the console and the OpenAPI
+    browser still load every script and style they need from the headend."""
+    foreign: list[str] = []
+
+    def only_the_headend(route: Route) -> None:
+        if route.request.url.startswith(console.url):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_headend)
+    failed: list[str] = []
+    # (the live stream is cut when a page is left: that is no failure)
+    page.on(
+        "requestfailed",
+        lambda request: None if "/console/events" in request.url else failed.append(request.url),
+    )
+    page.goto("/schema/swagger")
+    expect(page.locator(".swagger-ui .opblock").first).to_be_visible()
+    expect(page.get_by_text("/dispatch/history").first).to_be_visible()
+    sign_in(page, console.tokens["viewer"])
+    expect(page.get_by_role("link", name="North BESS 1")).to_be_visible()
+    assert not foreign, f"pages asked other hosts for {foreign}"
+    assert not failed, f"requests failed: {failed}"
 
 
 def test_a_wrong_token_is_refused_at_sign_in(page: Page, console: ConsoleStack) -> None:
@@ -241,10 +269,37 @@ def test_the_fleet_page_fits_a_narrow_screen(page: Page, console: ConsoleStack, 
     screenshot(page, "fleet-narrow")
 
 
-def test_sign_out_ends_the_session(page: Page, console: ConsoleStack) -> None:
+def audited(page: Page, console: ConsoleStack, action: str) -> list[dict[str, object]]:
+    """The audit records of ``action`` (``GET /audit`` with the admin's bearer token)."""
+    response = page.request.get(
+        f"/audit?action={action}",
+        headers={"authorization": f"Bearer {console.tokens['admin']}"},
+    )
+    assert response.ok, f"GET /audit answered {response.status}: {response.text()}"
+    return list(response.json())
+
+
+def test_sign_out_ends_the_session_and_is_audited(page: Page, console: ConsoleStack) -> None:
     sign_in(page, console.tokens["viewer"])
+    signed_out_before = len(audited(page, console, "console.sign_out"))
     page.get_by_role("button", name="Sign out").click()
     expect(page).to_have_url(re.compile(r"/console/sign-in"))
     page.goto("/console/agents")
     expect(page).to_have_url(re.compile(r"/console/sign-in"))
     assert page.request.get("/dispatch/history").status == 401
+    assert len(audited(page, console, "console.sign_out")) == signed_out_before + 1
+
+
+def test_admins_see_the_audit_trail_of_console_actions(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["operator"])
+    expect(page.get_by_role("link", name="Audit")).to_have_count(0)
+    assert page.request.get("/console/audit").status == 403
+    page.get_by_role("button", name="Sign out").click()
+    sign_in(page, console.tokens["admin"])
+    page.get_by_role("link", name="Audit").click()
+    expect(page.get_by_role("heading", name="Audit")).to_be_visible()
+    rows = page.get_by_role("row").filter(has_text="console.sign_in")
+    expect(rows.filter(has_text="browser admin").first).to_be_visible()
+    expect(rows.filter(has_text="browser operator").first).to_be_visible()
+    expect(page.get_by_role("row").filter(has_text="console.sign_out").first).to_be_visible()
+    screenshot(page, "audit")
