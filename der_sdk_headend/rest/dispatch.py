@@ -21,6 +21,7 @@ from der_sdk_headend.dispatch import (
     InvalidDispatchError,
     UnknownTargetError,
 )
+from der_sdk_headend.dispatch.planning import DispatchPreview
 from der_sdk_headend.rest.auth import access, actor_of, client_source
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
 from der_sdk_headend.rest.params import LimitQuery, check_limit
@@ -118,6 +119,29 @@ class DispatchController(Controller):
         if created:
             return Response(dispatch, status_code=202)
         return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
+
+    @post(
+        "/preview",
+        status_code=200,
+        summary="Preview a dispatch: the targets it would produce, nothing sent",
+        description="Takes the same body as `POST /dispatch`, checks it the same way (the "
+        "same 400 and 404 answers) and plans it the same way: the split by the configured "
+        "`policy` for a site, each share clamped to its asset's limits. Returns the "
+        "`targets` (each with its asset's `min_mw` and `max_mw`, and a `reason` when the "
+        "share was clamped or sits at a limit) and the `unallocated_mw` that `POST "
+        "/dispatch` would produce now. Nothing is stored, sent to an agent or written to "
+        "the audit trail, and no dispatch id is given; the split is computed again by "
+        "`POST /dispatch` (the inventory is the same unless the headend restarted).",
+        responses={
+            404: ResponseSpec(ErrorBody, description="no such asset or site: `detail` names it"),
+        },
+        **access("operator"),
+        **NEEDS_STORAGE,
+    )
+    async def preview(
+        self, headend: NamedDependency[Headend], data: JSONBody[DispatchRequest]
+    ) -> DispatchPreview:
+        return headend.dispatcher.preview(data)
 
     @get("/history", summary="Past dispatches, newest first", **access("viewer"), **NEEDS_STORAGE)
     async def history(
