@@ -30,7 +30,7 @@ from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["DispatchController"]
+__all__ = ["DispatchController", "submit_audited"]
 
 _STATES: tuple[str, ...] = get_args(DispatchState)
 _STATE_FILTERS = [*_STATES, "pending"]
@@ -41,6 +41,66 @@ _REFUSALS = (InvalidDispatchError, UnknownTargetError, IdempotencyConflictError)
 
 def _describe(target: dict[str, str | None]) -> str:
     return " ".join(f"{key.removesuffix('_id')} {value}" for key, value in target.items())
+
+
+async def submit_audited(
+    headend: Headend,
+    request: Request[Any, Any, Any],
+    data: DispatchRequest,
+    *,
+    via: str,
+    idempotency_key: str | None = None,
+) -> tuple[Dispatch, bool]:
+    """Submit ``data`` to the dispatcher as ``request``'s caller and record it in the
+    audit trail (``dispatch.create``: ``ok``, ``replayed``, ``refused`` or ``failed``).
+
+    ``POST /dispatch`` (``via="rest"``) and the operator console (``via="console"``)
+    both dispatch through here, so both are audited alike; ``via`` becomes the record's
+    ``source`` and the audit record's ``via``.
+
+    :return: the record, and whether it was created (``False``: a replayed key).
+    :raises InvalidDispatchError, UnknownTargetError, IdempotencyConflictError: refused
+        (audited ``refused``); any other error is audited ``failed`` and raised.
+    """
+    auditor = headend.auditor
+    actor, source = actor_of(request), client_source(request)
+    target: dict[str, str | None] = (
+        {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
+    )
+    try:
+        dispatch, created = await headend.dispatcher.submit(
+            data, source=via, idempotency_key=idempotency_key
+        )
+    except Exception as exc:
+        refused = isinstance(exc, _REFUSALS)
+        await auditor.record(
+            "dispatch.create",
+            actor=actor,
+            source=source,
+            outcome="refused" if refused else "failed",
+            message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
+            f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
+            mw=data.mw,
+            reason=f"{type(exc).__name__}: {exc}",
+            via=via,
+            **target,
+        )
+        raise
+    await auditor.record(
+        "dispatch.create",
+        actor=actor,
+        source=source,
+        outcome="ok" if created else "replayed",
+        message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
+        f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
+        f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
+        dispatch_id=dispatch.dispatch_id,
+        mw=data.mw,
+        state=dispatch.state,
+        via=via,
+        **target,
+    )
+    return dispatch, created
 
 
 class DispatchController(Controller):
@@ -80,41 +140,8 @@ class DispatchController(Controller):
             ),
         ] = None,
     ) -> Response[Dispatch]:
-        auditor = headend.auditor
-        actor, source = actor_of(request), client_source(request)
-        target: dict[str, str | None] = (
-            {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
-        )
-        try:
-            dispatch, created = await headend.dispatcher.submit(
-                data, source="rest", idempotency_key=idempotency_key
-            )
-        except Exception as exc:
-            refused = isinstance(exc, _REFUSALS)
-            await auditor.record(
-                "dispatch.create",
-                actor=actor,
-                source=source,
-                outcome="refused" if refused else "failed",
-                message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
-                f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
-                mw=data.mw,
-                reason=f"{type(exc).__name__}: {exc}",
-                **target,
-            )
-            raise
-        await auditor.record(
-            "dispatch.create",
-            actor=actor,
-            source=source,
-            outcome="ok" if created else "replayed",
-            message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
-            f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}: "
-            f"{dispatch.state}",
-            dispatch_id=dispatch.dispatch_id,
-            mw=data.mw,
-            state=dispatch.state,
-            **target,
+        dispatch, created = await submit_audited(
+            headend, request, data, via="rest", idempotency_key=idempotency_key
         )
         if created:
             return Response(dispatch, status_code=202)
