@@ -42,7 +42,7 @@ variable                default                     meaning
 ``CONSOLE_CONFIRM_SHARE`` ``0.5``                  the operator console asks for a
                                                     confirmation before a dispatch that moves
                                                     an asset by more than this share of its
-                                                    range (0..1; 0: confirm every one); site
+                                                    capacity (0..1; 0: confirm every change); site
                                                     dispatches are always confirmed
 ======================  ==========================  ==========================================
 
@@ -223,7 +223,8 @@ class HeadendConfig:
     dispatches in storage, to deliver what its agents serve (a nudge that was lost)."""
     console_confirm_share: float = 0.5
     """``CONSOLE_CONFIRM_SHARE``: the console confirms a dispatch changing an asset's
-    setpoint by more than this share of its range ``max_mw - min_mw`` (docs/console.md)."""
+    setpoint by more than this share of its capacity, the larger absolute value of
+    ``min_mw`` and ``max_mw`` (docs/headend.md, der_sdk_headend/console/dispatch.py)."""
     headend_id_configured: bool = False
     """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
     built. Only a configured id scopes the closing of sessions at start: a derived one
@@ -260,7 +261,7 @@ class HeadendConfig:
         if not 0 <= self.console_confirm_share <= 1:
             raise DerSdkError(
                 f"CONSOLE_CONFIRM_SHARE={self.console_confirm_share:g} must be a share from 0 "
-                "to 1 (0.5: confirm a change larger than half an asset's range)"
+                "to 1 (0.5: confirm a change larger than half an asset's capacity)"
             )
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
