@@ -26,13 +26,13 @@ import asyncio
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from litestar import Request, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect, Template
 
 from der_sdk.errors import UnknownNameError
@@ -55,6 +55,8 @@ __all__ = [
     "out_of_range",
 ]
 
+SITE_PAGE_SIZE = 100
+"""Assets per page of the Site page's table."""
 HISTORY_LIMIT = 50
 """Dispatches in the history on the Dispatch page (newest first)."""
 TREND_MINUTES = 15
@@ -436,9 +438,14 @@ async def _site_trend(headend: Headend, assets: list[Asset]) -> dict[str, list[f
 
 @get("/console/sites/{site_id:str}", **page("viewer"))
 async def site_page(
-    request: Request[Any, Any, Any], headend: NamedDependency[Headend], site_id: FromPath[str]
+    request: Request[Any, Any, Any],
+    headend: NamedDependency[Headend],
+    site_id: FromPath[str],
+    q: FromQuery[str] = "",
+    page_number: Annotated[int, QueryParameter(name="page", ge=1, le=10_000)] = 1,
 ) -> Template:
-    """A site: its assets with live values, aggregate MW and its trend, and (operators)
+    """A site: its assets with live values (``q`` filters by name, type or id; pages of
+    :data:`SITE_PAGE_SIZE`), aggregate MW and its trend over all of them, and (operators)
     the site dispatch form with the split preview."""
     inventory = headend.inventory
     try:
@@ -446,7 +453,20 @@ async def site_page(
     except UnknownNameError:
         raise NotFoundException(f"unknown site {site_id}") from None
     assets = sorted(inventory.assets_for_site(site.site_id), key=lambda a: a.name)
-    rows = _rows(headend, assets)
+    latest = {a.asset_id: headend.ingest.latest(a.asset_id) for a in assets}
+    needle = q.strip().lower()
+    shown = [
+        a
+        for a in assets
+        if not needle
+        or needle in a.name.lower()
+        or needle in a.asset_type.lower()
+        or needle in a.asset_id
+    ]
+    pages = max(1, math.ceil(len(shown) / SITE_PAGE_SIZE))
+    page_number = min(page_number, pages)
+    first = (page_number - 1) * SITE_PAGE_SIZE
+    rows = _rows(headend, shown[first : first + SITE_PAGE_SIZE])
     guard = guard_of(headend, None, site.site_id)
     trend = await _site_trend(headend, assets)
     return render(
@@ -457,9 +477,15 @@ async def site_page(
             "title": f"Site {site.name}",
             "site": site,
             "rows": rows,
+            "total": len(assets),
+            "matching": len(shown),
+            "q": q.strip(),
+            "page": page_number,
+            "pages": pages,
             "guard": guard,
-            "aggregate_mw": math.fsum(r.sample.mw for r in rows if r.sample is not None),
-            "connected": sum(r.connected for r in rows),
+            "latest_mw": {k: v.mw for k, v in latest.items() if v is not None},
+            "aggregate_mw": math.fsum(v.mw for v in latest.values() if v is not None),
+            "connected": sum(_connected(headend, a.asset_id) for a in assets),
             "trend": trend,
             "trend_assets": min(len(assets), TREND_ASSETS),
             "policy": headend.dispatcher.policy_name,

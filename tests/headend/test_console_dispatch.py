@@ -336,3 +336,13 @@ async def test_site_page_shows_live_values_and_the_aggregate_trend_from_storage(
     large = await post_form(http, "/console/dispatch", {"asset_id": BESS_1, "mw": -0.5})
     assert small.status_code == 202 and 'data-state="sent"' in small.text
     assert large.status_code == 200 and "a change of 1.5 MW" in large.text
+
+
+async def test_site_page_filters_its_assets_on_the_server(http: httpx.AsyncClient) -> None:
+    response = await http.get(f"/console/sites/{SITE_A}", params={"q": "bess 2"})
+
+    assert response.status_code == 200
+    assert f'id="asset-{BESS_2}"' in response.text
+    assert f'id="asset-{BESS_1}"' not in response.text
+    assert '<span class="muted" id="site-assets-count">1 of 3 assets</span>' in response.text
+    assert '<strong id="site-connected">0</strong> of 3' in response.text

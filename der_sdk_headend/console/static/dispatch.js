@@ -103,11 +103,8 @@
     }, series, holder);
     var summary = document.getElementById("site-summary");
     var total = document.getElementById("site-aggregate-mw");
-    var latest = {};
-    document.querySelectorAll("#site-assets [data-field='mw']").forEach(function (cell) {
-      var v = parseFloat(cell.textContent);
-      if (isFinite(v)) latest[cell.getAttribute("data-asset-id")] = v;
-    });
+    var seed = document.getElementById("site-latest-data");
+    var latest = seed ? JSON.parse(seed.textContent) : {};
     var live = window.DerLive;
     if (!live || !summary) return;
     live.on("samples", function (samples) {
