@@ -94,9 +94,14 @@
     var data = document.getElementById("site-trend-data");
     if (!holder || !data || !window.uPlot) return;
     var trend = JSON.parse(data.textContent);
+    function width() {
+      // the section's width, not the chart's own (the canvas would keep it wide)
+      var box = holder.parentNode;
+      return Math.max(260, (box ? box.clientWidth : 600) - 40);
+    }
     var series = [trend.t, trend.mw];
     var plot = new window.uPlot({
-      width: Math.max(300, holder.clientWidth || 600),
+      width: width(),
       height: 220,
       series: [{}, { label: "MW", stroke: "#2563eb", spanGaps: true }],
       axes: [{}, { label: "MW" }]
@@ -125,7 +130,7 @@
       plot.setData(series);
     });
     window.addEventListener("resize", function () {
-      plot.setSize({ width: Math.max(300, holder.clientWidth || 600), height: 220 });
+      plot.setSize({ width: width(), height: 220 });
     });
   }
 })();
