@@ -346,3 +346,20 @@ async def test_site_page_filters_its_assets_on_the_server(http: httpx.AsyncClien
     assert f'id="asset-{BESS_1}"' not in response.text
     assert '<span class="muted" id="site-assets-count">1 of 3 assets</span>' in response.text
     assert '<strong id="site-connected">0</strong> of 3' in response.text
+
+
+async def test_duration_and_expiry_from_the_form_reach_the_dispatch(
+    http: httpx.AsyncClient,
+) -> None:
+    expires = (utc_now() + timedelta(hours=1)).replace(microsecond=0, tzinfo=None)
+
+    sent = await post_form(
+        http,
+        "/console/dispatch",
+        {"asset_id": BESS_2, "mw": 0.3, "duration_s": 900, "expires_at": expires.isoformat()},
+    )
+
+    assert sent.status_code == 202, sent.text
+    (record,) = await history(http)
+    assert record["duration_s"] == 900
+    assert record["expires_at"] == expires.isoformat() + "Z", "a time without zone is UTC"
