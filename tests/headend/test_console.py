@@ -7,13 +7,33 @@ Browser flows are in tests/console (Playwright); these check the server's answer
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
-from headend_kit import bearer
+import pytest
+from headend_kit import (
+    BESS_1,
+    BESS_2,
+    BESS_3,
+    PV_1,
+    SITE_A,
+    WAIT_S,
+    bearer,
+    eventually,
+    make_config,
+    sample,
+)
 
+from der_sdk.models import BufferStats, utc_now
+from der_sdk.wire import codec
 from der_sdk_headend import Headend
-from der_sdk_headend.console.auth import COOKIE, CSRF_HEADER
+from der_sdk_headend.console.auth import COOKIE, CSRF_HEADER, session_cookie
+from der_sdk_headend.console.pages import PAGE_SIZE
 
 CSRF_META = re.compile(r'<meta name="csrf-token" content="([0-9a-f]+)">')
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(https?://[^"'\s>]+)""", re.IGNORECASE)
@@ -78,6 +98,21 @@ async def test_sign_in_never_redirects_off_the_headend(
     assert response.headers["location"] == "/"
 
 
+async def test_sign_in_from_a_page_of_another_site_is_refused(
+    auth_http: httpx.AsyncClient, role_tokens: dict[str, str]
+) -> None:
+    data = {"token": role_tokens["viewer"], "next": "/"}
+    foreign = await auth_http.post(
+        "/console/sign-in", data=data, headers={"Origin": "http://evil.example"}
+    )
+    assert foreign.status_code == 403 and "another site" in foreign.text
+    assert "set-cookie" not in foreign.headers
+    own = await auth_http.post(
+        "/console/sign-in", data=data, headers={"Origin": str(auth_http.base_url).rstrip("/")}
+    )
+    assert own.status_code == 303
+
+
 async def test_a_wrong_token_is_refused_with_a_clear_message(
     auth_http: httpx.AsyncClient,
 ) -> None:
@@ -86,6 +121,33 @@ async def test_a_wrong_token_is_refused_with_a_clear_message(
     assert "Unknown token" in response.text
     assert "set-cookie" not in response.headers
     assert (await auth_http.get("/")).status_code == 303
+
+
+async def test_a_revoked_token_cannot_sign_in_and_its_cookie_stops_working(
+    auth_http: httpx.AsyncClient, role_tokens: dict[str, str]
+) -> None:
+    admin = bearer(role_tokens["admin"])
+    made = await auth_http.post("/tokens", json={"role": "viewer", "name": "soon"}, headers=admin)
+    secret, token_id = made.json()["token"], made.json()["id"]
+    await sign_in(auth_http, secret)
+    assert (await auth_http.get("/")).status_code == 200
+    assert (await auth_http.delete(f"/tokens/{token_id}", headers=admin)).status_code == 200
+    assert (await auth_http.get("/")).status_code == 303  # back to the sign-in page
+    refused = await sign_in(auth_http, secret)
+    assert refused.status_code == 401
+    assert f"Token {token_id} was revoked" in refused.text
+    # An htmx request is told where to go instead of getting a redirect to swap in.
+    partial = await auth_http.get("/", headers={"HX-Request": "true"})
+    assert partial.status_code == 401 and partial.headers["HX-Redirect"] == "/console/sign-in"
+
+
+def test_the_cookie_is_secure_under_tls() -> None:
+    def cookie_for(tls: bool) -> Any:
+        return session_cookie(SimpleNamespace(config=SimpleNamespace(tls=tls)), "der_x")  # type: ignore[arg-type]
+
+    assert cookie_for(True).secure and cookie_for(True).httponly
+    assert not cookie_for(False).secure
+    assert cookie_for(True).samesite == "strict"
 
 
 async def test_sign_out_clears_the_cookie_and_is_audited(
@@ -201,3 +263,134 @@ async def test_pages_and_swagger_load_only_the_headends_own_scripts(
 async def test_console_routes_are_not_in_the_openapi_schema(http: httpx.AsyncClient) -> None:
     paths = (await http.get("/schema/openapi.json")).json()["paths"]
     assert not [p for p in paths if p == "/" or p.startswith("/console")]
+
+
+# ----------------------------------------------------------------------------- Fleet, Agents
+
+
+async def test_the_fleet_shows_live_values_site_totals_and_makes_offline_stand_out(
+    http: httpx.AsyncClient, connect_agent: Any
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1, BESS_2])
+    await agent.telemetry(
+        1,
+        [
+            sample(BESS_1, mw=1.5, mw_setpoint=1.5, details={"soc_pct": 55.0}),
+            sample(BESS_2, mw=-0.25, quality="uncertain", quality_reason="stale"),
+        ],
+    )
+    html = (await http.get("/")).text
+    row = asset_row(html, BESS_1)
+    assert 'data-field="mw" data-digits="3">1.500<' in row
+    assert 'data-field="mw_setpoint" data-digits="3">1.500<' in row
+    assert 'data-field="details.soc_pct" data-digits="1" data-unit="%">55.0 %<' in row
+    assert "connected" in row and "offline" not in row
+    assert "uncertain" in asset_row(html, BESS_2)
+    offline = asset_row(html, BESS_3)  # registered by nobody
+    assert 'class="offline"' in offline and "badge off" in offline
+    site_row = re.search(rf'<tr class="site-row" data-site-id="{SITE_A}"[^>]*>.*?</tr>', html, re.S)
+    assert site_row and 'data-field="site_mw">1.250<' in site_row.group(0)
+    assert 'data-others="{}"' in site_row.group(0)  # all its assets are on the page
+    assert "2/3 connected" in site_row.group(0)
+    buffer = BufferStats(batches=3, samples=120, bytes=4096, oldest_age_s=12.5, dropped_samples=7)
+    await agent.send(codec.agent_heartbeat("gw-1", utc_now(), 1.0, buffer))
+
+    async def buffer_shown() -> bool:
+        return "120 samples" in (await http.get("/console/agents")).text
+
+    await eventually(buffer_shown, "the Agents page shows the heartbeat's buffer figures")
+    agents = (await http.get("/console/agents")).text
+    session = re.search(r'<tr data-agent-id="gw-1">.*?</tr>', agents, re.S)
+    assert session, "no live session row for gw-1"
+    row = session.group(0)
+    assert "127.0.0.1" in row and "3 batches" in row and "4096 B" in row
+    assert "12.5 s" in row and 'data-field="buffer_dropped">7<' in row
+
+
+async def test_the_fleet_filters_on_the_server_and_answers_htmx_with_the_table_alone(
+    http: httpx.AsyncClient,
+) -> None:
+    response = await http.get("/", params={"q": "pv"})
+    assert asset_ids(response.text) == {PV_1}
+    by_site = await http.get("/", params={"site": SITE_A})
+    assert asset_ids(by_site.text) == {BESS_1, BESS_2, BESS_3}
+    offline = await http.get("/", params={"status": "online"})
+    assert asset_ids(offline.text) == set()
+    partial = await http.get("/", params={"q": "BESS 2"}, headers={"HX-Request": "true"})
+    assert partial.text.lstrip().startswith('<section id="fleet-table"')
+    assert "<html" not in partial.text
+    assert asset_ids(partial.text) == {BESS_2}
+
+
+@pytest.fixture
+def big_inventory_path(tmp_path: Path) -> Path:
+    """1,000 assets on 20 sites."""
+    sites = [str(uuid.UUID(int=0x5000 + s)) for s in range(20)]
+    lines = ["sites:"]
+    lines += [f"  - site_id: {site}\n    name: Site {n:02d}" for n, site in enumerate(sites)]
+    lines.append("assets:")
+    for n in range(1000):
+        kind = "bess" if n % 2 else "pv"
+        lines.append(
+            f"  - asset_id: {unit_id(n)}\n    site_id: {sites[n % 20]}\n"
+            f"    name: Unit {n:04d}\n    asset_type: {kind}\n    max_mw: 1.0\n"
+            f"    min_mw: {-1.0 if kind == 'bess' else 0.0}\n    capacity_mwh: 2.0"
+        )
+    path = tmp_path / "big.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_the_fleet_pages_through_1000_assets_and_searches_them(
+    big_inventory_path: Path, plugins: Any
+) -> None:
+    server = Headend(make_config(big_inventory_path), plugins=plugins)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT_S) as http:
+            seen: set[str] = set()
+            first = await http.get("/")
+            assert first.status_code == 200
+            assert "1000</strong> assets" in first.text and "1000</strong> offline" in first.text
+            assert len(asset_ids(first.text)) == PAGE_SIZE
+            for number in range(1, 1000 // PAGE_SIZE + 1):
+                page_html = (await http.get("/", params={"page": number})).text
+                seen |= asset_ids(page_html)
+            assert len(seen) == 1000
+            found = await http.get("/", params={"q": "unit 0042"})
+            hits = asset_ids(found.text)
+            assert unit_id(42) in hits and len(hits) < 5  # and any whose id has 0042
+            assert all("0042" in asset_row(found.text, hit) for hit in hits)
+            site_3 = str(uuid.UUID(int=0x5000 + 3))  # assets 3, 23, ...: every one bess
+            site = await http.get("/", params={"site": site_3, "type": "bess"})
+            assert "50 matching" in site.text
+            assert len(asset_ids(site.text)) == 50
+            agents = await http.get("/console/agents", params={"q": "unit 0999"})
+            assert unit_id(999) in asset_ids(agents.text)
+            assert len(asset_ids(agents.text)) < 5
+    finally:
+        await server.stop()
+
+
+def unit_id(n: int) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"der-sdk-console-test-unit-{n}"))
+
+
+def asset_ids(html: str) -> set[str]:
+    return set(re.findall(r'<tr data-asset-id="([0-9a-f-]+)"', html))
+
+
+def asset_row(html: str, asset_id: str) -> str:
+    match = re.search(rf'<tr data-asset-id="{asset_id}".*?</tr>', html, re.S)
+    assert match, f"no row for {asset_id}"
+    return match.group(0)
+
+
+def test_the_console_package_imports_on_its_own() -> None:
+    # The console imports rest.auth, whose package imports the app that mounts the console.
+    for module in ("der_sdk_headend.console", "der_sdk_headend.console.pages"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
