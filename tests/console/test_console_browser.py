@@ -165,22 +165,29 @@ def test_a_site_dispatch_is_previewed_confirmed_and_becomes_applied(
     page: Page, console: ConsoleStack
 ) -> None:
     sign_in(page, console.tokens["operator"], next_path=f"/console/sites/{NORTH_YARD}")
-    form = page.locator("form").filter(has=page.get_by_label(re.compile(r"^MW", re.IGNORECASE)))
-    form.get_by_label(re.compile(r"^MW", re.IGNORECASE)).fill("1.5")
-    form.get_by_role("button", name=re.compile("preview", re.IGNORECASE)).click()
-    preview = page.locator("[data-preview]")
-    expect(preview).to_be_visible()
-    for name in ("North BESS 1", "North BESS 2", "North BESS 3"):
-        expect(preview).to_contain_text(name)
-    expect(preview).to_contain_text(re.compile("unallocated", re.IGNORECASE))
-    screenshot(page, "site-preview")
     before = dispatch_count(page)
-    page.get_by_role("button", name=re.compile("confirm", re.IGNORECASE)).click()
-    page.goto("/console/dispatch")
-    latest = page.locator("[data-dispatch-id]").first
-    expect(latest).to_contain_text("North Yard")
-    expect(latest).to_contain_text("applied", timeout=LIVE_S)
+    form = page.locator("form").filter(has=page.get_by_label("Target MW"))
+    form.get_by_label("Target MW").fill("1.5")
+    form.get_by_role("button", name="Preview split").click()
+    targets = page.locator("#dispatch-preview").get_by_role("row")
+    for name in ("North BESS 1", "North BESS 2", "North BESS 3"):
+        expect(targets.filter(has_text=name)).to_have_count(1)
+    expect(page.locator("#dispatch-preview")).to_contain_text("Unallocated: 0 MW")
+    assert dispatch_count(page) == before, "a preview stores nothing"
+    screenshot(page, "site-preview")
+    page.get_by_role("button", name="Confirm dispatch").click()
+    sent = page.locator("[data-dispatch-id]#dispatch-sent")
+    expect(sent).to_be_visible()
+    dispatch_id = sent.get_attribute("data-dispatch-id")
     assert dispatch_count(page) == before + 1, "one dispatch was stored"
+    # the site's history shows it, and it turns applied without a reload
+    row = page.locator(f'#dispatch-history tr[data-dispatch-id="{dispatch_id}"]')
+    expect(row).to_have_attribute("data-state", "applied", timeout=LIVE_S)
+    expect(row).to_contain_text("North BESS 2")
+    page.get_by_role("link", name="Dispatch", exact=True).click()
+    row = page.locator(f'#dispatch-history tr[data-dispatch-id="{dispatch_id}"]')
+    expect(row).to_contain_text("North Yard")
+    expect(row.locator("[data-dispatch-state]")).to_have_text("applied")
     screenshot(page, "dispatch")
 
 
