@@ -130,6 +130,7 @@ def test_signed_in_fleet_shows_the_demos_assets_connected(
         expect(row).not_to_contain_text(re.compile(r"offline", re.IGNORECASE))
     expect(page.get_by_role("link", name="North Yard")).to_be_visible()
     expect(page.get_by_role("link", name="Solar Ridge")).to_be_visible()
+    expect(page.locator("#live-status")).to_have_text("live: on", timeout=LIVE_S)
     screenshot(page, "fleet")
 
 
@@ -146,18 +147,19 @@ def test_an_assets_trend_grows_live(page: Page, console: ConsoleStack) -> None:
     page.get_by_role("link", name="North BESS 2").first.click()
     expect(page).to_have_url(re.compile(f"/console/assets/{NORTH_BESS_2}"))
     expect(page.get_by_role("heading", name="North BESS 2")).to_be_visible()
-    chart = page.locator("[data-trend-points]").first
-    expect(chart).to_be_visible()
-    before = int(chart.get_attribute("data-trend-points") or "0")
+    trend = page.locator("#trend-mw")
+    expect(trend).to_have_attribute("data-points", re.compile(r"^[1-9]"))  # history drawn
+    points = int(trend.get_attribute("data-points") or "0")
+    stamp = page.locator("#asset-ts").inner_text()
+    # the live tail: new samples arrive on the page's one stream and extend the trend
     page.wait_for_function(
-        """([n]) => {
-            const el = document.querySelector("[data-trend-points]");
-            return el && Number(el.getAttribute("data-trend-points")) >= n;
-        }""",
-        arg=[before + 4],
+        "(n) => Number(document.querySelector('#trend-mw').dataset.points) >= n",
+        arg=points + 4,
         timeout=LIVE_S,
     )
-    expect(page.locator("#live-status")).to_contain_text(re.compile("live", re.IGNORECASE))
+    expect(page.locator("#asset-ts")).not_to_have_text(stamp)
+    expect(page.locator("#trend-mw canvas").first).to_be_visible()
+    expect(page.locator("#live-status")).to_have_text("live: on")
     screenshot(page, "asset")
 
 
