@@ -45,6 +45,9 @@ def create_app(headend: Headend) -> Litestar:
     (:mod:`.openapi`).
     """
 
+    # imported here: the console imports rest.auth, whose package imports this module
+    from der_sdk_headend.console.events import EVENT_HANDLERS
+
     def provide_headend() -> Headend:
         return headend
 
@@ -58,6 +61,7 @@ def create_app(headend: Headend) -> Litestar:
             SystemController,
             TokensController,
             AuditController,
+            *EVENT_HANDLERS,  # console live stream (until the console router mounts it)
         ],
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
         state=app_state(headend),

@@ -1,0 +1,206 @@
+/* der-sdk operator console: the one live stream of a page (GET /console/events).
+ *
+ * A page opens ONE EventSource, whatever it shows. Topics:
+ *   - assets: every element with data-asset-id and data-field is subscribed and updated
+ *     automatically; more with DerLive.subscribe({assets: [...]}) or data-live-assets="id,id"
+ *     (or "*") on any element; data-live-sites="id,id" for whole sites.
+ *   - dispatch: data-live-dispatch="1" (or "all") on any element, or
+ *     DerLive.subscribe({dispatch: "1"}).
+ * Handlers: DerLive.on("samples" | "dispatch" | "resync" | "bye" | "open" | "error", fn).
+ * Each event is also dispatched on document as a CustomEvent "der:<topic>" (detail: the
+ * parsed data), so htmx can refresh a part with hx-trigger="der:resync from:document".
+ *
+ * data-field names a sample field ("mw", "mw_setpoint", "quality", "ts") or a detail
+ * ("details.soc_pct"); data-digits (default 2) formats numbers; data-unit is appended.
+ * The element's data-updated attribute gets the sample's timestamp, and its "live-flash"
+ * class is toggled so CSS can show a change. #live-status shows the stream's state.
+ */
+(function () {
+  "use strict";
+
+  var handlers = {};
+  var wanted = { assets: {}, allAssets: false, sites: {}, dispatch: "" };
+  var source = null;
+  var reopenTimer = null;
+  var ended = false;
+  var lastSamples = {};
+
+  function on(topic, fn) {
+    (handlers[topic] = handlers[topic] || []).push(fn);
+  }
+
+  function emit(topic, data) {
+    (handlers[topic] || []).forEach(function (fn) {
+      try {
+        fn(data);
+      } catch (err) {
+        if (window.console) console.error("der live handler for " + topic, err);
+      }
+    });
+    document.dispatchEvent(new CustomEvent("der:" + topic, { detail: data }));
+  }
+
+  function setStatus(state, text) {
+    var el = document.getElementById("live-status");
+    if (!el) return;
+    el.setAttribute("data-state", state);
+    el.textContent = text;
+  }
+
+  function addList(target, value) {
+    String(value || "")
+      .split(",")
+      .map(function (s) { return s.trim(); })
+      .filter(Boolean)
+      .forEach(function (id) { target[id] = true; });
+  }
+
+  function subscribe(topics) {
+    var changed = false;
+    (topics.assets || []).forEach(function (id) {
+      if (id === "*") {
+        if (!wanted.allAssets) { wanted.allAssets = true; changed = true; }
+      } else if (!wanted.assets[id]) {
+        wanted.assets[id] = true;
+        changed = true;
+      }
+    });
+    (topics.sites || []).forEach(function (id) {
+      if (!wanted.sites[id]) { wanted.sites[id] = true; changed = true; }
+    });
+    if (topics.dispatch && wanted.dispatch !== "all" && wanted.dispatch !== topics.dispatch) {
+      wanted.dispatch = topics.dispatch;
+      changed = true;
+    }
+    if (changed) reopenSoon();
+  }
+
+  function scan(root) {
+    var topics = { assets: [], sites: [], dispatch: "" };
+    var scope = root || document;
+    scope.querySelectorAll("[data-asset-id][data-field]").forEach(function (el) {
+      topics.assets.push(el.getAttribute("data-asset-id"));
+    });
+    scope.querySelectorAll("[data-live-assets]").forEach(function (el) {
+      var seen = {};
+      addList(seen, el.getAttribute("data-live-assets"));
+      topics.assets = topics.assets.concat(Object.keys(seen));
+    });
+    scope.querySelectorAll("[data-live-sites]").forEach(function (el) {
+      var seen = {};
+      addList(seen, el.getAttribute("data-live-sites"));
+      topics.sites = topics.sites.concat(Object.keys(seen));
+    });
+    scope.querySelectorAll("[data-live-dispatch]").forEach(function (el) {
+      var value = el.getAttribute("data-live-dispatch") || "1";
+      if (value === "all" || !topics.dispatch) topics.dispatch = value;
+    });
+    subscribe(topics);
+  }
+
+  function url() {
+    var params = new URLSearchParams();
+    var assets = Object.keys(wanted.assets);
+    if (wanted.allAssets) params.set("assets", "*");
+    else if (assets.length) params.set("assets", assets.join(","));
+    var sites = Object.keys(wanted.sites);
+    if (sites.length) params.set("sites", sites.join(","));
+    if (wanted.dispatch) params.set("dispatch", wanted.dispatch);
+    return "/console/events?" + params.toString();
+  }
+
+  function reopenSoon() {
+    if (ended) return;
+    if (reopenTimer) clearTimeout(reopenTimer);
+    reopenTimer = setTimeout(open, 50);
+  }
+
+  function open() {
+    reopenTimer = null;
+    if (source) source.close();
+    if (!wanted.allAssets && !Object.keys(wanted.assets).length &&
+        !Object.keys(wanted.sites).length && !wanted.dispatch) {
+      source = null;
+      return;
+    }
+    setStatus("connecting", "connecting");
+    source = new EventSource(url(), { withCredentials: true });
+    source.onopen = function () {
+      setStatus("live", "live");
+      emit("open", null);
+    };
+    source.onerror = function () {
+      // The browser reconnects by itself unless the server refused the stream.
+      var closed = source && source.readyState === EventSource.CLOSED;
+      setStatus("offline", closed ? "offline" : "reconnecting");
+      emit("error", { closed: closed });
+    };
+    source.addEventListener("samples", function (ev) {
+      var samples = JSON.parse(ev.data);
+      samples.forEach(function (s) { lastSamples[s.asset_id] = s; });
+      updateFields(samples);
+      emit("samples", samples);
+    });
+    source.addEventListener("dispatch", function (ev) {
+      emit("dispatch", JSON.parse(ev.data));
+    });
+    source.addEventListener("resync", function (ev) {
+      emit("resync", ev.data);
+    });
+    source.addEventListener("bye", function (ev) {
+      ended = true;
+      source.close();
+      setStatus("offline", "ended: " + ev.data);
+      emit("bye", ev.data);
+    });
+  }
+
+  function valueOf(sample, field) {
+    var value = sample;
+    field.split(".").forEach(function (part) {
+      value = value == null ? undefined : value[part];
+    });
+    return value;
+  }
+
+  function format(value, el) {
+    if (value === undefined || value === null) return "–";
+    if (typeof value === "number") {
+      var digits = parseInt(el.getAttribute("data-digits") || "2", 10);
+      value = value.toFixed(digits);
+    } else if (typeof value === "boolean") {
+      value = value ? "yes" : "no";
+    }
+    var unit = el.getAttribute("data-unit");
+    return unit ? value + " " + unit : String(value);
+  }
+
+  function updateFields(samples) {
+    samples.forEach(function (s) {
+      var selector = '[data-asset-id="' + CSS.escape(s.asset_id) + '"][data-field]';
+      document.querySelectorAll(selector).forEach(function (el) {
+        var text = format(valueOf(s, el.getAttribute("data-field")), el);
+        if (el.textContent !== text) {
+          el.textContent = text;
+          el.classList.remove("live-flash");
+          void el.offsetWidth; // restart the CSS animation
+          el.classList.add("live-flash");
+        }
+        el.setAttribute("data-updated", s.ts);
+      });
+    });
+  }
+
+  window.DerLive = {
+    on: on,
+    subscribe: subscribe,
+    scan: scan,
+    latest: function (assetId) { return lastSamples[assetId]; },
+    close: function () { ended = true; if (source) source.close(); },
+  };
+
+  document.addEventListener("DOMContentLoaded", function () { scan(document); });
+  // Parts swapped in by htmx may carry new data-asset-id elements.
+  document.addEventListener("htmx:afterSwap", function (ev) { scan(ev.target); });
+  window.addEventListener("pagehide", function () { if (source) source.close(); });
+})();
