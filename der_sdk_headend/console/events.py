@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Request, get
+from litestar.di import NamedDependency
 from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.params import FromQuery
 from litestar.response import ServerSentEvent
@@ -449,7 +450,7 @@ async def _stream(
 )
 async def console_events(
     request: Request[Any, Any, Any],
-    headend: Headend,
+    headend: NamedDependency[Headend],
     assets: FromQuery[str | None] = None,
     sites: FromQuery[str | None] = None,
     dispatch: FromQuery[str | None] = None,

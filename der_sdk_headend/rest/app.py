@@ -46,6 +46,7 @@ def create_app(headend: Headend) -> Litestar:
     """
 
     # imported here: the console imports rest.auth, whose package imports this module
+    from der_sdk_headend.console.asset import ASSET_HANDLERS
     from der_sdk_headend.console.events import EVENT_HANDLERS
 
     def provide_headend() -> Headend:
@@ -62,6 +63,7 @@ def create_app(headend: Headend) -> Litestar:
             TokensController,
             AuditController,
             *EVENT_HANDLERS,  # console live stream (until the console router mounts it)
+            *ASSET_HANDLERS,  # console asset trend
         ],
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
         state=app_state(headend),

@@ -6,7 +6,10 @@
  *     (or "*") on any element; data-live-sites="id,id" for whole sites.
  *   - dispatch: data-live-dispatch="1" (or "all") on any element, or
  *     DerLive.subscribe({dispatch: "1"}).
- * Handlers: DerLive.on("samples" | "dispatch" | "resync" | "bye" | "open" | "error", fn).
+ * Handlers: DerLive.on("samples" | "dispatch" | "resync" | "bye" | "open" | "error", fn)
+ * (returns a function that removes it), or DerLive.subscribe(topics, fn): subscribes and
+ * calls fn(topic, data) with the samples of those assets/sites and the dispatches.
+ * window.derLive is the same object.
  * Each event is also dispatched on document as a CustomEvent "der:<topic>" (detail: the
  * parsed data), so htmx can refresh a part with hx-trigger="der:resync from:document".
  *
@@ -27,6 +30,9 @@
 
   function on(topic, fn) {
     (handlers[topic] = handlers[topic] || []).push(fn);
+    return function () {
+      handlers[topic] = (handlers[topic] || []).filter(function (h) { return h !== fn; });
+    };
   }
 
   function emit(topic, data) {
@@ -55,7 +61,8 @@
       .forEach(function (id) { target[id] = true; });
   }
 
-  function subscribe(topics) {
+  function subscribe(topics, fn) {
+    topics = topics || {};
     var changed = false;
     (topics.assets || []).forEach(function (id) {
       if (id === "*") {
@@ -73,6 +80,23 @@
       changed = true;
     }
     if (changed) reopenSoon();
+    if (typeof fn !== "function") return function () {};
+    var mine = {};
+    (topics.assets || []).forEach(function (id) { mine[id] = true; });
+    var sites = {};
+    (topics.sites || []).forEach(function (id) { sites[id] = true; });
+    var all = (topics.assets || []).indexOf("*") >= 0;
+    var offs = [
+      on("samples", function (samples) {
+        var picked = samples.filter(function (s) {
+          return all || mine[s.asset_id] || sites[s.site_id];
+        });
+        if (picked.length) fn("samples", picked);
+      }),
+      on("resync", function (data) { fn("resync", data); }),
+    ];
+    if (topics.dispatch) offs.push(on("dispatch", function (data) { fn("dispatch", data); }));
+    return function () { offs.forEach(function (off) { off(); }); };
   }
 
   function scan(root) {
@@ -123,16 +147,16 @@
       source = null;
       return;
     }
-    setStatus("connecting", "connecting");
+    setStatus("connecting", "live: connecting");
     source = new EventSource(url(), { withCredentials: true });
     source.onopen = function () {
-      setStatus("live", "live");
+      setStatus("live", "live: on");
       emit("open", null);
     };
     source.onerror = function () {
       // The browser reconnects by itself unless the server refused the stream.
       var closed = source && source.readyState === EventSource.CLOSED;
-      setStatus("offline", closed ? "offline" : "reconnecting");
+      setStatus("offline", closed ? "live: off" : "live: reconnecting");
       emit("error", { closed: closed });
     };
     source.addEventListener("samples", function (ev) {
@@ -150,7 +174,7 @@
     source.addEventListener("bye", function (ev) {
       ended = true;
       source.close();
-      setStatus("offline", "ended: " + ev.data);
+      setStatus("offline", "live: ended (" + ev.data + ")");
       emit("bye", ev.data);
     });
   }
@@ -191,7 +215,7 @@
     });
   }
 
-  window.DerLive = {
+  window.DerLive = window.derLive = {
     on: on,
     subscribe: subscribe,
     scan: scan,
