@@ -245,3 +245,55 @@ def _dispatch(dispatch_id: str) -> Dispatch:
 
 def _at(asset_id: str, ts: datetime) -> TelemetrySample:
     return TelemetrySample(asset_id=asset_id, site_id=SITE_A, ts=ts, mw=1.0)
+
+
+async def test_samples_other_replicas_stored_reach_the_stream_through_merge_latest(
+    headend: Headend, http: httpx.AsyncClient
+) -> None:
+    async with stream(http, assets=BESS_2) as sse:
+        taken = headend.ingest.merge_latest([now_sample(BESS_2, -0.25)])
+        samples = await sse.until("samples")
+
+    assert taken == 1
+    assert [(s["asset_id"], s["mw"]) for s in samples] == [(BESS_2, -0.25)]
+
+
+async def test_in_bus_mode_dispatches_changed_elsewhere_are_reread_from_storage(
+    headend: Headend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events, "DISPATCH_POLL_S", 0.05)
+    hub = LiveHub(attach=lambda _: None, storage=headend.storage, poll_dispatches=True)
+    hub.flush_interval_s = 0.05
+    client = hub.connect(
+        Subscription(assets=frozenset(), dispatch=True, dispatch_all=True), ANONYMOUS
+    )
+    try:
+        elsewhere = _dispatch("from-another-replica")
+        await headend.storage.save_dispatch(elsewhere)  # as another replica would
+        async with asyncio.timeout(WAIT_S):
+            while not await client.wait(WAIT_S) or not client.dispatches:
+                client.take()
+        assert list(client.dispatches) == ["from-another-replica"]
+        client.take()
+        await asyncio.sleep(0.3)
+        assert not client.dispatches, "an unchanged record is not sent again"
+    finally:
+        await hub.close()
+
+
+async def test_a_revoked_token_ends_its_stream(
+    auth_headend: Headend,
+    auth_http: httpx.AsyncClient,
+    role_tokens: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(events, "RECHECK_S", 0.1)
+    viewer = auth_headend.rest_auth.identify(role_tokens["viewer"])
+    assert viewer is not None
+    async with stream(auth_http, headers=bearer(role_tokens["viewer"]), assets=BESS_1) as sse:
+        revoked = await auth_http.delete(
+            f"/tokens/{viewer.id}", headers=bearer(role_tokens["admin"])
+        )
+        assert revoked.status_code == 200, revoked.text
+        reason = await sse.until("bye")
+    assert "revoked" in reason
