@@ -161,6 +161,18 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
+class _Prepared(ServerSentEventMessage):
+    """An event encoded ahead (``samples``: JSON of up to a fleet's samples, which the
+    generic encoder would copy and split by lines once more)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(data=None)
+        self.raw = raw
+
+    def encode(self) -> bytes:
+        return self.raw
+
+
 class LiveClient:
     """One open stream: what it listens to, and what changed since it last read.
 
@@ -172,7 +184,7 @@ class LiveClient:
     def __init__(self, subscription: Subscription, actor: Actor) -> None:
         self.subscription = subscription
         self.actor = actor
-        self.samples: dict[str, TelemetrySample] = {}
+        self.samples: dict[str, bytes] = {}  # asset id -> its latest sample, as JSON
         self.dispatches: dict[str, Dispatch] = {}
         self.resync = False
         self.closed = False
@@ -189,10 +201,9 @@ class LiveClient:
     def waiting(self) -> bool:
         return bool(self.samples or self.dispatches or self.resync)
 
-    def offer(
-        self, samples: dict[str, TelemetrySample], dispatches: dict[str, Dispatch], now: float
-    ) -> None:
-        """Take the hub's changes of one flush (what this client listens to)."""
+    def offer(self, samples: dict[str, bytes], dispatches: dict[str, Dispatch], now: float) -> None:
+        """Take the hub's changes of one flush (what this client listens to): samples
+        already encoded as JSON, once for every client."""
         if self.closed:
             return
         if self.resync:
@@ -256,13 +267,13 @@ class LiveClient:
             self.resync = False
             events.append(ServerSentEventMessage(event="resync", data="fell behind; reload"))
         if self.samples:
-            data = _encode(list(self.samples.values())).decode()
+            joined = b",".join(self.samples.values())
             self.samples = {}
-            events.append(ServerSentEventMessage(event="samples", data=data))
+            events.append(_Prepared(b"event: samples\r\ndata: [" + joined + b"]\r\n\r\n"))
         if self.dispatches:
-            data = _encode(list(self.dispatches.values())).decode()
+            data = _encode(list(self.dispatches.values()))
             self.dispatches = {}
-            events.append(ServerSentEventMessage(event="dispatch", data=data))
+            events.append(_Prepared(b"event: dispatch\r\ndata: " + data + b"\r\n\r\n"))
         self._wake.clear()
         return events
 
@@ -359,10 +370,13 @@ class LiveHub:
 
     def flush(self) -> None:
         """Hand what changed since the last flush to every client."""
-        samples, self._samples = self._samples, {}
+        latest, self._samples = self._samples, {}
         dispatches, self._dispatches = self._dispatches, {}
-        if not samples and not dispatches:
+        if not latest and not dispatches:
             return
+        # encoded once here, not once per client: 50 consoles of the whole fleet would
+        # otherwise encode every sample 50 times
+        samples = {asset_id: _encode(sample) for asset_id, sample in latest.items()}
         now = time.monotonic()
         for client in list(self.clients):
             client.offer(samples, dispatches, now)

@@ -158,7 +158,7 @@ async def test_a_client_that_does_not_read_stays_bounded_and_gets_resync(
                 hub.flush()
         hub.flush()
         assert client.pending == 50, "one sample per asset is held, the latest"
-        assert client.samples["asset-49"].mw == 19_999.0
+        assert json.loads(client.samples["asset-49"])["mw"] == 19_999.0
 
         for i in range(events.MAX_PENDING_DISPATCHES + 1):
             hub.offer_dispatch(_dispatch(f"d-{i}"))
