@@ -28,6 +28,7 @@ def _banner(http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: 
     return f"""
 der-sdk demo is running (Ctrl-C to stop)
 
+  console      open {http_url}/   (the operator console: fleet, agents, dispatch)
   REST API     {http_url}
   OpenAPI      {http_url}/schema/openapi.json   (browse: {http_url}/schema/swagger)
   agent gRPC   {grpc_addr}
@@ -111,6 +112,7 @@ def _tls_banner(
     return f"""
 der-sdk demo is running with TLS (Ctrl-C to stop)
 
+  console      open {http_url}/   (sign in with the operator token below)
   REST API     {http_url}   (HTTPS, bearer tokens required)
   agent gRPC   {grpc_addr}   (mutual TLS; each site's agent certificate bound to its site)
   storage      {db_url}

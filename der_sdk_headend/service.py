@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Generator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import uvicorn
@@ -34,7 +34,6 @@ from der_sdk_headend.cluster.dispatch import ClusterDispatcher
 from der_sdk_headend.cluster.ingest import BusTelemetrySink, StreamWriters
 from der_sdk_headend.cluster.presence import ClusterPresence
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
-from der_sdk_headend.console.events import LiveHub
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService, add_agent_link
@@ -44,6 +43,9 @@ from der_sdk_headend.presence import Presence
 from der_sdk_headend.rest import create_app
 from der_sdk_headend.rest.auth import RestAuth
 from der_sdk_headend.tls import load_server_tls
+
+if TYPE_CHECKING:
+    from der_sdk_headend.console.events import LiveHub
 
 __all__ = ["Headend", "check_exposure", "is_loopback", "run_headend"]
 
@@ -348,7 +350,10 @@ class Headend:
         self._dispatcher.start()
         # --- console live updates (issue 18): fed by ingest's latest samples (only while a
         # console listens) and by dispatch record changes; in bus mode other replicas'
-        # dispatch changes are re-read from storage on a slow timer.
+        # dispatch changes are re-read from storage on a slow timer. (Imported here: the
+        # console's package imports the REST app, which this module imports too.)
+        from der_sdk_headend.console.events import LiveHub
+
         self._live_hub = LiveHub(
             attach=self._attach_live,
             storage=storage,

@@ -49,7 +49,8 @@ from litestar.response.sse import ServerSentEventMessage
 
 from der_sdk.models import Dispatch, TelemetrySample
 from der_sdk_headend.audit import Actor
-from der_sdk_headend.rest.auth import access, actor_of
+from der_sdk_headend.console.auth import page
+from der_sdk_headend.rest.auth import actor_of
 
 if TYPE_CHECKING:
     from der_sdk.inventory import Inventory
@@ -456,11 +457,7 @@ async def _stream(
 
 @get(
     "/console/events",
-    **access("viewer"),
-    summary="Console live stream",
-    description="Server-sent events for the operator console (see der_sdk_headend.console."
-    "events): query `assets` (ids or `*`), `sites`, `dispatch` (0, 1, all).",
-    include_in_schema=False,
+    **page("viewer"),
 )
 async def console_events(
     request: Request[Any, Any, Any],
@@ -482,7 +479,3 @@ async def console_events(
         _stream(headend, hub, client),
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
-
-
-EVENT_HANDLERS: tuple[Any, ...] = (console_events,)
-"""The route handlers of this module, for the console's router."""

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 from litestar import Litestar, Router
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 import der_sdk
+from der_sdk_headend.console import STATIC_PATH, console_handlers, template_config
 from der_sdk_headend.rest.agents import AgentsController
 from der_sdk_headend.rest.assets import AssetsController
 from der_sdk_headend.rest.audit import AuditController
@@ -46,8 +48,7 @@ def create_app(headend: Headend) -> Litestar:
     """
 
     # imported here: the console imports rest.auth, whose package imports this module
-    from der_sdk_headend.console.asset import ASSET_HANDLERS
-    from der_sdk_headend.console.events import EVENT_HANDLERS
+    from der_sdk_headend.console.asset import live_handlers
 
     def provide_headend() -> Headend:
         return headend
@@ -62,9 +63,10 @@ def create_app(headend: Headend) -> Litestar:
             SystemController,
             TokensController,
             AuditController,
-            *EVENT_HANDLERS,  # console live stream (until the console router mounts it)
-            *ASSET_HANDLERS,  # console asset trend
+            *console_handlers(),
+            *live_handlers(),  # the console's live stream, Asset page and trends
         ],
+        template_config=template_config(),
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
         state=app_state(headend),
         # Handlers annotate ``headend: Headend``; the service module imports this one, so
@@ -81,6 +83,17 @@ def create_app(headend: Headend) -> Litestar:
             description="Operator and integration API of the der-sdk reference headend: "
             "inventory, presence, telemetry, dispatch. Send `Authorization: Bearer <token>`; "
             "each operation's `BearerToken` requirement names the role it needs.",
+            render_plugins=[
+                # Served from the console's static files: the API browser works offline.
+                SwaggerRenderPlugin(
+                    path="/swagger",
+                    js_url=f"{STATIC_PATH}/swagger/swagger-ui-bundle.js",
+                    css_url=f"{STATIC_PATH}/swagger/swagger-ui.css",
+                    standalone_preset_js_url=f"{STATIC_PATH}/swagger/swagger-ui-standalone-preset.js",
+                    favicon=f"<link rel='icon' type='image/png' "
+                    f"href='{STATIC_PATH}/swagger/favicon-32x32.png'>",
+                )
+            ],
             openapi_router=Router(
                 "/schema", route_handlers=[], include_in_schema=False, **access("open")
             ),

@@ -19,12 +19,13 @@ from der_sdk_headend.rest.schemas import AuditRecord
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["AuditController"]
+__all__ = ["AuditController", "audit_record"]
 
 _UNKNOWN_ACTOR = Actor(kind="unknown", name="unknown")
 
 
-def _record(event: Event) -> AuditRecord:
+def audit_record(event: Event) -> AuditRecord:
+    """An audit event as its REST record (also shown by the console's Audit page)."""
     details: dict[str, Any] = dict(event.data)
     try:
         actor = msgspec.convert(details.pop("actor", None), Actor)
@@ -68,7 +69,7 @@ class AuditController(Controller):
         # is matched here, among a bounded window of the newest records.
         window = MAX_LIMIT if action else limit
         events = await headend.storage.events(kind=AUDIT_KIND, limit=window)
-        records = [_record(e) for e in events]
+        records = [audit_record(e) for e in events]
         if action:
             records = [r for r in records if r.action == action]
         return records[:limit]

@@ -579,6 +579,8 @@ def create_auth_middleware(headend: Headend) -> Callable[..., ASGIApp]:
     and methods never reach it (routing answers 404/405 first).
     """
 
+    from der_sdk_headend.console.auth import is_console_route
+
     def middleware(app: ASGIApp) -> ASGIApp:
         async def check_access(scope: Scope, receive: Receive, send: Send) -> None:
             level: Access = access_of(scope["route_handler"]) or "admin"
@@ -587,11 +589,15 @@ def create_auth_middleware(headend: Headend) -> Callable[..., ASGIApp]:
             if level != "open":
                 auth = headend.rest_auth
                 if auth.enabled:
-                    scope["user"] = await _authenticate(auth, scope, level)
+                    scope["user"], receive = await _authenticate(auth, scope, receive, level)
                 elif scope["route_handler"].opt.get(TOKEN_ALWAYS_KEY):
-                    scope["user"] = await _authenticate(auth, scope, level, always=True)
+                    scope["user"], receive = await _authenticate(
+                        auth, scope, receive, level, always=True
+                    )
                 else:
                     scope["user"] = ANONYMOUS
+                    if is_console_route(scope) and scope.get("method") in _UNSAFE:
+                        receive = await _console_csrf(auth, scope, receive, None)
             await app(scope, receive, send)
 
         return check_access
@@ -607,14 +613,51 @@ def _authorization(scope: Scope) -> str | None:
     return None
 
 
-async def _authenticate(
-    auth: RestAuth, scope: Scope, level: Role, *, always: bool = False
-) -> Actor:
-    """The actor of a request to a route that needs ``level``; raises the 401/403.
+_UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-    ``always``: the route checks tokens although authentication is off, which the 401
-    says, with the way to the first token."""
+
+async def _console_csrf(
+    auth: RestAuth, scope: Scope, receive: Receive, secret: str | None
+) -> Receive:
+    """The ``receive`` to use after checking the console session's CSRF token; 403 without
+    it (:mod:`der_sdk_headend.console.auth`)."""
+    from der_sdk_headend.console.auth import CSRF_FIELD, CSRF_HEADER, check_csrf
+
+    checked = await check_csrf(scope, receive, secret)
+    if checked is None:
+        await _refuse(
+            auth,
+            ASGIConnection(scope),
+            403,
+            f"missing or wrong CSRF token: a console request that changes something must "
+            f"send the page's token as the {CSRF_HEADER} header or the {CSRF_FIELD} form "
+            "field (REST clients send `Authorization: Bearer <token>` instead of the cookie)",
+        )
+    return checked
+
+
+async def _authenticate(
+    auth: RestAuth, scope: Scope, receive: Receive, level: Role, *, always: bool = False
+) -> tuple[Actor, Receive]:
+    """The actor of a request to a route that needs ``level`` and the ``receive`` to use
+    from now on; raises the 401/403.
+
+    Without an ``Authorization`` header, the console cookie's token is used, with the
+    CSRF check for unsafe methods. ``always``: the route checks tokens although
+    authentication is off, which the 401 says, with the way to the first token."""
+    from der_sdk_headend.console.auth import cookie_secret, is_console_route
+
     header = _authorization(scope)
+    if header is None:
+        secret = cookie_secret(scope)
+        if secret is not None:
+            if scope.get("method") in _UNSAFE:
+                receive = await _console_csrf(auth, scope, receive, secret)
+            header = f"Bearer {secret}"
+        elif is_console_route(scope):
+            # A browser not signed in: the console answers with the sign-in page; not
+            # a refusal worth a record.
+            raise NotAuthorizedException("sign in to the console")
     if header is None:
         await _refuse(
             auth,
@@ -662,7 +705,7 @@ async def _authenticate(
             f"token {token.id} has the {token.role} role",
             actor=actor,
         )
-    return actor
+    return actor, receive
 
 
 async def _refuse(

@@ -28,6 +28,7 @@ from der_sdk.cli import main as der_main
 from der_sdk.errors import DerSdkError
 from der_sdk.plugins import Plugins
 from der_sdk_headend import Headend, HeadendConfig
+from der_sdk_headend.console.auth import CONSOLE_KEY
 from der_sdk_headend.rest import create_app
 from der_sdk_headend.rest.auth import (
     RELOAD_INTERVAL_S,
@@ -103,6 +104,7 @@ def app_routes(headend: Headend) -> dict[tuple[str, str], str | None]:
         for route in app.routes
         for handler in getattr(route, "route_handlers", ())
         for method in handler.http_methods
+        if not handler.opt.get(CONSOLE_KEY)  # the console's pages: tests/headend/test_console.py
     }
 
 

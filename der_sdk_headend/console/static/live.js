@@ -13,8 +13,12 @@
  * Each event is also dispatched on document as a CustomEvent "der:<topic>" (detail: the
  * parsed data), so htmx can refresh a part with hx-trigger="der:resync from:document".
  *
- * data-field names a sample field ("mw", "mw_setpoint", "quality", "ts") or a detail
- * ("details.soc_pct"); data-digits (default 2) formats numbers; data-unit is appended.
+ * data-field (on the element with data-asset-id, or inside one: tr[data-asset-id]
+ * td[data-field]) names a sample field ("mw", "mw_setpoint", "quality", "ts"), a detail
+ * ("details.soc_pct"), "key" (the detail named by data-key) or "last_seen" (the sample's
+ * time); fields a sample does not carry ("connected") are left alone. data-digits
+ * formats numbers (default 3 for MW, 1 for "key", else 2); data-unit is appended.
+ * data-live-topic="fleet" on any element subscribes to every asset.
  * The element's data-updated attribute gets the sample's timestamp, and its "live-flash"
  * class is toggled so CSS can show a change. #live-status shows the stream's state.
  */
@@ -102,9 +106,16 @@
   function scan(root) {
     var topics = { assets: [], sites: [], dispatch: "" };
     var scope = root || document;
-    scope.querySelectorAll("[data-asset-id][data-field]").forEach(function (el) {
-      topics.assets.push(el.getAttribute("data-asset-id"));
-    });
+    scope.querySelectorAll("[data-asset-id][data-field], [data-asset-id] [data-field]").forEach(
+      function (el) {
+        var owner = el.hasAttribute("data-asset-id") ? el : el.closest("[data-asset-id]");
+        topics.assets.push(owner.getAttribute("data-asset-id"));
+      }
+    );
+    if (scope.querySelector('[data-live-topic="fleet"]') ||
+        (scope.matches && scope.matches('[data-live-topic="fleet"]'))) {
+      topics.assets.push("*");
+    }
     scope.querySelectorAll("[data-live-assets]").forEach(function (el) {
       var seen = {};
       addList(seen, el.getAttribute("data-live-assets"));
@@ -179,7 +190,21 @@
     });
   }
 
-  function valueOf(sample, field) {
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function localTime(iso) {
+    var d = new Date(iso);
+    if (isNaN(d.getTime())) return iso;
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
+      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+  }
+
+  function valueOf(sample, field, el) {
+    if (field === "key") {
+      var key = el.getAttribute("data-key");
+      return key && sample.details ? sample.details[key] : undefined;
+    }
+    if (field === "last_seen") return sample.ts;
     var value = sample;
     field.split(".").forEach(function (part) {
       value = value == null ? undefined : value[part];
@@ -187,10 +212,15 @@
     return value;
   }
 
-  function format(value, el) {
+  function format(value, el, field) {
     if (value === undefined || value === null) return "–";
+    if (field === "last_seen") {
+      el.setAttribute("data-ts", value);
+      return localTime(value);
+    }
     if (typeof value === "number") {
-      var digits = parseInt(el.getAttribute("data-digits") || "2", 10);
+      var fallback = field === "key" ? "1" : /^mw/.test(field) ? "3" : "2";
+      var digits = parseInt(el.getAttribute("data-digits") || fallback, 10);
       value = value.toFixed(digits);
     } else if (typeof value === "boolean") {
       value = value ? "yes" : "no";
@@ -201,11 +231,17 @@
 
   function updateFields(samples) {
     samples.forEach(function (s) {
-      var selector = '[data-asset-id="' + CSS.escape(s.asset_id) + '"][data-field]';
+      var owner = '[data-asset-id="' + CSS.escape(s.asset_id) + '"]';
+      var selector = owner + "[data-field], " + owner + " [data-field]";
       document.querySelectorAll(selector).forEach(function (el) {
-        var text = format(valueOf(s, el.getAttribute("data-field")), el);
-        if (el.textContent !== text) {
-          el.textContent = text;
+        var field = el.getAttribute("data-field");
+        var value = valueOf(s, field, el);
+        if (value === undefined) return; // not a sample field (connected, buffer...)
+        var text = format(value, el, field);
+        // a cell holding one badge (<span class="badge">) keeps it: its text changes
+        var target = el.children.length === 1 ? el.firstElementChild : el;
+        if (target.textContent !== text) {
+          target.textContent = text;
           el.classList.remove("live-flash");
           void el.offsetWidth; // restart the CSS animation
           el.classList.add("live-flash");

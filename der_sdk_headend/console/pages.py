@@ -1,0 +1,332 @@
+"""The console's Fleet, Agents and Audit pages.
+
+Every page filters and pages on the server, so it stays quick with thousands of assets: a
+search or filter change is an htmx ``GET`` of the same URL that answers with the table
+alone (``partials/*.html``), and the URL keeps the filter (``hx-push-url``).
+
+Live values: each asset row carries ``data-asset-id`` (and ``data-site-id``), each live cell
+``data-field`` (``mw``, ``mw_setpoint``, ``key``, ``quality``, ``last_seen``,
+``connected``; the ``key`` cell also ``data-key``, the details field it shows), and each
+site row's aggregate ``data-field="site_mw"``: :mod:`live.js <.events>` updates them from
+the one SSE stream. The server renders the values of the moment, so the page is right
+without it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from litestar import Request, get
+from litestar.di import NamedDependency
+from litestar.params import FromQuery
+from litestar.response import Template
+
+from der_sdk.models import Asset, BufferStats, TelemetrySample
+from der_sdk_headend.audit import AUDIT_KIND
+from der_sdk_headend.console import render
+from der_sdk_headend.console.auth import page
+from der_sdk_headend.rest.audit import audit_record
+from der_sdk_headend.rest.params import MAX_LIMIT
+
+if TYPE_CHECKING:
+    from der_sdk_headend.service import Headend
+
+__all__ = [
+    "KEY_FIGURES",
+    "PAGE_HANDLERS",
+    "PAGE_SIZE",
+    "AssetView",
+    "KeyFigure",
+    "SiteView",
+    "fleet_view",
+    "key_figure",
+]
+
+PAGE_SIZE = 200
+"""Asset rows per page on the Fleet and Agents pages."""
+STATUSES = ("all", "online", "offline")
+
+
+@dataclass(frozen=True)
+class KeyFigure:
+    """The one ``details`` field the fleet shows for an asset type."""
+
+    field: str
+    label: str
+    unit: str
+
+
+KEY_FIGURES: dict[str, KeyFigure] = {
+    "bess": KeyFigure("soc_pct", "SoC", "%"),
+    "pv": KeyFigure("irradiance_wm2", "Irradiance", "W/m²"),
+    "wind": KeyFigure("wind_speed_ms", "Wind", "m/s"),
+    "ev_charger": KeyFigure("active_sessions", "Sessions", ""),
+}
+"""The fleet's key figure per asset type; other types show their first numeric detail."""
+
+
+def key_figure(asset_type: str, sample: TelemetrySample | None) -> tuple[str, float | None]:
+    """The field and value of the key figure of ``sample`` (``None`` when it has none)."""
+    known = KEY_FIGURES.get(asset_type)
+    details = sample.details if sample is not None else {}
+    if known is not None:
+        value = details.get(known.field)
+        return known.field, _number(value)
+    for name, value in details.items():
+        number = _number(value)
+        if number is not None:
+            return name, number
+    return "", None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass
+class AssetView:
+    """One asset row: inventory, presence and the latest sample."""
+
+    asset: Asset
+    site_name: str
+    connected: bool
+    last_seen: datetime | None
+    sample: TelemetrySample | None
+    key_field: str
+    key_value: float | None
+    peer: str | None = None
+    agent_id: str | None = None
+    buffer: BufferStats | None = None
+
+    @property
+    def offline(self) -> bool:
+        """Not connected, or connected and reporting itself offline."""
+        return not self.connected or (self.sample is not None and not self.sample.online)
+
+    @property
+    def key_unit(self) -> str:
+        known = KEY_FIGURES.get(self.asset.asset_type)
+        return known.unit if known else ""
+
+
+@dataclass
+class SiteView:
+    """A site and its assets on this page; the aggregates cover all its assets."""
+
+    site_id: str
+    name: str
+    mw: float
+    assets_total: int
+    connected: int
+    rows: list[AssetView] = field(default_factory=list)
+
+
+@dataclass
+class FleetView:
+    """What the Fleet and Agents tables show: one page of matching assets by site."""
+
+    sites: list[SiteView]
+    total_assets: int
+    matching: int
+    offline: int
+    page: int
+    pages: int
+    fleet_mw: float
+    query: dict[str, str]
+
+    def page_query(self, number: int) -> str:
+        """The query string of page ``number`` with the same filters."""
+        from urllib.parse import urlencode
+
+        return urlencode({**{k: v for k, v in self.query.items() if v}, "page": number})
+
+
+def _asset_views(headend: Headend) -> list[AssetView]:
+    inventory = headend.inventory
+    presence = headend.presence_or_none
+    ingest = headend.ingest_or_none
+    cluster = headend.cluster_presence
+    views: list[AssetView] = []
+    for asset in inventory.assets.values():
+        site = inventory.sites.get(asset.site_id)
+        peer = agent_id = None
+        buffer = None
+        if cluster is not None:
+            entry = cluster.holder_of_asset(asset.asset_id)
+            if entry is not None:
+                peer, agent_id = entry.peer, entry.agent_id
+        stream = presence.stream_for(asset.asset_id) if presence is not None else None
+        if stream is not None:
+            peer, agent_id, buffer = stream.peer, stream.agent_id, stream.buffer
+        sample = ingest.latest(asset.asset_id) if ingest is not None else None
+        key_field, key_value = key_figure(asset.asset_type, sample)
+        views.append(
+            AssetView(
+                asset=asset,
+                site_name=site.name if site else asset.site_id,
+                connected=agent_id is not None,
+                last_seen=presence.last_seen(asset.asset_id) if presence is not None else None,
+                sample=sample,
+                key_field=key_field,
+                key_value=key_value,
+                peer=peer,
+                agent_id=agent_id,
+                buffer=buffer,
+            )
+        )
+    return views
+
+
+def _matches(view: AssetView, words: list[str], site: str, status: str, kind: str) -> bool:
+    if site and view.asset.site_id != site:
+        return False
+    if kind and view.asset.asset_type != kind:
+        return False
+    if (status == "online" and view.offline) or (status == "offline" and not view.offline):
+        return False
+    if words:
+        text = " ".join(
+            (
+                view.asset.name,
+                view.asset.asset_id,
+                view.site_name,
+                view.asset.asset_type,
+                view.agent_id or "",
+                view.peer or "",
+            )
+        ).lower()
+        return all(word in text for word in words)
+    return True
+
+
+def fleet_view(
+    headend: Headend,
+    *,
+    q: str = "",
+    site: str = "",
+    status: str = "all",
+    kind: str = "",
+    page_number: int = 1,
+    page_size: int = PAGE_SIZE,
+) -> FleetView:
+    """One page of the assets matching the filters, grouped by site (sites in inventory
+    order, assets by name), with each site's aggregate MW and connected count over all
+    its assets."""
+    views = _asset_views(headend)
+    by_site: dict[str, list[AssetView]] = {}
+    for view in views:
+        by_site.setdefault(view.asset.site_id, []).append(view)
+    words = q.lower().split()
+    status = status if status in STATUSES else "all"
+    matching = sorted(
+        (v for v in views if _matches(v, words, site, status, kind)),
+        key=lambda v: (v.site_name.lower(), v.asset.site_id, v.asset.name.lower()),
+    )
+    pages = max(1, math.ceil(len(matching) / page_size))
+    page_number = min(max(1, page_number), pages)
+    shown = matching[(page_number - 1) * page_size : page_number * page_size]
+    sites: dict[str, SiteView] = {}
+    for view in shown:
+        site_view = sites.get(view.asset.site_id)
+        if site_view is None:
+            members = by_site[view.asset.site_id]
+            site_view = sites[view.asset.site_id] = SiteView(
+                site_id=view.asset.site_id,
+                name=view.site_name,
+                mw=sum(m.sample.mw for m in members if m.sample is not None),
+                assets_total=len(members),
+                connected=sum(1 for m in members if m.connected),
+            )
+        site_view.rows.append(view)
+    return FleetView(
+        sites=list(sites.values()),
+        total_assets=len(views),
+        matching=len(matching),
+        offline=sum(1 for v in views if v.offline),
+        page=page_number,
+        pages=pages,
+        fleet_mw=sum(v.sample.mw for v in views if v.sample is not None),
+        query={"q": q, "site": site, "status": status if status != "all" else "", "type": kind},
+    )
+
+
+def _filters(headend: Headend) -> dict[str, Any]:
+    inventory = headend.inventory
+    return {
+        "all_sites": sorted(inventory.sites.values(), key=lambda s: s.name.lower()),
+        "all_types": sorted({a.asset_type for a in inventory.assets.values()}),
+        "statuses": STATUSES,
+    }
+
+
+def _is_partial(request: Request[Any, Any, Any]) -> bool:
+    """An htmx request for the table alone (not a boosted page load, not history)."""
+    headers = request.headers
+    return bool(headers.get("hx-request")) and not headers.get("hx-history-restore-request")
+
+
+@get("/", **page("viewer"))
+async def fleet(
+    request: Request[Any, Any, Any],
+    headend: NamedDependency[Headend],
+    q: FromQuery[str] = "",
+    site: FromQuery[str] = "",
+    status: FromQuery[str] = "all",
+    type: FromQuery[str] = "",
+    page: FromQuery[int] = 1,
+) -> Template:
+    """Sites and assets with their latest values; ``q`` searches name, id, site, type,
+    agent and peer; ``site``, ``status`` (all, online, offline) and ``type`` filter."""
+    view = fleet_view(headend, q=q.strip(), site=site, status=status, kind=type, page_number=page)
+    context = {"title": "Fleet", "fleet": view, "key_figures": KEY_FIGURES, **_filters(headend)}
+    template = "partials/fleet_table.html" if _is_partial(request) else "fleet.html"
+    return render(request, headend, template, context)
+
+
+@get("/console/agents", **page("viewer"))
+async def agents(
+    request: Request[Any, Any, Any],
+    headend: NamedDependency[Headend],
+    q: FromQuery[str] = "",
+    status: FromQuery[str] = "all",
+    page: FromQuery[int] = 1,
+) -> Template:
+    """Live agent sessions (peer, connected since, last seen, buffer figures from their
+    heartbeats) and every asset's agent, searchable and paged."""
+    presence = headend.presence_or_none
+    streams = sorted(presence.streams() if presence is not None else [], key=lambda s: s.agent_id)
+    view = fleet_view(headend, q=q.strip(), status=status, page_number=page)
+    context = {
+        "title": "Agents",
+        "streams": streams,
+        "fleet": view,
+        "statuses": STATUSES,
+        "cluster": headend.cluster_presence is not None,
+    }
+    template = "partials/agents_table.html" if _is_partial(request) else "agents.html"
+    return render(request, headend, template, context)
+
+
+@get("/console/audit", **page("admin"))
+async def audit(
+    request: Request[Any, Any, Any],
+    headend: NamedDependency[Headend],
+    action: FromQuery[str | None] = None,
+) -> Template:
+    """The audit trail, newest first (admins only), optionally one action."""
+    limit = 200
+    window = MAX_LIMIT if action else limit
+    events = await headend.storage.events(kind=AUDIT_KIND, limit=window)
+    records = [audit_record(e) for e in events]
+    if action:
+        records = [r for r in records if r.action == action]
+    context = {"title": "Audit", "records": records[:limit], "action": action or ""}
+    return render(request, headend, "audit.html", context)
+
+
+PAGE_HANDLERS = [fleet, agents, audit]
