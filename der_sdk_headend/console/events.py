@@ -320,7 +320,8 @@ class LiveHub:
         """A dispatch record changed (the dispatcher calls this after storing it)."""
         if self.clients:
             self._dispatches[dispatch.dispatch_id] = dispatch
-            self._seen[dispatch.dispatch_id] = dispatch.updated_at
+            if self._poll_dispatches:  # not sent again by the next storage re-read
+                self._seen[dispatch.dispatch_id] = dispatch.updated_at
 
     # ------------------------------------------------------------------ clients
 
