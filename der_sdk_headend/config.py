@@ -39,6 +39,11 @@ variable                default                     meaning
                                                     when set, a start closes only its own
                                                     sessions left open (and those with no
                                                     id); unset, a start closes every open one
+``CONSOLE_CONFIRM_SHARE`` ``0.5``                  the operator console asks for a
+                                                    confirmation before a dispatch that moves
+                                                    an asset by more than this share of its
+                                                    capacity (0..1; 0: confirm every change); site
+                                                    dispatches are always confirmed
 ======================  ==========================  ==========================================
 
 The split policy name is checked against the installed policies when the headend starts
@@ -216,6 +221,10 @@ class HeadendConfig:
     bus_dispatch_reconcile_s: float = 2.0
     """``HEADEND_BUS_DISPATCH_RECONCILE_S``: seconds between a replica's reads of the open
     dispatches in storage, to deliver what its agents serve (a nudge that was lost)."""
+    console_confirm_share: float = 0.5
+    """``CONSOLE_CONFIRM_SHARE``: the console confirms a dispatch changing an asset's
+    setpoint by more than this share of its capacity, the larger absolute value of
+    ``min_mw`` and ``max_mw`` (docs/headend.md, der_sdk_headend/console/dispatch.py)."""
     headend_id_configured: bool = False
     """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
     built. Only a configured id scopes the closing of sessions at start: a derived one
@@ -248,6 +257,11 @@ class HeadendConfig:
             raise DerSdkError(
                 f"HEADEND_BUS_DISPATCH_RECONCILE_S={self.bus_dispatch_reconcile_s:g} must be "
                 "more than 0 and at most 3600 seconds"
+            )
+        if not 0 <= self.console_confirm_share <= 1:
+            raise DerSdkError(
+                f"CONSOLE_CONFIRM_SHARE={self.console_confirm_share:g} must be a share from 0 "
+                "to 1 (0.5: confirm a change larger than half an asset's capacity)"
             )
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
@@ -372,4 +386,5 @@ class HeadendConfig:
             bus_telemetry_max_messages=_int(env, "HEADEND_BUS_TELEMETRY_MAX_MESSAGES", 1_000_000),
             bus_ack_wait_s=_float(env, "HEADEND_BUS_ACK_WAIT_S", 30.0),
             bus_dispatch_reconcile_s=_float(env, "HEADEND_BUS_DISPATCH_RECONCILE_S", 2.0),
+            console_confirm_share=_float(env, "CONSOLE_CONFIRM_SHARE", 0.5),
         )

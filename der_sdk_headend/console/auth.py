@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import secrets
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from litestar import Request, get, post
 from litestar.datastructures import Cookie
@@ -180,6 +180,16 @@ def _local_next(target: str | None) -> str:
     return "/"
 
 
+def _same_origin(request: Request[Any, Any, Any]) -> bool:
+    """Whether the browser says the request comes from a page of this headend (a request
+    without an ``Origin`` header, from a client that is no browser, passes)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() == host.lower()
+
+
 def session_cookie(headend: Headend, value: str, *, max_age: int | None = None) -> Cookie:
     """The console cookie holding ``value`` (``max_age=0`` with ``""``: forget it)."""
     return Cookie(
@@ -214,6 +224,17 @@ async def sign_in(
 ) -> Template | Redirect:
     """Check the token from the form and keep it in the cookie; a wrong one is refused
     (401, the page again with the reason) and audited like a refused REST call."""
+    if not _same_origin(request):
+        # Login CSRF: a page elsewhere must not sign this browser in with its own token.
+        return Template(
+            "sign_in.html",
+            context={
+                "next": "/",
+                "error": "Sign-in refused: the form was sent from another site.",
+                "auth_enabled": True,
+            },
+            status_code=403,
+        )
     form = await request.form()
     secret = str(form.get("token", "")).strip()
     target = _local_next(str(form.get("next", "/")))

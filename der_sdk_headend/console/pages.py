@@ -4,16 +4,19 @@ Every page filters and pages on the server, so it stays quick with thousands of 
 search or filter change is an htmx ``GET`` of the same URL that answers with the table
 alone (``partials/*.html``), and the URL keeps the filter (``hx-push-url``).
 
-Live values: each asset row carries ``data-asset-id`` (and ``data-site-id``), each live cell
-``data-field`` (``mw``, ``mw_setpoint``, ``key``, ``quality``, ``last_seen``,
-``connected``; the ``key`` cell also ``data-key``, the details field it shows), and each
-site row's aggregate ``data-field="site_mw"``: :mod:`live.js <.events>` updates them from
-the one SSE stream. The server renders the values of the moment, so the page is right
-without it.
+Live values (the page is right without them: the server renders the values of the
+moment): each asset row is ``tr[data-asset-id][data-site-id]``; its live cells carry
+``data-asset-id`` and ``data-field`` (``mw``, ``mw_setpoint``, ``quality``,
+``details.<key figure>``), which live.js updates from the one SSE stream; console.js
+(``derConsole.fleet``) keeps each site row's aggregate (``td[data-field="site_mw"]``, from
+the rows and the site row's ``data-others``), the status badge and last seen in step. The
+table is re-read (one htmx request, not one per asset) after a ``resync`` and every 30 s
+while the keyboard focus is not in it, for connects and disconnects.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,6 +127,13 @@ class SiteView:
     assets_total: int
     connected: int
     rows: list[AssetView] = field(default_factory=list)
+    others: dict[str, float] = field(default_factory=dict)
+    """The latest MW of the site's assets not on this page, so the page can keep the site's
+    aggregate live (``data-others`` on the site row)."""
+
+    @property
+    def others_json(self) -> str:
+        return json.dumps(self.others, separators=(",", ":"))
 
 
 @dataclass
@@ -243,6 +253,13 @@ def fleet_view(
                 connected=sum(1 for m in members if m.connected),
             )
         site_view.rows.append(view)
+    for site_view in sites.values():
+        shown_ids = {row.asset.asset_id for row in site_view.rows}
+        site_view.others = {
+            m.asset.asset_id: m.sample.mw
+            for m in by_site[site_view.site_id]
+            if m.asset.asset_id not in shown_ids and m.sample is not None
+        }
     return FleetView(
         sites=list(sites.values()),
         total_assets=len(views),

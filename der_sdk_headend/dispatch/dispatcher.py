@@ -168,6 +168,19 @@ class Dispatcher:
         dispatch, _ = await self.submit(request, source, idempotency_key=idempotency_key)
         return dispatch
 
+    def preview(self, request: DispatchRequest) -> planning.DispatchPreview:
+        """What ``request`` would produce, planned exactly as :meth:`submit` plans it
+        (validated, split by the configured policy, clamped), but not stored, routed,
+        sent, indexed or announced to plugins.
+
+        :raises InvalidDispatchError: as :meth:`create`.
+        :raises UnknownTargetError: the asset or site is not in the inventory.
+        """
+        dispatch = planning.plan(
+            request, inventory=self._inventory, policy=self._policy, source="preview", now=utc_now()
+        )
+        return planning.preview_of(dispatch, self._inventory)
+
     async def submit(
         self,
         request: DispatchRequest,

@@ -31,14 +31,17 @@ from der_sdk.models import (
 __all__ = [
     "IDEMPOTENCY_NAMESPACE",
     "DispatchError",
+    "DispatchPreview",
     "IdempotencyConflictError",
     "InvalidDispatchError",
+    "PreviewTarget",
     "UnknownTargetError",
     "check_idempotency_key",
     "fingerprint",
     "idempotent_id",
     "out_of_bounds",
     "plan",
+    "preview_of",
     "replay",
 ]
 
@@ -157,6 +160,74 @@ def _site_id(inventory: Inventory, site_id: str) -> str:
         return inventory.site(site_id).site_id
     except UnknownNameError:
         raise UnknownTargetError(f"unknown site {site_id}") from None
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+class PreviewTarget(msgspec.Struct, kw_only=True):
+    """One asset's share of a previewed dispatch, with the limits it was clamped to."""
+
+    asset_id: str
+    asset_name: str
+    mw: float
+    """The target after split and clamp: what ``POST /dispatch`` would send this asset."""
+    min_mw: float
+    max_mw: float
+    reason: str | None = None
+    """Why the share is not what was asked: clamped to the asset's limits (an asset
+    dispatch), or held at a limit (a site dispatch); ``None`` otherwise."""
+
+
+class DispatchPreview(msgspec.Struct, kw_only=True):
+    """What ``POST /dispatch`` would produce for a request: nothing stored or sent."""
+
+    mw: float
+    asset_id: str | None
+    site_id: str | None
+    policy: str | None
+    """The split policy of a site dispatch; ``None`` for one asset."""
+    targets: list[PreviewTarget]
+    unallocated_mw: float
+    reason: str | None = None
+    duration_s: float | None = None
+    expires_at: datetime | None = None
+
+
+def preview_of(dispatch: Dispatch, inventory: Inventory) -> DispatchPreview:
+    """The preview of a planned (not yet routed) ``dispatch``: its targets with the limits
+    of their assets, from :func:`plan`'s result, so a preview never differs from the
+    dispatch it stands for."""
+    targets = []
+    for target in dispatch.targets:
+        asset = inventory.asset(target.asset_id)
+        reason = target.reason
+        if reason is None and dispatch.asset_id is None:  # a site's share at a limit
+            if dispatch.mw > 0 and target.mw == asset.max_mw:
+                reason = f"at its limit max_mw {fmt_mw(asset.max_mw)}"
+            elif dispatch.mw < 0 and target.mw == asset.min_mw:
+                reason = f"at its limit min_mw {fmt_mw(asset.min_mw)}"
+        targets.append(
+            PreviewTarget(
+                asset_id=target.asset_id,
+                asset_name=asset.name,
+                mw=target.mw,
+                min_mw=asset.min_mw,
+                max_mw=asset.max_mw,
+                reason=reason,
+            )
+        )
+    return DispatchPreview(
+        mw=dispatch.mw,
+        asset_id=dispatch.asset_id,
+        site_id=dispatch.site_id,
+        policy=dispatch.policy,
+        targets=targets,
+        unallocated_mw=dispatch.unallocated_mw,
+        reason=dispatch.reason,
+        duration_s=dispatch.duration_s,
+        expires_at=dispatch.expires_at,
+    )
 
 
 # ----------------------------------------------------------------------------- bounds

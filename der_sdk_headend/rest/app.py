@@ -11,7 +11,6 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 
 import der_sdk
-from der_sdk_headend.console import STATIC_PATH, console_handlers, template_config
 from der_sdk_headend.rest.agents import AgentsController
 from der_sdk_headend.rest.assets import AssetsController
 from der_sdk_headend.rest.audit import AuditController
@@ -47,7 +46,10 @@ def create_app(headend: Headend) -> Litestar:
     (:mod:`.openapi`).
     """
 
-    # imported here: the console imports rest.auth, whose package imports this module
+    # Imported here: the console imports rest.auth, and this package's __init__ imports
+    # this module, so a module-level import would be circular when the console is
+    # imported first.
+    from der_sdk_headend.console import STATIC_PATH, console_handlers, template_config
     from der_sdk_headend.console.asset import live_handlers
 
     def provide_headend() -> Headend:

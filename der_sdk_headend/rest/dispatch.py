@@ -21,6 +21,7 @@ from der_sdk_headend.dispatch import (
     InvalidDispatchError,
     UnknownTargetError,
 )
+from der_sdk_headend.dispatch.planning import DispatchPreview
 from der_sdk_headend.rest.auth import access, actor_of, client_source
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
 from der_sdk_headend.rest.params import LimitQuery, check_limit
@@ -29,7 +30,7 @@ from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["DispatchController"]
+__all__ = ["DispatchController", "submit_audited"]
 
 _STATES: tuple[str, ...] = get_args(DispatchState)
 _STATE_FILTERS = [*_STATES, "pending"]
@@ -40,6 +41,66 @@ _REFUSALS = (InvalidDispatchError, UnknownTargetError, IdempotencyConflictError)
 
 def _describe(target: dict[str, str | None]) -> str:
     return " ".join(f"{key.removesuffix('_id')} {value}" for key, value in target.items())
+
+
+async def submit_audited(
+    headend: Headend,
+    request: Request[Any, Any, Any],
+    data: DispatchRequest,
+    *,
+    via: str,
+    idempotency_key: str | None = None,
+) -> tuple[Dispatch, bool]:
+    """Submit ``data`` to the dispatcher as ``request``'s caller and record it in the
+    audit trail (``dispatch.create``: ``ok``, ``replayed``, ``refused`` or ``failed``).
+
+    ``POST /dispatch`` (``via="rest"``) and the operator console (``via="console"``)
+    both dispatch through here, so both are audited alike; ``via`` becomes the record's
+    ``source`` and the audit record's ``via``.
+
+    :return: the record, and whether it was created (``False``: a replayed key).
+    :raises InvalidDispatchError, UnknownTargetError, IdempotencyConflictError: refused
+        (audited ``refused``); any other error is audited ``failed`` and raised.
+    """
+    auditor = headend.auditor
+    actor, source = actor_of(request), client_source(request)
+    target: dict[str, str | None] = (
+        {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
+    )
+    try:
+        dispatch, created = await headend.dispatcher.submit(
+            data, source=via, idempotency_key=idempotency_key
+        )
+    except Exception as exc:
+        refused = isinstance(exc, _REFUSALS)
+        await auditor.record(
+            "dispatch.create",
+            actor=actor,
+            source=source,
+            outcome="refused" if refused else "failed",
+            message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
+            f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
+            mw=data.mw,
+            reason=f"{type(exc).__name__}: {exc}",
+            via=via,
+            **target,
+        )
+        raise
+    await auditor.record(
+        "dispatch.create",
+        actor=actor,
+        source=source,
+        outcome="ok" if created else "replayed",
+        message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
+        f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
+        f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
+        dispatch_id=dispatch.dispatch_id,
+        mw=data.mw,
+        state=dispatch.state,
+        via=via,
+        **target,
+    )
+    return dispatch, created
 
 
 class DispatchController(Controller):
@@ -79,45 +140,35 @@ class DispatchController(Controller):
             ),
         ] = None,
     ) -> Response[Dispatch]:
-        auditor = headend.auditor
-        actor, source = actor_of(request), client_source(request)
-        target: dict[str, str | None] = (
-            {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
-        )
-        try:
-            dispatch, created = await headend.dispatcher.submit(
-                data, source="rest", idempotency_key=idempotency_key
-            )
-        except Exception as exc:
-            refused = isinstance(exc, _REFUSALS)
-            await auditor.record(
-                "dispatch.create",
-                actor=actor,
-                source=source,
-                outcome="refused" if refused else "failed",
-                message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
-                f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
-                mw=data.mw,
-                reason=f"{type(exc).__name__}: {exc}",
-                **target,
-            )
-            raise
-        await auditor.record(
-            "dispatch.create",
-            actor=actor,
-            source=source,
-            outcome="ok" if created else "replayed",
-            message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
-            f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}: "
-            f"{dispatch.state}",
-            dispatch_id=dispatch.dispatch_id,
-            mw=data.mw,
-            state=dispatch.state,
-            **target,
+        dispatch, created = await submit_audited(
+            headend, request, data, via="rest", idempotency_key=idempotency_key
         )
         if created:
             return Response(dispatch, status_code=202)
         return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
+
+    @post(
+        "/preview",
+        status_code=200,
+        summary="Preview a dispatch: the targets it would produce, nothing sent",
+        description="Takes the same body as `POST /dispatch`, checks it the same way (the "
+        "same 400 and 404 answers) and plans it the same way: the split by the configured "
+        "`policy` for a site, each share clamped to its asset's limits. Returns the "
+        "`targets` (each with its asset's `min_mw` and `max_mw`, and a `reason` when the "
+        "share was clamped or sits at a limit) and the `unallocated_mw` that `POST "
+        "/dispatch` would produce now. Nothing is stored, sent to an agent or written to "
+        "the audit trail, and no dispatch id is given; the split is computed again by "
+        "`POST /dispatch` (the inventory is the same unless the headend restarted).",
+        responses={
+            404: ResponseSpec(ErrorBody, description="no such asset or site: `detail` names it"),
+        },
+        **access("operator"),
+        **NEEDS_STORAGE,
+    )
+    async def preview(
+        self, headend: NamedDependency[Headend], data: JSONBody[DispatchRequest]
+    ) -> DispatchPreview:
+        return headend.dispatcher.preview(data)
 
     @get("/history", summary="Past dispatches, newest first", **access("viewer"), **NEEDS_STORAGE)
     async def history(

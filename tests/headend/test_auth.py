@@ -55,6 +55,7 @@ ROUTE_RULES: dict[tuple[str, str], str] = {
     ("GET", "/telemetry/{asset_id:str}"): "viewer",
     ("GET", "/telemetry/{asset_id:str}/history"): "viewer",
     ("POST", "/dispatch"): "operator",
+    ("POST", "/dispatch/preview"): "operator",
     ("GET", "/dispatch/history"): "viewer",
     ("GET", "/dispatch/{dispatch_id:str}"): "viewer",
     ("GET", "/heartbeat/{asset_id:str}"): "viewer",
@@ -82,6 +83,7 @@ REQUESTS: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("GET", "/telemetry/{asset_id:str}"): (f"/telemetry/{BESS_1}", None, 404),  # none yet
     ("GET", "/telemetry/{asset_id:str}/history"): (f"/telemetry/{BESS_1}/history", None, 200),
     ("POST", "/dispatch"): ("/dispatch", {"asset_id": BESS_1, "mw": 0.5}, 202),
+    ("POST", "/dispatch/preview"): ("/dispatch/preview", {"asset_id": BESS_1, "mw": 0.5}, 200),
     ("GET", "/dispatch/history"): ("/dispatch/history", None, 200),
     ("GET", "/dispatch/{dispatch_id:str}"): (f"/dispatch/{UNKNOWN_DISPATCH}", None, 404),
     ("GET", "/heartbeat/{asset_id:str}"): (f"/heartbeat/{BESS_1}", None, 404),  # none yet

@@ -7,6 +7,8 @@ Browser flows are in tests/console (Playwright); these check the server's answer
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -94,6 +96,21 @@ async def test_sign_in_never_redirects_off_the_headend(
 ) -> None:
     response = await sign_in(auth_http, role_tokens["viewer"], "//evil.example/x")
     assert response.headers["location"] == "/"
+
+
+async def test_sign_in_from_a_page_of_another_site_is_refused(
+    auth_http: httpx.AsyncClient, role_tokens: dict[str, str]
+) -> None:
+    data = {"token": role_tokens["viewer"], "next": "/"}
+    foreign = await auth_http.post(
+        "/console/sign-in", data=data, headers={"Origin": "http://evil.example"}
+    )
+    assert foreign.status_code == 403 and "another site" in foreign.text
+    assert "set-cookie" not in foreign.headers
+    own = await auth_http.post(
+        "/console/sign-in", data=data, headers={"Origin": str(auth_http.base_url).rstrip("/")}
+    )
+    assert own.status_code == 303
 
 
 async def test_a_wrong_token_is_refused_with_a_clear_message(
@@ -265,15 +282,16 @@ async def test_the_fleet_shows_live_values_site_totals_and_makes_offline_stand_o
     )
     html = (await http.get("/")).text
     row = asset_row(html, BESS_1)
-    assert 'data-field="mw">1.500<' in row
-    assert 'data-field="mw_setpoint">1.500<' in row
-    assert 'data-key="soc_pct"' in row and "55.0 %" in row
+    assert 'data-field="mw" data-digits="3">1.500<' in row
+    assert 'data-field="mw_setpoint" data-digits="3">1.500<' in row
+    assert 'data-field="details.soc_pct" data-digits="1" data-unit="%">55.0 %<' in row
     assert "connected" in row and "offline" not in row
     assert "uncertain" in asset_row(html, BESS_2)
     offline = asset_row(html, BESS_3)  # registered by nobody
     assert 'class="offline"' in offline and "badge off" in offline
-    site_row = re.search(rf'<tr class="site-row" data-site-id="{SITE_A}">.*?</tr>', html, re.S)
+    site_row = re.search(rf'<tr class="site-row" data-site-id="{SITE_A}"[^>]*>.*?</tr>', html, re.S)
     assert site_row and 'data-field="site_mw">1.250<' in site_row.group(0)
+    assert 'data-others="{}"' in site_row.group(0)  # all its assets are on the page
     assert "2/3 connected" in site_row.group(0)
     buffer = BufferStats(batches=3, samples=120, bytes=4096, oldest_age_s=12.5, dropped_samples=7)
     await agent.send(codec.agent_heartbeat("gw-1", utc_now(), 1.0, buffer))
@@ -367,3 +385,12 @@ def asset_row(html: str, asset_id: str) -> str:
     match = re.search(rf'<tr data-asset-id="{asset_id}".*?</tr>', html, re.S)
     assert match, f"no row for {asset_id}"
     return match.group(0)
+
+
+def test_the_console_package_imports_on_its_own() -> None:
+    # The console imports rest.auth, whose package imports the app that mounts the console.
+    for module in ("der_sdk_headend.console", "der_sdk_headend.console.pages"):
+        done = subprocess.run(
+            [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr

@@ -161,6 +161,7 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("get", "/telemetry/{asset_id}"): {400, 401, 403, 404, 503},
     ("get", "/telemetry/{asset_id}/history"): {400, 401, 403, 404, 503},
     ("post", "/dispatch"): {400, 401, 403, 404, 409, 413, 415, 503},
+    ("post", "/dispatch/preview"): {400, 401, 403, 404, 413, 415, 503},
     ("get", "/dispatch/history"): {400, 401, 403, 503},
     ("get", "/dispatch/{dispatch_id}"): {400, 401, 403, 404, 503},
     ("get", "/heartbeat/{asset_id}"): {400, 401, 403, 404, 503},

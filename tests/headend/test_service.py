@@ -27,6 +27,7 @@ def test_config_reads_the_environment_with_defaults(inventory_path: Path) -> Non
     assert config.http_addr == "127.0.0.1:3001"
     assert config.reset_db is True
     assert config.split_policy == "capacity_weighted"
+    assert config.console_confirm_share == 0.5
 
 
 def test_headend_id_defaults_to_host_name_and_grpc_port_so_a_restart_keeps_it(
@@ -63,6 +64,9 @@ def test_config_without_assets_path_says_what_to_set() -> None:
         ({"HEADEND_ID": "-a"}, "HEADEND_ID='-a' is not a headend id"),
         ({"HEADEND_ID": "a/b"}, "HEADEND_ID='a/b' is not a headend id"),
         ({"HEADEND_ID": "a" * 129}, "is not a headend id: use 1 to 128"),
+        ({"CONSOLE_CONFIRM_SHARE": "1.5"}, "CONSOLE_CONFIRM_SHARE=1.5 must be a share from 0 to 1"),
+        ({"CONSOLE_CONFIRM_SHARE": "nan"}, "CONSOLE_CONFIRM_SHARE=nan must be a share"),
+        ({"CONSOLE_CONFIRM_SHARE": "half"}, "CONSOLE_CONFIRM_SHARE='half' is not a number"),
     ],
 )
 def test_config_rejects_malformed_values_naming_the_variable(

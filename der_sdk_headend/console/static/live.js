@@ -190,13 +190,11 @@
     });
   }
 
-  function pad(n) { return (n < 10 ? "0" : "") + n; }
-
-  function localTime(iso) {
+  function utcTime(iso) {
+    // as the server renders times: UTC, "YYYY-MM-DD HH:MM:SS"
     var d = new Date(iso);
-    if (isNaN(d.getTime())) return iso;
-    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " +
-      pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+    if (isNaN(d.getTime())) return String(iso);
+    return d.toISOString().replace("T", " ").slice(0, 19);
   }
 
   function valueOf(sample, field, el) {
@@ -216,7 +214,7 @@
     if (value === undefined || value === null) return "–";
     if (field === "last_seen") {
       el.setAttribute("data-ts", value);
-      return localTime(value);
+      return utcTime(value);
     }
     if (typeof value === "number") {
       var fallback = field === "key" ? "1" : /^mw/.test(field) ? "3" : "2";
