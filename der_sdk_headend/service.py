@@ -15,8 +15,8 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Generator
-from typing import TypeVar
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 import uvicorn
@@ -25,7 +25,7 @@ from litestar.exceptions import ServiceUnavailableException
 from der_sdk.backoff import Backoff
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory, load_inventory
-from der_sdk.models import utc_now
+from der_sdk.models import TelemetrySample, utc_now
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend.audit import Auditor
@@ -43,6 +43,9 @@ from der_sdk_headend.presence import Presence
 from der_sdk_headend.rest import create_app
 from der_sdk_headend.rest.auth import RestAuth
 from der_sdk_headend.tls import load_server_tls
+
+if TYPE_CHECKING:
+    from der_sdk_headend.console.events import LiveHub
 
 __all__ = ["Headend", "check_exposure", "is_loopback", "run_headend"]
 
@@ -115,6 +118,7 @@ class Headend:
         self._ingest: TelemetryIngest | None = None
         self._stream_writers: StreamWriters | None = None  # cluster ingest (bus mode)
         self._dispatcher: Dispatcher | None = None
+        self._live_hub: LiveHub | None = None  # the console's live updates
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_port: int | None = None
@@ -183,6 +187,12 @@ class Headend:
     @property
     def dispatcher(self) -> Dispatcher:
         return _started(self._dispatcher, "dispatcher")
+
+    @property
+    def live_hub(self) -> LiveHub:
+        """Fans ingest and dispatch changes out to the console's streams
+        (``/console/events``)."""
+        return _started(self._live_hub, "console live hub")
 
     @property
     def grpc_port(self) -> int:
@@ -338,12 +348,30 @@ class Headend:
                 reloaded,
             )
         self._dispatcher.start()
+        # --- console live updates (issue 18): fed by ingest's latest samples (only while a
+        # console listens) and by dispatch record changes; in bus mode other replicas'
+        # dispatch changes are re-read from storage on a slow timer. (Imported here: the
+        # console's package imports the REST app, which this module imports too.)
+        from der_sdk_headend.console.events import LiveHub
+
+        self._live_hub = LiveHub(
+            attach=self._attach_live,
+            storage=storage,
+            poll_dispatches=self._cluster is not None,
+        )
+        self._dispatcher.on_record = self._live_hub.offer_dispatch
+        # --- end console live updates
         if self._cluster is not None:
             await self._cluster.serve()
 
         await self._start_grpc()
         if self._http_server is None:
             await self._start_http()
+
+    def _attach_live(self, listener: Callable[[TelemetrySample], None] | None) -> None:
+        """Point ingest's latest-sample listener at the console's hub (or detach it)."""
+        if self._ingest is not None:
+            self._ingest.latest_listener = listener
 
     async def _start_rest_auth(self) -> None:
         """Read the REST token file and decide the authentication mode; before REST can
@@ -527,6 +555,8 @@ class Headend:
             self._stopped = True
             if self._front is not None:  # no new agent connections; live ones end below
                 self._front.stop_accepting()
+            if self._live_hub is not None:  # console streams end with "bye"
+                await self._live_hub.close()
             if self._link is not None:
                 await self._link.close_all(STREAM_GRACE_S)
             if self._grpc_server is not None:

@@ -55,7 +55,7 @@ import contextlib
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from der_sdk.errors import UnknownNameError
@@ -113,6 +113,8 @@ class Dispatcher:
         self._lock = asyncio.Lock()
         self._expiry_wake = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
+        self.on_record: Callable[[Dispatch], None] | None = None
+        """Called with every dispatch record after it is stored (the console's live hub)."""
 
     @property
     def policy_name(self) -> str:
@@ -564,6 +566,8 @@ class Dispatcher:
                 dispatch_id=dispatch.dispatch_id, state=dispatch.state, ts=now, detail=detail
             ),
         )
+        if self.on_record is not None:
+            self.on_record(dispatch)
 
     def _index(self, dispatch: Dispatch) -> None:
         if lifecycle.is_open(dispatch):

@@ -88,7 +88,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -380,6 +380,9 @@ class TelemetryIngest:
         self._sink = sink
         self._presence = presence
         self._latest: dict[str, TelemetrySample] = {}
+        self.latest_listener: Callable[[TelemetrySample], None] | None = None
+        """Called with every sample that becomes an asset's latest (the console's live hub,
+        only while a console listens); ``None`` costs one check per new latest sample."""
         self._known: dict[str, tuple[Asset, AssetType | None]] = {}
         self.max_queued_samples = max_queued_samples
         self.stall_after_s = stall_after_s
@@ -473,11 +476,14 @@ class TelemetryIngest:
         cache where they are newer than what it holds; return how many were taken."""
         taken = 0
         assets = self._inventory.assets
+        listener = self.latest_listener
         for sample in samples:
             current = self._latest.get(sample.asset_id)
             if (current is None or sample.ts > current.ts) and sample.asset_id in assets:
                 self._latest[sample.asset_id] = sample
                 taken += 1
+                if listener is not None:
+                    listener(sample)
         return taken
 
     # ------------------------------------------------------------------ status
@@ -532,10 +538,13 @@ class TelemetryIngest:
             if sample is not None:
                 samples.append(sample)
 
+        listener = self.latest_listener
         for sample in samples:
             current = self._latest.get(sample.asset_id)
             if current is None or sample.ts > current.ts:
                 self._latest[sample.asset_id] = sample
+                if listener is not None:
+                    listener(sample)
 
         size = len(samples)
         async with self._space:

@@ -50,6 +50,7 @@ def create_app(headend: Headend) -> Litestar:
     # this module, so a module-level import would be circular when the console is
     # imported first.
     from der_sdk_headend.console import STATIC_PATH, console_handlers, template_config
+    from der_sdk_headend.console.asset import live_handlers
 
     def provide_headend() -> Headend:
         return headend
@@ -65,6 +66,7 @@ def create_app(headend: Headend) -> Litestar:
             TokensController,
             AuditController,
             *console_handlers(),
+            *live_handlers(),  # the console's live stream, Asset page and trends
         ],
         template_config=template_config(),
         dependencies={"headend": Provide(provide_headend, sync_to_thread=False)},
