@@ -142,27 +142,6 @@ def test_fleet_search_narrows_the_assets(page: Page, console: ConsoleStack) -> N
     expect(page.get_by_role("row").filter(has_text="North BESS 1")).to_have_count(0)
 
 
-def test_an_assets_trend_grows_live(page: Page, console: ConsoleStack) -> None:
-    sign_in(page, console.tokens["viewer"])
-    page.get_by_role("link", name="North BESS 2").first.click()
-    expect(page).to_have_url(re.compile(f"/console/assets/{NORTH_BESS_2}"))
-    expect(page.get_by_role("heading", name="North BESS 2")).to_be_visible()
-    trend = page.locator("#trend-mw")
-    expect(trend).to_have_attribute("data-points", re.compile(r"^[1-9]"))  # history drawn
-    points = int(trend.get_attribute("data-points") or "0")
-    stamp = page.locator("#asset-ts").inner_text()
-    # the live tail: new samples arrive on the page's one stream and extend the trend
-    page.wait_for_function(
-        "(n) => Number(document.querySelector('#trend-mw').dataset.points) >= n",
-        arg=points + 4,
-        timeout=LIVE_S,
-    )
-    expect(page.locator("#asset-ts")).not_to_have_text(stamp)
-    expect(page.locator("#trend-mw canvas").first).to_be_visible()
-    expect(page.locator("#live-status")).to_have_text("live: on")
-    screenshot(page, "asset")
-
-
 def test_a_site_dispatch_is_previewed_confirmed_and_becomes_applied(
     page: Page, console: ConsoleStack
 ) -> None:
@@ -191,6 +170,27 @@ def test_a_site_dispatch_is_previewed_confirmed_and_becomes_applied(
     expect(row).to_contain_text("North Yard")
     expect(row.locator("[data-dispatch-state]")).to_have_text("applied")
     screenshot(page, "dispatch")
+
+
+def test_an_assets_trend_grows_live(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["viewer"])
+    page.get_by_role("link", name="North BESS 2").first.click()
+    expect(page).to_have_url(re.compile(f"/console/assets/{NORTH_BESS_2}"))
+    expect(page.get_by_role("heading", name="North BESS 2")).to_be_visible()
+    trend = page.locator("#trend-mw")
+    expect(trend).to_have_attribute("data-points", re.compile(r"^[1-9]"))  # history drawn
+    points = int(trend.get_attribute("data-points") or "0")
+    stamp = page.locator("#asset-ts").inner_text()
+    # the live tail: new samples arrive on the page's one stream and extend the trend
+    page.wait_for_function(
+        "(n) => Number(document.querySelector('#trend-mw').dataset.points) >= n",
+        arg=points + 4,
+        timeout=LIVE_S,
+    )
+    expect(page.locator("#asset-ts")).not_to_have_text(stamp)
+    expect(page.locator("#trend-mw canvas").first).to_be_visible()
+    expect(page.locator("#live-status")).to_have_text("live: on")
+    screenshot(page, "asset")
 
 
 def test_a_viewer_sees_no_dispatch_form_and_a_forged_post_is_refused(
