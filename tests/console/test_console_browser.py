@@ -266,16 +266,51 @@ def test_the_main_controls_are_reachable_with_the_keyboard(
     assert re.search(r"^INPUT", text, re.MULTILINE), f"Tab reached no input:\n{text}"
 
 
+def test_every_input_has_a_label_and_pages_fit_1280_px(page: Page, console: ConsoleStack) -> None:
+    sign_in(page, console.tokens["admin"])
+    for path in (
+        "/",
+        f"/console/sites/{NORTH_YARD}",
+        f"/console/assets/{NORTH_BESS_2}",
+        "/console/dispatch",
+        "/console/agents",
+        "/console/audit",
+    ):
+        response = page.goto(path)
+        assert response is not None and response.status == 200, f"{path}: {response}"
+        unlabelled = page.evaluate(
+            """() => [...document.querySelectorAll(
+                    "input:not([type=hidden]), select, textarea")]
+                .filter((el) => !(el.labels && el.labels.length)
+                    && !el.getAttribute("aria-label") && !el.getAttribute("aria-labelledby"))
+                .map((el) => el.outerHTML.slice(0, 120))"""
+        )
+        assert not unlabelled, f"{path}: inputs without a label: {unlabelled}"
+        overflow = page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"{path} is {overflow} px wider than 1280 px"
+
+
 @pytest.mark.parametrize("width", [390])
-def test_the_fleet_page_fits_a_narrow_screen(page: Page, console: ConsoleStack, width: int) -> None:
+def test_the_pages_fit_a_narrow_screen(page: Page, console: ConsoleStack, width: int) -> None:
     page.set_viewport_size({"width": width, "height": 844})
-    sign_in(page, console.tokens["viewer"])
-    expect(page.get_by_text("North BESS 1").first).to_be_attached()
-    overflow = page.evaluate(
-        "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
-    )
-    assert overflow <= 0, f"the fleet page is {overflow} px wider than a {width} px screen"
+    sign_in(page, console.tokens["admin"])
+    expect(page.get_by_role("link", name="North BESS 1")).to_be_visible()
     screenshot(page, "fleet-narrow")
+    for path in (
+        "/",
+        f"/console/sites/{NORTH_YARD}",
+        f"/console/assets/{NORTH_BESS_2}",
+        "/console/dispatch",
+        "/console/agents",
+        "/console/audit",
+    ):
+        page.goto(path)
+        overflow = page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, f"{path} is {overflow} px wider than a {width} px screen"
 
 
 def audited(page: Page, console: ConsoleStack, action: str) -> list[dict[str, object]]:
