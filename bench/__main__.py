@@ -9,7 +9,7 @@ nothing and it never touches the docs.
 
 Benchmarks: ingest-pg, ingest-sqlite, dispatch, memory, storm, rest, mtls, and
 the replicas of a cluster on NATS and PostgreSQL: cluster-ingest, cluster-dispatch,
-cluster-failover; the console's live stream: console-sse (``all``: every one).
+cluster-failover; the console: console-fleet, console-sse (``all``: every one).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, str] = {
     "cluster-ingest": "bench.cluster:run_ingest",
     "cluster-dispatch": "bench.cluster:run_dispatch",
     "cluster-failover": "bench.cluster:run_failover",
+    "console-fleet": "bench.console:run_fleet",
     "console-sse": "bench.console:run_sse",
 }
 RESULTS = ROOT / "bench" / "results"
