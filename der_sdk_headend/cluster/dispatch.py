@@ -183,21 +183,10 @@ class ClusterDispatcher(Dispatcher):
         *,
         idempotency_key: str | None = None,
     ) -> tuple[Dispatch, bool]:
-        fingerprint = None
-        if idempotency_key is not None:
-            idempotency_key = planning.check_idempotency_key(idempotency_key)
-            fingerprint = planning.fingerprint(request)
-            known = await self._storage.get_dispatch(planning.idempotent_id(idempotency_key))
-            if known is not None:
-                return planning.replay(known, fingerprint), False
-        dispatch = planning.plan(
-            request, inventory=self._inventory, policy=self._policy, source=source, now=utc_now()
-        )
-        if idempotency_key is not None:
-            dispatch.dispatch_id = planning.idempotent_id(idempotency_key)
-            dispatch.idempotency_key = idempotency_key
-            dispatch.request_fingerprint = fingerprint
-        self._plugins.notify("der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
+        dispatch, new = await self._plan_request(request, source, idempotency_key)
+        if not new:
+            return dispatch, False
+        fingerprint = dispatch.request_fingerprint
         # The new dispatch's lock first, then each older one's in turn: only a create
         # holds two, always in that order, so replicas never wait on each other in a ring.
         async with self._lock, self._storage.dispatch_lock(dispatch.dispatch_id):

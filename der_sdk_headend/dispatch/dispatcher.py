@@ -181,15 +181,12 @@ class Dispatcher:
         )
         return planning.preview_of(dispatch, self._inventory)
 
-    async def submit(
-        self,
-        request: DispatchRequest,
-        source: str = "rest",
-        *,
-        idempotency_key: str | None = None,
+    async def _plan_request(
+        self, request: DispatchRequest, source: str, idempotency_key: str | None
     ) -> tuple[Dispatch, bool]:
-        """:meth:`create`, also saying whether a new dispatch was made (``False``: the
-        ``idempotency_key`` was seen before and its record is returned)."""
+        """The dispatch ``request`` makes (validated, split, clamped, with its idempotency
+        fields, ``der_dispatch_validated`` fired), not yet recorded: ``(dispatch, True)``;
+        or, for an ``idempotency_key`` seen before, its record: ``(record, False)``."""
         fingerprint = None
         if idempotency_key is not None:
             idempotency_key = planning.check_idempotency_key(idempotency_key)
@@ -206,6 +203,21 @@ class Dispatcher:
             dispatch.idempotency_key = idempotency_key
             dispatch.request_fingerprint = fingerprint
         self._plugins.notify("der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
+        return dispatch, True
+
+    async def submit(
+        self,
+        request: DispatchRequest,
+        source: str = "rest",
+        *,
+        idempotency_key: str | None = None,
+    ) -> tuple[Dispatch, bool]:
+        """:meth:`create`, also saying whether a new dispatch was made (``False``: the
+        ``idempotency_key`` was seen before and its record is returned)."""
+        dispatch, new = await self._plan_request(request, source, idempotency_key)
+        if not new:
+            return dispatch, False
+        fingerprint = dispatch.request_fingerprint
         async with self._lock:
             if idempotency_key is not None:  # a concurrent request with the same key
                 known = await self._storage.get_dispatch(dispatch.dispatch_id)
