@@ -23,6 +23,10 @@ QUIET = (
     "no:cacheprovider",
     "-p",
     "no:hypothesispytest",
+    # pytest-playwright (the console's browser tests) wraps every test in a scope of
+    # its own, which an in-process run inside a test would open a second time.
+    "-p",
+    "no:playwright",
     "-W",
     "ignore::pytest.PytestAssertRewriteWarning",
 )

@@ -491,6 +491,11 @@ class ClusterPresence:
                 return False
             finally:
                 held.busy = False
+            if self._held.get(held.stream.agent_id) is not held and not self._closed:
+                # The stream ended while this refresh was in flight (its detach saw the
+                # entry busy and left the release to whoever held it): release it now,
+                # or the others list the agent until the entry expires.
+                await self._release(held)
             return True
 
     async def _holder(self, key: str) -> str | None:
