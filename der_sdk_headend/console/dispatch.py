@@ -39,6 +39,7 @@ from der_sdk.errors import UnknownNameError
 from der_sdk.models import Asset, Dispatch, DispatchRequest, TelemetrySample, utc_now
 from der_sdk_headend.console import render
 from der_sdk_headend.console.auth import page
+from der_sdk_headend.console.trend import READ_CONCURRENCY
 from der_sdk_headend.dispatch import InvalidDispatchError, UnknownTargetError
 from der_sdk_headend.dispatch.lifecycle import is_open
 from der_sdk_headend.dispatch.planning import DispatchPreview
@@ -409,12 +410,17 @@ async def _site_trend(headend: Headend, assets: list[Asset]) -> dict[str, list[f
     end = utc_now()
     start = end - timedelta(minutes=TREND_MINUTES)
     chosen = assets[:TREND_ASSETS]
-    histories = await asyncio.gather(
-        *(
-            headend.storage.telemetry_history(a.asset_id, start=start, end=end, limit=TREND_SAMPLES)
-            for a in chosen
-        )
-    )
+    # A few reads at a time, as the Asset page's trend does: a hundred at once would take
+    # every pooled connection from the telemetry writers for as long as they run.
+    limit = asyncio.Semaphore(READ_CONCURRENCY)
+
+    async def history(asset: Asset) -> list[TelemetrySample]:
+        async with limit:
+            return await headend.storage.telemetry_history(
+                asset.asset_id, start=start, end=end, limit=TREND_SAMPLES
+            )
+
+    histories = await asyncio.gather(*(history(a) for a in chosen))
     buckets = int(TREND_MINUTES * 60 / TREND_BUCKET_S)
     t0 = start.timestamp()
     totals: list[float | None] = [None] * buckets
