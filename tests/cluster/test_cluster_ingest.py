@@ -423,6 +423,6 @@ async def test_through_a_bus_outage_a_replica_stores_its_agents_telemetry_direct
         async def stored() -> bool:
             return (await stored_count(cluster.database_url))[0] >= 30
 
-        await within(stored, 10, "every batch stored")
+        await within(stored, 30, "every batch stored")  # 10 s was short on a loaded CI run
         assert await stored_count(cluster.database_url) == (30, 30)
         assert (await bus.telemetry.backlog()).messages == 0
