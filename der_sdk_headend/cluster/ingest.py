@@ -462,9 +462,17 @@ class StreamWriters:
                 failed = 0
             except asyncio.CancelledError:
                 raise
-            except BusError as exc:
+            except Exception as exc:  # never end silently: a dead writer stores nothing
                 failed += 1
-                log.debug("stream writer %d: fetch failed: %s", index, exc)
+                if isinstance(exc, BusError):
+                    log.debug("stream writer %d: fetch failed: %s", index, exc)
+                elif failed == 1:
+                    log.error(
+                        "stream writer %d: fetching from the telemetry stream failed "
+                        "unexpectedly; retrying",
+                        index,
+                        exc_info=exc,
+                    )
                 state = self._bus.state
                 if state == "closed":
                     return

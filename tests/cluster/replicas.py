@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import secrets
 import shutil
@@ -208,6 +209,8 @@ class Replica(HeadendProcess):
             env=env,
             name=f"replica-{replica_id}",
             log_path=cluster.tmp / f"{replica_id}.log",
+            # DER_SDK_REPLICA_LOG_LEVEL=DEBUG: every line of the replicas, for a hunt
+            log_level=os.environ.get("DER_SDK_REPLICA_LOG_LEVEL", "INFO"),
         )
         self.replica_id = replica_id
         self.cluster = cluster
@@ -537,21 +540,60 @@ class ReplicaCluster:
         return [(str(a), str(h)) for a, h in rows]
 
     async def wait_stored(self, agents: Iterable[CountingAgent], *, within: float) -> None:
-        """Until PostgreSQL holds every sample the ``agents`` took so far."""
+        """Until PostgreSQL holds every sample the ``agents`` took so far: each asset's
+        seqs ``1..n`` all stored, not just its newest.
+
+        The newest alone is not enough: after a stall each stream writer retries with its
+        own backoff, so a newer message can be stored while an older one still waits for
+        its writer's next attempt; a test that then counts rows would see a sample "lost"
+        that is only late. On a timeout the message names the seqs still missing.
+        """
         wanted = {a: n for agent in agents for a, n in agent.sampled.items()}
 
         async def caught_up() -> dict[str, int] | None:
             stored = await self.stored_seqs()
-            behind = {
-                a: n - (max(stored[a]) if stored.get(a) else 0)
-                for a, n in wanted.items()
-                if not stored.get(a) or max(stored[a]) < n
-            }
-            return None if behind else wanted
+            missing: dict[str, list[int]] = {}
+            for asset_id, n in wanted.items():
+                absent = sorted(set(range(1, n + 1)) - set(stored.get(asset_id, ())))
+                if absent:
+                    missing[asset_id] = absent
+            if not missing:
+                return wanted
+            raise AssertionError(
+                "seqs not stored yet: "
+                + "; ".join(f"{a}: {len(s)}, first {s[:10]}" for a, s in missing.items())
+            )
 
-        await eventually(
-            caught_up, within=within, what="PostgreSQL holds every sample taken", every=0.25
-        )
+        try:
+            await eventually(
+                caught_up, within=within, what="PostgreSQL holds every sample taken", every=0.25
+            )
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc.msg}\nbus: {await self.bus_state()}")
+
+    async def bus_state(self) -> str:
+        """The telemetry stream's and its writers' consumer's state, for a failure message."""
+        import nats
+
+        try:
+            client = await nats.connect(self.bus_url, connect_timeout=2, max_reconnect_attempts=0)
+        except Exception as exc:
+            return f"unreachable ({exc!r})"
+        try:
+            js = client.jetstream()
+            stream = await js.stream_info(f"{self.namespace}-telemetry")
+            consumer = await js.consumer_info(f"{self.namespace}-telemetry", "writers")
+            return (
+                f"stream messages={stream.state.messages} first_seq={stream.state.first_seq} "
+                f"last_seq={stream.state.last_seq}; consumer ack_pending="
+                f"{consumer.num_ack_pending} pending={consumer.num_pending} redelivered="
+                f"{consumer.num_redelivered} waiting={consumer.num_waiting} delivered="
+                f"{consumer.delivered} ack_floor={consumer.ack_floor}"
+            )
+        except Exception as exc:
+            return f"no state ({exc!r})"
+        finally:
+            await client.close()
 
     async def assert_exactly_once(self, agents: Iterable[CountingAgent]) -> dict[str, int]:
         """Fail unless every asset of ``agents`` has its samples ``1..n`` stored once

@@ -172,6 +172,37 @@ async def test_a_writer_that_dies_mid_batch_leaves_it_to_be_delivered_again_and_
     assert writers.stats().messages_redelivered >= 1
 
 
+async def test_a_stream_writer_whose_fetch_fails_unexpectedly_carries_on_and_says_so(
+    cluster: ClusterKit, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer that ended on an error it did not expect stored nothing from then on, in
+    silence, while the stream filled (a nats-py timeout of an unexpected class once did
+    it). It logs the first one and keeps fetching."""
+    from der_sdk_nats.bus import _NatsConsumer
+
+    fetch = _NatsConsumer.fetch
+    failures = 0
+
+    async def failing_first(self: _NatsConsumer, *args: object, **kwargs: object) -> object:
+        nonlocal failures
+        if failures < 4:  # each writer's first fetches
+            failures += 1
+            raise RuntimeError("an error no one expected")
+        return await fetch(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_NatsConsumer, "fetch", failing_first)
+    replica = await cluster.replica()
+    agent = await cluster.agent(replica, ASSETS, "gw-1")
+    assert await send(agent, 1) == 1
+
+    async def stored() -> bool:
+        return (await stored_count(cluster.database_url))[0] >= 10
+
+    await within(stored, 15, "the batch stored once the writers fetch again")
+    assert failures == 4
+    assert "fetching from the telemetry stream failed unexpectedly" in caplog.text
+
+
 async def test_a_full_stream_holds_the_agent_back_and_loses_nothing_once_space_frees(
     cluster: ClusterKit,
 ) -> None:

@@ -322,7 +322,10 @@ class _NatsConsumer(StreamConsumer):
         self._bus._require_connected("fetch telemetry")
         try:
             messages = await self._subscription.fetch(max_messages, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:
+            # nats-py raises its own TimeoutError (a subclass) and, when the wait ran out
+            # between its no-wait probe and its long poll, a plain asyncio.TimeoutError:
+            # both mean "nothing to fetch now"
             return []
         except nats.errors.Error as exc:
             raise BusUnavailableError(f"NATS: fetch telemetry failed: {exc}") from exc
