@@ -8,8 +8,10 @@ the first three are also importable from here, where they were defined before 0.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -212,24 +214,126 @@ def _details_with_non_finite(raw: bytes) -> dict[str, Any] | None:
     return None
 
 
+# ``Telemetry`` fields in the order of the TelemetrySample fields they make.
+_telemetry_fields = operator.attrgetter(
+    "asset_id",
+    "site_id",
+    "ts_us",
+    "mw",
+    "mw_setpoint",
+    "online",
+    "status",
+    "fault_code",
+    "seq",
+    "quality",
+    "quality_reason",
+    "details_json",
+)
+# The optional fields among them (``None`` when not sent), by position.
+_OPTIONAL_FIELDS = ((4, "mw_setpoint"), (6, "status"), (7, "fault_code"), (10, "quality_reason"))
+_QUALITIES = frozenset(("", "good", "uncertain", "bad"))
+
+
+def _plain_samples(messages: Sequence[pb.Telemetry]) -> list[TelemetrySample] | None:
+    """The samples of ``messages`` decoded column by column, when every one decodes
+    without a problem; ``None`` when any does not (the caller then decodes each one with
+    :func:`checked_sample_from_pb`, which says what is wrong).
+
+    The same samples as :func:`checked_sample_from_pb` gives, but the fields of all the
+    messages are read by one ``attrgetter`` each and most conversions run as loops in C
+    over a whole column (time stamps, details, finiteness), so the Python code per sample
+    is little more than making the Struct.
+    """
+    columns: list[Sequence[Any]] = list(zip(*map(_telemetry_fields, messages), strict=True))
+    if not columns:
+        return []
+    for index, name in _OPTIONAL_FIELDS:
+        values = columns[index]
+        if not all(values):  # a default value (0.0, ""): sent, or not sent at all?
+            columns[index] = [
+                v if v or m.HasField(name) else None for v, m in zip(values, messages, strict=True)
+            ]
+    quality = columns[9]
+    kinds = set(quality)
+    if not kinds <= _QUALITIES:
+        return None
+    if "" in kinds:
+        columns[9] = [q or "good" for q in quality]
+    raw = columns[11]
+    try:
+        if b"" in raw:
+            columns[11] = [_json_decode_object(d) if d else {} for d in raw]
+        else:
+            columns[11] = list(map(_json_decode_object, raw))
+        deltas = map(timedelta, itertools.repeat(0), itertools.repeat(0), columns[2])
+        columns[2] = list(map(operator.add, itertools.repeat(_EPOCH), deltas))
+    except (msgspec.DecodeError, RecursionError, OverflowError):
+        return None
+    setpoints = columns[4]
+    if None in setpoints:
+        setpoints = [s for s in setpoints if s is not None]
+    if not (all(map(math.isfinite, columns[3])) and all(map(math.isfinite, setpoints))):
+        return None
+    return [
+        TelemetrySample(
+            asset_id=asset_id,
+            site_id=site_id,
+            ts=ts,
+            mw=mw,
+            mw_setpoint=mw_setpoint,
+            online=online,
+            status=status,
+            fault_code=fault_code,
+            seq=seq,
+            quality=quality,
+            quality_reason=quality_reason,
+            details=details,
+        )
+        for (
+            asset_id,
+            site_id,
+            ts,
+            mw,
+            mw_setpoint,
+            online,
+            status,
+            fault_code,
+            seq,
+            quality,
+            quality_reason,
+            details,
+        ) in zip(*columns, strict=True)
+    ]
+
+
 def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
-    return [sample_from_pb(m) for m in batch.samples]
+    """Every sample of ``batch``, as :func:`sample_from_pb` gives it.
+
+    :raises ValueError: as :func:`sample_from_pb`, for the first sample that does not decode.
+    """
+    messages = list(batch.samples)
+    plain = _plain_samples(messages)
+    return plain if plain is not None else [sample_from_pb(m) for m in messages]
 
 
 def telemetry_batch_from_pb(
     msg: pb.TelemetryBatch,
 ) -> tuple[TelemetryBatch, list[tuple[str, str]]]:
-    """The domain batch, each sample decoded by :func:`checked_sample_from_pb`.
+    """The domain batch, each sample decoded as :func:`checked_sample_from_pb` does it
+    (a batch whose samples all decode without a problem, the common case, in one pass
+    over each field: :func:`_plain_samples`).
 
     A sample that does not decode is left out; the batch goes on without it.
 
     :return: ``(batch, skipped)``: ``skipped`` lists ``(asset id, reason)`` for each sample
         left out, empty when none.
     """
-    samples: list[TelemetrySample] = []
     skipped: list[tuple[str, str]] = []
     non_finite: dict[int, Sequence[str]] = {}
-    for message in msg.samples:
+    messages = list(msg.samples)
+    plain = _plain_samples(messages)
+    samples: list[TelemetrySample] = plain if plain is not None else []
+    for message in messages if plain is None else ():
         try:
             sample, problems = checked_sample_from_pb(message)
         except ValueError as exc:
