@@ -249,7 +249,12 @@ def _plain_samples(messages: Sequence[pb.Telemetry]) -> list[TelemetrySample] | 
         return []
     for index, name in _OPTIONAL_FIELDS:
         values = columns[index]
-        if not all(values):  # a default value (0.0, ""): sent, or not sent at all?
+        if all(values):
+            continue
+        # A default value (0.0, ""): sent, or not sent at all?
+        if not any(values) and not any(map(operator.methodcaller("HasField", name), messages)):
+            columns[index] = [None] * len(values)  # the usual case: never sent
+        else:
             columns[index] = [
                 v if v or m.HasField(name) else None for v, m in zip(values, messages, strict=True)
             ]
