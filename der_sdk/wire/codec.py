@@ -214,20 +214,12 @@ def _details_with_non_finite(raw: bytes) -> dict[str, Any] | None:
     return None
 
 
-# ``Telemetry`` fields in the order of the TelemetrySample fields they make.
+# The ``Telemetry`` field each TelemetrySample field is made from, in the Struct's order.
 _telemetry_fields = operator.attrgetter(
-    "asset_id",
-    "site_id",
-    "ts_us",
-    "mw",
-    "mw_setpoint",
-    "online",
-    "status",
-    "fault_code",
-    "seq",
-    "quality",
-    "quality_reason",
-    "details_json",
+    *(
+        {"ts": "ts_us", "details": "details_json"}.get(f, f)
+        for f in TelemetrySample.__struct_fields__
+    )
 )
 # The optional fields among them (``None`` when not sent), by position.
 _OPTIONAL_FIELDS = ((4, "mw_setpoint"), (6, "status"), (7, "fault_code"), (10, "quality_reason"))
@@ -333,20 +325,9 @@ def telemetry_batch_from_pb(
     :return: ``(batch, skipped)``: ``skipped`` lists ``(asset id, reason)`` for each sample
         left out, empty when none.
     """
-    skipped: list[tuple[str, str]] = []
-    non_finite: dict[int, Sequence[str]] = {}
     messages = list(msg.samples)
     plain = _plain_samples(messages)
-    samples: list[TelemetrySample] = plain if plain is not None else []
-    for message in messages if plain is None else ():
-        try:
-            sample, problems = checked_sample_from_pb(message)
-        except ValueError as exc:
-            skipped.append((message.asset_id, str(exc)))
-            continue
-        if problems:
-            non_finite[len(samples)] = problems
-        samples.append(sample)
+    samples, skipped, non_finite = _each_sample(messages) if plain is None else (plain, [], {})
     batch = TelemetryBatch(
         seq=msg.seq,
         samples=samples,
@@ -355,6 +336,30 @@ def telemetry_batch_from_pb(
         non_finite=non_finite,
     )
     return batch, skipped
+
+
+def _each_sample(
+    messages: Sequence[pb.Telemetry],
+) -> tuple[list[TelemetrySample], list[tuple[str, str]], dict[int, Sequence[str]]]:
+    """The samples of ``messages`` decoded one at a time by :func:`checked_sample_from_pb`:
+    for a batch with a problem, and what the column path must agree with.
+
+    :return: ``(samples, skipped, non_finite)`` as :class:`TelemetryBatch` and
+        :func:`telemetry_batch_from_pb` give them.
+    """
+    samples: list[TelemetrySample] = []
+    skipped: list[tuple[str, str]] = []
+    non_finite: dict[int, Sequence[str]] = {}
+    for message in messages:
+        try:
+            sample, problems = checked_sample_from_pb(message)
+        except ValueError as exc:
+            skipped.append((message.asset_id, str(exc)))
+            continue
+        if problems:
+            non_finite[len(samples)] = problems
+        samples.append(sample)
+    return samples, skipped, non_finite
 
 
 # ----------------------------------------------------------------------------- agent side
