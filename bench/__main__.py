@@ -35,6 +35,7 @@ from bench.common import ROOT, Context, Figure
 BENCHMARKS: dict[str, str] = {
     "ingest-pg": "bench.ingest:run_pg",
     "ingest-sqlite": "bench.ingest:run_sqlite",
+    "decode": "bench.decode:run",
     "dispatch": "bench.dispatch:run",
     "memory": "bench.fleet:run_memory",
     "storm": "bench.fleet:run_storm",

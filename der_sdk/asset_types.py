@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import types
 import typing
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -113,14 +114,52 @@ def _attr_names(details: type[msgspec.Struct]) -> dict[str, str]:
     return {f.encode_name: f.name for f in msgspec.structs.fields(details)}
 
 
+# Field types whose conversion from a decoded JSON value is that value unchanged, except
+# ``int`` → ``float`` for a float field.
+_SCALAR_TYPES = (
+    msgspec.inspect.BoolType,
+    msgspec.inspect.FloatType,
+    msgspec.inspect.IntType,
+    msgspec.inspect.LiteralType,
+    msgspec.inspect.NoneType,
+    msgspec.inspect.StrType,
+)
+# Value types that a successful conversion to a scalar field returns as they are.
+_KEPT_TYPES = frozenset((bool, float, str, type(None)))
+
+
+@functools.cache
+def _float_fields(details: type[msgspec.Struct]) -> frozenset[str] | None:
+    """The encoded names of the fields that take a ``float``, when every field of
+    ``details`` is a scalar (bool, float, int, str, literal, each optional, with or without
+    bounds); ``None`` when some field's conversion may give another type (a date, an enum,
+    a nested Struct...)."""
+    info = msgspec.inspect.type_info(details)
+    assert isinstance(info, msgspec.inspect.StructType)
+    floats: set[str] = set()
+    for field in info.fields:
+        kinds = (
+            field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (field.type,)
+        )
+        if not all(isinstance(kind, _SCALAR_TYPES) for kind in kinds):
+            return None
+        if any(isinstance(kind, msgspec.inspect.FloatType) for kind in kinds):
+            floats.add(field.encode_name)
+    return frozenset(floats)
+
+
 @functools.cache
 def _field_types(details: type[msgspec.Struct]) -> dict[str, Any]:
     return {f.encode_name: _without_none(f.type) for f in msgspec.structs.fields(details)}
 
 
-def validate_details(
-    asset_type: AssetType, details: dict[str, Any]
-) -> tuple[dict[str, Any], list[str]]:
+Checked = tuple[dict[str, Any], list[str]]
+"""What :func:`validate_details` returns: the checked details and the problems."""
+
+_VALIDATORS: dict[type[msgspec.Struct], Callable[[dict[str, Any]], Checked]] = {}
+
+
+def validate_details(asset_type: AssetType, details: dict[str, Any]) -> Checked:
     """Check ``details`` against ``asset_type.details``, field by field.
 
     :return: ``(checked, problems)``. ``checked`` holds every known field whose value is
@@ -129,27 +168,73 @@ def validate_details(
         ``problems`` has one message per bad field, naming it:
         ``"details.soc_pct: expected float, got str"``. Missing fields are fine.
     """
-    # Fast path: every field valid (the common case) is one conversion in C. The result
-    # keeps the input's keys and order; ``details`` itself comes back when no value changed.
-    try:
-        converted = msgspec.convert(details, asset_type.details)
-    except msgspec.ValidationError:
-        pass
-    else:
-        attrs = _attr_names(asset_type.details)
-        checked = details
-        for key, value in details.items():
-            attr = attrs.get(key)
-            if attr is None or value is None:
-                continue
-            new = getattr(converted, attr)
-            if new is not value and (type(new) is not type(value) or new != value):
-                if checked is details:
-                    checked = dict(details)
-                checked[key] = new
-        return checked, []
-    known = _field_types(asset_type.details)
-    checked = {}
+    details_type = asset_type.details
+    validator = _VALIDATORS.get(details_type)
+    if validator is None:
+        validator = _VALIDATORS[details_type] = _validator(details_type)
+    return validator(details)
+
+
+def _validator(details_type: type[msgspec.Struct]) -> Callable[[dict[str, Any]], Checked]:
+    """The check of ``details_type``, made once per type (what it is, looked up now).
+
+    Every field valid, the common case, is one conversion in C. The result keeps the input's
+    keys and order; ``details`` itself comes back when no value changed, which for a type of
+    scalar fields (:func:`_float_fields`) the types of its values tell, again in C.
+    Otherwise each converted field is compared with its value (:func:`_converted`), and
+    when the conversion fails each field is checked alone (:func:`_check_each`).
+    """
+    floats = _float_fields(details_type)
+    convert = msgspec.convert
+    kept = _KEPT_TYPES.issuperset
+    invalid = msgspec.ValidationError
+
+    def validate(details: dict[str, Any]) -> Checked:
+        try:
+            converted = convert(details, details_type)
+        except invalid:
+            return _check_each(details_type, details)
+        if floats is not None and kept(map(type, details.values())):
+            return details, []
+        return _converted(details_type, floats, details, converted), []
+
+    return validate
+
+
+def _converted(
+    details_type: type[msgspec.Struct],
+    floats: frozenset[str] | None,
+    details: dict[str, Any],
+    converted: msgspec.Struct,
+) -> dict[str, Any]:
+    """``details`` with the values its conversion to ``details_type`` changed (``converted``
+    holds them), in a copy; ``details`` itself when none changed."""
+    # Scalar fields keep an int as it is, except a float field (5 -> 5.0).
+    if (
+        floats is not None
+        and {int} == set(map(type, details.values())) - _KEPT_TYPES
+        and floats.isdisjoint([key for key, value in details.items() if type(value) is int])
+    ):
+        return details
+    attrs = _attr_names(details_type)
+    checked = details
+    for key, value in details.items():
+        attr = attrs.get(key)
+        if attr is None or value is None:
+            continue
+        new = getattr(converted, attr)
+        if new is not value and (type(new) is not type(value) or new != value):
+            if checked is details:
+                checked = dict(details)
+            checked[key] = new
+    return checked
+
+
+def _check_each(details_type: type[msgspec.Struct], details: dict[str, Any]) -> Checked:
+    """:func:`validate_details` one field at a time: what the faster paths above must
+    agree with, and the path that names each bad field."""
+    known = _field_types(details_type)
+    checked: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in details.items():
         expected = known.get(key)
