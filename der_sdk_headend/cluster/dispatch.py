@@ -195,7 +195,13 @@ class ClusterDispatcher(Dispatcher):
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_stored(dispatch)
-            routed, route = route_new(dispatch, self._router, self._inventory, utc_now())
+            routed, route = route_new(
+                dispatch,
+                self._router,
+                self._inventory,
+                utc_now(),
+                agent_splits=self.agent_splits(dispatch),
+            )
             for peer, command in routed:
                 self._push(peer, [command])
             dispatch.state = derive_state(dispatch.targets)

@@ -69,7 +69,7 @@ would otherwise cost 1,000 history reads per page view. The page says so when it
 some out; the live tail sums them all."""
 TREND_SAMPLES = 600
 """Newest samples read per asset for the trend (15 minutes at one sample every 1.5 s)."""
-_FIELDS = ("mw", "duration_s", "ttl_s", "expires_at")
+_FIELDS = ("mw", "duration_s", "ttl_s", "expires_at", "policy")
 
 
 class _Refused(HTTPException):
@@ -231,6 +231,9 @@ def _request_of(form: Any) -> DispatchRequest:
         "duration_s": _number(form, "duration_s"),
         "ttl_s": _number(form, "ttl_s"),
         "expires_at": _expiry(form),
+        # a site's split policy; the form has no control for it yet (the site's
+        # split_policy, else the headend's, applies), but a posted one is honoured
+        "policy": _field(form, "policy") or None,
     }
     try:
         return msgspec.convert(body, DispatchRequest)
