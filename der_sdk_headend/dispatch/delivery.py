@@ -5,7 +5,8 @@ dispatch whose assets are all served by one agent goes out as one site ``Setpoin
 agent splits it) unless the caller says the agent must not split it (``agent_splits``
 false: the dispatch was split by another policy than the agent's); otherwise each live
 target gets its own per-asset command ``"<dispatch_id>/<asset_id>"``. A target sent
-before and not acknowledged goes out again with the same command id. Routing lookups go through the :class:`DispatchRouter`.
+before and not acknowledged goes out again with the same command id. Routing lookups go
+through the :class:`DispatchRouter`.
 """
 
 from __future__ import annotations
