@@ -130,6 +130,7 @@ def split_soc_balancing_in_context(target_mw: float, context: SplitContext) -> S
     hours = (context.duration_s or SOC_HORIZON_S) / 3600
     shares = dict(idle)
     shares.update(_level(storage, want, hours, idle))
+    _settle_level_noise(storage, want, idle, shares)
     stored_ids = {e.asset_id for e in storage}
     others = [a for a in ordered if a.asset_id not in stored_ids]
     if others:  # what storage did not place: the other assets, by headroom
@@ -182,6 +183,25 @@ def _level(
         if hi - lo < 1e-9:
             break
     return gives(hi if upward else lo)
+
+
+def _settle_level_noise(
+    storage: list[SplitAsset], want: float, idle: dict[str, float], shares: dict[str, float]
+) -> None:
+    """Put the bisection's last bit (well under 1 µW) on the batteries the level moved,
+    so a battery the level left idle stays exactly idle."""
+    residual = want - math.fsum(shares[e.asset_id] - idle[e.asset_id] for e in storage)
+    if residual == 0 or abs(residual) > 1e-6:
+        return  # exact, or storage could not place it all: the others take the rest
+    for entry in reversed(storage):
+        before = shares[entry.asset_id]
+        if before == idle[entry.asset_id]:
+            continue
+        after = min(entry.max_mw, max(entry.min_mw, before + residual))
+        shares[entry.asset_id] = after
+        residual -= after - before
+        if residual == 0:
+            return
 
 
 def _headroom_weight(

@@ -277,8 +277,9 @@ class Dispatcher:
 
     async def link_loss_fallback(self, why: str) -> list[DispatchOutcome]:
         """Return each asset whose setpoint in force came from the headend to its default
-        (0 MW, or the value nearest 0 its limits allow), each as a local command (so the
-        headend's history shows it). Assets commanded locally are left alone.
+        (a setpoint to 0 MW, or the value nearest 0 its limits allow; an export or import
+        limit is lifted), each as a local command (so the headend's history shows it).
+        Assets commanded locally are left alone.
 
         :param why: said in each command's reported reason.
         """
@@ -287,7 +288,14 @@ class Dispatcher:
         in_force = self.journal.in_force
         targets = [a for a in self.runtimes if in_force.get(a) == "headend"]
         return [
-            await self._local_command(a, None, 0.0, None, source="fallback", note=why)
+            await self._local_command(
+                a,
+                None,
+                self.control_of(a).release_mw(self.runtimes[a].asset),
+                None,
+                source="fallback",
+                note=why,
+            )
             for a in targets
         ]
 
