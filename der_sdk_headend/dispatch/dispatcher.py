@@ -187,19 +187,37 @@ class Dispatcher:
         :raises InvalidDispatchError: as :meth:`create`.
         :raises UnknownTargetError: the asset or site is not in the inventory.
         """
-        return planning.preview_of(self._plan(request, "preview"), self._inventory)
+        now = utc_now()
+        dispatch = self._plan(request, "preview", now)
+        ranges = planning.available_ranges(
+            dispatch, self._inventory, controls=self._controls, latest=self.latest, now=now
+        )
+        return planning.preview_of(dispatch, self._inventory, ranges)
 
-    def _plan(self, request: DispatchRequest, source: str) -> planning.Planned:
-        return planning.plan_with_ranges(
+    def _plan(self, request: DispatchRequest, source: str, now: datetime) -> Dispatch:
+        return planning.plan(
             request,
             inventory=self._inventory,
             policy=self._policy,
             source=source,
-            now=utc_now(),
+            now=now,
             policies=self._plugins.split_policies,
             controls=self._controls,
             latest=self.latest,
         )
+
+    def _route_new(self, dispatch: Dispatch) -> str:
+        """Send what a new dispatch sends now (:func:`route_new`); the sentence saying so."""
+        routed, route = route_new(
+            dispatch,
+            self._router,
+            self._inventory,
+            utc_now(),
+            agent_splits=self.agent_splits(dispatch),
+        )
+        for peer, command in routed:
+            self._push(peer, [command])
+        return route
 
     def agent_splits(self, dispatch: Dispatch) -> bool:
         """Whether a site dispatch may go to its agent as one site setpoint: only when it
@@ -220,7 +238,7 @@ class Dispatcher:
                 known = await self._storage.get_dispatch(planning.idempotent_id(idempotency_key))
             if known is not None:
                 return planning.replay(known, fingerprint), False
-        dispatch = self._plan(request, source).dispatch
+        dispatch = self._plan(request, source, utc_now())
         if idempotency_key is not None:
             dispatch.dispatch_id = planning.idempotent_id(idempotency_key)
             dispatch.idempotency_key = idempotency_key
@@ -247,15 +265,7 @@ class Dispatcher:
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_submitted(dispatch)
-            routed, route = route_new(
-                dispatch,
-                self._router,
-                self._inventory,
-                utc_now(),
-                agent_splits=self.agent_splits(dispatch),
-            )
-            for peer, command in routed:
-                self._push(peer, [command])
+            route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
             await self._record(dispatch, f"created by {source}; {route}")
             self._index(dispatch)

@@ -46,16 +46,15 @@ __all__ = [
     "DispatchPreview",
     "IdempotencyConflictError",
     "InvalidDispatchError",
-    "Planned",
     "PreviewTarget",
     "UnknownTargetError",
+    "available_ranges",
     "builtin_controls",
     "check_idempotency_key",
     "fingerprint",
     "idempotent_id",
     "out_of_bounds",
     "plan",
-    "plan_with_ranges",
     "preview_of",
     "replay",
 ]
@@ -99,12 +98,17 @@ def fmt_mw(mw: float) -> str:
 # ----------------------------------------------------------------------------- plan
 
 
-class Planned(msgspec.Struct, kw_only=True):
-    """A planned dispatch and the available range of each of its assets when planned."""
-
-    dispatch: Dispatch
-    ranges: dict[str, AvailableRange]
-    kinds: dict[str, ControlKind]
+def _policy_named(
+    name: str, default: SplitPolicy, policies: Registry[SplitPolicy] | None, where: str
+) -> SplitPolicy:
+    if name == default.name:
+        return default
+    try:
+        if policies is None:
+            raise UnknownNameError("split policy", name, [default.name])
+        return policies.get(name)
+    except UnknownNameError as exc:
+        raise InvalidDispatchError(f"{where}: {exc}") from None
 
 
 def plan(
@@ -133,43 +137,6 @@ def plan(
         ``policy``, or a site without assets.
     :raises UnknownTargetError: the asset or site is not in the inventory.
     """
-    return plan_with_ranges(
-        request,
-        inventory=inventory,
-        policy=policy,
-        source=source,
-        now=now,
-        policies=policies,
-        controls=controls,
-        latest=latest,
-    ).dispatch
-
-
-def _policy_named(
-    name: str, default: SplitPolicy, policies: Registry[SplitPolicy] | None, where: str
-) -> SplitPolicy:
-    if name == default.name:
-        return default
-    try:
-        if policies is None:
-            raise UnknownNameError("split policy", name, [default.name])
-        return policies.get(name)
-    except UnknownNameError as exc:
-        raise InvalidDispatchError(f"{where}: {exc}") from None
-
-
-def plan_with_ranges(
-    request: DispatchRequest,
-    *,
-    inventory: Inventory,
-    policy: SplitPolicy,
-    source: str,
-    now: datetime,
-    policies: Registry[SplitPolicy] | None = None,
-    controls: Mapping[str, ControlModel] | None = None,
-    latest: LatestSample | None = None,
-) -> Planned:
-    """:func:`plan`, also returning the available range of each asset it planned for."""
     if not math.isfinite(request.mw):
         raise InvalidDispatchError(f"mw must be a finite number of MW, got {request.mw}")
     _check_span("duration_s", request.duration_s)
@@ -213,13 +180,7 @@ def plan_with_ranges(
         dispatch.site_id = asset.site_id
         dispatch.targets = [DispatchTarget(asset_id=asset.asset_id, mw=target, reason=reason)]
         dispatch.reason = reason
-        sample = latest(asset.asset_id) if latest is not None else None
-        available = control.available_range(asset, sample, request.duration_s, now=now)
-        return Planned(
-            dispatch=dispatch,
-            ranges={asset.asset_id: available},
-            kinds={asset.asset_id: control.kind},
-        )
+        return dispatch
     if request.site_id:
         site_id = _site_id(inventory, request.site_id)
         site = inventory.site(site_id)
@@ -254,11 +215,7 @@ def plan_with_ranges(
                 f"{fmt_mw(split.unallocated_mw)} MW could not be placed within what site "
                 f"{site_id}'s assets can take now"
             )
-        return Planned(
-            dispatch=dispatch,
-            ranges={e.asset_id: e.available for e in context.assets},
-            kinds={e.asset_id: e.kind for e in context.assets},
-        )
+        return dispatch
     raise InvalidDispatchError("give asset_id or site_id: the dispatch has no target")
 
 
@@ -316,17 +273,47 @@ class DispatchPreview(msgspec.Struct, kw_only=True):
     expires_at: datetime | None = None
 
 
-def preview_of(planned: Planned | Dispatch, inventory: Inventory) -> DispatchPreview:
-    """The preview of a planned (not yet routed) dispatch: its targets with the limits and
-    available ranges of their assets, from :func:`plan_with_ranges`'s result, so a preview
-    never differs from the dispatch it stands for."""
-    if isinstance(planned, Dispatch):
-        planned = Planned(dispatch=planned, ranges={}, kinds={})
-    dispatch = planned.dispatch
+def available_ranges(
+    dispatch: Dispatch,
+    inventory: Inventory,
+    *,
+    controls: Mapping[str, ControlModel] | None = None,
+    latest: LatestSample | None = None,
+    now: datetime,
+) -> dict[str, tuple[ControlKind, AvailableRange]]:
+    """The control kind and available range of each target's asset, as :func:`plan` saw
+    them with the same ``latest`` and ``now``."""
+    if controls is None:
+        controls = builtin_controls()
+    found = {}
+    for target in dispatch.targets:
+        asset = inventory.asset(target.asset_id)
+        model = controls.get(asset.asset_type, DEFAULT_CONTROL)
+        sample = latest(asset.asset_id) if latest is not None else None
+        found[asset.asset_id] = (
+            model.kind,
+            model.available_range(asset, sample, dispatch.duration_s, now=now),
+        )
+    return found
+
+
+def preview_of(
+    dispatch: Dispatch,
+    inventory: Inventory,
+    ranges: Mapping[str, tuple[ControlKind, AvailableRange]] | None = None,
+) -> DispatchPreview:
+    """The preview of a planned (not yet routed) ``dispatch``: its targets with the limits
+    of their assets and, given ``ranges`` (:func:`available_ranges`), their control kinds
+    and available ranges; from :func:`plan`'s result, so a preview never differs from the
+    dispatch it stands for."""
+    ranges = ranges or {}
     targets = []
     for target in dispatch.targets:
         asset = inventory.asset(target.asset_id)
-        available = planned.ranges.get(target.asset_id)
+        kind: ControlKind = "setpoint"
+        available: AvailableRange | None = None
+        if target.asset_id in ranges:
+            kind, available = ranges[target.asset_id]
         lo, hi = (asset.min_mw, asset.max_mw) if available is None else available
         reason = target.reason
         if reason is None and dispatch.asset_id is None:  # a site's share at a limit
@@ -342,7 +329,7 @@ def preview_of(planned: Planned | Dispatch, inventory: Inventory) -> DispatchPre
                 min_mw=asset.min_mw,
                 max_mw=asset.max_mw,
                 reason=reason,
-                kind=planned.kinds.get(target.asset_id, "setpoint"),
+                kind=kind,
                 available_min_mw=None if available is None else available.min_mw,
                 available_max_mw=None if available is None else available.max_mw,
                 basis=None if available is None else available.basis,
