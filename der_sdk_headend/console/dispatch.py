@@ -497,7 +497,8 @@ async def site_page(
             "connected": sum(_connected(headend, a.asset_id) for a in assets),
             "trend": trend,
             "trend_assets": min(len(assets), TREND_ASSETS),
-            "policy": headend.dispatcher.policy_name,
+            # the policy the site's preview and dispatch use (no per-request choice here)
+            "policy": site.split_policy or headend.dispatcher.policy_name,
             "confirm_share": headend.config.console_confirm_share,
         },
     )
