@@ -172,7 +172,7 @@ def _level(
         return {e.asset_id: idle[e.asset_id] for e in storage}
     # placed() moves monotonically with the level: bisect on it (deterministic: a fixed
     # number of steps from fixed bounds).
-    lo, hi = -1.0, 101.0  # outside [0, 100]: every battery counts at one bound
+    lo, hi = 0.0, 100.0  # at 0 every battery gives all it holds, at 100 takes all it can
     for _ in range(100):
         mid = (lo + hi) / 2
         enough = placed(mid) >= want if upward else placed(mid) <= want

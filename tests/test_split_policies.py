@@ -21,7 +21,8 @@ from der_sdk.split import (
 )
 
 Split = Callable[[float, Sequence[Asset]], SplitResult]
-POLICIES: list[Split] = [split_capacity_weighted, split_equal, split_headroom, split_soc_balancing]
+# soc_balancing without telemetry is split_headroom (test_split_site.py tests it in context)
+POLICIES: list[Split] = [split_capacity_weighted, split_equal, split_headroom]
 
 
 def bess(asset_id: str, capacity: float, limit: float, **kw: float) -> Asset:
@@ -49,6 +50,7 @@ def test_the_builtin_policies_are_registered_and_capacity_weighted_is_default() 
     assert registry.get("equal").split is split_equal
     assert registry.provider("equal") == "der-sdk"
     assert registry.get("headroom").split is split_headroom
+    assert registry.get("soc_balancing").split is split_soc_balancing
     assert registry.get("soc_balancing").split_in_context is not None
 
 
