@@ -16,6 +16,12 @@ from typing import Annotated, Any
 
 import msgspec
 
+from der_sdk.control import (
+    ControlModel,
+    battery_energy_rule,
+    charger_demand_rule,
+    generation_rule,
+)
 from der_sdk.extensions import AssetType
 from der_sdk.plugins import hookimpl
 from der_sdk.yamlconf import describe_validation_error
@@ -59,6 +65,10 @@ class PvDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
     inverter_state: str | None = None
     curtailment_reason: str | None = None
     curtailed_mw: NonNegative | None = None
+    export_limit_mw: NonNegative | None = None
+    """The export limit in force (``None``: none)."""
+    available_mw: NonNegative | None = None
+    """What the plant could make now without a limit (the uncurtailed potential)."""
 
 
 class WindDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -71,6 +81,12 @@ class WindDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
     availability_pct: Percent | None = None
     turbine_state: str | None = None
     nacelle_temp_c: float | None = None
+    curtailed_mw: NonNegative | None = None
+    curtailment_reason: str | None = None
+    export_limit_mw: NonNegative | None = None
+    """The export limit in force (``None``: none)."""
+    available_mw: NonNegative | None = None
+    """What the turbine could make now without a limit (the uncurtailed potential)."""
 
 
 class EvChargerDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -82,13 +98,51 @@ class EvChargerDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
     connectors_available: Count | None = None
     connectors_total: Count | None = None
     max_session_kw: NonNegative | None = None
+    demand_mw: NonNegative | None = None
+    """What the connected sessions would draw without a cap, as a positive magnitude."""
+    import_limit_mw: NonNegative | None = None
+    """The magnitude of the import cap in force (``None``: none)."""
 
+
+BESS_CONTROL = ControlModel(
+    kind="setpoint",
+    range_rule=battery_energy_rule,
+    description="signed setpoint; the energy left (soc_pct, capacity_mwh) bounds it for "
+    "the duration",
+)
+GENERATION_CONTROL = ControlModel(
+    kind="export_limit",
+    range_rule=generation_rule,
+    description="export limit in [0, max_mw]; output is min(available, limit)",
+)
+CHARGER_CONTROL = ControlModel(
+    kind="import_limit",
+    range_rule=charger_demand_rule,
+    description="import limit in [min_mw, 0]; draw is max(limit, -demand_mw)",
+)
 
 BUILTIN_ASSET_TYPES: tuple[AssetType, ...] = (
-    AssetType(name="bess", details=BessDetails, description="Battery energy storage system"),
-    AssetType(name="pv", details=PvDetails, description="Photovoltaic (solar) generation"),
-    AssetType(name="wind", details=WindDetails, description="Wind generation"),
-    AssetType(name="ev_charger", details=EvChargerDetails, description="EV charging station"),
+    AssetType(
+        name="bess",
+        details=BessDetails,
+        description="Battery energy storage system",
+        control=BESS_CONTROL,
+    ),
+    AssetType(
+        name="pv",
+        details=PvDetails,
+        description="Photovoltaic (solar) generation",
+        control=GENERATION_CONTROL,
+    ),
+    AssetType(
+        name="wind", details=WindDetails, description="Wind generation", control=GENERATION_CONTROL
+    ),
+    AssetType(
+        name="ev_charger",
+        details=EvChargerDetails,
+        description="EV charging station",
+        control=CHARGER_CONTROL,
+    ),
 )
 
 

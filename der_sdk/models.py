@@ -86,11 +86,18 @@ def utc_now() -> datetime:
 
 
 class Site(msgspec.Struct, frozen=True, kw_only=True):
-    """A physical site: one or more assets behind one point of common coupling."""
+    """A physical site: one or more assets behind one point of common coupling.
+
+    ``latitude``/``longitude`` are WGS 84 degrees (``None``: not given). ``split_policy``
+    names the policy that splits this site's dispatches (``None``: the headend's).
+    """
 
     site_id: str
     name: str
     location: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    split_policy: str | None = None
 
 
 class Asset(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,7 +106,8 @@ class Asset(msgspec.Struct, frozen=True, kw_only=True):
     ``asset_id`` is a stable UUID (canonical lower-case text). Limits are in MW with the
     sign convention of the module: ``min_mw`` is usually negative for storage (charging).
     ``ramp_rate_mw_per_min`` of ``None`` means the asset can step instantly.
-    ``efficiency`` is round-trip efficiency in ``(0, 1]``.
+    ``efficiency`` is round-trip efficiency in ``(0, 1]``. ``latitude``/``longitude``
+    are WGS 84 degrees (``None``: not given; a simulator may fall back to its site's).
     """
 
     asset_id: str
@@ -112,6 +120,8 @@ class Asset(msgspec.Struct, frozen=True, kw_only=True):
     ramp_rate_mw_per_min: float | None = None
     efficiency: float = 1.0
     location: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
 
     def clamp(self, mw: float) -> float:
         """``mw`` limited to ``[min_mw, max_mw]``."""
@@ -220,6 +230,9 @@ class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     before the asset returns to its default. Each reaches at most
     :data:`DISPATCH_HORIZON_S` ahead; decoding checks ``duration_s`` and ``ttl_s``, the
     headend's dispatcher checks all three (also for requests built in code).
+
+    ``policy`` names the split policy of a site dispatch (``None``: the site's
+    ``split_policy``, else the headend's); a per-asset dispatch ignores it.
     """
 
     mw: float
@@ -228,6 +241,7 @@ class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     duration_s: DispatchSeconds | None = None
     expires_at: datetime | None = None
     ttl_s: DispatchSeconds | None = None
+    policy: str | None = None
 
 
 class DispatchTarget(msgspec.Struct, kw_only=True):

@@ -160,6 +160,9 @@ class AdapterRuntime:
         self.command_timeout_s = command_timeout_s
         self.connected = False
         self.last_commanded_mw: float | None = None
+        self.latest: TelemetrySample | None = None
+        """The last sample read from the device (``None`` before the first); a site split
+        narrows the asset's range with it (:mod:`der_sdk.control`)."""
         self._lock = asyncio.Lock()
         self._failed_reads = 0
         self._last_problem: str | None = None
@@ -234,7 +237,8 @@ class AdapterRuntime:
         elif self._last_problem is not None:
             log.info("asset %s: %s recovered", self.asset.asset_id, self.label)
             self._last_problem = None
-        return self._own(sample)
+        self.latest = self._own(sample)
+        return self.latest
 
     async def _read_failed(self, problem: str) -> TelemetrySample:
         reason = f"{self.label} failed to read: {problem}"

@@ -179,6 +179,7 @@ class Agent:
             policy=policy,
             journal=self.journal,
             outbox=self.outbox,
+            controls={t.name: t.control for t in plugins.asset_types},
         )
         self.link = HeadendLink(
             headend=headend,

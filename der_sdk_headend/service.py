@@ -244,7 +244,11 @@ class Headend:
             self.plugins.split_policies.get(config.split_policy)
         except UnknownNameError as exc:
             raise DerSdkError(f"SPLIT_POLICY: {exc}") from None
-        inventory = load_inventory(config.assets_path, asset_types=self.plugins.asset_types.names())
+        inventory = load_inventory(
+            config.assets_path,
+            asset_types=self.plugins.asset_types.names(),
+            split_policies=self.plugins.split_policies.names(),
+        )
         self._inventory = inventory
         await self._start_rest_auth()
 
@@ -341,6 +345,7 @@ class Headend:
                 ),
                 reconcile_s=config.bus_dispatch_reconcile_s,
             )
+        self._dispatcher.latest = self._ingest.latest  # available ranges for site splits
         reloaded = await self._dispatcher.load_open()
         if reloaded:
             log.info(

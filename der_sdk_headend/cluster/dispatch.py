@@ -49,7 +49,7 @@ from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 from der_sdk_headend.cluster.core import Cluster
 from der_sdk_headend.dispatch import lifecycle, planning
-from der_sdk_headend.dispatch.delivery import Command, Delivery, route_new
+from der_sdk_headend.dispatch.delivery import Command, Delivery
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
@@ -195,9 +195,7 @@ class ClusterDispatcher(Dispatcher):
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_stored(dispatch)
-            routed, route = route_new(dispatch, self._router, self._inventory, utc_now())
-            for peer, command in routed:
-                self._push(peer, [command])
+            route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
             remote = self._remote_replicas(dispatch)
             if remote:

@@ -2,9 +2,11 @@
 
 A per-asset target goes out as ``Setpoint(command_id=dispatch_id, asset_id)``. A site
 dispatch whose assets are all served by one agent goes out as one site ``Setpoint`` (the
-agent splits it); otherwise each live target gets its own per-asset command
-``"<dispatch_id>/<asset_id>"``. A target sent before and not acknowledged goes out again
-with the same command id. Routing lookups go through the :class:`DispatchRouter`.
+agent splits it) unless the caller says the agent must not split it (``agent_splits``
+false: the dispatch was split by another policy than the agent's); otherwise each live
+target gets its own per-asset command ``"<dispatch_id>/<asset_id>"``. A target sent
+before and not acknowledged goes out again with the same command id. Routing lookups go
+through the :class:`DispatchRouter`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,12 @@ def undelivered(target: DispatchTarget, peer: AgentPeer) -> bool:
 
 
 def route_new(
-    dispatch: Dispatch, router: DispatchRouter, inventory: Inventory, now: datetime
+    dispatch: Dispatch,
+    router: DispatchRouter,
+    inventory: Inventory,
+    now: datetime,
+    *,
+    agent_splits: bool = True,
 ) -> tuple[list[tuple[AgentPeer, Command]], str]:
     """The commands a new dispatch sends now, to whom, and a sentence saying so."""
     if dispatch.asset_id is not None:
@@ -61,7 +68,7 @@ def route_new(
     assert dispatch.site_id is not None
     site_assets = [a.asset_id for a in inventory.assets_for_site(dispatch.site_id)]
     peers = {router.peer_for(a) for a in site_assets}
-    if len(peers) == 1:
+    if len(peers) == 1 and agent_splits:
         (peer,) = peers
         if peer is not None:
             command = _site_command(dispatch, dispatch.duration_s, now)
@@ -82,7 +89,13 @@ def route_new(
 
 
 def plan_delivery(
-    peer: AgentPeer, dispatch: Dispatch, inventory: Inventory, now: datetime, built_at: datetime
+    peer: AgentPeer,
+    dispatch: Dispatch,
+    inventory: Inventory,
+    now: datetime,
+    built_at: datetime,
+    *,
+    agent_splits: bool = True,
 ) -> Delivery:
     """The commands a registering ``peer`` gets for ``dispatch``: its unacknowledged
     targets again, its submitted ones for the first time (or expired, when ``now`` is past
@@ -107,8 +120,10 @@ def plan_delivery(
     duration_s = remaining_s(dispatch, now)
     if dispatch.asset_id is None and dispatch.site_id is not None:
         site_assets = inventory.assets_for_site(dispatch.site_id)
-        whole_site = all(peer.serves(a.asset_id) for a in site_assets) and all(
-            t.state == "submitted" for t in dispatch.targets
+        whole_site = (
+            agent_splits
+            and all(peer.serves(a.asset_id) for a in site_assets)
+            and all(t.state == "submitted" for t in dispatch.targets)
         )
         if whole_site:
             delivery.deliver_how = "submitted site setpoint delivered"

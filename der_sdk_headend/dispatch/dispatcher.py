@@ -10,9 +10,14 @@ follows it to its outcome. It coordinates three parts, each in its own module:
 Rules (``docs/headend.md`` has the operator's version):
 
 * ``asset_id`` wins over ``site_id``. A per-asset dispatch has one target, clamped to the
-  asset's ``[min_mw, max_mw]``. A site dispatch is split over the site's inventory assets
-  by the configured split policy; what no asset can take is reported as
-  ``unallocated_mw``.
+  static range of the asset's control kind (a MW of the wrong sign for an export or import
+  limit is refused). A site dispatch is split over the site's inventory assets, each within
+  its available range now (from the latest telemetry, ``latest``), by the request's
+  ``policy``, else the site's ``split_policy``, else the configured one; what no asset can
+  take is reported as ``unallocated_mw``. A site dispatch goes to its agent as one site
+  setpoint (the agent splits it) only when split by the configured policy; one split by
+  another policy goes out as per-asset setpoints, so the agent applies that policy's
+  shares.
 * Lifecycle, forward only: ``submitted`` (recorded, its agent offline) → ``sent`` (pushed
   down the stream) → ``acked`` (the agent recorded it in its journal) → one final state:
   ``applied``, ``rejected``, ``failed``, ``expired`` or ``superseded``. A change to an
@@ -58,6 +63,7 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from der_sdk.control import ControlModel
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import (
@@ -68,6 +74,7 @@ from der_sdk.models import (
     DispatchTarget,
     LocalDispatchReport,
     SetpointAck,
+    TelemetrySample,
     utc_now,
 )
 from der_sdk.plugins import Plugins
@@ -109,6 +116,10 @@ class Dispatcher:
         self._storage = storage
         self._router = router
         self._policy = plugins.split_policies.get(policy_name)
+        self._controls: dict[str, ControlModel] = {t.name: t.control for t in plugins.asset_types}
+        self.latest: Callable[[str], TelemetrySample | None] | None = None
+        """The latest sample of an asset (ingest's cache), for the available ranges of a
+        site split; ``None``: static limits only."""
         self._open: dict[str, Dispatch] = {}
         self._lock = asyncio.Lock()
         self._expiry_wake = asyncio.Event()
@@ -176,10 +187,42 @@ class Dispatcher:
         :raises InvalidDispatchError: as :meth:`create`.
         :raises UnknownTargetError: the asset or site is not in the inventory.
         """
-        dispatch = planning.plan(
-            request, inventory=self._inventory, policy=self._policy, source="preview", now=utc_now()
+        now = utc_now()
+        dispatch = self._plan(request, "preview", now)
+        ranges = planning.available_ranges(
+            dispatch, self._inventory, controls=self._controls, latest=self.latest, now=now
         )
-        return planning.preview_of(dispatch, self._inventory)
+        return planning.preview_of(dispatch, self._inventory, ranges)
+
+    def _plan(self, request: DispatchRequest, source: str, now: datetime) -> Dispatch:
+        return planning.plan(
+            request,
+            inventory=self._inventory,
+            policy=self._policy,
+            source=source,
+            now=now,
+            policies=self._plugins.split_policies,
+            controls=self._controls,
+            latest=self.latest,
+        )
+
+    def _route_new(self, dispatch: Dispatch) -> str:
+        """Send what a new dispatch sends now (:func:`route_new`); the sentence saying so."""
+        routed, route = route_new(
+            dispatch,
+            self._router,
+            self._inventory,
+            utc_now(),
+            agent_splits=self.agent_splits(dispatch),
+        )
+        for peer, command in routed:
+            self._push(peer, [command])
+        return route
+
+    def agent_splits(self, dispatch: Dispatch) -> bool:
+        """Whether a site dispatch may go to its agent as one site setpoint: only when it
+        was split by the configured policy (the agent's, in a consistent deployment)."""
+        return dispatch.policy in (None, self._policy.name)
 
     async def _plan_request(
         self, request: DispatchRequest, source: str, idempotency_key: str | None
@@ -195,9 +238,7 @@ class Dispatcher:
                 known = await self._storage.get_dispatch(planning.idempotent_id(idempotency_key))
             if known is not None:
                 return planning.replay(known, fingerprint), False
-        dispatch = planning.plan(
-            request, inventory=self._inventory, policy=self._policy, source=source, now=utc_now()
-        )
+        dispatch = self._plan(request, source, utc_now())
         if idempotency_key is not None:
             dispatch.dispatch_id = planning.idempotent_id(idempotency_key)
             dispatch.idempotency_key = idempotency_key
@@ -224,9 +265,7 @@ class Dispatcher:
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_submitted(dispatch)
-            routed, route = route_new(dispatch, self._router, self._inventory, utc_now())
-            for peer, command in routed:
-                self._push(peer, [command])
+            route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
             await self._record(dispatch, f"created by {source}; {route}")
             self._index(dispatch)
@@ -314,7 +353,14 @@ class Dispatcher:
     def _plan_delivery(self, peer: AgentPeer, dispatch: Dispatch, now: datetime) -> Delivery:
         """:func:`plan_delivery` for ``peer``; a replica of a cluster leaves out what it
         already pushed on that stream."""
-        return plan_delivery(peer, dispatch, self._inventory, now, utc_now())
+        return plan_delivery(
+            peer,
+            dispatch,
+            self._inventory,
+            now,
+            utc_now(),
+            agent_splits=self.agent_splits(dispatch),
+        )
 
     async def _carry_out(
         self, peer: AgentPeer, dispatch: Dispatch, delivery: Delivery, occasion: str

@@ -13,10 +13,19 @@ import hashlib
 import logging
 import math
 import uuid
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 import msgspec
 
+from der_sdk.asset_types import BUILTIN_ASSET_TYPES
+from der_sdk.control import (
+    DEFAULT_CONTROL,
+    AvailableRange,
+    ControlKind,
+    ControlModel,
+    split_context,
+)
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.extensions import SplitPolicy
 from der_sdk.inventory import Inventory
@@ -26,7 +35,10 @@ from der_sdk.models import (
     Dispatch,
     DispatchRequest,
     DispatchTarget,
+    TelemetrySample,
 )
+from der_sdk.plugins import Registry
+from der_sdk.split import split_site
 
 __all__ = [
     "IDEMPOTENCY_NAMESPACE",
@@ -36,6 +48,8 @@ __all__ = [
     "InvalidDispatchError",
     "PreviewTarget",
     "UnknownTargetError",
+    "available_ranges",
+    "builtin_controls",
     "check_idempotency_key",
     "fingerprint",
     "idempotent_id",
@@ -51,6 +65,14 @@ _HORIZON = timedelta(seconds=DISPATCH_HORIZON_S)
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c9a52-63b1-4c1e-9f5e-2d7f0b3f4a10")
 """Dispatch ids of idempotent requests are ``uuid5(IDEMPOTENCY_NAMESPACE, key)``."""
 _fingerprint_encode = msgspec.json.Encoder(order="sorted").encode
+
+LatestSample = Callable[[str], TelemetrySample | None]
+"""``latest(asset_id)``: the asset's latest telemetry sample, or ``None``."""
+
+
+def builtin_controls() -> dict[str, ControlModel]:
+    """The control models of the built-in asset types, by type name."""
+    return {t.name: t.control for t in BUILTIN_ASSET_TYPES}
 
 
 class DispatchError(DerSdkError):
@@ -76,6 +98,19 @@ def fmt_mw(mw: float) -> str:
 # ----------------------------------------------------------------------------- plan
 
 
+def _policy_named(
+    name: str, default: SplitPolicy, policies: Registry[SplitPolicy] | None, where: str
+) -> SplitPolicy:
+    if name == default.name:
+        return default
+    try:
+        if policies is None:
+            raise UnknownNameError("split policy", name, [default.name])
+        return policies.get(name)
+    except UnknownNameError as exc:
+        raise InvalidDispatchError(f"{where}: {exc}") from None
+
+
 def plan(
     request: DispatchRequest,
     *,
@@ -83,20 +118,33 @@ def plan(
     policy: SplitPolicy,
     source: str,
     now: datetime,
+    policies: Registry[SplitPolicy] | None = None,
+    controls: Mapping[str, ControlModel] | None = None,
+    latest: LatestSample | None = None,
 ) -> Dispatch:
     """The ``submitted`` dispatch record for ``request``: checked, split and clamped.
 
-    ``asset_id`` wins over ``site_id``: one target, clamped to the asset's
-    ``[min_mw, max_mw]``. A site is split over its inventory assets by ``policy``; what no
-    asset can take is ``unallocated_mw``.
+    ``asset_id`` wins over ``site_id``: one target, clamped to the static range of the
+    asset's control kind (``controls`` by asset type; default: the built-in types'). A MW
+    of the wrong sign for the kind (a negative export limit, a positive import limit) is
+    refused. A site is split over its inventory assets, each within its available range
+    now (from ``latest``), by the request's ``policy``, else the site's ``split_policy``,
+    else ``policy``; names are looked up in ``policies``. What no asset can take is
+    ``unallocated_mw``.
 
     :raises InvalidDispatchError: no target, a non-finite ``mw``, a bad ``duration_s``,
-        ``ttl_s`` or ``expires_at``, or a site without assets.
+        ``ttl_s`` or ``expires_at``, a MW the asset's kind cannot take, an unknown
+        ``policy``, or a site without assets.
     :raises UnknownTargetError: the asset or site is not in the inventory.
     """
     if not math.isfinite(request.mw):
         raise InvalidDispatchError(f"mw must be a finite number of MW, got {request.mw}")
     _check_span("duration_s", request.duration_s)
+    if controls is None:
+        controls = builtin_controls()
+    chosen = None
+    if request.policy is not None:
+        chosen = _policy_named(request.policy, policy, policies, "policy")
     dispatch = Dispatch(
         dispatch_id=str(uuid.uuid4()),
         mw=request.mw,
@@ -115,10 +163,19 @@ def plan(
                 asset.asset_id,
                 request.site_id,
             )
-        target = asset.clamp(request.mw)
+        control = controls.get(asset.asset_type, DEFAULT_CONTROL)
+        lo, hi = control.static_range(asset)
+        problem = control.sign_problem(request.mw)
+        if problem is not None:
+            raise InvalidDispatchError(
+                f"mw: {fmt_mw(request.mw)} MW cannot be sent to asset {asset.asset_id} "
+                f"({asset.name}, {asset.asset_type}): its control kind is {control.kind}, "
+                f"range [{fmt_mw(lo)}, {fmt_mw(hi)}] MW; {problem}"
+            )
+        target = control.clamp(asset, request.mw)
         reason = None
         if target != request.mw:
-            reason = f"clamped to [{fmt_mw(asset.min_mw)}, {fmt_mw(asset.max_mw)}]"
+            reason = f"clamped to [{fmt_mw(lo)}, {fmt_mw(hi)}]"
         dispatch.asset_id = asset.asset_id
         dispatch.site_id = asset.site_id
         dispatch.targets = [DispatchTarget(asset_id=asset.asset_id, mw=target, reason=reason)]
@@ -126,23 +183,37 @@ def plan(
         return dispatch
     if request.site_id:
         site_id = _site_id(inventory, request.site_id)
+        site = inventory.site(site_id)
+        if chosen is None and site.split_policy is not None:
+            chosen = _policy_named(
+                site.split_policy, policy, policies, f"site {site_id} split_policy"
+            )
+        chosen = chosen or policy
         assets = inventory.assets_for_site(site_id)
         if not assets:
             raise InvalidDispatchError(f"site {site_id} has no assets in the inventory")
+        context = split_context(
+            assets,
+            controls=controls,
+            latest=latest,
+            duration_s=request.duration_s,
+            now=now,
+            site_id=site_id,
+        )
         try:
-            split = policy.split(request.mw, assets)
+            split = split_site(chosen, request.mw, context)
         except ValueError as exc:
             raise InvalidDispatchError(f"site {site_id}: {exc}") from exc
         dispatch.site_id = site_id
-        dispatch.policy = policy.name
+        dispatch.policy = chosen.name
         dispatch.targets = [
             DispatchTarget(asset_id=asset_id, mw=mw) for asset_id, mw in split.shares.items()
         ]
         dispatch.unallocated_mw = split.unallocated_mw
         if split.unallocated_mw:
             dispatch.reason = (
-                f"{fmt_mw(split.unallocated_mw)} MW could not be placed within the limits "
-                f"of site {site_id}'s assets"
+                f"{fmt_mw(split.unallocated_mw)} MW could not be placed within what site "
+                f"{site_id}'s assets can take now"
             )
         return dispatch
     raise InvalidDispatchError("give asset_id or site_id: the dispatch has no target")
@@ -176,7 +247,15 @@ class PreviewTarget(msgspec.Struct, kw_only=True):
     max_mw: float
     reason: str | None = None
     """Why the share is not what was asked: clamped to the asset's limits (an asset
-    dispatch), or held at a limit (a site dispatch); ``None`` otherwise."""
+    dispatch), or held at the edge of its available range (a site dispatch); ``None``
+    otherwise."""
+    kind: ControlKind = "setpoint"
+    """The asset's control kind: what ``mw`` means for it (``docs/asset_types.md``)."""
+    available_min_mw: float | None = None
+    available_max_mw: float | None = None
+    """The range the asset can take now, which a site split keeps within."""
+    basis: str | None = None
+    """What bounded the available range (``"available PV 3.1 MW"``)."""
 
 
 class DispatchPreview(msgspec.Struct, kw_only=True):
@@ -194,19 +273,54 @@ class DispatchPreview(msgspec.Struct, kw_only=True):
     expires_at: datetime | None = None
 
 
-def preview_of(dispatch: Dispatch, inventory: Inventory) -> DispatchPreview:
+def available_ranges(
+    dispatch: Dispatch,
+    inventory: Inventory,
+    *,
+    controls: Mapping[str, ControlModel] | None = None,
+    latest: LatestSample | None = None,
+    now: datetime,
+) -> dict[str, tuple[ControlKind, AvailableRange]]:
+    """The control kind and available range of each target's asset, as :func:`plan` saw
+    them with the same ``latest`` and ``now``."""
+    if controls is None:
+        controls = builtin_controls()
+    found = {}
+    for target in dispatch.targets:
+        asset = inventory.asset(target.asset_id)
+        model = controls.get(asset.asset_type, DEFAULT_CONTROL)
+        sample = latest(asset.asset_id) if latest is not None else None
+        found[asset.asset_id] = (
+            model.kind,
+            model.available_range(asset, sample, dispatch.duration_s, now=now),
+        )
+    return found
+
+
+def preview_of(
+    dispatch: Dispatch,
+    inventory: Inventory,
+    ranges: Mapping[str, tuple[ControlKind, AvailableRange]] | None = None,
+) -> DispatchPreview:
     """The preview of a planned (not yet routed) ``dispatch``: its targets with the limits
-    of their assets, from :func:`plan`'s result, so a preview never differs from the
+    of their assets and, given ``ranges`` (:func:`available_ranges`), their control kinds
+    and available ranges; from :func:`plan`'s result, so a preview never differs from the
     dispatch it stands for."""
+    ranges = ranges or {}
     targets = []
     for target in dispatch.targets:
         asset = inventory.asset(target.asset_id)
+        kind: ControlKind = "setpoint"
+        available: AvailableRange | None = None
+        if target.asset_id in ranges:
+            kind, available = ranges[target.asset_id]
+        lo, hi = (asset.min_mw, asset.max_mw) if available is None else available
         reason = target.reason
         if reason is None and dispatch.asset_id is None:  # a site's share at a limit
-            if dispatch.mw > 0 and target.mw == asset.max_mw:
-                reason = f"at its limit max_mw {fmt_mw(asset.max_mw)}"
-            elif dispatch.mw < 0 and target.mw == asset.min_mw:
-                reason = f"at its limit min_mw {fmt_mw(asset.min_mw)}"
+            if dispatch.mw > 0 and target.mw == hi:
+                reason = _at_limit("max", hi, asset.max_mw, available)
+            elif dispatch.mw < 0 and target.mw == lo:
+                reason = _at_limit("min", lo, asset.min_mw, available)
         targets.append(
             PreviewTarget(
                 asset_id=target.asset_id,
@@ -215,6 +329,10 @@ def preview_of(dispatch: Dispatch, inventory: Inventory) -> DispatchPreview:
                 min_mw=asset.min_mw,
                 max_mw=asset.max_mw,
                 reason=reason,
+                kind=kind,
+                available_min_mw=None if available is None else available.min_mw,
+                available_max_mw=None if available is None else available.max_mw,
+                basis=None if available is None else available.basis,
             )
         )
     return DispatchPreview(
@@ -228,6 +346,12 @@ def preview_of(dispatch: Dispatch, inventory: Inventory) -> DispatchPreview:
         duration_s=dispatch.duration_s,
         expires_at=dispatch.expires_at,
     )
+
+
+def _at_limit(side: str, mw: float, static: float, available: AvailableRange | None) -> str:
+    if available is None or mw == static:
+        return f"at its limit {side}_mw {fmt_mw(mw)}"
+    return f"at the {side} it can take now, {fmt_mw(mw)} MW ({available.basis})"
 
 
 # ----------------------------------------------------------------------------- bounds
@@ -319,7 +443,12 @@ def idempotent_id(key: str) -> str:
 
 
 def fingerprint(request: DispatchRequest) -> str:
-    """SHA-256 of the request, to tell a retry from a reused key."""
+    """SHA-256 of the request, to tell a retry from a reused key. A request without a
+    ``policy`` hashes as before the field existed, so a retry across an upgrade matches."""
+    if request.policy is None:
+        body = msgspec.to_builtins(request)
+        del body["policy"]
+        return hashlib.sha256(_fingerprint_encode(body)).hexdigest()
     return hashlib.sha256(_fingerprint_encode(request)).hexdigest()
 
 

@@ -111,8 +111,11 @@ class DispatchController(Controller):
         "/",
         status_code=202,
         summary="Dispatch MW to an asset or a site",
-        description="`asset_id` wins over `site_id`. A site target is split by the "
-        "configured policy and each share clamped to the asset's limits. Returns the "
+        description="`asset_id` wins over `site_id`. `mw` means what the asset's control "
+        "kind says (a setpoint, an export limit >= 0, an import limit <= 0; the wrong sign is "
+        "400). A site target is split by `policy`, else the site's `split_policy`, else "
+        "the configured one (an unknown name is 400), each share within what its asset can "
+        "take now (limits narrowed by its latest telemetry). Returns the "
         "record (202): `sent` when routed to a live agent, `submitted` until the agent "
         "connects; then `acked` and one of `applied`, `rejected`, `failed`, `expired`, "
         "`superseded` (`GET /dispatch/{id}` has every change with its time). `ttl_s` or "
@@ -152,10 +155,12 @@ class DispatchController(Controller):
         status_code=200,
         summary="Preview a dispatch: the targets it would produce, nothing sent",
         description="Takes the same body as `POST /dispatch`, checks it the same way (the "
-        "same 400 and 404 answers) and plans it the same way: the split by the configured "
-        "`policy` for a site, each share clamped to its asset's limits. Returns the "
-        "`targets` (each with its asset's `min_mw` and `max_mw`, and a `reason` when the "
-        "share was clamped or sits at a limit) and the `unallocated_mw` that `POST "
+        "same 400 and 404 answers) and plans it the same way: the split by the chosen "
+        "`policy` for a site, each share within what its asset can take now. Returns the "
+        "`targets` (each with its asset's `min_mw` and `max_mw`, its control `kind`, the "
+        "`available_min_mw`/`available_max_mw` it can take now with their `basis`, and a "
+        "`reason` when the share was clamped or sits at a limit) and the `unallocated_mw` "
+        "that `POST "
         "/dispatch` would produce now. Nothing is stored, sent to an agent or written to "
         "the audit trail, and no dispatch id is given; the split is computed again by "
         "`POST /dispatch` (the inventory is the same unless the headend restarted).",
