@@ -17,7 +17,7 @@ import abc
 import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -234,10 +234,16 @@ class StorageBackend(abc.ABC):
         self,
         *,
         asset_id: str | None = None,
+        site_id: str | None = None,
         kind: str | None = None,
+        exclude_kinds: Collection[str] = (),
+        start: datetime | None = None,
+        end: datetime | None = None,
         limit: int = 100,
     ) -> list[Event]:
-        """Events, newest first, optionally filtered."""
+        """Events, newest first (equal times: the later recorded first), optionally
+        filtered: every given filter must hold. ``start`` is inclusive, ``end`` exclusive;
+        ``exclude_kinds`` leaves out events of those kinds."""
 
 
 def open_storage(url: str, plugins: Plugins) -> StorageBackend:

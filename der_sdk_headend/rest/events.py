@@ -1,0 +1,83 @@
+"""``/events``: the operator-visible record, newest first: device conditions raised and
+cleared, agents' events, refused registrations, telemetry gaps. Audit records are not
+here: they are an admin's, at ``/audit``."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+from litestar.exceptions import ValidationException
+from litestar.params import FromQuery
+
+from der_sdk.errors import UnknownNameError
+from der_sdk.models import Event
+from der_sdk_headend.audit import AUDIT_KIND
+from der_sdk_headend.rest.auth import access
+from der_sdk_headend.rest.openapi import NEEDS_STORAGE
+from der_sdk_headend.rest.params import MAX_LIMIT, LimitQuery, TimeQuery, check_limit, parse_time
+
+if TYPE_CHECKING:
+    from der_sdk_headend.service import Headend
+
+__all__ = ["EventsController"]
+
+
+class EventsController(Controller):
+    tags = ["events"]
+
+    @get(
+        "/events",
+        summary="Events, newest first: device conditions, agent events, refusals, gaps",
+        description="Each event has `ts`, `kind`, `message`, `asset_id`, `site_id` and "
+        "`data`. Device conditions are `condition_raised` and `condition_cleared` events, "
+        "with `data.code` and `data.severity`. Filters: `asset_id`, `site_id`, `kind`, "
+        "`since` (inclusive) and `until` (exclusive), ISO 8601 (a naive time is UTC); "
+        f"`limit` 1..{MAX_LIMIT}, default 100; for the next page, pass the oldest `ts` "
+        "of a full page as `until`. Audit records are not listed: see `GET /audit` "
+        "(admin).",
+        **access("viewer"),
+        **NEEDS_STORAGE,
+    )
+    async def events(
+        self,
+        headend: NamedDependency[Headend],
+        asset_id: FromQuery[str | None] = None,
+        site_id: FromQuery[str | None] = None,
+        kind: FromQuery[str | None] = None,
+        since: TimeQuery = None,
+        until: TimeQuery = None,
+        limit: LimitQuery = 100,
+    ) -> list[Event]:
+        limit = check_limit(limit)
+        start, end = parse_time(since, "since"), parse_time(until, "until")
+        if start is not None and end is not None and start >= end:
+            raise ValidationException(
+                f"query parameters `since` and `until`: `since` ({start.isoformat()}) must "
+                f"be before `until` ({end.isoformat()})"
+            )
+        if kind == AUDIT_KIND:
+            raise ValidationException(
+                f"query parameter `kind`: {AUDIT_KIND!r} records are listed by GET /audit "
+                "(admin role), not here"
+            )
+        inventory = headend.inventory
+        # Ids not (or no longer) in the inventory are searched as given: the record
+        # outlives inventory changes.
+        if asset_id:
+            with contextlib.suppress(UnknownNameError):
+                asset_id = inventory.asset(asset_id).asset_id
+        if site_id:
+            with contextlib.suppress(UnknownNameError):
+                site_id = inventory.site(site_id).site_id
+        return await headend.storage.events(
+            asset_id=asset_id or None,
+            site_id=site_id or None,
+            kind=kind or None,
+            exclude_kinds=(AUDIT_KIND,),
+            start=start,
+            end=end,
+            limit=limit,
+        )
