@@ -1,0 +1,200 @@
+"""``sim-pv``: a photovoltaic plant under a clear-sky day with passing clouds, curtailed
+to the export limit it is sent."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+
+from der_sdk.extensions import AdapterContext, ConditionReporter, SetpointResult
+from der_sdk.models import Asset, utc_now
+from der_sdk_sim_plant.base import (
+    PlantModel,
+    PlantReading,
+    SimPlantAdapter,
+    accept_export_limit,
+    options_of,
+    per_tick,
+)
+from der_sdk_sim_plant.solar import clear_sky_ghi_wm2, solar_elevation_deg
+
+__all__ = ["DEFAULT_LATITUDE", "DEFAULT_LONGITUDE", "SimPv", "SimPvAdapter", "SimPvOptions"]
+
+DEFAULT_LATITUDE = 45.0
+"""Where the sun is computed when neither the options nor the asset say."""
+DEFAULT_LONGITUDE = 0.0
+
+INVERTER_TRIP = "inverter_trip"
+"""The condition code of an inverter trip."""
+
+_STC_IRRADIANCE_WM2 = 1000.0
+_TEMP_COEFFICIENT_PER_C = -0.004
+_CLOUD_EDGE_S = 20.0
+"""Time constant of the irradiance following a cloud's edge."""
+
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+
+
+class SimPvOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-asset options of ``sim-pv`` (the ``options`` block in the agent config)."""
+
+    seed: int | None = None
+    """Seed of the clouds and trips, for repeatable runs (default: random)."""
+    latitude: Annotated[float, msgspec.Meta(ge=-90, le=90)] | None = None
+    """Degrees north; default: the asset's ``latitude``, else 45."""
+    longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
+    """Degrees east; default: the asset's ``longitude``, else 0."""
+    dc_ac_ratio: Annotated[float, msgspec.Meta(gt=0)] = 1.2
+    """DC (module) capacity over the inverter's AC rating (``max_mw``)."""
+    inverter_efficiency: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.97
+    cloud_cover: Fraction = 0.3
+    """Share of the time a cloud shades the plant (0: always clear)."""
+    cloud_passage_s: Annotated[float, msgspec.Meta(gt=0)] = 180.0
+    """Mean time a cloud's shadow takes to pass."""
+    cloud_depth: Fraction = 0.6
+    """Mean share of the irradiance a cloud takes away."""
+    ambient_temp_c: float = 20.0
+    noct_c: Annotated[float, msgspec.Meta(gt=20)] = 45.0
+    """Nominal operating cell temperature (at 800 W/m², 20 °C ambient)."""
+    trip_rate_per_h: Annotated[float, msgspec.Meta(ge=0)] = 0.01
+    """Inverter trips per hour (0: never)."""
+    trip_duration_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    """How long a trip lasts before the inverter restarts."""
+
+
+class SimPv(PlantModel[SimPvOptions]):
+    """A PV plant: clear-sky irradiance from the sun's elevation, attenuated by seeded
+    passing clouds; module temperature and its power loss; inverter efficiency and
+    clipping at ``max_mw``; curtailment to an export limit; seeded inverter trips.
+    """
+
+    def __init__(self, asset: Asset, options: SimPvOptions, conditions: ConditionReporter) -> None:
+        super().__init__(asset, options, conditions)
+        self.latitude = _coordinate(options.latitude, asset, "latitude", DEFAULT_LATITUDE)
+        self.longitude = _coordinate(options.longitude, asset, "longitude", DEFAULT_LONGITUDE)
+        self.export_limit_mw: float | None = None
+        self.cloudy = False
+        self.cloud_target = 1.0
+        self.clearness = 1.0
+        """Share of the clear-sky irradiance reaching the modules now."""
+        self.trip_left_s = 0
+
+    # ---------------------------------------------------------------- weather and faults
+
+    def tick(self) -> None:
+        o, rng = self.options, self.rng
+        if o.cloud_cover > 0:
+            if self.cloudy:
+                if rng.random() < 1 / o.cloud_passage_s:
+                    self.cloudy, self.cloud_target = False, 1.0
+            elif o.cloud_cover >= 1 or rng.random() < _cloud_arrival_per_s(o):
+                depth = min(1.0, max(0.0, rng.gauss(o.cloud_depth, 0.15)))
+                self.cloudy, self.cloud_target = True, 1.0 - depth
+        self.clearness += (self.cloud_target - self.clearness) / _CLOUD_EDGE_S
+        if self.trip_left_s > 0:
+            self.trip_left_s -= 1
+            if self.trip_left_s == 0:
+                self.conditions.clear_condition(INVERTER_TRIP, "inverter restarted after its trip")
+        elif o.trip_rate_per_h > 0 and rng.random() < per_tick(o.trip_rate_per_h):
+            self.trip_left_s = max(1, round(o.trip_duration_s))
+            self.conditions.raise_condition(
+                INVERTER_TRIP,
+                "major",
+                f"inverter tripped; restarting in {o.trip_duration_s:g} s",
+            )
+
+    def skip(self, ticks: int) -> None:
+        if self.trip_left_s > 0:  # a trip does not outlast a long pause
+            self.trip_left_s = max(0, self.trip_left_s - ticks)
+            if self.trip_left_s == 0:
+                self.conditions.clear_condition(INVERTER_TRIP, "inverter restarted after its trip")
+
+    @property
+    def tripped(self) -> bool:
+        return self.trip_left_s > 0
+
+    # ---------------------------------------------------------------- control
+
+    def apply(self, mw: float) -> SetpointResult:
+        result = accept_export_limit(self.asset, mw, "sim-pv")
+        if result.status == "applied":
+            self.export_limit_mw = result.applied_mw
+        return result
+
+    def lift_limit(self) -> None:
+        self.export_limit_mw = None
+
+    # ---------------------------------------------------------------- reading
+
+    def reading(self, now: datetime) -> PlantReading:
+        o = self.options
+        elevation = solar_elevation_deg(now, self.latitude, self.longitude)
+        irradiance = clear_sky_ghi_wm2(elevation) * self.clearness
+        module_temp = o.ambient_temp_c + (o.noct_c - 20.0) / 800.0 * irradiance
+        dc_capacity = self.asset.max_mw * o.dc_ac_ratio
+        dc_potential = max(
+            0.0,
+            dc_capacity
+            * irradiance
+            / _STC_IRRADIANCE_WM2
+            * (1 + _TEMP_COEFFICIENT_PER_C * (module_temp - 25.0)),
+        )
+        available = min(self.asset.max_mw, dc_potential * o.inverter_efficiency)
+        if self.tripped:
+            available = 0.0
+        limit = self.export_limit_mw
+        ac = available if limit is None else min(available, limit)
+        curtailed = available - ac
+        if self.tripped:
+            state = "tripped"
+        elif available <= 0:
+            state = "sleeping"
+        elif curtailed > 1e-9:
+            state = "curtailed"
+        else:
+            state = "mppt"
+        details: dict[str, Any] = {
+            "irradiance_wm2": round(irradiance, 3),
+            "module_temp_c": round(module_temp, 3),
+            "ac_mw": round(ac, 6),
+            "dc_mw": round(ac / o.inverter_efficiency, 6),
+            "inverter_state": state,
+            "curtailed_mw": round(curtailed, 6),
+            "curtailment_reason": f"export limit {limit:g} MW" if curtailed > 1e-9 else None,
+            "export_limit_mw": limit,
+            "available_mw": round(available, 6),
+            "solar_elevation_deg": round(elevation, 3),
+        }
+        return PlantReading(mw=round(ac, 6), status=state, mw_setpoint=limit, details=details)
+
+
+def _cloud_arrival_per_s(options: SimPvOptions) -> float:
+    """The chance per second that a cloud arrives, so that clouds cover ``cloud_cover``
+    of the time with shadows of ``cloud_passage_s`` on average."""
+    clear_gap_s = options.cloud_passage_s * (1 - options.cloud_cover) / options.cloud_cover
+    return min(1.0, 1 / max(clear_gap_s, 1.0))
+
+
+def _coordinate(option: float | None, asset: Asset, name: str, default: float) -> float:
+    if option is not None:
+        return option
+    from_asset = getattr(asset, name, None)  # inventories may give assets coordinates
+    return float(from_asset) if isinstance(from_asset, int | float) else default
+
+
+class SimPvAdapter(SimPlantAdapter[SimPv]):
+    """``sim-pv`` for one asset (see :class:`SimPv` and :class:`SimPlantAdapter`)."""
+
+    def __init__(
+        self,
+        context: AdapterContext,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        model = SimPv(context.asset, options_of(context.options, SimPvOptions), context.conditions)
+        super().__init__(context, model, clock=clock, wall_clock=wall_clock)
