@@ -4,7 +4,6 @@ here: they are an admin's, at ``/audit``."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
 
 from litestar import Controller, get
@@ -12,12 +11,18 @@ from litestar.di import NamedDependency
 from litestar.exceptions import ValidationException
 from litestar.params import FromQuery
 
-from der_sdk.errors import UnknownNameError
 from der_sdk.models import Event
 from der_sdk_headend.audit import AUDIT_KIND
 from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
-from der_sdk_headend.rest.params import MAX_LIMIT, LimitQuery, TimeQuery, check_limit, parse_time
+from der_sdk_headend.rest.params import (
+    MAX_LIMIT,
+    LimitQuery,
+    TimeQuery,
+    check_limit,
+    filter_ids,
+    parse_time,
+)
 
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
@@ -63,18 +68,10 @@ class EventsController(Controller):
                 f"query parameter `kind`: {AUDIT_KIND!r} records are listed by GET /audit "
                 "(admin role), not here"
             )
-        inventory = headend.inventory
-        # Ids not (or no longer) in the inventory are searched as given: the record
-        # outlives inventory changes.
-        if asset_id:
-            with contextlib.suppress(UnknownNameError):
-                asset_id = inventory.asset(asset_id).asset_id
-        if site_id:
-            with contextlib.suppress(UnknownNameError):
-                site_id = inventory.site(site_id).site_id
+        asset_id, site_id = filter_ids(headend.inventory, asset_id, site_id)
         return await headend.storage.events(
-            asset_id=asset_id or None,
-            site_id=site_id or None,
+            asset_id=asset_id,
+            site_id=site_id,
             kind=kind or None,
             exclude_kinds=(AUDIT_KIND,),
             start=start,

@@ -15,20 +15,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
-from der_sdk.extensions import Adapter, AdapterContext, ConditionReporter, SetpointResult
+from der_sdk.extensions import (
+    Adapter,
+    AdapterContext,
+    ConditionReporter,
+    ConditionSeverity,
+    SetpointResult,
+)
 from der_sdk.models import Asset, TelemetrySample, utc_now
 
 __all__ = [
     "MAX_CATCH_UP_S",
     "TICK_S",
+    "Curtailment",
+    "ExportLimitedModel",
     "PlantModel",
     "PlantReading",
+    "RandomFault",
     "SimPlantAdapter",
-    "accept_export_limit",
     "options_of",
     "per_tick",
 ]
@@ -40,6 +48,8 @@ MAX_CATCH_UP_S = 3600
 step; the time before it passes without weather, arrivals or faults."""
 
 OptionsT = TypeVar("OptionsT", bound=msgspec.Struct)
+
+_TOLERANCE_MW = 1e-9
 
 
 def per_tick(rate_per_h: float) -> float:
@@ -105,6 +115,115 @@ class PlantModel(abc.ABC, Generic[OptionsT]):
         """The plant at wall time ``now``."""
 
 
+class ExportLimitedModel(PlantModel[OptionsT]):
+    """A generator whose output an export limit caps (``0 <= limit <= max_mw``)."""
+
+    adapter_name: ClassVar[str]
+    """The adapter type's name, for the reasons of refused limits."""
+
+    def __init__(self, asset: Asset, options: OptionsT, conditions: ConditionReporter) -> None:
+        super().__init__(asset, options, conditions)
+        self.export_limit_mw: float | None = None
+
+    def apply(self, mw: float) -> SetpointResult:
+        """Take ``mw >= 0`` as the export limit, capped at ``max_mw``; refuse a negative
+        one: a generator cannot consume."""
+        if mw < -_TOLERANCE_MW:
+            return SetpointResult(
+                status="rejected",
+                reason=f"{self.adapter_name} takes an export limit of 0 MW or more (a "
+                f"generator cannot consume); got {mw:g} MW",
+            )
+        applied = min(max(mw, 0.0), self.asset.max_mw)
+        reason = None
+        if applied < mw - _TOLERANCE_MW:
+            reason = f"export limit capped at the asset's max_mw {self.asset.max_mw:g} MW"
+        self.export_limit_mw = applied
+        return SetpointResult(status="applied", applied_mw=applied, reason=reason)
+
+    def lift_limit(self) -> None:
+        self.export_limit_mw = None
+
+    def curtail(self, available_mw: float) -> Curtailment:
+        """What the limit in force leaves of ``available_mw``."""
+        limit = self.export_limit_mw
+        output = available_mw if limit is None else min(available_mw, limit)
+        curtailed = available_mw - output
+        binding = limit is not None and curtailed > _TOLERANCE_MW
+        return Curtailment(
+            output_mw=output,
+            curtailed_mw=curtailed,
+            reason=f"export limit {limit:g} MW" if binding else None,
+        )
+
+    def curtailment_details(self, available_mw: float, curtailment: Curtailment) -> dict[str, Any]:
+        """The curtailment fields of ``details``, shared by PV and wind."""
+        return {
+            "curtailed_mw": round(curtailment.curtailed_mw, 6),
+            "curtailment_reason": curtailment.reason,
+            "export_limit_mw": self.export_limit_mw,
+            "available_mw": round(available_mw, 6),
+        }
+
+
+@dataclass(frozen=True)
+class Curtailment:
+    """What an export limit does to the available power."""
+
+    output_mw: float
+    curtailed_mw: float
+    reason: str | None
+    """``"export limit X MW"`` while the limit holds the output below what is available,
+    else ``None``."""
+
+
+class RandomFault:
+    """A fault that strikes at random (``rate_per_h`` on average), lasts ``duration_s``,
+    and is a condition ``code`` while it lasts. Stepped by its model's :meth:`tick`."""
+
+    def __init__(
+        self,
+        conditions: ConditionReporter,
+        *,
+        code: str,
+        severity: ConditionSeverity,
+        rate_per_h: float,
+        duration_s: float,
+        raised: str,
+        cleared: str,
+    ) -> None:
+        self.conditions = conditions
+        self.code = code
+        self.severity: ConditionSeverity = severity
+        self.rate_per_h = rate_per_h
+        self.duration_s = max(1, round(duration_s))
+        self.raised_text = raised
+        self.cleared_text = cleared
+        self.left_s = 0
+
+    @property
+    def active(self) -> bool:
+        return self.left_s > 0
+
+    def tick(self, rng: random.Random) -> None:
+        """One second: the fault ends when its time is up, else may strike (one draw)."""
+        if self.left_s > 0:
+            self._pass(TICK_S)
+        elif self.rate_per_h > 0 and rng.random() < per_tick(self.rate_per_h):
+            self.left_s = self.duration_s
+            self.conditions.raise_condition(self.code, self.severity, self.raised_text)
+
+    def skip(self, ticks: int) -> None:
+        """A long pause: the fault does not outlast it."""
+        if self.left_s > 0:
+            self._pass(ticks * TICK_S)
+
+    def _pass(self, seconds: int) -> None:
+        self.left_s = max(0, self.left_s - seconds)
+        if self.left_s == 0:
+            self.conditions.clear_condition(self.code, self.cleared_text)
+
+
 M = TypeVar("M", bound=PlantModel[Any])
 
 
@@ -119,19 +238,22 @@ class SimPlantAdapter(Adapter, Generic[M]):
     def __init__(
         self,
         context: AdapterContext,
-        model: M,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.asset = context.asset
-        self.model = model
+        self.model = self.build_model(context)
         self._clock = clock
         self._wall_clock = wall_clock
         self._connected = False
         self._last: float | None = None
         self._carry_s = 0.0
         self._limit_until: float | None = None
+
+    @abc.abstractmethod
+    def build_model(self, context: AdapterContext) -> M:
+        """The model for ``context``'s asset and options."""
 
     # ---------------------------------------------------------------- time
 
@@ -215,22 +337,3 @@ def options_of(raw: Any, options_type: type[OptionsT]) -> OptionsT:
     if isinstance(raw, options_type):
         return raw
     return msgspec.convert(raw or {}, options_type)
-
-
-_TOLERANCE_MW = 1e-9
-
-
-def accept_export_limit(asset: Asset, mw: float, adapter: str) -> SetpointResult:
-    """An export limit (``mw >= 0``) for a generator, capped at ``asset.max_mw``; a
-    negative one is rejected: a generator cannot consume."""
-    if mw < -_TOLERANCE_MW:
-        return SetpointResult(
-            status="rejected",
-            reason=f"{adapter} takes an export limit of 0 MW or more (a generator cannot "
-            f"consume); got {mw:g} MW",
-        )
-    applied = min(max(mw, 0.0), asset.max_mw)
-    reason = None
-    if applied < mw - _TOLERANCE_MW:
-        reason = f"export limit capped at the asset's max_mw {asset.max_mw:g} MW"
-    return SetpointResult(status="applied", applied_mw=applied, reason=reason)

@@ -4,8 +4,7 @@ across them."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -13,11 +12,12 @@ from typing import Annotated, Any
 import msgspec
 
 from der_sdk.extensions import AdapterContext, ConditionReporter, SetpointResult
-from der_sdk.models import Asset, utc_now
+from der_sdk.models import Asset
 from der_sdk_sim_plant.base import (
     TICK_S,
     PlantModel,
     PlantReading,
+    RandomFault,
     SimPlantAdapter,
     options_of,
     per_tick,
@@ -125,7 +125,15 @@ class SimEvCharger(PlantModel[SimEvChargerOptions]):
         self.import_limit_mw: float | None = None
         self.sessions: list[ChargingSession] = []
         self.energy_delivered_mwh = 0.0
-        self.fault_left_s = 0
+        self.fault = RandomFault(
+            conditions,
+            code=CHARGER_FAULT,
+            severity="major",
+            rate_per_h=options.fault_rate_per_h,
+            duration_s=options.fault_duration_s,
+            raised=f"station fault: charging stopped for {options.fault_duration_s:g} s",
+            cleared="station fault cleared",
+        )
         self.arrived = 0
         self.turned_away = 0
         for _ in range(min(options.initial_sessions, options.connectors)):
@@ -145,13 +153,9 @@ class SimEvCharger(PlantModel[SimEvChargerOptions]):
             )
         )
 
-    @property
-    def faulted(self) -> bool:
-        return self.fault_left_s > 0
-
     def allocation(self) -> list[float]:
         """Each session's draw now, in MW (positive)."""
-        if self.faulted:
+        if self.fault.active:
             return [0.0] * len(self.sessions)
         limit = self.rating_mw
         if self.import_limit_mw is not None:
@@ -161,7 +165,7 @@ class SimEvCharger(PlantModel[SimEvChargerOptions]):
     def demand_mw(self) -> float:
         """What the connected sessions would draw without an import limit (within the
         station's rating); 0 during a fault."""
-        if self.faulted:
+        if self.fault.active:
             return 0.0
         return min(self.rating_mw, sum(s.cap_mw() for s in self.sessions))
 
@@ -175,30 +179,17 @@ class SimEvCharger(PlantModel[SimEvChargerOptions]):
             self.energy_delivered_mwh += energy
         self.sessions = [s for s in self.sessions if s.leaves_at_s > self.elapsed_s]
         if o.arrivals_per_h > 0 and rng.random() < per_tick(o.arrivals_per_h):
-            if len(self.sessions) < o.connectors and not self.faulted:
+            if len(self.sessions) < o.connectors and not self.fault.active:
                 self._arrive()
             else:
                 self.turned_away += 1
-        if self.fault_left_s > 0:
-            self.fault_left_s -= 1
-            if self.fault_left_s == 0:
-                self.conditions.clear_condition(CHARGER_FAULT, "station fault cleared")
-        elif o.fault_rate_per_h > 0 and rng.random() < per_tick(o.fault_rate_per_h):
-            self.fault_left_s = max(1, round(o.fault_duration_s))
-            self.conditions.raise_condition(
-                CHARGER_FAULT,
-                "major",
-                f"station fault: charging stopped for {o.fault_duration_s:g} s",
-            )
+        self.fault.tick(rng)
 
     def skip(self, ticks: int) -> None:
         # A long pause: the cars due to leave have left.
         horizon = self.elapsed_s + ticks * TICK_S
         self.sessions = [s for s in self.sessions if s.leaves_at_s > horizon]
-        if self.fault_left_s > 0:  # nor does a fault
-            self.fault_left_s = max(0, self.fault_left_s - ticks * TICK_S)
-            if self.fault_left_s == 0:
-                self.conditions.clear_condition(CHARGER_FAULT, "station fault cleared")
+        self.fault.skip(ticks)
 
     # ---------------------------------------------------------------- control
 
@@ -225,7 +216,7 @@ class SimEvCharger(PlantModel[SimEvChargerOptions]):
         draws = self.allocation()
         power = sum(draws)
         demand = self.demand_mw()
-        if self.faulted:
+        if self.fault.active:
             state = "fault"
         elif not self.sessions:
             state = "idle"
@@ -241,7 +232,7 @@ class SimEvCharger(PlantModel[SimEvChargerOptions]):
             "station_state": state,
             "active_sessions": connected,
             "energy_delivered_mwh": round(self.energy_delivered_mwh, 9),
-            "connectors_available": 0 if self.faulted else self.options.connectors - connected,
+            "connectors_available": 0 if self.fault.active else self.options.connectors - connected,
             "connectors_total": self.options.connectors,
             "max_session_kw": round(max(draws, default=0.0) * 1000.0, 3),
             "demand_mw": round(demand, 6),
@@ -259,14 +250,6 @@ class SimEvChargerAdapter(SimPlantAdapter[SimEvCharger]):
     """``sim-ev-charger`` for one asset (see :class:`SimEvCharger` and
     :class:`SimPlantAdapter`)."""
 
-    def __init__(
-        self,
-        context: AdapterContext,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        model = SimEvCharger(
-            context.asset, options_of(context.options, SimEvChargerOptions), context.conditions
-        )
-        super().__init__(context, model, clock=clock, wall_clock=wall_clock)
+    def build_model(self, context: AdapterContext) -> SimEvCharger:
+        options = options_of(context.options, SimEvChargerOptions)
+        return SimEvCharger(context.asset, options, context.conditions)

@@ -3,22 +3,19 @@ to the export limit it is sent."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from der_sdk.extensions import AdapterContext, ConditionReporter, SetpointResult
-from der_sdk.models import Asset, utc_now
+from der_sdk.extensions import AdapterContext, ConditionReporter
+from der_sdk.models import Asset
 from der_sdk_sim_plant.base import (
-    PlantModel,
+    ExportLimitedModel,
     PlantReading,
+    RandomFault,
     SimPlantAdapter,
-    accept_export_limit,
     options_of,
-    per_tick,
 )
 from der_sdk_sim_plant.solar import clear_sky_ghi_wm2, solar_elevation_deg
 
@@ -66,22 +63,31 @@ class SimPvOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """How long a trip lasts before the inverter restarts."""
 
 
-class SimPv(PlantModel[SimPvOptions]):
+class SimPv(ExportLimitedModel[SimPvOptions]):
     """A PV plant: clear-sky irradiance from the sun's elevation, attenuated by seeded
     passing clouds; module temperature and its power loss; inverter efficiency and
     clipping at ``max_mw``; curtailment to an export limit; seeded inverter trips.
     """
 
+    adapter_name = "sim-pv"
+
     def __init__(self, asset: Asset, options: SimPvOptions, conditions: ConditionReporter) -> None:
         super().__init__(asset, options, conditions)
         self.latitude = _coordinate(options.latitude, asset, "latitude", DEFAULT_LATITUDE)
         self.longitude = _coordinate(options.longitude, asset, "longitude", DEFAULT_LONGITUDE)
-        self.export_limit_mw: float | None = None
         self.cloudy = False
         self.cloud_target = 1.0
         self.clearness = 1.0
         """Share of the clear-sky irradiance reaching the modules now."""
-        self.trip_left_s = 0
+        self.trip = RandomFault(
+            conditions,
+            code=INVERTER_TRIP,
+            severity="major",
+            rate_per_h=options.trip_rate_per_h,
+            duration_s=options.trip_duration_s,
+            raised=f"inverter tripped; restarting in {options.trip_duration_s:g} s",
+            cleared="inverter restarted after its trip",
+        )
 
     # ---------------------------------------------------------------- weather and faults
 
@@ -95,38 +101,10 @@ class SimPv(PlantModel[SimPvOptions]):
                 depth = min(1.0, max(0.0, rng.gauss(o.cloud_depth, 0.15)))
                 self.cloudy, self.cloud_target = True, 1.0 - depth
         self.clearness += (self.cloud_target - self.clearness) / _CLOUD_EDGE_S
-        if self.trip_left_s > 0:
-            self.trip_left_s -= 1
-            if self.trip_left_s == 0:
-                self.conditions.clear_condition(INVERTER_TRIP, "inverter restarted after its trip")
-        elif o.trip_rate_per_h > 0 and rng.random() < per_tick(o.trip_rate_per_h):
-            self.trip_left_s = max(1, round(o.trip_duration_s))
-            self.conditions.raise_condition(
-                INVERTER_TRIP,
-                "major",
-                f"inverter tripped; restarting in {o.trip_duration_s:g} s",
-            )
+        self.trip.tick(rng)
 
     def skip(self, ticks: int) -> None:
-        if self.trip_left_s > 0:  # a trip does not outlast a long pause
-            self.trip_left_s = max(0, self.trip_left_s - ticks)
-            if self.trip_left_s == 0:
-                self.conditions.clear_condition(INVERTER_TRIP, "inverter restarted after its trip")
-
-    @property
-    def tripped(self) -> bool:
-        return self.trip_left_s > 0
-
-    # ---------------------------------------------------------------- control
-
-    def apply(self, mw: float) -> SetpointResult:
-        result = accept_export_limit(self.asset, mw, "sim-pv")
-        if result.status == "applied":
-            self.export_limit_mw = result.applied_mw
-        return result
-
-    def lift_limit(self) -> None:
-        self.export_limit_mw = None
+        self.trip.skip(ticks)
 
     # ---------------------------------------------------------------- reading
 
@@ -144,16 +122,15 @@ class SimPv(PlantModel[SimPvOptions]):
             * (1 + _TEMP_COEFFICIENT_PER_C * (module_temp - 25.0)),
         )
         available = min(self.asset.max_mw, dc_potential * o.inverter_efficiency)
-        if self.tripped:
+        if self.trip.active:
             available = 0.0
-        limit = self.export_limit_mw
-        ac = available if limit is None else min(available, limit)
-        curtailed = available - ac
-        if self.tripped:
+        curtailment = self.curtail(available)
+        ac = curtailment.output_mw
+        if self.trip.active:
             state = "tripped"
         elif available <= 0:
             state = "sleeping"
-        elif curtailed > 1e-9:
+        elif curtailment.reason is not None:
             state = "curtailed"
         else:
             state = "mppt"
@@ -163,13 +140,12 @@ class SimPv(PlantModel[SimPvOptions]):
             "ac_mw": round(ac, 6),
             "dc_mw": round(ac / o.inverter_efficiency, 6),
             "inverter_state": state,
-            "curtailed_mw": round(curtailed, 6),
-            "curtailment_reason": f"export limit {limit:g} MW" if curtailed > 1e-9 else None,
-            "export_limit_mw": limit,
-            "available_mw": round(available, 6),
+            **self.curtailment_details(available, curtailment),
             "solar_elevation_deg": round(elevation, 3),
         }
-        return PlantReading(mw=round(ac, 6), status=state, mw_setpoint=limit, details=details)
+        return PlantReading(
+            mw=round(ac, 6), status=state, mw_setpoint=self.export_limit_mw, details=details
+        )
 
 
 def _cloud_arrival_per_s(options: SimPvOptions) -> float:
@@ -189,12 +165,6 @@ def _coordinate(option: float | None, asset: Asset, name: str, default: float) -
 class SimPvAdapter(SimPlantAdapter[SimPv]):
     """``sim-pv`` for one asset (see :class:`SimPv` and :class:`SimPlantAdapter`)."""
 
-    def __init__(
-        self,
-        context: AdapterContext,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        model = SimPv(context.asset, options_of(context.options, SimPvOptions), context.conditions)
-        super().__init__(context, model, clock=clock, wall_clock=wall_clock)
+    def build_model(self, context: AdapterContext) -> SimPv:
+        options = options_of(context.options, SimPvOptions)
+        return SimPv(context.asset, options, context.conditions)

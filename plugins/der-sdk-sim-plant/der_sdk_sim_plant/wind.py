@@ -5,20 +5,17 @@ limit."""
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 
-from der_sdk.extensions import AdapterContext, ConditionReporter, SetpointResult
-from der_sdk.models import Asset, utc_now
+from der_sdk.extensions import AdapterContext, ConditionReporter
+from der_sdk.models import Asset
 from der_sdk_sim_plant.base import (
-    PlantModel,
+    ExportLimitedModel,
     PlantReading,
     SimPlantAdapter,
-    accept_export_limit,
     options_of,
 )
 
@@ -88,11 +85,13 @@ def power_curve(wind_ms: float, rated_mw: float, options: SimWindOptions) -> flo
     return rated_mw * share
 
 
-class SimWind(PlantModel[SimWindOptions]):
+class SimWind(ExportLimitedModel[SimWindOptions]):
     """A wind turbine: an Ornstein-Uhlenbeck walk of wind speed, bounded by reflection;
     the power curve times availability; stopped (and the condition ``overspeed_stop``
     raised) from cut-out until the wind falls below the restart speed; curtailment to an
     export limit by pitching the blades."""
+
+    adapter_name = "sim-wind"
 
     def __init__(
         self, asset: Asset, options: SimWindOptions, conditions: ConditionReporter
@@ -103,7 +102,6 @@ class SimWind(PlantModel[SimWindOptions]):
             start = options.mean_wind_ms
         self.wind_ms = min(start, options.max_wind_ms)
         self.stopped = False
-        self.export_limit_mw: float | None = None
         self._check_overspeed()
 
     def tick(self) -> None:
@@ -132,17 +130,6 @@ class SimWind(PlantModel[SimWindOptions]):
                 "turbine restarted",
             )
 
-    # ---------------------------------------------------------------- control
-
-    def apply(self, mw: float) -> SetpointResult:
-        result = accept_export_limit(self.asset, mw, "sim-wind")
-        if result.status == "applied":
-            self.export_limit_mw = result.applied_mw
-        return result
-
-    def lift_limit(self) -> None:
-        self.export_limit_mw = None
-
     # ---------------------------------------------------------------- reading
 
     def reading(self, now: datetime) -> PlantReading:
@@ -151,9 +138,8 @@ class SimWind(PlantModel[SimWindOptions]):
         running = not self.stopped
         potential = power_curve(self.wind_ms, rated, o) if running else 0.0
         available = potential * o.availability_pct / 100.0
-        limit = self.export_limit_mw
-        output = available if limit is None else min(available, limit)
-        curtailed = available - output
+        curtailment = self.curtail(available)
+        output, curtailed = curtailment.output_mw, curtailment.curtailed_mw
         if self.stopped:
             state, rpm, pitch = "stopped_high_wind", 0.0, 90.0
         elif self.wind_ms < o.cut_in_ms:
@@ -164,9 +150,9 @@ class SimWind(PlantModel[SimWindOptions]):
             # Above rated speed the blades pitch to shed the extra power; curtailment
             # pitches them further.
             pitch = min(30.0, max(0.0, 1.5 * (self.wind_ms - o.rated_ms)))
-            if curtailed > 1e-9:
-                pitch = min(90.0, pitch + 25.0 * curtailed / max(available, 1e-9))
-            state = "curtailed" if curtailed > 1e-9 else "running"
+            if curtailment.reason is not None:
+                pitch = min(90.0, pitch + 25.0 * curtailed / available)
+            state = "curtailed" if curtailment.reason is not None else "running"
         load = output / rated if rated > 0 else 0.0
         details: dict[str, Any] = {
             "wind_speed_ms": round(self.wind_ms, 3),
@@ -175,12 +161,11 @@ class SimWind(PlantModel[SimWindOptions]):
             "availability_pct": o.availability_pct,
             "turbine_state": state,
             "nacelle_temp_c": round(o.ambient_temp_c + 12.0 * load, 3),
-            "curtailed_mw": round(curtailed, 6),
-            "curtailment_reason": f"export limit {limit:g} MW" if curtailed > 1e-9 else None,
-            "export_limit_mw": limit,
-            "available_mw": round(available, 6),
+            **self.curtailment_details(available, curtailment),
         }
-        return PlantReading(mw=round(output, 6), status=state, mw_setpoint=limit, details=details)
+        return PlantReading(
+            mw=round(output, 6), status=state, mw_setpoint=self.export_limit_mw, details=details
+        )
 
 
 def _reflect(value: float, upper: float) -> float:
@@ -195,14 +180,6 @@ def _reflect(value: float, upper: float) -> float:
 class SimWindAdapter(SimPlantAdapter[SimWind]):
     """``sim-wind`` for one asset (see :class:`SimWind` and :class:`SimPlantAdapter`)."""
 
-    def __init__(
-        self,
-        context: AdapterContext,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        model = SimWind(
-            context.asset, options_of(context.options, SimWindOptions), context.conditions
-        )
-        super().__init__(context, model, clock=clock, wall_clock=wall_clock)
+    def build_model(self, context: AdapterContext) -> SimWind:
+        options = options_of(context.options, SimWindOptions)
+        return SimWind(context.asset, options, context.conditions)

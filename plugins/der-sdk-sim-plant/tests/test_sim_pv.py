@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import msgspec
 import pytest
 from der_sdk_sim_plant import INVERTER_TRIP, SimPvAdapter
 from der_sdk_sim_plant.solar import clear_sky_ghi_wm2, solar_elevation_deg
@@ -254,7 +253,7 @@ async def test_a_trip_ends_during_a_long_pause() -> None:
     clock.advance(1)
     assert (await adapter.read()).status == "tripped"
     await adapter.close()
-    adapter.model.options = msgspec.structs.replace(adapter.model.options, trip_rate_per_h=0)
+    adapter.model.trip.rate_per_h = 0  # no new trip after this one
     clock.advance(5 * 3600)  # the agent was stopped for five hours
     await adapter.connect()
     assert (await adapter.read()).status == "mppt"
