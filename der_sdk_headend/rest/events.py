@@ -12,6 +12,7 @@ from litestar.exceptions import ValidationException
 from litestar.params import FromQuery
 
 from der_sdk.models import Event
+from der_sdk.storage.contract import filtered_events
 from der_sdk_headend.audit import AUDIT_KIND
 from der_sdk_headend.rest.auth import access
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
@@ -69,7 +70,8 @@ class EventsController(Controller):
                 "(admin role), not here"
             )
         asset_id, site_id = filter_ids(headend.inventory, asset_id, site_id)
-        return await headend.storage.events(
+        return await filtered_events(
+            headend.storage,
             asset_id=asset_id,
             site_id=site_id,
             kind=kind or None,
