@@ -93,6 +93,14 @@ class ConditionQueue(ConditionReporter):
         changes, self._queued = self._queued, []
         return changes
 
+    def restore(self, changes: list[ConditionChange]) -> None:
+        """Put back ``changes`` from :meth:`drain` that the drainer could not take after
+        all (it was cancelled), ahead of anything queued since."""
+        if changes:
+            self._queued[:0] = changes
+            if self._notify is not None:
+                self._notify()
+
     def _queue(
         self,
         kind: Literal["condition_raised", "condition_cleared"],

@@ -492,11 +492,14 @@ class Agent:
         """Commit every condition change the adapters queued to the outbox, oldest first
         per asset; the number committed. A change that cannot be committed (the buffer
         failed) is logged and lost, like a poll's samples."""
+        if not self._conditions_queued.is_set():  # every queued change sets it
+            return 0
         async with self._conditions_lock:
             self._conditions_queued.clear()
             recorded = 0
             for asset_id, runtime in self.adapters.items():
-                for change in runtime.conditions.drain():
+                changes = runtime.conditions.drain()
+                for index, change in enumerate(changes):
                     try:
                         await self.outbox.add_event(
                             change.kind,
@@ -505,6 +508,10 @@ class Agent:
                             data={"code": change.code, "severity": change.severity},
                             ts=change.ts,
                         )
+                    except asyncio.CancelledError:
+                        # Stopping: what is not committed yet is recorded by stop().
+                        runtime.conditions.restore(changes[index:])
+                        raise
                     except Exception:
                         log.exception(
                             "agent %s: asset %s: recording %s %s failed",

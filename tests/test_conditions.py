@@ -86,3 +86,15 @@ def test_the_plugin_guide_example_raises_and_clears_through_the_context() -> Non
         ("condition_raised", "inverter_trip", "inverter tripped: grid fault"),
         ("condition_cleared", "inverter_trip", "inverter running again"),
     ]
+
+
+def test_changes_put_back_come_first_again() -> None:
+    woken: list[int] = []
+    queue = ConditionQueue(notify=lambda: woken.append(1))
+    queue.raise_condition("a", "info", "")
+    queue.raise_condition("b", "info", "")
+    taken = queue.drain()
+    queue.raise_condition("c", "info", "")
+    queue.restore(taken[1:])  # "a" was committed, "b" was not
+    assert [c.code for c in queue.drain()] == ["b", "c"]
+    assert len(woken) == 4

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from der_sdk.conditions import ConditionQueue
 from der_sdk.testing.waits import wait_until
+from der_sdk_agent.store import BufferFile, Outbox
 from tests.agent.conftest import A1, A2, FaultBox, MakeAgent, flaky_config
 from tests.agent.fake_headend import FakeHeadend
 
@@ -72,3 +74,25 @@ async def test_a_condition_raised_between_polls_reaches_the_headend_without_wait
 async def _event_of(headend: FakeHeadend, kind: str) -> object | None:
     events = [e for stream in headend.streams for e in stream.events]
     return next((e for e in events if e.kind == kind), None)
+
+
+async def test_a_condition_raised_just_before_stop_is_in_the_buffer_file_after_it(
+    headend: FakeHeadend, make_agent: MakeAgent, box: FaultBox, tmp_path: Path
+) -> None:
+    path = tmp_path / "buffer.sqlite3"
+    agent = make_agent(
+        headend.address, config=flaky_config(telemetry_interval_s=3600), buffer_path=str(path)
+    )
+    await agent.start()
+    box.conditions[A1].raise_condition("overspeed_stop", "warning", "stopped at 26 m/s")
+    await agent.stop()  # before the recorder task had a turn
+
+    file = BufferFile(str(path))
+    outbox = Outbox(file)
+    try:
+        events = await outbox.events.all()
+    finally:
+        await file.close()
+    assert [(e.kind, e.asset_id, e.data["code"]) for e in events] == [
+        ("condition_raised", A1, "overspeed_stop")
+    ]
