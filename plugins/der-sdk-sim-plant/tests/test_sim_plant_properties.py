@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from der_sdk_sim_plant import SimEvChargerAdapter, SimPvAdapter, SimWindAdapter
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from plant_kit import EV, PV, WIND, build
+from plant_kit import EV, PV, WIND, FakeClock, build
+
+from der_sdk.models import Asset, TelemetrySample
 
 TOLERANCE = 1e-6
 SIGN_TOLERANCE_MW = 1e-9
@@ -24,8 +27,32 @@ instants = st.integers(min_value=0, max_value=365 * 24).map(
 )
 
 
-def _run(coroutine):  # type: ignore[no-untyped-def]
+def _run(coroutine: Any) -> Any:
     return asyncio.run(coroutine)
+
+
+async def _generator_sample(
+    adapter: SimPvAdapter | SimWindAdapter,
+    clock: FakeClock,
+    asset: Asset,
+    limit: float,
+    seconds: int,
+) -> TelemetrySample:
+    """Apply ``limit``, let ``seconds`` pass, read: the bounds every generator keeps."""
+    await adapter.connect()
+    result = await adapter.apply_setpoint(limit)
+    assert result.status == ("rejected" if limit < -SIGN_TOLERANCE_MW else "applied")
+    clock.advance(seconds)
+    sample = await adapter.read()
+    details = sample.details
+    available = details["available_mw"]
+    assert 0.0 <= sample.mw <= available + TOLERANCE
+    assert available <= asset.max_mw
+    if result.status == "applied":
+        assert sample.mw <= max(limit, 0.0) + TOLERANCE
+    assert abs(details["curtailed_mw"] - (available - sample.mw)) <= TOLERANCE
+    assert (details["curtailment_reason"] is None) == (details["curtailed_mw"] <= TOLERANCE)
+    return sample
 
 
 @settings(max_examples=60, deadline=None)
@@ -33,24 +60,9 @@ def _run(coroutine):  # type: ignore[no-untyped-def]
 def test_pv_output_stays_within_what_the_sun_the_limit_and_the_inverter_allow(
     seed: int, limit: float, seconds: int, when: datetime
 ) -> None:
-    async def check() -> None:
-        adapter, clock, _ = build(SimPvAdapter, PV, {"seed": seed, "trip_rate_per_h": 2})
-        clock.wall = when
-        await adapter.connect()
-        result = await adapter.apply_setpoint(limit)
-        assert result.status == ("rejected" if limit < -SIGN_TOLERANCE_MW else "applied")
-        clock.advance(seconds)
-        sample = await adapter.read()
-        details = sample.details
-        available = details["available_mw"]
-        assert 0.0 <= sample.mw <= available + TOLERANCE
-        assert available <= PV.max_mw
-        if result.status == "applied":
-            assert sample.mw <= max(limit, 0.0) + TOLERANCE
-        assert abs(details["curtailed_mw"] - (available - sample.mw)) <= TOLERANCE
-        assert (details["curtailment_reason"] is None) == (details["curtailed_mw"] <= TOLERANCE)
-
-    _run(check())
+    adapter, clock, _ = build(SimPvAdapter, PV, {"seed": seed, "trip_rate_per_h": 2})
+    clock.wall = when
+    _run(_generator_sample(adapter, clock, PV, limit, seconds))
 
 
 @settings(max_examples=60, deadline=None)
@@ -58,26 +70,12 @@ def test_pv_output_stays_within_what_the_sun_the_limit_and_the_inverter_allow(
 def test_wind_output_stays_within_the_curve_the_limit_and_the_rating(
     seed: int, limit: float, seconds: int
 ) -> None:
-    async def check() -> None:
-        adapter, clock, _ = build(
-            SimWindAdapter, WIND, {"seed": seed, "turbulence_ms": 1.5, "mean_wind_ms": 14}
-        )
-        await adapter.connect()
-        result = await adapter.apply_setpoint(limit)
-        assert result.status == ("rejected" if limit < -SIGN_TOLERANCE_MW else "applied")
-        clock.advance(seconds)
-        sample = await adapter.read()
-        details = sample.details
-        available = details["available_mw"]
-        assert 0.0 <= sample.mw <= available + TOLERANCE
-        assert available <= WIND.max_mw
-        assert 0.0 <= details["wind_speed_ms"] <= 35.0
-        if result.status == "applied":
-            assert sample.mw <= max(limit, 0.0) + TOLERANCE
-        if details["turbine_state"] == "stopped_high_wind":
-            assert sample.mw == 0.0
-
-    _run(check())
+    options = {"seed": seed, "turbulence_ms": 1.5, "mean_wind_ms": 14}
+    adapter, clock, _ = build(SimWindAdapter, WIND, options)
+    sample = _run(_generator_sample(adapter, clock, WIND, limit, seconds))
+    assert 0.0 <= sample.details["wind_speed_ms"] <= 35.0
+    if sample.details["turbine_state"] == "stopped_high_wind":
+        assert sample.mw == 0.0
 
 
 @settings(max_examples=40, deadline=None)
