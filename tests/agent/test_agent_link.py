@@ -365,7 +365,10 @@ async def test_agent_reconnects_after_the_headend_restarts(
     caplog.set_level(logging.INFO, logger="der.agent")
     agent = make_agent(headend.address)
     await agent.start()
-    await headend.wait_stream()
+    first = await headend.wait_stream()
+    # A batch acknowledged on the first stream, for the seqs to go on from (on a busy
+    # machine the headend could otherwise stop before the first poll was sent).
+    await headend.wait_for(lambda: len(first.batches) >= 1)
     await headend.stop()
 
     def attempts() -> list[str]:
@@ -378,7 +381,6 @@ async def test_agent_reconnects_after_the_headend_restarts(
     assert f"headend {headend.address} unreachable (attempt 2): " in lines[1]
     assert "(attempt 3)" in lines[2] and lines[2].endswith(" s")
 
-    first = headend.streams[0]
     await headend.restart()
     stream = await headend.wait_stream(index=1)
     await headend.wait_for(lambda: len(stream.batches) >= 1)
