@@ -158,11 +158,14 @@ class ExportLimitedModel(PlantModel[OptionsT]):
 
     def curtailment_details(self, available_mw: float, curtailment: Curtailment) -> dict[str, Any]:
         """The curtailment fields of ``details``, shared by PV and wind."""
+        # From the rounded figures, so that the sample's mw plus curtailed_mw is exactly
+        # the available_mw it reports (a headend computes the potential that way).
+        available = round(available_mw, 6)
         return {
-            "curtailed_mw": round(curtailment.curtailed_mw, 6),
+            "curtailed_mw": round(available - round(curtailment.output_mw, 6), 6),
             "curtailment_reason": curtailment.reason,
             "export_limit_mw": self.export_limit_mw,
-            "available_mw": round(available_mw, 6),
+            "available_mw": available,
         }
 
 

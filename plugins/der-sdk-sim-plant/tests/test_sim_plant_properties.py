@@ -9,6 +9,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from der_sdk_sim_plant import SimEvChargerAdapter, SimPvAdapter, SimWindAdapter
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,7 +51,8 @@ async def _generator_sample(
     assert available <= asset.max_mw
     if result.status == "applied":
         assert sample.mw <= max(limit, 0.0) + TOLERANCE
-    assert abs(details["curtailed_mw"] - (available - sample.mw)) <= TOLERANCE
+    # mw + curtailed_mw is the available power, to the last reported digit
+    assert sample.mw + details["curtailed_mw"] == pytest.approx(available, abs=1e-9)
     assert (details["curtailment_reason"] is None) == (details["curtailed_mw"] <= TOLERANCE)
     return sample
 
