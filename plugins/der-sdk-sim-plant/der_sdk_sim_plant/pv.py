@@ -3,7 +3,7 @@ to the export limit it is sent."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -45,6 +45,10 @@ class SimPvOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Degrees north; default: the asset's ``latitude``, else 45."""
     longitude: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
     """Degrees east; default: the asset's ``longitude``, else 0."""
+    solar_hour_utc: Annotated[float, msgspec.Meta(ge=0, lt=24)] | None = None
+    """Compute the sun at this hour of the day (UTC) whatever the clock says, for demos
+    and tests that need daylight at any time (``12 - longitude / 15`` is solar noon);
+    default: the wall clock's time."""
     dc_ac_ratio: Annotated[float, msgspec.Meta(gt=0)] = 1.2
     """DC (module) capacity over the inverter's AC rating (``max_mw``)."""
     inverter_efficiency: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.97
@@ -108,9 +112,17 @@ class SimPv(ExportLimitedModel[SimPvOptions]):
 
     # ---------------------------------------------------------------- reading
 
+    def sun_time(self, now: datetime) -> datetime:
+        """The time the sun is computed for: ``now``, or its day at ``solar_hour_utc``."""
+        hour = self.options.solar_hour_utc
+        if hour is None:
+            return now
+        day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        return day + timedelta(hours=hour)
+
     def reading(self, now: datetime) -> PlantReading:
         o = self.options
-        elevation = solar_elevation_deg(now, self.latitude, self.longitude)
+        elevation = solar_elevation_deg(self.sun_time(now), self.latitude, self.longitude)
         irradiance = clear_sky_ghi_wm2(elevation) * self.clearness
         module_temp = o.ambient_temp_c + (o.noct_c - 20.0) / 800.0 * irradiance
         dc_capacity = self.asset.max_mw * o.dc_ac_ratio

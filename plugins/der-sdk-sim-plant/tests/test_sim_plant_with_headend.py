@@ -106,3 +106,24 @@ async def test_ev_telemetry_carries_its_details_and_a_dispatch_caps_its_import(
     )
     assert limited.mw == pytest.approx(-0.01)
     assert limited.details["station_state"] == "limited"
+
+
+async def test_a_dispatched_export_limit_curtails_the_pv_plant_and_it_says_so(
+    der_run_agent: AgentRunner,
+) -> None:
+    options = {"seed": 1, "cloud_cover": 0, "trip_rate_per_h": 0, "solar_hour_utc": 12}
+    link = await der_run_agent(adapter_type="sim-pv", options=options, assets=[PV.asset_id])
+    free = await link.wait_for_telemetry(PV.asset_id)
+    assert free.mw > 0.5  # daylight whatever the time: the sun at 12:00 UTC
+
+    sent = await link.dispatch(0.5, asset_id=PV.asset_id)
+    await link.wait_for_dispatch(sent.dispatch_id, "applied")
+    curtailed = await link.wait_for_telemetry(
+        PV.asset_id, lambda s: s.details.get("export_limit_mw") == 0.5
+    )
+    assert curtailed.mw == 0.5
+    assert curtailed.details["curtailed_mw"] == pytest.approx(
+        curtailed.details["available_mw"] - 0.5, abs=1e-9
+    )
+    assert curtailed.details["curtailment_reason"] == "export limit 0.5 MW"
+    assert curtailed.details["inverter_state"] == "curtailed"

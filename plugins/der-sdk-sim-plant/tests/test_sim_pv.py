@@ -258,3 +258,16 @@ async def test_a_trip_ends_during_a_long_pause() -> None:
     await adapter.connect()
     assert (await adapter.read()).status == "mppt"
     assert [c.kind for c in conditions.drain()] == ["condition_raised", "condition_cleared"]
+
+
+async def test_a_fixed_solar_hour_gives_daylight_at_night() -> None:
+    adapter, clock, _ = build(SimPvAdapter, PV, {**CLEAR, "solar_hour_utc": 12.0})
+    clock.wall = SOLSTICE_NOON.replace(hour=2)  # night by the clock
+    await adapter.connect()
+    await adapter.apply_setpoint(0.5)
+    sample = await adapter.read()
+    assert sample.ts == clock.wall  # samples keep the real time
+    assert sample.details["solar_elevation_deg"] == pytest.approx(
+        solar_elevation_deg(SOLSTICE_NOON, 45.0, 0.0), abs=1e-3
+    )
+    assert (sample.mw, sample.details["curtailed_mw"]) == (0.5, 1.5)
