@@ -30,6 +30,8 @@ __all__ = [
     "AssetType",
     "BusBackendType",
     "CommandType",
+    "ConditionReporter",
+    "ConditionSeverity",
     "DevicePoint",
     "DeviceProfile",
     "DeviceSimulatorType",
@@ -37,6 +39,7 @@ __all__ = [
     "EdgeServiceContext",
     "EdgeServiceType",
     "LocalDispatch",
+    "NoConditions",
     "SetpointResult",
     "SplitPolicy",
     "SplitResult",
@@ -55,15 +58,54 @@ class SetpointResult(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
+ConditionSeverity = Literal["info", "warning", "major", "critical"]
+"""How serious a device condition is, from ``info`` to ``critical``."""
+
+
+class ConditionReporter(abc.ABC):
+    """Where an adapter reports its device's conditions: a trip, a fault, a stop.
+
+    A condition is identified by its ``code`` (``"inverter_trip"``) and is either active
+    or not. Both methods are synchronous and cheap (they queue; they never block or do
+    I/O) and idempotent per code: raising a code that is already active does nothing,
+    nor does clearing one that is not. Call them from any adapter method, on the event
+    loop. The agent's reporter records each change as a durable event of kind
+    ``condition_raised`` or ``condition_cleared`` for the asset, which the headend
+    stores and shows in ``GET /events``.
+    """
+
+    @abc.abstractmethod
+    def raise_condition(self, code: str, severity: ConditionSeverity, text: str) -> None:
+        """Report that condition ``code`` is now active; ``text`` says what happened."""
+
+    @abc.abstractmethod
+    def clear_condition(self, code: str, text: str = "") -> None:
+        """Report that condition ``code`` is over; ``text`` may say how it ended."""
+
+
+class NoConditions(ConditionReporter):
+    """A reporter that drops everything: the default of :class:`AdapterContext`, so code
+    that builds a context by hand (tests, tools) need not provide one."""
+
+    def raise_condition(self, code: str, severity: ConditionSeverity, text: str) -> None:
+        """Drop it."""
+
+    def clear_condition(self, code: str, text: str = "") -> None:
+        """Drop it."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdapterContext:
-    """Everything an adapter factory gets: the asset, its validated options, and the
+    """Everything an adapter factory gets: the asset, its validated options, the
     installed device profiles for adapters that are profile-driven, keyed by
-    ``name@version`` and by ``name`` (the highest version of that name)."""
+    ``name@version`` and by ``name`` (the highest version of that name), and where to
+    report the device's conditions (:class:`ConditionReporter`; the agent gives each
+    asset its own, by default they are dropped)."""
 
     asset: Asset
     options: Any
     profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+    conditions: ConditionReporter = field(default_factory=NoConditions)
 
 
 class Adapter(abc.ABC):

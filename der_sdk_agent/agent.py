@@ -11,7 +11,10 @@ environment settings (:meth:`Agent.from_settings`). Its tasks:
   outcomes to the headend and feeds setpoints into the dispatch path
   (:mod:`der_sdk_agent.dispatch`);
 * the **upkeep** drops telemetry past the queue's age bound, prunes the dispatch journal
-  and, while the queue holds a backlog, logs its figures once a minute.
+  and, while the queue holds a backlog, logs its figures once a minute;
+* the **condition recorder** commits the conditions adapters raise and clear (each
+  adapter's :class:`~der_sdk.conditions.ConditionQueue`) to the outbox as events of kind
+  ``condition_raised`` / ``condition_cleared``, which the link sends like any other event.
 
 The three stores (:mod:`der_sdk_agent.store`: the telemetry queue, the command journal
 and the outbox) share one buffer file. Where it lives: the ``buffer_path`` argument, else
@@ -152,8 +155,14 @@ class Agent:
         self.config = config
         self.plugins = plugins
 
+        self._conditions_queued = asyncio.Event()
+        self._conditions_lock = asyncio.Lock()
         self.adapters: dict[str, AdapterRuntime] = build_adapters(
-            self.assets, config, plugins, timeout_s=config.telemetry_interval_s
+            self.assets,
+            config,
+            plugins,
+            timeout_s=config.telemetry_interval_s,
+            on_condition=self._conditions_queued.set,
         )
         try:
             policy = plugins.split_policies.get(config.split_policy)
@@ -332,6 +341,9 @@ class Agent:
             asyncio.create_task(self._sampler(), name=f"der-agent-sampler-{self.agent_id}"),
             asyncio.create_task(self.link.run(), name=f"der-agent-link-{self.agent_id}"),
             asyncio.create_task(self._upkeep(), name=f"der-agent-upkeep-{self.agent_id}"),
+            asyncio.create_task(
+                self._condition_recorder(), name=f"der-agent-conditions-{self.agent_id}"
+            ),
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -377,6 +389,8 @@ class Agent:
                     log.exception("agent %s: edge service %r failed to stop", self.agent_id, name)
             self.services.clear()
             await asyncio.gather(*(rt.close() for rt in self.adapters.values()))
+            if self.buffer.accepting:
+                await self.record_conditions()  # what was raised since the last poll
             await self.buffer.close()
         finally:
             self._stopped.set()
@@ -456,6 +470,7 @@ class Agent:
                 )
         try:
             await self.telemetry.append(samples)
+            await self.record_conditions()  # those the reads raised, recorded right away
         except Exception:
             now = time.monotonic()
             if now - self._buffer_error_logged_at >= UPKEEP_EVERY_S:
@@ -466,6 +481,57 @@ class Agent:
                     self.buffer.path,
                 )
         return samples
+
+    # ------------------------------------------------------------------ conditions
+
+    async def _condition_recorder(self) -> None:
+        while True:
+            await self._conditions_queued.wait()
+            await self.record_conditions()
+
+    async def record_conditions(self) -> int:
+        """Commit every condition change the adapters queued to the outbox, oldest first
+        per asset; the number committed. A change that cannot be committed (the buffer
+        failed) is logged and lost, like a poll's samples."""
+        if not self._conditions_queued.is_set():  # every queued change sets it
+            return 0
+        async with self._conditions_lock:
+            self._conditions_queued.clear()
+            recorded = 0
+            for asset_id, runtime in self.adapters.items():
+                changes = runtime.conditions.drain()
+                for index, change in enumerate(changes):
+                    try:
+                        await self.outbox.add_event(
+                            change.kind,
+                            change.message,
+                            asset_id=asset_id,
+                            data={"code": change.code, "severity": change.severity},
+                            ts=change.ts,
+                        )
+                    except asyncio.CancelledError:
+                        # Stopping: what is not committed yet is recorded by stop().
+                        runtime.conditions.restore(changes[index:])
+                        raise
+                    except Exception:
+                        log.exception(
+                            "agent %s: asset %s: recording %s %s failed",
+                            self.agent_id,
+                            asset_id,
+                            change.kind,
+                            change.code,
+                        )
+                        continue
+                    recorded += 1
+                    log.info(
+                        "asset %s: %s %s (%s): %s",
+                        asset_id,
+                        change.kind,
+                        change.code,
+                        change.severity,
+                        change.message,
+                    )
+            return recorded
 
     # ------------------------------------------------------------------ upkeep
 

@@ -18,7 +18,7 @@ import itertools
 import logging
 import operator
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,6 +156,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
 CREATE INDEX IF NOT EXISTS events_by_asset ON events (asset_id, ts);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, ts);
+CREATE INDEX IF NOT EXISTS events_by_site ON events (site_id, ts);
 
 COMMIT;
 """
@@ -781,17 +782,29 @@ class SQLiteStorage(StorageBackend):
         self,
         *,
         asset_id: str | None = None,
+        site_id: str | None = None,
         kind: str | None = None,
+        exclude_kinds: Collection[str] = (),
+        start: datetime | None = None,
+        end: datetime | None = None,
         limit: int = 100,
     ) -> list[Event]:
         conditions: list[str] = []
         params: list[Any] = []
-        if asset_id is not None:
-            conditions.append("asset_id = ?")
-            params.append(asset_id)
-        if kind is not None:
-            conditions.append("kind = ?")
-            params.append(kind)
+        for column, value in (("asset_id", asset_id), ("site_id", site_id), ("kind", kind)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                params.append(value)
+        excluded = sorted(set(exclude_kinds))
+        if excluded:
+            conditions.append(f"kind NOT IN ({', '.join('?' * len(excluded))})")
+            params.extend(excluded)
+        if start is not None:
+            conditions.append("ts >= ?")
+            params.append(_to_us(start))
+        if end is not None:
+            conditions.append("ts < ?")
+            params.append(_to_us(end))
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = await self._fetchall(
             f"SELECT ts, kind, message, asset_id, site_id, data FROM events{where}"

@@ -1107,6 +1107,37 @@ class StorageConformance:
         assert await storage.events(asset_id=_ASSET_A, kind="fault") == [fault]
         assert await storage.events(limit=1) == [other]
 
+    @pytest.mark.asyncio
+    async def test_events_filter_by_site_time_range_and_excluded_kinds(
+        self, storage: StorageBackend
+    ) -> None:
+        at = self.at
+        audit = Event(ts=at(1), kind="audit", message="token.create", site_id=_SITE)
+        raised = Event(
+            ts=at(2),
+            kind="condition_raised",
+            message="trip",
+            asset_id=_ASSET_A,
+            site_id=_SITE,
+            data={"code": "trip"},
+        )
+        cleared = Event(ts=at(3), kind="condition_cleared", message="", site_id=_SITE)
+        elsewhere = Event(ts=at(4), kind="condition_raised", message="F", site_id="other-site")
+        for event in (audit, raised, cleared, elsewhere):
+            await storage.append_event(event)
+
+        assert await storage.events(site_id=_SITE) == [cleared, raised, audit]
+        assert await storage.events(exclude_kinds=["audit"], site_id=_SITE) == [cleared, raised]
+        assert await storage.events(exclude_kinds={"audit", "condition_cleared"}) == [
+            elsewhere,
+            raised,
+        ]
+        # start inclusive, end exclusive
+        assert await storage.events(start=at(2), end=at(4)) == [cleared, raised]
+        assert await storage.events(start=at(4)) == [elsewhere]
+        assert await storage.events(end=at(2)) == [audit]
+        assert await storage.events(site_id=_SITE, kind="condition_raised", start=at(2)) == [raised]
+
     # ------------------------------------------------------------------ lifecycle
 
     @pytest.mark.asyncio

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import msgspec
@@ -14,7 +13,6 @@ from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from der_sdk.deprecations import warn_deprecated
-from der_sdk.errors import UnknownNameError
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState
 from der_sdk_headend.dispatch import (
     IdempotencyConflictError,
@@ -24,7 +22,7 @@ from der_sdk_headend.dispatch import (
 from der_sdk_headend.dispatch.planning import DispatchPreview
 from der_sdk_headend.rest.auth import access, actor_of, client_source
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
-from der_sdk_headend.rest.params import LimitQuery, check_limit
+from der_sdk_headend.rest.params import LimitQuery, check_limit, filter_ids
 from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 
 if TYPE_CHECKING:
@@ -200,18 +198,10 @@ class DispatchController(Controller):
             raise ValidationException(
                 f"query parameter `state`: unknown state {state!r}; one of {', '.join(_STATES)}"
             )
-        inventory = headend.inventory
-        # Ids not (or no longer) in the inventory are searched as given: history outlives
-        # inventory changes.
-        if asset_id:
-            with contextlib.suppress(UnknownNameError):
-                asset_id = inventory.asset(asset_id).asset_id
-        if site_id:
-            with contextlib.suppress(UnknownNameError):
-                site_id = inventory.site(site_id).site_id
+        asset_id, site_id = filter_ids(headend.inventory, asset_id, site_id)
         return await headend.storage.dispatch_history(
-            asset_id=asset_id or None,
-            site_id=site_id or None,
+            asset_id=asset_id,
+            site_id=site_id,
             state=state,
             limit=check_limit(limit),
         )

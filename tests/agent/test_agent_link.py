@@ -381,7 +381,6 @@ async def test_agent_reconnects_after_the_headend_restarts(
     assert f"headend {headend.address} unreachable (attempt 2): " in lines[1]
     assert "(attempt 3)" in lines[2] and lines[2].endswith(" s")
 
-    first = headend.streams[0]
     await headend.restart()
     stream = await headend.wait_stream(index=1)
     await headend.wait_for(lambda: len(stream.batches) >= 1)

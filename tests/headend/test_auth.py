@@ -60,6 +60,7 @@ ROUTE_RULES: dict[tuple[str, str], str] = {
     ("GET", "/dispatch/{dispatch_id:str}"): "viewer",
     ("GET", "/heartbeat/{asset_id:str}"): "viewer",
     ("GET", "/heartbeat/{asset_id:str}/history"): "viewer",
+    ("GET", "/events"): "viewer",
     ("GET", "/plugins"): "viewer",
     ("GET", "/healthz"): "open",
     ("GET", "/metrics"): "viewer",  # METRICS_AUTH=viewer, the default
@@ -88,6 +89,7 @@ REQUESTS: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("GET", "/dispatch/{dispatch_id:str}"): (f"/dispatch/{UNKNOWN_DISPATCH}", None, 404),
     ("GET", "/heartbeat/{asset_id:str}"): (f"/heartbeat/{BESS_1}", None, 404),  # none yet
     ("GET", "/heartbeat/{asset_id:str}/history"): (f"/heartbeat/{BESS_1}/history", None, 200),
+    ("GET", "/events"): ("/events", None, 200),
     ("GET", "/plugins"): ("/plugins", None, 200),
     ("GET", "/healthz"): ("/healthz", None, 200),
     ("GET", "/metrics"): ("/metrics", None, 200),

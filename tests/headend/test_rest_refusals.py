@@ -166,6 +166,7 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("get", "/dispatch/{dispatch_id}"): {400, 401, 403, 404, 503},
     ("get", "/heartbeat/{asset_id}"): {400, 401, 403, 404, 503},
     ("get", "/heartbeat/{asset_id}/history"): {400, 401, 403, 404, 503},
+    ("get", "/events"): {400, 401, 403, 503},
     ("get", "/plugins"): {401, 403},
     ("get", "/healthz"): {503},
     ("get", "/metrics"): {401, 403},
@@ -262,8 +263,12 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         schema: dict[str, Any] = found[0]["schema"]
         return schema
 
-    for path in ("/telemetry/{asset_id}/history", "/heartbeat/{asset_id}/history"):
-        for name in ("start", "end"):
+    for path, names in (
+        ("/telemetry/{asset_id}/history", ("start", "end")),
+        ("/heartbeat/{asset_id}/history", ("start", "end")),
+        ("/events", ("since", "until")),
+    ):
+        for name in names:
             schema = parameter("get", path, name)
             assert (schema["type"], schema["format"]) == ("string", "date-time")
     for path in (
@@ -271,6 +276,7 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         "/heartbeat/{asset_id}/history",
         "/dispatch/history",
         "/audit",
+        "/events",
     ):
         schema = parameter("get", path, "limit")
         assert (schema["minimum"], schema["maximum"], schema["default"]) == (1, MAX_LIMIT, 100)
