@@ -365,7 +365,7 @@ async def test_agent_reconnects_after_the_headend_restarts(
     caplog.set_level(logging.INFO, logger="der.agent")
     agent = make_agent(headend.address)
     await agent.start()
-    await headend.wait_stream()
+    first = await headend.wait_stream()
     # at least one batch acknowledged before the stop, so "not resent" has a subject
     await headend.wait_for(lambda: agent.stats().last_ack_seq >= 1)
     await headend.stop()
