@@ -17,9 +17,10 @@ The life of a stream:
    ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
    and the stream is aborted with ``PERMISSION_DENIED``.
 4. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
-5. Then ``TelemetryBatch`` → decoded (a sample that does not decode is logged with its
-   asset and skipped) → the ingest queue (acknowledged once stored; while the queue is
-   full the reader waits, which is the stream's flow control), ``Heartbeat`` → stored
+5. Then ``TelemetryBatch`` → space reserved in the ingest queue for its raw sample count
+   (while the queue is full the reader waits with the batch undecoded, which is the
+   stream's flow control) → decoded (a sample that does not decode is logged with its
+   asset and skipped) → the ingest queue (acknowledged once stored), ``Heartbeat`` → stored
    once per served asset through the same writer (a clock out of range is logged and
    replaced by the headend's), ``SetpointAck`` → dispatcher (a final
    outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
@@ -439,15 +440,7 @@ class AgentLinkService:
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
         kind = message.WhichOneof("msg")
         if kind == "telemetry":
-            batch, skipped = codec.telemetry_batch_from_pb(message.telemetry)
-            for asset_id, reason in skipped:
-                log.warning(
-                    "skipped a sample from %s for asset %s: %s",
-                    stream.describe(),
-                    asset_id or "<none>",
-                    reason,
-                )
-            await self._ingest.submit(stream, batch)
+            await self._telemetry(stream, message.telemetry)
         elif kind == "heartbeat":
             self._ingest.submit_heartbeat(stream, self._heartbeat(stream, message.heartbeat))
         elif kind == "event":
@@ -485,6 +478,26 @@ class AgentLinkService:
             log.warning("%s sent a second Register; ignored", stream.describe())
         else:
             log.warning("%s sent an empty or unknown message; ignored", stream.describe())
+
+    async def _telemetry(self, stream: AgentStream, message: pb.TelemetryBatch) -> None:
+        """Queue space first, for the batch's raw sample count: while the queue is full
+        this reader waits with the batch undecoded and reads nothing more from its stream
+        (gRPC flow control holds the agent back); then decode it into the space held."""
+        reserved = len(message.samples)
+        await self._ingest.reserve(stream, reserved)
+        try:
+            batch, skipped = codec.telemetry_batch_from_pb(message)
+        except BaseException:
+            self._ingest.unreserve(reserved)
+            raise
+        for asset_id, reason in skipped:
+            log.warning(
+                "skipped a sample from %s for asset %s: %s",
+                stream.describe(),
+                asset_id or "<none>",
+                reason,
+            )
+        self._ingest.queue_batch(stream, batch, reserved)
 
     @staticmethod
     def _heartbeat(stream: AgentStream, message: pb.Heartbeat) -> AgentHeartbeat:
