@@ -62,13 +62,20 @@ class QueueSpace:
     def _fits(self, samples: int) -> bool:
         return self._closed or not self._used or self._used + samples <= self._capacity
 
+    def try_reserve(self, samples: int) -> bool:
+        """Hold ``samples`` of space if that needs no wait (nobody waits ahead and they
+        fit); ``False``, holding nothing, otherwise."""
+        if samples < 0:
+            raise ValueError(f"cannot reserve {samples} samples")
+        if self._waiters or not self._fits(samples):
+            return False
+        self._used += samples
+        return True
+
     async def reserve(self, samples: int) -> None:
         """Return once ``samples`` of space are held for the caller; wait behind every
         earlier waiter. Cancelled while waiting, nothing is held."""
-        if samples < 0:
-            raise ValueError(f"cannot reserve {samples} samples")
-        if not self._waiters and self._fits(samples):
-            self._used += samples
+        if self.try_reserve(samples):
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (samples, future)

@@ -555,6 +555,12 @@ class TelemetryIngest:
         self._presence.touch(stream)
         await self._space.reserve(samples)
 
+    def try_reserve(self, stream: AgentStream, samples: int) -> bool:
+        """:meth:`reserve` when that needs no wait; ``False`` (nothing held) when it
+        would: the caller may drop what it can before it waits."""
+        self._presence.touch(stream)
+        return self._space.try_reserve(samples)
+
     def unreserve(self, samples: int) -> None:
         """Give back a reservation whose batch will not be queued (it failed to decode)."""
         self._space.release(samples)

@@ -421,12 +421,10 @@ class AgentLinkService:
         be refused (``INVALID_ARGUMENT``), or ``None``."""
         try:
             async for raw in request_iterator:
-                try:
-                    message = codec.parse_agent_message(raw)
-                except ValueError as exc:
-                    log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), exc)
-                    return str(exc)
-                await self._handle(stream, message)
+                refusal = await self._receive(stream, raw)
+                if refusal is not None:
+                    return refusal
+                del raw  # an idle stream holds nothing of what it read last
         except asyncio.CancelledError:
             raise
         except grpc.RpcError as exc:
@@ -437,11 +435,35 @@ class AgentLinkService:
             stream.end()
         return None
 
+    async def _receive(self, stream: AgentStream, raw: bytes) -> str | None:
+        """Handle one message; return why the stream must be refused, or ``None``.
+
+        A telemetry batch first gets ingest queue space for its raw sample count. While
+        the queue is full the reader waits holding only the batch's bytes (its parsed
+        form, about twice their size, is dropped and parsed again once there is space)
+        and reads nothing more from its stream, so gRPC flow control holds the agent
+        back; then the batch is decoded into the space held.
+        """
+        try:
+            message = codec.parse_agent_message(raw)
+        except ValueError as exc:
+            log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), exc)
+            return str(exc)
+        if message.WhichOneof("msg") != "telemetry":
+            await self._handle(stream, message)
+            return None
+        reserved = len(message.telemetry.samples)
+        if not self._ingest.try_reserve(stream, reserved):
+            del message
+            await self._ingest.reserve(stream, reserved)
+            message = codec.parse_agent_message(raw)  # parsed once already: cannot fail
+        self._telemetry(stream, message.telemetry, reserved)
+        return None
+
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
+        """Any message but telemetry (:meth:`_receive` handles that)."""
         kind = message.WhichOneof("msg")
-        if kind == "telemetry":
-            await self._telemetry(stream, message.telemetry)
-        elif kind == "heartbeat":
+        if kind == "heartbeat":
             self._ingest.submit_heartbeat(stream, self._heartbeat(stream, message.heartbeat))
         elif kind == "event":
             self._agent_event(stream, message.event)
@@ -479,12 +501,8 @@ class AgentLinkService:
         else:
             log.warning("%s sent an empty or unknown message; ignored", stream.describe())
 
-    async def _telemetry(self, stream: AgentStream, message: pb.TelemetryBatch) -> None:
-        """Queue space first, for the batch's raw sample count: while the queue is full
-        this reader waits with the batch undecoded and reads nothing more from its stream
-        (gRPC flow control holds the agent back); then decode it into the space held."""
-        reserved = len(message.samples)
-        await self._ingest.reserve(stream, reserved)
+    def _telemetry(self, stream: AgentStream, message: pb.TelemetryBatch, reserved: int) -> None:
+        """Decode a batch into the ingest queue space ``reserved`` for it."""
         try:
             batch, skipped = codec.telemetry_batch_from_pb(message)
         except BaseException:

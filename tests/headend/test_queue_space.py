@@ -170,3 +170,17 @@ async def test_a_full_queue_holds_the_streams_next_batch_undecoded(
     assert acked == [1, 2, 3]
     assert decoded == [1, 2, 3]
     assert ingest._space.used == 0
+
+
+async def test_try_reserve_takes_space_only_when_nobody_waits_and_it_fits() -> None:
+    space = QueueSpace(10)
+    assert space.try_reserve(6)
+    assert not space.try_reserve(6), "would exceed the bound"
+    assert space.used == 6
+    granted: list[int] = []
+    task = _waiter(space, 6, granted)
+    await _settle()
+    assert not space.try_reserve(1), "fits, but a waiter is ahead in line"
+    space.release(6)
+    await task
+    assert granted == [6] and space.used == 6
