@@ -7,7 +7,8 @@ benchmark (``python -m bench all``) also rewrites the results table in
 small load of each, under two minutes, that shows every benchmark runs; its numbers mean
 nothing and it never touches the docs.
 
-Benchmarks: ingest-pg, ingest-sqlite, dispatch, memory, storm, rest, mtls, and
+Benchmarks: ingest-pg, ingest-sqlite, the ingest scaling curve with memory per loaded
+stream and GC pauses (scaling-sqlite, scaling-pg), dispatch, memory, storm, rest, mtls, and
 the replicas of a cluster on NATS and PostgreSQL: cluster-ingest, cluster-dispatch,
 cluster-failover; the console: console-fleet, console-sse (``all``: every one).
 """
@@ -36,6 +37,8 @@ BENCHMARKS: dict[str, str] = {
     "ingest-pg": "bench.ingest:run_pg",
     "ingest-sqlite": "bench.ingest:run_sqlite",
     "decode": "bench.decode:run",
+    "scaling-sqlite": "bench.scaling:run_sqlite",
+    "scaling-pg": "bench.scaling:run_pg",
     "dispatch": "bench.dispatch:run",
     "memory": "bench.fleet:run_memory",
     "storm": "bench.fleet:run_storm",
