@@ -28,7 +28,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.adapters import AdapterRuntime, adapter_names, build_adapters, convert_options
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
+from der_sdk_agent.schedule import ScheduleRunner
 from der_sdk_agent.settings import AgentSettings, resolve_served_assets
 from der_sdk_agent.store import MEMORY, BufferFile, CommandJournal, Outbox, TelemetryQueue
 from der_sdk_agent.tls import LinkSecurity
@@ -121,6 +122,8 @@ class Agent:
     :param buffer_path: the buffer file (``{agent_id}`` is replaced); default: the config's
         ``buffer.path``, else in memory. The file is opened by :meth:`start` (or the first
         :meth:`sample_once` or local command), not here.
+    :param clock: the agent's wall clock (tests pass one that is off); schedules run by
+        it, and its offset from the headend's is measured and reported.
     :param security: TLS, client certificate and token for the link
         (:class:`~der_sdk_agent.tls.LinkSecurity`); default: plaintext, no token.
     """
@@ -137,6 +140,7 @@ class Agent:
         buffer_path: str | None = None,
         rng: random.Random | None = None,
         security: LinkSecurity | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not assets:
             raise DerSdkError(f"agent {agent_id}: no assets to serve")
@@ -199,6 +203,14 @@ class Agent:
             link_loss_hold_s=config.link_loss_hold_s,
             link_loss_fallback=config.link_loss_fallback,
             security=security,
+            clock=clock,
+        )
+        self.dispatcher.schedules = ScheduleRunner(
+            self.dispatcher,
+            self.journal,
+            clock=clock,
+            clock_offset=lambda: self.link.clock_offset_s,
+            clock_offset_max_s=config.clock_offset_max_s,
         )
         self.headends = self.link.headends
         self.headend = ",".join(self.headends)
@@ -234,6 +246,8 @@ class Agent:
             overrides["telemetry_interval_s"] = settings.telemetry_interval_s
         if settings.heartbeat_interval_s is not None:
             overrides["heartbeat_interval_s"] = settings.heartbeat_interval_s
+        if settings.clock_offset_max_s is not None:
+            overrides["clock_offset_max_s"] = settings.clock_offset_max_s
         if overrides:  # after validation: a replaced config forgets its file lines
             config = msgspec.structs.replace(config, **overrides)
         return cls(
