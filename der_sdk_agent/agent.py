@@ -81,7 +81,9 @@ class AgentStats:
     acknowledged); ``samples_dropped`` and ``batches_dropped`` count what its bounds
     dropped since the buffer file was created; ``replay_batches`` is the backlog the
     current stream is still to send. ``unacked_*`` and ``unreported_outcomes`` wait for
-    the headend's acknowledgement.
+    the headend's acknowledgement. ``clock_offset_s`` is the agent's clock offset from
+    the headend's (headend minus agent), ``None`` until measured; ``schedules`` counts the
+    schedules not finished.
     """
 
     connected: bool
@@ -101,6 +103,8 @@ class AgentStats:
     unacked_events: int
     unacked_local_dispatches: int
     unreported_outcomes: int
+    clock_offset_s: float | None = None
+    schedules: int = 0
 
 
 @dataclass(frozen=True)
@@ -298,6 +302,8 @@ class Agent:
             unacked_events=self.outbox.events.count,
             unacked_local_dispatches=self.link.unacked_local_dispatches,
             unreported_outcomes=self.journal.unreported_count,
+            clock_offset_s=self.link.clock_offset_s,
+            schedules=len(self.journal.schedules),
         )
 
     async def start(self) -> None:

@@ -1,0 +1,118 @@
+"""Schedules on a real agent against the reference headend (real gRPC on loopback): a
+newer dispatch cuts an older schedule at its start, a cancel stops one and returns the
+asset to its default, and the agent's journal never runs a step twice."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from der_sdk.models import Dispatch
+from der_sdk.testing import DEFAULT_ASSET_IDS, wait_until
+from der_sdk_agent.testing import AgentLink, AgentRunner
+
+BESS_1 = DEFAULT_ASSET_IDS[0]  # -2..2 MW
+
+
+def _at(seconds: float) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+
+
+async def _post(link: AgentLink, path: str, body: dict[str, Any] | None = None) -> Any:
+    response = await link.http.post(path, json=body)
+    assert response.status_code == 202, f"{path}: {response.status_code} {response.text}"
+    return response.json()
+
+
+async def _setpoint_of(link: AgentLink) -> float | None:
+    sample = await link.latest_telemetry(BESS_1)
+    return None if sample is None else sample.mw_setpoint
+
+
+async def test_a_newer_dispatch_cuts_an_older_schedule_at_its_start(
+    der_run_agent: AgentRunner,
+) -> None:
+    link = await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
+    older = await _post(
+        link,
+        "/dispatch",
+        {
+            "asset_id": BESS_1,
+            "start_at": _at(0.5),
+            "steps": [{"offset_s": 0, "mw": 1.0}, {"offset_s": 2.5, "mw": 1.5}],
+            "duration_s": 5,
+        },
+    )
+    await link.wait_for_dispatch(older["dispatch_id"], "active")
+    newer = await _post(
+        link,
+        "/dispatch",
+        {"asset_id": BESS_1, "start_at": _at(1.0), "mw": -0.5, "duration_s": 1.0},
+    )
+
+    cut = await link.wait_for_dispatch(older["dispatch_id"], "superseded")
+    done = await link.wait_for_dispatch(newer["dispatch_id"], "completed")
+
+    assert cut.superseded_by == newer["dispatch_id"]
+    steps = cut.targets[0].steps or []
+    assert [s.status for s in steps] == ["applied", "superseded"], "step 1 never ran"
+    assert f"superseded by command {newer['dispatch_id']}" in (cut.targets[0].reason or "")
+    assert done.targets[0].steps is not None and done.targets[0].steps[0].status == "applied"
+    journal = link.agent.journal
+    assert await journal.get(f"{older['dispatch_id']}#1") is None, "no row: never begun"
+
+
+async def test_an_immediate_dispatch_supersedes_a_running_schedule_at_once(
+    der_run_agent: AgentRunner,
+) -> None:
+    link = await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
+    schedule = await _post(
+        link,
+        "/dispatch",
+        {
+            "asset_id": BESS_1,
+            "start_at": _at(0.2),
+            "steps": [{"offset_s": 0, "mw": 1.0}, {"offset_s": 30, "mw": 1.5}],
+        },
+    )
+    await link.wait_for_dispatch(schedule["dispatch_id"], "active")
+    now = await link.dispatch(0.25, asset_id=BESS_1)
+
+    await link.wait_for_dispatch(now.dispatch_id, "applied")
+    cut = await link.wait_for_dispatch(schedule["dispatch_id"], "superseded")
+
+    assert cut.superseded_by == now.dispatch_id
+    assert [s.status for s in cut.targets[0].steps or []] == ["applied", "superseded"]
+
+
+async def test_cancel_stops_a_running_schedule_and_returns_the_asset_to_its_default(
+    der_run_agent: AgentRunner,
+) -> None:
+    link = await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
+    schedule = await _post(
+        link,
+        "/dispatch",
+        {
+            "asset_id": BESS_1,
+            "start_at": _at(0.2),
+            "steps": [{"offset_s": 0, "mw": 1.2}, {"offset_s": 60, "mw": -1.0}],
+        },
+    )
+    dispatch_id = schedule["dispatch_id"]
+    await link.wait_for_dispatch(dispatch_id, "active")
+    await wait_until(lambda: _is(link, 1.2), "the step's setpoint in the telemetry")
+
+    await _post(link, f"/dispatch/{dispatch_id}/cancel")
+    record: Dispatch = await link.wait_for_dispatch(dispatch_id, "cancelled")
+    await wait_until(lambda: _is(link, 0.0), "the asset back at 0 MW")
+
+    assert [s.status for s in record.targets[0].steps or []] == ["applied", "cancelled"]
+    cancel = await link.agent.journal.get(f"{dispatch_id}/cancel")
+    assert cancel is not None and cancel.status == "applied"
+    assert [(a.asset_id, a.mw) for a in cancel.allocations] == [(BESS_1, 0.0)]
+    response = await link.http.post(f"/dispatch/{dispatch_id}/cancel")
+    assert response.status_code == 409 and "is cancelled" in response.json()["detail"]
+
+
+async def _is(link: AgentLink, mw: float) -> bool:
+    return await _setpoint_of(link) == mw
