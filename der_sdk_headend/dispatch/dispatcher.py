@@ -387,10 +387,6 @@ class Dispatcher:
         answered with ``SetpointOutcomeAck`` so the agent stops reporting it.
         """
         dispatch_id = ack.command_id.partition("/")[0]
-        if ack.command_id.endswith("/cancel"):
-            async with self._lock:
-                await self._on_cancel_ack(peer, ack, dispatch_id)
-            return
         async with self._lock:
             dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
             await self._apply_ack(peer, ack, dispatch)
@@ -399,13 +395,16 @@ class Dispatcher:
         self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
     ) -> None:
         """Apply ``ack`` to ``dispatch`` (``None``: unknown), record and confirm it."""
+        if ack.command_id.endswith("/cancel"):
+            await self._on_cancel_ack(peer, ack, dispatch)
+            return
         if dispatch is None:
             log.warning(
                 "acknowledgement from %s for unknown command %r ignored",
                 peer.describe(),
                 ack.command_id,
             )
-            if ack.status not in ("acked", "scheduled"):
+            if ack.status not in lifecycle.PROGRESS:
                 self._confirm(peer, ack)
             return
         effect = lifecycle.apply_ack(dispatch, ack)
@@ -455,13 +454,15 @@ class Dispatcher:
         else:
             self._router.confirm_outcome(peer, ack.command_id, ack.step)
 
-    async def _on_cancel_ack(self, peer: AgentPeer, ack: SetpointAck, dispatch_id: str) -> None:
+    async def _on_cancel_ack(
+        self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
+    ) -> None:
         """The agent's answer to a cancel command: recorded as an event of the dispatch
         (the schedule's own ``cancelled`` outcome comes as its final status)."""
-        if ack.status in ("acked", "scheduled"):
+        if ack.status in lifecycle.PROGRESS:
             return
-        dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
         if dispatch is not None:
+            dispatch_id = dispatch.dispatch_id
             reverted = ", ".join(
                 f"{a.asset_id} {a.status} {_fmt(a.mw)} MW" for a in ack.allocations
             )

@@ -41,6 +41,7 @@ from der_sdk.models import (
 
 __all__ = [
     "OUTCOMES",
+    "PROGRESS",
     "AckEffect",
     "LifecycleEvent",
     "ack_state",
@@ -98,6 +99,8 @@ _OPEN_SET: frozenset[DispatchState] = frozenset(_OPEN)
 _SCHEDULE_ENDS: frozenset[DispatchState] = frozenset({"completed", "cancelled", "superseded"})
 """A schedule's final statuses: its allocations (the return to default) are not its state."""
 _WAITING: frozenset[DispatchState] = frozenset({"submitted", "sent", "acked", "scheduled"})
+PROGRESS: frozenset[str] = frozenset({"acked", "scheduled", "active"})
+"""The statuses an agent reports on the way, before a final one (never confirmed)."""
 
 _MOVES: dict[LifecycleEvent, tuple[frozenset[DispatchState], DispatchState]] = {
     "send": (_UNACKED, "sent"),
@@ -221,7 +224,7 @@ def _report(
     if next_state(target.state, event) is None:
         return
     target.state = state
-    if state in ("acked", "scheduled"):
+    if state in PROGRESS:
         return
     if target.steps and state != "applied":
         if state != "completed":  # what did not run will not
@@ -260,7 +263,7 @@ def apply_ack(dispatch: Dispatch, ack: SetpointAck) -> AckEffect:
     """
     if ack.step is not None:
         return _apply_step(dispatch, ack)
-    final = ack.status not in ("acked", "scheduled")
+    final = ack.status not in PROGRESS
     status: DispatchState = ack_state(ack.status) if final else ack.status  # type: ignore[assignment]
     reason = ack.reason
     if final and ack.status not in OUTCOMES:

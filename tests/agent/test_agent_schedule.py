@@ -24,6 +24,19 @@ async def _post(link: AgentLink, path: str, body: dict[str, Any] | None = None) 
     return response.json()
 
 
+async def _schedule(
+    link: AgentLink, start_in_s: float, steps: list[tuple[float, float]], **more: Any
+) -> Any:
+    """``POST /dispatch`` of a schedule for BESS 1 starting in ``start_in_s``."""
+    body = {
+        "asset_id": BESS_1,
+        "start_at": _at(start_in_s),
+        "steps": [{"offset_s": offset, "mw": mw} for offset, mw in steps],
+        **more,
+    }
+    return await _post(link, "/dispatch", body)
+
+
 async def _setpoint_of(link: AgentLink) -> float | None:
     sample = await link.latest_telemetry(BESS_1)
     return None if sample is None else sample.mw_setpoint
@@ -33,16 +46,7 @@ async def test_a_newer_dispatch_cuts_an_older_schedule_at_its_start(
     der_run_agent: AgentRunner,
 ) -> None:
     link = await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
-    older = await _post(
-        link,
-        "/dispatch",
-        {
-            "asset_id": BESS_1,
-            "start_at": _at(0.5),
-            "steps": [{"offset_s": 0, "mw": 1.0}, {"offset_s": 2.5, "mw": 1.5}],
-            "duration_s": 5,
-        },
-    )
+    older = await _schedule(link, 0.5, [(0, 1.0), (2.5, 1.5)], duration_s=5)
     await link.wait_for_dispatch(older["dispatch_id"], "active")
     newer = await _post(
         link,
@@ -66,15 +70,7 @@ async def test_an_immediate_dispatch_supersedes_a_running_schedule_at_once(
     der_run_agent: AgentRunner,
 ) -> None:
     link = await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
-    schedule = await _post(
-        link,
-        "/dispatch",
-        {
-            "asset_id": BESS_1,
-            "start_at": _at(0.2),
-            "steps": [{"offset_s": 0, "mw": 1.0}, {"offset_s": 30, "mw": 1.5}],
-        },
-    )
+    schedule = await _schedule(link, 0.2, [(0, 1.0), (30, 1.5)])
     await link.wait_for_dispatch(schedule["dispatch_id"], "active")
     now = await link.dispatch(0.25, asset_id=BESS_1)
 
@@ -89,15 +85,7 @@ async def test_cancel_stops_a_running_schedule_and_returns_the_asset_to_its_defa
     der_run_agent: AgentRunner,
 ) -> None:
     link = await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
-    schedule = await _post(
-        link,
-        "/dispatch",
-        {
-            "asset_id": BESS_1,
-            "start_at": _at(0.2),
-            "steps": [{"offset_s": 0, "mw": 1.2}, {"offset_s": 60, "mw": -1.0}],
-        },
-    )
+    schedule = await _schedule(link, 0.2, [(0, 1.2), (60, -1.0)])
     dispatch_id = schedule["dispatch_id"]
     await link.wait_for_dispatch(dispatch_id, "active")
     await wait_until(lambda: _is(link, 1.2), "the step's setpoint in the telemetry")

@@ -18,62 +18,45 @@ from typing import Any
 import httpx
 import pytest
 
-from der_sdk.agent_config import load_agent_config
-from der_sdk.inventory import load_inventory
 from der_sdk.plugins import Plugins
 from der_sdk.testing.devices import SimulatedDevicePlugin
 from der_sdk.testing.faults import AgentProcess, TcpProxy
-from der_sdk_agent.agent import Agent
-from der_sdk_headend.config import HeadendConfig
-from der_sdk_headend.service import Headend
-from tests.faults.conftest import B2, SITE, wait_until, write_agent_config
+from tests.faults.conftest import (
+    B2,
+    SITE,
+    gateway_agent,
+    in_process_headend,
+    wait_until,
+    write_agent_config,
+)
 
 ON_TIME_S = 1.0
 """How late a step may reach the device on a loaded CI machine and still be on time."""
 
 
-async def _headend(inventory_path: Path, db: Path, plugins: Plugins) -> Headend:
-    headend = Headend(
-        HeadendConfig.from_env(
-            {
-                "ASSETS_PATH": str(inventory_path),
-                "DATABASE_URL": f"sqlite:///{db}",
-                "HEADEND_GRPC_ADDR": "127.0.0.1:0",
-                "HEADEND_HTTP_ADDR": "127.0.0.1:0",
-                "HEADEND_TOKENS_FILE": str(db.parent / "tokens.json"),  # none: no REST auth
-            }
-        ),
-        plugins=plugins,
-    )
-    await headend.start()
-    return headend
-
-
-def _agent(
-    tmp_path: Path,
-    inventory_path: Path,
-    plugins: Plugins,
-    headend_addr: str,
-    *,
-    clock: Any = time.time,
-    **config: object,
-) -> Agent:
-    inventory = load_inventory(str(inventory_path))
-    path = write_agent_config(tmp_path / "gw.yaml", **config)
-    return Agent(
-        agent_id="gw",
-        site_id=SITE,
-        assets=inventory.assets_for_site(SITE),
-        headend=headend_addr,
-        config=load_agent_config(str(path)),
-        plugins=plugins,
-        buffer_path=str(tmp_path / "gw.sqlite3"),
-        clock=clock,
-    )
-
-
 def _iso(ts: datetime) -> str:
     return ts.isoformat()
+
+
+async def _schedule(
+    http: httpx.AsyncClient,
+    start: datetime,
+    steps: list[tuple[float, float]],
+    duration_s: float,
+) -> str:
+    """``POST /dispatch`` of a schedule for B2; its dispatch id."""
+    created = await http.post(
+        "/dispatch",
+        json={
+            "asset_id": B2,
+            "start_at": _iso(start),
+            "steps": [{"offset_s": offset, "mw": mw} for offset, mw in steps],
+            "duration_s": duration_s,
+        },
+    )
+    assert created.status_code == 202, created.text
+    dispatch_id: str = created.json()["dispatch_id"]
+    return dispatch_id
 
 
 async def _record(http: httpx.AsyncClient, dispatch_id: str) -> dict[str, Any]:
@@ -103,10 +86,10 @@ async def test_a_three_step_schedule_runs_on_time_on_the_agent_across_a_link_cut
     der_plugins: Plugins,
     der_test_device: SimulatedDevicePlugin,
 ) -> None:
-    headend = await _headend(inventory_path, tmp_path / "der.db", der_plugins)
+    headend = await in_process_headend(inventory_path, tmp_path / "der.db", der_plugins)
     try:
         async with TcpProxy("127.0.0.1", headend.grpc_port) as proxy:
-            agent = _agent(
+            agent = gateway_agent(
                 tmp_path, inventory_path, der_plugins, proxy.addr, default_adapter="test-device"
             )
             await agent.start()
@@ -126,21 +109,9 @@ async def test_a_three_step_schedule_runs_on_time_on_the_agent_across_a_link_cut
                 offsets = [0.0, round(cut_s * 0.3, 3), round(cut_s * 0.6, 3)]
                 duration_s = round(cut_s * 0.85, 3)
                 async with httpx.AsyncClient(base_url=headend.http_url, timeout=5) as http:
-                    created = await http.post(
-                        "/dispatch",
-                        json={
-                            "asset_id": B2,
-                            "start_at": _iso(start),
-                            "steps": [
-                                {"offset_s": offsets[0], "mw": 0.5},
-                                {"offset_s": offsets[1], "mw": -1.0},
-                                {"offset_s": offsets[2], "mw": 1.5},
-                            ],
-                            "duration_s": duration_s,
-                        },
+                    dispatch_id = await _schedule(
+                        http, start, list(zip(offsets, (0.5, -1.0, 1.5), strict=True)), duration_s
                     )
-                    assert created.status_code == 202, created.text
-                    dispatch_id = created.json()["dispatch_id"]
 
                     async def held_by_the_agent() -> bool:
                         body = await _record(http, dispatch_id)
@@ -178,7 +149,7 @@ async def test_a_three_step_schedule_runs_on_time_on_the_agent_across_a_link_cut
 async def test_an_agent_killed_mid_schedule_resumes_at_the_step_in_force_without_replay(
     tmp_path: Path, inventory_path: Path, der_plugins: Plugins
 ) -> None:
-    headend = await _headend(inventory_path, tmp_path / "der.db", der_plugins)
+    headend = await in_process_headend(inventory_path, tmp_path / "der.db", der_plugins)
     config = write_agent_config(tmp_path / "agent.yaml")
     agent = AgentProcess(
         inventory_path, headend.grpc_addr, tmp_path, site_id=SITE, agent_config_path=config
@@ -187,21 +158,7 @@ async def test_an_agent_killed_mid_schedule_resumes_at_the_step_in_force_without
         async with agent, httpx.AsyncClient(base_url=headend.http_url, timeout=5) as http:
             await agent.wait_registered()
             start = datetime.now(UTC) + timedelta(seconds=2)
-            created = await http.post(
-                "/dispatch",
-                json={
-                    "asset_id": B2,
-                    "start_at": _iso(start),
-                    "steps": [
-                        {"offset_s": 0, "mw": 0.5},
-                        {"offset_s": 5, "mw": -1.0},
-                        {"offset_s": 12, "mw": 1.5},
-                    ],
-                    "duration_s": 15,
-                },
-            )
-            assert created.status_code == 202, created.text
-            dispatch_id = created.json()["dispatch_id"]
+            dispatch_id = await _schedule(http, start, [(0, 0.5), (5, -1.0), (12, 1.5)], 15)
 
             async def step_0_reported() -> bool:
                 body = await _record(http, dispatch_id)
@@ -232,8 +189,8 @@ async def test_an_agent_killed_mid_schedule_resumes_at_the_step_in_force_without
 async def test_a_schedule_is_refused_with_the_reason_when_the_agent_clock_is_off(
     tmp_path: Path, inventory_path: Path, der_plugins: Plugins
 ) -> None:
-    headend = await _headend(inventory_path, tmp_path / "der.db", der_plugins)
-    agent = _agent(
+    headend = await in_process_headend(inventory_path, tmp_path / "der.db", der_plugins)
+    agent = gateway_agent(
         tmp_path,
         inventory_path,
         der_plugins,

@@ -11,10 +11,19 @@ from typing import Any
 
 import httpx
 import pytest
-from headend_kit import BESS_1, BESS_2, BESS_3, SITE_A, ConnectAgent, eventually
+from headend_kit import BESS_1, BESS_2, BESS_3, SITE_A, ConnectAgent, RawAgent, eventually
 
 from der_sdk.models import SCHEDULE_HORIZON_S, SCHEDULE_MAX_STEPS, Allocation
 from der_sdk.wire import codec
+
+
+class _In(float):
+    """A ``start_at`` this many seconds after the test runs (parameters are made at
+    collection, maybe minutes earlier)."""
+
+
+def _resolved(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: _at(v) if isinstance(v, _In) else v for k, v in body.items()}
 
 
 def _at(seconds: float) -> str:
@@ -24,7 +33,7 @@ def _at(seconds: float) -> str:
 def _schedule(**body: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "asset_id": BESS_2,
-        "start_at": _at(600),
+        "start_at": _In(600),
         "steps": [{"offset_s": 0, "mw": 0.5}, {"offset_s": 900, "mw": -0.5}],
         "duration_s": 1800,
     }
@@ -48,10 +57,20 @@ async def _until(
 
 
 async def _create(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = await http.post("/dispatch", json=body)
+    response = await http.post("/dispatch", json=_resolved(body))
     assert response.status_code == 202, response.text
     record: dict[str, Any] = response.json()
     return record
+
+
+async def _held_by_an_agent(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> tuple[RawAgent, str, Any]:
+    """A schedule for BESS 2 created with its agent connected: (agent, id, setpoint)."""
+    agent = await connect_agent()
+    await agent.register([BESS_2])
+    record = await _create(http, _schedule())
+    return agent, record["dispatch_id"], await agent.recv_kind("setpoint")
 
 
 @pytest.mark.parametrize(
@@ -94,15 +113,15 @@ async def _create(http: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, An
             f"steps: at most {SCHEDULE_MAX_STEPS} steps, got {SCHEDULE_MAX_STEPS + 1}",
         ),
         (_schedule(steps=[]), "steps is empty"),
-        (_schedule(start_at=_at(-60)), "is in the past"),
-        (_schedule(start_at=_at(SCHEDULE_HORIZON_S + 60)), "(7 days) after now"),
+        (_schedule(start_at=_In(-60)), "is in the past"),
+        (_schedule(start_at=_In(SCHEDULE_HORIZON_S + 60)), "(7 days) after now"),
         (_schedule(start_at="2030-01-01T12:00:00"), "start_at needs a time zone"),
         (_schedule(start_at=None), "steps need start_at"),
         (_schedule(mw=0.5), "give mw or steps, not both"),
         (_schedule(duration_s=900), "duration_s (900 s) must be more than the last step's"),
         (_schedule(ttl_s=60), "takes no expires_at or ttl_s"),
         (
-            {"site_id": SITE_A, "start_at": _at(60), "mw": 3.6},
+            {"site_id": SITE_A, "start_at": _In(60), "mw": 3.6},
             f"mw 3.6 MW is outside the limits of site {SITE_A}",
         ),
     ],
@@ -128,7 +147,7 @@ async def test_a_bad_schedule_is_a_400_naming_the_step_and_nothing_is_stored(
     http: httpx.AsyncClient, body: dict[str, Any], detail: str
 ) -> None:
     for path in ("/dispatch", "/dispatch/preview"):
-        response = await http.post(path, json=body)
+        response = await http.post(path, json=_resolved(body))
         assert response.status_code == 400, response.text
         assert detail in response.json()["detail"], (path, response.json()["detail"])
     assert (await http.get("/dispatch/history")).json() == []
@@ -164,12 +183,7 @@ async def test_a_site_schedule_is_split_step_by_step_as_its_preview_shows(
 async def test_a_schedule_is_sent_ahead_and_follows_the_agents_step_reports(
     http: httpx.AsyncClient, connect_agent: ConnectAgent
 ) -> None:
-    agent = await connect_agent()
-    await agent.register([BESS_2])
-    record = await _create(http, _schedule())
-    dispatch_id = record["dispatch_id"]
-
-    setpoint = await agent.recv_kind("setpoint")
+    agent, dispatch_id, setpoint = await _held_by_an_agent(http, connect_agent)
     assert setpoint.command_id == dispatch_id and setpoint.asset_id == BESS_2
     assert setpoint.HasField("start_at_us") and setpoint.duration_s == 1800
     assert [(s.offset_s, s.mw) for s in setpoint.steps] == [(0.0, 0.5), (900.0, -0.5)]
@@ -186,9 +200,13 @@ async def test_a_schedule_is_sent_ahead_and_follows_the_agents_step_reports(
     assert (step["status"], step["applied_mw"]) == ("applied", 0.5)
     assert datetime.fromisoformat(step["at"]) == at
 
-    # a repeated report changes nothing; the next step and the end
+    # the agent's answer to a schedule sent again (its journal says active) is progress,
+    # not an outcome; a repeated step report changes nothing; then the next step, the end
+    await agent.send(codec.agent_setpoint_ack(dispatch_id, "active", ()))
     await agent.send(codec.agent_setpoint_ack(dispatch_id, "failed", applied, step=0))
-    await agent.recv_kind("outcome_ack")
+    repeated = await agent.recv_kind("outcome_ack")
+    assert repeated.HasField("step"), "no outcome_ack for the progress report"
+    assert (await _until(http, dispatch_id, "active"))["targets"][0]["state"] == "active"
     skipped = (Allocation(asset_id=BESS_2, mw=-0.5, status="skipped"),)
     await agent.send(codec.agent_setpoint_ack(dispatch_id, "skipped", skipped, step=1))
     await agent.recv_kind("outcome_ack")
@@ -242,11 +260,7 @@ async def test_cancel_stops_an_undelivered_schedule_and_a_final_one_is_a_409(
 async def test_cancel_of_a_held_schedule_is_sent_to_the_agent_and_settles_from_its_report(
     http: httpx.AsyncClient, connect_agent: ConnectAgent
 ) -> None:
-    agent = await connect_agent()
-    await agent.register([BESS_2])
-    record = await _create(http, _schedule())
-    dispatch_id = record["dispatch_id"]
-    await agent.recv_kind("setpoint")
+    agent, dispatch_id, _ = await _held_by_an_agent(http, connect_agent)
     await agent.send(codec.agent_setpoint_ack(dispatch_id, "scheduled", ()))
 
     response = await http.post(f"/dispatch/{dispatch_id}/cancel")
