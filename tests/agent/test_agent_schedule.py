@@ -4,12 +4,17 @@ asset to its default, and the agent's journal never runs a step twice."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from der_sdk.models import Dispatch
 from der_sdk.testing import DEFAULT_ASSET_IDS, wait_until
+from der_sdk.wire import codec
 from der_sdk_agent.testing import AgentLink, AgentRunner
+from tests.agent.conftest import A1, FaultBox, MakeAgent, flaky_config
+from tests.agent.fake_headend import FakeHeadend
 
 BESS_1 = DEFAULT_ASSET_IDS[0]  # -2..2 MW
 
@@ -102,5 +107,59 @@ async def test_cancel_stops_a_running_schedule_and_returns_the_asset_to_its_defa
     assert response.status_code == 409 and "is cancelled" in response.json()["detail"]
 
 
+def _writes(box: FaultBox, asset_id: str) -> list[float]:
+    return [mw for a, mw, _ in box.applied if a == asset_id]
+
+
 async def _is(link: AgentLink, mw: float) -> bool:
     return await _setpoint_of(link) == mw
+
+
+async def test_a_restarted_agent_skips_steps_whose_time_passed_and_runs_the_one_in_force(
+    headend: FakeHeadend, make_agent: MakeAgent, box: FaultBox, tmp_path: Path
+) -> None:
+    now = [time.time()]  # the agents' wall clock, moved by hand
+    config = flaky_config(clock_offset_max_s=1e9)  # the hand-moved clock is far off
+    path = str(tmp_path / "agent.sqlite3")
+    agent = make_agent(headend.address, config=config, buffer_path=path, clock=lambda: now[0])
+    await agent.start()
+    stream = await headend.wait_stream()
+    start = now[0] + 10
+    stream.send(
+        codec.headend_setpoint(
+            "s1",
+            0.1,
+            asset_id=A1,
+            start_at=datetime.fromtimestamp(start, UTC),
+            steps=[(0, 0.1), (10, 0.2), (20, 0.3)],
+            duration_s=30,
+        )
+    )
+
+    async def reported(status: str, step: int | None = None) -> bool:
+        return any(
+            a.command_id == "s1"
+            and a.status == status
+            and (a.step if a.HasField("step") else None) == step
+            for s in headend.streams
+            for a in s.setpoint_acks
+        )
+
+    await wait_until(lambda: reported("scheduled"), "the schedule in the journal")
+    now[0] = start + 1  # step 0 is due
+    await wait_until(lambda: reported("applied", 0), "step 0 applied")
+    await agent.stop()
+
+    now[0] = start + 22  # down through step 1's whole time; step 2 is in force
+    restarted = make_agent(headend.address, config=config, buffer_path=path, clock=lambda: now[0])
+    await restarted.start()
+    await wait_until(lambda: reported("applied", 2), "step 2 applied after the restart")
+    now[0] = start + 31  # the end
+    await wait_until(lambda: reported("completed"), "the schedule completed")
+
+    assert _writes(box, A1) == [0.1, 0.3, 0.0], "no past step replayed; once each"
+    skipped = await restarted.journal.get("s1#1")
+    assert skipped is not None and skipped.status == "skipped"
+    late = await restarted.journal.get("s1#2")
+    assert late is not None and "late" in (late.reason or "")
+    assert restarted.journal.schedules == []
