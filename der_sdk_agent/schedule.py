@@ -94,6 +94,8 @@ class ScheduleRunner:
         self.clock_offset_max_s = clock_offset_max_s
         self._send: Send = _nowhere
         self._wake = asyncio.Event()
+        self._writing: set[str] = set()
+        """Schedules with a step being begun or written now (a cancel then reverts)."""
 
     # ------------------------------------------------------------------ commands
 
@@ -184,7 +186,7 @@ class ScheduleRunner:
         running = {s.command_id: s for s in self.journal.schedules}
         schedule = running.get(target)
         if schedule is not None:
-            began = schedule.next_step > 0
+            began = schedule.next_step > 0 or target in self._writing
             entry = await self.journal.finish(
                 target, "cancelled", (), f"cancelled by command {command_id}"
             )
@@ -307,7 +309,21 @@ class ScheduleRunner:
         return None
 
     async def _run_step(self, schedule: Schedule, index: int, now: float) -> None:
+        self._writing.add(schedule.command_id)
+        try:
+            await self._write_step(schedule, index, now)
+        finally:
+            self._writing.discard(schedule.command_id)
+
+    async def _write_step(self, schedule: Schedule, index: int, now: float) -> None:
         if not await self.journal.begin_step(schedule.command_id, index):
+            return
+        key = step_key(schedule.command_id, index)
+        if all(s.command_id != schedule.command_id for s in self.journal.schedules):
+            # stopped (cancelled, superseded) while the step was begun: not written
+            self._send(
+                await self.journal.finish(key, "cancelled", (), "the schedule stopped first")
+            )
             return
         offset, mw = schedule.steps[index]
         late_s = now - schedule.step_at(index)

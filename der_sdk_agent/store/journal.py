@@ -323,7 +323,9 @@ class CommandJournal(Store):
         """
         await self.file.ready()
         now_us = us(self._clock())
-        schedule = self._schedules[command_id]
+        schedule = self._schedules.get(command_id)
+        if schedule is None:  # finished meanwhile (cancelled, superseded)
+            return False
         steps = schedule.steps
 
         def begin(conn: sqlite3.Connection) -> bool:
@@ -367,7 +369,9 @@ class CommandJournal(Store):
             return []
         await self.file.ready()
         now_us = us(self._clock())
-        schedule = self._schedules[command_id]
+        schedule = self._schedules.get(command_id)
+        if schedule is None:
+            return []
 
         def skip(conn: sqlite3.Connection) -> list[JournalEntry]:
             entries = []
