@@ -19,6 +19,8 @@ import msgspec
 __all__ = [
     "DISPATCH_HORIZON_S",
     "DISPATCH_STATE_RANK",
+    "SCHEDULE_HORIZON_S",
+    "SCHEDULE_MAX_STEPS",
     "TERMINAL_DISPATCH_STATES",
     "AgentHeartbeat",
     "Allocation",
@@ -34,12 +36,14 @@ __all__ = [
     "Heartbeat",
     "LocalDispatchReport",
     "Quality",
+    "ScheduleStep",
     "SeqRange",
     "Session",
     "SetpointAck",
     "SetpointCommand",
     "SetpointOutcomeAck",
     "Site",
+    "TargetStep",
     "TelemetryAck",
     "TelemetryBatch",
     "TelemetrySample",
@@ -58,26 +62,43 @@ DispatchState = Literal[
     "applied",  # the agent applied it (possibly clamped)
     "rejected",  # the agent refused it (reason given)
     "failed",  # delivery or application failed (reason given)
-    "superseded",  # a newer dispatch for the same target replaced it before delivery
+    "superseded",  # a newer dispatch for the same target replaced it (or cut a schedule)
     "expired",  # its expiry passed before it could be applied; never applied
+    "scheduled",  # a schedule (start_at) that has not started: at the headend or the agent
+    "active",  # a schedule whose first step ran on the agent; it runs on
+    "completed",  # a schedule that ran every step (and its duration, if it has one)
+    "cancelled",  # a schedule stopped by POST /dispatch/{id}/cancel
 ]
-"""A dispatch moves only forward: submitted → sent → acked → one final state."""
+"""A dispatch moves only forward: submitted → sent → acked → one final state; a schedule:
+(submitted → sent →) scheduled → active → completed, cancelled or superseded."""
 
 DISPATCH_STATE_RANK: dict[str, int] = {
     "submitted": 0,
     "sent": 1,
     "acked": 2,
-    "applied": 3,
-    "rejected": 3,
-    "failed": 3,
-    "superseded": 3,
-    "expired": 3,
+    "scheduled": 2,
+    "active": 3,
+    "applied": 4,
+    "rejected": 4,
+    "failed": 4,
+    "superseded": 4,
+    "expired": 4,
+    "completed": 4,
+    "cancelled": 4,
 }
 """The order of the states: a change to a lower or equal rank is ignored."""
 
 TERMINAL_DISPATCH_STATES: frozenset[str] = frozenset(
-    {"applied", "rejected", "failed", "superseded", "expired"}
+    {"applied", "rejected", "failed", "superseded", "expired", "completed", "cancelled"}
 )
+
+SCHEDULE_HORIZON_S = 7 * 24 * 3600
+"""How far a schedule reaches, in seconds (7 days): ``start_at`` at most this long after
+the dispatch is made, and each step's ``offset_s`` and the ``duration_s`` of a schedule at
+most this long after ``start_at``. Well inside :data:`DISPATCH_HORIZON_S`."""
+
+SCHEDULE_MAX_STEPS = 288
+"""The most steps a schedule may have (a day of five-minute steps)."""
 
 
 def utc_now() -> datetime:
@@ -222,6 +243,14 @@ def holds_non_finite(value: object) -> bool:
     return False
 
 
+class ScheduleStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One step of a schedule: ``mw`` holds from ``start_at + offset_s`` until the next
+    step (the last one until the schedule's end, or for good without ``duration_s``)."""
+
+    offset_s: float
+    mw: float
+
+
 class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The body of ``POST /dispatch``. Give ``asset_id`` or ``site_id``; ``asset_id`` wins.
 
@@ -233,15 +262,22 @@ class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     ``policy`` names the split policy of a site dispatch (``None``: the site's
     ``split_policy``, else the headend's); a per-asset dispatch ignores it.
+
+    ``start_at`` (an aware time, in the future) makes a schedule: without ``steps``,
+    ``mw`` holds from ``start_at`` for ``duration_s``; with ``steps`` each step's ``mw``
+    holds from ``start_at + offset_s`` (give ``mw`` or ``steps``, not both).
+    The agent runs a schedule by its own clock (``docs/dispatch.md``).
     """
 
-    mw: float
+    mw: float | None = None
     asset_id: str | None = None
     site_id: str | None = None
     duration_s: DispatchSeconds | None = None
     expires_at: datetime | None = None
     ttl_s: DispatchSeconds | None = None
     policy: str | None = None
+    start_at: datetime | None = None
+    steps: list[ScheduleStep] | None = None
 
 
 class DispatchTarget(msgspec.Struct, kw_only=True):
@@ -254,6 +290,26 @@ class DispatchTarget(msgspec.Struct, kw_only=True):
     reason: str | None = None
     command_id: str | None = None
     """The setpoint that carried this target to its agent (set when sent)."""
+    steps: list[TargetStep] | None = None
+    """A schedule's steps for this asset (after split), each with its status; ``None``
+    for an immediate dispatch."""
+
+
+class TargetStep(msgspec.Struct, kw_only=True):
+    """One step of a schedule for one asset, as the agent reported it.
+
+    ``status``: ``pending`` (not run yet), then ``applied``, ``rejected``, ``failed``, or
+    ``skipped`` (its time passed while the agent could not run it: it is never run late
+    once the next step is due), or ``superseded``/``cancelled`` (the schedule stopped
+    before it). ``at`` is when the agent ran it, by its clock.
+    """
+
+    offset_s: float
+    mw: float
+    status: str = "pending"
+    applied_mw: float | None = None
+    at: datetime | None = None
+    reason: str | None = None
 
 
 class Dispatch(msgspec.Struct, kw_only=True):
@@ -281,6 +337,14 @@ class Dispatch(msgspec.Struct, kw_only=True):
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
     """SHA-256 of the request body, to tell a retry from a reused ``Idempotency-Key``."""
+    start_at: datetime | None = None
+    """A schedule's start (UTC); ``None`` for a dispatch that starts when it arrives."""
+    steps: list[ScheduleStep] | None = None
+    """A schedule's steps as requested (a schedule without steps has one, at 0)."""
+    superseded_by: str | None = None
+    """The dispatch that replaced this one (state ``superseded``)."""
+    cancel_requested_at: datetime | None = None
+    """When ``POST /dispatch/{id}/cancel`` asked for it to stop."""
 
 
 class DispatchEvent(msgspec.Struct, kw_only=True):
@@ -354,6 +418,11 @@ class SetpointCommand(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float | None = None
     expires_in_ms: int | None = None
     expires_at: datetime | None = None
+    start_at: datetime | None = None
+    """Set: a schedule of ``steps`` (``(offset_s, mw)``) the agent runs from then."""
+    steps: tuple[tuple[float, float], ...] = ()
+    cancels: str | None = None
+    """Set: this command cancels the schedule command with this id."""
 
 
 class SetpointAck(msgspec.Struct, frozen=True, kw_only=True):
@@ -371,13 +440,18 @@ class SetpointAck(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     ts: datetime | None = None
     allocations: tuple[Allocation, ...] = ()
+    step: int | None = None
+    """Set: the report of this step of the schedule ``command_id``."""
+    superseded_by: str | None = None
+    """The command that superseded the schedule (status ``superseded``)."""
 
 
 class SetpointOutcomeAck(msgspec.Struct, frozen=True, kw_only=True):
-    """The headend recorded the final :class:`SetpointAck` of ``command_id``; the agent
-    stops reporting it (``SetpointOutcomeAck`` on the wire)."""
+    """The headend recorded the final :class:`SetpointAck` of ``command_id`` (of its
+    ``step``, when set); the agent stops reporting it (``SetpointOutcomeAck`` on the wire)."""
 
     command_id: str
+    step: int | None = None
 
 
 class LocalDispatchReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -452,6 +526,8 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     ts: datetime | None = None
     uptime_s: float = 0.0
     buffer: BufferStats | None = None
+    clock_offset_s: float | None = None
+    """The agent's clock offset from the headend's (headend minus agent), when measured."""
 
 
 class EventAck(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,7 +31,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.adapters import AdapterRuntime, adapter_names, build_adapters, convert_options
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
+from der_sdk_agent.schedule import ScheduleRunner
 from der_sdk_agent.settings import AgentSettings, resolve_served_assets
 from der_sdk_agent.store import MEMORY, BufferFile, CommandJournal, Outbox, TelemetryQueue
 from der_sdk_agent.tls import LinkSecurity
@@ -83,7 +84,9 @@ class AgentStats:
     acknowledged); ``samples_dropped`` and ``batches_dropped`` count what its bounds
     dropped since the buffer file was created; ``replay_batches`` is the backlog the
     current stream is still to send. ``unacked_*`` and ``unreported_outcomes`` wait for
-    the headend's acknowledgement.
+    the headend's acknowledgement. ``clock_offset_s`` is the agent's clock offset from
+    the headend's (headend minus agent), ``None`` until measured; ``schedules`` counts the
+    schedules not finished.
     """
 
     connected: bool
@@ -103,6 +106,8 @@ class AgentStats:
     unacked_events: int
     unacked_local_dispatches: int
     unreported_outcomes: int
+    clock_offset_s: float | None = None
+    schedules: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,8 @@ class Agent:
     :param buffer_path: the buffer file (``{agent_id}`` is replaced); default: the config's
         ``buffer.path``, else in memory. The file is opened by :meth:`start` (or the first
         :meth:`sample_once` or local command), not here.
+    :param clock: the agent's wall clock (tests pass one that is off); schedules run by
+        it, and its offset from the headend's is measured and reported.
     :param security: TLS, client certificate and token for the link
         (:class:`~der_sdk_agent.tls.LinkSecurity`); default: plaintext, no token.
     """
@@ -140,6 +147,7 @@ class Agent:
         buffer_path: str | None = None,
         rng: random.Random | None = None,
         security: LinkSecurity | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not assets:
             raise DerSdkError(f"agent {agent_id}: no assets to serve")
@@ -209,6 +217,14 @@ class Agent:
             link_loss_hold_s=config.link_loss_hold_s,
             link_loss_fallback=config.link_loss_fallback,
             security=security,
+            clock=clock,
+        )
+        self.dispatcher.schedules = ScheduleRunner(
+            self.dispatcher,
+            self.journal,
+            clock=clock,
+            clock_offset=lambda: self.link.clock_offset_s,
+            clock_offset_max_s=config.clock_offset_max_s,
         )
         self.headends = self.link.headends
         self.headend = ",".join(self.headends)
@@ -244,6 +260,8 @@ class Agent:
             overrides["telemetry_interval_s"] = settings.telemetry_interval_s
         if settings.heartbeat_interval_s is not None:
             overrides["heartbeat_interval_s"] = settings.heartbeat_interval_s
+        if settings.clock_offset_max_s is not None:
+            overrides["clock_offset_max_s"] = settings.clock_offset_max_s
         if overrides:  # after validation: a replaced config forgets its file lines
             config = msgspec.structs.replace(config, **overrides)
         return cls(
@@ -294,6 +312,8 @@ class Agent:
             unacked_events=self.outbox.events.count,
             unacked_local_dispatches=self.link.unacked_local_dispatches,
             unreported_outcomes=self.journal.unreported_count,
+            clock_offset_s=self.link.clock_offset_s,
+            schedules=len(self.journal.schedules),
         )
 
     async def start(self) -> None:

@@ -13,6 +13,9 @@ fallback (:meth:`Dispatcher.link_loss_fallback`) take the same path:
   range now (from the latest sample its adapter read, :func:`der_sdk.split.split_site`),
   each share clamped, and all shares applied concurrently. MW the split cannot place is
   reported in the reason.
+* ``start_at`` (a schedule): taken into the journal and run by the agent's clock
+  (:mod:`der_sdk_agent.schedule`); a cancel command (``cancels``) stops one. A command
+  applied now cuts the schedules of its assets (they end ``superseded``).
 * ``duration_s``: the setpoint holds that long, then the asset returns to its default (a
   setpoint to 0 MW or the value nearest 0 its limits allow; an export or import limit is
   lifted: ``max_mw`` or ``min_mw``) and a ``duration_reverted`` event is recorded. A newer
@@ -47,7 +50,7 @@ import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from der_sdk.control import DEFAULT_CONTROL, ControlModel, split_context
 from der_sdk.extensions import SetpointResult, SplitPolicy
@@ -58,12 +61,15 @@ from der_sdk_agent.adapters import AdapterRuntime
 from der_sdk_agent.store.journal import CommandJournal, JournalEntry
 from der_sdk_agent.store.outbox import Outbox
 
+if TYPE_CHECKING:
+    from der_sdk_agent.schedule import ScheduleRunner
+
 __all__ = ["DispatchOutcome", "Dispatcher", "HeadendCommand", "InForceSource"]
 
 log = logging.getLogger("der.agent.dispatch")
 
 AckStatus = Literal["applied", "rejected", "failed", "expired"]
-InForceSource = Literal["headend", "local", "fallback", "default"]
+InForceSource = Literal["headend", "schedule", "local", "fallback", "default"]
 
 _NOISE_MW = 1e-9
 
@@ -103,6 +109,11 @@ class HeadendCommand:
     expires_at: float | None = None  # seconds since the epoch, UTC
     received_at: float = 0.0
     received_wall: float = 0.0
+    start_at: float | None = None
+    """A schedule's start, seconds since the epoch (``None``: apply now)."""
+    steps: tuple[tuple[float, float], ...] = ()
+    cancels: str | None = None
+    """Set: this command cancels the schedule command with this id."""
 
     @property
     def deadline(self) -> float | None:
@@ -155,6 +166,8 @@ class Dispatcher:
         self._lock = asyncio.Lock()
         self._reverts: dict[str, asyncio.Task[None]] = {}
         self._local_listeners: list[Callable[[LocalDispatchReport], None]] = []
+        self.schedules: ScheduleRunner | None = None
+        """Runs schedules (set by the agent); without it a schedule is rejected."""
 
     def add_local_listener(self, listener: Callable[[LocalDispatchReport], None]) -> None:
         """Call ``listener`` after each local command (cheap and non-blocking, please)."""
@@ -220,6 +233,17 @@ class Dispatcher:
         """
         if self.journal is None:
             raise RuntimeError("headend commands need the agent's dispatch journal")
+        schedules = self.schedules
+        if command.start_at is not None and schedules is not None:
+            return await schedules.accept(
+                command.command_id,
+                asset_id=command.asset_id,
+                site_id=command.site_id,
+                start=command.start_at,
+                steps=command.steps,
+                duration_s=command.duration_s,
+                send=send,
+            )
         entry, new = await self.journal.receive(
             command.command_id,
             asset_id=command.asset_id,
@@ -244,9 +268,16 @@ class Dispatcher:
             return entry
         send(entry)
         deadline = command.deadline
-        if deadline is not None and deadline <= command.received_at:  # expired on arrival
+        if command.cancels is not None:
+            outcome = await self._cancel(command, send)
+        elif command.start_at is not None:
+            outcome = self._reject(command.command_id, "this agent runs no schedules")
+        elif deadline is not None and deadline <= command.received_at:  # expired on arrival
             outcome = _expired(command.command_id)
         else:
+            if schedules is not None:
+                assets = [command.asset_id] if command.asset_id else list(self.runtimes)
+                await schedules.supersede(assets, schedules.clock(), by=command.command_id)
             outcome = await self.handle(
                 command.command_id,
                 asset_id=command.asset_id,
@@ -260,6 +291,29 @@ class Dispatcher:
         )
         send(entry)
         return entry
+
+    async def _cancel(
+        self, command: HeadendCommand, send: Callable[[JournalEntry], None]
+    ) -> DispatchOutcome:
+        """A cancel command: stop its schedule, and return the assets to their default
+        if a step of it ran."""
+        assert command.cancels is not None
+        if self.schedules is None:
+            return self._reject(command.command_id, "this agent runs no schedules")
+        result = await self.schedules.cancel(command.command_id, command.cancels, send=send)
+        if not result.revert:
+            return DispatchOutcome(
+                command_id=command.command_id,
+                status="applied" if result.status == "applied" else "rejected",
+                reason=result.reason,
+            )
+        return await self.handle(
+            command.command_id,
+            asset_id=result.asset_id,
+            site_id=result.site_id,
+            mw=0.0,
+            source="default",
+        )
 
     async def local_dispatch(
         self,

@@ -38,10 +38,13 @@ from der_sdk.models import (
     Asset,
     Dispatch,
     DispatchEvent,
+    DispatchState,
     DispatchTarget,
     Event,
     Heartbeat,
+    ScheduleStep,
     Session,
+    TargetStep,
     TelemetrySample,
 )
 from der_sdk.plugins import Plugins, load_plugins
@@ -755,7 +758,7 @@ class StorageConformance:
         *,
         asset_id: str | None = None,
         site_id: str | None = None,
-        state: Literal["submitted", "sent", "acked", "applied", "rejected", "failed"] = "submitted",
+        state: DispatchState = "submitted",
         targets: tuple[str, ...] = (),
     ) -> Dispatch:
         at = StorageConformance.at
@@ -933,6 +936,36 @@ class StorageConformance:
         assert stored is not None and stored.created_at.utcoffset() == timedelta(0)
         # The replaced targets no longer match the asset that was dropped.
         assert await storage.dispatch_history(asset_id=_ASSET_B) == []
+
+    @pytest.mark.asyncio
+    async def test_a_schedule_keeps_its_start_steps_and_step_reports(
+        self, storage: StorageBackend
+    ) -> None:
+        at = self.at
+        record = self.dispatch("s1", 0, asset_id=_ASSET_A, site_id=_SITE, state="active")
+        record.start_at = at(60)
+        record.duration_s = 900.0
+        record.steps = [ScheduleStep(offset_s=0.0, mw=1.5), ScheduleStep(offset_s=300.0, mw=-2)]
+        record.superseded_by = "s2"
+        record.cancel_requested_at = at(120)
+        record.targets = [
+            DispatchTarget(
+                asset_id=_ASSET_A,
+                mw=1.5,
+                state="active",
+                steps=[
+                    TargetStep(offset_s=0.0, mw=1.5, status="applied", applied_mw=1.5, at=at(61)),
+                    TargetStep(offset_s=300.0, mw=-2.0),
+                ],
+            )
+        ]
+        await storage.save_dispatch(record)
+
+        stored = await storage.get_dispatch("s1")
+        assert stored == record
+        assert [d.dispatch_id for d in await storage.dispatch_history(state="active")] == ["s1"]
+        assert stored is not None and stored.start_at is not None
+        assert stored.start_at.utcoffset() == timedelta(0)
 
     @pytest.mark.asyncio
     async def test_dispatch_history_filters_by_asset_site_and_state(

@@ -451,11 +451,17 @@ def batch_dropped(batch: pb.TelemetryBatch) -> tuple[SeqRange, ...] | None:
 
 
 def agent_heartbeat(
-    agent_id: str, ts: datetime, uptime_s: float, buffer: BufferStats | None = None
+    agent_id: str,
+    ts: datetime,
+    uptime_s: float,
+    buffer: BufferStats | None = None,
+    clock_offset_s: float | None = None,
 ) -> pb.AgentMessage:
     beat = pb.Heartbeat(agent_id=agent_id, ts_us=datetime_to_us(ts), uptime_s=uptime_s)
     if buffer is not None:
         beat.buffer.CopyFrom(buffer_stats_to_pb(buffer))
+    if clock_offset_s is not None:
+        beat.clock_offset_s = clock_offset_s
     return pb.AgentMessage(heartbeat=beat)
 
 
@@ -514,6 +520,8 @@ def agent_setpoint_ack(
     allocations: Sequence[Allocation],
     reason: str | None = None,
     ts: datetime | None = None,
+    step: int | None = None,
+    superseded_by: str | None = None,
 ) -> pb.AgentMessage:
     ack = pb.SetpointAck(
         command_id=command_id,
@@ -527,6 +535,10 @@ def agent_setpoint_ack(
     )
     if reason is not None:
         ack.reason = reason
+    if step is not None:
+        ack.step = step
+    if superseded_by is not None:
+        ack.superseded_by = superseded_by
     return pb.AgentMessage(setpoint_ack=ack)
 
 
@@ -569,6 +581,8 @@ def setpoint_ack_from_pb(msg: pb.SetpointAck) -> SetpointAck:
         reason=msg.reason if msg.HasField("reason") else None,
         ts=ts,
         allocations=tuple(allocations_from_pb(msg)),
+        step=msg.step if msg.HasField("step") else None,
+        superseded_by=msg.superseded_by if msg.HasField("superseded_by") else None,
     )
 
 
@@ -616,6 +630,7 @@ def agent_heartbeat_from_pb(msg: pb.Heartbeat) -> AgentHeartbeat:
         ts=ts,
         uptime_s=msg.uptime_s,
         buffer=buffer_stats_from_pb(msg.buffer) if msg.HasField("buffer") else None,
+        clock_offset_s=msg.clock_offset_s if msg.HasField("clock_offset_s") else None,
     )
 
 
@@ -644,8 +659,16 @@ def headend_setpoint(
     duration_s: float | None = None,
     expires_in_ms: int | None = None,
     expires_at: datetime | None = None,
+    start_at: datetime | None = None,
+    steps: Sequence[tuple[float, float]] = (),
+    cancels: str | None = None,
 ) -> pb.HeadendMessage:
     sp = pb.Setpoint(command_id=command_id, mw=mw)
+    if start_at is not None:
+        sp.start_at_us = datetime_to_us(start_at)
+        sp.steps.extend(pb.ScheduleStep(offset_s=o, mw=m) for o, m in steps)
+    if cancels is not None:
+        sp.cancels = cancels
     if expires_in_ms is not None:
         sp.expires_in_ms = expires_in_ms
     if expires_at is not None:
@@ -668,6 +691,9 @@ def headend_command(command: SetpointCommand) -> pb.HeadendMessage:
         duration_s=command.duration_s,
         expires_in_ms=command.expires_in_ms,
         expires_at=command.expires_at,
+        start_at=command.start_at,
+        steps=command.steps,
+        cancels=command.cancels,
     )
 
 
@@ -684,7 +710,7 @@ def headend_message(
     if isinstance(message, SetpointCommand):
         return headend_command(message)
     if isinstance(message, SetpointOutcomeAck):
-        return headend_outcome_ack(message.command_id)
+        return headend_outcome_ack(message.command_id, message.step)
     return message
 
 
@@ -692,8 +718,11 @@ def headend_telemetry_ack(seq: int, stored_through: int = 0) -> pb.HeadendMessag
     return pb.HeadendMessage(telemetry_ack=pb.TelemetryAck(seq=seq, stored_through=stored_through))
 
 
-def headend_outcome_ack(command_id: str) -> pb.HeadendMessage:
-    return pb.HeadendMessage(outcome_ack=pb.SetpointOutcomeAck(command_id=command_id))
+def headend_outcome_ack(command_id: str, step: int | None = None) -> pb.HeadendMessage:
+    ack = pb.SetpointOutcomeAck(command_id=command_id)
+    if step is not None:
+        ack.step = step
+    return pb.HeadendMessage(outcome_ack=ack)
 
 
 def headend_event_ack(event_id: str) -> pb.HeadendMessage:

@@ -262,7 +262,7 @@ def _check(headend: Headend, form: Any) -> _Checked:
         raise _Refused(str(exc)) from None
     except UnknownTargetError as exc:
         raise NotFoundException(str(exc)) from None
-    problem = out_of_range(guard, request.mw)
+    problem = out_of_range(guard, request.mw or 0.0)
     if problem is not None:
         raise _Refused(problem)
     share = headend.config.console_confirm_share
@@ -270,7 +270,7 @@ def _check(headend: Headend, form: Any) -> _Checked:
         request=request,
         guard=guard,
         preview=preview,
-        confirm_because=needs_confirmation(guard, request.mw, share),
+        confirm_because=needs_confirmation(guard, request.mw or 0.0, share),
     )
 
 

@@ -67,6 +67,7 @@ from der_sdk.control import ControlModel
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import (
+    TERMINAL_DISPATCH_STATES,
     Dispatch,
     DispatchEvent,
     DispatchRequest,
@@ -83,11 +84,13 @@ from der_sdk_headend.dispatch import lifecycle, planning
 from der_sdk_headend.dispatch.delivery import (
     Command,
     Delivery,
+    cancel_command,
     plan_delivery,
     route_new,
     undelivered,
 )
 from der_sdk_headend.dispatch.lifecycle import derive_state
+from der_sdk_headend.dispatch.planning import CancelConflictError
 from der_sdk_headend.dispatch.planning import fmt_mw as _fmt
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
@@ -95,7 +98,7 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("der.headend.dispatch")
 
-_OPEN_STATES: tuple[DispatchState, ...] = ("submitted", "sent", "acked")
+_OPEN_STATES: tuple[DispatchState, ...] = ("submitted", "sent", "acked", "scheduled", "active")
 _OPEN_LIMIT = 10_000
 """How many open dispatches of each open state are reloaded from storage at start."""
 
@@ -280,12 +283,22 @@ class Dispatcher:
             await self._supersede_in(older, newer, assets)
 
     async def _supersede_in(self, older: Dispatch, newer: Dispatch, assets: set[str]) -> None:
-        """Supersede the submitted targets of ``older`` for ``assets`` (those of ``newer``)."""
+        """Supersede the submitted targets of ``older`` for ``assets`` (those of ``newer``).
+
+        A schedule is superseded here only when it would not start before ``newer``
+        does; one that starts earlier and overlaps is delivered all the same, and its
+        agent cuts it at ``newer``'s start (``docs/dispatch.md``, "Supersede"). Schedules
+        that end before ``newer`` starts, or start after a ``newer`` schedule ends, are
+        left alone.
+        """
+        if not lifecycle.overlaps(older, newer) or lifecycle.starts_before(older, newer):
+            return
         waiting = [t for t in older.targets if t.state == "submitted" and t.asset_id in assets]
         replaced = lifecycle.move(
             older, waiting, "supersede", f"superseded by dispatch {newer.dispatch_id}"
         )
         if replaced:
+            older.superseded_by = newer.dispatch_id
             names = ", ".join(t.asset_id for t in replaced)
             await self._record(
                 older,
@@ -428,16 +441,21 @@ class Dispatcher:
         self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
     ) -> None:
         """Apply ``ack`` to ``dispatch`` (``None``: unknown), record and confirm it."""
+        if ack.command_id.endswith("/cancel"):
+            await self._on_cancel_ack(peer, ack, dispatch)
+            return
         if dispatch is None:
             log.warning(
                 "acknowledgement from %s for unknown command %r ignored",
                 peer.describe(),
                 ack.command_id,
             )
-            if ack.status != "acked":
-                self._router.confirm_outcome(peer, ack.command_id)
+            if ack.status not in lifecycle.PROGRESS:
+                self._confirm(peer, ack)
             return
         effect = lifecycle.apply_ack(dispatch, ack)
+        if effect.changed and ack.superseded_by and dispatch.superseded_by is None:
+            dispatch.superseded_by = ack.superseded_by.partition("/")[0]
         for asset_id in effect.strangers:
             log.warning(
                 "acknowledgement of %s from %s names asset %s, which is not a "
@@ -448,7 +466,12 @@ class Dispatcher:
             )
         if effect.changed:
             detail = f"{effect.status} by agent {peer.agent_id} (command {ack.command_id})"
-            if effect.status == "applied":
+            if ack.step is not None:
+                detail = (
+                    f"step {ack.step} {ack.status} by agent {peer.agent_id} "
+                    f"(command {ack.command_id})"
+                )
+            if ack.status == "applied":
                 detail += f", {_fmt(ack.applied_mw)} MW applied"
             if effect.reason:
                 detail += f": {effect.reason}"
@@ -467,7 +490,96 @@ class Dispatcher:
                 dispatch.state,
             )
         if effect.final:
+            self._confirm(peer, ack)
+
+    def _confirm(self, peer: AgentPeer, ack: SetpointAck) -> None:
+        """``SetpointOutcomeAck`` for ``ack`` (a router from before schedules takes no
+        step, and never sees one)."""
+        if ack.step is None:
             self._router.confirm_outcome(peer, ack.command_id)
+        else:
+            self._router.confirm_outcome(peer, ack.command_id, ack.step)
+
+    async def _on_cancel_ack(
+        self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
+    ) -> None:
+        """The agent's answer to a cancel command: recorded as an event of the dispatch
+        (the schedule's own ``cancelled`` outcome comes as its final status)."""
+        if ack.status in lifecycle.PROGRESS:
+            return
+        if dispatch is not None:
+            dispatch_id = dispatch.dispatch_id
+            reverted = ", ".join(
+                f"{a.asset_id} {a.status} {_fmt(a.mw)} MW" for a in ack.allocations
+            )
+            detail = f"cancel {ack.status} by agent {peer.agent_id} (command {ack.command_id})"
+            if reverted:
+                detail += f": returned to default: {reverted}"
+            if ack.reason:
+                detail += f"; {ack.reason}"
+            await self._storage.record_dispatch_event(
+                DispatchEvent(
+                    dispatch_id=dispatch_id, state=dispatch.state, ts=utc_now(), detail=detail
+                )
+            )
+            log.info("dispatch %s: %s", dispatch_id, detail)
+        self._router.confirm_outcome(peer, ack.command_id)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, dispatch_id: str, by: str) -> Dispatch | None:
+        """Stop a dispatch: its targets not sent yet become ``cancelled`` here; a
+        schedule's targets on an agent get a cancel command (now when the agent is
+        connected, else when it registers), and settle ``cancelled`` when the agent
+        reports it.
+
+        :return: a snapshot of the record; ``None``: no such dispatch.
+        :raises CancelConflictError: the dispatch is final already (its state named), or
+            is an immediate dispatch already sent (it cannot be called back).
+        """
+        async with self._lock:
+            dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
+            if dispatch is None:
+                return None
+            if not lifecycle.is_open(dispatch):
+                raise CancelConflictError(
+                    f"dispatch {dispatch_id} is {dispatch.state}: a final dispatch cannot be "
+                    "cancelled"
+                )
+            held = [
+                t
+                for t in dispatch.targets
+                if t.state != "submitted" and t.state not in TERMINAL_DISPATCH_STATES
+            ]
+            if dispatch.start_at is None and held:
+                raise CancelConflictError(
+                    f"dispatch {dispatch_id} is {dispatch.state}: it was sent to its agent and "
+                    "only a schedule can be cancelled there; send a new dispatch instead"
+                )
+            now = utc_now()
+            dispatch.cancel_requested_at = dispatch.cancel_requested_at or now
+            waiting = [t for t in dispatch.targets if t.state == "submitted"]
+            lifecycle.move(dispatch, waiting, "cancel", f"cancelled by {by} before it was sent")
+            for target in waiting:
+                for step in target.steps or ():
+                    step.status = "cancelled"
+            sent = 0
+            for target in held:
+                peer = self._router.peer_for(target.asset_id)
+                if peer is not None:
+                    self._router.deliver(peer, cancel_command(dispatch, target).setpoint)
+                    sent += 1
+            what = f"cancel requested by {by}"
+            if waiting:
+                what += f"; {len(waiting)} target(s) not sent yet cancelled"
+            if held:
+                what += f"; cancel sent to the agent for {sent} of {len(held)} target(s)" + (
+                    ", the rest when their agent connects" if sent < len(held) else ""
+                )
+            await self._record(dispatch, what)
+            self._index(dispatch)
+            log.info("dispatch %s: %s (now %s)", dispatch_id, what, dispatch.state)
+            return copy.deepcopy(dispatch)
 
     async def record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
         """Record a command the agent on ``peer``'s stream applied locally (``LocalDispatch``).

@@ -620,6 +620,8 @@ class TelemetryIngest:
         self._presence.touch(stream)
         if heartbeat.buffer is not None:
             stream.buffer = heartbeat.buffer
+        if heartbeat.clock_offset_s is not None:
+            stream.clock_offset_s = heartbeat.clock_offset_s
         self._heartbeats[stream.stream_id] = (stream, heartbeat)
         self._work.set()
 

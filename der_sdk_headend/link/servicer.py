@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn, TypeVar
 
@@ -212,7 +213,10 @@ class AgentLinkService:
                 outgoing = await stream.outbox.get()
                 if outgoing is None:
                     break
-                await context.write(codec.headend_message(outgoing))
+                wire = codec.headend_message(outgoing)
+                if isinstance(wire, pb.HeadendMessage):  # for the agent's clock offset
+                    wire.sent_at_us = time.time_ns() // 1000
+                await context.write(wire)
             if reader.done() and not reader.cancelled() and (refusal := reader.result()):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, refusal)
         finally:

@@ -15,6 +15,7 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, Quer
 from der_sdk.deprecations import warn_deprecated
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState
 from der_sdk_headend.dispatch import (
+    CancelConflictError,
     IdempotencyConflictError,
     InvalidDispatchError,
     UnknownTargetError,
@@ -39,6 +40,16 @@ _REFUSALS = (InvalidDispatchError, UnknownTargetError, IdempotencyConflictError)
 
 def _describe(target: dict[str, str | None]) -> str:
     return " ".join(f"{key.removesuffix('_id')} {value}" for key, value in target.items())
+
+
+def _what(data: DispatchRequest) -> str:
+    """The request in a few words for the audit trail: ``5 MW`` or ``a schedule of 3
+    step(s) from <start_at>``."""
+    if data.start_at is not None or data.steps is not None:
+        steps = len(data.steps) if data.steps is not None else 1
+        start = data.start_at.isoformat() if data.start_at is not None else "?"
+        return f"a schedule of {steps} step(s) from {start}"
+    return f"{data.mw:g} MW" if data.mw is not None else "no MW"
 
 
 async def submit_audited(
@@ -76,9 +87,10 @@ async def submit_audited(
             actor=actor,
             source=source,
             outcome="refused" if refused else "failed",
-            message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
+            message=f"dispatch of {_what(data)} to {_describe(target)} "
             f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
             mw=data.mw,
+            start_at=data.start_at.isoformat() if data.start_at is not None else None,
             reason=f"{type(exc).__name__}: {exc}",
             via=via,
             **target,
@@ -89,7 +101,7 @@ async def submit_audited(
         actor=actor,
         source=source,
         outcome="ok" if created else "replayed",
-        message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
+        message=f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
         f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
         f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
         dispatch_id=dispatch.dispatch_id,
@@ -147,6 +159,59 @@ class DispatchController(Controller):
         if created:
             return Response(dispatch, status_code=202)
         return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
+
+    @post(
+        "/{dispatch_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a dispatch (a schedule, or one not sent yet)",
+        description="Targets not sent yet become `cancelled` at once. A schedule's targets "
+        "on an agent get a cancel command (now, or when the agent connects): the agent "
+        "stops the schedule, returns the asset to its default (0 MW, or the value nearest "
+        "0 its limits allow) and reports `cancelled`; `GET /dispatch/{id}` then shows it. "
+        "Returns the record (202). A dispatch in a final state is 409 naming the state, "
+        "and so is an immediate dispatch already sent to its agent.",
+        responses={
+            404: ResponseSpec(ErrorBody, description="no such dispatch"),
+            409: ResponseSpec(ErrorBody, description="final already: `detail` names its state"),
+        },
+        **access("operator"),
+        **NEEDS_STORAGE,
+    )
+    async def cancel(
+        self,
+        request: Request[Any, Any, Any],
+        headend: NamedDependency[Headend],
+        dispatch_id: FromPath[str],
+    ) -> Response[Dispatch]:
+        actor, source = actor_of(request), client_source(request)
+        try:
+            dispatch = await headend.dispatcher.cancel(dispatch_id, by=actor.describe())
+        except CancelConflictError as exc:
+            await headend.auditor.record(
+                "dispatch.cancel",
+                actor=actor,
+                source=source,
+                outcome="refused",
+                message=f"cancel of dispatch {dispatch_id} refused for {actor.describe()}: {exc}",
+                dispatch_id=dispatch_id,
+                reason=str(exc),
+            )
+            raise
+        if dispatch is None:
+            raise NotFoundException(f"unknown dispatch {dispatch_id}")
+        await headend.auditor.record(
+            "dispatch.cancel",
+            actor=actor,
+            source=source,
+            outcome="ok",
+            message=f"dispatch {dispatch_id} cancel requested by {actor.describe()}: "
+            f"{dispatch.state}",
+            dispatch_id=dispatch_id,
+            state=dispatch.state,
+            asset_id=dispatch.asset_id,
+            site_id=dispatch.site_id if dispatch.asset_id is None else None,
+        )
+        return Response(dispatch, status_code=202)
 
     @post(
         "/preview",

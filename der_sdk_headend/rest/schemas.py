@@ -94,6 +94,9 @@ class AgentRow(msgspec.Struct, kw_only=True):
     headend_id: str | None = None
     last_seen: datetime | None = None
     sessions: list[SessionRow] = msgspec.field(default_factory=list)
+    clock_offset_s: float | None = None
+    """The serving agent's clock offset from the headend's, seconds (headend minus agent),
+    as it last reported it; ``None`` when not connected here or not reported."""
 
 
 class DispatchDetail(Dispatch, kw_only=True):

@@ -558,7 +558,17 @@ async def test_a_buffer_file_written_by_the_single_class_buffer_opens_with_all_i
 
     assert await telemetry.append(_batch("new")) == 10  # the seq goes on
     await stored.close()
-    assert await asyncio.to_thread(_file_schema, path) == schema, "the file format is unchanged"
+    after = {name: sql for _, name, sql in await asyncio.to_thread(_file_schema, path)}
+    before = {name: sql for _, name, sql in schema}
+    assert set(after) - set(before) == {"schedules", "sqlite_autoindex_schedules_1"}, (
+        "only the schedule journal is added"
+    )
+    assert after["outcomes"] == f"{(before['outcomes'] or '')[:-1]}, superseded_by TEXT)", (
+        "outcomes gains one column"
+    )
+    assert {k: v for k, v in after.items() if k in before and k != "outcomes"} == {
+        k: v for k, v in before.items() if k != "outcomes"
+    }, "every other table is unchanged"
 
 
 # ----------------------------------------------------------------------------- backoff

@@ -161,7 +161,7 @@ LATEST = {
 
 
 def _plan_mixed(**fields: object) -> Dispatch:
-    request = DispatchRequest(**fields)  # type: ignore[arg-type]
+    request = msgspec.convert(fields, DispatchRequest, strict=False)
     return planning.plan(
         request,
         inventory=MIXED,
@@ -235,3 +235,28 @@ def test_a_request_without_policy_keeps_its_fingerprint_from_before_the_field() 
     assert planning.fingerprint(DispatchRequest(**body)) == old  # type: ignore[arg-type]
     with_policy = DispatchRequest(**body, policy="equal")  # type: ignore[arg-type]
     assert planning.fingerprint(with_policy) != old
+
+
+def test_a_schedule_step_of_the_wrong_sign_for_the_assets_kind_is_refused_naming_it() -> None:
+    start = NOW + timedelta(hours=1)
+    steps = [{"offset_s": 0, "mw": 2.0}, {"offset_s": 600, "mw": -1.0}]
+    with pytest.raises(InvalidDispatchError) as caught:
+        _plan_mixed(asset_id=M_PV, start_at=start, steps=steps, duration_s=1200)
+    message = str(caught.value)
+    assert message.startswith("steps[1].mw -1 MW is outside")
+    assert "export_limit" in message and "[0, 6]" in message
+
+
+def test_a_site_schedule_is_split_by_the_sites_policy_within_each_kinds_range() -> None:
+    start = NOW + timedelta(hours=1)
+    steps = [{"offset_s": 0, "mw": 3.0}, {"offset_s": 600, "mw": -1.5}]
+    dispatch = _plan_mixed(site_id=HEADROOM_SITE, start_at=start, steps=steps, duration_s=1200)
+    assert dispatch.policy == "headroom"
+    by_asset = {t.asset_id: [s.mw for s in t.steps or []] for t in dispatch.targets}
+    assert by_asset[H_PV][1] == 0.0  # a PV plant is never asked to consume
+    assert by_asset[H_BESS][1] == pytest.approx(-1.5)
+    assert sum(shares[0] for shares in by_asset.values()) == pytest.approx(3.0)
+    equal = _plan_mixed(
+        site_id=HEADROOM_SITE, start_at=start, steps=steps, duration_s=1200, policy="equal"
+    )
+    assert equal.policy == "equal"

@@ -164,6 +164,7 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("post", "/dispatch/preview"): {400, 401, 403, 404, 413, 415, 503},
     ("get", "/dispatch/history"): {400, 401, 403, 503},
     ("get", "/dispatch/{dispatch_id}"): {400, 401, 403, 404, 503},
+    ("post", "/dispatch/{dispatch_id}/cancel"): {400, 401, 403, 404, 409, 503},
     ("get", "/heartbeat/{asset_id}"): {400, 401, 403, 404, 503},
     ("get", "/heartbeat/{asset_id}/history"): {400, 401, 403, 404, 503},
     ("get", "/events"): {400, 401, 403, 503},
@@ -290,6 +291,10 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         "failed",
         "superseded",
         "expired",
+        "scheduled",
+        "active",
+        "completed",
+        "cancelled",
         "pending",
     }
 
