@@ -697,8 +697,8 @@ class StorageConformance:
     stores nothing), and unknown ``details`` keys kept.
 
     Builders for your own extra tests: :meth:`at`, :meth:`sample`, :meth:`dispatch`,
-    :meth:`session`, :meth:`heartbeat`, :meth:`alarm` (and :meth:`store_alarm`), with :attr:`ASSET_A`, :attr:`ASSET_B`,
-    :attr:`SITE`.
+    :meth:`session`, :meth:`heartbeat`, :meth:`alarm` (and :meth:`store_alarm`), with
+    :attr:`ASSET_A`, :attr:`ASSET_B`, :attr:`SITE`.
     """
 
     url: ClassVar[str] = ""

@@ -1,0 +1,175 @@
+"""Comms loss: an alarm for each asset of an agent whose stream ended and did not come
+back within a grace time (``HEADEND_COMMS_LOSS_ALARM_S``, default 30 s), cleared when an
+agent serves the asset again (docs/alarms.md).
+
+The watch listens to :class:`~der_sdk_headend.presence.Presence`: a stream that ends
+starts one timer for the assets it served; when it fires, every asset that no agent
+serves by then (on this headend, or in a cluster on any replica: ``connected``) gets a
+``comms_loss`` alarm (severity ``major``) raised at the moment the stream ended. A stream
+that registers cancels its assets' timers and clears their ``comms_loss``. At start, each
+asset that had a session before and is not back within the grace time gets one too (the
+headend may have stopped while its agent was away).
+
+In a cluster only the replica whose stream ended starts a timer, and raising is
+idempotent in storage (:meth:`~der_sdk.storage.contract.StorageBackend.update_alarm`), so
+replicas that check at start raise one alarm between them, not one each. Not covered: a
+replica that dies takes its timers with it; an agent that does not come back to another
+replica then gets no ``comms_loss`` until a replica starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from datetime import datetime
+from typing import Any
+
+from der_sdk.inventory import Inventory
+from der_sdk.models import utc_now
+from der_sdk.storage.contract import StorageBackend
+from der_sdk_headend.alarms.book import AlarmBook
+from der_sdk_headend.alarms.state import COMMS_LOSS, Condition
+from der_sdk_headend.presence import AgentStream, Presence
+
+__all__ = ["DEFAULT_COMMS_LOSS_S", "CommsLossWatch"]
+
+log = logging.getLogger("der.headend.alarms")
+
+DEFAULT_COMMS_LOSS_S = 30.0
+"""``HEADEND_COMMS_LOSS_ALARM_S``: how long an agent may stay away before its assets'
+``comms_loss`` alarms are raised."""
+
+
+class CommsLossWatch:
+    """Raises and clears ``comms_loss`` alarms from presence (module docstring).
+
+    :param connected: whether an agent serves the asset now (anywhere in a cluster).
+    """
+
+    def __init__(
+        self,
+        book: AlarmBook,
+        presence: Presence,
+        inventory: Inventory,
+        storage: StorageBackend,
+        *,
+        grace_s: float = DEFAULT_COMMS_LOSS_S,
+        connected: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._book = book
+        self._presence = presence
+        self._inventory = inventory
+        self._storage = storage
+        self.grace_s = grace_s
+        self._connected = connected or (lambda asset_id: presence.stream_for(asset_id) is not None)
+        self._served: dict[str, tuple[str, ...]] = {}  # stream id → the assets it served
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # asset id → its pending check
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        """Listen to presence, and check every asset that had a session before once the
+        grace time is over (a headend that starts does not know who was away)."""
+        self._presence.add_listener(self._on_attach, self._on_detach)
+        self._spawn(self._check_at_start())
+
+    async def close(self) -> None:
+        self._closed = True
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ presence
+
+    def _on_attach(self, stream: AgentStream) -> None:
+        assets = tuple(stream.asset_ids)
+        self._served[stream.stream_id] = assets
+        for asset_id in assets:
+            handle = self._timers.pop(asset_id, None)
+            if handle is not None:
+                handle.cancel()
+        if not self._closed:
+            self._spawn(self._clear(assets, utc_now()))
+
+    def _on_detach(self, stream: AgentStream) -> None:
+        assets = self._served.pop(stream.stream_id, ())
+        if self._closed or not assets:
+            return
+        lost_at = stream.last_seen
+        loop = asyncio.get_running_loop()
+        for asset_id in assets:
+            old = self._timers.pop(asset_id, None)
+            if old is not None:
+                old.cancel()
+            self._timers[asset_id] = loop.call_later(
+                self.grace_s, self._due, asset_id, lost_at, stream.agent_id
+            )
+
+    def _due(self, asset_id: str, lost_at: datetime, agent_id: str) -> None:
+        self._timers.pop(asset_id, None)
+        if not self._closed:
+            self._spawn(self._raise([asset_id], lost_at, f"agent {agent_id}"))
+
+    # ------------------------------------------------------------------ alarms
+
+    async def _check_at_start(self) -> None:
+        await asyncio.sleep(self.grace_s)
+        now = utc_now()
+        away = []
+        for asset_id in self._inventory.assets:
+            if self._connected(asset_id) or asset_id in self._timers:
+                continue
+            sessions = await self._storage.recent_sessions(asset_id, limit=1)
+            if sessions:
+                away.append((asset_id, sessions[0].disconnected_at or now))
+        for asset_id, since in away:
+            await self._raise([asset_id], since, "its agent")
+
+    async def _raise(self, asset_ids: Iterable[str], lost_at: datetime, who: str) -> None:
+        for asset_id in asset_ids:
+            asset = self._inventory.assets.get(asset_id)
+            if asset is None or self._connected(asset_id):
+                continue
+            await self._book.apply(
+                Condition(
+                    asset_id=asset_id,
+                    site_id=asset.site_id,
+                    code=COMMS_LOSS,
+                    active=True,
+                    at=lost_at,
+                    severity="major",
+                    text=f"{who} lost its link to the headend and was not back within "
+                    f"{self.grace_s:g} s",
+                )
+            )
+
+    async def _clear(self, asset_ids: Iterable[str], at: datetime) -> None:
+        for asset_id in asset_ids:
+            asset = self._inventory.assets.get(asset_id)
+            if asset is None:
+                continue
+            await self._book.apply(
+                Condition(
+                    asset_id=asset_id,
+                    site_id=asset.site_id,
+                    code=COMMS_LOSS,
+                    active=False,
+                    at=at,
+                    text="an agent serves it again",
+                )
+            )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("comms-loss alarm update failed: %s: %s", type(exc).__name__, exc)
