@@ -2,13 +2,18 @@
 back within a grace time (``HEADEND_COMMS_LOSS_ALARM_S``, default 30 s), cleared when an
 agent serves the asset again (docs/alarms.md).
 
+A raise checks, before and after it is stored, whether an agent registered the asset
+again after it was lost (an open session in storage, newer than the loss): the agent's own
+clear may have run just before the raise (on another replica, or here between the check
+and the write), and then the raise clears what it raised.
+
 The watch listens to :class:`~der_sdk_headend.presence.Presence`: a stream that ends
 starts one timer for the assets it served; when it fires, every asset that no agent
 serves by then (on this headend, or in a cluster on any replica: ``connected``) gets a
 ``comms_loss`` alarm (severity ``major``) raised at the moment the stream ended. A stream
-that registers cancels its assets' timers and clears their ``comms_loss``. At start, each
-asset that had a session before and is not back within the grace time gets one too (the
-headend may have stopped while its agent was away).
+that registers cancels its assets' timers and clears their ``comms_loss``. At start, once
+the grace time is over, each asset whose newest session ended at least the grace time
+before gets one too (the headend may have stopped while its agent was away).
 
 In a cluster only the replica whose stream ended starts a timer, and raising is
 idempotent in storage (:meth:`~der_sdk.storage.contract.StorageBackend.update_alarm`), so
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from der_sdk.inventory import Inventory
@@ -118,24 +123,28 @@ class CommsLossWatch:
     # ------------------------------------------------------------------ alarms
 
     async def _check_at_start(self) -> None:
+        """Raise for the assets whose newest session ended at least the grace time ago
+        (one that ended later is some stream's timer's, here or on another replica; an
+        open one is an agent's that is connected, or a dead replica's that is closed
+        soon)."""
         await asyncio.sleep(self.grace_s)
-        now = utc_now()
-        away = []
+        grace = timedelta(seconds=self.grace_s)
         for asset_id in self._inventory.assets:
             if self._connected(asset_id) or asset_id in self._timers:
                 continue
             sessions = await self._storage.recent_sessions(asset_id, limit=1)
-            if sessions:
-                away.append((asset_id, sessions[0].disconnected_at or now))
-        for asset_id, since in away:
-            await self._raise([asset_id], since, "its agent")
+            ended = sessions[0].disconnected_at if sessions else None
+            if ended is not None and utc_now() - ended >= grace:
+                await self._raise([asset_id], ended, "its agent")
 
     async def _raise(self, asset_ids: Iterable[str], lost_at: datetime, who: str) -> None:
         for asset_id in asset_ids:
             asset = self._inventory.assets.get(asset_id)
             if asset is None or self._connected(asset_id):
                 continue
-            await self._book.apply(
+            if await self._back(asset_id, lost_at) is not None:
+                continue
+            alarm = await self._book.apply(
                 Condition(
                     asset_id=asset_id,
                     site_id=asset.site_id,
@@ -147,6 +156,22 @@ class CommsLossWatch:
                     f"{self.grace_s:g} s",
                 )
             )
+            # An agent may have registered (on another replica, or here) between the
+            # checks and the raise, and found nothing to clear. Its session was stored
+            # before it cleared, and its clear and this raise are serialised by storage:
+            # a session seen now means the raise came last, so clear what it raised.
+            if alarm is not None and (back := await self._back(asset_id, lost_at)) is not None:
+                await self._clear([asset_id], back)
+
+    async def _back(self, asset_id: str, lost_at: datetime) -> datetime | None:
+        """When an agent registered the asset again after ``lost_at``, by its open
+        session in storage (shared by a cluster's replicas), or ``None``."""
+        sessions = await self._storage.recent_sessions(asset_id, limit=1)
+        if sessions and sessions[0].disconnected_at is None:
+            connected_at = sessions[0].connected_at
+            if connected_at >= lost_at:
+                return connected_at
+        return None
 
     async def _clear(self, asset_ids: Iterable[str], at: datetime) -> None:
         for asset_id in asset_ids:

@@ -24,10 +24,12 @@ from headend_kit import (
     bearer,
     eventually,
     make_config,
+    make_observer_plugin,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from der_sdk.plugins import Plugins
+from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.testing.services import require_tcp_service
 from der_sdk.wire import codec
 from der_sdk_headend import Headend
 
@@ -392,3 +394,77 @@ async def test_metrics_count_active_alarms_by_severity(
         if s.name == "der_alarms_active"
     }
     assert values == {"info": 0, "warning": 0, "major": 0, "critical": 2}
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A storage that outlives a headend: an SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'der.db'}"
+        return
+    require_tcp_service("PostgreSQL", "127.0.0.1", 5432)
+    postgres = pytest.importorskip("der_sdk_postgres.testing", reason="needs der-sdk-postgres")
+    async with postgres.temporary_database() as url:
+        yield url
+
+
+async def test_alarms_survive_restarts_of_headend_and_agent_with_nothing_duplicated(
+    inventory_path: Path, database_url: str, observer: Observer
+) -> None:
+    plugins = load_plugins(env={}, extra=[("test-observer", make_observer_plugin(observer))])
+    config = make_config(
+        inventory_path,
+        DATABASE_URL=database_url,
+        HEADEND_ALARM_DEBOUNCE_S=str(DEBOUNCE_S),
+        HEADEND_COMMS_LOSS_ALARM_S="3600",
+    )
+    raised = condition("raised", "inverter_trip", text="trip")
+
+    async def run(scenario: Any) -> Any:
+        headend = Headend(config, plugins=plugins)
+        await headend.start()
+        try:
+            async with httpx.AsyncClient(base_url=headend.http_url, timeout=WAIT_S) as http:
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{headend.grpc_port}")
+                try:
+                    return await scenario(http, await registered(channel))
+                finally:
+                    await channel.close()
+        finally:
+            await headend.stop()
+
+    async def first(http: httpx.AsyncClient, agent: RawAgent) -> dict[str, Any]:
+        await send(agent, raised)
+        (alarm,) = await alarms(http)
+        acked = await http.post(f"/alarms/{alarm['alarm_id']}/ack")
+        assert acked.status_code == 200
+        body: dict[str, Any] = acked.json()
+        return body
+
+    before = await run(first)
+
+    async def after_restart(http: httpx.AsyncClient, agent: RawAgent) -> None:
+        # The agent's ack was lost: it sends the raise again; and a restarted agent's
+        # adapter raises its active condition anew, with a new event id.
+        await send(agent, raised)
+        await send(agent, condition("raised", "inverter_trip", seconds=30, text="trip"))
+        assert await alarms(http) == [before], "the same alarm, acknowledged, nothing new"
+        await send(agent, condition("cleared", "inverter_trip", seconds=60))
+        await send(agent, raised)  # sent again after the clear: still applied once
+
+    await run(after_restart)
+
+    async def finally_cleared(http: httpx.AsyncClient, agent: RawAgent) -> None:
+        (alarm,) = await alarms(http)
+        assert (alarm["alarm_id"], alarm["state"], alarm["raise_count"]) == (
+            before["alarm_id"],
+            "cleared",
+            1,
+        )
+        assert alarm["acknowledged_by"] == before["acknowledged_by"]
+
+    await run(finally_cleared)
+    assert [c for c, _, _ in changes(observer)] == ["raised", "acknowledged"]
