@@ -330,7 +330,7 @@ class Headend:
             grace_s=config.comms_loss_alarm_s,
             connected=self._asset_connected,
         )
-        self._comms_loss.start()
+        await self._comms_loss.start()
         # --- end alarms
         self._ingest.start()
         if bus is not None:

@@ -37,13 +37,16 @@ from der_sdk_headend.alarms.book import AlarmBook
 from der_sdk_headend.alarms.state import COMMS_LOSS, Condition
 from der_sdk_headend.presence import AgentStream, Presence
 
-__all__ = ["DEFAULT_COMMS_LOSS_S", "CommsLossWatch"]
+__all__ = ["DEFAULT_COMMS_LOSS_S", "LOAD_PAGE", "CommsLossWatch"]
 
 log = logging.getLogger("der.headend.alarms")
 
 DEFAULT_COMMS_LOSS_S = 30.0
 """``HEADEND_COMMS_LOSS_ALARM_S``: how long an agent may stay away before its assets'
 ``comms_loss`` alarms are raised."""
+
+LOAD_PAGE = 1000
+"""Alarms read per query when the active ``comms_loss`` alarms are loaded at start."""
 
 
 class CommsLossWatch:
@@ -72,12 +75,30 @@ class CommsLossWatch:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # asset id → its pending check
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._lost: set[str] | None = None
+        """The assets with an active ``comms_loss``, when this process alone changes
+        alarms (storage not shared): a registering agent then clears only those, with no
+        storage round trip for the others. ``None``: unknown, every one is cleared."""
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Listen to presence, and check every asset that had a session before once the
         grace time is over (a headend that starts does not know who was away)."""
+        if not self._storage.shared:
+            self._lost = await self._active_losses()
         self._presence.add_listener(self._on_attach, self._on_detach)
         self._spawn(self._check_at_start())
+
+    async def _active_losses(self) -> set[str]:
+        lost: set[str] = set()
+        after = None
+        while True:
+            page = await self._storage.alarms(
+                code=COMMS_LOSS, state="active", after=after, limit=LOAD_PAGE
+            )
+            lost.update(alarm.asset_id for alarm in page)
+            if len(page) < LOAD_PAGE:
+                return lost
+            after = page[-1].alarm_id
 
     async def close(self) -> None:
         self._closed = True
@@ -98,7 +119,10 @@ class CommsLossWatch:
             handle = self._timers.pop(asset_id, None)
             if handle is not None:
                 handle.cancel()
-        if not self._closed:
+        lost = self._lost
+        if lost is not None:
+            assets = tuple(a for a in assets if a in lost)
+        if assets and not self._closed:
             self._spawn(self._clear(assets, utc_now()))
 
     def _on_detach(self, stream: AgentStream) -> None:
@@ -144,6 +168,8 @@ class CommsLossWatch:
                 continue
             if await self._back(asset_id, lost_at) is not None:
                 continue
+            if self._lost is not None:  # before the write: a clear may follow at once
+                self._lost.add(asset_id)
             alarm = await self._book.apply(
                 Condition(
                     asset_id=asset_id,
@@ -178,6 +204,8 @@ class CommsLossWatch:
             asset = self._inventory.assets.get(asset_id)
             if asset is None:
                 continue
+            if self._lost is not None:
+                self._lost.discard(asset_id)
             await self._book.apply(
                 Condition(
                     asset_id=asset_id,

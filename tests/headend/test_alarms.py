@@ -468,3 +468,35 @@ async def test_alarms_survive_restarts_of_headend_and_agent_with_nothing_duplica
 
     await run(finally_cleared)
     assert [c for c, _, _ in changes(observer)] == ["raised", "acknowledged"]
+
+
+async def test_a_comms_loss_raised_before_a_restart_clears_when_the_agent_is_back_after(
+    inventory_path: Path, database_url: str
+) -> None:
+    config = make_config(
+        inventory_path, DATABASE_URL=database_url, HEADEND_COMMS_LOSS_ALARM_S=str(COMMS_LOSS_S)
+    )
+    for back in (False, True):
+        headend = Headend(config, plugins=load_plugins(env={}))
+        await headend.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{headend.grpc_port}")
+        try:
+            async with httpx.AsyncClient(base_url=headend.http_url, timeout=WAIT_S) as http:
+                agent = await registered(channel, (BESS_1,))
+                if not back:
+                    await agent.end()
+
+                    async def raised() -> bool:
+                        return len(await alarms(http, code="comms_loss", state="active")) == 1
+
+                    await eventually(raised, "comms_loss is raised")
+                    continue
+
+                async def cleared() -> bool:
+                    rows = await alarms(http, code="comms_loss")
+                    return [r["state"] for r in rows] == ["cleared"]
+
+                await eventually(cleared, "the comms_loss of before the restart clears")
+        finally:
+            await channel.close()
+            await headend.stop()
