@@ -42,11 +42,13 @@ if TYPE_CHECKING:
     from der_sdk.plugins import Plugins
 
 __all__ = [
+    "ALARM_COLUMNS",
     "DEFAULT_DATABASE_URL",
     "TELEMETRY_COLUMNS",
     "AlarmUpdate",
     "AlarmWrite",
     "StorageBackend",
+    "alarm_conditions",
     "checked_alarm_update",
     "close_sessions_left_open",
     "open_storage",
@@ -73,6 +75,53 @@ TELEMETRY_COLUMNS: tuple[str, ...] = (
 )
 """The telemetry table's columns in SQL backends, in this order: one per
 :class:`~der_sdk.models.TelemetrySample` field, with the same names."""
+
+ALARM_COLUMNS = (
+    "alarm_id, asset_id, site_id, code, severity, text, state, raised_at, cleared_at,"
+    " acknowledged_at, acknowledged_by, raise_count, updated_at"
+)
+"""The alarm table's columns in SQL backends, for ``SELECT``: one per
+:class:`~der_sdk.models.Alarm` field, with the same names, in field order."""
+
+
+def alarm_conditions(
+    placeholder: Callable[[int], str],
+    *,
+    state: str | None = None,
+    severity: str | None = None,
+    site_id: str | None = None,
+    asset_id: str | None = None,
+    code: str | None = None,
+    acknowledged: bool | None = None,
+    after: str | None = None,
+) -> tuple[list[str], list[object]]:
+    """The ``WHERE`` conditions and parameters of :meth:`StorageBackend.alarms` for a
+    SQL backend over a table with :data:`ALARM_COLUMNS` named ``alarms``.
+
+    :param placeholder: the parameter marker of the n-th parameter (1-based): ``?`` for
+        SQLite, ``$n`` for PostgreSQL.
+    """
+    conditions: list[str] = []
+    params: list[object] = []
+    for column, value in (
+        ("state", state),
+        ("severity", severity),
+        ("site_id", site_id),
+        ("asset_id", asset_id),
+        ("code", code),
+    ):
+        if value is not None:
+            params.append(value)
+            conditions.append(f"{column} = {placeholder(len(params))}")
+    if acknowledged is not None:
+        conditions.append(f"acknowledged_at IS {'NOT ' if acknowledged else ''}NULL")
+    if after is not None:
+        params.append(after)
+        conditions.append(
+            "(raised_at, alarm_id) < (SELECT raised_at, alarm_id FROM alarms"
+            f" WHERE alarm_id = {placeholder(len(params))})"
+        )
+    return conditions, params
 
 
 AlarmUpdate = Callable[[Alarm | None], Alarm | None]

@@ -40,10 +40,12 @@ from der_sdk.models import (
 from der_sdk.plugins import hookimpl
 from der_sdk.sqlite_worker import SQLiteWorker, transaction
 from der_sdk.storage.contract import (
+    ALARM_COLUMNS,
     TELEMETRY_COLUMNS,
     AlarmUpdate,
     AlarmWrite,
     StorageBackend,
+    alarm_conditions,
     checked_alarm_update,
 )
 
@@ -308,12 +310,6 @@ def _event(row: Sequence[Any]) -> Event:
     )
 
 
-_ALARM_COLUMNS = (
-    "alarm_id, asset_id, site_id, code, severity, text, state, raised_at, cleared_at,"
-    " acknowledged_at, acknowledged_by, raise_count, updated_at"
-)
-
-
 def _opt_us(value: datetime | None) -> int | None:
     return None if value is None else _to_us(value)
 
@@ -374,7 +370,7 @@ def _update_alarm(
         if not inserted:
             return None
     row = conn.execute(
-        f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE asset_id = ? AND code = ? AND live = 1",
+        f"SELECT {ALARM_COLUMNS} FROM alarms WHERE asset_id = ? AND code = ? AND live = 1",
         (asset_id, code),
     ).fetchone()
     live = None if row is None else _alarm(row)
@@ -385,7 +381,7 @@ def _update_alarm(
     if live is not None and live.alarm_id != new.alarm_id:
         conn.execute("UPDATE alarms SET live = NULL WHERE alarm_id = ?", (live.alarm_id,))
     conn.execute(
-        f"INSERT OR REPLACE INTO alarms ({_ALARM_COLUMNS}, live)"
+        f"INSERT OR REPLACE INTO alarms ({ALARM_COLUMNS}, live)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
         _alarm_row(new),
     )
@@ -889,7 +885,7 @@ class SQLiteStorage(StorageBackend):
                 (at, acknowledged_by, at, alarm_id),
             ).rowcount
             row = conn.execute(
-                f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE alarm_id = ?", (alarm_id,)
+                f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = ?", (alarm_id,)
             ).fetchone()
             return None if row is None else (_alarm(row), bool(changed))
 
@@ -897,7 +893,7 @@ class SQLiteStorage(StorageBackend):
 
     async def get_alarm(self, alarm_id: str) -> Alarm | None:
         rows = await self._fetchall(
-            f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE alarm_id = ?", (alarm_id,)
+            f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = ?", (alarm_id,)
         )
         return _alarm(rows[0]) if rows else None
 
@@ -913,29 +909,19 @@ class SQLiteStorage(StorageBackend):
         after: str | None = None,
         limit: int = 100,
     ) -> list[Alarm]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        for column, value in (
-            ("state", state),
-            ("severity", severity),
-            ("site_id", site_id),
-            ("asset_id", asset_id),
-            ("code", code),
-        ):
-            if value is not None:
-                conditions.append(f"{column} = ?")
-                params.append(value)
-        if acknowledged is not None:
-            conditions.append(f"acknowledged_at IS {'NOT ' if acknowledged else ''}NULL")
-        if after is not None:
-            conditions.append(
-                "(raised_at, alarm_id) < (SELECT raised_at, alarm_id FROM alarms"
-                " WHERE alarm_id = ?)"
-            )
-            params.append(after)
+        conditions, params = alarm_conditions(
+            lambda _: "?",
+            state=state,
+            severity=severity,
+            site_id=site_id,
+            asset_id=asset_id,
+            code=code,
+            acknowledged=acknowledged,
+            after=after,
+        )
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = await self._fetchall(
-            f"SELECT {_ALARM_COLUMNS} FROM alarms{where}"
+            f"SELECT {ALARM_COLUMNS} FROM alarms{where}"
             " ORDER BY raised_at DESC, alarm_id DESC LIMIT ?",
             [*params, max(limit, 0)],
         )

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from der_sdk.inventory import Inventory
-from der_sdk.models import utc_now
+from der_sdk.models import Alarm, utc_now
 from der_sdk.storage.contract import StorageBackend
 from der_sdk_headend.alarms.book import AlarmBook
 from der_sdk_headend.alarms.state import COMMS_LOSS, Condition
@@ -142,7 +142,7 @@ class CommsLossWatch:
     def _due(self, asset_id: str, lost_at: datetime, agent_id: str) -> None:
         self._timers.pop(asset_id, None)
         if not self._closed:
-            self._spawn(self._raise([asset_id], lost_at, f"agent {agent_id}"))
+            self._spawn(self._raise(asset_id, lost_at, f"agent {agent_id}"))
 
     # ------------------------------------------------------------------ alarms
 
@@ -159,35 +159,21 @@ class CommsLossWatch:
             sessions = await self._storage.recent_sessions(asset_id, limit=1)
             ended = sessions[0].disconnected_at if sessions else None
             if ended is not None and utc_now() - ended >= grace:
-                await self._raise([asset_id], ended, "its agent")
+                await self._raise(asset_id, ended, "its agent")
 
-    async def _raise(self, asset_ids: Iterable[str], lost_at: datetime, who: str) -> None:
-        for asset_id in asset_ids:
-            asset = self._inventory.assets.get(asset_id)
-            if asset is None or self._connected(asset_id):
-                continue
-            if await self._back(asset_id, lost_at) is not None:
-                continue
-            if self._lost is not None:  # before the write: a clear may follow at once
-                self._lost.add(asset_id)
-            alarm = await self._book.apply(
-                Condition(
-                    asset_id=asset_id,
-                    site_id=asset.site_id,
-                    code=COMMS_LOSS,
-                    active=True,
-                    at=lost_at,
-                    severity="major",
-                    text=f"{who} lost its link to the headend and was not back within "
-                    f"{self.grace_s:g} s",
-                )
-            )
-            # An agent may have registered (on another replica, or here) between the
-            # checks and the raise, and found nothing to clear. Its session was stored
-            # before it cleared, and its clear and this raise are serialised by storage:
-            # a session seen now means the raise came last, so clear what it raised.
-            if alarm is not None and (back := await self._back(asset_id, lost_at)) is not None:
-                await self._clear([asset_id], back)
+    async def _raise(self, asset_id: str, lost_at: datetime, who: str) -> None:
+        if self._connected(asset_id) or await self._back(asset_id, lost_at) is not None:
+            return
+        if self._lost is not None:  # before the write: a clear may follow at once
+            self._lost.add(asset_id)
+        text = f"{who} lost its link to the headend and was not back within {self.grace_s:g} s"
+        alarm = await self._apply(asset_id, True, lost_at, text)
+        # An agent may have registered (on another replica, or here) between the checks
+        # and the raise, and found nothing to clear. Its session was stored before it
+        # cleared, and its clear and this raise are serialised by storage: a session seen
+        # now means the raise came last, so clear what it raised.
+        if alarm is not None and (back := await self._back(asset_id, lost_at)) is not None:
+            await self._clear([asset_id], back)
 
     async def _back(self, asset_id: str, lost_at: datetime) -> datetime | None:
         """When an agent registered the asset again after ``lost_at``, by its open
@@ -201,21 +187,25 @@ class CommsLossWatch:
 
     async def _clear(self, asset_ids: Iterable[str], at: datetime) -> None:
         for asset_id in asset_ids:
-            asset = self._inventory.assets.get(asset_id)
-            if asset is None:
-                continue
             if self._lost is not None:
                 self._lost.discard(asset_id)
-            await self._book.apply(
-                Condition(
-                    asset_id=asset_id,
-                    site_id=asset.site_id,
-                    code=COMMS_LOSS,
-                    active=False,
-                    at=at,
-                    text="an agent serves it again",
-                )
+            await self._apply(asset_id, False, at, "an agent serves it again")
+
+    async def _apply(self, asset_id: str, active: bool, at: datetime, text: str) -> Alarm | None:
+        asset = self._inventory.assets.get(asset_id)
+        if asset is None:  # left the inventory
+            return None
+        return await self._book.apply(
+            Condition(
+                asset_id=asset_id,
+                site_id=asset.site_id,
+                code=COMMS_LOSS,
+                active=active,
+                at=at,
+                severity="major",
+                text=text,
             )
+        )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -39,10 +39,12 @@ from der_sdk.models import (
     TelemetrySample,
 )
 from der_sdk.storage.contract import (
+    ALARM_COLUMNS,
     TELEMETRY_COLUMNS,
     AlarmUpdate,
     AlarmWrite,
     StorageBackend,
+    alarm_conditions,
     checked_alarm_update,
 )
 from der_sdk_postgres.migrations import migrate
@@ -84,11 +86,6 @@ ALARM_LOCK_CLASS = 0x414C524D
 """The first key of the lock :meth:`PostgresStorage.update_alarm` takes (the bytes of
 ``ALRM``): ``pg_advisory_xact_lock(ALARM_LOCK_CLASS, hashtext(asset_id || '/' || code))``,
 held until its transaction ends."""
-
-_ALARM_COLUMNS = (
-    "alarm_id, asset_id, site_id, code, severity, text, state, raised_at, cleared_at,"
-    " acknowledged_at, acknowledged_by, raise_count, updated_at"
-)
 
 
 @dataclass(slots=True, eq=False)
@@ -812,7 +809,7 @@ class PostgresStorage(StorageBackend):
                 if not _count(inserted):
                     return None
             row = await conn.fetchrow(
-                f"SELECT {_ALARM_COLUMNS} FROM alarms"
+                f"SELECT {ALARM_COLUMNS} FROM alarms"
                 " WHERE asset_id = $1 AND code = $2 AND live FOR UPDATE",
                 asset_id,
                 code,
@@ -827,7 +824,7 @@ class PostgresStorage(StorageBackend):
                     "UPDATE alarms SET live = NULL WHERE alarm_id = $1", live.alarm_id
                 )
             stored = await conn.fetchrow(
-                f"INSERT INTO alarms ({_ALARM_COLUMNS}, live)"
+                f"INSERT INTO alarms ({ALARM_COLUMNS}, live)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, true)"
                 " ON CONFLICT (alarm_id) DO UPDATE SET site_id = excluded.site_id,"
                 " severity = excluded.severity, text = excluded.text, state = excluded.state,"
@@ -835,7 +832,7 @@ class PostgresStorage(StorageBackend):
                 " acknowledged_at = excluded.acknowledged_at,"
                 " acknowledged_by = excluded.acknowledged_by,"
                 " raise_count = excluded.raise_count, updated_at = excluded.updated_at,"
-                f" live = true RETURNING {_ALARM_COLUMNS}",
+                f" live = true RETURNING {ALARM_COLUMNS}",
                 new.alarm_id,
                 new.asset_id,
                 new.site_id,
@@ -858,7 +855,7 @@ class PostgresStorage(StorageBackend):
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "UPDATE alarms SET acknowledged_at = $2, acknowledged_by = $3, updated_at = $2"
-                f" WHERE alarm_id = $1 AND acknowledged_at IS NULL RETURNING {_ALARM_COLUMNS}",
+                f" WHERE alarm_id = $1 AND acknowledged_at IS NULL RETURNING {ALARM_COLUMNS}",
                 alarm_id,
                 _check_aware(acknowledged_at),
                 acknowledged_by,
@@ -866,13 +863,13 @@ class PostgresStorage(StorageBackend):
             if row is not None:
                 return _alarm(row), True
             row = await conn.fetchrow(
-                f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE alarm_id = $1", alarm_id
+                f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = $1", alarm_id
             )
             return None if row is None else (_alarm(row), False)
 
     async def get_alarm(self, alarm_id: str) -> Alarm | None:
         row = await self.pool.fetchrow(
-            f"SELECT {_ALARM_COLUMNS} FROM alarms WHERE alarm_id = $1", alarm_id
+            f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = $1", alarm_id
         )
         return None if row is None else _alarm(row)
 
@@ -888,30 +885,20 @@ class PostgresStorage(StorageBackend):
         after: str | None = None,
         limit: int = 100,
     ) -> list[Alarm]:
-        conditions: list[str] = []
-        params: list[Any] = []
-        for column, value in (
-            ("state", state),
-            ("severity", severity),
-            ("site_id", site_id),
-            ("asset_id", asset_id),
-            ("code", code),
-        ):
-            if value is not None:
-                params.append(value)
-                conditions.append(f"{column} = ${len(params)}")
-        if acknowledged is not None:
-            conditions.append(f"acknowledged_at IS {'NOT ' if acknowledged else ''}NULL")
-        if after is not None:
-            params.append(after)
-            conditions.append(
-                "(raised_at, alarm_id) < (SELECT raised_at, alarm_id FROM alarms"
-                f" WHERE alarm_id = ${len(params)})"
-            )
+        conditions, params = alarm_conditions(
+            lambda n: f"${n}",
+            state=state,
+            severity=severity,
+            site_id=site_id,
+            asset_id=asset_id,
+            code=code,
+            acknowledged=acknowledged,
+            after=after,
+        )
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         params.append(max(limit, 0))
         rows = await self.pool.fetch(
-            f"SELECT {_ALARM_COLUMNS} FROM alarms{where}"
+            f"SELECT {ALARM_COLUMNS} FROM alarms{where}"
             f" ORDER BY raised_at DESC, alarm_id DESC LIMIT ${len(params)}",
             *params,
         )
