@@ -66,9 +66,6 @@ class AlarmBook:
         self._clock = clock
         self._clears: dict[str, asyncio.TimerHandle] = {}  # alarm id → its told-later clear
         self._tasks: set[asyncio.Task[None]] = set()
-        self.on_change: Callable[[Alarm, AlarmChangeKind], None] | None = None
-        """Told of every stored change at once, before de-bounce (the console's live
-        updates, when it listens)."""
 
     async def close(self) -> None:
         """Forget clears not told yet; wait for notifications in flight."""
@@ -165,11 +162,6 @@ class AlarmBook:
     # ------------------------------------------------------------------ notifications
 
     def _changed(self, alarm: Alarm, kind: AlarmChangeKind) -> None:
-        if self.on_change is not None:
-            try:
-                self.on_change(alarm, kind)
-            except Exception:
-                log.exception("alarm change listener failed")
         if kind == "cleared":
             self._tell_clear_later(alarm.alarm_id)
             return

@@ -88,12 +88,13 @@ class CommsLossWatch:
         self._presence.add_listener(self._on_attach, self._on_detach)
         self._spawn(self._check_at_start())
 
-    async def _active_losses(self) -> set[str]:
+    async def _active_losses(self, site_id: str | None = None) -> set[str]:
+        """The assets with an active ``comms_loss`` (of site ``site_id``, or all)."""
         lost: set[str] = set()
         after = None
         while True:
             page = await self._storage.alarms(
-                code=COMMS_LOSS, state="active", after=after, limit=LOAD_PAGE
+                code=COMMS_LOSS, state="active", site_id=site_id, after=after, limit=LOAD_PAGE
             )
             lost.update(alarm.asset_id for alarm in page)
             if len(page) < LOAD_PAGE:
@@ -119,10 +120,14 @@ class CommsLossWatch:
             handle = self._timers.pop(asset_id, None)
             if handle is not None:
                 handle.cancel()
+        if self._closed or not assets:
+            return
         lost = self._lost
-        if lost is not None:
-            assets = tuple(a for a in assets if a in lost)
-        if assets and not self._closed:
+        if lost is None:  # shared storage: one read for the stream, not a write per asset
+            self._spawn(self._clear_active(stream.site_id, assets, utc_now()))
+            return
+        assets = tuple(a for a in assets if a in lost)
+        if assets:
             self._spawn(self._clear(assets, utc_now()))
 
     def _on_detach(self, stream: AgentStream) -> None:
@@ -184,6 +189,12 @@ class CommsLossWatch:
             if connected_at >= lost_at:
                 return connected_at
         return None
+
+    async def _clear_active(self, site_id: str, asset_ids: tuple[str, ...], at: datetime) -> None:
+        """Clear the active ``comms_loss`` alarms of ``asset_ids`` (of site ``site_id``),
+        found with one read (a raise that lands after it clears itself: :meth:`_raise`)."""
+        found = await self._active_losses(site_id)
+        await self._clear([a for a in asset_ids if a in found], at)
 
     async def _clear(self, asset_ids: Iterable[str], at: datetime) -> None:
         for asset_id in asset_ids:

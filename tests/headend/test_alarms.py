@@ -218,6 +218,33 @@ async def test_an_event_sent_again_changes_the_alarm_once_on_any_stream(
     assert alarm["raise_count"] == 1, "the raise sent again did not re-raise the alarm"
 
 
+async def test_an_alarm_write_that_fails_holds_the_event_back_until_it_is_stored_once(
+    alarm_headend: Headend,
+    ahttp: httpx.AsyncClient,
+    channel: grpc.aio.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    storage = alarm_headend.storage
+    original = storage.update_alarm
+    failures: list[str] = []
+
+    async def fails_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append("storage down")
+            raise ConnectionError("storage down")
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "update_alarm", fails_once)
+    agent = await registered(channel)
+    await send(agent, condition("raised", "inverter_trip"))  # acknowledged after the retry
+
+    assert failures == ["storage down"]
+    (alarm,) = await alarms(ahttp)
+    assert (alarm["state"], alarm["raise_count"]) == ("active", 1)
+    stored = await storage.events(kind="condition_raised")
+    assert len(stored) == 1, "the event was stored once, after its alarm"
+
+
 # --------------------------------------------------------------------------- flapping
 
 
