@@ -215,7 +215,7 @@ async def test_a_schema_newer_than_the_plugin_is_refused(fresh_database: str) ->
 async def test_a_database_from_before_headend_ids_keeps_its_sessions_and_gains_the_column(
     fresh_database: str,
 ) -> None:
-    before = [m for m in load_migrations() if m.name != "session_headend"]
+    before = [m for m in load_migrations() if m.version <= 3]
     assert len(before) == 3, "the migrations up to 0003 are what der-sdk 0.1 left"
     conn = await asyncpg.connect(fresh_database)
     try:  # a database migrated by der-sdk-postgres before headend ids, with two sessions
@@ -254,7 +254,8 @@ async def test_a_database_from_before_headend_ids_keeps_its_sessions_and_gains_t
         assert (await first.recent_sessions("a"))[0].disconnected_at == T0 + timedelta(1)
     finally:
         await asyncio.gather(first.close(), second.close())
-    assert await _count(fresh_database, "SELECT max(version) FROM der_schema_migrations") == 4
+    latest = max(m.version for m in load_migrations())
+    assert await _count(fresh_database, "SELECT max(version) FROM der_schema_migrations") == latest
 
 
 async def test_search_path_keeps_the_tables_in_a_schema_of_their_own(
