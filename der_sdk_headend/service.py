@@ -331,6 +331,11 @@ class Headend:
             connected=self._asset_connected,
         )
         await self._comms_loss.start()
+        if self._cluster_presence is not None:
+            watch = self._comms_loss
+            self._cluster_presence.on_agents_gone = lambda entries: watch.lost_elsewhere(
+                (entry.agent_id, entry.asset_ids) for entry in entries
+            )
         # --- end alarms
         self._ingest.start()
         if bus is not None:

@@ -15,11 +15,13 @@ that registers cancels its assets' timers and clears their ``comms_loss``. At st
 the grace time is over, each asset whose newest session ended at least the grace time
 before gets one too (the headend may have stopped while its agent was away).
 
-In a cluster only the replica whose stream ended starts a timer, and raising is
+In a cluster the replica whose stream ended starts a timer, and raising is
 idempotent in storage (:meth:`~der_sdk.storage.contract.StorageBackend.update_alarm`), so
-replicas that check at start raise one alarm between them, not one each. Not covered: a
-replica that dies takes its timers with it; an agent that does not come back to another
-replica then gets no ``comms_loss`` until a replica starts.
+replicas that check at start raise one alarm between them, not one each. Every replica
+also starts the grace time for agents that leave the cluster's view from another replica
+(their entry deleted or expired, or their replica died or stopped:
+:meth:`CommsLossWatch.lost_elsewhere`), so a replica that dies or stops does not take the
+alarm with it.
 """
 
 from __future__ import annotations
@@ -143,6 +145,23 @@ class CommsLossWatch:
             self._timers[asset_id] = loop.call_later(
                 self.grace_s, self._due, asset_id, lost_at, stream.agent_id
             )
+
+    def lost_elsewhere(self, agents: Iterable[tuple[str, Iterable[str]]]) -> None:
+        """Agents another replica held left the cluster's view (their stream ended there,
+        or that replica died or stopped): start their grace time here too, since that
+        replica's timers may die with it. An agent back anywhere by then raises nothing;
+        every replica does this, and raising is idempotent in storage."""
+        if self._closed:
+            return
+        lost_at = utc_now()
+        loop = asyncio.get_running_loop()
+        for agent_id, asset_ids in agents:
+            for asset_id in asset_ids:
+                if asset_id in self._timers:
+                    continue
+                self._timers[asset_id] = loop.call_later(
+                    self.grace_s, self._due, asset_id, lost_at, agent_id
+                )
 
     def _due(self, asset_id: str, lost_at: datetime, agent_id: str) -> None:
         self._timers.pop(asset_id, None)

@@ -7,9 +7,10 @@ import asyncio
 from typing import Any
 
 import httpx
+import pytest
 
 from der_sdk_headend import Headend
-from tests.cluster.conftest import ConnectAgent, StartReplica
+from tests.cluster.conftest import ConnectAgent, StartReplica, crash_replica
 from tests.headend.headend_kit import SITE_A_ASSETS, eventually
 
 GRACE_S = 1.0
@@ -73,3 +74,33 @@ async def test_an_agent_that_stays_away_gets_one_comms_loss_per_asset_from_the_c
         return {r["state"] for r in await _comms_loss(a)} == {"cleared"}
 
     await eventually(cleared, "the alarms clear when the agent is back on replica-b", 5.0)
+
+
+@pytest.mark.parametrize("ending", ["crash", "stop"])
+async def test_the_agents_of_a_replica_that_dies_or_stops_get_comms_loss_from_the_others(
+    start_replica: StartReplica, connect_agent: ConnectAgent, ending: str
+) -> None:
+    settings = {"HEADEND_COMMS_LOSS_ALARM_S": str(GRACE_S), "HEADEND_BUS_PRESENCE_MAX_AGE_S": "3"}
+    a = await start_replica("replica-a", **settings)
+    b = await start_replica("replica-b", **settings)
+    agent = await connect_agent(b)
+    await agent.register(SITE_A_ASSETS, agent_id="gw-1")
+
+    async def a_sees_it() -> bool:
+        assert a.cluster_presence is not None
+        return a.cluster_presence.replica_of_asset(SITE_A_ASSETS[0]) == "replica-b"
+
+    await eventually(a_sees_it, "replica-a sees gw-1 on replica-b", 2.0)
+    if ending == "crash":
+        await crash_replica(b)  # its timers die with it, its entries expire after 3 s
+    else:
+        await b.stop()  # it ends the agent's stream itself, and stops its timers
+
+    async def raised() -> bool:
+        rows = await _comms_loss(a)
+        return sorted(r["asset_id"] for r in rows if r["state"] == "active") == sorted(
+            SITE_A_ASSETS
+        )
+
+    await eventually(raised, "replica-a raises comms_loss for gw-1's assets", 10.0)
+    assert len(await _comms_loss(a)) == len(SITE_A_ASSETS), "one alarm per asset"
