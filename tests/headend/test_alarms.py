@@ -4,6 +4,8 @@ the real gRPC link, acknowledged over REST, de-bounced, comms loss, metrics and 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -527,3 +529,40 @@ async def test_a_comms_loss_raised_before_a_restart_clears_when_the_agent_is_bac
         finally:
             await channel.close()
             await headend.stop()
+
+
+# --------------------------------------------------------------------------- the docs
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "alarms.md"
+DOC_ALARM_ID = "5c0e3f0b9d9e4c38a8a3f2f4e1d2c3b4"
+
+
+async def test_the_curl_examples_of_the_alarms_doc_answer_as_it_says(
+    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+) -> None:
+    text = DOC.read_text()
+    agent = await registered(channel)
+    await send(agent, condition("raised", "inverter_trip", text="inverter tripped on DC fault"))
+    (alarm,) = await alarms(ahttp)
+    block = re.search(r"```json\n(.*?)```", text, flags=re.S)
+    assert block is not None
+    shown = json.loads(block[1])
+    assert list(shown[0]) == list(alarm), "the doc shows every field, in order"
+
+    commands = re.findall(r"^curl (.*)$", text, flags=re.M)
+    assert len(commands) == 5
+    for command in commands:
+        method = "POST" if command.startswith("-X POST ") else "GET"
+        url = command.removeprefix("-X POST ").strip('"').replace("$H", "")
+        response = await ahttp.request(method, url.replace(DOC_ALARM_ID, alarm["alarm_id"]))
+        assert response.status_code == 200, (command, response.text)
+    acked = (await ahttp.get(f"/alarms/{alarm['alarm_id']}")).json()
+    assert acked["acknowledged_at"] is not None, "the doc's POST acknowledged it"
+
+    quoted = re.search(r"``(query parameter `state`: [^`]*?)``", text)
+    assert quoted is not None
+    refused = await ahttp.get("/alarms", params={"state": "open"})
+    assert refused.json()["detail"] == quoted[1]
+    metrics = (await ahttp.get("/metrics")).text
+    for line in re.findall(r"^(der_alarms_active\{severity=\"\w+\"\}) ", text, flags=re.M):
+        assert line in metrics
