@@ -73,7 +73,7 @@ def apply_condition(
         return msgspec.structs.replace(
             live, state="cleared", cleared_at=condition.at, updated_at=now
         )
-    text = condition.text or live_text(condition)
+    text = condition.text or default_text(condition)
     if live is not None and live.state == "active":
         if (live.severity, live.text) == (condition.severity, text):
             return None
@@ -106,7 +106,7 @@ def apply_condition(
     )
 
 
-def live_text(condition: Condition) -> str:
+def default_text(condition: Condition) -> str:
     """The text of a condition raised without one."""
     return f"{condition.code} raised"
 

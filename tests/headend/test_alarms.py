@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -193,6 +194,31 @@ async def test_a_raise_while_active_changes_nothing_unless_its_severity_changes(
     (alarm,) = await alarms(ahttp)
     assert (alarm["severity"], alarm["text"], alarm["raise_count"]) == ("critical", "SoC 1 %", 1)
     assert changes(observer) == [("raised", "low_soc", 1), ("updated", "low_soc", 1)]
+
+
+async def test_a_condition_without_a_code_or_severity_or_served_asset_is_stored_but_no_alarm(
+    alarm_headend: Headend,
+    ahttp: httpx.AsyncClient,
+    channel: grpc.aio.Channel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = await registered(channel, (BESS_1,))
+    bad = [
+        condition("raised", "trip", severity="fatal"),
+        condition("raised", ""),
+        condition("raised", "x" * 101),
+        condition("raised", "trip", asset_id=BESS_2),  # not served by this stream
+    ]
+    with caplog.at_level(logging.WARNING, logger="der.headend.alarms"):
+        for event in bad:
+            await send(agent, event)  # acknowledged all the same
+    assert await alarms(ahttp) == []
+    assert len(await alarm_headend.storage.events(kind="condition_raised")) == len(bad)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "der.headend.alarms"]
+    assert len(warnings) == len(bad)
+    assert "data.severity 'fatal' is not one of info, warning, major, critical" in warnings[0]
+    assert "data.code '' is not a string of 1 to 100 characters" in warnings[1]
+    assert "names no asset its agent serves" in warnings[3]
 
 
 # --------------------------------------------------------------------------- duplicates
