@@ -39,7 +39,7 @@ from der_sdk_headend.alarms.book import AlarmBook
 from der_sdk_headend.alarms.state import COMMS_LOSS, Condition
 from der_sdk_headend.presence import AgentStream, Presence
 
-__all__ = ["DEFAULT_COMMS_LOSS_S", "LOAD_PAGE", "CommsLossWatch"]
+__all__ = ["CLEAR_RETRY_S", "DEFAULT_COMMS_LOSS_S", "LOAD_PAGE", "CommsLossWatch"]
 
 log = logging.getLogger("der.headend.alarms")
 
@@ -47,6 +47,8 @@ DEFAULT_COMMS_LOSS_S = 30.0
 """``HEADEND_COMMS_LOSS_ALARM_S``: how long an agent may stay away before its assets'
 ``comms_loss`` alarms are raised."""
 
+CLEAR_RETRY_S = 1.0
+"""Wait before clearing again the ``comms_loss`` of returned agents when storage failed."""
 LOAD_PAGE = 1000
 """Alarms read per query when the active ``comms_loss`` alarms are loaded at start."""
 
@@ -77,6 +79,8 @@ class CommsLossWatch:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # asset id → its pending check
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._returned: dict[str, set[str]] = {}  # site id → assets back, to clear
+        self._wake = asyncio.Event()
         self._lost: set[str] | None = None
         """The assets with an active ``comms_loss``, when this process alone changes
         alarms (storage not shared): a registering agent then clears only those, with no
@@ -89,6 +93,7 @@ class CommsLossWatch:
             self._lost = await self._active_losses()
         self._presence.add_listener(self._on_attach, self._on_detach)
         self._spawn(self._check_at_start())
+        self._spawn(self._clear_returned())
 
     async def _active_losses(self, site_id: str | None = None) -> set[str]:
         """The assets with an active ``comms_loss`` (of site ``site_id``, or all)."""
@@ -124,13 +129,11 @@ class CommsLossWatch:
                 handle.cancel()
         if self._closed or not assets:
             return
-        lost = self._lost
-        if lost is None:  # shared storage: one read for the stream, not a write per asset
-            self._spawn(self._clear_active(stream.site_id, assets, utc_now()))
-            return
-        assets = tuple(a for a in assets if a in lost)
+        if self._lost is not None:
+            assets = tuple(a for a in assets if a in self._lost)
         if assets:
-            self._spawn(self._clear(assets, utc_now()))
+            self._returned.setdefault(stream.site_id, set()).update(assets)
+            self._wake.set()
 
     def _on_detach(self, stream: AgentStream) -> None:
         assets = self._served.pop(stream.stream_id, ())
@@ -209,11 +212,31 @@ class CommsLossWatch:
                 return connected_at
         return None
 
-    async def _clear_active(self, site_id: str, asset_ids: tuple[str, ...], at: datetime) -> None:
-        """Clear the active ``comms_loss`` alarms of ``asset_ids`` (of site ``site_id``),
-        found with one read (a raise that lands after it clears itself: :meth:`_raise`)."""
-        found = await self._active_losses(site_id)
-        await self._clear([a for a in asset_ids if a in found], at)
+    async def _clear_returned(self) -> None:
+        """Clear the ``comms_loss`` of assets whose agents registered, one site at a time
+        on this one task: a reconnect storm of thousands of agents takes one storage
+        connection, not one per agent, and on a shared storage one read per site finds
+        what to clear (a raise that lands after it clears itself: :meth:`_raise`)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._returned:
+                site_id, assets = self._returned.popitem()
+                try:
+                    if self._lost is None:
+                        active = await self._active_losses(site_id)
+                        assets = {a for a in assets if a in active}
+                    await self._clear(sorted(assets), utc_now())
+                except Exception as exc:
+                    log.error(
+                        "clearing comms_loss of site %s failed: %s: %s; retrying in %g s",
+                        site_id,
+                        type(exc).__name__,
+                        exc,
+                        CLEAR_RETRY_S,
+                    )
+                    self._returned.setdefault(site_id, set()).update(assets)
+                    await asyncio.sleep(CLEAR_RETRY_S)
 
     async def _clear(self, asset_ids: Iterable[str], at: datetime) -> None:
         for asset_id in asset_ids:

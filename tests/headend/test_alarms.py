@@ -35,6 +35,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.testing.services import require_tcp_service
 from der_sdk.wire import codec
 from der_sdk_headend import Headend
+from der_sdk_headend.alarms import comms
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 DEBOUNCE_S = 0.5
@@ -417,6 +418,40 @@ async def test_an_agent_away_past_the_grace_time_raises_comms_loss_cleared_when_
     await eventually(cleared, "comms_loss clears when the agent is back")
     assert len(await alarms(ahttp, code="comms_loss")) == 2, "the same alarms, cleared"
     await back.end()
+
+
+async def test_a_comms_loss_clear_that_fails_is_tried_again(
+    alarm_headend: Headend,
+    ahttp: httpx.AsyncClient,
+    channel: grpc.aio.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(comms, "CLEAR_RETRY_S", 0.05)
+    agent = await registered(channel, (BESS_1,))
+    await agent.end()
+
+    async def raised() -> bool:
+        return len(await alarms(ahttp, code="comms_loss", state="active")) == 1
+
+    await eventually(raised, "comms_loss is raised")
+    storage = alarm_headend.storage
+    original = storage.update_alarm
+    failures: list[str] = []
+
+    async def fails_once(*args: Any, **kwargs: Any) -> Any:
+        if not failures:
+            failures.append("storage down")
+            raise ConnectionError("storage down")
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "update_alarm", fails_once)
+    await registered(channel, (BESS_1,))
+
+    async def cleared() -> bool:
+        return await alarms(ahttp, code="comms_loss", state="active") == []
+
+    await eventually(cleared, "the clear is tried again and succeeds")
+    assert failures == ["storage down"]
 
 
 async def test_an_agent_back_within_the_grace_time_raises_no_comms_loss(
