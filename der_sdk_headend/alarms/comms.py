@@ -2,10 +2,12 @@
 back within a grace time (``HEADEND_COMMS_LOSS_ALARM_S``, default 30 s), cleared when an
 agent serves the asset again (docs/alarms.md).
 
-A raise checks, before and after it is stored, whether an agent registered the asset
-again after it was lost (an open session in storage, newer than the loss): the agent's own
-clear may have run just before the raise (on another replica, or here between the check
-and the write), and then the raise clears what it raised.
+Raises and clears run in turn on one task of the watch, so a storm of thousands of
+agents lost or back at once takes one storage connection. A raise checks, before and
+after it is stored, whether an agent registered the asset again after it was lost (an
+open session in storage, newer than the loss): the agent's own clear may have run just
+before the raise (on another replica, or here between the check and the write), and then
+the raise clears what it raised.
 
 The watch listens to :class:`~der_sdk_headend.presence.Presence`: a stream that ends
 starts one timer for the assets it served; when it fires, every asset that no agent
@@ -39,7 +41,7 @@ from der_sdk_headend.alarms.book import AlarmBook
 from der_sdk_headend.alarms.state import COMMS_LOSS, Condition
 from der_sdk_headend.presence import AgentStream, Presence
 
-__all__ = ["CLEAR_RETRY_S", "DEFAULT_COMMS_LOSS_S", "LOAD_PAGE", "CommsLossWatch"]
+__all__ = ["DEFAULT_COMMS_LOSS_S", "LOAD_PAGE", "RETRY_S", "CommsLossWatch"]
 
 log = logging.getLogger("der.headend.alarms")
 
@@ -47,8 +49,8 @@ DEFAULT_COMMS_LOSS_S = 30.0
 """``HEADEND_COMMS_LOSS_ALARM_S``: how long an agent may stay away before its assets'
 ``comms_loss`` alarms are raised."""
 
-CLEAR_RETRY_S = 1.0
-"""Wait before clearing again the ``comms_loss`` of returned agents when storage failed."""
+RETRY_S = 1.0
+"""Wait before raising or clearing ``comms_loss`` alarms again when storage failed."""
 LOAD_PAGE = 1000
 """Alarms read per query when the active ``comms_loss`` alarms are loaded at start."""
 
@@ -80,6 +82,7 @@ class CommsLossWatch:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._returned: dict[str, set[str]] = {}  # site id → assets back, to clear
+        self._overdue: dict[str, tuple[datetime, str]] = {}  # asset → (lost at, who), to raise
         self._wake = asyncio.Event()
         self._lost: set[str] | None = None
         """The assets with an active ``comms_loss``, when this process alone changes
@@ -93,7 +96,7 @@ class CommsLossWatch:
             self._lost = await self._active_losses()
         self._presence.add_listener(self._on_attach, self._on_detach)
         self._spawn(self._check_at_start())
-        self._spawn(self._clear_returned())
+        self._spawn(self._work())
 
     async def _active_losses(self, site_id: str | None = None) -> set[str]:
         """The assets with an active ``comms_loss`` (of site ``site_id``, or all)."""
@@ -127,6 +130,7 @@ class CommsLossWatch:
             handle = self._timers.pop(asset_id, None)
             if handle is not None:
                 handle.cancel()
+            self._overdue.pop(asset_id, None)
         if self._closed or not assets:
             return
         if self._lost is not None:
@@ -169,7 +173,8 @@ class CommsLossWatch:
     def _due(self, asset_id: str, lost_at: datetime, agent_id: str) -> None:
         self._timers.pop(asset_id, None)
         if not self._closed:
-            self._spawn(self._raise(asset_id, lost_at, f"agent {agent_id}"))
+            self._overdue[asset_id] = (lost_at, f"agent {agent_id}")
+            self._wake.set()
 
     # ------------------------------------------------------------------ alarms
 
@@ -186,7 +191,8 @@ class CommsLossWatch:
             sessions = await self._storage.recent_sessions(asset_id, limit=1)
             ended = sessions[0].disconnected_at if sessions else None
             if ended is not None and utc_now() - ended >= grace:
-                await self._raise(asset_id, ended, "its agent")
+                self._overdue.setdefault(asset_id, (ended, "its agent"))
+                self._wake.set()
 
     async def _raise(self, asset_id: str, lost_at: datetime, who: str) -> None:
         if self._connected(asset_id) or await self._back(asset_id, lost_at) is not None:
@@ -212,31 +218,43 @@ class CommsLossWatch:
                 return connected_at
         return None
 
-    async def _clear_returned(self) -> None:
-        """Clear the ``comms_loss`` of assets whose agents registered, one site at a time
-        on this one task: a reconnect storm of thousands of agents takes one storage
-        connection, not one per agent, and on a shared storage one read per site finds
-        what to clear (a raise that lands after it clears itself: :meth:`_raise`)."""
+    async def _work(self) -> None:
+        """Raise for the assets whose grace time is over and clear for those whose agents
+        registered, in turn on this one task: a storm of thousands of agents lost or back
+        at once takes one storage connection, not one per asset. Clears go a site at a
+        time; on a shared storage one read per site finds what to clear (a raise that
+        lands after it clears itself: :meth:`_raise`). What fails is tried again."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._returned:
-                site_id, assets = self._returned.popitem()
+            while self._returned or self._overdue:
                 try:
-                    if self._lost is None:
-                        active = await self._active_losses(site_id)
-                        assets = {a for a in assets if a in active}
-                    await self._clear(sorted(assets), utc_now())
+                    await self._work_once()
                 except Exception as exc:
                     log.error(
-                        "clearing comms_loss of site %s failed: %s: %s; retrying in %g s",
-                        site_id,
+                        "comms_loss alarms not updated: %s: %s; retrying in %g s",
                         type(exc).__name__,
                         exc,
-                        CLEAR_RETRY_S,
+                        RETRY_S,
                     )
-                    self._returned.setdefault(site_id, set()).update(assets)
-                    await asyncio.sleep(CLEAR_RETRY_S)
+                    await asyncio.sleep(RETRY_S)
+
+    async def _work_once(self) -> None:
+        if self._returned:
+            site_id, assets = self._returned.popitem()
+            try:
+                if self._lost is None:
+                    active = await self._active_losses(site_id)
+                    assets = {a for a in assets if a in active}
+                await self._clear(sorted(assets), utc_now())
+            except BaseException:
+                self._returned.setdefault(site_id, set()).update(assets)
+                raise
+        if self._overdue:
+            asset_id, (lost_at, who) = next(iter(self._overdue.items()))
+            await self._raise(asset_id, lost_at, who)
+            if self._overdue.get(asset_id) == (lost_at, who):
+                del self._overdue[asset_id]
 
     async def _clear(self, asset_ids: Iterable[str], at: datetime) -> None:
         for asset_id in asset_ids:

@@ -426,7 +426,7 @@ async def test_a_comms_loss_clear_that_fails_is_tried_again(
     channel: grpc.aio.Channel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(comms, "CLEAR_RETRY_S", 0.05)
+    monkeypatch.setattr(comms, "RETRY_S", 0.05)
     agent = await registered(channel, (BESS_1,))
     await agent.end()
 
