@@ -27,7 +27,7 @@ from der_sdk.extensions import (
     SplitPolicy,
     StorageBackendType,
 )
-from der_sdk.models import Asset, Dispatch, Session, TelemetrySample
+from der_sdk.models import Alarm, Asset, Dispatch, Session, TelemetrySample
 
 PROJECT_NAME = "der_sdk"
 
@@ -257,10 +257,31 @@ def der_agent_disconnected(sessions: Sequence[Session]) -> None:
     """
 
 
+@hookspec
+def der_alarm_changed(alarm: Alarm, change: str) -> None:
+    """An alarm changed and the change was stored (docs/alarms.md): for notification
+    plugins (mail, chat, paging).
+
+    Called by the headend that made the change (in a cluster: one replica), after the
+    change is stored. De-bounced: a ``cleared`` is told only once the alarm has stayed
+    cleared for ``HEADEND_ALARM_DEBOUNCE_S``, and a re-raise within that time is not told
+    at all, so a flapping condition is one ``raised`` and, if it settles cleared, one
+    ``cleared``. An agent event sent again is not told again.
+
+    :param alarm: the alarm after the change (:class:`~der_sdk.models.Alarm`).
+    :param change: ``raised`` (a new alarm), ``reraised`` (active again after a clear
+        that was told), ``updated`` (another severity or text while active), ``cleared``
+        or ``acknowledged``.
+
+    Since 0.3.
+    """
+
+
 OBSERVER_HOOKS = (
     "der_telemetry_received",
     "der_dispatch_validated",
     "der_agent_connected",
     "der_agent_disconnected",
+    "der_alarm_changed",
 )
 """The observer hooks: fired with ``Plugins.notify``, never through the pluggy relay."""

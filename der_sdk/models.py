@@ -17,12 +17,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 __all__ = [
+    "ALARM_SEVERITIES",
     "DISPATCH_HORIZON_S",
     "DISPATCH_STATE_RANK",
     "SCHEDULE_HORIZON_S",
     "SCHEDULE_MAX_STEPS",
     "TERMINAL_DISPATCH_STATES",
     "AgentHeartbeat",
+    "Alarm",
+    "AlarmSeverity",
+    "AlarmState",
     "Allocation",
     "Asset",
     "BufferStats",
@@ -390,6 +394,37 @@ class Event(msgspec.Struct, kw_only=True):
     asset_id: str | None = None
     site_id: str | None = None
     data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+AlarmSeverity = Literal["info", "warning", "major", "critical"]
+"""How serious an alarm is, least to most (the severities adapters raise conditions with)."""
+ALARM_SEVERITIES: tuple[AlarmSeverity, ...] = ("info", "warning", "major", "critical")
+AlarmState = Literal["active", "cleared"]
+
+
+class Alarm(msgspec.Struct, kw_only=True):
+    """A condition of one asset that operators acknowledge (docs/alarms.md).
+
+    There is one live alarm per ``(asset_id, code)``: a raise while it is active changes
+    nothing, a raise soon after it cleared (the headend's de-bounce) makes it active
+    again and counts ``raise_count`` up; a raise later opens a new alarm. Times are UTC:
+    ``raised_at`` and ``cleared_at`` are when the condition began and ended (the agent's
+    clock for device conditions), ``acknowledged_at`` and ``updated_at`` the headend's.
+    """
+
+    alarm_id: str
+    asset_id: str
+    site_id: str
+    code: str
+    severity: AlarmSeverity
+    text: str
+    state: AlarmState
+    raised_at: datetime
+    cleared_at: datetime | None = None
+    acknowledged_at: datetime | None = None
+    acknowledged_by: str | None = None
+    raise_count: int = 1
+    updated_at: datetime | None = None
 
 
 # ----------------------------------------------------------------------------- agent link

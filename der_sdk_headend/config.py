@@ -225,6 +225,12 @@ class HeadendConfig:
     """``CONSOLE_CONFIRM_SHARE``: the console confirms a dispatch changing an asset's
     setpoint by more than this share of its capacity, the larger absolute value of
     ``min_mw`` and ``max_mw`` (docs/headend.md, der_sdk_headend/console/dispatch.py)."""
+    comms_loss_alarm_s: float = 30.0
+    """``HEADEND_COMMS_LOSS_ALARM_S``: seconds an agent may stay away before a
+    ``comms_loss`` alarm is raised for each of its assets (docs/alarms.md)."""
+    alarm_debounce_s: float = 10.0
+    """``HEADEND_ALARM_DEBOUNCE_S``: a condition raised again this soon after it cleared
+    re-activates the same alarm, and notifications wait this long (docs/alarms.md)."""
     headend_id_configured: bool = False
     """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
     built. Only a configured id scopes the closing of sessions at start: a derived one
@@ -257,6 +263,16 @@ class HeadendConfig:
             raise DerSdkError(
                 f"HEADEND_BUS_DISPATCH_RECONCILE_S={self.bus_dispatch_reconcile_s:g} must be "
                 "more than 0 and at most 3600 seconds"
+            )
+        if not 0 < self.comms_loss_alarm_s <= 86_400:
+            raise DerSdkError(
+                f"HEADEND_COMMS_LOSS_ALARM_S={self.comms_loss_alarm_s:g} must be more than 0 "
+                "and at most 86400 seconds (default 30)"
+            )
+        if not 0 <= self.alarm_debounce_s <= 3600:
+            raise DerSdkError(
+                f"HEADEND_ALARM_DEBOUNCE_S={self.alarm_debounce_s:g} must be 0 to 3600 "
+                "seconds (default 10; 0 turns the de-bounce off)"
             )
         if not 0 <= self.console_confirm_share <= 1:
             raise DerSdkError(
@@ -387,4 +403,6 @@ class HeadendConfig:
             bus_ack_wait_s=_float(env, "HEADEND_BUS_ACK_WAIT_S", 30.0),
             bus_dispatch_reconcile_s=_float(env, "HEADEND_BUS_DISPATCH_RECONCILE_S", 2.0),
             console_confirm_share=_float(env, "CONSOLE_CONFIRM_SHARE", 0.5),
+            comms_loss_alarm_s=_float(env, "HEADEND_COMMS_LOSS_ALARM_S", 30.0),
+            alarm_debounce_s=_float(env, "HEADEND_ALARM_DEBOUNCE_S", 10.0),
         )

@@ -29,6 +29,7 @@ from der_sdk.models import TelemetrySample, utc_now
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
 from der_sdk_headend import gc_pauses
+from der_sdk_headend.alarms import AlarmBook, CommsLossWatch
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.cluster import Cluster
 from der_sdk_headend.cluster.dispatch import ClusterDispatcher
@@ -130,6 +131,8 @@ class Headend:
         self._ingest: TelemetryIngest | None = None
         self._stream_writers: StreamWriters | None = None  # cluster ingest (bus mode)
         self._dispatcher: Dispatcher | None = None
+        self._alarms: AlarmBook | None = None
+        self._comms_loss: CommsLossWatch | None = None
         self._live_hub: LiveHub | None = None  # the console's live updates
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
@@ -199,6 +202,11 @@ class Headend:
     @property
     def dispatcher(self) -> Dispatcher:
         return _started(self._dispatcher, "dispatcher")
+
+    @property
+    def alarms(self) -> AlarmBook:
+        """Alarms: conditions from agents and comms loss, acknowledged by operators."""
+        return _started(self._alarms, "alarm book")
 
     @property
     def live_hub(self) -> LiveHub:
@@ -324,6 +332,27 @@ class Headend:
             sink=BusTelemetrySink(bus, storage, self.plugins) if bus is not None else None,
         )
         await self._ingest.warm()
+        # --- alarms (issue 21): condition events change alarms before they are stored
+        # and acknowledged; a stream that stays away raises comms_loss for its assets.
+        self._alarms = AlarmBook(
+            storage, self.plugins, inventory, debounce_s=config.alarm_debounce_s
+        )
+        self._ingest.event_listener = self._alarms.on_event
+        self._comms_loss = CommsLossWatch(
+            self._alarms,
+            self._presence,
+            inventory,
+            storage,
+            grace_s=config.comms_loss_alarm_s,
+            connected=self._asset_connected,
+        )
+        await self._comms_loss.start()
+        if self._cluster_presence is not None:
+            watch = self._comms_loss
+            self._cluster_presence.on_agents_gone = lambda entries: watch.lost_elsewhere(
+                (entry.agent_id, entry.asset_ids) for entry in entries
+            )
+        # --- end alarms
         self._ingest.start()
         if bus is not None:
             self._stream_writers = StreamWriters(
@@ -384,6 +413,13 @@ class Headend:
         await self._start_grpc()
         if self._http_server is None:
             await self._start_http()
+
+    def _asset_connected(self, asset_id: str) -> bool:
+        """Whether an agent serves ``asset_id`` now: here, or in bus mode on any replica."""
+        if self._presence is not None and self._presence.stream_for(asset_id) is not None:
+            return True
+        cluster = self._cluster_presence
+        return cluster is not None and cluster.holder_of_asset(asset_id) is not None
 
     def _attach_live(self, listener: Callable[[TelemetrySample], None] | None) -> None:
         """Point ingest's latest-sample listener at the console's hub (or detach it)."""
@@ -580,6 +616,8 @@ class Headend:
                 await self._grpc_server.stop(grace=STREAM_GRACE_S)
             if self._front is not None:
                 await self._front.close()
+            if self._comms_loss is not None:  # a stopping headend raises no comms_loss
+                await self._comms_loss.close()
             if self._presence is not None:
                 await self._presence.detach_all()
             if self._ingest is not None:  # in bus mode: drains the queue into the stream
@@ -588,6 +626,8 @@ class Headend:
                 await self._stream_writers.close(INGEST_DRAIN_S)
             if self._dispatcher is not None:
                 await self._dispatcher.close()
+            if self._alarms is not None:
+                await self._alarms.close()
             if self._cluster_presence is not None:  # cluster presence (issue 17)
                 try:
                     await self._cluster_presence.close()  # releases this replica's entries

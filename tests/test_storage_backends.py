@@ -134,7 +134,7 @@ async def test_a_sqlite_file_from_schema_2_keeps_its_data_and_gains_headend_ids(
         with contextlib.closing(sqlite3.connect(path)) as db:
             return [v for (v,) in db.execute("SELECT version FROM schema_version")]
 
-    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 3
+    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 4
 
 
 class _StorageBeforeHeadendIds(MemoryStorage):

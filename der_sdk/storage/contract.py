@@ -9,6 +9,10 @@ Conventions that hold for every backend (the conformance suite checks them):
 * Telemetry is **idempotent**: the dedupe key is ``(asset_id, ts)``. Re-appending a sample
   with the same asset and timestamp stores nothing new.
 * Methods are coroutines and never block the event loop.
+* Alarms: one *live* alarm per ``(asset_id, code)``, changed only through
+  :meth:`StorageBackend.update_alarm`, atomically, also across the processes of a
+  :attr:`~StorageBackend.shared` backend; an agent event applied once is never applied
+  again (its ``event_id`` is kept).
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import abc
 import contextlib
 import inspect
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from der_sdk.models import (
+    Alarm,
+    AlarmSeverity,
+    AlarmState,
     Dispatch,
     DispatchEvent,
     Event,
@@ -35,10 +42,15 @@ if TYPE_CHECKING:
     from der_sdk.plugins import Plugins
 
 __all__ = [
+    "ALARM_COLUMNS",
     "DEFAULT_DATABASE_URL",
     "OLD_EVENTS_WINDOW",
     "TELEMETRY_COLUMNS",
+    "AlarmUpdate",
+    "AlarmWrite",
     "StorageBackend",
+    "alarm_conditions",
+    "checked_alarm_update",
     "close_sessions_left_open",
     "filtered_events",
     "open_storage",
@@ -65,6 +77,67 @@ TELEMETRY_COLUMNS: tuple[str, ...] = (
 )
 """The telemetry table's columns in SQL backends, in this order: one per
 :class:`~der_sdk.models.TelemetrySample` field, with the same names."""
+
+ALARM_COLUMNS = (
+    "alarm_id, asset_id, site_id, code, severity, text, state, raised_at, cleared_at,"
+    " acknowledged_at, acknowledged_by, raise_count, updated_at"
+)
+"""The alarm table's columns in SQL backends, for ``SELECT``: one per
+:class:`~der_sdk.models.Alarm` field, with the same names, in field order."""
+
+
+def alarm_conditions(
+    placeholder: Callable[[int], str],
+    *,
+    state: str | None = None,
+    severity: str | None = None,
+    site_id: str | None = None,
+    asset_id: str | None = None,
+    code: str | None = None,
+    acknowledged: bool | None = None,
+    after: str | None = None,
+) -> tuple[list[str], list[object]]:
+    """The ``WHERE`` conditions and parameters of :meth:`StorageBackend.alarms` for a
+    SQL backend over a table with :data:`ALARM_COLUMNS` named ``alarms``.
+
+    :param placeholder: the parameter marker of the n-th parameter (1-based): ``?`` for
+        SQLite, ``$n`` for PostgreSQL.
+    """
+    conditions: list[str] = []
+    params: list[object] = []
+    for column, value in (
+        ("state", state),
+        ("severity", severity),
+        ("site_id", site_id),
+        ("asset_id", asset_id),
+        ("code", code),
+    ):
+        if value is not None:
+            params.append(value)
+            conditions.append(f"{column} = {placeholder(len(params))}")
+    if acknowledged is not None:
+        conditions.append(f"acknowledged_at IS {'NOT ' if acknowledged else ''}NULL")
+    if after is not None:
+        params.append(after)
+        conditions.append(
+            "(raised_at, alarm_id) < (SELECT raised_at, alarm_id FROM alarms"
+            f" WHERE alarm_id = {placeholder(len(params))})"
+        )
+    return conditions, params
+
+
+AlarmUpdate = Callable[[Alarm | None], Alarm | None]
+"""What :meth:`StorageBackend.update_alarm` applies: given the live alarm of an
+``(asset_id, code)`` (``None`` when there is none), the record to store, or ``None`` to
+store nothing. A pure function of its argument: it may run on a storage thread."""
+
+
+class AlarmWrite(NamedTuple):
+    """An alarm change that was stored: the live alarm before (``None``: there was none)
+    and the record stored."""
+
+    before: Alarm | None
+    after: Alarm
 
 
 class StorageBackend(abc.ABC):
@@ -250,6 +323,89 @@ class StorageBackend(abc.ABC):
         ``site_id``, ``exclude_kinds``, ``start`` and ``end`` are new in der-sdk 0.2 (for
         ``GET /events``); the headend calls a backend without them through
         :func:`filtered_events`."""
+
+    # ------------------------------------------------------------------ alarms
+
+    @abc.abstractmethod
+    async def update_alarm(
+        self,
+        asset_id: str,
+        code: str,
+        update: AlarmUpdate,
+        *,
+        event_id: str | None = None,
+    ) -> AlarmWrite | None:
+        """Change the live alarm of ``(asset_id, code)``, atomically: no other change of
+        it (from this process or, for a :attr:`shared` backend, any other) runs between
+        the read and the write.
+
+        ``update`` is called once with the live alarm (``None`` when there is none) and
+        returns the record to store or ``None``. A record with the live alarm's
+        ``alarm_id`` replaces it; one with a new ``alarm_id`` becomes the live alarm, and
+        the one before stays in the record as history.
+
+        :param event_id: the agent event that caused the change. It is recorded as
+            applied in the same transaction, also when ``update`` stores nothing; an
+            ``event_id`` recorded before makes this a no-op (``update`` is not called).
+        :return: what was stored, or ``None`` when nothing was. Since 0.3.
+        """
+
+    @abc.abstractmethod
+    async def acknowledge_alarm(
+        self, alarm_id: str, acknowledged_at: datetime, acknowledged_by: str
+    ) -> tuple[Alarm, bool] | None:
+        """Acknowledge an alarm (live or not) unless it is already acknowledged; also sets
+        ``updated_at`` to ``acknowledged_at``.
+
+        :return: the alarm after, and whether this call acknowledged it (``False``: it was
+            acknowledged before, and keeps who and when); ``None`` for an unknown id.
+            Since 0.3.
+        """
+
+    @abc.abstractmethod
+    async def get_alarm(self, alarm_id: str) -> Alarm | None:
+        """One alarm, or ``None``. Since 0.3."""
+
+    @abc.abstractmethod
+    async def alarms(
+        self,
+        *,
+        state: AlarmState | None = None,
+        severity: AlarmSeverity | None = None,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        code: str | None = None,
+        acknowledged: bool | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Alarm]:
+        """Alarms, newest ``raised_at`` first (then ``alarm_id`` descending), filtered.
+
+        :param acknowledged: ``True`` keeps acknowledged alarms, ``False`` the others.
+        :param after: an ``alarm_id``: list only what comes after it in this order (the
+            next page). An unknown id lists nothing.
+        Since 0.3.
+        """
+
+    @abc.abstractmethod
+    async def active_alarm_counts(self) -> dict[AlarmSeverity, int]:
+        """How many alarms are active, by severity (severities with none may be left
+        out). Since 0.3."""
+
+
+def checked_alarm_update(asset_id: str, code: str, new: Alarm | None) -> None:
+    """Refuse what an :data:`AlarmUpdate` returned for ``(asset_id, code)`` when it is for
+    another asset or code; every backend calls this before it stores the record.
+
+    :raises ValueError: naming what differs.
+    """
+    if new is None:
+        return
+    if (new.asset_id, new.code) != (asset_id, code):
+        raise ValueError(
+            f"update_alarm({asset_id!r}, {code!r}): the update returned an alarm of asset "
+            f"{new.asset_id!r}, code {new.code!r}"
+        )
 
 
 def open_storage(url: str, plugins: Plugins) -> StorageBackend:

@@ -18,6 +18,9 @@ import msgspec
 
 from der_sdk.extensions import StorageBackendType
 from der_sdk.models import (
+    Alarm,
+    AlarmSeverity,
+    AlarmState,
     Dispatch,
     DispatchEvent,
     Event,
@@ -26,7 +29,12 @@ from der_sdk.models import (
     TelemetrySample,
 )
 from der_sdk.plugins import hookimpl
-from der_sdk.storage.contract import StorageBackend
+from der_sdk.storage.contract import (
+    AlarmUpdate,
+    AlarmWrite,
+    StorageBackend,
+    checked_alarm_update,
+)
 
 __all__ = ["MemoryStorage", "der_storage_backends"]
 
@@ -85,6 +93,9 @@ class MemoryStorage(StorageBackend):
         self._dispatch_events: list[DispatchEvent] = []
         self._sessions: dict[str, Session] = {}
         self._events: list[Event] = []
+        self._alarms: dict[str, Alarm] = {}
+        self._live_alarms: dict[tuple[str, str], str] = {}  # (asset, code) → alarm id
+        self._alarm_events: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str) -> MemoryStorage:
@@ -273,6 +284,103 @@ class MemoryStorage(StorageBackend):
         # Walk newest recorded first, then a stable sort: equal times list the later first.
         found = sorted(filter(matching, reversed(self._events)), key=lambda e: e.ts, reverse=True)
         return _copies(found, limit)
+
+    # ------------------------------------------------------------------ alarms
+
+    async def update_alarm(
+        self,
+        asset_id: str,
+        code: str,
+        update: AlarmUpdate,
+        *,
+        event_id: str | None = None,
+    ) -> AlarmWrite | None:
+        if event_id is not None and event_id in self._alarm_events:
+            return None
+        live_id = self._live_alarms.get((asset_id, code))
+        live = self._alarms.get(live_id) if live_id is not None else None
+        new = update(copy.deepcopy(live))
+        checked_alarm_update(asset_id, code, new)
+        if event_id is not None:
+            self._alarm_events.add(event_id)
+        if new is None:
+            return None
+        stored = _utc_alarm(new)
+        self._alarms[stored.alarm_id] = stored
+        self._live_alarms[(asset_id, code)] = stored.alarm_id
+        return AlarmWrite(copy.deepcopy(live), copy.deepcopy(stored))
+
+    async def acknowledge_alarm(
+        self, alarm_id: str, acknowledged_at: datetime, acknowledged_by: str
+    ) -> tuple[Alarm, bool] | None:
+        alarm = self._alarms.get(alarm_id)
+        if alarm is None:
+            return None
+        if alarm.acknowledged_at is not None:
+            return copy.deepcopy(alarm), False
+        at = _utc(acknowledged_at)
+        alarm.acknowledged_at, alarm.acknowledged_by, alarm.updated_at = at, acknowledged_by, at
+        return copy.deepcopy(alarm), True
+
+    async def get_alarm(self, alarm_id: str) -> Alarm | None:
+        return copy.deepcopy(self._alarms.get(alarm_id))
+
+    async def alarms(
+        self,
+        *,
+        state: AlarmState | None = None,
+        severity: AlarmSeverity | None = None,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        code: str | None = None,
+        acknowledged: bool | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Alarm]:
+        def matches(alarm: Alarm) -> bool:
+            return (
+                (state is None or alarm.state == state)
+                and (severity is None or alarm.severity == severity)
+                and (site_id is None or alarm.site_id == site_id)
+                and (asset_id is None or alarm.asset_id == asset_id)
+                and (code is None or alarm.code == code)
+                and (acknowledged is None or (alarm.acknowledged_at is not None) == acknowledged)
+            )
+
+        found = sorted(
+            filter(matches, self._alarms.values()),
+            key=lambda a: (a.raised_at, a.alarm_id),
+            reverse=True,
+        )
+        if after is not None:
+            cursor = self._alarms.get(after)
+            if cursor is None:
+                return []
+            key = (cursor.raised_at, cursor.alarm_id)
+            found = [a for a in found if (a.raised_at, a.alarm_id) < key]
+        return _copies(found, limit)
+
+    async def active_alarm_counts(self) -> dict[AlarmSeverity, int]:
+        counts: dict[AlarmSeverity, int] = {}
+        for alarm in self._alarms.values():
+            if alarm.state == "active":
+                counts[alarm.severity] = counts.get(alarm.severity, 0) + 1
+        return counts
+
+
+def _utc_alarm(alarm: Alarm) -> Alarm:
+    """A copy of ``alarm`` with every time in UTC (naive times refused)."""
+
+    def utc(value: datetime | None) -> datetime | None:
+        return None if value is None else _utc(value)
+
+    return msgspec.structs.replace(
+        copy.deepcopy(alarm),
+        raised_at=_utc(alarm.raised_at),
+        cleared_at=utc(alarm.cleared_at),
+        acknowledged_at=utc(alarm.acknowledged_at),
+        updated_at=utc(alarm.updated_at),
+    )
 
 
 @hookimpl

@@ -28,6 +28,9 @@ import msgspec
 from der_sdk.errors import DerSdkError
 from der_sdk.extensions import StorageBackendType
 from der_sdk.models import (
+    Alarm,
+    AlarmSeverity,
+    AlarmState,
     Dispatch,
     DispatchEvent,
     Event,
@@ -37,7 +40,15 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import hookimpl
 from der_sdk.sqlite_worker import SQLiteWorker, transaction
-from der_sdk.storage.contract import TELEMETRY_COLUMNS, StorageBackend
+from der_sdk.storage.contract import (
+    ALARM_COLUMNS,
+    TELEMETRY_COLUMNS,
+    AlarmUpdate,
+    AlarmWrite,
+    StorageBackend,
+    alarm_conditions,
+    checked_alarm_update,
+)
 
 log = logging.getLogger("der.storage.sqlite")
 
@@ -45,10 +56,11 @@ _T = TypeVar("_T")
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema this module creates; a newer version in the file is refused at open.
 1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``. 3: sessions
-record the headend that opened them (``headend_id``)."""
+record the headend that opened them (``headend_id``). 4: alarms (``alarms`` and the
+applied events ``alarm_events``; created by the schema script, nothing to migrate)."""
 
 _MEMORY = ":memory:"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -67,6 +79,8 @@ _TABLES = (
     "sessions",
     "heartbeats",
     "events",
+    "alarms",
+    "alarm_events",
 )
 
 _SCHEMA = f"""
@@ -157,6 +171,33 @@ CREATE INDEX IF NOT EXISTS events_by_ts ON events (ts);
 CREATE INDEX IF NOT EXISTS events_by_asset ON events (asset_id, ts);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, ts);
 CREATE INDEX IF NOT EXISTS events_by_site ON events (site_id, ts);
+
+-- live is 1 for the live alarm of its (asset_id, code), NULL for the alarms before it.
+CREATE TABLE IF NOT EXISTS alarms (
+    alarm_id        TEXT    PRIMARY KEY,
+    asset_id        TEXT    NOT NULL,
+    site_id         TEXT    NOT NULL,
+    code            TEXT    NOT NULL,
+    severity        TEXT    NOT NULL,
+    text            TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    raised_at       INTEGER NOT NULL,
+    cleared_at      INTEGER,
+    acknowledged_at INTEGER,
+    acknowledged_by TEXT,
+    raise_count     INTEGER NOT NULL,
+    updated_at      INTEGER,
+    live            INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS alarms_live ON alarms (asset_id, code) WHERE live = 1;
+CREATE INDEX IF NOT EXISTS alarms_by_raised ON alarms (raised_at, alarm_id);
+CREATE INDEX IF NOT EXISTS alarms_active ON alarms (severity) WHERE state = 'active';
+
+-- The agent events already applied to alarms (an agent sends one again until acked).
+CREATE TABLE IF NOT EXISTS alarm_events (
+    event_id   TEXT    PRIMARY KEY,
+    applied_at INTEGER NOT NULL
+) WITHOUT ROWID;
 
 COMMIT;
 """
@@ -299,6 +340,84 @@ def _event(row: Sequence[Any]) -> Event:
         site_id=site_id,
         data=_decode_json_object(data),
     )
+
+
+def _opt_us(value: datetime | None) -> int | None:
+    return None if value is None else _to_us(value)
+
+
+def _opt_time(value: int | None) -> datetime | None:
+    return None if value is None else _from_us(value)
+
+
+def _alarm_row(alarm: Alarm) -> tuple[Any, ...]:
+    return (
+        alarm.alarm_id,
+        alarm.asset_id,
+        alarm.site_id,
+        alarm.code,
+        alarm.severity,
+        alarm.text,
+        alarm.state,
+        _to_us(alarm.raised_at),
+        _opt_us(alarm.cleared_at),
+        _opt_us(alarm.acknowledged_at),
+        alarm.acknowledged_by,
+        alarm.raise_count,
+        _opt_us(alarm.updated_at),
+    )
+
+
+def _alarm(row: Sequence[Any]) -> Alarm:
+    return Alarm(
+        alarm_id=row[0],
+        asset_id=row[1],
+        site_id=row[2],
+        code=row[3],
+        severity=row[4],
+        text=row[5],
+        state=row[6],
+        raised_at=_from_us(row[7]),
+        cleared_at=_opt_time(row[8]),
+        acknowledged_at=_opt_time(row[9]),
+        acknowledged_by=row[10],
+        raise_count=row[11],
+        updated_at=_opt_time(row[12]),
+    )
+
+
+def _update_alarm(
+    conn: sqlite3.Connection,
+    asset_id: str,
+    code: str,
+    update: AlarmUpdate,
+    event_id: str | None,
+) -> AlarmWrite | None:
+    """:meth:`SQLiteStorage.update_alarm` in one transaction on the storage thread."""
+    if event_id is not None:
+        inserted = conn.execute(
+            "INSERT OR IGNORE INTO alarm_events (event_id, applied_at) VALUES (?, ?)",
+            (event_id, _to_us(datetime.now(UTC))),
+        ).rowcount
+        if not inserted:
+            return None
+    row = conn.execute(
+        f"SELECT {ALARM_COLUMNS} FROM alarms WHERE asset_id = ? AND code = ? AND live = 1",
+        (asset_id, code),
+    ).fetchone()
+    live = None if row is None else _alarm(row)
+    new = update(live)
+    checked_alarm_update(asset_id, code, new)
+    if new is None:
+        return None
+    if live is not None and live.alarm_id != new.alarm_id:
+        conn.execute("UPDATE alarms SET live = NULL WHERE alarm_id = ?", (live.alarm_id,))
+    conn.execute(
+        f"INSERT OR REPLACE INTO alarms ({ALARM_COLUMNS}, live)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+        _alarm_row(new),
+    )
+    return AlarmWrite(live, _alarm(_alarm_row(new)))
 
 
 def _range(start: datetime | None, end: datetime | None) -> tuple[str, list[Any]]:
@@ -812,6 +931,78 @@ class SQLiteStorage(StorageBackend):
             [*params, max(limit, 0)],
         )
         return [_event(row) for row in rows]
+
+    # ------------------------------------------------------------------ alarms
+
+    async def update_alarm(
+        self,
+        asset_id: str,
+        code: str,
+        update: AlarmUpdate,
+        *,
+        event_id: str | None = None,
+    ) -> AlarmWrite | None:
+        return await self._write(lambda conn: _update_alarm(conn, asset_id, code, update, event_id))
+
+    async def acknowledge_alarm(
+        self, alarm_id: str, acknowledged_at: datetime, acknowledged_by: str
+    ) -> tuple[Alarm, bool] | None:
+        at = _to_us(acknowledged_at)
+
+        def acknowledge(conn: sqlite3.Connection) -> tuple[Alarm, bool] | None:
+            changed = conn.execute(
+                "UPDATE alarms SET acknowledged_at = ?, acknowledged_by = ?, updated_at = ?"
+                " WHERE alarm_id = ? AND acknowledged_at IS NULL",
+                (at, acknowledged_by, at, alarm_id),
+            ).rowcount
+            row = conn.execute(
+                f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = ?", (alarm_id,)
+            ).fetchone()
+            return None if row is None else (_alarm(row), bool(changed))
+
+        return await self._write(acknowledge)
+
+    async def get_alarm(self, alarm_id: str) -> Alarm | None:
+        rows = await self._fetchall(
+            f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = ?", (alarm_id,)
+        )
+        return _alarm(rows[0]) if rows else None
+
+    async def alarms(
+        self,
+        *,
+        state: AlarmState | None = None,
+        severity: AlarmSeverity | None = None,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        code: str | None = None,
+        acknowledged: bool | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Alarm]:
+        conditions, params = alarm_conditions(
+            lambda _: "?",
+            state=state,
+            severity=severity,
+            site_id=site_id,
+            asset_id=asset_id,
+            code=code,
+            acknowledged=acknowledged,
+            after=after,
+        )
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        rows = await self._fetchall(
+            f"SELECT {ALARM_COLUMNS} FROM alarms{where}"
+            " ORDER BY raised_at DESC, alarm_id DESC LIMIT ?",
+            [*params, max(limit, 0)],
+        )
+        return [_alarm(row) for row in rows]
+
+    async def active_alarm_counts(self) -> dict[AlarmSeverity, int]:
+        rows = await self._fetchall(
+            "SELECT severity, COUNT(*) FROM alarms WHERE state = 'active' GROUP BY severity"
+        )
+        return {severity: count for severity, count in rows}
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from der_sdk.agent_config import convert_options
 from der_sdk.errors import DerSdkError
 from der_sdk.extensions import Adapter, AdapterContext, DeviceProfile, SetpointResult
 from der_sdk.models import (
+    Alarm,
     Asset,
     Dispatch,
     DispatchEvent,
@@ -699,8 +700,8 @@ class StorageConformance:
     stores nothing), and unknown ``details`` keys kept.
 
     Builders for your own extra tests: :meth:`at`, :meth:`sample`, :meth:`dispatch`,
-    :meth:`session`, :meth:`heartbeat`, with :attr:`ASSET_A`, :attr:`ASSET_B`,
-    :attr:`SITE`.
+    :meth:`session`, :meth:`heartbeat`, :meth:`alarm` (and :meth:`store_alarm`), with
+    :attr:`ASSET_A`, :attr:`ASSET_B`, :attr:`SITE`.
     """
 
     url: ClassVar[str] = ""
@@ -1171,6 +1172,186 @@ class StorageConformance:
         assert await storage.events(end=at(2)) == [audit]
         assert await storage.events(site_id=_SITE, kind="condition_raised", start=at(2)) == [raised]
 
+    # ------------------------------------------------------------------ alarms
+
+    @staticmethod
+    def alarm(
+        alarm_id: str,
+        seconds: float,
+        *,
+        asset_id: str = _ASSET_A,
+        code: str = "inverter_trip",
+        severity: Literal["info", "warning", "major", "critical"] = "major",
+        state: Literal["active", "cleared"] = "active",
+        raise_count: int = 1,
+    ) -> Alarm:
+        at = StorageConformance.at
+        return Alarm(
+            alarm_id=alarm_id,
+            asset_id=asset_id,
+            site_id=_SITE,
+            code=code,
+            severity=severity,
+            text=f"{code} on {asset_id}",
+            state=state,
+            raised_at=at(seconds),
+            cleared_at=at(seconds + 1) if state == "cleared" else None,
+            raise_count=raise_count,
+            updated_at=at(seconds),
+        )
+
+    @staticmethod
+    async def store_alarm(storage: StorageBackend, alarm: Alarm) -> None:
+        """Store ``alarm`` as the live alarm of its asset and code."""
+
+        def replace(live: Alarm | None) -> Alarm:
+            return alarm
+
+        await storage.update_alarm(alarm.asset_id, alarm.code, replace)
+
+    @pytest.mark.asyncio
+    async def test_update_alarm_stores_a_new_live_alarm_and_replaces_it_by_id(
+        self, storage: StorageBackend
+    ) -> None:
+        first = self.alarm("a1", 0)
+        seen: list[Alarm | None] = []
+
+        def open_first(live: Alarm | None) -> Alarm | None:
+            seen.append(live)
+            return first
+
+        write = await storage.update_alarm(_ASSET_A, "inverter_trip", open_first)
+        assert write is not None and write.before is None and write.after == first
+        assert seen == [None]
+        assert await storage.get_alarm("a1") == first
+
+        cleared = msgspec.structs.replace(first, state="cleared", cleared_at=self.at(5))
+        write = await storage.update_alarm(_ASSET_A, "inverter_trip", lambda live: cleared)
+        assert write is not None and write.before == first and write.after == cleared
+        assert await storage.get_alarm("a1") == cleared
+
+        # A new id becomes the live alarm; the one before stays as history.
+        second = self.alarm("a2", 60)
+        write = await storage.update_alarm(_ASSET_A, "inverter_trip", lambda live: second)
+        assert write is not None and write.before == cleared
+        live_seen: list[Alarm | None] = []
+
+        def look(live: Alarm | None) -> Alarm | None:
+            live_seen.append(live)
+            return None
+
+        await storage.update_alarm(_ASSET_A, "inverter_trip", look)
+        assert live_seen == [second]
+        assert await storage.alarms() == [second, cleared]
+
+    @pytest.mark.asyncio
+    async def test_update_alarm_returning_none_stores_nothing(
+        self, storage: StorageBackend
+    ) -> None:
+        assert await storage.update_alarm(_ASSET_A, "x", lambda live: None) is None
+        assert await storage.alarms() == []
+
+    @pytest.mark.asyncio
+    async def test_an_event_id_is_applied_once_even_when_it_changed_nothing(
+        self, storage: StorageBackend
+    ) -> None:
+        calls: list[Alarm | None] = []
+
+        def nothing(live: Alarm | None) -> Alarm | None:
+            calls.append(live)
+            return None
+
+        assert await storage.update_alarm(_ASSET_A, "trip", nothing, event_id="e0") is None
+        first = self.alarm("a1", 0, code="trip")
+        write = await storage.update_alarm(_ASSET_A, "trip", lambda live: first, event_id="e1")
+        assert write is not None
+        again = self.alarm("a9", 9, code="trip")
+        for event_id in ("e0", "e1"):
+            assert (
+                await storage.update_alarm(_ASSET_A, "trip", lambda live: again, event_id=event_id)
+                is None
+            )
+        assert calls == [None]
+        assert await storage.alarms() == [first]
+
+    @pytest.mark.asyncio
+    async def test_update_alarm_refuses_an_alarm_of_another_asset_or_code(
+        self, storage: StorageBackend
+    ) -> None:
+        other = self.alarm("a1", 0, asset_id=_ASSET_B)
+        with pytest.raises(ValueError, match="asset"):
+            await storage.update_alarm(_ASSET_A, "inverter_trip", lambda live: other)
+        assert await storage.get_alarm("a1") is None
+
+    @pytest.mark.asyncio
+    async def test_concurrent_updates_of_one_alarm_are_serialised(
+        self, storage: StorageBackend
+    ) -> None:
+        base = self.alarm("a1", 0, code="flap")
+        await storage.update_alarm(_ASSET_A, "flap", lambda live: base)
+
+        def bump(live: Alarm | None) -> Alarm | None:
+            assert live is not None
+            return msgspec.structs.replace(live, raise_count=live.raise_count + 1)
+
+        await asyncio.gather(*(storage.update_alarm(_ASSET_A, "flap", bump) for _ in range(20)))
+        stored = await storage.get_alarm("a1")
+        assert stored is not None and stored.raise_count == 21
+
+    @pytest.mark.asyncio
+    async def test_acknowledge_alarm_once_keeps_the_first_acknowledgement(
+        self, storage: StorageBackend
+    ) -> None:
+        await storage.update_alarm(_ASSET_A, "inverter_trip", lambda live: self.alarm("a1", 0))
+        first = await storage.acknowledge_alarm("a1", self.at(10), "token:op")
+        assert first is not None
+        alarm, changed = first
+        assert changed
+        assert (alarm.acknowledged_at, alarm.acknowledged_by) == (self.at(10), "token:op")
+        assert alarm.updated_at == self.at(10)
+        again = await storage.acknowledge_alarm("a1", self.at(20), "token:other")
+        assert again == (alarm, False)
+        assert await storage.acknowledge_alarm("nope", self.at(20), "token:op") is None
+
+    @pytest.mark.asyncio
+    async def test_alarms_filter_and_page_newest_first(self, storage: StorageBackend) -> None:
+        made = [
+            self.alarm("a1", 1, code="c1", severity="info"),
+            self.alarm("a2", 2, code="c2", severity="critical", state="cleared"),
+            self.alarm("a3", 3, code="c3", asset_id=_ASSET_B),
+            self.alarm("a4", 3, code="c4"),  # the same raised_at as a3: ordered by id
+        ]
+        for alarm in made:
+            await self.store_alarm(storage, alarm)
+        await storage.acknowledge_alarm("a1", self.at(5), "token:op")
+        a1 = await storage.get_alarm("a1")
+        a1_2, a2, a3, a4 = a1, made[1], made[2], made[3]
+
+        assert await storage.alarms() == [a4, a3, a2, a1_2]
+        assert await storage.alarms(state="cleared") == [a2]
+        assert await storage.alarms(state="active", severity="major") == [a4, a3]
+        assert await storage.alarms(asset_id=_ASSET_B) == [a3]
+        assert await storage.alarms(site_id=_SITE, code="c1") == [a1_2]
+        assert await storage.alarms(site_id="elsewhere") == []
+        assert await storage.alarms(acknowledged=True) == [a1_2]
+        assert await storage.alarms(acknowledged=False) == [a4, a3, a2]
+        assert await storage.alarms(limit=2) == [a4, a3]
+        assert await storage.alarms(after="a3", limit=2) == [a2, a1_2]
+        assert await storage.alarms(after="a4", limit=1) == [a3]
+        assert await storage.alarms(after="unknown") == []
+
+    @pytest.mark.asyncio
+    async def test_active_alarm_counts_by_severity(self, storage: StorageBackend) -> None:
+        for alarm in (
+            self.alarm("a1", 1, code="c1", severity="major"),
+            self.alarm("a2", 2, code="c2", severity="major"),
+            self.alarm("a3", 3, code="c3", severity="critical"),
+            self.alarm("a4", 4, code="c4", severity="info", state="cleared"),
+        ):
+            await self.store_alarm(storage, alarm)
+        counts = await storage.active_alarm_counts()
+        assert {k: v for k, v in counts.items() if v} == {"major": 2, "critical": 1}
+
     # ------------------------------------------------------------------ lifecycle
 
     @pytest.mark.asyncio
@@ -1182,6 +1363,8 @@ class StorageConformance:
         await storage.open_session(self.session("s1", _ASSET_A, 0))
         await storage.append_heartbeats([self.heartbeat(_ASSET_A, 0)])
         await storage.append_event(Event(ts=at(0), kind="fault", message="F1", asset_id=_ASSET_A))
+        await storage.update_alarm(_ASSET_A, "inverter_trip", lambda live: self.alarm("a1", 0))
+        await storage.update_alarm(_ASSET_A, "c2", lambda live: None, event_id="e1")
 
         await storage.reset()
 
@@ -1193,6 +1376,12 @@ class StorageConformance:
         assert await storage.recent_sessions(_ASSET_A) == []
         assert await storage.latest_heartbeat(_ASSET_A) is None
         assert await storage.events() == []
+        assert await storage.alarms() == []
+        assert await storage.active_alarm_counts() in ({}, {"major": 0})
+        # An event applied before the reset may be applied again.
+        assert await storage.update_alarm(
+            _ASSET_A, "c2", lambda live: self.alarm("a2", 0, code="c2"), event_id="e1"
+        )
         # Still usable after the reset.
         assert await storage.append_telemetry([sample(_ASSET_A, 0)]) == 1
         assert await storage.healthy()
@@ -1212,6 +1401,8 @@ class StorageConformance:
         await first.open()
         await first.reset()
         await first.append_telemetry([self.sample(_ASSET_A, 0, details={"soc_pct": 50.0})])
+        alarm = self.alarm("a1", 0)
+        await first.update_alarm(_ASSET_A, alarm.code, lambda live: alarm, event_id="e1")
         await first.close()
 
         second = await self.make_storage(tmp_path)
@@ -1220,5 +1411,12 @@ class StorageConformance:
             stored = await second.telemetry_history(_ASSET_A)
             assert stored == [self.sample(_ASSET_A, 0, details={"soc_pct": 50.0})]
             assert await second.append_telemetry([self.sample(_ASSET_A, 0)]) == 0
+            assert await second.alarms() == [alarm]
+            assert (
+                await second.update_alarm(
+                    _ASSET_A, alarm.code, lambda live: self.alarm("a2", 1), event_id="e1"
+                )
+                is None
+            ), "an event applied before the restart was applied again"
         finally:
             await second.close()

@@ -34,7 +34,7 @@ import base64
 import contextlib
 import logging
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -165,6 +165,10 @@ class ClusterPresence:
         self._bus_down = False
         self._reopen_sessions = 0
         self._closed = False
+        self.on_agents_gone: Callable[[list[AgentPresence]], None] | None = None
+        """Told (synchronously) of other replicas' agents that left the view: their
+        entry was deleted or expired, or their replica died or stopped. The comms-loss
+        watch starts their grace time (der_sdk_headend/alarms/comms.py)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -576,12 +580,21 @@ class ClusterPresence:
         key = change.key
         agent = self._agent_of_key.pop(key, None)
         if agent is not None:
-            self._agents.pop(agent, None)
+            gone = self._agents.pop(agent, None)
             self._changed()
+            if gone is not None and gone[0].replica != self.replica:
+                self._gone([gone[0]])
         elif key.startswith(REPLICA_PREFIX):
             record = self._replicas.pop(key.removeprefix(REPLICA_PREFIX), None)
             if record is not None:
                 await self._replica_gone(record.replica, record)
+
+    def _gone(self, entries: list[AgentPresence]) -> None:
+        if entries and self.on_agents_gone is not None:
+            try:
+                self.on_agents_gone(entries)
+            except Exception:
+                log.exception("presence listener failed on agents gone")
 
     def _put(self, entry: PresenceEntry) -> None:
         try:
@@ -604,11 +617,13 @@ class ClusterPresence:
         if name == self.replica:
             return  # our own key: the next tick claims it again
         dropped = [a for a, (entry, _) in self._agents.items() if entry.replica == name]
+        entries = [self._agents[agent][0] for agent in dropped]
         for agent in dropped:
             del self._agents[agent]
         for key in [k for k, a in self._agent_of_key.items() if a in dropped]:
             del self._agent_of_key[key]
         self._changed()
+        self._gone(entries)
         self._spawn(self._close_sessions_of(name, record))
 
     async def _close_sessions_of(self, name: str, record: ReplicaPresence) -> None:

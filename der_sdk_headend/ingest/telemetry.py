@@ -93,7 +93,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -387,6 +387,10 @@ class TelemetryIngest:
         self.latest_listener: Callable[[TelemetrySample], None] | None = None
         """Called with every sample that becomes an asset's latest (the console's live hub,
         only while a console listens); ``None`` costs one check per new latest sample."""
+        self.event_listener: Callable[[Event], Awaitable[None]] | None = None
+        """Awaited with each event before it is stored (the alarm book). An error it
+        raises is a storage failure: the event stays queued, unacknowledged, and is tried
+        again, so the listener must be idempotent (the alarm book is, by event id)."""
         self._known: dict[str, tuple[Asset, AssetType | None]] = {}
         self._space = QueueSpace(max_queued_samples)
         self.stall_after_s = stall_after_s
@@ -869,7 +873,10 @@ class TelemetryIngest:
         self._write_started[-1] = started
         try:
             events = list(self._events)
+            listener = self.event_listener
             for event_item in events:
+                if listener is not None:
+                    await listener(event_item.event)
                 await self._storage.append_event(event_item.event)
                 self._events.popleft()
                 if event_item.ack is not None:

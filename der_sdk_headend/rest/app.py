@@ -12,6 +12,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 import der_sdk
 from der_sdk_headend.rest.agents import AgentsController
+from der_sdk_headend.rest.alarms import AlarmsController
 from der_sdk_headend.rest.assets import AssetsController
 from der_sdk_headend.rest.audit import AuditController
 from der_sdk_headend.rest.auth import (
@@ -62,6 +63,7 @@ def create_app(headend: Headend) -> Litestar:
             AgentsController,
             TelemetryController,
             DispatchController,
+            AlarmsController,
             HeartbeatController,
             EventsController,
             SystemController,

@@ -10,13 +10,14 @@ exposition, in the format the scraper asks for in ``Accept`` (the Prometheus tex
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from der_sdk.models import ALARM_SEVERITIES
 from der_sdk_headend import gc_pauses
 
 if TYPE_CHECKING:
@@ -57,8 +58,9 @@ def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
 class HeadendCollector(Collector):
     """A prometheus-client collector over one headend's live state (module docstring)."""
 
-    def __init__(self, headend: Headend) -> None:
+    def __init__(self, headend: Headend, alarm_counts: Mapping[str, int] | None = None) -> None:
         self.headend = headend
+        self.alarm_counts = alarm_counts
 
     def collect(self) -> Iterator[Metric]:
         headend = self.headend
@@ -79,6 +81,15 @@ class HeadendCollector(Collector):
                 "Live replicas of the cluster, this one included.",
                 len(cluster.replicas()),
             )
+        if self.alarm_counts is not None:
+            alarms = GaugeMetricFamily(
+                "der_alarms_active",
+                "Active alarms by severity (in a cluster: of every replica, from storage).",
+                labels=["severity"],
+            )
+            for severity in ALARM_SEVERITIES:
+                alarms.add_metric([severity], float(self.alarm_counts.get(severity, 0)))
+            yield alarms
         ingest = headend.ingest_or_none
         if ingest is not None:
             stats = ingest.stats()
@@ -156,11 +167,17 @@ class HeadendCollector(Collector):
             yield family
 
 
-def render_metrics(headend: Headend, accept: str | None = None) -> tuple[bytes, str]:
+def render_metrics(
+    headend: Headend, accept: str | None = None, alarm_counts: Mapping[str, int] | None = None
+) -> tuple[bytes, str]:
     """The headend's metrics in the format ``accept`` (a request's ``Accept`` header)
-    asks for, and its content type, as prometheus-client negotiates them."""
+    asks for, and its content type, as prometheus-client negotiates them.
+
+    :param alarm_counts: active alarms by severity, read from storage by the caller
+        (collectors are synchronous); ``None`` leaves ``der_alarms_active`` out.
+    """
     encode, content_type = choose_encoder(accept or "")
-    return encode(HeadendCollector(headend)), content_type
+    return encode(HeadendCollector(headend, alarm_counts)), content_type
 
 
 def _gc_metrics() -> Iterator[Metric]:

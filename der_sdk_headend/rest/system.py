@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any
 
 from litestar import Controller, MediaType, Request, Response, get
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
 __all__ = ["HEALTH_CHECK_TIMEOUT_S", "SystemController"]
+
+log = logging.getLogger("der.headend.rest")
 
 HEALTH_CHECK_TIMEOUT_S = 2.0
 """``/healthz`` answers degraded when storage takes longer than this to say it is healthy
@@ -98,14 +101,30 @@ class SystemController(Controller):
         "/metrics",
         summary="Prometheus metrics",
         description="Ingest queue and storage writes, telemetry gaps, connected agents, "
-        "and each connected agent's store-and-forward buffer (from its heartbeats), in the "
-        "Prometheus text format. Needs a viewer token unless the headend runs with "
-        "`METRICS_AUTH=open`.",
+        "active alarms by severity, and each connected agent's store-and-forward buffer "
+        "(from its heartbeats), in the Prometheus text format. Needs a viewer token unless "
+        "the headend runs with `METRICS_AUTH=open`.",
         media_type=MediaType.TEXT,
         **access("metrics"),
     )
     async def metrics(
         self, request: Request[Any, Any, Any], headend: NamedDependency[Headend]
     ) -> Response[bytes]:
-        body, content_type = render_metrics(headend, request.headers.get("accept"))
+        body, content_type = render_metrics(
+            headend, request.headers.get("accept"), await _alarm_counts(headend)
+        )
         return Response(body, media_type=content_type)
+
+
+async def _alarm_counts(headend: Headend) -> dict[str, int] | None:
+    """Active alarms by severity from storage, or ``None`` (left out of the scrape, the
+    rest still served) while storage is not open, slow or failing."""
+    if headend.ingest_or_none is None:  # storage is not open yet
+        return None
+    try:
+        async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_S):
+            counts = await headend.storage.active_alarm_counts()
+        return {str(severity): count for severity, count in counts.items()}
+    except Exception as exc:
+        log.warning("/metrics: active alarms left out: %s: %s", type(exc).__name__, exc)
+        return None

@@ -38,3 +38,25 @@ async def test_the_reference_headend_acknowledges_batches_outcomes_events_and_re
     assert agent.journal.in_force[BESS_1] == "local"
     entry = await agent.journal.get(dispatch.dispatch_id)
     assert entry is not None and entry.status == "applied" and entry.reported
+
+
+async def test_conditions_in_the_agents_outbox_become_one_alarm_at_the_headend(
+    der_run_agent: AgentRunner,
+) -> None:
+    """The wire path of adapter conditions (docs/alarms.md): the agent's durable outbox
+    sends condition events until acknowledged; the headend keeps one alarm per code."""
+    link = await der_run_agent(adapter_type="sim-bess")
+    agent, storage = link.agent, link.headend.storage
+    data = {"code": "inverter_trip", "severity": "critical"}
+    await agent.outbox.add_event("condition_raised", "DC fault", asset_id=BESS_1, data=data)
+    await agent.outbox.add_event("condition_cleared", "reset", asset_id=BESS_1, data=data)
+    await agent.outbox.add_event("condition_raised", "DC fault", asset_id=BESS_1, data=data)
+
+    async def acknowledged() -> bool:
+        return agent.stats().unacked_events == 0
+
+    await wait_until(acknowledged, "the headend to acknowledge the condition events")
+    (alarm,) = await storage.alarms(asset_id=BESS_1)
+    assert (alarm.code, alarm.severity, alarm.state) == ("inverter_trip", "critical", "active")
+    assert alarm.text == "DC fault"
+    assert alarm.raise_count == 2, "raised again within the de-bounce time: the same alarm"

@@ -12,6 +12,7 @@ import secrets
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -108,3 +109,18 @@ async def connect_agent() -> AsyncIterator[ConnectAgent]:
     yield connect
     for channel in channels:
         await channel.close()
+
+
+async def crash_replica(replica: Headend) -> None:
+    """Stop ``replica`` as a kill would leave things: its presence entries not released
+    and its agents' sessions left open in storage."""
+    cluster_presence = replica.cluster_presence
+    assert cluster_presence is not None and replica.cluster is not None
+    await cluster_presence.close(release=False)
+    await replica.cluster.bus.close()
+
+    async def lost(session_id: str, disconnected_at: Any) -> None:
+        pass  # a killed process writes nothing
+
+    replica.storage.close_session = lost  # type: ignore[method-assign]
+    await replica.stop()

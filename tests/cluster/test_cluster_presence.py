@@ -13,7 +13,7 @@ from der_sdk.bus.contract import check_key
 from der_sdk.testing import TcpProxy
 from der_sdk_headend import Headend
 from der_sdk_headend.cluster.presence import agent_key
-from tests.cluster.conftest import ConnectAgent, StartReplica
+from tests.cluster.conftest import ConnectAgent, StartReplica, crash_replica
 from tests.headend.headend_kit import PV_1, SITE_A_ASSETS, SITE_B, eventually, sample
 
 VIEW_S = 2.0
@@ -61,21 +61,6 @@ async def _open_sessions(replica: Headend, asset_id: str) -> list[str | None]:
     """The headend ids of the asset's sessions still open in PostgreSQL."""
     sessions = await replica.storage.recent_sessions(asset_id, 20)
     return [s.headend_id for s in sessions if s.disconnected_at is None]
-
-
-async def _crash(replica: Headend) -> None:
-    """Stop ``replica`` as a kill would leave things: its presence entries not released
-    and its agents' sessions left open in storage."""
-    cluster_presence = replica.cluster_presence
-    assert cluster_presence is not None and replica.cluster is not None
-    await cluster_presence.close(release=False)
-    await replica.cluster.bus.close()
-
-    async def lost(session_id: str, disconnected_at: Any) -> None:
-        pass  # a killed process writes nothing
-
-    replica.storage.close_session = lost  # type: ignore[method-assign]
-    await replica.stop()
 
 
 def test_agent_keys_are_valid_and_distinct_for_any_agent_id() -> None:
@@ -186,7 +171,7 @@ async def test_a_replica_that_dies_has_its_entries_expire_and_its_sessions_close
     assert a.cluster_presence is not None
     assert a.cluster_presence.replicas() == ["replica-a", "replica-b"]
 
-    await _crash(b)
+    await crash_replica(b)
     for asset_id in SITE_A_ASSETS:
         assert await _open_sessions(a, asset_id) == ["replica-b"], "left open by the crash"
 
@@ -213,7 +198,7 @@ async def test_a_restarting_replica_closes_only_its_own_sessions_and_stale_entri
     await on_b.register([PV_1], site_id=SITE_B, agent_id="gw-2")
     await eventually(lambda: _sees(b, 2, 4), "b sees both agents", VIEW_S)
 
-    await _crash(a)
+    await crash_replica(a)
     # The entries of the crashed run live on (15 s), so B still lists gw-1 on replica-a.
     assert await _sees(b, 2, 4)
 

@@ -118,6 +118,10 @@ def make_observer_plugin(observer: Observer) -> object:
         def der_agent_disconnected(self, sessions: Any) -> None:
             observer.calls.append(("der_agent_disconnected", {"sessions": sessions}))
 
+        @hookimpl
+        def der_alarm_changed(self, alarm: Any, change: str) -> None:
+            observer.calls.append(("der_alarm_changed", {"alarm": alarm, "change": change}))
+
     return ObserverPlugin()
 
 

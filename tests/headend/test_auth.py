@@ -69,6 +69,9 @@ ROUTE_RULES: dict[tuple[str, str], str] = {
     ("POST", "/tokens"): "admin",
     ("DELETE", "/tokens/{token_id:str}"): "admin",
     ("GET", "/audit"): "admin",
+    ("GET", "/alarms"): "viewer",
+    ("GET", "/alarms/{alarm_id:str}"): "viewer",
+    ("POST", "/alarms/{alarm_id:str}/ack"): "operator",
 }
 """The documented rule of every route (docs/headend.md, "REST authentication"). OpenAPI
 and documentation pages under /schema and Litestar's automatic OPTIONS are open."""
@@ -103,6 +106,9 @@ REQUESTS: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("POST", "/tokens"): ("/tokens", {"role": "viewer", "name": "matrix"}, 201),
     ("DELETE", "/tokens/{token_id:str}"): ("/tokens/{spare}", None, 200),
     ("GET", "/audit"): ("/audit", None, 200),
+    ("GET", "/alarms"): ("/alarms", None, 200),
+    ("GET", "/alarms/{alarm_id:str}"): ("/alarms/none", None, 404),
+    ("POST", "/alarms/{alarm_id:str}/ack"): ("/alarms/none/ack", None, 404),
 }
 
 

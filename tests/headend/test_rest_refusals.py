@@ -175,6 +175,9 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("post", "/tokens"): {400, 401, 403, 413, 415, 503},
     ("delete", "/tokens/{token_id}"): {400, 401, 403, 404, 503},
     ("get", "/audit"): {400, 401, 403, 503},
+    ("get", "/alarms"): {400, 401, 403, 503},
+    ("get", "/alarms/{alarm_id}"): {400, 401, 403, 404, 503},
+    ("post", "/alarms/{alarm_id}/ack"): {400, 401, 403, 404, 503},
 }
 """The error statuses of each operation (docs/headend.md, "Refusals"): 401/403 for a
 protected one, 404 for an id in the path (and an unknown dispatch target), 400 for any
@@ -219,7 +222,12 @@ async def test_each_refusal_the_server_answers_is_declared(
     operation, and find each answer among the operation's declared statuses."""
     document = await openapi(auth_http)
     seen: dict[tuple[str, str], set[int]] = {}
-    ids = {"asset_id": NOT_IN_INVENTORY, "dispatch_id": NOT_IN_INVENTORY, "token_id": "tok_0"}
+    ids = {
+        "asset_id": NOT_IN_INVENTORY,
+        "dispatch_id": NOT_IN_INVENTORY,
+        "token_id": "tok_0",
+        "alarm_id": NOT_IN_INVENTORY,
+    }
     for (method, template), operation in operations(document).items():
         path = template.format(**ids)
         tries: list[dict[str, Any]] = [
@@ -278,9 +286,13 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         "/dispatch/history",
         "/audit",
         "/events",
+        "/alarms",
     ):
         schema = parameter("get", path, "limit")
         assert (schema["minimum"], schema["maximum"], schema["default"]) == (1, MAX_LIMIT, 100)
+    assert parameter("get", "/alarms", "state")["enum"] == ["active", "cleared"]
+    severities = ["info", "warning", "major", "critical"]
+    assert parameter("get", "/alarms", "severity")["enum"] == severities
     state = parameter("get", "/dispatch/history", "state")
     assert set(state["enum"]) == {
         "submitted",

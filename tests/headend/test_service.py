@@ -67,6 +67,9 @@ def test_config_without_assets_path_says_what_to_set() -> None:
         ({"CONSOLE_CONFIRM_SHARE": "1.5"}, "CONSOLE_CONFIRM_SHARE=1.5 must be a share from 0 to 1"),
         ({"CONSOLE_CONFIRM_SHARE": "nan"}, "CONSOLE_CONFIRM_SHARE=nan must be a share"),
         ({"CONSOLE_CONFIRM_SHARE": "half"}, "CONSOLE_CONFIRM_SHARE='half' is not a number"),
+        ({"HEADEND_COMMS_LOSS_ALARM_S": "0"}, "HEADEND_COMMS_LOSS_ALARM_S=0 must be more than 0"),
+        ({"HEADEND_COMMS_LOSS_ALARM_S": "nan"}, "HEADEND_COMMS_LOSS_ALARM_S=nan must be"),
+        ({"HEADEND_ALARM_DEBOUNCE_S": "-1"}, "HEADEND_ALARM_DEBOUNCE_S=-1 must be 0 to 3600"),
     ],
 )
 def test_config_rejects_malformed_values_naming_the_variable(

@@ -28,6 +28,9 @@ import msgspec
 
 from der_sdk.errors import DerSdkError
 from der_sdk.models import (
+    Alarm,
+    AlarmSeverity,
+    AlarmState,
     Dispatch,
     DispatchEvent,
     Event,
@@ -35,7 +38,15 @@ from der_sdk.models import (
     Session,
     TelemetrySample,
 )
-from der_sdk.storage.contract import TELEMETRY_COLUMNS, StorageBackend
+from der_sdk.storage.contract import (
+    ALARM_COLUMNS,
+    TELEMETRY_COLUMNS,
+    AlarmUpdate,
+    AlarmWrite,
+    StorageBackend,
+    alarm_conditions,
+    checked_alarm_update,
+)
 from der_sdk_postgres.migrations import migrate
 from der_sdk_postgres.settings import PostgresSettings
 
@@ -51,6 +62,8 @@ PROJECT_TABLES = (
     "agent_sessions",
     "heartbeats",
     "events",
+    "alarms",
+    "alarm_events",
 )
 """The tables ``reset()`` (``RESET_DB``) empties: this project's data and nothing else. The
 migrations table is kept, so the schema stays in place."""
@@ -68,6 +81,11 @@ DISPATCH_LOCK_CLASS = 0x44535054
 """The first key of every dispatch lock (the bytes of ``DSPT``): dispatch locks are
 ``pg_advisory_lock(DISPATCH_LOCK_CLASS, hashtext(dispatch_id))``, in the two-key space,
 apart from the one-key lock of the migrations."""
+
+ALARM_LOCK_CLASS = 0x414C524D
+"""The first key of the lock :meth:`PostgresStorage.update_alarm` takes (the bytes of
+``ALRM``): ``pg_advisory_xact_lock(ALARM_LOCK_CLASS, hashtext(asset_id || '/' || code))``,
+held until its transaction ends."""
 
 
 @dataclass(slots=True, eq=False)
@@ -777,6 +795,154 @@ class PostgresStorage(StorageBackend):
             )
             for row in rows
         ]
+
+    # ------------------------------------------------------------------ alarms
+
+    async def update_alarm(
+        self,
+        asset_id: str,
+        code: str,
+        update: AlarmUpdate,
+        *,
+        event_id: str | None = None,
+    ) -> AlarmWrite | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1::int4, hashtext($2))",
+                ALARM_LOCK_CLASS,
+                f"{asset_id}/{code}",
+            )
+            if event_id is not None:
+                inserted = await conn.execute(
+                    "INSERT INTO alarm_events (event_id) VALUES ($1)"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    event_id,
+                )
+                if not _count(inserted):
+                    return None
+            row = await conn.fetchrow(
+                f"SELECT {ALARM_COLUMNS} FROM alarms"
+                " WHERE asset_id = $1 AND code = $2 AND live FOR UPDATE",
+                asset_id,
+                code,
+            )
+            live = None if row is None else _alarm(row)
+            new = update(live)
+            checked_alarm_update(asset_id, code, new)
+            if new is None:
+                return None
+            if live is not None and live.alarm_id != new.alarm_id:
+                await conn.execute(
+                    "UPDATE alarms SET live = NULL WHERE alarm_id = $1", live.alarm_id
+                )
+            stored = await conn.fetchrow(
+                f"INSERT INTO alarms ({ALARM_COLUMNS}, live)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, true)"
+                " ON CONFLICT (alarm_id) DO UPDATE SET site_id = excluded.site_id,"
+                " severity = excluded.severity, text = excluded.text, state = excluded.state,"
+                " raised_at = excluded.raised_at, cleared_at = excluded.cleared_at,"
+                " acknowledged_at = excluded.acknowledged_at,"
+                " acknowledged_by = excluded.acknowledged_by,"
+                " raise_count = excluded.raise_count, updated_at = excluded.updated_at,"
+                f" live = true RETURNING {ALARM_COLUMNS}",
+                new.alarm_id,
+                new.asset_id,
+                new.site_id,
+                new.code,
+                new.severity,
+                new.text,
+                new.state,
+                _check_aware(new.raised_at),
+                _optional_aware(new.cleared_at),
+                _optional_aware(new.acknowledged_at),
+                new.acknowledged_by,
+                new.raise_count,
+                _optional_aware(new.updated_at),
+            )
+            return AlarmWrite(live, _alarm(stored))
+
+    async def acknowledge_alarm(
+        self, alarm_id: str, acknowledged_at: datetime, acknowledged_by: str
+    ) -> tuple[Alarm, bool] | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "UPDATE alarms SET acknowledged_at = $2, acknowledged_by = $3, updated_at = $2"
+                f" WHERE alarm_id = $1 AND acknowledged_at IS NULL RETURNING {ALARM_COLUMNS}",
+                alarm_id,
+                _check_aware(acknowledged_at),
+                acknowledged_by,
+            )
+            if row is not None:
+                return _alarm(row), True
+            row = await conn.fetchrow(
+                f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = $1", alarm_id
+            )
+            return None if row is None else (_alarm(row), False)
+
+    async def get_alarm(self, alarm_id: str) -> Alarm | None:
+        row = await self.pool.fetchrow(
+            f"SELECT {ALARM_COLUMNS} FROM alarms WHERE alarm_id = $1", alarm_id
+        )
+        return None if row is None else _alarm(row)
+
+    async def alarms(
+        self,
+        *,
+        state: AlarmState | None = None,
+        severity: AlarmSeverity | None = None,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        code: str | None = None,
+        acknowledged: bool | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[Alarm]:
+        conditions, params = alarm_conditions(
+            lambda n: f"${n}",
+            state=state,
+            severity=severity,
+            site_id=site_id,
+            asset_id=asset_id,
+            code=code,
+            acknowledged=acknowledged,
+            after=after,
+        )
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        params.append(max(limit, 0))
+        rows = await self.pool.fetch(
+            f"SELECT {ALARM_COLUMNS} FROM alarms{where}"
+            f" ORDER BY raised_at DESC, alarm_id DESC LIMIT ${len(params)}",
+            *params,
+        )
+        return [_alarm(row) for row in rows]
+
+    async def active_alarm_counts(self) -> dict[AlarmSeverity, int]:
+        rows = await self.pool.fetch(
+            "SELECT severity, COUNT(*) FROM alarms WHERE state = 'active' GROUP BY severity"
+        )
+        return {row[0]: row[1] for row in rows}
+
+
+def _optional_aware(value: datetime | None) -> datetime | None:
+    return None if value is None else _check_aware(value)
+
+
+def _alarm(row: asyncpg.Record) -> Alarm:
+    return Alarm(
+        alarm_id=row[0],
+        asset_id=row[1],
+        site_id=row[2],
+        code=row[3],
+        severity=row[4],
+        text=row[5],
+        state=row[6],
+        raised_at=row[7],
+        cleared_at=row[8],
+        acknowledged_at=row[9],
+        acknowledged_by=row[10],
+        raise_count=row[11],
+        updated_at=row[12],
+    )
 
 
 async def _is_hypertable(conn: asyncpg.Connection) -> bool:
