@@ -19,7 +19,6 @@ Element ids are stable: the browser tests (tests/console) use them.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
@@ -29,14 +28,13 @@ from litestar.exceptions import NotFoundException, ValidationException
 from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import Redirect, Template
 
-from der_sdk.errors import UnknownNameError
 from der_sdk.models import ALARM_SEVERITIES, Alarm, AlarmState
 from der_sdk_headend.console import render
 from der_sdk_headend.console.auth import page
+from der_sdk_headend.console.schedules import names_of
 from der_sdk_headend.rest.alarms import acknowledge_audited
 
 if TYPE_CHECKING:
-    from der_sdk.inventory import Inventory
     from der_sdk_headend.service import Headend
 
 __all__ = [
@@ -86,12 +84,6 @@ async def unacknowledged_counts(headend: Headend) -> AlarmCounts:
     return AlarmCounts(by_severity=counts, more=len(alarms) >= BADGE_READ_LIMIT)
 
 
-def _names(inventory: Inventory) -> dict[str, str]:
-    names = {a.asset_id: a.name for a in inventory.assets.values()}
-    names.update({s.site_id: s.name for s in inventory.sites.values()})
-    return names
-
-
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str | None:
     if not value or value == "all":
         return None
@@ -130,14 +122,8 @@ async def alarms_page(
     chosen_state = _choice("state", state_filter, STATES)
     chosen_severity = _choice("severity", severity, ALARM_SEVERITIES)
     inventory = headend.inventory
-    # ids no longer in the inventory are searched as given: alarms outlive inventory changes
+    # ids as given (the page's choices): alarms outlive inventory changes
     site_id, asset_id = site.strip(), asset.strip()
-    if site_id:
-        with contextlib.suppress(UnknownNameError):
-            site_id = inventory.site(site_id).site_id
-    if asset_id:
-        with contextlib.suppress(UnknownNameError):
-            asset_id = inventory.asset(asset_id).asset_id
     alarms = await headend.storage.alarms(
         state=chosen_state,  # type: ignore[arg-type]
         severity=chosen_severity,  # type: ignore[arg-type]
@@ -148,7 +134,7 @@ async def alarms_page(
     context = {
         "title": "Alarms",
         "alarms": alarms,
-        "names": _names(inventory),
+        "names": names_of(inventory),
         "limit": PAGE_LIMIT,
         "states": STATES,
         "severities": SEVERITIES_DOWN,
@@ -179,7 +165,7 @@ async def asset_alarms(
         "partials/alarm_table.html",
         {
             "alarms": alarms,
-            "names": _names(headend.inventory),
+            "names": names_of(headend.inventory),
             "limit": ASSET_LIMIT,
             "table_id": "asset-alarms-table",
         },
@@ -203,7 +189,7 @@ async def acknowledge_alarm(
         request,
         headend,
         "partials/alarm_row.html",
-        {"alarm": alarm, "names": _names(headend.inventory)},
+        {"alarm": alarm, "names": names_of(headend.inventory)},
     )
     response.headers["HX-Trigger"] = "der:alarms"
     return response

@@ -17,6 +17,8 @@ and their cancel for operators.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -29,20 +31,100 @@ from litestar.response import Redirect, Template
 
 from der_sdk_headend.console import render
 from der_sdk_headend.console.auth import page
+from der_sdk_headend.console.trend import parse_time
 from der_sdk_headend.dispatch import CancelConflictError
 from der_sdk_headend.dispatch.lifecycle import is_open
 
 if TYPE_CHECKING:
     from der_sdk.inventory import Inventory
-    from der_sdk.models import Dispatch, DispatchTarget
+    from der_sdk.models import Dispatch, DispatchRequest, DispatchTarget
     from der_sdk_headend.service import Headend
 
-__all__ = ["SCHEDULE_HANDLERS", "ScheduleView", "offset_label", "schedule_view"]
+__all__ = [
+    "SCHEDULE_FIELDS",
+    "SCHEDULE_HANDLERS",
+    "ScheduleFormError",
+    "ScheduleView",
+    "names_of",
+    "offset_label",
+    "schedule_confirmation",
+    "schedule_fields",
+    "schedule_view",
+    "with_line",
+]
 
 SCHEDULE_LIMIT = 20
 """Schedules listed (newest first)."""
 HISTORY_WINDOW = 500
 """Newest dispatches read to find the schedules among them."""
+
+
+SCHEDULE_FIELDS = ("start_at", "steps")
+"""The Dispatch form's optional schedule fields (``partials/schedule_form_fields.html``)."""
+
+
+class ScheduleFormError(ValueError):
+    """A schedule field of the dispatch form that cannot be read (the message names it)."""
+
+
+def _steps(text: str) -> list[dict[str, float]]:
+    """The steps textarea: one ``offset_s mw`` a line (or separated by ``;``), blank lines
+    skipped."""
+    steps = []
+    lines = [line.strip() for line in re.split(r"[\n;]", text)]
+    for number, line in enumerate((line for line in lines if line), start=1):
+        parts = line.replace(",", " ").split()
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            offset, mw = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ScheduleFormError(
+                f"form field `steps`, line {number}: {line!r} is not `offset_s mw` "
+                "(seconds after the start, then MW; e.g. `0 1.5`)"
+            ) from None
+        if not (math.isfinite(offset) and math.isfinite(mw)):
+            raise ScheduleFormError(f"form field `steps`, line {number}: {line!r} is not finite")
+        steps.append({"offset_s": offset, "mw": mw})
+    return steps
+
+
+def schedule_fields(form: Any) -> dict[str, Any]:
+    """The ``start_at`` and ``steps`` of the dispatch form, as ``POST /dispatch`` takes
+    them (absent when empty); planning validates them as for REST.
+
+    :raises ScheduleFormError: a field that cannot be read, named with its line.
+    """
+    fields: dict[str, Any] = {}
+    start = str(form.get("start_at", "") or "").strip()
+    steps = str(form.get("steps", "") or "").strip()
+    if start:  # without a time zone it is UTC (the page's field sends none, and says UTC)
+        try:
+            fields["start_at"] = parse_time(start, "form field `start_at`")
+        except ValueError as exc:
+            raise ScheduleFormError(f"{exc} (2026-01-01T12:00, UTC)") from None
+    if steps:
+        if not start:
+            raise ScheduleFormError("form field `start_at`: steps need a start time")
+        fields["steps"] = _steps(steps)
+    return fields
+
+
+def schedule_confirmation(request: DispatchRequest) -> str | None:
+    """Why a schedule from the form needs a confirmation (every one does), or ``None``."""
+    if request.start_at is None:
+        return None
+    count = len(request.steps) if request.steps else 1
+    return (
+        f"a schedule of {count} step{'' if count == 1 else 's'} runs on the agent from "
+        f"{request.start_at.strftime('%Y-%m-%d %H:%M:%S')} UTC"
+    )
+
+
+def with_line(error: str) -> str:
+    """A planning refusal that names ``steps[i]``, with the form's line of that step."""
+    found = re.search(r"steps\[(\d+)\]", error)
+    return f"{error} (line {int(found.group(1)) + 1} of the steps)" if found else error
 
 
 def offset_label(offset_s: float) -> str:
@@ -133,7 +215,8 @@ def schedule_view(dispatch: Dispatch, names: dict[str, str]) -> ScheduleView:
     )
 
 
-def _names(inventory: Inventory) -> dict[str, str]:
+def names_of(inventory: Inventory) -> dict[str, str]:
+    """Display names of assets and sites by id."""
     names = {a.asset_id: a.name for a in inventory.assets.values()}
     names.update({s.site_id: s.name for s in inventory.sites.values()})
     return names
@@ -156,7 +239,7 @@ async def schedules_partial(
     dispatches = await headend.storage.dispatch_history(
         asset_id=asset_id or None, site_id=site_id or None, limit=HISTORY_WINDOW
     )
-    names = _names(inventory)
+    names = names_of(inventory)
     schedules = [schedule_view(d, names) for d in dispatches if d.start_at is not None]
     return render(
         request,
@@ -175,7 +258,7 @@ async def cancel_schedule(
     from der_sdk_headend.rest.dispatch import cancel_audited
 
     form = await request.form()
-    names = _names(headend.inventory)
+    names = names_of(headend.inventory)
     if str(form.get("confirm", "")).strip() != "yes":
         dispatch = await headend.storage.get_dispatch(dispatch_id)
         if dispatch is None:

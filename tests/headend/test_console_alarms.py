@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from headend_kit import BESS_1, BESS_2, NOT_IN_INVENTORY, PV_1, SITE_A, SITE_B, bearer
-from test_console_dispatch import COOKIE, console, csrf_of
+from test_console_dispatch import COOKIE, console, csrf_of, post_form
 
 from der_sdk.models import utc_now
 from der_sdk_headend import Headend
@@ -42,6 +42,12 @@ async def raise_alarm(
     )
     assert alarm is not None
     return alarm.alarm_id
+
+
+async def still_unacknowledged(headend: Headend, alarm_id: str) -> bool:
+    stored = await headend.storage.get_alarm(alarm_id)
+    assert stored is not None, alarm_id
+    return stored.acknowledged_at is None
 
 
 async def post(
@@ -156,8 +162,7 @@ async def test_a_viewer_sees_no_acknowledge_and_its_forged_post_is_refused(
     forged = await post(viewer, f"/console/alarms/{alarm_id}/ack")
 
     assert forged.status_code == 403, forged.text
-    stored = await auth_headend.storage.get_alarm(alarm_id)
-    assert stored is not None and stored.acknowledged_at is None
+    assert await still_unacknowledged(auth_headend, alarm_id)
 
 
 async def test_an_acknowledgement_without_the_csrf_token_is_refused(
@@ -171,8 +176,7 @@ async def test_an_acknowledgement_without_the_csrf_token_is_refused(
         )
         assert refused.status_code == 403, refused.text
 
-    stored = await auth_headend.storage.get_alarm(alarm_id)
-    assert stored is not None and stored.acknowledged_at is None
+    assert await still_unacknowledged(auth_headend, alarm_id)
 
 
 async def test_acknowledging_an_unknown_alarm_is_a_404_and_audited_refused(
@@ -332,3 +336,87 @@ async def test_cancelling_an_unknown_dispatch_is_a_404(
 
     assert response.status_code == 404
     assert f"unknown dispatch {NOT_IN_INVENTORY}" in response.text
+
+
+# --------------------------------------------------------------------------- schedule form
+
+
+def start_field(delta: timedelta = timedelta(hours=1)) -> str:
+    """A start an hour ahead as the page's datetime-local field sends it (UTC, no zone)."""
+    return (utc_now() + delta).replace(tzinfo=None, microsecond=0).isoformat()
+
+
+async def test_the_dispatch_form_previews_a_schedule_by_the_rest_planning_and_sends_it(
+    http: httpx.AsyncClient,
+) -> None:
+    start = start_field()
+    fields = {"target": f"site:{SITE_A}", "start_at": start, "steps": "0 1\n1800 -1.5\n"}
+    rest = await http.post(
+        "/dispatch/preview",
+        json={
+            "site_id": SITE_A,
+            "start_at": start + "Z",
+            "steps": [{"offset_s": 0, "mw": 1}, {"offset_s": 1800, "mw": -1.5}],
+        },
+    )
+    assert rest.status_code == 200, rest.text
+
+    preview = await post_form(http, "/console/dispatch/preview", fields)
+
+    assert preview.status_code == 200, preview.text
+    text = html.unescape(preview.text)
+    assert 'id="preview-steps"' in text and "a schedule of 2 steps runs on the agent" in text
+    for index, step in enumerate(rest.json()["steps"]):
+        row = re.search(rf'<tr data-step="{index}">(.*?)</tr>', text, re.S)
+        assert row, index
+        cells = re.sub(r"<[^>]+>", " ", row.group(1))
+        assert f"+{step['offset_s']:g}" in cells and f"{step['mw']:g}" in cells
+        for share in step["shares"].values():
+            assert f" {share:g}" in cells
+    assert (await http.get("/dispatch/history")).json() == [], "a preview stores nothing"
+
+    sent = await post_form(http, "/console/dispatch", {**fields, "confirm": "yes"})
+
+    assert sent.status_code == 202, sent.text
+    (record,) = (await http.get("/dispatch/history")).json()
+    assert record["state"] == "scheduled" and record["source"] == "console"
+    assert record["start_at"].startswith(start)
+    assert [(s["offset_s"], s["mw"]) for s in record["steps"]] == [(0, 1), (1800, -1.5)]
+
+
+async def test_a_schedule_from_the_form_is_sent_only_once_confirmed(
+    http: httpx.AsyncClient,
+) -> None:
+    fields = {"target": f"asset:{BESS_1}", "mw": "0.1", "start_at": start_field()}
+
+    asked = await post_form(http, "/console/dispatch", fields)
+
+    assert asked.status_code == 200 and 'id="dispatch-confirm-reason"' in asked.text
+    assert (await http.get("/dispatch/history")).json() == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "named", "beside"),
+    [
+        ({"steps": "0 0.5\n60 abc"}, "form field `steps`, line 2: '60 abc' is not", "steps"),
+        ({"steps": "0 0.5\n60 9"}, "(line 2 of the steps)", "steps"),
+        ({"steps": "0 0.5\n60 1\n30 1"}, "steps[2].offset_s must be more", "steps"),
+        ({"start_at": "tomorrow", "mw": "0.5"}, "form field `start_at`: 'tomorrow'", "start-at"),
+        ({"start_at": "2020-01-01T00:00", "mw": "0.5"}, "is in the past", "start-at"),
+        ({"start_at": "", "steps": "0 0.5"}, "steps need a start time", "start-at"),
+    ],
+    ids=["line", "limits", "order", "start", "past", "no-start"],
+)
+async def test_a_bad_schedule_in_the_form_is_refused_next_to_its_field(
+    http: httpx.AsyncClient, fields: dict[str, str], named: str, beside: str
+) -> None:
+    body = {"target": f"asset:{BESS_1}", "start_at": start_field(), **fields}
+
+    response = await post_form(http, "/console/dispatch/preview", body)
+
+    assert response.status_code == 400, response.text
+    text = html.unescape(response.text)
+    assert named in text
+    field = re.search(rf'<p id="dispatch-{beside}-error"[^>]*hx-swap-oob="true">([^<]*)</p>', text)
+    assert field and named in field.group(1), text
+    assert (await http.get("/dispatch/history")).json() == []
