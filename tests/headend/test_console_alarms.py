@@ -420,3 +420,23 @@ async def test_a_bad_schedule_in_the_form_is_refused_next_to_its_field(
     field = re.search(rf'<p id="dispatch-{beside}-error"[^>]*hx-swap-oob="true">([^<]*)</p>', text)
     assert field and named in field.group(1), text
     assert (await http.get("/dispatch/history")).json() == []
+
+
+async def test_without_htmx_acknowledge_and_cancel_go_back_to_their_page(
+    auth_headend: Headend, console: dict[str, httpx.AsyncClient]
+) -> None:
+    operator = console["operator"]
+    alarm_id = await raise_alarm(auth_headend, BESS_1, "over_temp", "critical")
+    record = await schedule(operator, {"asset_id": BESS_1, "mw": 0.2})
+    token = await csrf_of(operator, "/console/alarms")
+
+    acked = await operator.post(f"/console/alarms/{alarm_id}/ack", data={"csrf_token": token})
+    path = f"/console/dispatch/{record['dispatch_id']}/cancel"
+    cancelled = await operator.post(path, data={"csrf_token": token, "confirm": "yes"})
+    again = await operator.post(path, data={"csrf_token": token, "confirm": "yes"})
+
+    assert (acked.status_code, acked.headers["location"]) == (303, "/console/alarms")
+    assert not await still_unacknowledged(auth_headend, alarm_id)
+    assert (cancelled.status_code, cancelled.headers["location"]) == (303, "/console/dispatch")
+    assert again.status_code == 409 and "cannot be cancelled" in html.unescape(again.text)
+    assert "<html" in again.text, "a plain form post gets the console's error page"
