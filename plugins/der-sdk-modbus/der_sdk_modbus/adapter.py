@@ -108,6 +108,8 @@ class ModbusAdapter(Adapter):
         self._gap_tolerance = opts.gap_tolerance
         self._plan: list[ReadBlock] = []
         self._static_plan: list[ReadBlock] = []
+        self._reads: list[_Read] = []
+        self._static_reads: list[_Read] = []
         self._static_values: dict[Point, Value] = {}
         self._prepared = False
         self._latest: _Reading | None = None
@@ -186,6 +188,7 @@ class ModbusAdapter(Adapter):
             )
             for points in (self._map.polled, self._map.static)
         )
+        self._reads, self._static_reads = _reads(self._plan), _reads(self._static_plan)
 
     # ---------------------------------------------------------------- Adapter
 
@@ -401,7 +404,7 @@ class ModbusAdapter(Adapter):
                 try:
                     await self._ensure_ready()
                     assert self._map is not None
-                    values = await self._read_blocks(self._plan)
+                    values = await self._read_blocks(self._reads)
                 except (_NotReady, ModbusFault, SunSpecScanError, ProfileError) as exc:
                     self._record_failure(started, ts, f"{self._where}: {exc}")
                     return
@@ -503,8 +506,8 @@ class ModbusAdapter(Adapter):
         self._prepared = False
         if self.options.sunspec_scan:
             await self._resolve_sunspec()
-        if self._static_plan:
-            self._static_values = await self._read_blocks(self._static_plan)
+        if self._static_reads:
+            self._static_values = await self._read_blocks(self._static_reads)
         self._prepared = True
 
     async def _resolve_sunspec(self) -> None:
@@ -562,30 +565,44 @@ class ModbusAdapter(Adapter):
     async def _read_holding(self, address: int, count: int) -> list[int] | list[bool]:
         return await self._request(lambda: self._link.read("holding", address, count))
 
-    async def _request(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _request(self, call: Callable[[], Awaitable[T]], attempt: int = 0) -> T:
         """``call()``, retried ``retries`` times after a timeout, a lost connection or a
-        busy device (reconnecting first when the connection broke)."""
-        attempt = 0
+        busy device (reconnecting first when the connection broke); ``attempt``: attempts
+        already made."""
         while True:
             try:
                 return await call()
             except ModbusFault as fault:
-                retry = fault.kind in ("timeout", "disconnected", "protocol") or (
-                    fault.kind == "exception" and fault.code in _RETRY_EXCEPTION_CODES
-                )
-                if not retry or attempt >= self.options.retries:
+                if not self._retry(fault, attempt):
                     raise
                 attempt += 1
                 if fault.breaks_connection:
                     await self._link.connect()
 
-    async def _read_blocks(self, plan: Sequence[ReadBlock]) -> dict[Point, Value]:
+    def _retry(self, fault: ModbusFault, attempt: int) -> bool:
+        """Whether a request that failed with ``fault`` on attempt ``attempt`` (from 0) is
+        tried again."""
+        retry = fault.kind in ("timeout", "disconnected", "protocol") or (
+            fault.kind == "exception" and fault.code in _RETRY_EXCEPTION_CODES
+        )
+        return retry and attempt < self.options.retries
+
+    async def _read_blocks(self, reads: Sequence[_Read]) -> dict[Point, Value]:
         values: dict[Point, Value] = {}
-        for block in plan:
+        link = self._link
+        for block, decoders in reads:
             try:
-                data = await self._request(
-                    lambda block=block: self._link.read(block.table, block.start, block.count)  # type: ignore[misc]
-                )
+                try:  # the first attempt directly; retries through _request
+                    data = await link.read(block.table, block.start, block.count)
+                except ModbusFault as fault:
+                    if not self._retry(fault, 0):
+                        raise
+                    if fault.breaks_connection:
+                        await link.connect()
+                    data = await self._request(
+                        lambda block=block: link.read(block.table, block.start, block.count),  # type: ignore[misc]
+                        attempt=1,
+                    )
             except ModbusFault as fault:
                 if fault.code == 0x02 and block.has_gaps and self._gap_tolerance > 0:
                     self._gap_tolerance = 0
@@ -597,13 +614,8 @@ class ModbusAdapter(Adapter):
                         self._where,
                     )
                 raise
-            for point in block.points:
-                offset = point.address - block.start
-                if point.codec is None:
-                    values[point] = bool(data[offset])
-                else:
-                    registers: list[Any] = data[offset : offset + point.count]
-                    values[point] = point.codec.decode(registers)
+            for point, offset, decode in decoders:
+                values[point] = bool(data[offset]) if decode is None else decode(data, offset)
         return values
 
     async def _read_scale_factor(self, point: Point) -> int | None:
@@ -626,6 +638,24 @@ class ModbusAdapter(Adapter):
         await self._request(
             lambda: self._link.write_registers(point.address, registers, point.write_function)
         )
+
+
+_Decoder = Callable[[Sequence[int], int], Value]
+_Read = tuple[ReadBlock, tuple[tuple[Point, int, _Decoder | None], ...]]
+"""One request of a poll and how each point's value comes out of its answer."""
+
+
+def _reads(plan: Sequence[ReadBlock]) -> list[_Read]:
+    return [
+        (
+            block,
+            tuple(
+                (p, p.address - block.start, p.codec.reader() if p.codec is not None else None)
+                for p in block.points
+            ),
+        )
+        for block in plan
+    ]
 
 
 def _text(value: Any) -> str | None:
