@@ -209,9 +209,19 @@ class Codec:
                 return None if raw == marker else raw
 
             return uint16
+        half, full = 1 << (16 * count - 1), 1 << (16 * count)
+        if count == 2 and self.byte_order == "big":  # the usual 32-bit layouts
+            high, low = (0, 1) if self.word_order == "big" else (1, 0)
+
+            def int32(data: Sequence[int], offset: int) -> int | None:
+                raw = data[offset + high] << 16 | data[offset + low]
+                if raw == marker:
+                    return None
+                return raw - full if signed and raw >= half else raw
+
+            return int32
         order = tuple(range(count)) if self.word_order == "big" else tuple(range(count - 1, -1, -1))
         swap = self.byte_order == "little"
-        half, full = 1 << (16 * count - 1), 1 << (16 * count)
 
         def integer(data: Sequence[int], offset: int) -> int | None:
             raw = 0

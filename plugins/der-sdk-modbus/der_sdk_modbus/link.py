@@ -81,9 +81,23 @@ def _words(count: int) -> struct.Struct:
     return codec
 
 
-def _expire(waiter: asyncio.Future[bytes]) -> None:
-    if not waiter.done():
-        waiter.set_exception(_Expired())
+_LATE_S: Final = 0.05
+"""How late a request's timer may fire before the loop is taken to have been too busy to
+read an answer that may be waiting."""
+
+
+def _expire(waiter: asyncio.Future[bytes], due: float, again: bool = True) -> None:
+    """The request's time is up. When the timer fires late (the event loop was busy for a
+    while), the answer may be in the socket unread: uvloop runs due timers before it polls
+    for I/O, so the request gets one more moment (a 1 ms timer, after that poll) before it
+    times out, rather than failing because of the agent's load rather than the device."""
+    if waiter.done():
+        return
+    loop = waiter.get_loop()
+    if again and loop.time() - due > _LATE_S:
+        loop.call_later(0.001, _expire, waiter, due, False)
+        return
+    waiter.set_exception(_Expired())
 
 
 class _Protocol(asyncio.Protocol):
@@ -247,7 +261,8 @@ class ModbusLink:
         protocol.transport.write(
             _REQUEST.pack(tid, 0, 6 + len(data), unit, function, address, word) + data
         )
-        timer = loop.call_later(self.timeout_s, _expire, waiter)
+        due = loop.time() + self.timeout_s
+        timer = loop.call_at(due, _expire, waiter, due)
         try:
             frame = await waiter
         except asyncio.CancelledError:
