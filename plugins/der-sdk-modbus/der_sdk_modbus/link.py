@@ -86,6 +86,20 @@ _LATE_S: Final = 0.05
 read an answer that may be waiting."""
 
 
+_TABLE_OF: Final[dict[int, str]] = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
+
+
+def _what(function: int, address: int, word: int) -> str:
+    """The request in words, for a fault's message (made only when one is raised):
+    ``read holding 40074..40192``, ``write holding 40100..40101``, ``write coil 3``."""
+    if function <= 4:
+        return f"read {_TABLE_OF[function]} {address}..{address + word - 1}"
+    if function in (5, 15):
+        return f"write coil {address}"
+    count = word if function == 16 else 1
+    return f"write holding {address}..{address + count - 1}"
+
+
 def _expire(waiter: asyncio.Future[bytes], due: float, again: bool = True) -> None:
     """The request's time is up. When the timer fires late (the event loop was busy for a
     while), the answer may be in the socket unread: uvloop runs due timers before it polls
@@ -204,22 +218,25 @@ class ModbusLink:
         :raises ModbusFault: on every failure.
         """
         function = _READ_FUNCTION[table]
-        what = f"read {table} {address}..{address + count - 1}"
-        body = await self._send(function, address, count, b"", what)
+        body = await self._send(function, address, count, b"")
         size = body[1] if len(body) > 1 else 0
         if function <= 2:
             held = min(size, len(body) - 2) * 8
             if held < count:
                 self.close()
                 raise ModbusFault(
-                    "protocol", f"{what}: the response holds {held} bits, not {count}"
+                    "protocol",
+                    f"{_what(function, address, count)}: the response holds {held} bits, "
+                    f"not {count}",
                 )
             return [bool(body[2 + (i >> 3)] >> (i & 7) & 1) for i in range(count)]
         held = min(size, len(body) - 2) // 2
         if held != count:
             self.close()
             raise ModbusFault(
-                "protocol", f"{what}: the response holds {held} registers, not {count}"
+                "protocol",
+                f"{_what(function, address, count)}: the response holds {held} registers, "
+                f"not {count}",
             )
         return list(_words(count).unpack_from(body, 2))
 
@@ -228,25 +245,23 @@ class ModbusLink:
     ) -> None:
         """Write holding registers: function 6 for one register unless ``function`` is 16,
         function 16 for several."""
-        what = f"write holding {address}..{address + len(values) - 1}"
         if len(values) == 1 and function != 16:
-            await self._send(6, address, values[0], b"", what)
+            await self._send(6, address, values[0], b"")
             return
         count = len(values)
         data = bytes([2 * count]) + _words(count).pack(*values)
-        await self._send(16, address, count, data, what)
+        await self._send(16, address, count, data)
 
     async def write_coil(self, address: int, value: bool, function: int | None = None) -> None:
         """Write one coil: function 5 unless ``function`` is 15."""
-        what = f"write coil {address}"
         if function == 15:
-            await self._send(15, address, 1, bytes([1, 1 if value else 0]), what)
+            await self._send(15, address, 1, bytes([1, 1 if value else 0]))
         else:
-            await self._send(5, address, 0xFF00 if value else 0x0000, b"", what)
+            await self._send(5, address, 0xFF00 if value else 0x0000, b"")
 
     # ---------------------------------------------------------------- internals
 
-    async def _send(self, function: int, address: int, word: int, data: bytes, what: str) -> bytes:
+    async def _send(self, function: int, address: int, word: int, data: bytes) -> bytes:
         """Send one request (function, address, count or value, then ``data``); the
         response PDU (function code first) once it is a match and no exception."""
         protocol = self._protocol
@@ -271,25 +286,32 @@ class ModbusLink:
         except _Expired:
             self.close()
             raise ModbusFault(
-                "timeout", f"no response within {self.timeout_s:g} s to {what}"
+                "timeout",
+                f"no response within {self.timeout_s:g} s to {_what(function, address, word)}",
             ) from None
         except _Lost:
             self.close()
             raise ModbusFault(
-                "disconnected", f"connection to {self.host}:{self.port} lost during {what}"
+                "disconnected",
+                f"connection to {self.host}:{self.port} lost during "
+                f"{_what(function, address, word)}",
             ) from None
         finally:
             timer.cancel()
             protocol.waiter = None
         if len(frame) < 8:
             self.close()
-            raise ModbusFault("protocol", f"{what}: a response of {len(frame)} bytes, too short")
+            raise ModbusFault(
+                "protocol",
+                f"{_what(function, address, word)}: a response of {len(frame)} bytes, too short",
+            )
         answer_tid, protocol_id, _, answer_unit = _MBAP.unpack_from(frame)
         if answer_tid != tid or protocol_id != 0 or (unit and answer_unit != unit):
             self.close()
             raise ModbusFault(
                 "protocol",
-                f"{what}: the response (transaction {answer_tid}, protocol {protocol_id}, "
+                f"{_what(function, address, word)}: the response (transaction {answer_tid}, "
+                f"protocol {protocol_id}, "
                 f"unit {answer_unit}) does not answer the request (transaction {tid}, "
                 f"protocol 0, unit {unit})",
             )
@@ -300,10 +322,13 @@ class ModbusLink:
             code = frame[8]
             raise ModbusFault(
                 "exception",
-                f"exception response {describe_exception_code(code)} to {what}",
+                f"exception response {describe_exception_code(code)} to "
+                f"{_what(function, address, word)}",
                 code=code,
             )
         self.close()
         raise ModbusFault(
-            "protocol", f"{what}: the response is for function {answered}, not {function}"
+            "protocol",
+            f"{_what(function, address, word)}: the response is for function {answered}, "
+            f"not {function}",
         )
