@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from der_sdk_modbus.link import split_frames
+
 from bench import profiling
 from bench.common import Context, Figure, headend
 from bench.loadgen import AgentSpec, FleetSpec, make_fleet
@@ -72,16 +74,13 @@ class _DeviceServer(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        data = self.buffer + data
-        while len(data) >= 12:
-            end = 6 + (data[4] << 8 | data[5])
-            if len(data) < end:
-                break
-            frame, data = data[:end], data[end:]
+        frames, self.buffer = split_frames(self.buffer + data)
+        for frame in frames:
             self._answer(frame)
-        self.buffer = data
 
     def _answer(self, frame: bytes) -> None:
+        if len(frame) < 12:
+            return  # not a read request; the bench sends none
         tid, _, _, unit, function, address, count = struct.unpack_from(">HHHBBHH", frame)
         assert self.transport is not None
         if function not in (3, 4) or address + count > 65536:
@@ -344,32 +343,33 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
     polls, failed = polls1 - polls0, failed1 - failed0
     stop.set()
     extra: dict[str, Any] = await job
-    devices = len(ports)
-    print(
-        json.dumps(
-            {
-                "event": "result",
-                "mode": mode,
-                "devices": devices,
-                "wall_s": round(wall, 3),
-                "cpu_s": round(cpu, 4),
-                "cpu_pct_of_one_core": round(100 * cpu / wall, 1),
-                "polls": polls,
-                "failed_polls": failed,
-                "poll_hz_per_device": round(polls / devices / wall, 3),
-                "cpu_ms_per_poll": round(1000 * cpu / polls, 4) if polls else None,
-                "user_ms_per_poll": round(1000 * (usage.ru_utime - usage0.ru_utime) / polls, 4)
-                if polls
-                else None,
-                "system_ms_per_poll": round(1000 * (usage.ru_stime - usage0.ru_stime) / polls, 4)
-                if polls
-                else None,
-                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                **extra,
-            }
-        ),
-        flush=True,
-    )
+    user, system = usage.ru_utime - usage0.ru_utime, usage.ru_stime - usage0.ru_stime
+    result = {
+        "event": "result",
+        "mode": mode,
+        **window_figures(len(ports), wall, cpu, polls, failed),
+        "user_ms_per_poll": round(1000 * user / polls, 4) if polls else None,
+        "system_ms_per_poll": round(1000 * system / polls, 4) if polls else None,
+        **extra,
+    }
+    print(json.dumps(result), flush=True)
+
+
+def window_figures(
+    devices: int, wall_s: float, cpu_s: float, polls: int, failed: int
+) -> dict[str, Any]:
+    """The figures of one measured window (``bench/bench_modbus_poll.py`` reports them too)."""
+    return {
+        "devices": devices,
+        "wall_s": round(wall_s, 3),
+        "cpu_s": round(cpu_s, 4),
+        "cpu_pct_of_one_core": round(100 * cpu_s / wall_s, 1),
+        "polls": polls,
+        "failed_polls": failed,
+        "poll_hz_per_device": round(polls / devices / wall_s, 3),
+        "cpu_ms_per_poll": round(1000 * cpu_s / polls, 4) if polls else None,
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 # --------------------------------------------------------------------------- the benchmark

@@ -114,6 +114,19 @@ def _expire(waiter: asyncio.Future[bytes], due: float, again: bool = True) -> No
     waiter.set_exception(_Expired())
 
 
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole Modbus TCP frames (MBAP header on) at the start of ``data``, and the
+    bytes after them (the start of a frame still arriving)."""
+    frames = []
+    while len(data) >= 7:
+        end = 6 + (data[4] << 8 | data[5])
+        if len(data) < end:
+            break
+        frames.append(data[:end])
+        data = data[end:]
+    return frames, data
+
+
 class _Protocol(asyncio.Protocol):
     """Frames the byte stream into MBAP frames and hands the awaited one over."""
 
@@ -129,18 +142,12 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.buffer:
-            data = self.buffer + data
-        while len(data) >= 7:
-            end = 6 + (data[4] << 8 | data[5])
-            if len(data) < end:
-                break
-            frame, data = data[:end], data[end:]
+        frames, self.buffer = split_frames(self.buffer + data if self.buffer else data)
+        for frame in frames:
             waiter = self.waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(frame)
             # else: an answer nobody waits for (its request timed out); dropped
-        self.buffer = data
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
