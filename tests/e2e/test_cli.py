@@ -32,6 +32,20 @@ def test_check_config_accepts_the_example_inventory(repo_root: Path) -> None:
     assert "ok: 2 sites, 5 assets" in result.stdout
 
 
+def test_check_config_accepts_the_mixed_example_inventory_and_agent_config(
+    repo_root: Path,
+) -> None:
+    result = der(
+        "check-config",
+        "examples/mixed/assets.yaml",
+        "--agent-config",
+        "examples/mixed/agent.yaml",
+        cwd=repo_root,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok: 3 sites, 6 assets" in result.stdout
+
+
 GOOD_SITE = "11111111-1111-4111-8111-111111111111"
 GOOD_ASSET = "aaaaaaaa-0000-4000-8000-000000000001"
 
@@ -161,6 +175,97 @@ def test_demo_runs_headend_and_gateway_agents_and_prints_what_to_try(
     assert "REST API     http://127.0.0.1:" in result.stdout
     assert "curl -X POST" in result.stdout
     assert (tmp_path / "data" / "der.db").exists()
+
+
+SUNFIELD = "3b8f6a52-1c4e-4f0a-9d7b-5e2c8a1f6d30"  # examples/mixed: the PV + battery site
+NORTH_YARD = "ed7332b8-d686-44d3-938c-9ddfd76b4791"  # examples/assets.yaml
+
+
+def test_demo_runs_the_mixed_fleet_by_default_with_each_types_control(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    import os
+    import re
+    import time
+
+    import httpx
+
+    log = tmp_path / "demo.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *DER,
+                "demo",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--duration",
+                "60",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=repo_root,  # the examples are found from the repository root
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while "Try:" not in log.read_text():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            text = log.read_text()
+            url = re.search(r"REST API\s+(http://127\.0\.0\.1:\d+)", text)
+            assert url, text
+            assert f'"site_id": "{SUNFIELD}", "mw": 3.0' in text, "the banner's site is Sunfield"
+            assert '"policy": "headroom"' in text
+            with httpx.Client(base_url=url[1], timeout=5) as http:
+                while True:
+                    rows = http.get("/assets").json()
+                    kinds = {r["asset_type"]: r["control"]["kind"] for r in rows}
+                    bases = [r["control"]["basis"] for r in rows]
+                    if not any(b.startswith("no telemetry") for b in bases):
+                        break  # every asset has reported
+                    assert time.monotonic() < deadline, rows
+                    time.sleep(0.2)
+            assert len(rows) == 6
+            assert kinds == {
+                "bess": "setpoint",
+                "pv": "export_limit",
+                "wind": "export_limit",
+                "ev_charger": "import_limit",
+            }
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+
+
+def test_demo_example_batteries_runs_the_battery_fleet(repo_root: Path, tmp_path: Path) -> None:
+    result = der(
+        "demo",
+        "--example",
+        "batteries",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--duration",
+        "1",
+        cwd=repo_root,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'"site_id": "{NORTH_YARD}"' in result.stdout
+    assert SUNFIELD not in result.stdout
+
+
+def test_demo_refuses_an_example_and_an_inventory_together(repo_root: Path) -> None:
+    result = der("demo", "--example", "batteries", "--assets", "examples/assets.yaml")
+    assert result.returncode == 2
+    assert "--assets: not allowed with argument --example" in result.stderr
 
 
 def test_headend_stops_on_sigterm_while_it_waits_for_unreachable_storage(tmp_path: Path) -> None:
