@@ -539,6 +539,10 @@ async def dispatch_page(
             "sent": sent,
             "confirm_share": headend.config.console_confirm_share,
             "policy": headend.dispatcher.policy_name,
+            "policies": headend.plugins.split_policies.names(),
+            "site_policies": {
+                s.site_id: s.split_policy or headend.dispatcher.policy_name for s in sites
+            },
         },
     )
 

@@ -186,3 +186,28 @@ async def test_the_chosen_policy_splits_the_preview_and_the_confirmed_dispatch(
     (record,) = (await http.get("/dispatch/history", params={"site_id": SUNFIELD})).json()
     assert record["policy"] == "equal"
     assert [(t["asset_id"], t["mw"]) for t in record["targets"]] == by_policy["equal"]
+
+
+async def test_the_dispatch_page_names_each_sites_policy_and_offers_the_installed_ones(
+    headend: Headend, http: httpx.AsyncClient
+) -> None:
+    page = (await http.get("/console/dispatch")).text
+
+    assert f'value="site:{SUNFIELD}"' in page
+    assert "Sunfield (site, split by headroom," in page
+    default = headend.dispatcher.policy_name
+    assert f"Windy Ridge (site, split by {default}," in page
+    select = re.search(r'<select id="dispatch-policy" name="policy".*?</select>', page, re.S)
+    assert select, "the Dispatch page's form has a policy selector"
+    options = re.findall(r'<option value="([^"]*)"', select.group(0))
+    assert options == ["", *headend.plugins.split_policies.names()], "the site's own first"
+    assert '<label for="dispatch-policy">' in page
+
+
+async def test_the_dispatch_pages_empty_policy_leaves_the_sites_own(
+    http: httpx.AsyncClient, reported: None
+) -> None:
+    form = {"target": f"site:{SUNFIELD}", "mw": 2.0, "duration_s": 3600, "policy": ""}
+    preview = await post_form(http, "/console/dispatch/preview", form)
+    assert preview.status_code == 200, preview.text
+    assert '<strong id="preview-policy">headroom</strong>' in preview.text
