@@ -22,6 +22,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PLUGINS = [
     "plugins/der-sdk-sim-bess",
+    "plugins/der-sdk-sim-plant",
     "plugins/der-sdk-example-pack",
     "plugins/der-sdk-modbus",
     "plugins/der-sdk-opcua",

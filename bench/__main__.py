@@ -7,7 +7,8 @@ benchmark (``python -m bench all``) also rewrites the results table in
 small load of each, under two minutes, that shows every benchmark runs; its numbers mean
 nothing and it never touches the docs.
 
-Benchmarks: ingest-pg, ingest-sqlite, dispatch, memory, storm, rest, mtls, and
+Benchmarks: ingest-pg, ingest-sqlite, the ingest scaling curve with memory per loaded
+stream and GC pauses (scaling-sqlite, scaling-pg), dispatch, memory, storm, rest, mtls, and
 the replicas of a cluster on NATS and PostgreSQL: cluster-ingest, cluster-dispatch,
 cluster-failover; the console: console-fleet, console-sse (``all``: every one).
 """
@@ -35,6 +36,9 @@ from bench.common import ROOT, Context, Figure
 BENCHMARKS: dict[str, str] = {
     "ingest-pg": "bench.ingest:run_pg",
     "ingest-sqlite": "bench.ingest:run_sqlite",
+    "decode": "bench.decode:run",
+    "scaling-sqlite": "bench.scaling:run_sqlite",
+    "scaling-pg": "bench.scaling:run_pg",
     "dispatch": "bench.dispatch:run",
     "memory": "bench.fleet:run_memory",
     "storm": "bench.fleet:run_storm",
@@ -45,6 +49,7 @@ BENCHMARKS: dict[str, str] = {
     "cluster-failover": "bench.cluster:run_failover",
     "console-fleet": "bench.console:run_fleet",
     "console-sse": "bench.console:run_sse",
+    "modbus-poll": "bench.modbus_poll:run",
 }
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"

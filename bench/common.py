@@ -160,10 +160,12 @@ async def headend(
     database_url: str,
     env: dict[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    start_timeout_s: float = 60,
 ) -> AsyncIterator[HeadendProcess]:
     """``der headend`` in a child process, WARNING logs, stopped on exit; with
     ``ssl_context`` (trusting the certificate of the ``HEADEND_TLS_*`` files in ``env``)
-    its REST API is asked over HTTPS."""
+    its REST API is asked over HTTPS. ``start_timeout_s``: how long it may take to start
+    (loading an inventory of tens of thousands of assets takes a while)."""
     workdir = ctx.scratch(f"{name}-headend")
     process = HeadendProcess(
         inventory,
@@ -173,7 +175,7 @@ async def headend(
         log_level="WARNING",
         ssl_context=ssl_context,
     )
-    await process.start(timeout_s=60)
+    await process.start(timeout_s=start_timeout_s)
     for _ in range(600):
         if await process.healthz() == 200:
             break

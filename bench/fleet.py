@@ -298,7 +298,9 @@ class RssSampler:
 class StormClient:
     """One :mod:`bench.fleet_storm_client` process."""
 
-    def __init__(self, index: int, target: str, fleet: Path, start: int, stop: int) -> None:
+    def __init__(
+        self, index: int, target: str, fleet: Path, start: int, stop: int, *extra: str
+    ) -> None:
         self.index = index
         self.args = [
             "--target",
@@ -309,6 +311,7 @@ class StormClient:
             str(start),
             "--stop",
             str(stop),
+            *extra,
         ]
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = fleet.parent / f"client-{index}.log"
@@ -380,13 +383,18 @@ async def storm(
     clients: int,
     deadline_s: float,
     db: Path | None = None,
+    client_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Start every agent of ``spec`` at one instant from ``clients`` processes; return the
     merged timings, errors and the headend's peak RSS (and, with ``db``, the sessions the
-    headend's SQLite file has open while the agents still hold their streams)."""
+    headend's SQLite file has open while the agents still hold their streams).
+    ``client_args`` go to every :mod:`bench.fleet_storm_client` (``--tls DIR``)."""
     n = len(spec.agents)
     bounds = [round(i * n / clients) for i in range(clients + 1)]
-    procs = [StormClient(i, target, fleet_path, bounds[i], bounds[i + 1]) for i in range(clients)]
+    procs = [
+        StormClient(i, target, fleet_path, bounds[i], bounds[i + 1], *client_args)
+        for i in range(clients)
+    ]
     sampler = RssSampler(pid)
     try:
         for proc in procs:

@@ -6,11 +6,13 @@ At ``T`` it starts every agent of its slice at once, each on its own connection.
 whose stream fails before it is registered (``RESOURCE_EXHAUSTED``, ``UNAVAILABLE``, a
 refusal...) retries like ``der_sdk_agent`` does (:class:`der_sdk_agent.link.Backoff`: 1 s
 x 1.6 per attempt, ±20 % jitter) until ``--deadline-s`` after ``T``; every failure is
-counted by its status. When every agent is registered (or gave up) it prints one JSON line
-with the wall-clock times, then holds the streams open until ``quit`` (or end of stdin).
+counted by its status. With ``--tls PKI_DIR`` every agent dials with its own client
+certificate (mutual TLS, :class:`bench.loadgen.ClientTls`). When every agent is
+registered (or gave up) it prints one JSON line with the wall-clock times, then holds the
+streams open until ``quit`` (or end of stdin).
 
     python -m bench.fleet_storm_client --target 127.0.0.1:50051 --fleet fleet.json \
-        --start 0 --stop 2500
+        --start 0 --stop 2500 [--tls PKI_DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import proc_cpu_s, proc_rss
-from bench.loadgen import AgentSpec, FleetAgent, FleetSpec
+from bench.loadgen import AgentSpec, ClientTls, FleetAgent, FleetSpec
 from der_sdk_agent.link import Backoff
 
 
@@ -35,10 +37,16 @@ class StormAgent:
     """One agent of the storm: connect, register, retry on failure, then hold."""
 
     def __init__(
-        self, spec: AgentSpec, target: str, errors: Counter[str], failures: list[tuple[float, str]]
+        self,
+        spec: AgentSpec,
+        target: str,
+        errors: Counter[str],
+        failures: list[tuple[float, str]],
+        tls: ClientTls | None = None,
     ) -> None:
         self.spec = spec
         self.target = target
+        self.tls = tls
         self.errors = errors
         self.failures = failures
         self.agent: FleetAgent | None = None
@@ -48,7 +56,7 @@ class StormAgent:
     async def run(self, deadline: float, backoff: Backoff) -> None:
         while True:
             self.attempts += 1
-            agent = FleetAgent(self.spec, self.target, ticks_per_batch=1, window=1)
+            agent = FleetAgent(self.spec, self.target, ticks_per_batch=1, window=1, tls=self.tls)
             self.agent = agent
             agent.start()
             remaining = deadline - time.time()
@@ -103,7 +111,8 @@ async def _main(args: argparse.Namespace) -> None:
     spec = FleetSpec.read(Path(args.fleet)).slice(args.start, args.stop)
     errors: Counter[str] = Counter()
     failures: list[tuple[float, str]] = []
-    agents = [StormAgent(a, args.target, errors, failures) for a in spec.agents]
+    tls = ClientTls.read(Path(args.tls), spec) if args.tls else None
+    agents = [StormAgent(a, args.target, errors, failures, tls) for a in spec.agents]
     stdin = await _lines()
     _emit({"ready": True, "pid": os.getpid(), "agents": len(agents)})
     line = (await stdin.readline()).decode().split()
@@ -155,6 +164,9 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=None)
     parser.add_argument("--deadline-s", type=float, default=120.0)
+    parser.add_argument(
+        "--tls", default="", help="mutual TLS: the folder with ca.pem and the agents' certificates"
+    )
     args = parser.parse_args()
     try:
         import uvloop

@@ -27,6 +27,16 @@ load generator opens each channel with it (:class:`bench.loadgen.ClientTls`). Pe
 
 The figures of ``front`` and ``native`` carry the plaintext figure as their raw value;
 the ratio is mode / plaintext (for latencies, lower is better).
+
+Before those, a **reconnect storm** in each mode (:func:`run_storms`): 5,000 agents x 1
+asset, each with its own client certificate in the TLS modes, start at one wall-clock
+instant from one client process (:func:`bench.fleet.storm`), against a fresh headend
+with that inventory. The figures are the seconds until the last agent has its
+RegisterAck and the failed first attempts (agents that had to retry: a refused or broken
+handshake, a failed stream). The TLS modes carry ``native`` as their raw value: the goal
+is every agent registered within :data:`STORM_GOAL_RATIO` x the native time, with no
+failed first attempt, in whichever mode is the default. ``DER_BENCH_MTLS=storm`` (or
+``load``) runs one part only; ``DER_BENCH_MTLS_STORM_AGENTS`` sets another storm size.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from bench import profiling
 from bench.common import Context, CpuMeter, Figure, headend, summary_ms
 from bench.dispatch import (
     GAP_S,
@@ -49,14 +60,20 @@ from bench.dispatch import (
     _round,
     _start_loadgen,
 )
+from bench.fleet import STORM_CLIENTS, storm
 from bench.ingest import measure
 from bench.loadgen import ClientTls, Fleet, FleetSpec, make_fleet
 from der_sdk import certs
 
-__all__ = ["MODES", "run"]
+__all__ = ["MODES", "STORM_GOAL_RATIO", "run", "run_storms"]
 
 MODES = ("plaintext", "front", "native")
 LABELS = {"front": "TLS front", "native": "gRPC native TLS"}
+DEFAULT_MODE = "front"
+"""``HEADEND_MTLS_MODE``'s default (:class:`der_sdk_headend.config.HeadendConfig`)."""
+STORM_MODES = ("plaintext", "native", "front")
+STORM_GOAL_RATIO = 1.3
+"""A storm under mutual TLS may take at most this many times the native-TLS storm."""
 
 
 def make_pki(directory: Path, spec: FleetSpec) -> dict[str, str]:
@@ -188,7 +205,142 @@ async def _one_mode(
     }
 
 
+def _storm_summary(mode: str, r: dict[str, Any]) -> str:
+    last = r["last_registered_any_s"]
+    samples = f"; e.g. {r['error_samples'][:3]}" if r["error_samples"] else ""
+    failing = [(second, n) for second, n in r["failed_by_second"] if n]
+    return (
+        f"storm, {mode}: {r['registered']}/{r['agents']} registered, last at {last:.2f} s, "
+        f"{r['retried_agents']} failed first attempts {r['errors'] or ''}; headend CPU "
+        f"{r['server_cpu_s']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB"
+        + (
+            f"; failed (second, count) {failing[:6]}{'...' if len(failing) > 6 else ''}"
+            if failing
+            else ""
+        )
+        + samples
+    )
+
+
+async def run_storms(ctx: Context) -> list[Figure]:
+    """The reconnect storm in every mode (plaintext, native, front; fresh headend each)."""
+    agents = int(os.environ.get("DER_BENCH_MTLS_STORM_AGENTS", 100 if ctx.quick else 5000))
+    deadline_s = 20.0 if ctx.quick else 120.0
+    spec = make_fleet(agents, 1, prefix="mtls-storm")
+    pki = ctx.scratch("mtls-storm-pki")
+    ctx.say(f"storm: {agents} agents x 1 asset at once, each with its own client certificate")
+    bindings = await asyncio.to_thread(make_pki, pki, spec)
+    results: dict[str, dict[str, Any]] = {}
+    for mode in STORM_MODES:
+        secure = mode != "plaintext"
+        folder = ctx.scratch(f"mtls-storm-{mode}")
+        _, fleet_path = spec.write(folder)
+        inventory = write_inventory(folder / "assets.yaml", spec, bindings if secure else None)
+        rest_tls = (
+            ssl.create_default_context(cafile=str(pki / certs.CA_CERT_FILE)) if secure else None
+        )
+        db = folder / "der.db"
+        env = _headend_env(mode, pki)
+        async with headend(
+            ctx, f"mtls-storm-{mode}", inventory, f"sqlite:///{db}", env, rest_tls
+        ) as process:
+            assert process.pid is not None
+            seconds_profiled = 5 if ctx.quick else 20
+            async with profiling.maybe(ctx, f"mtls-storm-{mode}", process.pid, seconds_profiled):
+                results[mode] = await storm(
+                    ctx,
+                    spec,
+                    fleet_path,
+                    process.grpc_addr,
+                    process.pid,
+                    STORM_CLIENTS,
+                    deadline_s,
+                    db,
+                    ("--tls", str(pki)) if secure else (),
+                )
+        ctx.say(_storm_summary(mode, results[mode]))
+
+    def seconds(mode: str) -> float:
+        last = results[mode]["last_registered_s"]
+        return float(last) if last is not None else deadline_s
+
+    native = seconds("native")
+    plain = seconds("plaintext")
+    summary = {
+        mode: {
+            "all_registered_s": results[mode]["last_registered_s"],
+            "failed_first_attempts": results[mode]["retried_agents"],
+            "errors": results[mode]["errors"],
+            "headend_cpu_s": results[mode]["server_cpu_s"],
+        }
+        for mode in results
+    }
+    common = {
+        "agents": agents,
+        "clients": STORM_CLIENTS,
+        "measure": "seconds from one wall-clock instant (every agent starts then) until the "
+        "last RegisterAck; a failed attempt is retried with the agent's backoff",
+        "default_mode": DEFAULT_MODE,
+        "modes": summary,
+    }
+    figures: list[Figure] = []
+    for mode in ("front", "native"):
+        value = seconds(mode)
+        failed = results[mode]["retried_agents"]
+        # the front is held to native TLS; native TLS itself is shown beside plaintext
+        base, base_label = (native, "gRPC native TLS") if mode == "front" else (plain, "plaintext")
+        default = " (the default mode)" if mode == DEFAULT_MODE else ""
+        all_in = results[mode]["last_registered_s"] is not None
+        figures.append(
+            Figure(
+                name=f"mutual TLS storm, {LABELS[mode]}: all registered",
+                value=round(value, 2),
+                unit="s",
+                goal=(
+                    f"{agents:,} agents at once: all registered within "
+                    f"{STORM_GOAL_RATIO:g}x the native-TLS storm{default}"
+                    if mode == "front"
+                    else "none: what native TLS costs beside plaintext"
+                ),
+                met=all_in and value <= STORM_GOAL_RATIO * native if mode == "front" else None,
+                raw=round(base, 2),
+                raw_label=f"{base_label}, same storm",
+                ratio=round(value / base, 2) if base else None,
+                details={
+                    **common,
+                    "mode": mode,
+                    "ratio_to_native": round(value / native, 2) if native else None,
+                    "ratio_to_plaintext": round(value / plain, 2) if plain else None,
+                    "measured": results[mode],
+                },
+            )
+        )
+        figures.append(
+            Figure(
+                name=f"mutual TLS storm, {LABELS[mode]}: failed first attempts",
+                value=failed,
+                unit="agents",
+                goal=f"0 of {agents:,}{default}",
+                met=failed == 0,
+                raw=results["plaintext"]["retried_agents"],
+                raw_label="plaintext, same storm",
+                ratio=None,
+                details={**common, "mode": mode, "errors": results[mode]["errors"]},
+            )
+        )
+    return figures
+
+
 async def run(ctx: Context) -> list[Figure]:
+    parts = os.environ.get("DER_BENCH_MTLS", "storm,load").split(",")
+    figures = await run_storms(ctx) if "storm" in parts else []
+    if "load" in parts:
+        figures += await run_load(ctx)
+    return figures
+
+
+async def run_load(ctx: Context) -> list[Figure]:
+    """Ingest and dispatch in every mode (see the module's docstring)."""
     if ctx.quick:
         spec, load_spec = make_fleet(20, 5, prefix="mtls"), make_fleet(10, 5, prefix="mtls-load")
         shape: dict[str, Any] = {"warmup_s": 0.5, "seconds": 1.5, "dispatches": 20}

@@ -10,6 +10,7 @@
     reconnect_max_s: 120          # default 120, >= reconnect_initial_s
     link_loss_hold_s: 300         # default 300, > 0
     link_loss_fallback: default   # default | hold
+    clock_offset_max_s: 2         # default 2, > 0; schedules refused beyond (env wins)
     buffer:                       # the durable store-and-forward buffer
       path: der-data/agent-{agent_id}.sqlite3   # default: see der_sdk_agent.agent
       max_mb: 256                 # default 256, > 0
@@ -92,6 +93,7 @@ TOP_KEYS: tuple[str, ...] = (
     "reconnect_max_s",
     "link_loss_hold_s",
     "link_loss_fallback",
+    "clock_offset_max_s",
     "buffer",
     "tls",
     "default_adapter",
@@ -181,6 +183,9 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, dict=True):
     reconnect_max_s: float = 120.0
     link_loss_hold_s: float = 300.0
     link_loss_fallback: Literal["default", "hold"] = "default"
+    clock_offset_max_s: float = 2.0
+    """The largest clock offset from the headend with which the agent accepts a schedule
+    (``AGENT_CLOCK_OFFSET_MAX_S`` wins)."""
     buffer: BufferConfig = msgspec.field(default_factory=BufferConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     default_adapter: str = DEFAULT_ADAPTER
@@ -255,6 +260,7 @@ def parse_agent_config(text: str, path_label: str = "<agent config>") -> AgentCo
         ("reconnect_initial_s", 1.0),
         ("reconnect_max_s", 120.0),
         ("link_loss_hold_s", 300.0),
+        ("clock_offset_max_s", 2.0),
     ):
         value = root.number(key, default=default)
         if value is not MISSING and value <= 0:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
+from der_sdk.control import DEFAULT_CONTROL, ControlModel, SplitContext
 from der_sdk.models import Asset, TelemetrySample
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ __all__ = [
     "AssetType",
     "BusBackendType",
     "CommandType",
+    "ConditionReporter",
+    "ConditionSeverity",
     "DevicePoint",
     "DeviceProfile",
     "DeviceSimulatorType",
@@ -36,6 +39,7 @@ __all__ = [
     "EdgeServiceContext",
     "EdgeServiceType",
     "LocalDispatch",
+    "NoConditions",
     "SetpointResult",
     "SplitPolicy",
     "SplitResult",
@@ -54,15 +58,54 @@ class SetpointResult(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
+ConditionSeverity = Literal["info", "warning", "major", "critical"]
+"""How serious a device condition is, from ``info`` to ``critical``."""
+
+
+class ConditionReporter(abc.ABC):
+    """Where an adapter reports its device's conditions: a trip, a fault, a stop.
+
+    A condition is identified by its ``code`` (``"inverter_trip"``) and is either active
+    or not. Both methods are synchronous and cheap (they queue; they never block or do
+    I/O) and idempotent per code: raising a code that is already active does nothing,
+    nor does clearing one that is not. Call them from any adapter method, on the event
+    loop. The agent's reporter records each change as a durable event of kind
+    ``condition_raised`` or ``condition_cleared`` for the asset, which the headend
+    stores and shows in ``GET /events``.
+    """
+
+    @abc.abstractmethod
+    def raise_condition(self, code: str, severity: ConditionSeverity, text: str) -> None:
+        """Report that condition ``code`` is now active; ``text`` says what happened."""
+
+    @abc.abstractmethod
+    def clear_condition(self, code: str, text: str = "") -> None:
+        """Report that condition ``code`` is over; ``text`` may say how it ended."""
+
+
+class NoConditions(ConditionReporter):
+    """A reporter that drops everything: the default of :class:`AdapterContext`, so code
+    that builds a context by hand (tests, tools) need not provide one."""
+
+    def raise_condition(self, code: str, severity: ConditionSeverity, text: str) -> None:
+        """Drop it."""
+
+    def clear_condition(self, code: str, text: str = "") -> None:
+        """Drop it."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class AdapterContext:
-    """Everything an adapter factory gets: the asset, its validated options, and the
+    """Everything an adapter factory gets: the asset, its validated options, the
     installed device profiles for adapters that are profile-driven, keyed by
-    ``name@version`` and by ``name`` (the highest version of that name)."""
+    ``name@version`` and by ``name`` (the highest version of that name), and where to
+    report the device's conditions (:class:`ConditionReporter`; the agent gives each
+    asset its own, by default they are dropped)."""
 
     asset: Asset
     options: Any
     profiles: Mapping[str, DeviceProfile] = field(default_factory=dict)
+    conditions: ConditionReporter = field(default_factory=NoConditions)
 
 
 class Adapter(abc.ABC):
@@ -112,11 +155,17 @@ class AssetType:
 
     ``details`` is a msgspec Struct type whose fields are all optional; receivers validate
     known fields and keep unknown ones (schema evolution).
+
+    ``control`` says what a dispatch's MW means for the type (a signed setpoint, an export
+    limit, an import limit) and the range an asset of the type can take now
+    (:class:`~der_sdk.control.ControlModel`, ``docs/asset_types.md``). Default: a signed
+    setpoint within the inventory limits.
     """
 
     name: str
     details: type[msgspec.Struct]
     description: str = ""
+    control: ControlModel = DEFAULT_CONTROL
 
 
 # --------------------------------------------------------------------------- split policies
@@ -126,7 +175,8 @@ class SplitResult(msgspec.Struct, frozen=True, kw_only=True):
     """A site target split into per-asset shares.
 
     ``shares`` maps asset id to MW, ordered by asset id, every share within the asset's
-    ``[min_mw, max_mw]``. ``unallocated_mw`` is the part of the target no asset could take
+    range (``[min_mw, max_mw]`` of the assets given, which for a site dispatch is the
+    available range now). ``unallocated_mw`` is the part of the target no asset could take
     (``target - sum(shares)``); it is 0 whenever the target is feasible.
     """
 
@@ -136,11 +186,25 @@ class SplitResult(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass(frozen=True, kw_only=True)
 class SplitPolicy:
-    """A named, pure, deterministic way to split a site target across its assets."""
+    """A named, pure, deterministic way to split a site target across its assets.
+
+    ``split(target_mw, assets)`` gets the site's assets sorted by id, each with
+    ``min_mw``/``max_mw`` set to its *available range now* (cut to its control kind's
+    sign, narrowed by its latest telemetry), so a policy that keeps within them never asks
+    PV to consume, a charger to export or a battery for more energy than it has.
+
+    ``split_in_context(target_mw, context)``, optional, is called instead when given: the
+    :class:`~der_sdk.control.SplitContext` adds each asset's control kind, the basis of its
+    range, its latest sample (``soc_pct``) and the dispatch's ``duration_s``.
+
+    Either way the caller (:func:`der_sdk.split.split_site`) clamps each share into the
+    available range, shares again what a clamp left, and reports the rest unallocated.
+    """
 
     name: str
     split: Callable[[float, Sequence[Asset]], SplitResult]
     description: str = ""
+    split_in_context: Callable[[float, SplitContext], SplitResult] | None = None
 
 
 # --------------------------------------------------------------------------- storage

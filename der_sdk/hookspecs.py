@@ -55,13 +55,16 @@ def der_adapter_types() -> list[AdapterType]:
 def der_asset_types() -> list[AssetType]:
     """Asset types and the schema of their telemetry ``details``.
 
-    Called by the inventory loader (an asset's ``asset_type`` must be installed) and by the
-    headend when it validates telemetry ``details``.
+    Called by the inventory loader (an asset's ``asset_type`` must be installed), by the
+    headend when it validates telemetry ``details``, and by the headend and the agent for
+    the type's control model (``AssetType.control``: what a dispatch's MW means, the range
+    an asset can take now) when they check, clamp and split dispatches.
 
     :return: a list of :class:`~der_sdk.extensions.AssetType`. Built-ins: ``bess``, ``pv``,
         ``wind``, ``ev_charger``.
 
-    All results are merged; a duplicate name is an error. Since 0.1.
+    All results are merged; a duplicate name is an error. Since 0.1; ``control`` since 0.2
+    (optional: a type without it is a setpoint within its limits).
     """
     raise NotImplementedError
 
@@ -71,14 +74,18 @@ def der_split_policies() -> list[SplitPolicy]:
     """Named policies that split a site target across the site's assets.
 
     Called by the agent for a site dispatch (policy chosen in the agent config) and by the
-    headend to preview the per-asset targets it returns from ``POST /dispatch``.
+    headend to plan a site dispatch (the request's ``policy``, the site's ``split_policy``
+    or ``SPLIT_POLICY``), through :func:`der_sdk.split.split_site`: each asset's limits are
+    its available range now, and the result is clamped and redistributed within them.
 
     :return: a list of :class:`~der_sdk.extensions.SplitPolicy`. Built-ins:
-        ``capacity_weighted`` (the default) and ``equal``. A policy must be pure and
-        deterministic, keep each share within ``[min_mw, max_mw]`` and report what it
-        cannot place.
+        ``capacity_weighted`` (the default), ``equal``, ``headroom``, ``soc_balancing``. A
+        policy must be pure and deterministic, keep each share within ``[min_mw, max_mw]``
+        and report what it cannot place; ``split_in_context`` (optional) also gets a
+        :class:`~der_sdk.control.SplitContext` (kinds, latest samples, duration).
 
-    All results are merged; a duplicate name is an error. Since 0.1.
+    All results are merged; a duplicate name is an error. Since 0.1; ``split_in_context``
+    since 0.2.
     """
     raise NotImplementedError
 

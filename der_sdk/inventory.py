@@ -6,6 +6,9 @@
       - site_id: 6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f
         name: North Yard
         location: optional free text
+        latitude: 52.1              # optional, degrees in [-90, 90] (WGS 84)
+        longitude: 5.2              # optional, degrees in [-180, 180]
+        split_policy: headroom      # optional: how site dispatches split; an installed policy
         agents:                     # optional: which agents may serve this site
           - fingerprint: sha256:4f0c...   # a client certificate (mutual TLS)
           - subject: "CN=gw-north,O=Acme" # any certificate with this subject (mTLS)
@@ -22,6 +25,8 @@
         ramp_rate_mw_per_min: 1.0   # optional, > 0; absent or null: steps instantly
         efficiency: 0.9             # optional round-trip efficiency in (0, 1], default 1
         location: optional free text
+        latitude: 52.1              # optional, like the site's
+        longitude: 5.2
 
 ``agents`` binds agent identities to the site (:class:`AgentBinding`); the headend's agent
 link checks them (:mod:`der_sdk_headend.link.identity`). A site without ``agents`` accepts
@@ -71,7 +76,15 @@ __all__ = [
 ]
 
 TOP_KEYS: tuple[str, ...] = ("sites", "assets")
-SITE_KEYS: tuple[str, ...] = ("site_id", "name", "location", "agents")
+SITE_KEYS: tuple[str, ...] = (
+    "site_id",
+    "name",
+    "location",
+    "latitude",
+    "longitude",
+    "split_policy",
+    "agents",
+)
 BINDING_KINDS: tuple[str, ...] = ("fingerprint", "subject", "token_sha256")
 AGENT_KEYS: tuple[str, ...] = (*BINDING_KINDS, "name")
 ASSET_KEYS: tuple[str, ...] = (
@@ -85,6 +98,8 @@ ASSET_KEYS: tuple[str, ...] = (
     "ramp_rate_mw_per_min",
     "efficiency",
     "location",
+    "latitude",
+    "longitude",
 )
 
 _UUID_HINT = "generate one with: python -c 'import uuid; print(uuid.uuid4())'"
@@ -179,7 +194,10 @@ class Inventory:
 
 
 def load_inventory(
-    path: str | os.PathLike[str], *, asset_types: Collection[str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    asset_types: Collection[str] | None = None,
+    split_policies: Collection[str] | None = None,
 ) -> Inventory:
     """Read and validate the inventory file at ``path``.
 
@@ -187,11 +205,15 @@ def load_inventory(
 
     :param asset_types: the installed asset type names; ``None`` asks the plugins
         (:func:`der_sdk.load_plugins`) for them.
+    :param split_policies: the installed split policy names, to check the sites'
+        ``split_policy``; ``None`` asks the plugins when a site names one.
     :raises ConfigError: the file is missing, unreadable or invalid; ``issues`` lists every
         problem with file, line and field.
     """
     label = os.fspath(path)
-    return parse_inventory(read_text(path), label, asset_types=asset_types)
+    return parse_inventory(
+        read_text(path), label, asset_types=asset_types, split_policies=split_policies
+    )
 
 
 def parse_inventory(
@@ -199,6 +221,7 @@ def parse_inventory(
     path_label: str = "<inventory>",
     *,
     asset_types: Collection[str] | None = None,
+    split_policies: Collection[str] | None = None,
 ) -> Inventory:
     """Validate inventory YAML ``text``; ``path_label`` names it in errors.
 
@@ -214,7 +237,7 @@ def parse_inventory(
     site_items = root.list_at("sites", required=True)
     asset_items = root.list_at("assets", required=True)
 
-    sites, site_lines, agents = _parse_sites(issues, site_items)
+    sites, site_lines, agents = _parse_sites(issues, site_items, split_policies)
     assets: dict[str, Asset] = {}
     if isinstance(asset_items, LineList) and asset_items:
         installed = sorted(_installed_asset_types() if asset_types is None else asset_types)
@@ -227,6 +250,26 @@ def _installed_asset_types() -> list[str]:
     from der_sdk.plugins import load_plugins  # the plugin manager imports the built-ins
 
     return load_plugins().asset_types.names()
+
+
+def _installed_split_policies() -> list[str]:
+    from der_sdk.plugins import load_plugins
+
+    return load_plugins().split_policies.names()
+
+
+def _coordinates(section: Section) -> tuple[Any, Any]:
+    """``latitude`` and ``longitude`` (``None`` when absent, MISSING after an error)."""
+    found = []
+    for key, bound in (("latitude", 90.0), ("longitude", 180.0)):
+        value = section.number(key, default=None, nullable=True)
+        if isinstance(value, float) and not -bound <= value <= bound:
+            section.error(
+                key, f"must be in [-{bound:g}, {bound:g}] degrees (WGS 84), got {value:g}"
+            )
+            value = MISSING
+        found.append(value)
+    return found[0], found[1]
 
 
 def _entries(issues: Issues, items: Any, kind: str, required: str) -> list[tuple[int, Section]]:
@@ -258,7 +301,7 @@ def _uuid_field(section: Section, key: str) -> Any:
 
 
 def _parse_sites(
-    issues: Issues, items: Any
+    issues: Issues, items: Any, split_policies: Collection[str] | None
 ) -> tuple[dict[str, Site], dict[str, int | None], dict[str, tuple[AgentBinding, ...]]]:
     sites: dict[str, Site] = {}
     agents: dict[str, tuple[AgentBinding, ...]] = {}
@@ -270,6 +313,18 @@ def _parse_sites(
         site_id = _uuid_field(section, "site_id")
         name = section.string("name", required=True)
         location = section.get("location", str | None, default=None)
+        latitude, longitude = _coordinates(section)
+        policy = section.string("split_policy", default=None)
+        if isinstance(policy, str):
+            if split_policies is None:
+                split_policies = _installed_split_policies()
+            if policy not in split_policies:
+                section.error(
+                    "split_policy",
+                    f"unknown split policy {policy!r}; installed: "
+                    f"{', '.join(sorted(split_policies)) or 'none'}",
+                )
+                policy = MISSING
         bindings = _parse_agents(section)
         if site_id is MISSING:
             continue
@@ -281,8 +336,16 @@ def _parse_sites(
             )
             continue
         site_lines[site_id] = section.line("site_id")
-        if name is not MISSING and location is not MISSING:
-            sites[site_id] = Site(site_id=site_id, name=name, location=location)
+        site_values = (name, location, latitude, longitude, policy)
+        if all(v is not MISSING for v in site_values):
+            sites[site_id] = Site(
+                site_id=site_id,
+                name=name,
+                location=location,
+                latitude=latitude,
+                longitude=longitude,
+                split_policy=policy,
+            )
         if bindings is not None and bindings is not MISSING:
             agents[site_id] = bindings
     return sites, site_lines, agents
@@ -373,6 +436,7 @@ def _parse_assets(
             "efficiency": section.number("efficiency", default=1.0),
             "location": section.get("location", str | None, default=None),
         }
+        values["latitude"], values["longitude"] = _coordinates(section)
         valid = _check_asset_values(section, values, site_lines, sites, installed_types)
 
         asset_id = values["asset_id"]

@@ -20,6 +20,8 @@ __all__ = [
     "ALARM_SEVERITIES",
     "DISPATCH_HORIZON_S",
     "DISPATCH_STATE_RANK",
+    "SCHEDULE_HORIZON_S",
+    "SCHEDULE_MAX_STEPS",
     "TERMINAL_DISPATCH_STATES",
     "AgentHeartbeat",
     "Alarm",
@@ -38,12 +40,14 @@ __all__ = [
     "Heartbeat",
     "LocalDispatchReport",
     "Quality",
+    "ScheduleStep",
     "SeqRange",
     "Session",
     "SetpointAck",
     "SetpointCommand",
     "SetpointOutcomeAck",
     "Site",
+    "TargetStep",
     "TelemetryAck",
     "TelemetryBatch",
     "TelemetrySample",
@@ -62,26 +66,43 @@ DispatchState = Literal[
     "applied",  # the agent applied it (possibly clamped)
     "rejected",  # the agent refused it (reason given)
     "failed",  # delivery or application failed (reason given)
-    "superseded",  # a newer dispatch for the same target replaced it before delivery
+    "superseded",  # a newer dispatch for the same target replaced it (or cut a schedule)
     "expired",  # its expiry passed before it could be applied; never applied
+    "scheduled",  # a schedule (start_at) that has not started: at the headend or the agent
+    "active",  # a schedule whose first step ran on the agent; it runs on
+    "completed",  # a schedule that ran every step (and its duration, if it has one)
+    "cancelled",  # a schedule stopped by POST /dispatch/{id}/cancel
 ]
-"""A dispatch moves only forward: submitted → sent → acked → one final state."""
+"""A dispatch moves only forward: submitted → sent → acked → one final state; a schedule:
+(submitted → sent →) scheduled → active → completed, cancelled or superseded."""
 
 DISPATCH_STATE_RANK: dict[str, int] = {
     "submitted": 0,
     "sent": 1,
     "acked": 2,
-    "applied": 3,
-    "rejected": 3,
-    "failed": 3,
-    "superseded": 3,
-    "expired": 3,
+    "scheduled": 2,
+    "active": 3,
+    "applied": 4,
+    "rejected": 4,
+    "failed": 4,
+    "superseded": 4,
+    "expired": 4,
+    "completed": 4,
+    "cancelled": 4,
 }
 """The order of the states: a change to a lower or equal rank is ignored."""
 
 TERMINAL_DISPATCH_STATES: frozenset[str] = frozenset(
-    {"applied", "rejected", "failed", "superseded", "expired"}
+    {"applied", "rejected", "failed", "superseded", "expired", "completed", "cancelled"}
 )
+
+SCHEDULE_HORIZON_S = 7 * 24 * 3600
+"""How far a schedule reaches, in seconds (7 days): ``start_at`` at most this long after
+the dispatch is made, and each step's ``offset_s`` and the ``duration_s`` of a schedule at
+most this long after ``start_at``. Well inside :data:`DISPATCH_HORIZON_S`."""
+
+SCHEDULE_MAX_STEPS = 288
+"""The most steps a schedule may have (a day of five-minute steps)."""
 
 
 def utc_now() -> datetime:
@@ -90,11 +111,18 @@ def utc_now() -> datetime:
 
 
 class Site(msgspec.Struct, frozen=True, kw_only=True):
-    """A physical site: one or more assets behind one point of common coupling."""
+    """A physical site: one or more assets behind one point of common coupling.
+
+    ``latitude``/``longitude`` are WGS 84 degrees (``None``: not given). ``split_policy``
+    names the policy that splits this site's dispatches (``None``: the headend's).
+    """
 
     site_id: str
     name: str
     location: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    split_policy: str | None = None
 
 
 class Asset(msgspec.Struct, frozen=True, kw_only=True):
@@ -103,7 +131,8 @@ class Asset(msgspec.Struct, frozen=True, kw_only=True):
     ``asset_id`` is a stable UUID (canonical lower-case text). Limits are in MW with the
     sign convention of the module: ``min_mw`` is usually negative for storage (charging).
     ``ramp_rate_mw_per_min`` of ``None`` means the asset can step instantly.
-    ``efficiency`` is round-trip efficiency in ``(0, 1]``.
+    ``efficiency`` is round-trip efficiency in ``(0, 1]``. ``latitude``/``longitude``
+    are WGS 84 degrees (``None``: not given; a simulator may fall back to its site's).
     """
 
     asset_id: str
@@ -116,6 +145,8 @@ class Asset(msgspec.Struct, frozen=True, kw_only=True):
     ramp_rate_mw_per_min: float | None = None
     efficiency: float = 1.0
     location: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
 
     def clamp(self, mw: float) -> float:
         """``mw`` limited to ``[min_mw, max_mw]``."""
@@ -216,6 +247,14 @@ def holds_non_finite(value: object) -> bool:
     return False
 
 
+class ScheduleStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One step of a schedule: ``mw`` holds from ``start_at + offset_s`` until the next
+    step (the last one until the schedule's end, or for good without ``duration_s``)."""
+
+    offset_s: float
+    mw: float
+
+
 class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The body of ``POST /dispatch``. Give ``asset_id`` or ``site_id``; ``asset_id`` wins.
 
@@ -224,14 +263,25 @@ class DispatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     before the asset returns to its default. Each reaches at most
     :data:`DISPATCH_HORIZON_S` ahead; decoding checks ``duration_s`` and ``ttl_s``, the
     headend's dispatcher checks all three (also for requests built in code).
+
+    ``policy`` names the split policy of a site dispatch (``None``: the site's
+    ``split_policy``, else the headend's); a per-asset dispatch ignores it.
+
+    ``start_at`` (an aware time, in the future) makes a schedule: without ``steps``,
+    ``mw`` holds from ``start_at`` for ``duration_s``; with ``steps`` each step's ``mw``
+    holds from ``start_at + offset_s`` (give ``mw`` or ``steps``, not both).
+    The agent runs a schedule by its own clock (``docs/dispatch.md``).
     """
 
-    mw: float
+    mw: float | None = None
     asset_id: str | None = None
     site_id: str | None = None
     duration_s: DispatchSeconds | None = None
     expires_at: datetime | None = None
     ttl_s: DispatchSeconds | None = None
+    policy: str | None = None
+    start_at: datetime | None = None
+    steps: list[ScheduleStep] | None = None
 
 
 class DispatchTarget(msgspec.Struct, kw_only=True):
@@ -244,6 +294,26 @@ class DispatchTarget(msgspec.Struct, kw_only=True):
     reason: str | None = None
     command_id: str | None = None
     """The setpoint that carried this target to its agent (set when sent)."""
+    steps: list[TargetStep] | None = None
+    """A schedule's steps for this asset (after split), each with its status; ``None``
+    for an immediate dispatch."""
+
+
+class TargetStep(msgspec.Struct, kw_only=True):
+    """One step of a schedule for one asset, as the agent reported it.
+
+    ``status``: ``pending`` (not run yet), then ``applied``, ``rejected``, ``failed``, or
+    ``skipped`` (its time passed while the agent could not run it: it is never run late
+    once the next step is due), or ``superseded``/``cancelled`` (the schedule stopped
+    before it). ``at`` is when the agent ran it, by its clock.
+    """
+
+    offset_s: float
+    mw: float
+    status: str = "pending"
+    applied_mw: float | None = None
+    at: datetime | None = None
+    reason: str | None = None
 
 
 class Dispatch(msgspec.Struct, kw_only=True):
@@ -271,6 +341,14 @@ class Dispatch(msgspec.Struct, kw_only=True):
     idempotency_key: str | None = None
     request_fingerprint: str | None = None
     """SHA-256 of the request body, to tell a retry from a reused ``Idempotency-Key``."""
+    start_at: datetime | None = None
+    """A schedule's start (UTC); ``None`` for a dispatch that starts when it arrives."""
+    steps: list[ScheduleStep] | None = None
+    """A schedule's steps as requested (a schedule without steps has one, at 0)."""
+    superseded_by: str | None = None
+    """The dispatch that replaced this one (state ``superseded``)."""
+    cancel_requested_at: datetime | None = None
+    """When ``POST /dispatch/{id}/cancel`` asked for it to stop."""
 
 
 class DispatchEvent(msgspec.Struct, kw_only=True):
@@ -375,6 +453,11 @@ class SetpointCommand(msgspec.Struct, frozen=True, kw_only=True):
     duration_s: float | None = None
     expires_in_ms: int | None = None
     expires_at: datetime | None = None
+    start_at: datetime | None = None
+    """Set: a schedule of ``steps`` (``(offset_s, mw)``) the agent runs from then."""
+    steps: tuple[tuple[float, float], ...] = ()
+    cancels: str | None = None
+    """Set: this command cancels the schedule command with this id."""
 
 
 class SetpointAck(msgspec.Struct, frozen=True, kw_only=True):
@@ -392,13 +475,18 @@ class SetpointAck(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     ts: datetime | None = None
     allocations: tuple[Allocation, ...] = ()
+    step: int | None = None
+    """Set: the report of this step of the schedule ``command_id``."""
+    superseded_by: str | None = None
+    """The command that superseded the schedule (status ``superseded``)."""
 
 
 class SetpointOutcomeAck(msgspec.Struct, frozen=True, kw_only=True):
-    """The headend recorded the final :class:`SetpointAck` of ``command_id``; the agent
-    stops reporting it (``SetpointOutcomeAck`` on the wire)."""
+    """The headend recorded the final :class:`SetpointAck` of ``command_id`` (of its
+    ``step``, when set); the agent stops reporting it (``SetpointOutcomeAck`` on the wire)."""
 
     command_id: str
+    step: int | None = None
 
 
 class LocalDispatchReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -473,6 +561,8 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     ts: datetime | None = None
     uptime_s: float = 0.0
     buffer: BufferStats | None = None
+    clock_offset_s: float | None = None
+    """The agent's clock offset from the headend's (headend minus agent), when measured."""
 
 
 class EventAck(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from der_sdk.agent_config import AgentConfig, convert_options
+from der_sdk.conditions import ConditionQueue
 from der_sdk.device_packs import version_key
 from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.extensions import (
@@ -76,11 +77,16 @@ def build_adapters(
     *,
     timeout_s: float,
     command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+    on_condition: Callable[[], None] | None = None,
 ) -> dict[str, AdapterRuntime]:
     """One :class:`AdapterRuntime` per asset, by asset id, nothing connected yet.
 
+    Each adapter gets its own :class:`~der_sdk.conditions.ConditionQueue` (the runtime's
+    ``conditions``) to report its device's conditions into.
+
     :param timeout_s: limit for one connect or read (usually the telemetry interval).
     :param command_timeout_s: limit for one ``apply_setpoint``.
+    :param on_condition: called whenever an adapter queues a condition change.
     :raises DerSdkError: an adapter type is not installed, its options are invalid, or its
         factory failed; the message names the asset, the adapter and its package.
     """
@@ -102,9 +108,12 @@ def build_adapters(
             adapter_type.options,
             what=f"{what} from {package}",
         )
+        conditions = ConditionQueue(notify=on_condition)
         try:
             adapter = adapter_type.factory(
-                AdapterContext(asset=asset, options=options, profiles=profiles)
+                AdapterContext(
+                    asset=asset, options=options, profiles=profiles, conditions=conditions
+                )
             )
         except DerSdkError as exc:
             raise DerSdkError(f"{what} from {package}: {exc}") from None
@@ -124,6 +133,7 @@ def build_adapters(
             package=package,
             timeout_s=timeout_s,
             command_timeout_s=command_timeout_s,
+            conditions=conditions,
         )
     return runtimes
 
@@ -151,8 +161,11 @@ class AdapterRuntime:
         package: str,
         timeout_s: float,
         command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S,
+        conditions: ConditionQueue | None = None,
     ) -> None:
         self.asset = asset
+        self.conditions = conditions if conditions is not None else ConditionQueue()
+        """What the adapter reported about its device's conditions, until drained."""
         self.adapter = adapter
         self.adapter_name = adapter_name
         self.package = package
@@ -160,6 +173,9 @@ class AdapterRuntime:
         self.command_timeout_s = command_timeout_s
         self.connected = False
         self.last_commanded_mw: float | None = None
+        self.latest: TelemetrySample | None = None
+        """The last sample read from the device (``None`` before the first); a site split
+        narrows the asset's range with it (:mod:`der_sdk.control`)."""
         self._lock = asyncio.Lock()
         self._failed_reads = 0
         self._last_problem: str | None = None
@@ -234,7 +250,8 @@ class AdapterRuntime:
         elif self._last_problem is not None:
             log.info("asset %s: %s recovered", self.asset.asset_id, self.label)
             self._last_problem = None
-        return self._own(sample)
+        self.latest = self._own(sample)
+        return self.latest
 
     async def _read_failed(self, problem: str) -> TelemetrySample:
         reason = f"{self.label} failed to read: {problem}"

@@ -11,7 +11,10 @@ environment settings (:meth:`Agent.from_settings`). Its tasks:
   outcomes to the headend and feeds setpoints into the dispatch path
   (:mod:`der_sdk_agent.dispatch`);
 * the **upkeep** drops telemetry past the queue's age bound, prunes the dispatch journal
-  and, while the queue holds a backlog, logs its figures once a minute.
+  and, while the queue holds a backlog, logs its figures once a minute;
+* the **condition recorder** commits the conditions adapters raise and clear (each
+  adapter's :class:`~der_sdk.conditions.ConditionQueue`) to the outbox as events of kind
+  ``condition_raised`` / ``condition_cleared``, which the link sends like any other event.
 
 The three stores (:mod:`der_sdk_agent.store`: the telemetry queue, the command journal
 and the outbox) share one buffer file. Where it lives: the ``buffer_path`` argument, else
@@ -28,7 +31,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +52,7 @@ from der_sdk.plugins import Plugins, load_plugins
 from der_sdk_agent.adapters import AdapterRuntime, adapter_names, build_adapters, convert_options
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
+from der_sdk_agent.schedule import ScheduleRunner
 from der_sdk_agent.settings import AgentSettings, resolve_served_assets
 from der_sdk_agent.store import MEMORY, BufferFile, CommandJournal, Outbox, TelemetryQueue
 from der_sdk_agent.tls import LinkSecurity
@@ -80,7 +84,9 @@ class AgentStats:
     acknowledged); ``samples_dropped`` and ``batches_dropped`` count what its bounds
     dropped since the buffer file was created; ``replay_batches`` is the backlog the
     current stream is still to send. ``unacked_*`` and ``unreported_outcomes`` wait for
-    the headend's acknowledgement.
+    the headend's acknowledgement. ``clock_offset_s`` is the agent's clock offset from
+    the headend's (headend minus agent), ``None`` until measured; ``schedules`` counts the
+    schedules not finished.
     """
 
     connected: bool
@@ -100,6 +106,8 @@ class AgentStats:
     unacked_events: int
     unacked_local_dispatches: int
     unreported_outcomes: int
+    clock_offset_s: float | None = None
+    schedules: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class Agent:
     :param buffer_path: the buffer file (``{agent_id}`` is replaced); default: the config's
         ``buffer.path``, else in memory. The file is opened by :meth:`start` (or the first
         :meth:`sample_once` or local command), not here.
+    :param clock: the agent's wall clock (tests pass one that is off); schedules run by
+        it, and its offset from the headend's is measured and reported.
     :param security: TLS, client certificate and token for the link
         (:class:`~der_sdk_agent.tls.LinkSecurity`); default: plaintext, no token.
     """
@@ -137,6 +147,7 @@ class Agent:
         buffer_path: str | None = None,
         rng: random.Random | None = None,
         security: LinkSecurity | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not assets:
             raise DerSdkError(f"agent {agent_id}: no assets to serve")
@@ -152,8 +163,14 @@ class Agent:
         self.config = config
         self.plugins = plugins
 
+        self._conditions_queued = asyncio.Event()
+        self._conditions_lock = asyncio.Lock()
         self.adapters: dict[str, AdapterRuntime] = build_adapters(
-            self.assets, config, plugins, timeout_s=config.telemetry_interval_s
+            self.assets,
+            config,
+            plugins,
+            timeout_s=config.telemetry_interval_s,
+            on_condition=self._conditions_queued.set,
         )
         try:
             policy = plugins.split_policies.get(config.split_policy)
@@ -179,6 +196,7 @@ class Agent:
             policy=policy,
             journal=self.journal,
             outbox=self.outbox,
+            controls={t.name: t.control for t in plugins.asset_types},
         )
         self.link = HeadendLink(
             headend=headend,
@@ -199,6 +217,14 @@ class Agent:
             link_loss_hold_s=config.link_loss_hold_s,
             link_loss_fallback=config.link_loss_fallback,
             security=security,
+            clock=clock,
+        )
+        self.dispatcher.schedules = ScheduleRunner(
+            self.dispatcher,
+            self.journal,
+            clock=clock,
+            clock_offset=lambda: self.link.clock_offset_s,
+            clock_offset_max_s=config.clock_offset_max_s,
         )
         self.headends = self.link.headends
         self.headend = ",".join(self.headends)
@@ -234,6 +260,8 @@ class Agent:
             overrides["telemetry_interval_s"] = settings.telemetry_interval_s
         if settings.heartbeat_interval_s is not None:
             overrides["heartbeat_interval_s"] = settings.heartbeat_interval_s
+        if settings.clock_offset_max_s is not None:
+            overrides["clock_offset_max_s"] = settings.clock_offset_max_s
         if overrides:  # after validation: a replaced config forgets its file lines
             config = msgspec.structs.replace(config, **overrides)
         return cls(
@@ -284,6 +312,8 @@ class Agent:
             unacked_events=self.outbox.events.count,
             unacked_local_dispatches=self.link.unacked_local_dispatches,
             unreported_outcomes=self.journal.unreported_count,
+            clock_offset_s=self.link.clock_offset_s,
+            schedules=len(self.journal.schedules),
         )
 
     async def start(self) -> None:
@@ -331,6 +361,9 @@ class Agent:
             asyncio.create_task(self._sampler(), name=f"der-agent-sampler-{self.agent_id}"),
             asyncio.create_task(self.link.run(), name=f"der-agent-link-{self.agent_id}"),
             asyncio.create_task(self._upkeep(), name=f"der-agent-upkeep-{self.agent_id}"),
+            asyncio.create_task(
+                self._condition_recorder(), name=f"der-agent-conditions-{self.agent_id}"
+            ),
         ]
         for task in self._tasks:
             task.add_done_callback(self._task_done)
@@ -376,6 +409,8 @@ class Agent:
                     log.exception("agent %s: edge service %r failed to stop", self.agent_id, name)
             self.services.clear()
             await asyncio.gather(*(rt.close() for rt in self.adapters.values()))
+            if self.buffer.accepting:
+                await self.record_conditions()  # what was raised since the last poll
             await self.buffer.close()
         finally:
             self._stopped.set()
@@ -455,6 +490,7 @@ class Agent:
                 )
         try:
             await self.telemetry.append(samples)
+            await self.record_conditions()  # those the reads raised, recorded right away
         except Exception:
             now = time.monotonic()
             if now - self._buffer_error_logged_at >= UPKEEP_EVERY_S:
@@ -465,6 +501,57 @@ class Agent:
                     self.buffer.path,
                 )
         return samples
+
+    # ------------------------------------------------------------------ conditions
+
+    async def _condition_recorder(self) -> None:
+        while True:
+            await self._conditions_queued.wait()
+            await self.record_conditions()
+
+    async def record_conditions(self) -> int:
+        """Commit every condition change the adapters queued to the outbox, oldest first
+        per asset; the number committed. A change that cannot be committed (the buffer
+        failed) is logged and lost, like a poll's samples."""
+        if not self._conditions_queued.is_set():  # every queued change sets it
+            return 0
+        async with self._conditions_lock:
+            self._conditions_queued.clear()
+            recorded = 0
+            for asset_id, runtime in self.adapters.items():
+                changes = runtime.conditions.drain()
+                for index, change in enumerate(changes):
+                    try:
+                        await self.outbox.add_event(
+                            change.kind,
+                            change.message,
+                            asset_id=asset_id,
+                            data={"code": change.code, "severity": change.severity},
+                            ts=change.ts,
+                        )
+                    except asyncio.CancelledError:
+                        # Stopping: what is not committed yet is recorded by stop().
+                        runtime.conditions.restore(changes[index:])
+                        raise
+                    except Exception:
+                        log.exception(
+                            "agent %s: asset %s: recording %s %s failed",
+                            self.agent_id,
+                            asset_id,
+                            change.kind,
+                            change.code,
+                        )
+                        continue
+                    recorded += 1
+                    log.info(
+                        "asset %s: %s %s (%s): %s",
+                        asset_id,
+                        change.kind,
+                        change.code,
+                        change.severity,
+                        change.message,
+                    )
+            return recorded
 
     # ------------------------------------------------------------------ upkeep
 

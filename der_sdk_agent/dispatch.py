@@ -5,12 +5,20 @@ services (:attr:`~der_sdk.extensions.EdgeServiceContext.dispatch`) and the link-
 fallback (:meth:`Dispatcher.link_loss_fallback`) take the same path:
 
 * ``asset_id`` set (it wins over ``site_id``): the asset must be served by this agent;
-  the MW is clamped to the asset's ``[min_mw, max_mw]`` and applied to that asset only.
+  the MW is clamped to the static range of the asset's control kind (``[min_mw, max_mw]``
+  for a setpoint, ``[0, max_mw]`` for an export limit, ``[min_mw, 0]`` for an import
+  limit; :mod:`der_sdk.control`) and applied to that asset only.
 * ``site_id`` alone: it must be this agent's site; the MW is split across the served
-  assets (sorted by id) with the configured split policy, each share clamped, and all
-  shares applied concurrently. MW the split cannot place is reported in the reason.
-* ``duration_s``: the setpoint holds that long, then the asset returns to 0 MW (or the
-  value nearest 0 its limits allow) and a ``duration_reverted`` event is recorded. A newer
+  assets (sorted by id) with the configured split policy, each asset within its available
+  range now (from the latest sample its adapter read, :func:`der_sdk.split.split_site`),
+  each share clamped, and all shares applied concurrently. MW the split cannot place is
+  reported in the reason.
+* ``start_at`` (a schedule): taken into the journal and run by the agent's clock
+  (:mod:`der_sdk_agent.schedule`); a cancel command (``cancels``) stops one. A command
+  applied now cuts the schedules of its assets (they end ``superseded``).
+* ``duration_s``: the setpoint holds that long, then the asset returns to its default (a
+  setpoint to 0 MW or the value nearest 0 its limits allow; an export or import limit is
+  lifted: ``max_mw`` or ``min_mw``) and a ``duration_reverted`` event is recorded. A newer
   setpoint for the asset cancels the revert.
 
 Headend commands are **applied at most once per command id**, across reconnects and agent
@@ -42,21 +50,26 @@ import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from der_sdk.control import DEFAULT_CONTROL, ControlModel, split_context
 from der_sdk.extensions import SetpointResult, SplitPolicy
-from der_sdk.models import utc_now
+from der_sdk.models import TelemetrySample, utc_now
+from der_sdk.split import split_site
 from der_sdk.wire.codec import Allocation, LocalDispatchReport
 from der_sdk_agent.adapters import AdapterRuntime
 from der_sdk_agent.store.journal import CommandJournal, JournalEntry
 from der_sdk_agent.store.outbox import Outbox
+
+if TYPE_CHECKING:
+    from der_sdk_agent.schedule import ScheduleRunner
 
 __all__ = ["DispatchOutcome", "Dispatcher", "HeadendCommand", "InForceSource"]
 
 log = logging.getLogger("der.agent.dispatch")
 
 AckStatus = Literal["applied", "rejected", "failed", "expired"]
-InForceSource = Literal["headend", "local", "fallback", "default"]
+InForceSource = Literal["headend", "schedule", "local", "fallback", "default"]
 
 _NOISE_MW = 1e-9
 
@@ -96,6 +109,11 @@ class HeadendCommand:
     expires_at: float | None = None  # seconds since the epoch, UTC
     received_at: float = 0.0
     received_wall: float = 0.0
+    start_at: float | None = None
+    """A schedule's start, seconds since the epoch (``None``: apply now)."""
+    steps: tuple[tuple[float, float], ...] = ()
+    cancels: str | None = None
+    """Set: this command cancels the schedule command with this id."""
 
     @property
     def deadline(self) -> float | None:
@@ -123,6 +141,8 @@ class Dispatcher:
         is recorded and :meth:`headend_command` is unavailable.
     :param outbox: where local command reports and events go. Without it they are only
         logged (and given to the local listeners).
+    :param controls: the control model of each asset type, by name (the installed asset
+        types'); a type not in it is a setpoint within its limits.
     """
 
     def __init__(
@@ -134,16 +154,20 @@ class Dispatcher:
         policy: SplitPolicy,
         journal: CommandJournal | None = None,
         outbox: Outbox | None = None,
+        controls: Mapping[str, ControlModel] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.site_id = site_id
         self.runtimes = dict(sorted(runtimes.items()))
         self.policy = policy
+        self.controls: Mapping[str, ControlModel] = controls or {}
         self.journal = journal
         self.outbox = outbox
         self._lock = asyncio.Lock()
         self._reverts: dict[str, asyncio.Task[None]] = {}
         self._local_listeners: list[Callable[[LocalDispatchReport], None]] = []
+        self.schedules: ScheduleRunner | None = None
+        """Runs schedules (set by the agent); without it a schedule is rejected."""
 
     def add_local_listener(self, listener: Callable[[LocalDispatchReport], None]) -> None:
         """Call ``listener`` after each local command (cheap and non-blocking, please)."""
@@ -209,6 +233,17 @@ class Dispatcher:
         """
         if self.journal is None:
             raise RuntimeError("headend commands need the agent's dispatch journal")
+        schedules = self.schedules
+        if command.start_at is not None and schedules is not None:
+            return await schedules.accept(
+                command.command_id,
+                asset_id=command.asset_id,
+                site_id=command.site_id,
+                start=command.start_at,
+                steps=command.steps,
+                duration_s=command.duration_s,
+                send=send,
+            )
         entry, new = await self.journal.receive(
             command.command_id,
             asset_id=command.asset_id,
@@ -233,9 +268,16 @@ class Dispatcher:
             return entry
         send(entry)
         deadline = command.deadline
-        if deadline is not None and deadline <= command.received_at:  # expired on arrival
+        if command.cancels is not None:
+            outcome = await self._cancel(command, send)
+        elif command.start_at is not None:
+            outcome = self._reject(command.command_id, "this agent runs no schedules")
+        elif deadline is not None and deadline <= command.received_at:  # expired on arrival
             outcome = _expired(command.command_id)
         else:
+            if schedules is not None:
+                assets = [command.asset_id] if command.asset_id else list(self.runtimes)
+                await schedules.supersede(assets, schedules.clock(), by=command.command_id)
             outcome = await self.handle(
                 command.command_id,
                 asset_id=command.asset_id,
@@ -249,6 +291,29 @@ class Dispatcher:
         )
         send(entry)
         return entry
+
+    async def _cancel(
+        self, command: HeadendCommand, send: Callable[[JournalEntry], None]
+    ) -> DispatchOutcome:
+        """A cancel command: stop its schedule, and return the assets to their default
+        if a step of it ran."""
+        assert command.cancels is not None
+        if self.schedules is None:
+            return self._reject(command.command_id, "this agent runs no schedules")
+        result = await self.schedules.cancel(command.command_id, command.cancels, send=send)
+        if not result.revert:
+            return DispatchOutcome(
+                command_id=command.command_id,
+                status="applied" if result.status == "applied" else "rejected",
+                reason=result.reason,
+            )
+        return await self.handle(
+            command.command_id,
+            asset_id=result.asset_id,
+            site_id=result.site_id,
+            mw=0.0,
+            source="default",
+        )
 
     async def local_dispatch(
         self,
@@ -266,8 +331,9 @@ class Dispatcher:
 
     async def link_loss_fallback(self, why: str) -> list[DispatchOutcome]:
         """Return each asset whose setpoint in force came from the headend to its default
-        (0 MW, or the value nearest 0 its limits allow), each as a local command (so the
-        headend's history shows it). Assets commanded locally are left alone.
+        (a setpoint to 0 MW, or the value nearest 0 its limits allow; an export or import
+        limit is lifted), each as a local command (so the headend's history shows it).
+        Assets commanded locally are left alone.
 
         :param why: said in each command's reported reason.
         """
@@ -276,7 +342,14 @@ class Dispatcher:
         in_force = self.journal.in_force
         targets = [a for a in self.runtimes if in_force.get(a) == "headend"]
         return [
-            await self._local_command(a, None, 0.0, None, source="fallback", note=why)
+            await self._local_command(
+                a,
+                None,
+                self.control_of(a).release_mw(self.runtimes[a].asset),
+                None,
+                source="fallback",
+                note=why,
+            )
             for a in targets
         ]
 
@@ -407,7 +480,15 @@ class Dispatcher:
             )
         assets = [rt.asset for rt in self.runtimes.values()]
         try:
-            split = self.policy.split(mw, assets)
+            context = split_context(
+                assets,
+                controls=self.controls,
+                latest=self._latest,
+                duration_s=duration_s,
+                now=utc_now(),
+                site_id=site_id,
+            )
+            split = split_site(self.policy, mw, context)
         except Exception as exc:
             reason = f"split policy {self.policy.name!r} failed: {type(exc).__name__}: {exc}"
             log.error("command %s: site %s %g MW: %s", command_id, site_id, mw, reason)
@@ -463,17 +544,26 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ one share
 
+    def _latest(self, asset_id: str) -> TelemetrySample | None:
+        runtime = self.runtimes.get(asset_id)
+        return runtime.latest if runtime is not None else None
+
+    def control_of(self, asset_id: str) -> ControlModel:
+        """The control model of the asset's type."""
+        return self.controls.get(self.runtimes[asset_id].asset.asset_type, DEFAULT_CONTROL)
+
     async def _apply_share(self, asset_id: str, mw: float, duration_s: float | None) -> Allocation:
         """Clamp, apply and (with a duration) schedule the revert. Holds ``_lock``."""
         runtime = self.runtimes[asset_id]
         asset = runtime.asset
         self._cancel_revert(asset_id)
-        target = asset.clamp(mw)
+        control = self.control_of(asset_id)
+        target = control.clamp(asset, mw)
         notes: list[str] = []
         if abs(target - mw) > _NOISE_MW:
-            notes.append(
-                f"clamped {mw:g} MW to {target:g} MW (limits {asset.min_mw:g}..{asset.max_mw:g})"
-            )
+            lo, hi = control.static_range(asset)
+            what = "limits" if control.kind == "setpoint" else control.kind.replace("_", " ")
+            notes.append(f"clamped {mw:g} MW to {target:g} MW ({what} {lo:g}..{hi:g})")
         result: SetpointResult = await runtime.apply_setpoint(target, duration_s)
         if result.reason:
             notes.append(result.reason)
@@ -504,7 +594,7 @@ class Dispatcher:
                 return  # a newer setpoint took over while we waited for the lock
             del self._reverts[asset_id]
             runtime = self.runtimes[asset_id]
-            idle = runtime.asset.clamp(0.0)
+            idle = self.control_of(asset_id).release_mw(runtime.asset)
             result = await runtime.apply_setpoint(idle, None)
             if result.status == "applied":
                 await self._record_in_force(

@@ -86,6 +86,7 @@ from der_sdk.wire import codec, pb, pb_grpc
 from der_sdk_agent.dispatch import Dispatcher, HeadendCommand
 from der_sdk_agent.headends import HeadendRotation, parse_headend_addresses
 from der_sdk_agent.store import CommandJournal, JournalEntry, Outbox, TelemetryQueue
+from der_sdk_agent.store.journal import split_step_key, step_key
 from der_sdk_agent.tls import LinkSecurity
 
 __all__ = [
@@ -155,6 +156,8 @@ class LinkStats:
     last_ack_seq: int = 0
     replay_from_seq: int | None = None
     fallbacks: int = 0
+    clock_offset_s: float | None = None
+    """The agent's clock offset from the headend's (headend minus agent), seconds."""
 
 
 class TokenBucket:
@@ -213,8 +216,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def _setpoint_ack(entry: JournalEntry) -> pb.AgentMessage:
+    command_id, step = split_step_key(entry.command_id)
     return codec.agent_setpoint_ack(
-        entry.command_id, entry.status, entry.allocations, entry.reason, ts=entry.ts
+        command_id,
+        entry.status,
+        entry.allocations,
+        entry.reason,
+        ts=entry.ts,
+        step=step,
+        superseded_by=entry.superseded_by,
     )
 
 
@@ -229,7 +239,13 @@ class HeadendLink:
     :param link_loss_fallback: ``default`` (assets holding a headend setpoint return to
         their default) or ``hold`` (keep every setpoint; log only).
     :param security: TLS, client certificate and token; default: plaintext, no token.
+    :param clock: the agent's wall clock, seconds since the epoch; its offset from the
+        headend's is measured from the ``sent_at_us`` of the headend's messages.
     """
+
+    CLOCK_SAMPLES = 16
+    """The offset is the largest of the last this many (headend time - agent time) on
+    receipt: the one with the shortest transit."""
 
     def __init__(
         self,
@@ -252,6 +268,7 @@ class HeadendLink:
         link_loss_fallback: LinkLossFallback = "default",
         register_timeout_s: float = DEFAULT_REGISTER_TIMEOUT_S,
         security: LinkSecurity | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be at least 1 batch, got {window}")
@@ -287,12 +304,25 @@ class HeadendLink:
         self._stream: _Stream | None = None
         self._commands: asyncio.Queue[HeadendCommand] = asyncio.Queue()
         self._skew_logged_at = -math.inf
+        self.clock = clock
+        self._offsets: collections.deque[float] = collections.deque(maxlen=self.CLOCK_SAMPLES)
         telemetry.add_listener(self._wake.set)
         outbox.add_listener(self._wake.set)
 
     async def wait_connected(self) -> None:
         """Return once the agent is registered on a live stream."""
         await self._connected.wait()
+
+    @property
+    def clock_offset_s(self) -> float | None:
+        """The agent's clock offset from the headend's (headend minus agent), seconds;
+        ``None`` until a headend message carried its time."""
+        return max(self._offsets) if self._offsets else None
+
+    def _observe_clock(self, sent_at_us: int) -> None:
+        if sent_at_us > 0:
+            self._offsets.append(sent_at_us / 1e6 - self.clock())
+            self.stats.clock_offset_s = self.clock_offset_s
 
     @property
     def unacked_local_dispatches(self) -> int:
@@ -307,6 +337,12 @@ class HeadendLink:
             asyncio.create_task(self._command_worker(), name="der-agent-link-commands"),
             asyncio.create_task(self._watch_link_loss(), name="der-agent-link-loss"),
         ]
+        if self.dispatcher.schedules is not None:
+            helpers.append(
+                asyncio.create_task(
+                    self.dispatcher.schedules.run(self._send), name="der-agent-schedules"
+                )
+            )
         try:
             await self._reconnect_forever()
         finally:
@@ -393,6 +429,8 @@ class HeadendLink:
                         first = await call.read()
             except TimeoutError:
                 raise StreamEnded(f"no RegisterAck within {self.register_timeout_s:g} s") from None
+            if first is not grpc.aio.EOF:
+                self._observe_clock(first.sent_at_us)
             self._on_register_ack(first, stream)
             self._registered = True
             await self._serve(stream)
@@ -519,6 +557,7 @@ class HeadendLink:
                         utc_now(),
                         time.monotonic() - self._started,
                         buffer=buffer.stats(stream.live_from),
+                        clock_offset_s=self.clock_offset_s,
                     )
                 )
                 heartbeat_due = loop.time() + self.heartbeat_interval_s
@@ -588,6 +627,7 @@ class HeadendLink:
             message = await stream.call.read()
             if message is grpc.aio.EOF:
                 raise StreamEnded("headend closed the stream")
+            self._observe_clock(message.sent_at_us)
             kind = message.WhichOneof("msg")
             if kind == "setpoint":
                 self._receive(message.setpoint, loop.time())
@@ -595,7 +635,9 @@ class HeadendLink:
                 ack = message.telemetry_ack
                 self._on_telemetry_ack(stream, ack.seq, ack.stored_through)
             elif kind == "outcome_ack":
-                await self.journal.mark_reported(message.outcome_ack.command_id)
+                ack = message.outcome_ack
+                key = step_key(ack.command_id, ack.step) if ack.HasField("step") else ack.command_id
+                await self.journal.mark_reported(key)
             elif kind == "local_dispatch_ack":
                 await self.outbox.local_reports.ack(message.local_dispatch_ack.command_id)
             elif kind == "event_ack":
@@ -703,4 +745,7 @@ def _command(setpoint: pb.Setpoint, received_at: float) -> HeadendCommand:
         expires_at=setpoint.expires_at_us / 1e6 if setpoint.HasField("expires_at_us") else None,
         received_at=received_at,
         received_wall=time.time(),
+        start_at=setpoint.start_at_us / 1e6 if setpoint.HasField("start_at_us") else None,
+        steps=tuple((s.offset_s, s.mw) for s in setpoint.steps),
+        cancels=setpoint.cancels if setpoint.HasField("cancels") else None,
     )

@@ -58,6 +58,7 @@ class AgentSettings:
     agent_config_path: str | None = None
     telemetry_interval_s: float | None = None
     heartbeat_interval_s: float | None = None
+    clock_offset_max_s: float | None = None
     buffer_path: str | None = None
     tls_ca: str | None = None
     tls_cert: str | None = None
@@ -112,6 +113,7 @@ class AgentSettings:
             agent_config_path=_get(env, "AGENT_CONFIG"),
             telemetry_interval_s=_seconds(env, "TELEMETRY_INTERVAL_S"),
             heartbeat_interval_s=_seconds(env, "HEARTBEAT_INTERVAL_S"),
+            clock_offset_max_s=_seconds(env, "AGENT_CLOCK_OFFSET_MAX_S"),
             buffer_path=_get(env, "AGENT_BUFFER_PATH"),
             tls_ca=_get(env, "AGENT_TLS_CA"),
             tls_cert=_get(env, "AGENT_TLS_CERT"),

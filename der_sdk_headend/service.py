@@ -28,6 +28,7 @@ from der_sdk.inventory import Inventory, load_inventory
 from der_sdk.models import TelemetrySample, utc_now
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage.contract import StorageBackend, close_sessions_left_open, open_storage
+from der_sdk_headend import gc_pauses
 from der_sdk_headend.alarms import AlarmBook, CommsLossWatch
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.cluster import Cluster
@@ -71,6 +72,10 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 HALF_OPEN_DETECTION_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 """Worst case for either side to notice a link that went silent (30 s, within 40 s)."""
 
+STREAM_WINDOW_BYTES = 32 * 1024
+"""The HTTP/2 flow-control window of each agent stream: what gRPC reads ahead of the
+headend (a telemetry batch of 100 samples is about 15 KB)."""
+
 GRPC_SERVER_OPTIONS = (
     # A busy port is an error, not a second headend silently sharing it.
     ("grpc.so_reuseport", 0),
@@ -88,6 +93,13 @@ GRPC_SERVER_OPTIONS = (
     # gRPC waits for a ping's answer for grpc.http2.ping_timeout_ms (default 60 s), not
     # only keepalive_timeout_ms: without this a silent link took 80 s to notice.
     ("grpc.http2.ping_timeout_ms", 10_000),
+    # Memory per loaded stream (docs/performance.md, "Ingest at fleet scale"): while the
+    # ingest queue is full a stream's reader stops reading, and what its agent sent on
+    # sits in gRPC core up to the stream's flow-control window. gRPC grows that window
+    # from its bandwidth-delay probes, to hundreds of KB per stream on loopback; keep
+    # it at STREAM_WINDOW_BYTES so the agent's own buffer holds the rest.
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
 )
 
 
@@ -252,7 +264,11 @@ class Headend:
             self.plugins.split_policies.get(config.split_policy)
         except UnknownNameError as exc:
             raise DerSdkError(f"SPLIT_POLICY: {exc}") from None
-        inventory = load_inventory(config.assets_path, asset_types=self.plugins.asset_types.names())
+        inventory = load_inventory(
+            config.assets_path,
+            asset_types=self.plugins.asset_types.names(),
+            split_policies=self.plugins.split_policies.names(),
+        )
         self._inventory = inventory
         await self._start_rest_auth()
 
@@ -370,6 +386,7 @@ class Headend:
                 ),
                 reconcile_s=config.bus_dispatch_reconcile_s,
             )
+        self._dispatcher.latest = self._ingest.latest  # available ranges for site splits
         reloaded = await self._dispatcher.load_open()
         if reloaded:
             log.info(
@@ -730,7 +747,9 @@ def _tune_gc() -> None:
 
 
 async def run_headend(config: HeadendConfig) -> None:
-    """Run a headend until SIGINT or SIGTERM (the ``der headend`` command).
+    """Run a headend until SIGINT or SIGTERM (the ``der headend`` command). SIGUSR2 runs
+    a full garbage collection at once, timed like any other (``der_gc_pause_*``): how
+    long one stalls this headend now.
 
     The signals are handled from the first moment: a stop asked for while the headend
     is still starting (waiting for its storage, say) ends the start cleanly.
@@ -759,6 +778,10 @@ async def run_headend(config: HeadendConfig) -> None:
         stopping.cancel()
         starting.result()
         _tune_gc()
+        gc_pauses.install()
+        with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+            loop.add_signal_handler(signal.SIGUSR2, gc_pauses.full_collection)
+            handled.append(signal.SIGUSR2)
         log.info(
             "headend ready: REST %s (OpenAPI %s/schema/openapi.json), agents %s (%s), "
             "storage %s, headend id %s%s, %d sites, %d assets",

@@ -413,3 +413,67 @@ def test_the_documented_agents_example_loads() -> None:
     bound = [inventory.site_agents(site_id) for site_id in inventory.sites]
     kinds = {b.kind for bindings in bound if bindings for b in bindings}
     assert kinds == {"fingerprint", "subject", "token_sha256"}
+
+
+# --------------------------------------------------------------- coordinates, split policy
+
+
+def test_coordinates_and_split_policy_load(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    location: Depot Road\n",
+        "    location: Depot Road\n    latitude: 52.37\n    longitude: -4.9\n"
+        "    split_policy: headroom\n",
+    ).replace("    location: container 1\n", "    location: container 1\n    latitude: -33.9\n")
+    inventory = load_inventory(write(tmp_path, text), asset_types=TYPES)
+    site = inventory.site(SITE_A)
+    assert (site.latitude, site.longitude, site.split_policy) == (52.37, -4.9, "headroom")
+    assert inventory.site(SITE_B).latitude is None
+    assert inventory.asset(ASSET_1).latitude == -33.9
+    assert inventory.asset(ASSET_1).longitude is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "section", "bound"),
+    [
+        ("latitude", "91", "sites[0]", "[-90, 90]"),
+        ("longitude", "-180.5", "sites[0]", "[-180, 180]"),
+        ("latitude", "north", "sites[0]", "expected float"),
+    ],
+)
+def test_site_coordinates_out_of_range_name_file_line_and_field(
+    tmp_path: Path, key: str, value: str, section: str, bound: str
+) -> None:
+    text = GOOD.replace(
+        "    location: Depot Road\n", f"    location: Depot Road\n    {key}: {value}\n"
+    )
+    issue = issue_for(tmp_path, text, f"{section}.{key}")
+    assert_names(issue, line_of(text, f"{key}: {value}"), f"{section}.{key}", bound)
+
+
+def test_asset_latitude_out_of_range_is_refused(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    location: container 1\n", "    location: container 1\n    latitude: 95\n"
+    )
+    issue = issue_for(tmp_path, text, "assets[1].latitude")
+    assert_names(issue, line_of(text, "latitude: 95"), "assets[1].latitude", "[-90, 90]", "95")
+
+
+def test_an_unknown_site_split_policy_lists_the_installed_ones(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    location: Depot Road\n", "    location: Depot Road\n    split_policy: greedy\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_inventory(
+            write(tmp_path, text), asset_types=TYPES, split_policies=["equal", "headroom"]
+        )
+    (issue,) = [i for i in caught.value.issues if i.field == "sites[0].split_policy"]
+    assert_names(issue, line_of(text, "split_policy: greedy"), None, "'greedy'", "equal, headroom")
+
+
+def test_a_site_split_policy_is_checked_against_the_installed_plugins(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "    location: Depot Road\n", "    location: Depot Road\n    split_policy: soc_balancing\n"
+    )
+    assert load_inventory(write(tmp_path, text), asset_types=TYPES).site(SITE_A).split_policy
+    with pytest.raises(ConfigError, match="unknown split policy 'nope'"):
+        load_inventory(write(tmp_path, text.replace("soc_balancing", "nope")), asset_types=TYPES)

@@ -63,7 +63,12 @@ class Services:
 def test_builtins_register_through_the_same_hooks() -> None:
     plugins = load_plugins(entry_points=False, env=NO_ENV)
     assert plugins.asset_types.names() == ["bess", "ev_charger", "pv", "wind"]
-    assert plugins.split_policies.names() == ["capacity_weighted", "equal"]
+    assert plugins.split_policies.names() == [
+        "capacity_weighted",
+        "equal",
+        "headroom",
+        "soc_balancing",
+    ]
     assert {"memory", "sqlite"} <= set(plugins.storage_backends.names())
     builtin = [i for i in plugins.info() if i.builtin]
     assert {i.package for i in builtin} == {"der-sdk"}

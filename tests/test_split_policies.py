@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 from der_sdk import load_plugins
 from der_sdk.extensions import SplitResult
 from der_sdk.models import Asset
-from der_sdk.split import DEFAULT_SPLIT_POLICY, split_capacity_weighted, split_equal
+from der_sdk.split import (
+    DEFAULT_SPLIT_POLICY,
+    split_capacity_weighted,
+    split_equal,
+    split_headroom,
+    split_soc_balancing,
+)
 
 Split = Callable[[float, Sequence[Asset]], SplitResult]
-POLICIES: list[Split] = [split_capacity_weighted, split_equal]
+# soc_balancing without telemetry is split_headroom (test_split_site.py tests it in context)
+POLICIES: list[Split] = [split_capacity_weighted, split_equal, split_headroom]
 
 
 def bess(asset_id: str, capacity: float, limit: float, **kw: float) -> Asset:
@@ -35,13 +42,16 @@ THREE = [bess("a", 2, 1), bess("b", 4, 2), bess("c", 6, 3)]
 # --------------------------------------------------------------------------- registration
 
 
-def test_both_policies_are_registered_and_capacity_weighted_is_default() -> None:
+def test_the_builtin_policies_are_registered_and_capacity_weighted_is_default() -> None:
     registry = load_plugins(entry_points=False).split_policies
-    assert {"capacity_weighted", "equal"} <= set(registry.names())
+    assert {"capacity_weighted", "equal", "headroom", "soc_balancing"} <= set(registry.names())
     assert DEFAULT_SPLIT_POLICY == "capacity_weighted"
     assert registry.get("capacity_weighted").split is split_capacity_weighted
     assert registry.get("equal").split is split_equal
     assert registry.provider("equal") == "der-sdk"
+    assert registry.get("headroom").split is split_headroom
+    assert registry.get("soc_balancing").split is split_soc_balancing
+    assert registry.get("soc_balancing").split_in_context is not None
 
 
 # --------------------------------------------------------------------------- examples
@@ -79,6 +89,12 @@ def test_capacity_weighted_clamped_asset_leftover_goes_to_others_by_capacity() -
     result = split_capacity_weighted(5.5, assets)
     assert result.shares == {"a": 1.0, "b": 0.5, "c": 4.0}
     assert result.unallocated_mw == 0.0
+
+
+def test_headroom_shares_by_room_in_the_targets_direction() -> None:
+    assets = [bess("a", 9, 0, max_mw=1, min_mw=-3), bess("b", 1, 0, max_mw=3, min_mw=-1)]
+    assert split_headroom(2.0, assets).shares == {"a": 0.5, "b": 1.5}
+    assert split_headroom(-2.0, assets).shares == {"a": -1.5, "b": -0.5}
 
 
 def test_infeasible_target_reports_unallocated() -> None:

@@ -8,13 +8,15 @@ import contextlib
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from der_sdk.errors import DerSdkError, UnknownNameError
+from der_sdk.models import Event
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage import open_storage
-from der_sdk.storage.contract import close_sessions_left_open
+from der_sdk.storage.contract import close_sessions_left_open, filtered_events
 from der_sdk.storage.memory import MemoryStorage
 from der_sdk.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
 from der_sdk.testing import StorageConformance
@@ -159,6 +161,45 @@ async def test_a_backend_without_headend_id_in_close_open_sessions_still_works_a
     await newer.open_session(session("a", ASSET_A, 0, headend_id="headend-a"))
     await newer.open_session(session("b", ASSET_A, 1, headend_id="headend-b"))
     assert await close_sessions_left_open(newer, at(5), "headend-a") == 1
+
+
+class _StorageBeforeEventFilters(MemoryStorage):
+    """A backend written for der-sdk 0.1: ``events`` filters by asset and kind only."""
+
+    async def events(  # type: ignore[override]
+        self, *, asset_id: str | None = None, kind: str | None = None, limit: int = 100
+    ) -> list[Event]:
+        return await super().events(asset_id=asset_id, kind=kind, limit=limit)
+
+
+async def test_a_backend_without_the_new_event_filters_still_answers_them_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    older, newer = _StorageBeforeEventFilters(), MemoryStorage()
+    events = [
+        Event(ts=at(0), kind="audit", message="a", site_id="s1"),
+        Event(ts=at(1), kind="condition_raised", message="b", asset_id=ASSET_A, site_id="s1"),
+        Event(ts=at(2), kind="condition_raised", message="c", site_id="s2"),
+        Event(ts=at(3), kind="condition_cleared", message="d", asset_id=ASSET_A, site_id="s1"),
+    ]
+    for storage in (older, newer):
+        await storage.open()
+        for event in events:
+            await storage.append_event(event)
+    queries: list[dict[str, Any]] = [
+        {"site_id": "s1", "exclude_kinds": ("audit",)},
+        {"start": at(1), "end": at(3)},
+        {"asset_id": ASSET_A, "kind": "condition_cleared"},
+        {"exclude_kinds": ("audit",), "limit": 2},
+    ]
+    for query in queries:
+        expected = await filtered_events(newer, **query)
+        assert await filtered_events(older, **query) == expected, query
+    assert [e.message for e in await filtered_events(older, **queries[0])] == ["d", "b"]
+    assert "events() without site_id, exclude_kinds, start and end" in caplog.text
+    caplog.clear()
+    await filtered_events(newer, site_id="s1")
+    assert "events() without" not in caplog.text
 
 
 async def test_sqlite_relative_path_is_created_under_the_working_directory(

@@ -21,7 +21,7 @@ import abc
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ALARM_COLUMNS",
     "DEFAULT_DATABASE_URL",
+    "OLD_EVENTS_WINDOW",
     "TELEMETRY_COLUMNS",
     "AlarmUpdate",
     "AlarmWrite",
@@ -51,6 +52,7 @@ __all__ = [
     "alarm_conditions",
     "checked_alarm_update",
     "close_sessions_left_open",
+    "filtered_events",
     "open_storage",
 ]
 
@@ -307,10 +309,20 @@ class StorageBackend(abc.ABC):
         self,
         *,
         asset_id: str | None = None,
+        site_id: str | None = None,
         kind: str | None = None,
+        exclude_kinds: Collection[str] = (),
+        start: datetime | None = None,
+        end: datetime | None = None,
         limit: int = 100,
     ) -> list[Event]:
-        """Events, newest first, optionally filtered."""
+        """Events, newest first (equal times: the later recorded first), optionally
+        filtered: every given filter must hold. ``start`` is inclusive, ``end`` exclusive;
+        ``exclude_kinds`` leaves out events of those kinds.
+
+        ``site_id``, ``exclude_kinds``, ``start`` and ``end`` are new in der-sdk 0.2 (for
+        ``GET /events``); the headend calls a backend without them through
+        :func:`filtered_events`."""
 
     # ------------------------------------------------------------------ alarms
 
@@ -431,3 +443,58 @@ async def close_sessions_left_open(
         type(storage).__module__,
     )
     return await storage.close_open_sessions(disconnected_at)
+
+
+_EVENT_FILTERS_SINCE_0_2 = ("site_id", "exclude_kinds", "start", "end")
+OLD_EVENTS_WINDOW = 10_000
+"""How many of the newest events are searched on a backend without the 0.2 filters."""
+
+
+async def filtered_events(
+    storage: StorageBackend,
+    *,
+    asset_id: str | None = None,
+    site_id: str | None = None,
+    kind: str | None = None,
+    exclude_kinds: Collection[str] = (),
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = 100,
+) -> list[Event]:
+    """:meth:`StorageBackend.events` with every filter, on any backend.
+
+    A backend written before ``events`` took ``site_id``, ``exclude_kinds``, ``start``
+    and ``end`` keeps working: the newest :data:`OLD_EVENTS_WINDOW` events of the asset
+    and kind are fetched and the other filters applied here (older events are not
+    found), and a warning says so.
+    """
+    parameters = inspect.signature(storage.events).parameters
+    if all(name in parameters for name in _EVENT_FILTERS_SINCE_0_2) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    ):
+        return await storage.events(
+            asset_id=asset_id,
+            site_id=site_id,
+            kind=kind,
+            exclude_kinds=exclude_kinds,
+            start=start,
+            end=end,
+            limit=limit,
+        )
+    log.warning(
+        "storage %s (%s) has an events() without site_id, exclude_kinds, start and end "
+        "(der-sdk 0.1): searching the newest %d events only; upgrade the storage plugin",
+        storage.name,
+        type(storage).__module__,
+        OLD_EVENTS_WINDOW,
+    )
+    window = await storage.events(asset_id=asset_id, kind=kind, limit=OLD_EVENTS_WINDOW)
+    found = [
+        e
+        for e in window
+        if (site_id is None or e.site_id == site_id)
+        and e.kind not in exclude_kinds
+        and (start is None or e.ts >= start)
+        and (end is None or e.ts < end)
+    ]
+    return found[: max(limit, 0)]

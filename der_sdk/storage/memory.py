@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Generic, TypeVar
@@ -261,12 +261,24 @@ class MemoryStorage(StorageBackend):
         self,
         *,
         asset_id: str | None = None,
+        site_id: str | None = None,
         kind: str | None = None,
+        exclude_kinds: Collection[str] = (),
+        start: datetime | None = None,
+        end: datetime | None = None,
         limit: int = 100,
     ) -> list[Event]:
+        low = _utc(start) if start is not None else None
+        high = _utc(end) if end is not None else None
+
         def matching(event: Event) -> bool:
-            return (asset_id is None or event.asset_id == asset_id) and (
-                kind is None or event.kind == kind
+            return (
+                (asset_id is None or event.asset_id == asset_id)
+                and (site_id is None or event.site_id == site_id)
+                and (kind is None or event.kind == kind)
+                and event.kind not in exclude_kinds
+                and (low is None or event.ts >= low)
+                and (high is None or event.ts < high)
             )
 
         # Walk newest recorded first, then a stable sort: equal times list the later first.

@@ -39,10 +39,13 @@ from der_sdk.models import (
     Asset,
     Dispatch,
     DispatchEvent,
+    DispatchState,
     DispatchTarget,
     Event,
     Heartbeat,
+    ScheduleStep,
     Session,
+    TargetStep,
     TelemetrySample,
 )
 from der_sdk.plugins import Plugins, load_plugins
@@ -756,7 +759,7 @@ class StorageConformance:
         *,
         asset_id: str | None = None,
         site_id: str | None = None,
-        state: Literal["submitted", "sent", "acked", "applied", "rejected", "failed"] = "submitted",
+        state: DispatchState = "submitted",
         targets: tuple[str, ...] = (),
     ) -> Dispatch:
         at = StorageConformance.at
@@ -936,6 +939,36 @@ class StorageConformance:
         assert await storage.dispatch_history(asset_id=_ASSET_B) == []
 
     @pytest.mark.asyncio
+    async def test_a_schedule_keeps_its_start_steps_and_step_reports(
+        self, storage: StorageBackend
+    ) -> None:
+        at = self.at
+        record = self.dispatch("s1", 0, asset_id=_ASSET_A, site_id=_SITE, state="active")
+        record.start_at = at(60)
+        record.duration_s = 900.0
+        record.steps = [ScheduleStep(offset_s=0.0, mw=1.5), ScheduleStep(offset_s=300.0, mw=-2)]
+        record.superseded_by = "s2"
+        record.cancel_requested_at = at(120)
+        record.targets = [
+            DispatchTarget(
+                asset_id=_ASSET_A,
+                mw=1.5,
+                state="active",
+                steps=[
+                    TargetStep(offset_s=0.0, mw=1.5, status="applied", applied_mw=1.5, at=at(61)),
+                    TargetStep(offset_s=300.0, mw=-2.0),
+                ],
+            )
+        ]
+        await storage.save_dispatch(record)
+
+        stored = await storage.get_dispatch("s1")
+        assert stored == record
+        assert [d.dispatch_id for d in await storage.dispatch_history(state="active")] == ["s1"]
+        assert stored is not None and stored.start_at is not None
+        assert stored.start_at.utcoffset() == timedelta(0)
+
+    @pytest.mark.asyncio
     async def test_dispatch_history_filters_by_asset_site_and_state(
         self, storage: StorageBackend
     ) -> None:
@@ -1107,6 +1140,37 @@ class StorageConformance:
         assert await storage.events(kind="fault") == [other, fault]
         assert await storage.events(asset_id=_ASSET_A, kind="fault") == [fault]
         assert await storage.events(limit=1) == [other]
+
+    @pytest.mark.asyncio
+    async def test_events_filter_by_site_time_range_and_excluded_kinds(
+        self, storage: StorageBackend
+    ) -> None:
+        at = self.at
+        audit = Event(ts=at(1), kind="audit", message="token.create", site_id=_SITE)
+        raised = Event(
+            ts=at(2),
+            kind="condition_raised",
+            message="trip",
+            asset_id=_ASSET_A,
+            site_id=_SITE,
+            data={"code": "trip"},
+        )
+        cleared = Event(ts=at(3), kind="condition_cleared", message="", site_id=_SITE)
+        elsewhere = Event(ts=at(4), kind="condition_raised", message="F", site_id="other-site")
+        for event in (audit, raised, cleared, elsewhere):
+            await storage.append_event(event)
+
+        assert await storage.events(site_id=_SITE) == [cleared, raised, audit]
+        assert await storage.events(exclude_kinds=["audit"], site_id=_SITE) == [cleared, raised]
+        assert await storage.events(exclude_kinds={"audit", "condition_cleared"}) == [
+            elsewhere,
+            raised,
+        ]
+        # start inclusive, end exclusive
+        assert await storage.events(start=at(2), end=at(4)) == [cleared, raised]
+        assert await storage.events(start=at(4)) == [elsewhere]
+        assert await storage.events(end=at(2)) == [audit]
+        assert await storage.events(site_id=_SITE, kind="condition_raised", start=at(2)) == [raised]
 
     # ------------------------------------------------------------------ alarms
 

@@ -7,7 +7,7 @@ to the file when it is made. What the file holds, each in its own table:
 * ``meta`` — the schema version and when the file was created, and the telemetry queue's
   ``stream_id``, next ``seq`` and drop counters;
 * ``telemetry`` and ``dropped`` — the telemetry queue (:mod:`.telemetry`);
-* ``outcomes`` and ``in_force`` — the command journal (:mod:`.journal`);
+* ``outcomes``, ``schedules`` and ``in_force`` — the command journal (:mod:`.journal`);
 * ``events`` and ``local_reports`` — the outbox (:mod:`.outbox`).
 
 **Durability.** The file is in WAL mode. With ``sync="normal"`` (the default) a committed
@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS outcomes (
     final_us INTEGER,
     reason TEXT,
     allocations BLOB NOT NULL DEFAULT '[]',
-    reported INTEGER NOT NULL DEFAULT 0
+    reported INTEGER NOT NULL DEFAULT 0,
+    superseded_by TEXT
 );
 CREATE INDEX IF NOT EXISTS outcomes_received ON outcomes (received_us);
 CREATE TABLE IF NOT EXISTS events (
@@ -96,6 +97,17 @@ CREATE TABLE IF NOT EXISTS local_reports (
 CREATE TABLE IF NOT EXISTS dropped (
     first_seq INTEGER PRIMARY KEY,
     last_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    command_id TEXT PRIMARY KEY,
+    asset_id TEXT,
+    site_id TEXT,
+    start_us INTEGER NOT NULL,
+    steps BLOB NOT NULL,
+    duration_s REAL,
+    next_step INTEGER NOT NULL DEFAULT 0,
+    cut_us INTEGER,
+    cut_by TEXT
 );
 CREATE TABLE IF NOT EXISTS in_force (
     asset_id TEXT PRIMARY KEY,

@@ -194,12 +194,16 @@ class Outbox:
         *,
         asset_id: str | None = None,
         data: Mapping[str, Any] | None = None,
+        ts: datetime | None = None,
     ) -> AgentEventRecord:
-        """Commit an event for the headend's record; it is kept until acknowledged."""
+        """Commit an event for the headend's record; it is kept until acknowledged.
+
+        :param ts: when it happened (aware); default: now, by the outbox's clock.
+        """
         await self.file.ready()
         event = AgentEventRecord(
             event_id=str(uuid.uuid4()),
-            ts=datetime.fromtimestamp(self._clock(), UTC),
+            ts=ts if ts is not None else datetime.fromtimestamp(self._clock(), UTC),
             kind=kind,
             message=message,
             asset_id=asset_id,

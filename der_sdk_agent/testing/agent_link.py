@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pytest
 
-from der_sdk.models import TERMINAL_DISPATCH_STATES, Dispatch, TelemetrySample
+from der_sdk.models import TERMINAL_DISPATCH_STATES, Dispatch, Event, TelemetrySample
 from der_sdk.testing.waits import WAIT_S, wait_until
 
 if TYPE_CHECKING:
@@ -162,6 +162,48 @@ class AgentLink:
             f"dispatch {dispatch_id} to become {state!r}",
             timeout_s=timeout_s,
             last_seen=lambda: seen[0],
+        )
+
+    async def events(self, **filters: Any) -> list[Event]:
+        """``GET /events`` with ``filters`` (``asset_id``, ``kind``, ``since``...), newest
+        first."""
+        response = await self.http.get("/events", params=filters)
+        assert response.status_code == 200, (
+            f"GET /events {filters} answered {response.status_code}: {response.text}"
+        )
+        return msgspec.json.decode(response.content, type=list[Event])
+
+    async def wait_for_event(
+        self,
+        kind: str,
+        asset_id: str | None = None,
+        where: Callable[[Event], bool] | None = None,
+        *,
+        timeout_s: float = WAIT_S,
+    ) -> Event:
+        """Until ``GET /events`` lists an event of ``kind`` (of ``asset_id``, when given)
+        for which ``where(event)`` is true; returns the oldest such event. For a device
+        condition: ``wait_for_event("condition_raised", asset_id, lambda e:
+        e.data["code"] == "inverter_trip")``."""
+        seen: list[list[Event]] = [[]]
+        filters: dict[str, Any] = {"kind": kind}
+        if asset_id is not None:
+            filters["asset_id"] = asset_id
+
+        async def probe() -> Event | None:
+            events = await self.events(**filters)
+            seen[0] = events
+            matching = [e for e in events if where is None or where(e)]
+            return matching[-1] if matching else None
+
+        return await wait_until(
+            probe,
+            f"a {kind!r} event"
+            + (f" of asset {asset_id}" if asset_id else "")
+            + (" matching the condition" if where else "")
+            + " in GET /events",
+            timeout_s=timeout_s,
+            last_seen=lambda: [f"{e.kind}: {e.message}" for e in seen[0][:5]],
         )
 
     async def stop(self) -> None:

@@ -49,7 +49,7 @@ from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 from der_sdk_headend.cluster.core import Cluster
 from der_sdk_headend.dispatch import lifecycle, planning
-from der_sdk_headend.dispatch.delivery import Command, Delivery, route_new
+from der_sdk_headend.dispatch.delivery import Command, Delivery
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
@@ -77,6 +77,9 @@ OPEN_LIMIT = 10_000
 _DELIVERABLE: tuple[str, ...] = ("submitted", "sent")
 """The dispatch states with targets to deliver (any target submitted or sent makes the
 dispatch one of these, see :func:`~der_sdk_headend.dispatch.lifecycle.derive_state`)."""
+_DELIVERABLE_RECORDS: tuple[str, ...] = (*_DELIVERABLE, "scheduled")
+"""The record states that may hold such targets: a schedule is ``scheduled`` while its
+targets are submitted or sent (docs/dispatch.md)."""
 
 Locate = Callable[[str], "str | None"]
 """Asset id → the bus name of the replica holding the stream that serves it, or ``None``
@@ -195,9 +198,7 @@ class ClusterDispatcher(Dispatcher):
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_stored(dispatch)
-            routed, route = route_new(dispatch, self._router, self._inventory, utc_now())
-            for peer, command in routed:
-                self._push(peer, [command])
+            route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
             remote = self._remote_replicas(dispatch)
             if remote:
@@ -463,7 +464,7 @@ class ClusterDispatcher(Dispatcher):
     async def _open_stored(self, site_id: str | None = None) -> list[Dispatch]:
         """The stored dispatches with targets to deliver, oldest first."""
         stored: list[Dispatch] = []
-        for state in _DELIVERABLE:
+        for state in _DELIVERABLE_RECORDS:
             stored += await self._storage.dispatch_history(
                 site_id=site_id, state=state, limit=OPEN_LIMIT
             )

@@ -69,7 +69,7 @@ would otherwise cost 1,000 history reads per page view. The page says so when it
 some out; the live tail sums them all."""
 TREND_SAMPLES = 600
 """Newest samples read per asset for the trend (15 minutes at one sample every 1.5 s)."""
-_FIELDS = ("mw", "duration_s", "ttl_s", "expires_at")
+_FIELDS = ("mw", "duration_s", "ttl_s", "expires_at", "policy")
 
 
 class _Refused(HTTPException):
@@ -231,6 +231,9 @@ def _request_of(form: Any) -> DispatchRequest:
         "duration_s": _number(form, "duration_s"),
         "ttl_s": _number(form, "ttl_s"),
         "expires_at": _expiry(form),
+        # a site's split policy; the form has no control for it yet (the site's
+        # split_policy, else the headend's, applies), but a posted one is honoured
+        "policy": _field(form, "policy") or None,
     }
     try:
         return msgspec.convert(body, DispatchRequest)
@@ -259,7 +262,7 @@ def _check(headend: Headend, form: Any) -> _Checked:
         raise _Refused(str(exc)) from None
     except UnknownTargetError as exc:
         raise NotFoundException(str(exc)) from None
-    problem = out_of_range(guard, request.mw)
+    problem = out_of_range(guard, request.mw or 0.0)
     if problem is not None:
         raise _Refused(problem)
     share = headend.config.console_confirm_share
@@ -267,7 +270,7 @@ def _check(headend: Headend, form: Any) -> _Checked:
         request=request,
         guard=guard,
         preview=preview,
-        confirm_because=needs_confirmation(guard, request.mw, share),
+        confirm_because=needs_confirmation(guard, request.mw or 0.0, share),
     )
 
 
@@ -494,7 +497,8 @@ async def site_page(
             "connected": sum(_connected(headend, a.asset_id) for a in assets),
             "trend": trend,
             "trend_assets": min(len(assets), TREND_ASSETS),
-            "policy": headend.dispatcher.policy_name,
+            # the policy the site's preview and dispatch use (no per-request choice here)
+            "policy": site.split_policy or headend.dispatcher.policy_name,
             "confirm_share": headend.config.console_confirm_share,
         },
     )

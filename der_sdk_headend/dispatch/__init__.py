@@ -9,6 +9,7 @@ functions), ``router`` and ``delivery`` decide how commands reach agents, and th
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.planning import (
+    CancelConflictError,
     DispatchError,
     IdempotencyConflictError,
     InvalidDispatchError,
@@ -18,6 +19,7 @@ from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter, PresenceR
 
 __all__ = [
     "AgentPeer",
+    "CancelConflictError",
     "DispatchError",
     "DispatchRouter",
     "Dispatcher",

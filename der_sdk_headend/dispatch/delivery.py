@@ -2,9 +2,16 @@
 
 A per-asset target goes out as ``Setpoint(command_id=dispatch_id, asset_id)``. A site
 dispatch whose assets are all served by one agent goes out as one site ``Setpoint`` (the
-agent splits it); otherwise each live target gets its own per-asset command
-``"<dispatch_id>/<asset_id>"``. A target sent before and not acknowledged goes out again
-with the same command id. Routing lookups go through the :class:`DispatchRouter`.
+agent splits it) unless the caller says the agent must not split it (``agent_splits``
+false: the dispatch was split by another policy than the agent's); otherwise each live
+target gets its own per-asset command ``"<dispatch_id>/<asset_id>"``. A target sent
+before and not acknowledged goes out again with the same command id. Routing lookups go
+through the :class:`DispatchRouter`.
+
+A schedule always goes out as per-asset commands carrying that asset's steps (the site's
+steps split here, as previewed), so a newer dispatch for one asset of a site cuts only
+that asset's schedule. Once a cancel was asked for, a schedule's targets on the agent get
+a cancel command (``"<command_id>/cancel"``) instead of the schedule again.
 """
 
 from __future__ import annotations
@@ -18,7 +25,15 @@ from der_sdk.models import Dispatch, DispatchTarget, SetpointCommand
 from der_sdk_headend.dispatch.lifecycle import expired_because, expires_in_ms, remaining_s
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
-__all__ = ["Command", "Delivery", "plan_delivery", "route_new", "undelivered"]
+__all__ = [
+    "Command",
+    "Delivery",
+    "cancel_command",
+    "plan_delivery",
+    "route_new",
+    "schedule_command_id",
+    "undelivered",
+]
 
 
 @dataclass(slots=True)
@@ -47,9 +62,16 @@ def undelivered(target: DispatchTarget, peer: AgentPeer) -> bool:
 
 
 def route_new(
-    dispatch: Dispatch, router: DispatchRouter, inventory: Inventory, now: datetime
+    dispatch: Dispatch,
+    router: DispatchRouter,
+    inventory: Inventory,
+    now: datetime,
+    *,
+    agent_splits: bool = True,
 ) -> tuple[list[tuple[AgentPeer, Command]], str]:
     """The commands a new dispatch sends now, to whom, and a sentence saying so."""
+    if dispatch.start_at is not None:
+        return _route_schedule(dispatch, router)
     if dispatch.asset_id is not None:
         target = dispatch.targets[0]
         peer = router.peer_for(target.asset_id)
@@ -61,7 +83,7 @@ def route_new(
     assert dispatch.site_id is not None
     site_assets = [a.asset_id for a in inventory.assets_for_site(dispatch.site_id)]
     peers = {router.peer_for(a) for a in site_assets}
-    if len(peers) == 1:
+    if len(peers) == 1 and agent_splits:
         (peer,) = peers
         if peer is not None:
             command = _site_command(dispatch, dispatch.duration_s, now)
@@ -81,8 +103,59 @@ def route_new(
     )
 
 
+def _route_schedule(
+    dispatch: Dispatch, router: DispatchRouter
+) -> tuple[list[tuple[AgentPeer, Command]], str]:
+    routed: list[tuple[AgentPeer, Command]] = []
+    for target in dispatch.targets:
+        peer = router.peer_for(target.asset_id)
+        if peer is not None:
+            routed.append((peer, _schedule_command(dispatch, target)))
+    waiting = len(dispatch.targets) - len(routed)
+    return (
+        routed,
+        f"schedule sent ahead of its start to {len(routed)} live asset(s), "
+        f"{waiting} kept submitted",
+    )
+
+
+def schedule_command_id(dispatch: Dispatch, target: DispatchTarget) -> str:
+    """The command id of a schedule's target: the dispatch id for an asset dispatch,
+    ``"<dispatch_id>/<asset_id>"`` for a site's."""
+    if dispatch.asset_id is not None:
+        return dispatch.dispatch_id
+    return f"{dispatch.dispatch_id}/{target.asset_id}"
+
+
+def _schedule_command(dispatch: Dispatch, target: DispatchTarget) -> Command:
+    setpoint = SetpointCommand(
+        command_id=target.command_id or schedule_command_id(dispatch, target),
+        mw=target.mw,
+        asset_id=target.asset_id,
+        duration_s=dispatch.duration_s,
+        start_at=dispatch.start_at,
+        steps=tuple((s.offset_s, s.mw) for s in target.steps or ()),
+    )
+    return Command(setpoint, [target])
+
+
+def cancel_command(dispatch: Dispatch, target: DispatchTarget) -> Command:
+    """The command that cancels ``target``'s schedule on its agent."""
+    command_id = target.command_id or schedule_command_id(dispatch, target)
+    setpoint = SetpointCommand(
+        command_id=f"{command_id}/cancel", mw=0.0, asset_id=target.asset_id, cancels=command_id
+    )
+    return Command(setpoint, [])
+
+
 def plan_delivery(
-    peer: AgentPeer, dispatch: Dispatch, inventory: Inventory, now: datetime, built_at: datetime
+    peer: AgentPeer,
+    dispatch: Dispatch,
+    inventory: Inventory,
+    now: datetime,
+    built_at: datetime,
+    *,
+    agent_splits: bool = True,
 ) -> Delivery:
     """The commands a registering ``peer`` gets for ``dispatch``: its unacknowledged
     targets again, its submitted ones for the first time (or expired, when ``now`` is past
@@ -91,6 +164,8 @@ def plan_delivery(
     :raises Exception: whatever building a command raises (dates that overflow); the
         caller settles the dispatch's targets for ``peer`` as ``failed``.
     """
+    if dispatch.start_at is not None:
+        return _plan_schedule_delivery(peer, dispatch, now)
     delivery = Delivery()
     again = [t for t in dispatch.targets if t.state == "sent" and peer.serves(t.asset_id)]
     if again:
@@ -107,8 +182,10 @@ def plan_delivery(
     duration_s = remaining_s(dispatch, now)
     if dispatch.asset_id is None and dispatch.site_id is not None:
         site_assets = inventory.assets_for_site(dispatch.site_id)
-        whole_site = all(peer.serves(a.asset_id) for a in site_assets) and all(
-            t.state == "submitted" for t in dispatch.targets
+        whole_site = (
+            agent_splits
+            and all(peer.serves(a.asset_id) for a in site_assets)
+            and all(t.state == "submitted" for t in dispatch.targets)
         )
         if whole_site:
             delivery.deliver_how = "submitted site setpoint delivered"
@@ -126,6 +203,34 @@ def plan_delivery(
     delivery.deliver = [
         _asset_command(dispatch, t, dispatch.dispatch_id, duration_s, built_at) for t in waiting
     ]
+    return delivery
+
+
+def _plan_schedule_delivery(peer: AgentPeer, dispatch: Dispatch, now: datetime) -> Delivery:
+    """A schedule's commands for ``peer``: cancel commands once a cancel was asked for
+    (for every target the agent may hold), else its sent targets again and its submitted
+    ones for the first time (expired when the schedule's end passed)."""
+    delivery = Delivery()
+    mine = [t for t in dispatch.targets if peer.serves(t.asset_id)]
+    if dispatch.cancel_requested_at is not None:
+        held = [t for t in mine if t.state in ("sent", "acked", "scheduled", "active")]
+        if held:
+            delivery.resend_how = f"cancel sent for {len(held)} schedule target(s)"
+            delivery.resend = [cancel_command(dispatch, t) for t in held]
+        return delivery
+    again = [t for t in mine if t.state == "sent"]
+    if again:
+        delivery.resend_how = f"{len(again)} unacknowledged schedule command(s) sent again"
+        delivery.resend = [_schedule_command(dispatch, t) for t in again]
+    waiting = [t for t in mine if t.state == "submitted"]
+    if not waiting:
+        return delivery
+    why = expired_because(dispatch, now)
+    if why is not None:
+        delivery.expire, delivery.expired_why = waiting, why
+        return delivery
+    delivery.deliver_how = f"schedule delivered for {len(waiting)} asset(s)"
+    delivery.deliver = [_schedule_command(dispatch, t) for t in waiting]
     return delivery
 
 

@@ -10,9 +10,14 @@ follows it to its outcome. It coordinates three parts, each in its own module:
 Rules (``docs/headend.md`` has the operator's version):
 
 * ``asset_id`` wins over ``site_id``. A per-asset dispatch has one target, clamped to the
-  asset's ``[min_mw, max_mw]``. A site dispatch is split over the site's inventory assets
-  by the configured split policy; what no asset can take is reported as
-  ``unallocated_mw``.
+  static range of the asset's control kind (a MW of the wrong sign for an export or import
+  limit is refused). A site dispatch is split over the site's inventory assets, each within
+  its available range now (from the latest telemetry, ``latest``), by the request's
+  ``policy``, else the site's ``split_policy``, else the configured one; what no asset can
+  take is reported as ``unallocated_mw``. A site dispatch goes to its agent as one site
+  setpoint (the agent splits it) only when split by the configured policy; one split by
+  another policy goes out as per-asset setpoints, so the agent applies that policy's
+  shares.
 * Lifecycle, forward only: ``submitted`` (recorded, its agent offline) → ``sent`` (pushed
   down the stream) → ``acked`` (the agent recorded it in its journal) → one final state:
   ``applied``, ``rejected``, ``failed``, ``expired`` or ``superseded``. A change to an
@@ -58,9 +63,11 @@ import math
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+from der_sdk.control import ControlModel
 from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import (
+    TERMINAL_DISPATCH_STATES,
     Dispatch,
     DispatchEvent,
     DispatchRequest,
@@ -68,6 +75,7 @@ from der_sdk.models import (
     DispatchTarget,
     LocalDispatchReport,
     SetpointAck,
+    TelemetrySample,
     utc_now,
 )
 from der_sdk.plugins import Plugins
@@ -76,11 +84,13 @@ from der_sdk_headend.dispatch import lifecycle, planning
 from der_sdk_headend.dispatch.delivery import (
     Command,
     Delivery,
+    cancel_command,
     plan_delivery,
     route_new,
     undelivered,
 )
 from der_sdk_headend.dispatch.lifecycle import derive_state
+from der_sdk_headend.dispatch.planning import CancelConflictError
 from der_sdk_headend.dispatch.planning import fmt_mw as _fmt
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
@@ -88,7 +98,7 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("der.headend.dispatch")
 
-_OPEN_STATES: tuple[DispatchState, ...] = ("submitted", "sent", "acked")
+_OPEN_STATES: tuple[DispatchState, ...] = ("submitted", "sent", "acked", "scheduled", "active")
 _OPEN_LIMIT = 10_000
 """How many open dispatches of each open state are reloaded from storage at start."""
 
@@ -109,6 +119,10 @@ class Dispatcher:
         self._storage = storage
         self._router = router
         self._policy = plugins.split_policies.get(policy_name)
+        self._controls: dict[str, ControlModel] = {t.name: t.control for t in plugins.asset_types}
+        self.latest: Callable[[str], TelemetrySample | None] | None = None
+        """The latest sample of an asset (ingest's cache), for the available ranges of a
+        site split; ``None``: static limits only."""
         self._open: dict[str, Dispatch] = {}
         self._lock = asyncio.Lock()
         self._expiry_wake = asyncio.Event()
@@ -176,10 +190,42 @@ class Dispatcher:
         :raises InvalidDispatchError: as :meth:`create`.
         :raises UnknownTargetError: the asset or site is not in the inventory.
         """
-        dispatch = planning.plan(
-            request, inventory=self._inventory, policy=self._policy, source="preview", now=utc_now()
+        now = utc_now()
+        dispatch = self._plan(request, "preview", now)
+        ranges = planning.available_ranges(
+            dispatch, self._inventory, controls=self._controls, latest=self.latest, now=now
         )
-        return planning.preview_of(dispatch, self._inventory)
+        return planning.preview_of(dispatch, self._inventory, ranges)
+
+    def _plan(self, request: DispatchRequest, source: str, now: datetime) -> Dispatch:
+        return planning.plan(
+            request,
+            inventory=self._inventory,
+            policy=self._policy,
+            source=source,
+            now=now,
+            policies=self._plugins.split_policies,
+            controls=self._controls,
+            latest=self.latest,
+        )
+
+    def _route_new(self, dispatch: Dispatch) -> str:
+        """Send what a new dispatch sends now (:func:`route_new`); the sentence saying so."""
+        routed, route = route_new(
+            dispatch,
+            self._router,
+            self._inventory,
+            utc_now(),
+            agent_splits=self.agent_splits(dispatch),
+        )
+        for peer, command in routed:
+            self._push(peer, [command])
+        return route
+
+    def agent_splits(self, dispatch: Dispatch) -> bool:
+        """Whether a site dispatch may go to its agent as one site setpoint: only when it
+        was split by the configured policy (the agent's, in a consistent deployment)."""
+        return dispatch.policy in (None, self._policy.name)
 
     async def _plan_request(
         self, request: DispatchRequest, source: str, idempotency_key: str | None
@@ -195,9 +241,7 @@ class Dispatcher:
                 known = await self._storage.get_dispatch(planning.idempotent_id(idempotency_key))
             if known is not None:
                 return planning.replay(known, fingerprint), False
-        dispatch = planning.plan(
-            request, inventory=self._inventory, policy=self._policy, source=source, now=utc_now()
-        )
+        dispatch = self._plan(request, source, utc_now())
         if idempotency_key is not None:
             dispatch.dispatch_id = planning.idempotent_id(idempotency_key)
             dispatch.idempotency_key = idempotency_key
@@ -224,9 +268,7 @@ class Dispatcher:
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_submitted(dispatch)
-            routed, route = route_new(dispatch, self._router, self._inventory, utc_now())
-            for peer, command in routed:
-                self._push(peer, [command])
+            route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
             await self._record(dispatch, f"created by {source}; {route}")
             self._index(dispatch)
@@ -241,12 +283,22 @@ class Dispatcher:
             await self._supersede_in(older, newer, assets)
 
     async def _supersede_in(self, older: Dispatch, newer: Dispatch, assets: set[str]) -> None:
-        """Supersede the submitted targets of ``older`` for ``assets`` (those of ``newer``)."""
+        """Supersede the submitted targets of ``older`` for ``assets`` (those of ``newer``).
+
+        A schedule is superseded here only when it would not start before ``newer``
+        does; one that starts earlier and overlaps is delivered all the same, and its
+        agent cuts it at ``newer``'s start (``docs/dispatch.md``, "Supersede"). Schedules
+        that end before ``newer`` starts, or start after a ``newer`` schedule ends, are
+        left alone.
+        """
+        if not lifecycle.overlaps(older, newer) or lifecycle.starts_before(older, newer):
+            return
         waiting = [t for t in older.targets if t.state == "submitted" and t.asset_id in assets]
         replaced = lifecycle.move(
             older, waiting, "supersede", f"superseded by dispatch {newer.dispatch_id}"
         )
         if replaced:
+            older.superseded_by = newer.dispatch_id
             names = ", ".join(t.asset_id for t in replaced)
             await self._record(
                 older,
@@ -314,7 +366,14 @@ class Dispatcher:
     def _plan_delivery(self, peer: AgentPeer, dispatch: Dispatch, now: datetime) -> Delivery:
         """:func:`plan_delivery` for ``peer``; a replica of a cluster leaves out what it
         already pushed on that stream."""
-        return plan_delivery(peer, dispatch, self._inventory, now, utc_now())
+        return plan_delivery(
+            peer,
+            dispatch,
+            self._inventory,
+            now,
+            utc_now(),
+            agent_splits=self.agent_splits(dispatch),
+        )
 
     async def _carry_out(
         self, peer: AgentPeer, dispatch: Dispatch, delivery: Delivery, occasion: str
@@ -382,16 +441,21 @@ class Dispatcher:
         self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
     ) -> None:
         """Apply ``ack`` to ``dispatch`` (``None``: unknown), record and confirm it."""
+        if ack.command_id.endswith("/cancel"):
+            await self._on_cancel_ack(peer, ack, dispatch)
+            return
         if dispatch is None:
             log.warning(
                 "acknowledgement from %s for unknown command %r ignored",
                 peer.describe(),
                 ack.command_id,
             )
-            if ack.status != "acked":
-                self._router.confirm_outcome(peer, ack.command_id)
+            if ack.status not in lifecycle.PROGRESS:
+                self._confirm(peer, ack)
             return
         effect = lifecycle.apply_ack(dispatch, ack)
+        if effect.changed and ack.superseded_by and dispatch.superseded_by is None:
+            dispatch.superseded_by = ack.superseded_by.partition("/")[0]
         for asset_id in effect.strangers:
             log.warning(
                 "acknowledgement of %s from %s names asset %s, which is not a "
@@ -402,7 +466,12 @@ class Dispatcher:
             )
         if effect.changed:
             detail = f"{effect.status} by agent {peer.agent_id} (command {ack.command_id})"
-            if effect.status == "applied":
+            if ack.step is not None:
+                detail = (
+                    f"step {ack.step} {ack.status} by agent {peer.agent_id} "
+                    f"(command {ack.command_id})"
+                )
+            if ack.status == "applied":
                 detail += f", {_fmt(ack.applied_mw)} MW applied"
             if effect.reason:
                 detail += f": {effect.reason}"
@@ -421,7 +490,96 @@ class Dispatcher:
                 dispatch.state,
             )
         if effect.final:
+            self._confirm(peer, ack)
+
+    def _confirm(self, peer: AgentPeer, ack: SetpointAck) -> None:
+        """``SetpointOutcomeAck`` for ``ack`` (a router from before schedules takes no
+        step, and never sees one)."""
+        if ack.step is None:
             self._router.confirm_outcome(peer, ack.command_id)
+        else:
+            self._router.confirm_outcome(peer, ack.command_id, ack.step)
+
+    async def _on_cancel_ack(
+        self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
+    ) -> None:
+        """The agent's answer to a cancel command: recorded as an event of the dispatch
+        (the schedule's own ``cancelled`` outcome comes as its final status)."""
+        if ack.status in lifecycle.PROGRESS:
+            return
+        if dispatch is not None:
+            dispatch_id = dispatch.dispatch_id
+            reverted = ", ".join(
+                f"{a.asset_id} {a.status} {_fmt(a.mw)} MW" for a in ack.allocations
+            )
+            detail = f"cancel {ack.status} by agent {peer.agent_id} (command {ack.command_id})"
+            if reverted:
+                detail += f": returned to default: {reverted}"
+            if ack.reason:
+                detail += f"; {ack.reason}"
+            await self._storage.record_dispatch_event(
+                DispatchEvent(
+                    dispatch_id=dispatch_id, state=dispatch.state, ts=utc_now(), detail=detail
+                )
+            )
+            log.info("dispatch %s: %s", dispatch_id, detail)
+        self._router.confirm_outcome(peer, ack.command_id)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, dispatch_id: str, by: str) -> Dispatch | None:
+        """Stop a dispatch: its targets not sent yet become ``cancelled`` here; a
+        schedule's targets on an agent get a cancel command (now when the agent is
+        connected, else when it registers), and settle ``cancelled`` when the agent
+        reports it.
+
+        :return: a snapshot of the record; ``None``: no such dispatch.
+        :raises CancelConflictError: the dispatch is final already (its state named), or
+            is an immediate dispatch already sent (it cannot be called back).
+        """
+        async with self._lock:
+            dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
+            if dispatch is None:
+                return None
+            if not lifecycle.is_open(dispatch):
+                raise CancelConflictError(
+                    f"dispatch {dispatch_id} is {dispatch.state}: a final dispatch cannot be "
+                    "cancelled"
+                )
+            held = [
+                t
+                for t in dispatch.targets
+                if t.state != "submitted" and t.state not in TERMINAL_DISPATCH_STATES
+            ]
+            if dispatch.start_at is None and held:
+                raise CancelConflictError(
+                    f"dispatch {dispatch_id} is {dispatch.state}: it was sent to its agent and "
+                    "only a schedule can be cancelled there; send a new dispatch instead"
+                )
+            now = utc_now()
+            dispatch.cancel_requested_at = dispatch.cancel_requested_at or now
+            waiting = [t for t in dispatch.targets if t.state == "submitted"]
+            lifecycle.move(dispatch, waiting, "cancel", f"cancelled by {by} before it was sent")
+            for target in waiting:
+                for step in target.steps or ():
+                    step.status = "cancelled"
+            sent = 0
+            for target in held:
+                peer = self._router.peer_for(target.asset_id)
+                if peer is not None:
+                    self._router.deliver(peer, cancel_command(dispatch, target).setpoint)
+                    sent += 1
+            what = f"cancel requested by {by}"
+            if waiting:
+                what += f"; {len(waiting)} target(s) not sent yet cancelled"
+            if held:
+                what += f"; cancel sent to the agent for {sent} of {len(held)} target(s)" + (
+                    ", the rest when their agent connects" if sent < len(held) else ""
+                )
+            await self._record(dispatch, what)
+            self._index(dispatch)
+            log.info("dispatch %s: %s (now %s)", dispatch_id, what, dispatch.state)
+            return copy.deepcopy(dispatch)
 
     async def record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
         """Record a command the agent on ``peer``'s stream applied locally (``LocalDispatch``).

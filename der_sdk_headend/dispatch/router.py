@@ -49,9 +49,10 @@ class DispatchRouter(Protocol):
         """Queue ``command`` for ``peer``'s agent."""
         ...
 
-    def confirm_outcome(self, peer: AgentPeer, command_id: str) -> None:
-        """Tell ``peer``'s agent that the outcome of ``command_id`` is recorded
-        (``SetpointOutcomeAck``), so it stops reporting it."""
+    def confirm_outcome(self, peer: AgentPeer, command_id: str, step: int | None = None) -> None:
+        """Tell ``peer``'s agent that the outcome of ``command_id`` (of its ``step``, for
+        a schedule's step report) is recorded (``SetpointOutcomeAck``), so it stops
+        reporting it."""
         ...
 
 
@@ -67,8 +68,8 @@ class PresenceRouter:
     def deliver(self, peer: AgentPeer, command: SetpointCommand) -> None:
         _stream(peer).send(command)
 
-    def confirm_outcome(self, peer: AgentPeer, command_id: str) -> None:
-        _stream(peer).send(SetpointOutcomeAck(command_id=command_id))
+    def confirm_outcome(self, peer: AgentPeer, command_id: str, step: int | None = None) -> None:
+        _stream(peer).send(SetpointOutcomeAck(command_id=command_id, step=step))
 
 
 def _stream(peer: AgentPeer) -> AgentStream:

@@ -13,7 +13,13 @@ stream's outbox, encoded by the link as it writes them.
 
 A batch goes through two stages.
 
-**On the stream's reader** (:meth:`TelemetryIngest.submit`):
+**On the stream's reader**, before the batch is decoded, the reader reserves queue space
+for its raw sample count (:meth:`TelemetryIngest.reserve`, a first-come-first-served
+:class:`~der_sdk_headend.ingest.space.QueueSpace`). While the queue is full the reader
+waits there, holding only the parsed protobuf of one batch, and stops reading its stream,
+so gRPC flow control pushes back on the agent, which keeps the samples in its own buffer.
+A write that frees space wakes only the readers whose batches now fit, in arrival order.
+Then, once decoded (:meth:`TelemetryIngest.queue_batch`):
 
 1. drop samples for assets the stream does not serve (an event and one warning per
    stream and asset);
@@ -24,10 +30,9 @@ A batch goes through two stages.
    problem appended to ``quality_reason``; unknown fields are kept, missing ones are fine;
 4. update the in-memory latest sample of each asset (only by a newer ``ts``), so
    ``/telemetry/latest`` stays fresh even while storage is stalled;
-5. put the batch on the **bounded ingest queue**. When the queue is full, ``submit``
-   waits, so the reader stops reading its stream and gRPC flow control pushes back on
-   the agent, which keeps the samples in its own buffer. Nothing is dropped and memory
-   does not grow with the backlog.
+5. put the batch on the **bounded ingest queue**, giving back the space reserved for
+   samples that were skipped or dropped. Nothing is dropped for want of space, and memory
+   does not grow with the backlog: decoded samples exist only within the bound.
 
 **On the writer tasks** (``INGEST_WRITERS``, default 2, so one write is copied in
 while the other commits): each claims up to :data:`WRITE_BATCH_SAMPLES` samples from the
@@ -112,6 +117,7 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
+from der_sdk_headend.ingest.space import QueueSpace
 from der_sdk_headend.presence import AgentStream, Presence
 
 __all__ = [
@@ -369,8 +375,6 @@ class TelemetryIngest:
         writers: int = DEFAULT_WRITERS,
         sink: TelemetrySink | None = None,
     ) -> None:
-        if max_queued_samples < 1:
-            raise ValueError(f"max_queued_samples must be at least 1, got {max_queued_samples}")
         if writers < 1:
             raise ValueError(f"writers must be at least 1, got {writers}")
         self.writers = writers
@@ -388,13 +392,12 @@ class TelemetryIngest:
         raises is a storage failure: the event stays queued, unacknowledged, and is tried
         again, so the listener must be idempotent (the alarm book is, by event id)."""
         self._known: dict[str, tuple[Asset, AssetType | None]] = {}
-        self.max_queued_samples = max_queued_samples
+        self._space = QueueSpace(max_queued_samples)
         self.stall_after_s = stall_after_s
         self._queue: deque[_Item] = deque()
         self._events: deque[_EventItem] = deque()
         self._heartbeats: dict[str, tuple[AgentStream, AgentHeartbeat]] = {}
         self._queued_samples = 0
-        self._space = asyncio.Condition()
         self._work = asyncio.Event()
         self._cursors: dict[tuple[str, str], SeqCursor] = {}
         self._writers: list[asyncio.Task[None]] = []
@@ -414,6 +417,16 @@ class TelemetryIngest:
         self._side_retry_at: float | None = None
         self._side_backoff = Backoff(RETRY_INITIAL_S, RETRY_MAX_S, multiplier=2.0, jitter=0.0)
         self._write_started: dict[int, float] = {}
+
+    @property
+    def max_queued_samples(self) -> int:
+        """How many samples may be queued (or reserved by readers decoding them) before
+        readers wait."""
+        return self._space.capacity
+
+    @max_queued_samples.setter
+    def max_queued_samples(self, value: int) -> None:
+        self._space.capacity = value
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -462,8 +475,7 @@ class TelemetryIngest:
             if writer.done() and not writer.cancelled() and writer.exception() is not None:
                 log.error("ingest writer %s ended: %r", writer.get_name(), writer.exception())
         self._writers = []
-        async with self._space:
-            self._space.notify_all()
+        self._space.close()
 
     # ------------------------------------------------------------------ latest
 
@@ -531,36 +543,63 @@ class TelemetryIngest:
 
     async def submit(self, stream: AgentStream, batch: TelemetryBatch) -> int:
         """Check ``batch`` and queue it for storage; wait while the queue is full.
+        (The link reserves before it decodes: :meth:`reserve`, then :meth:`queue_batch`.)
 
         :return: how many samples were queued.
         """
+        size = len(batch.samples)
+        await self.reserve(stream, size)
+        return self.queue_batch(stream, batch, size)
+
+    async def reserve(self, stream: AgentStream, samples: int) -> None:
+        """Wait, first come first served, until the queue has room for ``samples`` more
+        (a batch's raw sample count, before it is decoded); then they are held for the
+        caller, who must hand them to :meth:`queue_batch` or :meth:`unreserve`. A batch
+        larger than the whole bound goes through alone."""
         self._presence.touch(stream)
-        samples: list[TelemetrySample] = []
-        non_finite = batch.non_finite
-        for index, received in enumerate(batch.samples):
-            sample = self._accept(stream, received, non_finite.get(index) if non_finite else None)
-            if sample is not None:
-                samples.append(sample)
+        await self._space.reserve(samples)
 
-        listener = self.latest_listener
-        for sample in samples:
-            current = self._latest.get(sample.asset_id)
-            if current is None or sample.ts > current.ts:
-                self._latest[sample.asset_id] = sample
-                if listener is not None:
-                    listener(sample)
+    def try_reserve(self, stream: AgentStream, samples: int) -> bool:
+        """:meth:`reserve` when that needs no wait; ``False`` (nothing held) when it
+        would: the caller may drop what it can before it waits."""
+        self._presence.touch(stream)
+        return self._space.try_reserve(samples)
 
+    def unreserve(self, samples: int) -> None:
+        """Give back a reservation whose batch will not be queued (it failed to decode)."""
+        self._space.release(samples)
+
+    def queue_batch(self, stream: AgentStream, batch: TelemetryBatch, reserved: int) -> int:
+        """Check ``batch`` and queue it for storage in the space ``reserved`` for it
+        (what its checks drop is given back at once).
+
+        :return: how many samples were queued.
+        """
+        try:
+            self._presence.touch(stream)
+            samples: list[TelemetrySample] = []
+            non_finite = batch.non_finite
+            accept = self._accept
+            for index, received in enumerate(batch.samples):
+                sample = accept(stream, received, non_finite.get(index) if non_finite else None)
+                if sample is not None:
+                    samples.append(sample)
+
+            latest = self._latest
+            listener = self.latest_listener
+            for sample in samples:
+                current = latest.get(sample.asset_id)
+                if current is None or sample.ts > current.ts:
+                    latest[sample.asset_id] = sample
+                    if listener is not None:
+                        listener(sample)
+            item = self._received(stream, batch, samples)
+        except BaseException:
+            self._space.release(reserved)
+            raise
         size = len(samples)
-        async with self._space:
-            # A batch larger than the whole bound still goes through, alone.
-            await self._space.wait_for(
-                lambda: (
-                    self._closing
-                    or not self._queued_samples
-                    or self._queued_samples + size <= self.max_queued_samples
-                )
-            )
-        self._queue.append(self._received(stream, batch, samples))
+        self._space.resize(reserved, size)
+        self._queue.append(item)
         self._queued_samples += size
         self._work.set()
         return size
@@ -585,6 +624,8 @@ class TelemetryIngest:
         self._presence.touch(stream)
         if heartbeat.buffer is not None:
             stream.buffer = heartbeat.buffer
+        if heartbeat.clock_offset_s is not None:
+            stream.clock_offset_s = heartbeat.clock_offset_s
         self._heartbeats[stream.stream_id] = (stream, heartbeat)
         self._work.set()
 
@@ -770,8 +811,7 @@ class TelemetryIngest:
             self._plugins.notify("der_telemetry_received", samples=samples)
         self._queued_samples -= total
         self._samples_stored += total
-        async with self._space:
-            self._space.notify_all()
+        self._space.release(total)
         for item in items:
             stored_through = self._track(item)
             item.stream.send(TelemetryAck(seq=item.seq, stored_through=stored_through))

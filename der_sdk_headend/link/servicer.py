@@ -17,9 +17,10 @@ The life of a stream:
    ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
    and the stream is aborted with ``PERMISSION_DENIED``.
 4. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
-5. Then ``TelemetryBatch`` → decoded (a sample that does not decode is logged with its
-   asset and skipped) → the ingest queue (acknowledged once stored; while the queue is
-   full the reader waits, which is the stream's flow control), ``Heartbeat`` → stored
+5. Then ``TelemetryBatch`` → space reserved in the ingest queue for its raw sample count
+   (while the queue is full the reader waits with the batch undecoded, which is the
+   stream's flow control) → decoded (a sample that does not decode is logged with its
+   asset and skipped) → the ingest queue (acknowledged once stored), ``Heartbeat`` → stored
    once per served asset through the same writer (a clock out of range is logged and
    replaced by the headend's), ``SetpointAck`` → dispatcher (a final
    outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
@@ -46,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn, TypeVar
 
@@ -211,7 +213,10 @@ class AgentLinkService:
                 outgoing = await stream.outbox.get()
                 if outgoing is None:
                     break
-                await context.write(codec.headend_message(outgoing))
+                wire = codec.headend_message(outgoing)
+                if isinstance(wire, pb.HeadendMessage):  # for the agent's clock offset
+                    wire.sent_at_us = time.time_ns() // 1000
+                await context.write(wire)
             if reader.done() and not reader.cancelled() and (refusal := reader.result()):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, refusal)
         finally:
@@ -420,12 +425,10 @@ class AgentLinkService:
         be refused (``INVALID_ARGUMENT``), or ``None``."""
         try:
             async for raw in request_iterator:
-                try:
-                    message = codec.parse_agent_message(raw)
-                except ValueError as exc:
-                    log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), exc)
-                    return str(exc)
-                await self._handle(stream, message)
+                refusal = await self._receive(stream, raw)
+                if refusal is not None:
+                    return refusal
+                del raw  # an idle stream holds nothing of what it read last
         except asyncio.CancelledError:
             raise
         except grpc.RpcError as exc:
@@ -436,19 +439,35 @@ class AgentLinkService:
             stream.end()
         return None
 
+    async def _receive(self, stream: AgentStream, raw: bytes) -> str | None:
+        """Handle one message; return why the stream must be refused, or ``None``.
+
+        A telemetry batch first gets ingest queue space for its raw sample count. While
+        the queue is full the reader waits holding only the batch's bytes (its parsed
+        form, about twice their size, is dropped and parsed again once there is space)
+        and reads nothing more from its stream, so gRPC flow control holds the agent
+        back; then the batch is decoded into the space held.
+        """
+        try:
+            message = codec.parse_agent_message(raw)
+        except ValueError as exc:
+            log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), exc)
+            return str(exc)
+        if message.WhichOneof("msg") != "telemetry":
+            await self._handle(stream, message)
+            return None
+        reserved = len(message.telemetry.samples)
+        if not self._ingest.try_reserve(stream, reserved):
+            del message
+            await self._ingest.reserve(stream, reserved)
+            message = codec.parse_agent_message(raw)  # parsed once already: cannot fail
+        self._telemetry(stream, message.telemetry, reserved)
+        return None
+
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
+        """Any message but telemetry (:meth:`_receive` handles that)."""
         kind = message.WhichOneof("msg")
-        if kind == "telemetry":
-            batch, skipped = codec.telemetry_batch_from_pb(message.telemetry)
-            for asset_id, reason in skipped:
-                log.warning(
-                    "skipped a sample from %s for asset %s: %s",
-                    stream.describe(),
-                    asset_id or "<none>",
-                    reason,
-                )
-            await self._ingest.submit(stream, batch)
-        elif kind == "heartbeat":
+        if kind == "heartbeat":
             self._ingest.submit_heartbeat(stream, self._heartbeat(stream, message.heartbeat))
         elif kind == "event":
             self._agent_event(stream, message.event)
@@ -485,6 +504,22 @@ class AgentLinkService:
             log.warning("%s sent a second Register; ignored", stream.describe())
         else:
             log.warning("%s sent an empty or unknown message; ignored", stream.describe())
+
+    def _telemetry(self, stream: AgentStream, message: pb.TelemetryBatch, reserved: int) -> None:
+        """Decode a batch into the ingest queue space ``reserved`` for it."""
+        try:
+            batch, skipped = codec.telemetry_batch_from_pb(message)
+        except BaseException:
+            self._ingest.unreserve(reserved)
+            raise
+        for asset_id, reason in skipped:
+            log.warning(
+                "skipped a sample from %s for asset %s: %s",
+                stream.describe(),
+                asset_id or "<none>",
+                reason,
+            )
+        self._ingest.queue_batch(stream, batch, reserved)
 
     @staticmethod
     def _heartbeat(stream: AgentStream, message: pb.Heartbeat) -> AgentHeartbeat:

@@ -6,7 +6,16 @@ headend therefore terminates TLS itself, here, on ``HEADEND_GRPC_ADDR``:
 
 1. accept the TCP connection and run the TLS handshake (TLS 1.2+, ALPN ``h2``, the
    client certificate checked against ``HEADEND_CLIENT_CA``) within
-   :data:`HANDSHAKE_TIMEOUT_S`;
+   :data:`HANDSHAKE_TIMEOUT_S`. OpenSSL's share of the handshake (the key exchange, the
+   signature, the client chain's check: most of its CPU) runs on a small thread pool
+   (:data:`HANDSHAKE_THREADS`), not on the event loop, and at most
+   :data:`MAX_HANDSHAKES` handshakes are under way at once; the connections beyond wait
+   their turn in arrival order, and their timeout starts with their turn. So in a
+   reconnect storm the handshakes finish in the order they came, each quickly, rather
+   than all of them slowly and the late ones past their timeout, and the event loop
+   stays free for the agents already served. A thread of its own accepts the
+   connections, so the kernel's accept queue is drained even while the event loop is
+   busy (a full queue drops connections, which agents see as handshakes that time out);
 2. a failed handshake (no chain to the CA, self-signed, expired, not yet valid, not TLS
    at all...) or a connection without a client certificate is refused: closed, logged
    and audited as ``agent.refused`` (``stage: tls``), at most one record and one log
@@ -25,18 +34,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import selectors
 import socket
 import ssl
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from cryptography import x509
 
 from der_sdk.certs import fingerprint, subject
 from der_sdk_headend.audit import Actor, Auditor
 from der_sdk_headend.link.identity import FrontPeer, FrontPeers
 
 __all__ = [
+    "HANDSHAKE_THREADS",
     "HANDSHAKE_TIMEOUT_S",
+    "LISTEN_BACKLOG",
+    "MAX_HANDSHAKES",
     "REFUSAL_RECORD_INTERVAL_S",
     "RefusalLimiter",
     "TlsFront",
@@ -47,7 +65,17 @@ __all__ = [
 log = logging.getLogger("der.headend.link")
 
 HANDSHAKE_TIMEOUT_S = 10.0
-"""How long a new connection may take to finish its TLS handshake."""
+"""How long a new connection may take to finish its TLS handshake, from its turn (see
+:data:`MAX_HANDSHAKES`); also how long it may take to send its first bytes."""
+
+MAX_HANDSHAKES = 256
+"""TLS handshakes under way at once; the connections beyond wait in arrival order."""
+
+HANDSHAKE_THREADS = min(4, os.cpu_count() or 1)
+"""Threads that run OpenSSL's handshake steps (it releases the GIL meanwhile)."""
+
+LISTEN_BACKLOG = 65535
+"""The listening socket's accept queue (the kernel caps it at ``net.core.somaxconn``)."""
 
 REFUSAL_RECORD_INTERVAL_S = 1.0
 """At most one refusal record (and log line) per source address per this many seconds."""
@@ -63,14 +91,17 @@ _LIMITER_MAX_SOURCES = 10_000
 def front_ssl_context(cert: Path, key: Path, client_ca: Path) -> ssl.SSLContext:
     """The server context: our certificate, TLS 1.2+, ALPN ``h2``, client certificates
     verified against ``client_ca`` (optional in the handshake, so that a connection
-    without one can be audited; it is refused right after)."""
+    without one can be audited; it is refused right after). No session tickets: agents
+    (gRPC) keep no TLS session cache, and issuing the two tickets TLS 1.3 sends by default
+    was about 40 % of the server's handshake CPU."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(str(cert), str(key))
     context.verify_mode = ssl.CERT_OPTIONAL
     context.load_verify_locations(cafile=str(client_ca))
     context.set_alpn_protocols(["h2"])
-    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    context.num_tickets = 0
     return context
 
 
@@ -86,13 +117,13 @@ def _source_host(peer: str) -> str:
     return peer.rpartition(":")[0]
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
         return f"client certificate refused: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
-        return f"TLS handshake not finished within {HANDSHAKE_TIMEOUT_S:g} s"
+        return f"TLS handshake not finished within {timeout_s:g} s"
     return f"TLS handshake failed: {type(exc).__name__}: {exc}".rstrip(": ")
 
 
@@ -144,6 +175,8 @@ class TlsFront:
         peers: FrontPeers,
         *,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        max_handshakes: int = MAX_HANDSHAKES,
+        handshake_threads: int = HANDSHAKE_THREADS,
         limiter: RefusalLimiter | None = None,
     ) -> None:
         self._ssl = ssl_context
@@ -151,8 +184,12 @@ class TlsFront:
         self._auditor = auditor
         self.peers = peers
         self._handshake_timeout_s = handshake_timeout_s
+        self._turns = asyncio.Semaphore(max_handshakes)
+        self._pool = ThreadPoolExecutor(handshake_threads, thread_name_prefix="tls-handshake")
         self._limiter = limiter or RefusalLimiter()
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._connections: set[asyncio.Task[None]] = set()
         self.port = 0
 
@@ -174,47 +211,119 @@ class TlsFront:
                 # "[::]" takes IPv4 too, as gRPC's own listener did
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(sockaddr)
-            sock.listen(2048)
+            sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._server = await asyncio.start_server(self._accepted, sock=sock, limit=CHUNK)
+        self._listener = sock
         self.port = int(sock.getsockname()[1])
+        self._acceptor = threading.Thread(
+            target=self._accept_forever, args=(sock, loop), name="tls-front-accept", daemon=True
+        )
+        self._acceptor.start()
         return self.port
 
     def stop_accepting(self) -> None:
-        """Close the listening socket; relayed connections go on."""
-        if self._server is not None:
-            self._server.close()
+        """Close the listening socket (new connections are refused); relayed connections
+        go on."""
+        self._stopping.set()
+        if self._listener is not None:
+            # wakes the accepting thread, which closes the socket
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
 
     async def close(self) -> None:
         """Stop accepting and end every connection."""
         self.stop_accepting()
+        if self._acceptor is not None:
+            await asyncio.to_thread(self._acceptor.join, 5.0)
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self.peers.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ accepting
+
+    def _accept_forever(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """The accepting thread: take every waiting connection off the kernel's queue and
+        hand them to the event loop, until :meth:`stop_accepting`."""
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set():
+                if not selector.select(0.5):
+                    continue
+                batch = self._accept_waiting(sock)
+                if batch:
+                    try:
+                        loop.call_soon_threadsafe(self._adopt, batch)
+                    except RuntimeError:  # the loop is closed
+                        _close_all(batch)
+                        return
+        finally:
+            selector.close()
+            sock.close()
+
+    def _accept_waiting(self, sock: socket.socket) -> list[socket.socket]:
+        batch: list[socket.socket] = []
+        while len(batch) < 1024 and not self._stopping.is_set():
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                break
+            except OSError as exc:
+                if self._stopping.is_set():
+                    break
+                # out of file descriptors, most likely: let some connections end
+                log.error("the TLS front cannot accept agent connections: %s", exc)
+                time.sleep(1.0)
+                break
+            conn.setblocking(False)
+            batch.append(conn)
+        return batch
+
+    def _adopt(self, batch: list[socket.socket]) -> None:
+        """On the event loop: serve each accepted connection in a task of its own (so
+        that :meth:`close` can end it)."""
+        if self._stopping.is_set():
+            _close_all(batch)
+            return
+        for conn in batch:
+            handler = asyncio.ensure_future(self._serve_socket(conn))
+            self._connections.add(handler)
+            handler.add_done_callback(self._connections.discard)
 
     # ------------------------------------------------------------------ one connection
 
-    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A task of our own (not asyncio's) so that close() can end it.
-        handler = asyncio.ensure_future(self._serve(reader, writer))
-        self._connections.add(handler)
-        handler.add_done_callback(self._connections.discard)
+    async def _serve_socket(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=CHUNK)
+        except OSError:  # gone already
+            conn.close()
+            return
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = grpc_peer(writer.get_extra_info("peername"))
-        tls = _ServerTls(self._ssl, reader, writer)
+        tls = _ServerTls(self._ssl, reader, writer, self._pool)
         try:
+            # A connection that sends nothing takes no turn (a few idle connections
+            # cannot hold up the others); then the handshake itself, in its turn.
             async with asyncio.timeout(self._handshake_timeout_s):
-                await tls.handshake()
+                await tls.first_bytes()
+            async with self._turns:
+                async with asyncio.timeout(self._handshake_timeout_s):
+                    await tls.handshake()
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             await _linger_and_close(reader, writer)
-            await self._refused(peer, _reason(exc), UNKNOWN_ACTOR)
+            await self._refused(peer, _reason(exc, self._handshake_timeout_s), UNKNOWN_ACTOR)
             return
         except asyncio.CancelledError:
             writer.transport.abort()
@@ -225,9 +334,9 @@ class TlsFront:
             await _linger_and_close(reader, writer)
             await self._refused(peer, "no client certificate", NO_CERT_ACTOR)
             return
-        pem = ssl.DER_cert_to_PEM_cert(der)
         try:
-            agent = FrontPeer(peer=peer, fingerprint=fingerprint(pem), subject=subject(pem))
+            cert = x509.load_der_x509_certificate(der)  # parsed once, for both names
+            agent = FrontPeer(peer=peer, fingerprint=fingerprint(cert), subject=subject(cert))
         except ValueError:  # verified by OpenSSL, so not expected
             writer.transport.abort()
             await self._refused(peer, "the client certificate could not be read", UNKNOWN_ACTOR)
@@ -287,16 +396,23 @@ class TlsFront:
 class _ServerTls:
     """Server-side TLS over a plain stream pair, driven by hand (:class:`ssl.SSLObject`
     on memory BIOs) rather than by ``loop.start_tls``: a refused handshake is ours to
-    audit and to close cleanly (a FIN after the client's data is read, not a reset)."""
+    audit and to close cleanly (a FIN after the client's data is read, not a reset).
+    Handshake steps run on ``pool`` (one at a time per connection, so the object is
+    never used by two threads at once); the relay's reads and writes on the loop."""
 
     def __init__(
-        self, context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        context: ssl.SSLContext,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pool: ThreadPoolExecutor,
     ) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self.reader = reader
         self.writer = writer
+        self._pool = pool
         self._eof = False
 
     async def _flush(self) -> None:
@@ -315,10 +431,15 @@ class _ServerTls:
             self._eof = True
             self._incoming.write_eof()
 
+    async def first_bytes(self) -> None:
+        """Wait for the client's first bytes (or its end)."""
+        await self._feed()
+
     async def handshake(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                self.obj.do_handshake()
+                await loop.run_in_executor(self._pool, self.obj.do_handshake)
             except ssl.SSLWantReadError:
                 await self._flush()
                 await self._feed()
@@ -358,6 +479,11 @@ class _ServerTls:
         """Send close_notify and close the connection."""
         await self.close_notify()
         self.writer.close()
+
+
+def _close_all(conns: list[socket.socket]) -> None:
+    for conn in conns:
+        conn.close()
 
 
 async def _linger_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -116,6 +116,9 @@ class AgentStream:
     older agent sends none). Batch seqs are unique within it across reconnects."""
     buffer: BufferStats | None = None
     """The agent's store-and-forward buffer, from its latest heartbeat."""
+    clock_offset_s: float | None = None
+    """The agent's clock offset from this headend's (headend minus agent), from its latest
+    heartbeat; ``None`` until it reports one."""
     events_seen: set[str] = field(default_factory=set)
     """AgentEvent ids already queued for storage on this stream."""
 

@@ -45,12 +45,14 @@ class AgentsController(Controller):
         for asset, recent in zip(assets, sessions, strict=True):
             site = inventory.sites.get(asset.site_id)
             peer = agent_id = holder = None
+            offset: float | None = None
             if cluster is not None:  # in a cluster, whichever replica holds it
                 entry = cluster.holder_of_asset(asset.asset_id)
                 if entry is not None:
                     peer, agent_id, holder = entry.peer, entry.agent_id, entry.headend_id
             elif (stream := presence.stream_for(asset.asset_id)) is not None:
                 peer, agent_id, holder = stream.peer, stream.agent_id, own_id
+                offset = stream.clock_offset_s
             rows.append(
                 AgentRow(
                     asset_id=asset.asset_id,
@@ -62,6 +64,7 @@ class AgentsController(Controller):
                     agent_id=agent_id,
                     headend_id=holder,
                     last_seen=presence.last_seen(asset.asset_id),
+                    clock_offset_s=offset,
                     sessions=[
                         SessionRow(
                             connected_at=s.connected_at,

@@ -24,6 +24,7 @@ from der_sdk_headend.rest.auth import (
 from der_sdk_headend.rest.body import MAX_BODY_BYTES, JsonBodyRequest
 from der_sdk_headend.rest.dispatch import DispatchController
 from der_sdk_headend.rest.errors import EXCEPTION_HANDLERS
+from der_sdk_headend.rest.events import EventsController
 from der_sdk_headend.rest.heartbeat import HeartbeatController
 from der_sdk_headend.rest.openapi import StrictStructSchemaPlugin, declare_refusals
 from der_sdk_headend.rest.state import app_state
@@ -64,6 +65,7 @@ def create_app(headend: Headend) -> Litestar:
             DispatchController,
             AlarmsController,
             HeartbeatController,
+            EventsController,
             SystemController,
             TokensController,
             AuditController,
@@ -85,8 +87,9 @@ def create_app(headend: Headend) -> Litestar:
             title="der-sdk headend",
             version=der_sdk.__version__,
             description="Operator and integration API of the der-sdk reference headend: "
-            "inventory, presence, telemetry, dispatch. Send `Authorization: Bearer <token>`; "
-            "each operation's `BearerToken` requirement names the role it needs.",
+            "inventory, presence, telemetry, dispatch, events. Send "
+            "`Authorization: Bearer <token>`; each operation's `BearerToken` requirement "
+            "names the role it needs.",
             render_plugins=[
                 # Served from the console's static files: the API browser works offline.
                 SwaggerRenderPlugin(

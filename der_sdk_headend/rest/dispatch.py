@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import msgspec
@@ -14,9 +13,9 @@ from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from der_sdk.deprecations import warn_deprecated
-from der_sdk.errors import UnknownNameError
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState
 from der_sdk_headend.dispatch import (
+    CancelConflictError,
     IdempotencyConflictError,
     InvalidDispatchError,
     UnknownTargetError,
@@ -24,7 +23,7 @@ from der_sdk_headend.dispatch import (
 from der_sdk_headend.dispatch.planning import DispatchPreview
 from der_sdk_headend.rest.auth import access, actor_of, client_source
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
-from der_sdk_headend.rest.params import LimitQuery, check_limit
+from der_sdk_headend.rest.params import LimitQuery, check_limit, filter_ids
 from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 
 if TYPE_CHECKING:
@@ -41,6 +40,16 @@ _REFUSALS = (InvalidDispatchError, UnknownTargetError, IdempotencyConflictError)
 
 def _describe(target: dict[str, str | None]) -> str:
     return " ".join(f"{key.removesuffix('_id')} {value}" for key, value in target.items())
+
+
+def _what(data: DispatchRequest) -> str:
+    """The request in a few words for the audit trail: ``5 MW`` or ``a schedule of 3
+    step(s) from <start_at>``."""
+    if data.start_at is not None or data.steps is not None:
+        steps = len(data.steps) if data.steps is not None else 1
+        start = data.start_at.isoformat() if data.start_at is not None else "?"
+        return f"a schedule of {steps} step(s) from {start}"
+    return f"{data.mw:g} MW" if data.mw is not None else "no MW"
 
 
 async def submit_audited(
@@ -78,9 +87,10 @@ async def submit_audited(
             actor=actor,
             source=source,
             outcome="refused" if refused else "failed",
-            message=f"dispatch of {data.mw:g} MW to {_describe(target)} "
+            message=f"dispatch of {_what(data)} to {_describe(target)} "
             f"{'refused' if refused else 'failed'} for {actor.describe()}: {exc}",
             mw=data.mw,
+            start_at=data.start_at.isoformat() if data.start_at is not None else None,
             reason=f"{type(exc).__name__}: {exc}",
             via=via,
             **target,
@@ -91,7 +101,7 @@ async def submit_audited(
         actor=actor,
         source=source,
         outcome="ok" if created else "replayed",
-        message=f"dispatch {dispatch.dispatch_id} of {data.mw:g} MW to {_describe(target)} "
+        message=f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
         f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
         f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
         dispatch_id=dispatch.dispatch_id,
@@ -111,8 +121,11 @@ class DispatchController(Controller):
         "/",
         status_code=202,
         summary="Dispatch MW to an asset or a site",
-        description="`asset_id` wins over `site_id`. A site target is split by the "
-        "configured policy and each share clamped to the asset's limits. Returns the "
+        description="`asset_id` wins over `site_id`. `mw` means what the asset's control "
+        "kind says (a setpoint, an export limit >= 0, an import limit <= 0; the wrong sign is "
+        "400). A site target is split by `policy`, else the site's `split_policy`, else "
+        "the configured one (an unknown name is 400), each share within what its asset can "
+        "take now (limits narrowed by its latest telemetry). Returns the "
         "record (202): `sent` when routed to a live agent, `submitted` until the agent "
         "connects; then `acked` and one of `applied`, `rejected`, `failed`, `expired`, "
         "`superseded` (`GET /dispatch/{id}` has every change with its time). `ttl_s` or "
@@ -148,14 +161,69 @@ class DispatchController(Controller):
         return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
 
     @post(
+        "/{dispatch_id:str}/cancel",
+        status_code=202,
+        summary="Cancel a dispatch (a schedule, or one not sent yet)",
+        description="Targets not sent yet become `cancelled` at once. A schedule's targets "
+        "on an agent get a cancel command (now, or when the agent connects): the agent "
+        "stops the schedule, returns the asset to its default (0 MW, or the value nearest "
+        "0 its limits allow) and reports `cancelled`; `GET /dispatch/{id}` then shows it. "
+        "Returns the record (202). A dispatch in a final state is 409 naming the state, "
+        "and so is an immediate dispatch already sent to its agent.",
+        responses={
+            404: ResponseSpec(ErrorBody, description="no such dispatch"),
+            409: ResponseSpec(ErrorBody, description="final already: `detail` names its state"),
+        },
+        **access("operator"),
+        **NEEDS_STORAGE,
+    )
+    async def cancel(
+        self,
+        request: Request[Any, Any, Any],
+        headend: NamedDependency[Headend],
+        dispatch_id: FromPath[str],
+    ) -> Response[Dispatch]:
+        actor, source = actor_of(request), client_source(request)
+        try:
+            dispatch = await headend.dispatcher.cancel(dispatch_id, by=actor.describe())
+        except CancelConflictError as exc:
+            await headend.auditor.record(
+                "dispatch.cancel",
+                actor=actor,
+                source=source,
+                outcome="refused",
+                message=f"cancel of dispatch {dispatch_id} refused for {actor.describe()}: {exc}",
+                dispatch_id=dispatch_id,
+                reason=str(exc),
+            )
+            raise
+        if dispatch is None:
+            raise NotFoundException(f"unknown dispatch {dispatch_id}")
+        await headend.auditor.record(
+            "dispatch.cancel",
+            actor=actor,
+            source=source,
+            outcome="ok",
+            message=f"dispatch {dispatch_id} cancel requested by {actor.describe()}: "
+            f"{dispatch.state}",
+            dispatch_id=dispatch_id,
+            state=dispatch.state,
+            asset_id=dispatch.asset_id,
+            site_id=dispatch.site_id if dispatch.asset_id is None else None,
+        )
+        return Response(dispatch, status_code=202)
+
+    @post(
         "/preview",
         status_code=200,
         summary="Preview a dispatch: the targets it would produce, nothing sent",
         description="Takes the same body as `POST /dispatch`, checks it the same way (the "
-        "same 400 and 404 answers) and plans it the same way: the split by the configured "
-        "`policy` for a site, each share clamped to its asset's limits. Returns the "
-        "`targets` (each with its asset's `min_mw` and `max_mw`, and a `reason` when the "
-        "share was clamped or sits at a limit) and the `unallocated_mw` that `POST "
+        "same 400 and 404 answers) and plans it the same way: the split by the chosen "
+        "`policy` for a site, each share within what its asset can take now. Returns the "
+        "`targets` (each with its asset's `min_mw` and `max_mw`, its control `kind`, the "
+        "`available_min_mw`/`available_max_mw` it can take now with their `basis`, and a "
+        "`reason` when the share was clamped or sits at a limit) and the `unallocated_mw` "
+        "that `POST "
         "/dispatch` would produce now. Nothing is stored, sent to an agent or written to "
         "the audit trail, and no dispatch id is given; the split is computed again by "
         "`POST /dispatch` (the inventory is the same unless the headend restarted).",
@@ -195,18 +263,10 @@ class DispatchController(Controller):
             raise ValidationException(
                 f"query parameter `state`: unknown state {state!r}; one of {', '.join(_STATES)}"
             )
-        inventory = headend.inventory
-        # Ids not (or no longer) in the inventory are searched as given: history outlives
-        # inventory changes.
-        if asset_id:
-            with contextlib.suppress(UnknownNameError):
-                asset_id = inventory.asset(asset_id).asset_id
-        if site_id:
-            with contextlib.suppress(UnknownNameError):
-                site_id = inventory.site(site_id).site_id
+        asset_id, site_id = filter_ids(headend.inventory, asset_id, site_id)
         return await headend.storage.dispatch_history(
-            asset_id=asset_id or None,
-            site_id=site_id or None,
+            asset_id=asset_id,
+            site_id=site_id,
             state=state,
             limit=check_limit(limit),
         )

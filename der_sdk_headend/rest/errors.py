@@ -14,6 +14,7 @@ from der_sdk.errors import UnknownNameError
 from der_sdk.inventory import Inventory
 from der_sdk.models import Asset
 from der_sdk_headend.dispatch import (
+    CancelConflictError,
     IdempotencyConflictError,
     InvalidDispatchError,
     UnknownTargetError,
@@ -88,7 +89,7 @@ def _unknown_target(
 
 
 def _idempotency_conflict(
-    request: Request[Any, Any, Any], exc: IdempotencyConflictError
+    request: Request[Any, Any, Any], exc: IdempotencyConflictError | CancelConflictError
 ) -> Response[ErrorBody]:
     return _body(409, str(exc))
 
@@ -123,5 +124,6 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     InvalidDispatchError: _invalid_dispatch,
     UnknownTargetError: _unknown_target,
     IdempotencyConflictError: _idempotency_conflict,
+    CancelConflictError: _idempotency_conflict,
     Exception: _internal_error,
 }

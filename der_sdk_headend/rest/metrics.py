@@ -18,6 +18,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from der_sdk.models import ALARM_SEVERITIES
+from der_sdk_headend import gc_pauses
 
 if TYPE_CHECKING:
     from der_sdk_headend.cluster.ingest import StreamWriterStats
@@ -147,6 +148,7 @@ class HeadendCollector(Collector):
                 "Ranges of telemetry batches that never reached storage.",
                 stats.gaps,
             )
+        yield from _gc_metrics()
         writers = headend.stream_writers
         if writers is not None:
             yield from _stream_metrics(writers.stats())
@@ -176,6 +178,47 @@ def render_metrics(
     """
     encode, content_type = choose_encoder(accept or "")
     return encode(HeadendCollector(headend, alarm_counts)), content_type
+
+
+def _gc_metrics() -> Iterator[Metric]:
+    """The cycle collector's pauses, per generation (``der headend`` only: the monitor is
+    installed once the headend started, :mod:`der_sdk_headend.gc_pauses`)."""
+    monitor = gc_pauses.installed()
+    if monitor is None:
+        return
+    figures = (
+        (CounterMetricFamily, "der_gc_pauses_total", "Cycle collections.", "collections"),
+        (
+            CounterMetricFamily,
+            "der_gc_pause_seconds_total",
+            "Time the cycle collector held the event loop.",
+            "seconds_total",
+        ),
+        (
+            GaugeMetricFamily,
+            "der_gc_pause_max_seconds",
+            f"The longest of the last {gc_pauses.KEEP} collections' pauses.",
+            "max_s",
+        ),
+        (
+            GaugeMetricFamily,
+            "der_gc_pause_p99_seconds",
+            f"The 99th percentile of the last {gc_pauses.KEEP} collections' pauses.",
+            "p99_s",
+        ),
+        (
+            GaugeMetricFamily,
+            "der_gc_pause_cpu_max_seconds",
+            f"The most CPU time one of the last {gc_pauses.KEEP} collections took.",
+            "cpu_max_s",
+        ),
+    )
+    stats = monitor.stats()
+    for family_type, name, help_text, field in figures:
+        family = family_type(name, help_text, labels=["generation"])
+        for generation in stats:
+            family.add_metric([str(generation.generation)], float(getattr(generation, field)))
+        yield family
 
 
 def _stream_metrics(stats: StreamWriterStats) -> Iterator[Metric]:

@@ -7,6 +7,7 @@ refuse what is out of them, with a message that names the parameter.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -14,7 +15,17 @@ from litestar.exceptions import ValidationException
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIType
 from litestar.params import QueryParameter
 
-__all__ = ["MAX_LIMIT", "LimitQuery", "TimeQuery", "check_limit", "parse_time"]
+from der_sdk.errors import UnknownNameError
+from der_sdk.inventory import Inventory
+
+__all__ = [
+    "MAX_LIMIT",
+    "LimitQuery",
+    "TimeQuery",
+    "check_limit",
+    "filter_ids",
+    "parse_time",
+]
 
 MAX_LIMIT = 10_000
 
@@ -82,3 +93,20 @@ def check_limit(limit: int) -> int:
             f"query parameter `limit`: must be between 1 and {MAX_LIMIT}, got {limit}"
         )
     return limit
+
+
+def filter_ids(
+    inventory: Inventory, asset_id: str | None, site_id: str | None
+) -> tuple[str | None, str | None]:
+    """The ``asset_id`` and ``site_id`` filters of a query on stored records, as stored.
+
+    Ids in the inventory are canonicalised (any case); others are searched as given: the
+    record outlives inventory changes. An empty filter is ``None``.
+    """
+    if asset_id:
+        with contextlib.suppress(UnknownNameError):
+            asset_id = inventory.asset(asset_id).asset_id
+    if site_id:
+        with contextlib.suppress(UnknownNameError):
+            site_id = inventory.site(site_id).site_id
+    return asset_id or None, site_id or None

@@ -7,13 +7,16 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from der_sdk.models import Dispatch, DispatchEvent
+from der_sdk.control import ControlKind
+from der_sdk.models import Asset, Dispatch, DispatchEvent
 from der_sdk_headend.audit import Actor
 from der_sdk_headend.tokens import MAX_NAME_LENGTH, Role, StoredToken
 
 __all__ = [
     "AgentRow",
+    "AssetRow",
     "AuditRecord",
+    "ControlState",
     "DispatchDetail",
     "ErrorBody",
     "Health",
@@ -32,7 +35,32 @@ class SiteRow(msgspec.Struct, kw_only=True):
     site_id: str
     name: str
     location: str | None = None
+    latitude: float | None = None
+    longitude: float | None = None
+    split_policy: str | None = None
     asset_ids: list[str] = msgspec.field(default_factory=list)
+
+
+class ControlState(msgspec.Struct, kw_only=True):
+    """How an asset is controlled and the range it can take now (``docs/asset_types.md``).
+
+    ``kind``: what a dispatch's MW means (``setpoint``, ``export_limit``,
+    ``import_limit``). ``min_mw``/``max_mw``: the range available now, from the limits and
+    the latest telemetry; ``basis`` says what bounded it; ``as_of`` is the time of the
+    sample used (``null``: none).
+    """
+
+    kind: ControlKind
+    min_mw: float
+    max_mw: float
+    basis: str
+    as_of: datetime | None = None
+
+
+class AssetRow(Asset, frozen=True, kw_only=True):
+    """An inventory asset with its ``control`` state now."""
+
+    control: ControlState
 
 
 class SessionRow(msgspec.Struct, kw_only=True):
@@ -66,6 +94,9 @@ class AgentRow(msgspec.Struct, kw_only=True):
     headend_id: str | None = None
     last_seen: datetime | None = None
     sessions: list[SessionRow] = msgspec.field(default_factory=list)
+    clock_offset_s: float | None = None
+    """The serving agent's clock offset from the headend's, seconds (headend minus agent),
+    as it last reported it; ``None`` when not connected here or not reported."""
 
 
 class DispatchDetail(Dispatch, kw_only=True):

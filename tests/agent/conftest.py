@@ -16,6 +16,7 @@ from der_sdk.extensions import (
     Adapter,
     AdapterContext,
     AdapterType,
+    ConditionReporter,
     EdgeService,
     EdgeServiceContext,
     EdgeServiceType,
@@ -77,6 +78,9 @@ class FaultBox:
     connects: int = 0
     closes: int = 0
     applied: list[tuple[str, float, float | None]] = field(default_factory=list)
+    conditions: dict[str, ConditionReporter] = field(default_factory=dict)
+    """Each adapter's condition reporter, by asset id: raise and clear through it as the
+    adapter would."""
 
 
 class FlakyAdapter(Adapter):
@@ -85,6 +89,7 @@ class FlakyAdapter(Adapter):
         self.options = context.options
         self.box = box
         self.mw = 0.0
+        box.conditions[context.asset.asset_id] = context.conditions
 
     async def connect(self) -> None:
         self.box.connects += 1

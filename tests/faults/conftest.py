@@ -9,11 +9,16 @@ import sqlite3
 import textwrap
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from tests.e2e.conftest import B1, B2, B3, INVENTORY, LONE, OTHER_SITE, SITE
+
+if TYPE_CHECKING:
+    from der_sdk.plugins import Plugins
+    from der_sdk_agent.agent import Agent
+    from der_sdk_headend.service import Headend
 
 __all__ = [
     "B1",
@@ -23,6 +28,8 @@ __all__ = [
     "OTHER_SITE",
     "SITE",
     "StoredRow",
+    "gateway_agent",
+    "in_process_headend",
     "stored_events",
     "stored_rows",
     "wait_until",
@@ -103,3 +110,55 @@ async def wait_until(
             return last
         await asyncio.sleep(every)
     pytest.fail(f"timed out after {within:g} s waiting until {what}; last: {last!r}")
+
+
+def gateway_agent(
+    tmp_path: Path,
+    inventory_path: Path,
+    plugins: Plugins,
+    headend_addr: str,
+    *,
+    site_id: str = SITE,
+    name: str = "gw",
+    clock: Callable[[], float] | None = None,
+    **config: object,
+) -> Agent:
+    """An in-process gateway agent of ``site_id`` with a buffer file in ``tmp_path`` and a
+    config of fast timings and ``config``; ``clock``: its wall clock (default: the real one)."""
+    from der_sdk.agent_config import load_agent_config
+    from der_sdk.inventory import load_inventory
+    from der_sdk_agent.agent import Agent
+
+    inventory = load_inventory(str(inventory_path))
+    path = write_agent_config(tmp_path / f"{name}.yaml", **config)
+    return Agent(
+        agent_id=name,
+        site_id=site_id,
+        assets=inventory.assets_for_site(site_id),
+        headend=headend_addr,
+        config=load_agent_config(str(path)),
+        plugins=plugins,
+        buffer_path=str(tmp_path / f"{name}.sqlite3"),
+        **({"clock": clock} if clock is not None else {}),
+    )
+
+
+async def in_process_headend(inventory_path: Path, db: Path, plugins: Plugins) -> Headend:
+    """A started headend on SQLite ``db`` and ephemeral loopback ports, no REST auth."""
+    from der_sdk_headend.config import HeadendConfig
+    from der_sdk_headend.service import Headend
+
+    headend = Headend(
+        HeadendConfig.from_env(
+            {
+                "ASSETS_PATH": str(inventory_path),
+                "DATABASE_URL": f"sqlite:///{db}",
+                "HEADEND_GRPC_ADDR": "127.0.0.1:0",
+                "HEADEND_HTTP_ADDR": "127.0.0.1:0",
+                "HEADEND_TOKENS_FILE": str(db.parent / "tokens.json"),  # none: no REST auth
+            }
+        ),
+        plugins=plugins,
+    )
+    await headend.start()
+    return headend

@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from der_sdk.agent_config import load_agent_config
-from der_sdk.inventory import load_inventory
 from der_sdk.models import TelemetrySample
 from der_sdk.plugins import Plugins
 from der_sdk.testing.devices import SimulatedDevicePlugin
@@ -25,8 +23,7 @@ from der_sdk.testing.faults import AgentProcess, HeadendProcess, TcpProxy
 from der_sdk.testing.services import require_tcp_service
 from der_sdk.wire import codec, pb
 from der_sdk_agent.agent import Agent
-from der_sdk_headend.config import HeadendConfig
-from der_sdk_headend.service import HALF_OPEN_DETECTION_S, Headend
+from der_sdk_headend.service import HALF_OPEN_DETECTION_S
 from tests.faults.conftest import (
     B1,
     B2,
@@ -35,57 +32,19 @@ from tests.faults.conftest import (
     OTHER_SITE,
     SITE,
     StoredRow,
+    in_process_headend,
     stored_events,
     stored_rows,
     wait_until,
     write_agent_config,
 )
+from tests.faults.conftest import gateway_agent as _agent
 
 BURST_BASE = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def _us(ts: datetime) -> int:
     return codec.datetime_to_us(ts)
-
-
-def _agent(
-    tmp_path: Path,
-    inventory_path: Path,
-    plugins: Plugins,
-    headend_addr: str,
-    *,
-    site_id: str = SITE,
-    name: str = "gw",
-    **config: object,
-) -> Agent:
-    inventory = load_inventory(str(inventory_path))
-    path = write_agent_config(tmp_path / f"{name}.yaml", **config)
-    return Agent(
-        agent_id=name,
-        site_id=site_id,
-        assets=inventory.assets_for_site(site_id),
-        headend=headend_addr,
-        config=load_agent_config(str(path)),
-        plugins=plugins,
-        buffer_path=str(tmp_path / f"{name}.sqlite3"),
-    )
-
-
-async def _in_process_headend(inventory_path: Path, db: Path, plugins: Plugins) -> Headend:
-    headend = Headend(
-        HeadendConfig.from_env(
-            {
-                "ASSETS_PATH": str(inventory_path),
-                "DATABASE_URL": f"sqlite:///{db}",
-                "HEADEND_GRPC_ADDR": "127.0.0.1:0",
-                "HEADEND_HTTP_ADDR": "127.0.0.1:0",
-                "HEADEND_TOKENS_FILE": str(db.parent / "tokens.json"),  # none: no REST auth
-            }
-        ),
-        plugins=plugins,
-    )
-    await headend.start()
-    return headend
 
 
 def _holes(rows: list[StoredRow], assets: list[str]) -> dict[str, list[int]]:
@@ -342,7 +301,7 @@ async def test_blackholed_link_is_noticed_within_40s_and_heals_without_loss(
 ) -> None:
     assert HALF_OPEN_DETECTION_S <= 40
     db = tmp_path / "der.db"
-    headend = await _in_process_headend(inventory_path, db, der_plugins)
+    headend = await in_process_headend(inventory_path, db, der_plugins)
     try:
         async with TcpProxy("127.0.0.1", headend.grpc_port) as proxy:
             agent = _agent(
@@ -553,7 +512,7 @@ async def test_lost_ack_after_applied_writes_the_device_once_and_the_state_ends_
     der_test_device: SimulatedDevicePlugin,
 ) -> None:
     db = tmp_path / "der.db"
-    headend = await _in_process_headend(inventory_path, db, der_plugins)
+    headend = await in_process_headend(inventory_path, db, der_plugins)
     try:
         async with TcpProxy("127.0.0.1", headend.grpc_port) as proxy:
             agent = _agent(
@@ -612,7 +571,7 @@ async def test_an_expired_dispatch_is_never_applied(
     der_test_device: SimulatedDevicePlugin,
 ) -> None:
     db = tmp_path / "der.db"
-    headend = await _in_process_headend(inventory_path, db, der_plugins)
+    headend = await in_process_headend(inventory_path, db, der_plugins)
     try:
         async with httpx.AsyncClient(base_url=headend.http_url, timeout=5) as http:
             created = await http.post("/dispatch", json={"asset_id": LONE, "mw": 0.5, "ttl_s": 0.3})
@@ -672,7 +631,7 @@ async def test_an_idle_agent_stays_connected_through_many_keepalive_pings(
     tmp_path: Path, inventory_path: Path, der_plugins: Plugins
 ) -> None:
     db = tmp_path / "der.db"
-    headend = await _in_process_headend(inventory_path, db, der_plugins)
+    headend = await in_process_headend(inventory_path, db, der_plugins)
     try:
         agent = _agent(
             tmp_path,

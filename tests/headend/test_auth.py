@@ -58,8 +58,10 @@ ROUTE_RULES: dict[tuple[str, str], str] = {
     ("POST", "/dispatch/preview"): "operator",
     ("GET", "/dispatch/history"): "viewer",
     ("GET", "/dispatch/{dispatch_id:str}"): "viewer",
+    ("POST", "/dispatch/{dispatch_id:str}/cancel"): "operator",
     ("GET", "/heartbeat/{asset_id:str}"): "viewer",
     ("GET", "/heartbeat/{asset_id:str}/history"): "viewer",
+    ("GET", "/events"): "viewer",
     ("GET", "/plugins"): "viewer",
     ("GET", "/healthz"): "open",
     ("GET", "/metrics"): "viewer",  # METRICS_AUTH=viewer, the default
@@ -89,8 +91,14 @@ REQUESTS: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("POST", "/dispatch/preview"): ("/dispatch/preview", {"asset_id": BESS_1, "mw": 0.5}, 200),
     ("GET", "/dispatch/history"): ("/dispatch/history", None, 200),
     ("GET", "/dispatch/{dispatch_id:str}"): (f"/dispatch/{UNKNOWN_DISPATCH}", None, 404),
+    ("POST", "/dispatch/{dispatch_id:str}/cancel"): (
+        f"/dispatch/{UNKNOWN_DISPATCH}/cancel",
+        None,
+        404,
+    ),
     ("GET", "/heartbeat/{asset_id:str}"): (f"/heartbeat/{BESS_1}", None, 404),  # none yet
     ("GET", "/heartbeat/{asset_id:str}/history"): (f"/heartbeat/{BESS_1}/history", None, 200),
+    ("GET", "/events"): ("/events", None, 200),
     ("GET", "/plugins"): ("/plugins", None, 200),
     ("GET", "/healthz"): ("/healthz", None, 200),
     ("GET", "/metrics"): ("/metrics", None, 200),

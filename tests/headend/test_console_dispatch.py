@@ -8,6 +8,7 @@ headend, as a browser would (cookie, CSRF token from the page).
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from datetime import timedelta
@@ -363,3 +364,19 @@ async def test_duration_and_expiry_from_the_form_reach_the_dispatch(
     (record,) = await history(http)
     assert record["duration_s"] == 900
     assert record["expires_at"] == expires.isoformat() + "Z", "a time without zone is UTC"
+
+
+async def test_a_posted_policy_reaches_the_console_preview(http: httpx.AsyncClient) -> None:
+    body = {"site_id": SITE_A, "mw": 1.5, "policy": "equal"}
+    rest = (await http.post("/dispatch/preview", json=body)).json()
+    default = (await http.post("/dispatch/preview", json={"site_id": SITE_A, "mw": 1.5})).json()
+    assert rest["targets"] != default["targets"], "equal differs from capacity_weighted here"
+
+    response = await post_form(http, "/console/dispatch/preview", body)
+    assert response.status_code == 200, response.text
+    assert preview_rows(response.text) == [(t["asset_id"], t["mw"]) for t in rest["targets"]]
+    assert 'name="policy" value="equal"' in response.text, "the confirm form keeps it"
+
+    refused = await post_form(http, "/console/dispatch/preview", {**body, "policy": "nope"})
+    assert refused.status_code == 400
+    assert "unknown split policy 'nope'" in html.unescape(refused.text)

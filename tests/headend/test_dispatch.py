@@ -60,6 +60,7 @@ async def test_per_asset_dispatch_sends_a_setpoint_for_the_asset_and_returns_202
             "applied_mw": None,
             "reason": None,
             "command_id": record["dispatch_id"],
+            "steps": None,  # not a schedule
         }
     ]
     setpoint = await agent.recv_kind("setpoint")

@@ -33,6 +33,11 @@ LEGAL: dict[tuple[DispatchState, LifecycleEvent], DispatchState] = {
     ("submitted", "supersede"): "superseded",
     ("submitted", "undeliverable"): "failed",
     ("sent", "undeliverable"): "failed",
+    # schedules: the agent holds it, runs a step, ends it; the headend cancels one unsent
+    **{(s, "scheduled"): "scheduled" for s in ("submitted", "sent", "acked")},  # type: ignore[misc]
+    **{(s, "active"): "active" for s in ("submitted", "sent", "acked", "scheduled")},  # type: ignore[misc]
+    **{(s, o): o for s in ("scheduled", "active") for o in lifecycle.OUTCOMES},  # type: ignore[misc]
+    ("submitted", "cancel"): "cancelled",
 }
 """Every move the lifecycle makes; every other (state, event) pair is ignored."""
 
@@ -48,7 +53,15 @@ def test_each_state_moves_on_its_legal_events_and_ignores_the_rest(
 def test_moves_only_go_forward_and_final_states_never_move() -> None:
     for (state, _), to in LEGAL.items():
         assert DISPATCH_STATE_RANK[to] >= DISPATCH_STATE_RANK[state]
-    for state in ("applied", "rejected", "failed", "superseded", "expired"):
+    for state in (
+        "applied",
+        "rejected",
+        "failed",
+        "superseded",
+        "expired",
+        "completed",
+        "cancelled",
+    ):
         assert all(next_state(state, e) is None for e in EVENTS), state  # type: ignore[arg-type]
 
 

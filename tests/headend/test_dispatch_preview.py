@@ -62,6 +62,10 @@ async def test_site_preview_shows_limits_policy_and_what_cannot_be_placed(
         "min_mw": -2.0,
         "max_mw": 2.0,
         "reason": "at its limit max_mw 2",
+        "kind": "setpoint",
+        "available_min_mw": -2.0,
+        "available_max_mw": 2.0,
+        "basis": "no telemetry: static limits",
     }
     assert by_asset[BESS_3]["reason"] == "at its limit max_mw 0.5"
 
@@ -78,6 +82,10 @@ async def test_asset_preview_says_why_a_value_was_clamped(http: httpx.AsyncClien
             "min_mw": -1.0,
             "max_mw": 1.0,
             "reason": "clamped to [-1, 1]",
+            "kind": "setpoint",
+            "available_min_mw": -1.0,
+            "available_max_mw": 1.0,
+            "basis": "no telemetry: static limits",
         }
     ]
 

@@ -30,6 +30,9 @@ async def test_sites_list_their_asset_ids(http: httpx.AsyncClient) -> None:
         "site_id": SITE_B,
         "name": "South Field",
         "location": None,
+        "latitude": None,
+        "longitude": None,
+        "split_policy": None,
         "asset_ids": [PV_1],
     }
 

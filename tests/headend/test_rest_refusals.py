@@ -154,7 +154,7 @@ async def test_a_time_whose_utc_is_out_of_range_is_a_400_naming_it(
 # --------------------------------------------------------------------------- OpenAPI
 
 ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
-    ("get", "/assets"): {401, 403},
+    ("get", "/assets"): {400, 401, 403},
     ("get", "/assets/{asset_id}"): {400, 401, 403, 404},
     ("get", "/sites"): {401, 403},
     ("get", "/agents"): {401, 403, 503},
@@ -164,8 +164,10 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("post", "/dispatch/preview"): {400, 401, 403, 404, 413, 415, 503},
     ("get", "/dispatch/history"): {400, 401, 403, 503},
     ("get", "/dispatch/{dispatch_id}"): {400, 401, 403, 404, 503},
+    ("post", "/dispatch/{dispatch_id}/cancel"): {400, 401, 403, 404, 409, 503},
     ("get", "/heartbeat/{asset_id}"): {400, 401, 403, 404, 503},
     ("get", "/heartbeat/{asset_id}/history"): {400, 401, 403, 404, 503},
+    ("get", "/events"): {400, 401, 403, 503},
     ("get", "/plugins"): {401, 403},
     ("get", "/healthz"): {503},
     ("get", "/metrics"): {401, 403},
@@ -270,8 +272,12 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         schema: dict[str, Any] = found[0]["schema"]
         return schema
 
-    for path in ("/telemetry/{asset_id}/history", "/heartbeat/{asset_id}/history"):
-        for name in ("start", "end"):
+    for path, names in (
+        ("/telemetry/{asset_id}/history", ("start", "end")),
+        ("/heartbeat/{asset_id}/history", ("start", "end")),
+        ("/events", ("since", "until")),
+    ):
+        for name in names:
             schema = parameter("get", path, name)
             assert (schema["type"], schema["format"]) == ("string", "date-time")
     for path in (
@@ -279,6 +285,7 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         "/heartbeat/{asset_id}/history",
         "/dispatch/history",
         "/audit",
+        "/events",
         "/alarms",
     ):
         schema = parameter("get", path, "limit")
@@ -296,6 +303,10 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         "failed",
         "superseded",
         "expired",
+        "scheduled",
+        "active",
+        "completed",
+        "cancelled",
         "pending",
     }
 

@@ -106,16 +106,18 @@ class Telemetry(_message.Message):
     def __init__(self, asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., mw: _Optional[float] = ..., mw_setpoint: _Optional[float] = ..., online: _Optional[bool] = ..., status: _Optional[str] = ..., fault_code: _Optional[str] = ..., seq: _Optional[int] = ..., quality: _Optional[str] = ..., quality_reason: _Optional[str] = ..., details_json: _Optional[bytes] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("agent_id", "ts_us", "uptime_s", "buffer")
+    __slots__ = ("agent_id", "ts_us", "uptime_s", "buffer", "clock_offset_s")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TS_US_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     BUFFER_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_OFFSET_S_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     ts_us: int
     uptime_s: float
     buffer: BufferStats
-    def __init__(self, agent_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., uptime_s: _Optional[float] = ..., buffer: _Optional[_Union[BufferStats, _Mapping]] = ...) -> None: ...
+    clock_offset_s: float
+    def __init__(self, agent_id: _Optional[str] = ..., ts_us: _Optional[int] = ..., uptime_s: _Optional[float] = ..., buffer: _Optional[_Union[BufferStats, _Mapping]] = ..., clock_offset_s: _Optional[float] = ...) -> None: ...
 
 class BufferStats(_message.Message):
     __slots__ = ("batches", "samples", "bytes", "oldest_age_s", "dropped_samples", "dropped_batches", "replay_batches")
@@ -136,20 +138,24 @@ class BufferStats(_message.Message):
     def __init__(self, batches: _Optional[int] = ..., samples: _Optional[int] = ..., bytes: _Optional[int] = ..., oldest_age_s: _Optional[float] = ..., dropped_samples: _Optional[int] = ..., dropped_batches: _Optional[int] = ..., replay_batches: _Optional[int] = ...) -> None: ...
 
 class SetpointAck(_message.Message):
-    __slots__ = ("command_id", "status", "applied_mw", "reason", "allocations", "ts_us")
+    __slots__ = ("command_id", "status", "applied_mw", "reason", "allocations", "ts_us", "step", "superseded_by")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_MW_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     TS_US_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     status: str
     applied_mw: float
     reason: str
     allocations: _containers.RepeatedCompositeFieldContainer[Allocation]
     ts_us: int
-    def __init__(self, command_id: _Optional[str] = ..., status: _Optional[str] = ..., applied_mw: _Optional[float] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., ts_us: _Optional[int] = ...) -> None: ...
+    step: int
+    superseded_by: str
+    def __init__(self, command_id: _Optional[str] = ..., status: _Optional[str] = ..., applied_mw: _Optional[float] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., ts_us: _Optional[int] = ..., step: _Optional[int] = ..., superseded_by: _Optional[str] = ...) -> None: ...
 
 class AgentEvent(_message.Message):
     __slots__ = ("event_id", "ts_us", "kind", "message", "asset_id", "data_json")
@@ -206,20 +212,22 @@ class LocalDispatch(_message.Message):
     def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., ts_us: _Optional[int] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., allocations: _Optional[_Iterable[_Union[Allocation, _Mapping]]] = ..., unallocated_mw: _Optional[float] = ..., policy: _Optional[str] = ...) -> None: ...
 
 class HeadendMessage(_message.Message):
-    __slots__ = ("register_ack", "setpoint", "telemetry_ack", "local_dispatch_ack", "outcome_ack", "event_ack")
+    __slots__ = ("register_ack", "setpoint", "telemetry_ack", "local_dispatch_ack", "outcome_ack", "event_ack", "sent_at_us")
     REGISTER_ACK_FIELD_NUMBER: _ClassVar[int]
     SETPOINT_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_ACK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_DISPATCH_ACK_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_ACK_FIELD_NUMBER: _ClassVar[int]
     EVENT_ACK_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     register_ack: RegisterAck
     setpoint: Setpoint
     telemetry_ack: TelemetryAck
     local_dispatch_ack: LocalDispatchAck
     outcome_ack: SetpointOutcomeAck
     event_ack: EventAck
-    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ..., outcome_ack: _Optional[_Union[SetpointOutcomeAck, _Mapping]] = ..., event_ack: _Optional[_Union[EventAck, _Mapping]] = ...) -> None: ...
+    sent_at_us: int
+    def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ..., outcome_ack: _Optional[_Union[SetpointOutcomeAck, _Mapping]] = ..., event_ack: _Optional[_Union[EventAck, _Mapping]] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
     __slots__ = ("accepted", "accepted_asset_ids", "refused", "message")
@@ -242,7 +250,7 @@ class Refusal(_message.Message):
     def __init__(self, asset_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Setpoint(_message.Message):
-    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s", "expires_in_ms", "expires_at_us")
+    __slots__ = ("command_id", "asset_id", "site_id", "mw", "duration_s", "expires_in_ms", "expires_at_us", "start_at_us", "steps", "cancels")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     ASSET_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +258,9 @@ class Setpoint(_message.Message):
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_US_FIELD_NUMBER: _ClassVar[int]
+    START_AT_US_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CANCELS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     asset_id: str
     site_id: str
@@ -257,7 +268,18 @@ class Setpoint(_message.Message):
     duration_s: float
     expires_in_ms: int
     expires_at_us: int
-    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., expires_in_ms: _Optional[int] = ..., expires_at_us: _Optional[int] = ...) -> None: ...
+    start_at_us: int
+    steps: _containers.RepeatedCompositeFieldContainer[ScheduleStep]
+    cancels: str
+    def __init__(self, command_id: _Optional[str] = ..., asset_id: _Optional[str] = ..., site_id: _Optional[str] = ..., mw: _Optional[float] = ..., duration_s: _Optional[float] = ..., expires_in_ms: _Optional[int] = ..., expires_at_us: _Optional[int] = ..., start_at_us: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[ScheduleStep, _Mapping]]] = ..., cancels: _Optional[str] = ...) -> None: ...
+
+class ScheduleStep(_message.Message):
+    __slots__ = ("offset_s", "mw")
+    OFFSET_S_FIELD_NUMBER: _ClassVar[int]
+    MW_FIELD_NUMBER: _ClassVar[int]
+    offset_s: float
+    mw: float
+    def __init__(self, offset_s: _Optional[float] = ..., mw: _Optional[float] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
     __slots__ = ("seq", "stored_through")
@@ -268,10 +290,12 @@ class TelemetryAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., stored_through: _Optional[int] = ...) -> None: ...
 
 class SetpointOutcomeAck(_message.Message):
-    __slots__ = ("command_id",)
+    __slots__ = ("command_id", "step")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     command_id: str
-    def __init__(self, command_id: _Optional[str] = ...) -> None: ...
+    step: int
+    def __init__(self, command_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class EventAck(_message.Message):
     __slots__ = ("event_id",)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,49 @@ async def test_last_command_wins_so_a_later_headend_dispatch_supersedes_a_local_
         assert rows[0]["mw"] == 0.7
     finally:
         await scada.disconnect()
+
+
+async def test_a_schedule_the_agent_runs_shows_step_by_step_in_the_site_allocations(
+    gateway: Gateway, pki: Pki
+) -> None:
+    fleet = gateway.fleet
+    start = datetime.now(UTC) + timedelta(seconds=1)
+    response = await fleet.http.post(
+        "/dispatch",
+        json={
+            "asset_id": B2,
+            "start_at": start.isoformat(),
+            "steps": [{"offset_s": 0, "mw": 0.6}, {"offset_s": 2, "mw": -0.9}],
+            "duration_s": 4,
+        },
+    )
+    assert response.status_code == 202, response.text
+    dispatch_id = response.json()["dispatch_id"]
+    scada = await secure_client(gateway.server.endpoint_url, pki, user=USER)
+    await scada.connect()
+    try:
+        allocation = gateway.node(scada, f"Site/Allocations/{B2}/MW")
+        seen: list[float] = []
+
+        async def shows(mw: float) -> bool:
+            raw = await allocation.read_value()
+            if raw is None:  # no sample of B2 yet
+                return False
+            value = float(raw)
+            if not seen or seen[-1] != value:
+                seen.append(value)
+            return value == pytest.approx(mw)
+
+        for mw in (0.6, -0.9, 0.0):  # each step, then the default at the end
+            await eventually(lambda mw=mw: shows(mw), what=f"Site/Allocations {mw} MW")
+    finally:
+        await scada.disconnect()
+
+    async def completed() -> bool:
+        return bool((await fleet.get(f"/dispatch/{dispatch_id}"))["state"] == "completed")
+
+    await eventually(completed, what="the schedule completed at the headend")
+    assert [v for v in seen if v in (0.6, -0.9)] == [0.6, -0.9], seen
 
 
 async def test_local_commands_made_while_the_headend_is_away_are_recorded_on_reconnect(

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
@@ -754,17 +754,29 @@ class PostgresStorage(StorageBackend):
         self,
         *,
         asset_id: str | None = None,
+        site_id: str | None = None,
         kind: str | None = None,
+        exclude_kinds: Collection[str] = (),
+        start: datetime | None = None,
+        end: datetime | None = None,
         limit: int = 100,
     ) -> list[Event]:
         conditions: list[str] = []
         params: list[Any] = []
-        if asset_id is not None:
-            params.append(asset_id)
-            conditions.append(f"asset_id = ${len(params)}")
-        if kind is not None:
-            params.append(kind)
-            conditions.append(f"kind = ${len(params)}")
+        for column, value in (("asset_id", asset_id), ("site_id", site_id), ("kind", kind)):
+            if value is not None:
+                params.append(value)
+                conditions.append(f"{column} = ${len(params)}")
+        excluded = sorted(set(exclude_kinds))
+        if excluded:
+            params.append(excluded)
+            conditions.append(f"kind <> ALL(${len(params)}::text[])")
+        if start is not None:
+            params.append(_check_aware(start))
+            conditions.append(f"ts >= ${len(params)}")
+        if end is not None:
+            params.append(_check_aware(end))
+            conditions.append(f"ts < ${len(params)}")
         where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         params.append(max(limit, 0))
         rows = await self.pool.fetch(
