@@ -383,9 +383,7 @@ async def test_sqlite_dispatch_session_and_event_writes_run_before_queued_teleme
         event = DispatchEvent(dispatch_id="d1", state="submitted", ts=at(0))
         tasks.append(track("dispatch", storage.record_dispatch(dispatch("d1", 0), event)))
         tasks.append(track("session", storage.open_session(session("s1", ASSET_A, 0))))
-        tasks.append(
-            track("event", storage.append_event(Event(ts=at(0), kind="k", message="m")))
-        )
+        tasks.append(track("event", storage.append_event(Event(ts=at(0), kind="k", message="m"))))
         await asyncio.sleep(0.05)
         assert done == [], "all of them wait for the write in progress"
         gate.set()
