@@ -413,7 +413,11 @@ class _Checkpointer:
         self._due.set()
 
     def _serve(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:  # the writer checkpoints by itself then
+            log.warning("SQLite database %s: no checkpoint connection: %s", self.path, exc)
+            return
         try:
             while True:
                 self._due.wait()
