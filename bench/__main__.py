@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, str] = {
     "cluster-failover": "bench.cluster:run_failover",
     "console-fleet": "bench.console:run_fleet",
     "console-sse": "bench.console:run_sse",
+    "modbus-poll": "bench.modbus_poll:run",
 }
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
 import signal
 import sys
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+if __package__ in (None, ""):  # run as a script: the repository's bench package is shared
+    sys.path.insert(0, str(RESULTS.parent.parent))
 SUNSPEC_BESS = ("sunspec-1", "sunspec-701", "sunspec-704", "sunspec-802")
 SITE = "5e5e5e5e-0000-4000-8000-000000000000"
 
@@ -158,20 +159,13 @@ async def measure(ports: Sequence[int], warmup_s: float, window_s: float) -> dic
         requests = sum(a.requests for a in adapters) - requests0
     finally:
         await agent.stop()
-    devices = len(ports)
+    from bench.modbus_poll import window_figures
+
     return {
-        "devices": devices,
-        "wall_s": round(wall, 3),
-        "cpu_s": round(cpu, 3),
-        "cpu_pct_of_one_core": round(100 * cpu / wall, 1),
-        "polls": polls,
-        "failed_polls": failed,
-        "poll_hz_per_device": round(polls / devices / wall, 3),
+        **window_figures(len(ports), wall, cpu, polls, failed),
         "requests_per_poll": round(requests / polls, 2) if polls else None,
-        "cpu_ms_per_poll": round(1000 * cpu / polls, 3) if polls else None,
         "good_sample_pct": round(100 * good / samples, 1) if samples else None,
         "sampler_late_ms_max": round(1000 * max(lateness, default=0.0), 1),
-        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 

@@ -56,23 +56,43 @@ def _add_headend_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from der_sdk_headend.demo import run_demo
+    from der_sdk_headend.demo import resolve_example, run_demo
 
-    if not Path(ns.assets).is_file():
-        raise DerSdkError(
-            f"demo inventory {ns.assets} not found; run from the repository root "
-            "or pass --assets FILE"
-        )
+    resolve_example(ns)
+    for what, path in (("inventory", ns.assets), ("agent config", ns.config)):
+        if path is not None and not Path(path).is_file():
+            raise DerSdkError(
+                f"demo {what} {path} not found; run from the repository root "
+                "or pass --assets FILE (and --config FILE)"
+            )
     run_async(run_demo(ns))
     return 0
 
 
 def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--assets", default="examples/assets.yaml", help="inventory YAML")
+    from der_sdk_headend.demo import DEFAULT_EXAMPLE, EXAMPLES
+
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--example",
+        choices=sorted(EXAMPLES),
+        default=None,
+        help="which example fleet to run: "
+        + "; ".join(f"{name}: {example.about}" for name, example in sorted(EXAMPLES.items()))
+        + f" (default {DEFAULT_EXAMPLE})",
+    )
+    which.add_argument(
+        "--assets",
+        default=None,
+        help="run this inventory YAML instead of an example (its agents use --config, "
+        "else sim-bess for every asset)",
+    )
     p.add_argument("--data-dir", default="der-data", help="where the SQLite file lives")
     p.add_argument("--http-addr", default=None, help="REST bind (default 127.0.0.1:3001)")
     p.add_argument("--grpc-addr", default=None, help="gRPC bind (default 127.0.0.1:50051)")
-    p.add_argument("--config", help="agent config YAML for the demo agents")
+    p.add_argument(
+        "--config", help="agent config YAML for the demo agents (default: the example's)"
+    )
     p.add_argument("--reset-db", action="store_true", help="start from empty storage")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.add_argument(
@@ -106,7 +126,9 @@ def der_commands() -> list[CommandType]:
             name="demo",
             help="headend on SQLite plus simulated gateway agents",
             description="Run the headend on the embedded SQLite default with a "
-            "gateway agent of simulated batteries per site, and print what to try.",
+            "gateway agent of simulated assets per site, and print what to try. The default "
+            "example is a mixed fleet (PV + battery, wind, EV chargers); --example batteries "
+            "runs five batteries on two sites.",
             add_arguments=_add_demo_arguments,
             run=cmd_demo,
         ),

@@ -1,5 +1,9 @@
 """``der demo``: the headend on the embedded SQLite default, with one gateway agent of
-simulated batteries per site of the inventory, in one process.
+simulated assets per site of the inventory, in one process.
+
+It runs an example of ``examples/`` (:data:`EXAMPLES`): by default the mixed fleet (a PV
+plant beside a battery, two wind turbines, an EV depot), or with ``--example batteries``
+five batteries on two sites; ``--assets`` (and ``--config``) run an inventory of your own.
 
 ``der demo --tls`` runs the same with the security of a real deployment: a development
 CA, a headend certificate for 127.0.0.1/localhost, one client certificate per site's
@@ -24,6 +28,51 @@ if TYPE_CHECKING:
 log = logging.getLogger("der.demo")
 
 
+@dataclass(frozen=True)
+class DemoExample:
+    """An example fleet of ``examples/``: its inventory and its agents' config (paths
+    relative to the repository root, where ``der demo`` runs)."""
+
+    assets: str
+    config: str
+    about: str
+
+
+EXAMPLES: dict[str, DemoExample] = {
+    "mixed": DemoExample(
+        assets="examples/mixed/assets.yaml",
+        config="examples/mixed/agent.yaml",
+        about="a PV plant with a battery, two wind turbines and an EV depot on three sites",
+    ),
+    "batteries": DemoExample(
+        assets="examples/assets.yaml",
+        config="examples/agent.yaml",
+        about="five batteries on two sites",
+    ),
+}
+DEFAULT_EXAMPLE = "mixed"
+
+
+def resolve_example(ns: argparse.Namespace) -> None:
+    """Fill ``ns.assets`` and ``ns.config`` from ``ns.example`` (default
+    :data:`DEFAULT_EXAMPLE`) unless ``--assets`` names an inventory of its own; an explicit
+    ``--config`` always wins."""
+    if getattr(ns, "assets", None):
+        ns.config = getattr(ns, "config", None)
+        return
+    example = EXAMPLES[getattr(ns, "example", None) or DEFAULT_EXAMPLE]
+    ns.assets = example.assets
+    ns.config = getattr(ns, "config", None) or example.config
+
+
+def _showcase(inventory: Inventory) -> tuple[str, str]:
+    """The site and asset the banner's examples use: the first site with a
+    ``split_policy`` (else the first site) and its first asset."""
+    sites = list(inventory.sites.values())
+    site = next((s for s in sites if s.split_policy), sites[0])
+    return site.site_id, inventory.assets_for_site(site.site_id)[0].asset_id
+
+
 def _banner(http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: str) -> str:
     return f"""
 der-sdk demo is running (Ctrl-C to stop)
@@ -36,12 +85,16 @@ der-sdk demo is running (Ctrl-C to stop)
 
 Try:
   curl {http_url}/agents
+  curl {http_url}/assets          # each asset's control: kind and range it can take now
   curl {http_url}/telemetry/{asset_id}
   curl -X POST {http_url}/dispatch -H 'content-type: application/json' \\
        -d '{{"asset_id": "{asset_id}", "mw": 0.5}}'
+  curl -X POST {http_url}/dispatch/preview -H 'content-type: application/json' \\
+       -d '{{"site_id": "{site_id}", "mw": 3.0, "duration_s": 600, "policy": "headroom"}}'
   curl -X POST {http_url}/dispatch -H 'content-type: application/json' \\
-       -d '{{"site_id": "{site_id}", "mw": -2.0, "duration_s": 600}}'
+       -d '{{"site_id": "{site_id}", "mw": 3.0, "duration_s": 600, "policy": "headroom"}}'
   curl '{http_url}/dispatch/history?limit=5'
+  curl '{http_url}/events?limit=5'   # device conditions: trips, faults, over-speed stops
   curl '{http_url}/telemetry/{asset_id}/history?limit=3'
 """
 
@@ -179,6 +232,7 @@ async def run_demo(ns: argparse.Namespace) -> None:
     from der_sdk_headend.config import HeadendConfig
     from der_sdk_headend.service import Headend
 
+    resolve_example(ns)
     assets_path = Path(ns.assets)
     plugins = load_plugins()
     inventory = load_inventory(str(assets_path), asset_types=plugins.asset_types.names())
@@ -220,16 +274,11 @@ async def run_demo(ns: argparse.Namespace) -> None:
                 config=load_agent_config(ns.config),
                 plugins=plugins,
             )
-        site = next(iter(inventory.sites.values()))
-        first_asset = inventory.assets_for_site(site.site_id)[0]
+        site_id, asset_id = _showcase(inventory)
         if tls is not None:
-            banner = _tls_banner(
-                headend.http_url, grpc_addr, db_url, site.site_id, first_asset.asset_id, tls
-            )
+            banner = _tls_banner(headend.http_url, grpc_addr, db_url, site_id, asset_id, tls)
         else:
-            banner = _banner(
-                headend.http_url, grpc_addr, db_url, site.site_id, first_asset.asset_id
-            )
+            banner = _banner(headend.http_url, grpc_addr, db_url, site_id, asset_id)
         print(banner, flush=True)
         await wait_for_stop_signal(ns.duration)
     finally:

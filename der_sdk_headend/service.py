@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -749,14 +750,18 @@ def _tune_gc() -> None:
 async def run_headend(config: HeadendConfig) -> None:
     """Run a headend until SIGINT or SIGTERM (the ``der headend`` command). SIGUSR2 runs
     a full garbage collection at once, timed like any other (``der_gc_pause_*``): how
-    long one stalls this headend now.
+    long one stalls this headend now. Unless ``GC_FREEZE=off``, what survives the young
+    collections is frozen (:class:`gc_pauses.GcFreezer`), so full ones stay short.
 
     The signals are handled from the first moment: a stop asked for while the headend
     is still starting (waiting for its storage, say) ends the start cleanly.
     """
+    freeze = gc_pauses.freeze_setting(os.environ)
+    compact_growth = gc_pauses.compact_growth_setting(os.environ)
     headend = Headend(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    freezer: gc_pauses.GcFreezer | None = None
     handled: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -779,6 +784,9 @@ async def run_headend(config: HeadendConfig) -> None:
         starting.result()
         _tune_gc()
         gc_pauses.install()
+        if freeze:
+            freezer = gc_pauses.GcFreezer(loop, growth=compact_growth)
+            freezer.start()
         with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
             loop.add_signal_handler(signal.SIGUSR2, gc_pauses.full_collection)
             handled.append(signal.SIGUSR2)
@@ -800,4 +808,6 @@ async def run_headend(config: HeadendConfig) -> None:
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+        if freezer is not None:
+            freezer.stop()
         await headend.stop()

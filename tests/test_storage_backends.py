@@ -349,6 +349,100 @@ async def test_sqlite_urgent_jobs_go_ahead_of_queued_telemetry_writes_but_cannot
     assert order == ["bulk-0", *burst, "bulk-1", *rest, "bulk-2"]
 
 
+async def test_sqlite_dispatch_session_and_event_writes_run_before_queued_telemetry_writes(
+    tmp_path: Path,
+) -> None:
+    """What the headend queues behind N telemetry writes (a dispatch's record, an agent's
+    session, an event) is stored before all of them; the telemetry writes keep their order
+    and are all stored."""
+    import threading
+
+    from der_sdk.models import DispatchEvent
+
+    storage = SQLiteStorage(tmp_path / "priority.db")
+    await storage.open()
+    worker = storage._worker
+    assert worker is not None
+    gate = threading.Event()
+    done: list[str] = []
+
+    def track(name: str, awaitable: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(awaitable)
+        task.add_done_callback(lambda _: done.append(name))
+        return task
+
+    writes = 6
+    try:
+        # The thread is inside a telemetry write (a bulk job) while the rest queue up.
+        running = track("running", worker.run(lambda _: gate.wait(10), bulk=True))
+        await asyncio.sleep(0.05)
+        tasks = [
+            track(f"telemetry-{n}", storage.append_telemetry([sample(ASSET_A, n)]))
+            for n in range(writes)
+        ]
+        event = DispatchEvent(dispatch_id="d1", state="submitted", ts=at(0))
+        tasks.append(track("dispatch", storage.record_dispatch(dispatch("d1", 0), event)))
+        tasks.append(track("session", storage.open_session(session("s1", ASSET_A, 0))))
+        tasks.append(track("event", storage.append_event(Event(ts=at(0), kind="k", message="m"))))
+        await asyncio.sleep(0.05)
+        assert done == [], "all of them wait for the write in progress"
+        gate.set()
+        await asyncio.gather(running, *tasks)
+        assert len(await storage.telemetry_history(ASSET_A, limit=100)) == writes
+        assert await storage.get_dispatch("d1") is not None
+    finally:
+        gate.set()
+        await storage.close()
+    assert done == [
+        "running",
+        "dispatch",
+        "session",
+        "event",
+        *(f"telemetry-{n}" for n in range(writes)),
+    ]
+
+
+async def test_sqlite_the_log_is_copied_into_the_database_by_its_own_thread(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints run on a second connection, not inside the storage thread's commits
+    (where a dispatch record would wait for them): the storage connection checkpoints only
+    far behind, and after a write the checkpointer copies every frame of the log."""
+    from der_sdk.storage.sqlite import WAL_CHECKPOINT_PAGES
+
+    storage = SQLiteStorage(tmp_path / "checkpoint.db")
+    await storage.open()
+    try:
+        checkpointer = storage._checkpointer
+        assert checkpointer is not None
+        autocheckpoint = await storage._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        )
+        assert autocheckpoint == WAL_CHECKPOINT_PAGES
+        await storage.append_telemetry([sample(ASSET_A, n) for n in range(500)])
+        for _ in range(500):
+            if checkpointer.checkpoints:
+                break
+            await asyncio.sleep(0.01)
+        assert checkpointer.checkpoints >= 1
+        with contextlib.closing(sqlite3.connect(tmp_path / "checkpoint.db")) as conn:
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert busy == 0 and frames > 0 and copied == frames
+    finally:
+        await storage.close()
+    assert storage._checkpointer is None
+
+
+async def test_sqlite_in_memory_has_no_checkpointer() -> None:
+    storage = SQLiteStorage(":memory:")
+    await storage.open()
+    try:
+        assert storage._checkpointer is None
+        assert await storage.append_telemetry([sample(ASSET_A, 0)]) == 1
+    finally:
+        await storage.close()
+
+
 async def test_sqlite_a_job_cancelled_while_it_waits_never_runs(tmp_path: Path) -> None:
     import asyncio
     import threading

@@ -150,6 +150,9 @@ class TelemetryQueue(Store):
         self.dropped_batches = 0
         self._listeners: list[Callable[[], None]] = []
         self._append_lock = asyncio.Lock()
+        # the batch appended last, which the link reads at once to send it: served from
+        # memory rather than read back from the file
+        self._fresh: tuple[int, bytes] | None = None
 
         self._pending_acks: set[int] = set()
         self._pending_through = 0
@@ -274,6 +277,7 @@ class TelemetryQueue(Store):
             self._next_seq = seq + 1
             self._forget_dropped(dropped)
             self._index[seq] = _Held(now, count, len(payload))
+            self._fresh = (seq, payload)
             self._samples += count
             self._bytes += len(payload)
             self.outbox.events.added(event_n)
@@ -285,6 +289,9 @@ class TelemetryQueue(Store):
         """The stored payload of batch ``seq`` (``None`` when it is no longer held)."""
         if seq not in self._index:
             return None
+        fresh = self._fresh
+        if fresh is not None and fresh[0] == seq:
+            return fresh[1]
         await self.file.ready()
 
         def read(conn: sqlite3.Connection) -> bytes | None:
@@ -332,6 +339,8 @@ class TelemetryQueue(Store):
 
     def _forget(self, seq: int) -> None:
         held = self._index.pop(seq)
+        if self._fresh is not None and self._fresh[0] == seq:
+            self._fresh = None
         self._samples -= held.samples
         self._bytes -= held.bytes
 
@@ -440,6 +449,8 @@ class TelemetryQueue(Store):
 
     def _forget_dropped(self, dropped: Sequence[tuple[int, _Held]]) -> None:
         for seq, held in dropped:
+            if self._fresh is not None and self._fresh[0] == seq:
+                self._fresh = None
             if self._index.pop(seq, None) is not None:
                 self._samples -= held.samples
                 self._bytes -= held.bytes
@@ -542,6 +553,7 @@ class TelemetryQueue(Store):
         dropped: list[SeqRange],
     ) -> None:
         self.stream_id = str(meta["stream_id"])
+        self._fresh = None
         self._next_seq = next_seq
         self.dropped_samples = int(str(meta["dropped_samples"]))
         self.dropped_batches = int(str(meta["dropped_batches"]))

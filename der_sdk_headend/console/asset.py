@@ -19,6 +19,7 @@ from der_sdk.errors import UnknownNameError
 from der_sdk.models import utc_now
 from der_sdk_headend.console import EXCEPTION_HANDLERS, render
 from der_sdk_headend.console.auth import page
+from der_sdk_headend.console.pages import control_view, key_figures
 from der_sdk_headend.console.trend import (
     DEFAULT_POINTS,
     RANGES,
@@ -98,6 +99,9 @@ async def asset_trend(
 
 
 RECENT_SESSIONS = 10
+LATEST_CARDS = 4
+"""Detail cards in the Asset page's latest figures: the type's key figures, then its
+other numeric details."""
 RECENT_DISPATCHES = 20
 
 
@@ -143,8 +147,9 @@ async def asset_page(
     asset_id: FromPath[str],
     range: FromQuery[str | None] = None,
 ) -> Template:
-    """An asset: live figures, trends over a chosen range, its agent and sessions, its
-    recent dispatches."""
+    """An asset: live figures (its type's key figures first), its control kind and the
+    range it can take now, trends over a chosen range, its agent and sessions, its recent
+    dispatches."""
     asset = _asset(headend, asset_id)
     chosen = range if range in RANGES else "1h"
     sessions, dispatches = await asyncio.gather(
@@ -153,6 +158,10 @@ async def asset_page(
     )
     details = detail_series(headend, asset)
     site = headend.inventory.sites.get(asset.site_id)
+    latest = headend.ingest.latest(asset_id)
+    figures = key_figures(asset.asset_type, latest)
+    shown = {f.figure.field for f in figures}
+    others = [name for name in details if name not in shown]
     return render(
         request,
         headend,
@@ -161,7 +170,10 @@ async def asset_page(
             "title": asset.name,
             "asset": asset,
             "site": site,
-            "latest": headend.ingest.latest(asset_id),
+            "latest": latest,
+            "figures": figures,
+            "other_details": others[: max(0, LATEST_CARDS - len(figures))],
+            "control": control_view(headend, asset),
             "agent": agent_of(headend, asset_id),
             "sessions": sessions,
             "dispatches": dispatches,

@@ -39,6 +39,7 @@ from der_sdk.errors import UnknownNameError
 from der_sdk.models import Asset, Dispatch, DispatchRequest, TelemetrySample, utc_now
 from der_sdk_headend.console import render
 from der_sdk_headend.console.auth import page
+from der_sdk_headend.console.pages import ControlView, FigureValue, control_view, key_figures
 from der_sdk_headend.console.schedules import (
     SCHEDULE_FIELDS,
     ScheduleFormError,
@@ -244,8 +245,8 @@ def _request_of(form: Any) -> DispatchRequest:
         "duration_s": _number(form, "duration_s"),
         "ttl_s": _number(form, "ttl_s"),
         "expires_at": _expiry(form),
-        # a site's split policy; the form has no control for it yet (the site's
-        # split_policy, else the headend's, applies), but a posted one is honoured
+        # a site's split policy: the Site page's selector (default: the site's
+        # split_policy, else the headend's); none posted leaves that default
         "policy": _field(form, "policy") or None,
         **schedule,
     }
@@ -390,28 +391,27 @@ class _AssetRow:
     connected: bool
     last_seen: datetime | None
     sample: TelemetrySample | None
-
-    @property
-    def key_figure(self) -> str:
-        """The type's key figure: state of charge for storage, else the status."""
-        if self.sample is None:
-            return ""
-        soc = self.sample.details.get("soc_pct")
-        if isinstance(soc, int | float):
-            return f"SoC {soc:.0f} %"
-        return self.sample.status or ""
+    figures: list[FigureValue]
+    """The type's key figures (:data:`~der_sdk_headend.console.pages.KEY_FIGURES`)."""
+    control: ControlView
+    """Its control kind and the range it can take now."""
 
 
 def _rows(headend: Headend, assets: list[Asset]) -> list[_AssetRow]:
-    return [
-        _AssetRow(
-            asset=asset,
-            connected=_connected(headend, asset.asset_id),
-            last_seen=headend.presence.last_seen(asset.asset_id),
-            sample=headend.ingest.latest(asset.asset_id),
+    rows = []
+    for asset in assets:
+        sample = headend.ingest.latest(asset.asset_id)
+        rows.append(
+            _AssetRow(
+                asset=asset,
+                connected=_connected(headend, asset.asset_id),
+                last_seen=headend.presence.last_seen(asset.asset_id),
+                sample=sample,
+                figures=key_figures(asset.asset_type, sample),
+                control=control_view(headend, asset),
+            )
         )
-        for asset in assets
-    ]
+    return rows
 
 
 async def _site_trend(headend: Headend, assets: list[Asset]) -> dict[str, list[float | None]]:
@@ -505,8 +505,12 @@ async def site_page(
             "connected": sum(_connected(headend, a.asset_id) for a in assets),
             "trend": trend,
             "trend_assets": min(len(assets), TREND_ASSETS),
-            # the policy the site's preview and dispatch use (no per-request choice here)
+            # the policy selector: every installed policy, the site's own chosen
+            "policies": headend.plugins.split_policies.names(),
             "policy": site.split_policy or headend.dispatcher.policy_name,
+            "policy_source": "the site's split_policy"
+            if site.split_policy
+            else "the headend's SPLIT_POLICY",
             "confirm_share": headend.config.console_confirm_share,
         },
     )
@@ -543,6 +547,10 @@ async def dispatch_page(
             "sent": sent,
             "confirm_share": headend.config.console_confirm_share,
             "policy": headend.dispatcher.policy_name,
+            "policies": headend.plugins.split_policies.names(),
+            "site_policies": {
+                s.site_id: s.split_policy or headend.dispatcher.policy_name for s in sites
+            },
         },
     )
 

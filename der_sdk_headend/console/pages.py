@@ -7,7 +7,8 @@ alone (``partials/*.html``), and the URL keeps the filter (``hx-push-url``).
 Live values (the page is right without them: the server renders the values of the
 moment): each asset row is ``tr[data-asset-id][data-site-id]``; its live cells carry
 ``data-asset-id`` and ``data-field`` (``mw``, ``mw_setpoint``, ``quality``,
-``details.<key figure>``), which live.js updates from the one SSE stream; console.js
+``details.<key figure>``, one per figure of :data:`KEY_FIGURES`), which live.js updates
+from the one SSE stream; console.js
 (``derConsole.fleet``) keeps each site row's aggregate (``td[data-field="site_mw"]``, from
 the rows and the site row's ``data-others``), the status badge and last seen in step. The
 table is re-read (one htmx request, not one per asset) after a ``resync`` and every 30 s
@@ -31,21 +32,27 @@ from der_sdk.models import Asset, BufferStats, TelemetrySample
 from der_sdk_headend.audit import AUDIT_KIND
 from der_sdk_headend.console import render
 from der_sdk_headend.console.auth import page
+from der_sdk_headend.rest.assets import control_state
 from der_sdk_headend.rest.audit import audit_record
 from der_sdk_headend.rest.params import MAX_LIMIT
 
 if TYPE_CHECKING:
+    from der_sdk_headend.rest.schemas import ControlState
     from der_sdk_headend.service import Headend
 
 __all__ = [
     "KEY_FIGURES",
+    "NO_VALUE",
     "PAGE_HANDLERS",
     "PAGE_SIZE",
     "AssetView",
+    "ControlView",
+    "FigureValue",
     "KeyFigure",
     "SiteView",
+    "control_view",
     "fleet_view",
-    "key_figure",
+    "key_figures",
 ]
 
 PAGE_SIZE = 200
@@ -55,34 +62,97 @@ STATUSES = ("all", "online", "offline")
 
 @dataclass(frozen=True)
 class KeyFigure:
-    """The one ``details`` field the fleet shows for an asset type."""
+    """A ``details`` field the console shows for an asset type, and how."""
 
     field: str
     label: str
     unit: str
+    digits: int = 1
 
 
-KEY_FIGURES: dict[str, KeyFigure] = {
-    "bess": KeyFigure("soc_pct", "SoC", "%"),
-    "pv": KeyFigure("irradiance_wm2", "Irradiance", "W/m²"),
-    "wind": KeyFigure("wind_speed_ms", "Wind", "m/s"),
-    "ev_charger": KeyFigure("active_sessions", "Sessions", ""),
+KEY_FIGURES: dict[str, tuple[KeyFigure, ...]] = {
+    "bess": (KeyFigure("soc_pct", "State of charge", "%"),),
+    "pv": (
+        KeyFigure("irradiance_wm2", "Irradiance", "W/m²", 0),
+        KeyFigure("curtailed_mw", "Curtailed", "MW curtailed", 2),
+    ),
+    "wind": (KeyFigure("wind_speed_ms", "Wind speed", "m/s"),),
+    "ev_charger": (KeyFigure("active_sessions", "Sessions", "sessions", 0),),
 }
-"""The fleet's key figure per asset type; other types show their first numeric detail."""
+"""The key figures per asset type, shown on the Fleet, Site and Asset pages; a type not
+listed shows its first numeric detail."""
 
 
-def key_figure(asset_type: str, sample: TelemetrySample | None) -> tuple[str, float | None]:
-    """The field and value of the key figure of ``sample`` (``None`` when it has none)."""
-    known = KEY_FIGURES.get(asset_type)
+NO_VALUE = "\u2013"
+"""What a figure without a value shows (an en dash, as live.js and the templates)."""
+
+
+@dataclass(frozen=True)
+class FigureValue:
+    """One key figure of one sample (``value`` ``None``: the sample does not carry it)."""
+
+    figure: KeyFigure
+    value: float | None
+
+    @property
+    def text(self) -> str:
+        """``"55.0 %"``, ``"0.40 MW curtailed"``; :data:`NO_VALUE` without a value (as
+        live.js formats them)."""
+        if self.value is None:
+            return NO_VALUE
+        number = f"{self.value:.{self.figure.digits}f}"
+        return f"{number} {self.figure.unit}" if self.figure.unit else number
+
+
+def key_figures(asset_type: str, sample: TelemetrySample | None) -> list[FigureValue]:
+    """The key figures of ``asset_type`` with their values in ``sample``. A type without
+    known figures gets its first numeric detail, none when the sample has none."""
     details = sample.details if sample is not None else {}
+    known = KEY_FIGURES.get(asset_type)
     if known is not None:
-        value = details.get(known.field)
-        return known.field, _number(value)
+        return [FigureValue(f, _number(details.get(f.field))) for f in known]
     for name, value in details.items():
         number = _number(value)
         if number is not None:
-            return name, number
-    return "", None
+            return [FigureValue(KeyFigure(name, name, ""), number)]
+    return []
+
+
+CONTROL_MEANING: dict[str, tuple[str, str]] = {
+    "setpoint": ("setpoint", "a dispatch sets the MW it runs at"),
+    "export_limit": ("export limit", "a dispatch caps its export; it makes what it can below"),
+    "import_limit": ("import limit", "a dispatch caps its draw; it draws what it needs below"),
+}
+"""Each control kind's name in words and what a dispatch's MW means for it."""
+
+
+@dataclass(frozen=True)
+class ControlView:
+    """An asset's control kind and the range it can take now (``GET /assets``'s
+    ``control``), with words for the page."""
+
+    state: ControlState
+
+    @property
+    def kind(self) -> str:
+        return self.state.kind
+
+    @property
+    def label(self) -> str:
+        return CONTROL_MEANING.get(self.state.kind, (self.state.kind, ""))[0]
+
+    @property
+    def meaning(self) -> str:
+        return CONTROL_MEANING.get(self.state.kind, ("", ""))[1]
+
+    @property
+    def range_text(self) -> str:
+        return f"{self.state.min_mw:.2f} to {self.state.max_mw:.2f} MW"
+
+
+def control_view(headend: Headend, asset: Asset) -> ControlView:
+    """``asset``'s control now, as ``GET /assets/{asset_id}`` shows it."""
+    return ControlView(control_state(headend, asset))
 
 
 def _number(value: Any) -> float | None:
@@ -100,8 +170,7 @@ class AssetView:
     connected: bool
     last_seen: datetime | None
     sample: TelemetrySample | None
-    key_field: str
-    key_value: float | None
+    figures: list[FigureValue]
     peer: str | None = None
     agent_id: str | None = None
     buffer: BufferStats | None = None
@@ -110,11 +179,6 @@ class AssetView:
     def offline(self) -> bool:
         """Not connected, or connected and reporting itself offline."""
         return not self.connected or (self.sample is not None and not self.sample.online)
-
-    @property
-    def key_unit(self) -> str:
-        known = KEY_FIGURES.get(self.asset.asset_type)
-        return known.unit if known else ""
 
 
 @dataclass
@@ -174,7 +238,6 @@ def _asset_views(headend: Headend) -> list[AssetView]:
         if stream is not None:
             peer, agent_id, buffer = stream.peer, stream.agent_id, stream.buffer
         sample = ingest.latest(asset.asset_id) if ingest is not None else None
-        key_field, key_value = key_figure(asset.asset_type, sample)
         views.append(
             AssetView(
                 asset=asset,
@@ -182,8 +245,7 @@ def _asset_views(headend: Headend) -> list[AssetView]:
                 connected=agent_id is not None,
                 last_seen=presence.last_seen(asset.asset_id) if presence is not None else None,
                 sample=sample,
-                key_field=key_field,
-                key_value=key_value,
+                figures=key_figures(asset.asset_type, sample),
                 peer=peer,
                 agent_id=agent_id,
                 buffer=buffer,
@@ -300,7 +362,7 @@ async def fleet(
     """Sites and assets with their latest values; ``q`` searches name, id, site, type,
     agent and peer; ``site``, ``status`` (all, online, offline) and ``type`` filter."""
     view = fleet_view(headend, q=q.strip(), site=site, status=status, kind=type, page_number=page)
-    context = {"title": "Fleet", "fleet": view, "key_figures": KEY_FIGURES, **_filters(headend)}
+    context = {"title": "Fleet", "fleet": view, **_filters(headend)}
     template = "partials/fleet_table.html" if _is_partial(request) else "fleet.html"
     return render(request, headend, template, context)
 

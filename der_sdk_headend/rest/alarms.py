@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 from litestar import Controller, Request, Response, get, post
@@ -12,11 +11,10 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, FromQuery, QueryParameter
 
-from der_sdk.errors import UnknownNameError
 from der_sdk.models import ALARM_SEVERITIES, Alarm, AlarmState
 from der_sdk_headend.rest.auth import access, actor_of, client_source
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
-from der_sdk_headend.rest.params import MAX_LIMIT, LimitQuery, check_limit
+from der_sdk_headend.rest.params import MAX_LIMIT, LimitQuery, check_limit, filter_ids
 from der_sdk_headend.rest.schemas import ErrorBody
 
 if TYPE_CHECKING:
@@ -90,20 +88,14 @@ class AlarmsController(Controller):
                 raise ValidationException(
                     f"query parameter `acknowledged`: {acknowledged_filter!r} is not true or false"
                 )
-        inventory = headend.inventory
         # Ids not (or no longer) in the inventory are searched as given: alarms outlive
         # inventory changes.
-        if asset_id:
-            with contextlib.suppress(UnknownNameError):
-                asset_id = inventory.asset(asset_id).asset_id
-        if site_id:
-            with contextlib.suppress(UnknownNameError):
-                site_id = inventory.site(site_id).site_id
+        asset_id, site_id = filter_ids(headend.inventory, asset_id, site_id)
         return await headend.storage.alarms(
             state=state,  # type: ignore[arg-type]
             severity=severity,  # type: ignore[arg-type]
-            site_id=site_id or None,
-            asset_id=asset_id or None,
+            site_id=site_id,
+            asset_id=asset_id,
             code=code or None,
             acknowledged=acknowledged,
             after=after or None,

@@ -19,7 +19,7 @@ from der_sdk_headend.rest.schemas import AssetRow, ControlState, SiteRow
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["AssetsController"]
+__all__ = ["AssetsController", "control_state"]
 
 DurationQuery = Annotated[
     float | None,
@@ -45,22 +45,28 @@ def _check_duration(duration_s: float | None) -> float | None:
     return duration_s
 
 
-def _row(headend: Headend, asset: Asset, duration_s: float | None) -> AssetRow:
+def control_state(headend: Headend, asset: Asset, duration_s: float | None = None) -> ControlState:
+    """``asset``'s control kind and the range it can take now (for a dispatch of
+    ``duration_s``), from the headend's latest sample: the ``control`` of ``GET /assets``,
+    also shown by the console."""
     asset_type = asset.asset_type
     types = headend.plugins.asset_types
     model = types.get(asset_type).control if asset_type in types else DEFAULT_CONTROL
     ingest = headend.ingest_or_none
     latest = ingest.latest(asset.asset_id) if ingest is not None else None
     available = model.available_range(asset, latest, duration_s, now=utc_now())
+    return ControlState(
+        kind=model.kind,
+        min_mw=available.min_mw,
+        max_mw=available.max_mw,
+        basis=available.basis,
+        as_of=available.as_of,
+    )
+
+
+def _row(headend: Headend, asset: Asset, duration_s: float | None) -> AssetRow:
     return AssetRow(
-        **msgspec.structs.asdict(asset),
-        control=ControlState(
-            kind=model.kind,
-            min_mw=available.min_mw,
-            max_mw=available.max_mw,
-            basis=available.basis,
-            as_of=available.as_of,
-        ),
+        **msgspec.structs.asdict(asset), control=control_state(headend, asset, duration_s)
     )
 
 

@@ -293,6 +293,27 @@ async def test_ack_forgets_the_batch_and_everything_through_stored_through(
     assert rows() == [4, 5, 7]
 
 
+async def test_the_batch_just_appended_reads_back_as_the_file_holds_it_and_not_once_acked(
+    tmp_path: Path, opened: Callable[..., Stores]
+) -> None:
+    path = tmp_path / "fresh.sqlite3"
+    buffer = stores(path).telemetry
+    first = await buffer.append(_batch("a", 3))
+    last = await buffer.append(_batch("b", 2))
+    fresh = await buffer.read(last)  # the link reads it at once to send it
+    older = await buffer.read(first)
+    assert [s.asset_id for s in await buffer.batch(last)] == ["b0", "b1"]
+    await buffer.file.close()
+    with sqlite3.connect(path) as conn:
+        stored = dict(conn.execute("SELECT seq, payload FROM telemetry").fetchall())
+    assert stored == {first: older, last: fresh}
+
+    acked = opened().telemetry
+    seq = await acked.append(_batch("c"))
+    acked.ack(seq)
+    assert await acked.read(seq) is None and await acked.batch(seq) == []
+
+
 async def test_the_buffer_lists_exactly_the_seqs_it_dropped_until_an_ack_covers_them(
     tmp_path: Path, opened: Callable[..., Stores]
 ) -> None:

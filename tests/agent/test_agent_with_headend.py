@@ -40,22 +40,23 @@ async def test_the_reference_headend_acknowledges_batches_outcomes_events_and_re
     assert entry is not None and entry.status == "applied" and entry.reported
 
 
-async def test_conditions_in_the_agents_outbox_become_one_alarm_at_the_headend(
+async def test_conditions_an_adapter_reports_become_one_alarm_at_the_headend(
     der_run_agent: AgentRunner,
 ) -> None:
-    """The wire path of adapter conditions (docs/alarms.md): the agent's durable outbox
-    sends condition events until acknowledged; the headend keeps one alarm per code."""
+    """The whole path of device conditions (docs/alarms.md): the adapter's reporter, the
+    agent's durable outbox, the link, and the headend's alarm per asset and code."""
     link = await der_run_agent(adapter_type="sim-bess")
     agent, storage = link.agent, link.headend.storage
-    data = {"code": "inverter_trip", "severity": "critical"}
-    await agent.outbox.add_event("condition_raised", "DC fault", asset_id=BESS_1, data=data)
-    await agent.outbox.add_event("condition_cleared", "reset", asset_id=BESS_1, data=data)
-    await agent.outbox.add_event("condition_raised", "DC fault", asset_id=BESS_1, data=data)
+    reporter = agent.adapters[BESS_1].conditions  # what the adapter's ctx.conditions is
+    reporter.raise_condition("inverter_trip", "critical", "DC fault")
+    reporter.clear_condition("inverter_trip", "reset")
+    reporter.raise_condition("inverter_trip", "critical", "DC fault")
 
-    async def acknowledged() -> bool:
-        return agent.stats().unacked_events == 0
+    async def alarmed() -> bool:
+        found = await storage.alarms(asset_id=BESS_1)
+        return agent.stats().unacked_events == 0 and bool(found) and found[0].raise_count == 2
 
-    await wait_until(acknowledged, "the headend to acknowledge the condition events")
+    await wait_until(alarmed, "the headend to acknowledge the conditions and keep the alarm")
     (alarm,) = await storage.alarms(asset_id=BESS_1)
     assert (alarm.code, alarm.severity, alarm.state) == ("inverter_trip", "critical", "active")
     assert alarm.text == "DC fault"

@@ -1,6 +1,7 @@
 """The browser tests' headend: a real reference headend with ``HEADEND_AUTH=on`` serving
-the demo's inventory (``examples/assets.yaml``: two sites, five batteries), one in-process
-gateway agent of simulated batteries (``sim-bess``) per site, and one REST token per role.
+a demo inventory (by default the battery example, ``examples/assets.yaml``: two sites, five
+batteries, each on ``sim-bess``; or the mixed fleet of ``examples/mixed/`` with its agent
+config), one in-process gateway agent per site, and one REST token per role.
 
 The pytest-playwright fixtures are synchronous (Playwright's sync API), so the headend and
 its agents run on their own event loop in a background thread; the tests reach them over
@@ -17,6 +18,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+
 from der_sdk.plugins import load_plugins
 from der_sdk.testing.waits import WAIT_S
 from der_sdk_agent.testing import AgentLink, AgentRunner
@@ -32,6 +35,8 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_INVENTORY = ROOT / "examples" / "assets.yaml"
+MIXED_INVENTORY = ROOT / "examples" / "mixed" / "assets.yaml"
+MIXED_AGENT_CONFIG = ROOT / "examples" / "mixed" / "agent.yaml"
 SCREENSHOTS = ROOT / "docs" / "console"
 """Where the tests write their screenshots (docs/console.md embeds them)."""
 
@@ -48,8 +53,18 @@ class ConsoleStack:
     (viewer, operator, admin) to a token secret; ``links`` are the agents, one per site.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        inventory: Path = DEMO_INVENTORY,
+        agent_config: Path | None = None,
+    ) -> None:
+        """``inventory`` and ``agent_config`` (default: ``sim-bess`` for every asset) are
+        copied and run as they are, but for the telemetry interval."""
         self.directory = directory
+        self.inventory = inventory
+        self.agent_config = agent_config
         self.tokens: dict[str, str] = {}
         self.links: list[AgentLink] = []
         self._loop = asyncio.new_event_loop()
@@ -77,7 +92,7 @@ class ConsoleStack:
         """Write the inventory and tokens, start the headend and one agent per site, and
         wait until every agent has registered."""
         inventory = self.directory / "assets.yaml"
-        shutil.copyfile(DEMO_INVENTORY, inventory)
+        shutil.copyfile(self.inventory, inventory)
         store = TokenFileStore(self.directory / "der-tokens.json")
         self.tokens = {role: store.create(role=role, name=f"browser {role}")[1] for role in ROLES}
         self._thread.start()
@@ -98,11 +113,18 @@ class ConsoleStack:
             headers={"authorization": f"Bearer {self.tokens['admin']}"},
         )
         self._runner = AgentRunner(headend, plugins, self._http)
+        config = None
+        if self.agent_config is not None:
+            from der_sdk.agent_config import load_agent_config
+
+            loaded = load_agent_config(self.agent_config)
+            config = msgspec.structs.replace(loaded, telemetry_interval_s=TELEMETRY_INTERVAL_S)
         for site_id in headend.inventory.sites:
             link = await self._runner(
                 adapter_type="sim-bess",
                 site_id=site_id,
                 agent_id=f"gateway-{site_id}",
+                config=config,
                 telemetry_interval_s=TELEMETRY_INTERVAL_S,
             )
             self.links.append(link)

@@ -19,16 +19,9 @@ from playwright.sync_api import Page, expect
 
 from der_sdk.models import AlarmSeverity, utc_now
 from der_sdk_headend.alarms.state import Condition
+from tests.console.browser_kit import LIVE_S, csrf_of, screenshot, sign_in
 from tests.console.console_kit import SCREENSHOTS, ConsoleStack
-from tests.console.test_console_browser import (
-    LIVE_S,
-    NORTH_BESS_2,
-    NORTH_YARD,
-    audited,
-    csrf_of,
-    screenshot,
-    sign_in,
-)
+from tests.console.test_console_browser import NORTH_BESS_2, NORTH_YARD, audited
 
 RIDGE_BESS_A = "e94af777-f852-43ef-9646-d9c550e21f99"
 SOLAR_RIDGE = "6319b625-eebf-4fa9-a64a-af7409f6c1b5"
@@ -56,6 +49,12 @@ def raise_alarm(
     alarm = console.call(console.headend.alarms.apply(condition))
     assert alarm is not None
     return alarm.alarm_id
+
+
+def htmx_ready(page: Page) -> None:
+    """Wait until htmx works on the page (the header badge it reads is there), so a
+    control changed next is sent by htmx, not before its scripts ran."""
+    expect(page.locator("#alarm-counts [data-severity]").first).to_be_attached()
 
 
 def unacknowledged(page: Page, console: ConsoleStack, severity: str) -> int:
@@ -117,6 +116,7 @@ def test_the_badge_follows_alarms_live_and_an_operator_acknowledges_one(
     expect(row).to_contain_text("cell_over_temp")
     raise_alarm(console, RIDGE_BESS_A, "grid_undervoltage", "warning", site_id=SOLAR_RIDGE)
     page.reload()
+    htmx_ready(page)
     screenshot(page, "alarms")
 
     row.get_by_role("button", name=re.compile("Acknowledge")).click()
@@ -138,6 +138,7 @@ def test_the_alarms_page_filters_by_severity_and_site(page: Page, console: Conso
     sign_in(page, console.tokens["viewer"], next_path="/console/alarms")
     expect(page.locator(f"#alarm-{hot}")).to_be_visible()
     expect(page.locator(f"#alarm-{far}")).to_be_visible()
+    htmx_ready(page)
 
     page.get_by_label("Site").select_option(label="Solar Ridge")
     expect(page.locator(f"#alarm-{hot}")).to_have_count(0)
@@ -238,7 +239,7 @@ def test_the_alarms_page_has_labels_and_fits_1280_and_390_px(
         page.set_viewport_size({"width": width, "height": 844})
         for path in ("/console/alarms", f"/console/assets/{NORTH_BESS_2}", "/console/dispatch"):
             page.goto(path)
-            expect(page.locator("#alarm-counts [data-severity]").first).to_be_attached()
+            htmx_ready(page)
             unlabelled = page.evaluate(
                 """() => [...document.querySelectorAll(
                         "input:not([type=hidden]), select, textarea")]
@@ -257,6 +258,7 @@ def test_an_operator_schedules_steps_from_the_dispatch_form(
     page: Page, console: ConsoleStack
 ) -> None:
     sign_in(page, console.tokens["operator"], next_path="/console/dispatch")
+    htmx_ready(page)
     form = page.locator("#dispatch-form")
     form.get_by_label("Target (asset or site)").select_option(f"asset:{RIDGE_BESS_A}")
     form.locator("#dispatch-schedule summary").click()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,16 +25,82 @@ def der(
     return subprocess.run([*DER, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
-def test_check_config_accepts_the_example_inventory(repo_root: Path) -> None:
+def demo_once(
+    *args: str, cwd: Path, data: Path | None = None, seconds: float = 1
+) -> subprocess.CompletedProcess[str]:
+    """``der demo ARGS`` on ephemeral ports for ``seconds``, its data in ``data`` (default
+    ``cwd/data``)."""
+    return der(
+        "demo",
+        *args,
+        "--data-dir",
+        str(data or cwd / "data"),
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--duration",
+        str(seconds),
+        cwd=cwd,
+    )
+
+
+@contextlib.contextmanager
+def running_demo(
+    *args: str, cwd: Path, data: Path, ready: str, timeout_s: float = 30
+) -> Iterator[str]:
+    """``der demo ARGS`` on ephemeral ports with its data in ``data``, in a subprocess:
+    yields its output once it printed ``ready``, and stops it afterwards."""
+    log = data.parent / "demo.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *DER,
+                "demo",
+                *args,
+                "--data-dir",
+                str(data),
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--duration",
+                str(timeout_s * 2),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while ready not in log.read_text():
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            yield log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize(
+    ("example", "counts"),
+    [("examples", "2 sites, 5 assets"), ("examples/mixed", "3 sites, 6 assets")],
+    ids=["batteries", "mixed"],
+)
+def test_check_config_accepts_each_example_inventory_and_agent_config(
+    repo_root: Path, example: str, counts: str
+) -> None:
     result = der(
         "check-config",
-        "examples/assets.yaml",
+        f"{example}/assets.yaml",
         "--agent-config",
-        "examples/agent.yaml",
+        f"{example}/agent.yaml",
         cwd=repo_root,
     )
     assert result.returncode == 0, result.stderr
-    assert "ok: 2 sites, 5 assets" in result.stdout
+    assert f"ok: {counts}" in result.stdout
 
 
 GOOD_SITE = "11111111-1111-4111-8111-111111111111"
@@ -143,24 +214,59 @@ def test_agent_with_unknown_asset_exits_2(tmp_path: Path) -> None:
 def test_demo_runs_headend_and_gateway_agents_and_prints_what_to_try(
     repo_root: Path, tmp_path: Path
 ) -> None:
-    result = der(
-        "demo",
-        "--assets",
-        str(repo_root / "examples" / "assets.yaml"),
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--duration",
-        "2",
-        cwd=tmp_path,
+    result = demo_once(
+        "--assets", str(repo_root / "examples" / "assets.yaml"), cwd=tmp_path, seconds=2
     )
     assert result.returncode == 0, result.stderr
     assert "REST API     http://127.0.0.1:" in result.stdout
     assert "curl -X POST" in result.stdout
     assert (tmp_path / "data" / "der.db").exists()
+
+
+SUNFIELD = "3b8f6a52-1c4e-4f0a-9d7b-5e2c8a1f6d30"  # examples/mixed: the PV + battery site
+NORTH_YARD = "ed7332b8-d686-44d3-938c-9ddfd76b4791"  # examples/assets.yaml
+
+
+def test_demo_runs_the_mixed_fleet_by_default_with_each_types_control(
+    repo_root: Path, tmp_path: Path
+) -> None:
+    import httpx
+
+    # from the repository root, where the examples are found
+    with running_demo(cwd=repo_root, data=tmp_path / "data", ready="Try:") as text:
+        url = re.search(r"REST API\s+(http://127\.0\.0\.1:\d+)", text)
+        assert url, text
+        assert f'"site_id": "{SUNFIELD}", "mw": 3.0' in text, "the banner's site is Sunfield"
+        assert '"policy": "headroom"' in text
+        deadline = time.monotonic() + 30
+        with httpx.Client(base_url=url[1], timeout=5) as http:
+            while True:
+                rows = http.get("/assets").json()
+                bases = [r["control"]["basis"] for r in rows]
+                if not any(b.startswith("no telemetry") for b in bases):
+                    break  # every asset has reported
+                assert time.monotonic() < deadline, rows
+                time.sleep(0.2)
+    assert len(rows) == 6
+    assert {r["asset_type"]: r["control"]["kind"] for r in rows} == {
+        "bess": "setpoint",
+        "pv": "export_limit",
+        "wind": "export_limit",
+        "ev_charger": "import_limit",
+    }
+
+
+def test_demo_example_batteries_runs_the_battery_fleet(repo_root: Path, tmp_path: Path) -> None:
+    result = demo_once("--example", "batteries", cwd=repo_root, data=tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    assert f'"site_id": "{NORTH_YARD}"' in result.stdout
+    assert SUNFIELD not in result.stdout
+
+
+def test_demo_refuses_an_example_and_an_inventory_together(repo_root: Path) -> None:
+    result = der("demo", "--example", "batteries", "--assets", "examples/assets.yaml")
+    assert result.returncode == 2
+    assert "--assets: not allowed with argument --example" in result.stderr
 
 
 def test_headend_stops_on_sigterm_while_it_waits_for_unreachable_storage(tmp_path: Path) -> None:
@@ -205,62 +311,32 @@ def test_headend_stops_on_sigterm_while_it_waits_for_unreachable_storage(tmp_pat
 def test_demo_with_tls_serves_mutual_tls_agents_https_and_requires_a_token(
     repo_root: Path, tmp_path: Path
 ) -> None:
-    import os
-    import re
     import ssl
-    import time
 
     import httpx
 
     data = tmp_path / "data"
+    inventory = str(repo_root / "examples" / "assets.yaml")
+    with running_demo(
+        "--tls", "--assets", inventory, cwd=tmp_path, data=data, ready="export DER_TOKEN="
+    ) as text:
+        deadline = time.monotonic() + 30
+        url = re.search(r"REST API\s+(https://127\.0\.0\.1:\d+)", text)
+        token = re.search(r"export DER_TOKEN=(\S+)", text)
+        assert url and token, text
+        ca = data / "demo-tls" / "ca.pem"
+        verify = ssl.create_default_context(cafile=str(ca))
+        with httpx.Client(base_url=url[1], verify=verify, timeout=5) as http:
+            assert http.get("/agents").status_code == 401
+            auth = {"Authorization": f"Bearer {token[1]}"}
+            while True:
+                rows = http.get("/agents", headers=auth).json()
+                if rows and all(r["connected"] for r in rows):
+                    break
+                assert time.monotonic() < deadline, rows
+                time.sleep(0.2)
+            assert http.get("/healthz").status_code == 200
     log = tmp_path / "demo.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                *DER,
-                "demo",
-                "--tls",
-                "--assets",
-                str(repo_root / "examples" / "assets.yaml"),
-                "--data-dir",
-                str(data),
-                "--http-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--duration",
-                "30",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while "export DER_TOKEN=" not in log.read_text():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-            text = log.read_text()
-            url = re.search(r"REST API\s+(https://127\.0\.0\.1:\d+)", text)
-            token = re.search(r"export DER_TOKEN=(\S+)", text)
-            assert url and token, text
-            ca = data / "demo-tls" / "ca.pem"
-            verify = ssl.create_default_context(cafile=str(ca))
-            with httpx.Client(base_url=url[1], verify=verify, timeout=5) as http:
-                assert http.get("/agents").status_code == 401
-                auth = {"Authorization": f"Bearer {token[1]}"}
-                while True:
-                    rows = http.get("/agents", headers=auth).json()
-                    if rows and all(r["connected"] for r in rows):
-                        break
-                    assert time.monotonic() < deadline, rows
-                    time.sleep(0.2)
-                assert http.get("/healthz").status_code == 200
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
     bound = (data / "demo-tls" / "assets.yaml").read_text()
     assert bound.count("fingerprint: sha256:") == 2, "each site binds its agent certificate"
     assert token[1] not in log.read_text().replace(f"export DER_TOKEN={token[1]}", ""), (

@@ -50,8 +50,16 @@ def plugins(observer: Observer) -> Plugins:
 
 
 @pytest.fixture
-async def headend(inventory_path: Path, plugins: Plugins) -> AsyncIterator[Headend]:
-    server = Headend(make_config(inventory_path), plugins=plugins)
+def headend_env() -> dict[str, str]:
+    """Settings of ``headend`` beyond the test defaults; a test module overrides it."""
+    return {}
+
+
+@pytest.fixture
+async def headend(
+    inventory_path: Path, plugins: Plugins, headend_env: dict[str, str]
+) -> AsyncIterator[Headend]:
+    server = Headend(make_config(inventory_path, **headend_env), plugins=plugins)
     await server.start()
     try:
         yield server

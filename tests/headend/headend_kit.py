@@ -8,6 +8,7 @@ instead of hanging it.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -271,3 +272,36 @@ async def agents_by_asset(http: httpx.AsyncClient) -> Mapping[str, dict[str, Any
     response = await http.get("/agents")
     assert response.status_code == 200, response.text
     return {row["asset_id"]: row for row in response.json()}
+
+
+# ----------------------------------------------------------------------------- console forms
+
+CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+async def csrf_of(http: httpx.AsyncClient, path: str = "/console/dispatch") -> str:
+    """The CSRF token a console page carries."""
+    response = await http.get(path)
+    assert response.status_code == 200, response.text
+    found = CSRF_META.search(response.text)
+    assert found, "the page carries its CSRF token"
+    return found.group(1)
+
+
+async def post_form(
+    http: httpx.AsyncClient, path: str, fields: dict[str, Any], *, htmx: bool = True
+) -> httpx.Response:
+    """Post a console form as a browser would: with the page's CSRF token."""
+    token = await csrf_of(http)
+    headers = {"HX-Request": "true"} if htmx else {}
+    data = {"csrf_token": token, **{k: str(v) for k, v in fields.items()}}
+    return await http.post(path, data=data, headers=headers)
+
+
+def preview_rows(html: str) -> list[tuple[str, float]]:
+    """(asset id, target MW) of each row of a console split preview."""
+    rows = re.findall(
+        r'<tr data-asset-id="([^"]+)"><td>[^<]*</td><td class="num" data-target-mw>([^<]+)</td>',
+        html,
+    )
+    return [(asset_id, float(mw)) for asset_id, mw in rows]

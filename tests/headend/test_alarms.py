@@ -31,7 +31,7 @@ from headend_kit import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.plugins import load_plugins
 from der_sdk.testing.services import require_tcp_service
 from der_sdk.wire import codec
 from der_sdk_headend import Headend
@@ -87,30 +87,17 @@ def changes(observer: Observer) -> list[tuple[str, str, int]]:
 
 
 @pytest.fixture
-async def alarm_headend(inventory_path: Path, plugins: Plugins) -> AsyncIterator[Headend]:
-    """A headend (memory storage) with short de-bounce and comms-loss times."""
-    config = make_config(
-        inventory_path,
-        HEADEND_ALARM_DEBOUNCE_S=str(DEBOUNCE_S),
-        HEADEND_COMMS_LOSS_ALARM_S=str(COMMS_LOSS_S),
-    )
-    server = Headend(config, plugins=plugins)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
+def headend_env() -> dict[str, str]:
+    """Short de-bounce and comms-loss times for the ``headend`` fixture."""
+    return {
+        "HEADEND_ALARM_DEBOUNCE_S": str(DEBOUNCE_S),
+        "HEADEND_COMMS_LOSS_ALARM_S": str(COMMS_LOSS_S),
+    }
 
 
 @pytest.fixture
-async def ahttp(alarm_headend: Headend) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=alarm_headend.http_url, timeout=WAIT_S) as client:
-        yield client
-
-
-@pytest.fixture
-async def channel(alarm_headend: Headend) -> AsyncIterator[grpc.aio.Channel]:
-    ch = grpc.aio.insecure_channel(f"127.0.0.1:{alarm_headend.grpc_port}")
+async def channel(headend: Headend) -> AsyncIterator[grpc.aio.Channel]:
+    ch = grpc.aio.insecure_channel(f"127.0.0.1:{headend.grpc_port}")
     yield ch
     await ch.close()
 
@@ -127,15 +114,15 @@ async def registered(
 
 
 async def test_a_raised_condition_is_an_active_alarm_and_its_clear_clears_it(
-    alarm_headend: Headend,
-    ahttp: httpx.AsyncClient,
+    headend: Headend,
+    http: httpx.AsyncClient,
     channel: grpc.aio.Channel,
     observer: Observer,
 ) -> None:
     agent = await registered(channel)
     await send(agent, condition("raised", "inverter_trip", text="inverter tripped on DC fault"))
 
-    (alarm,) = await alarms(ahttp)
+    (alarm,) = await alarms(http)
     assert alarm["asset_id"] == BESS_1 and alarm["site_id"] == SITE_A
     assert (alarm["code"], alarm["severity"], alarm["state"]) == (
         "inverter_trip",
@@ -146,16 +133,16 @@ async def test_a_raised_condition_is_an_active_alarm_and_its_clear_clears_it(
     assert alarm["raised_at"] == "2026-01-05T08:00:00Z"
     assert alarm["cleared_at"] is None and alarm["acknowledged_at"] is None
     assert alarm["raise_count"] == 1
-    assert (await ahttp.get(f"/alarms/{alarm['alarm_id']}")).json() == alarm
+    assert (await http.get(f"/alarms/{alarm['alarm_id']}")).json() == alarm
 
     await send(agent, condition("cleared", "inverter_trip", seconds=60))
-    (cleared,) = await alarms(ahttp)
+    (cleared,) = await alarms(http)
     assert cleared["alarm_id"] == alarm["alarm_id"]
     assert cleared["state"] == "cleared"
     assert cleared["cleared_at"] == "2026-01-05T08:01:00Z"
     assert cleared["text"] == "inverter tripped on DC fault", "the clear keeps what happened"
     # The events themselves are in the record too.
-    stored = await alarm_headend.storage.events(asset_id=BESS_1)
+    stored = await headend.storage.events(asset_id=BESS_1)
     assert [e.kind for e in stored] == ["condition_cleared", "condition_raised"]
     # Told to plugins: raised at once, cleared once it stayed cleared for the de-bounce time.
     assert changes(observer) == [("raised", "inverter_trip", 1)]
@@ -168,22 +155,22 @@ async def test_a_raised_condition_is_an_active_alarm_and_its_clear_clears_it(
 
 
 async def test_a_raise_after_the_de_bounce_time_opens_a_new_alarm(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+    http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     agent = await registered(channel)
     await send(agent, condition("raised", "over_temp", severity="warning"))
     await send(agent, condition("cleared", "over_temp", seconds=10))
     await send(agent, condition("raised", "over_temp", seconds=10 + DEBOUNCE_S + 1))
 
-    newer, older = await alarms(ahttp)
+    newer, older = await alarms(http)
     assert (newer["state"], older["state"]) == ("active", "cleared")
     assert newer["alarm_id"] != older["alarm_id"]
     assert newer["raise_count"] == older["raise_count"] == 1
-    assert await alarms(ahttp, state="active") == [newer]
+    assert await alarms(http, state="active") == [newer]
 
 
 async def test_a_raise_while_active_changes_nothing_unless_its_severity_changes(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel, observer: Observer
+    http: httpx.AsyncClient, channel: grpc.aio.Channel, observer: Observer
 ) -> None:
     agent = await registered(channel)
     await send(agent, condition("raised", "low_soc", severity="warning", text="SoC 4 %"))
@@ -192,14 +179,14 @@ async def test_a_raise_while_active_changes_nothing_unless_its_severity_changes(
         agent, condition("raised", "low_soc", seconds=2, severity="critical", text="SoC 1 %")
     )
 
-    (alarm,) = await alarms(ahttp)
+    (alarm,) = await alarms(http)
     assert (alarm["severity"], alarm["text"], alarm["raise_count"]) == ("critical", "SoC 1 %", 1)
     assert changes(observer) == [("raised", "low_soc", 1), ("updated", "low_soc", 1)]
 
 
 async def test_a_condition_without_a_code_or_severity_or_served_asset_is_stored_but_no_alarm(
-    alarm_headend: Headend,
-    ahttp: httpx.AsyncClient,
+    headend: Headend,
+    http: httpx.AsyncClient,
     channel: grpc.aio.Channel,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -213,8 +200,8 @@ async def test_a_condition_without_a_code_or_severity_or_served_asset_is_stored_
     with caplog.at_level(logging.WARNING, logger="der.headend.alarms"):
         for event in bad:
             await send(agent, event)  # acknowledged all the same
-    assert await alarms(ahttp) == []
-    assert len(await alarm_headend.storage.events(kind="condition_raised")) == len(bad)
+    assert await alarms(http) == []
+    assert len(await headend.storage.events(kind="condition_raised")) == len(bad)
     warnings = [r.getMessage() for r in caplog.records if r.name == "der.headend.alarms"]
     assert len(warnings) == len(bad)
     assert "data.severity 'fatal' is not one of info, warning, major, critical" in warnings[0]
@@ -226,7 +213,7 @@ async def test_a_condition_without_a_code_or_severity_or_served_asset_is_stored_
 
 
 async def test_an_event_sent_again_changes_the_alarm_once_on_any_stream(
-    alarm_headend: Headend, ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+    headend: Headend, http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     raised = condition("raised", "inverter_trip")
     cleared = condition("cleared", "inverter_trip", seconds=0.1)
@@ -242,18 +229,18 @@ async def test_an_event_sent_again_changes_the_alarm_once_on_any_stream(
     await send(again, cleared)
     await send(again, raised)
 
-    (alarm,) = await alarms(ahttp, code="inverter_trip")
+    (alarm,) = await alarms(http, code="inverter_trip")
     assert alarm["state"] == "cleared"
     assert alarm["raise_count"] == 1, "the raise sent again did not re-raise the alarm"
 
 
 async def test_an_alarm_write_that_fails_holds_the_event_back_until_it_is_stored_once(
-    alarm_headend: Headend,
-    ahttp: httpx.AsyncClient,
+    headend: Headend,
+    http: httpx.AsyncClient,
     channel: grpc.aio.Channel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    storage = alarm_headend.storage
+    storage = headend.storage
     original = storage.update_alarm
     failures: list[str] = []
 
@@ -268,7 +255,7 @@ async def test_an_alarm_write_that_fails_holds_the_event_back_until_it_is_stored
     await send(agent, condition("raised", "inverter_trip"))  # acknowledged after the retry
 
     assert failures == ["storage down"]
-    (alarm,) = await alarms(ahttp)
+    (alarm,) = await alarms(http)
     assert (alarm["state"], alarm["raise_count"]) == ("active", 1)
     stored = await storage.events(kind="condition_raised")
     assert len(stored) == 1, "the event was stored once, after its alarm"
@@ -278,7 +265,7 @@ async def test_an_alarm_write_that_fails_holds_the_event_back_until_it_is_stored
 
 
 async def test_a_flapping_condition_is_one_alarm_with_its_raise_count_and_no_storm(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel, observer: Observer
+    http: httpx.AsyncClient, channel: grpc.aio.Channel, observer: Observer
 ) -> None:
     agent = await registered(channel)
     flaps = 40
@@ -286,7 +273,7 @@ async def test_a_flapping_condition_is_one_alarm_with_its_raise_count_and_no_sto
         await send(agent, condition("raised", "grid_fault", seconds=i * 0.025))
         await send(agent, condition("cleared", "grid_fault", seconds=i * 0.025 + 0.01))
 
-    (alarm,) = await alarms(ahttp)
+    (alarm,) = await alarms(http)
     assert alarm["state"] == "cleared"
     assert alarm["raise_count"] == flaps
     assert alarm["raised_at"] == "2026-01-05T08:00:00Z", "the first raise stays the alarm's start"
@@ -352,7 +339,7 @@ async def test_an_operator_acknowledges_an_alarm_once_and_the_trail_says_who(
 
 
 async def test_rest_refuses_bad_filters_by_name_and_unknown_alarms_with_404(
-    ahttp: httpx.AsyncClient,
+    http: httpx.AsyncClient,
 ) -> None:
     for params, named in (
         ({"state": "open"}, "`state`"),
@@ -360,21 +347,21 @@ async def test_rest_refuses_bad_filters_by_name_and_unknown_alarms_with_404(
         ({"acknowledged": "maybe"}, "`acknowledged`"),
         ({"limit": "0"}, "`limit`"),
     ):
-        response = await ahttp.get("/alarms", params=params)
+        response = await http.get("/alarms", params=params)
         assert response.status_code == 400, (params, response.text)
         assert named in response.text, response.text
-    state_error = (await ahttp.get("/alarms", params={"state": "open"})).text
+    state_error = (await http.get("/alarms", params={"state": "open"})).text
     assert "'open'" in state_error and "active, cleared" in state_error
     for response in (
-        await ahttp.get("/alarms/no-such-alarm"),
-        await ahttp.post("/alarms/no-such-alarm/ack"),
+        await http.get("/alarms/no-such-alarm"),
+        await http.post("/alarms/no-such-alarm/ack"),
     ):
         assert response.status_code == 404, response.text
         assert "no-such-alarm" in response.text
 
 
 async def test_alarms_filter_by_site_asset_severity_and_page_with_after(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+    http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     agent = await registered(channel)
     for i, asset in enumerate(SITE_A_ASSETS):
@@ -383,13 +370,13 @@ async def test_alarms_filter_by_site_asset_severity_and_page_with_after(
         )
     await send(agent, condition("raised", "fire", asset_id=BESS_1, seconds=9, severity="critical"))
 
-    everything = await alarms(ahttp)
+    everything = await alarms(http)
     assert [a["code"] for a in everything] == ["fire", "code2", "code1", "code0"]
-    assert [a["code"] for a in await alarms(ahttp, severity="critical")] == ["fire"]
-    assert [a["code"] for a in await alarms(ahttp, asset_id=BESS_1)] == ["fire", "code0"]
-    assert len(await alarms(ahttp, site_id=SITE_A)) == 4
-    first = await alarms(ahttp, limit=2)
-    rest = await alarms(ahttp, limit=2, after=first[-1]["alarm_id"])
+    assert [a["code"] for a in await alarms(http, severity="critical")] == ["fire"]
+    assert [a["code"] for a in await alarms(http, asset_id=BESS_1)] == ["fire", "code0"]
+    assert len(await alarms(http, site_id=SITE_A)) == 4
+    first = await alarms(http, limit=2)
+    rest = await alarms(http, limit=2, after=first[-1]["alarm_id"])
     assert first + rest == everything
 
 
@@ -397,32 +384,32 @@ async def test_alarms_filter_by_site_asset_severity_and_page_with_after(
 
 
 async def test_an_agent_away_past_the_grace_time_raises_comms_loss_cleared_when_it_is_back(
-    alarm_headend: Headend, ahttp: httpx.AsyncClient, channel: grpc.aio.Channel, observer: Observer
+    headend: Headend, http: httpx.AsyncClient, channel: grpc.aio.Channel, observer: Observer
 ) -> None:
     agent = await registered(channel, (BESS_1, BESS_2))
     await agent.end()
 
     async def raised() -> bool:
-        return len(await alarms(ahttp, code="comms_loss", state="active")) == 2
+        return len(await alarms(http, code="comms_loss", state="active")) == 2
 
     await eventually(raised, "comms_loss is raised for both assets")
-    rows = await alarms(ahttp, code="comms_loss")
+    rows = await alarms(http, code="comms_loss")
     assert sorted(a["asset_id"] for a in rows) == sorted([BESS_1, BESS_2])
     assert {a["severity"] for a in rows} == {"major"}
 
     back = await registered(channel, (BESS_1, BESS_2))
 
     async def cleared() -> bool:
-        return await alarms(ahttp, code="comms_loss", state="active") == []
+        return await alarms(http, code="comms_loss", state="active") == []
 
     await eventually(cleared, "comms_loss clears when the agent is back")
-    assert len(await alarms(ahttp, code="comms_loss")) == 2, "the same alarms, cleared"
+    assert len(await alarms(http, code="comms_loss")) == 2, "the same alarms, cleared"
     await back.end()
 
 
 async def test_a_comms_loss_clear_that_fails_is_tried_again(
-    alarm_headend: Headend,
-    ahttp: httpx.AsyncClient,
+    headend: Headend,
+    http: httpx.AsyncClient,
     channel: grpc.aio.Channel,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -431,10 +418,10 @@ async def test_a_comms_loss_clear_that_fails_is_tried_again(
     await agent.end()
 
     async def raised() -> bool:
-        return len(await alarms(ahttp, code="comms_loss", state="active")) == 1
+        return len(await alarms(http, code="comms_loss", state="active")) == 1
 
     await eventually(raised, "comms_loss is raised")
-    storage = alarm_headend.storage
+    storage = headend.storage
     original = storage.update_alarm
     failures: list[str] = []
 
@@ -448,27 +435,27 @@ async def test_a_comms_loss_clear_that_fails_is_tried_again(
     await registered(channel, (BESS_1,))
 
     async def cleared() -> bool:
-        return await alarms(ahttp, code="comms_loss", state="active") == []
+        return await alarms(http, code="comms_loss", state="active") == []
 
     await eventually(cleared, "the clear is tried again and succeeds")
     assert failures == ["storage down"]
 
 
 async def test_an_agent_back_within_the_grace_time_raises_no_comms_loss(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+    http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     agent = await registered(channel, (BESS_1,))
     await agent.end()
     await registered(channel, (BESS_1,))
     await asyncio.sleep(COMMS_LOSS_S * 3)
-    assert await alarms(ahttp, code="comms_loss") == []
+    assert await alarms(http, code="comms_loss") == []
 
 
 # --------------------------------------------------------------------------- metrics
 
 
 async def test_metrics_count_active_alarms_by_severity(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+    http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     agent = await registered(channel)
     await send(agent, condition("raised", "a", severity="critical"))
@@ -476,7 +463,7 @@ async def test_metrics_count_active_alarms_by_severity(
     await send(agent, condition("raised", "c", severity="warning"))
     await send(agent, condition("cleared", "c", seconds=1))
 
-    text = (await ahttp.get("/metrics")).text
+    text = (await http.get("/metrics")).text
     values = {
         s.labels["severity"]: s.value
         for family in text_string_to_metric_families(text)
@@ -599,12 +586,12 @@ DOC_ALARM_ID = "5c0e3f0b9d9e4c38a8a3f2f4e1d2c3b4"
 
 
 async def test_the_curl_examples_of_the_alarms_doc_answer_as_it_says(
-    ahttp: httpx.AsyncClient, channel: grpc.aio.Channel
+    http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     text = DOC.read_text()
     agent = await registered(channel)
     await send(agent, condition("raised", "inverter_trip", text="inverter tripped on DC fault"))
-    (alarm,) = await alarms(ahttp)
+    (alarm,) = await alarms(http)
     block = re.search(r"```json\n(.*?)```", text, flags=re.S)
     assert block is not None
     shown = json.loads(block[1])
@@ -615,15 +602,15 @@ async def test_the_curl_examples_of_the_alarms_doc_answer_as_it_says(
     for command in commands:
         method = "POST" if command.startswith("-X POST ") else "GET"
         url = command.removeprefix("-X POST ").strip('"').replace("$H", "")
-        response = await ahttp.request(method, url.replace(DOC_ALARM_ID, alarm["alarm_id"]))
+        response = await http.request(method, url.replace(DOC_ALARM_ID, alarm["alarm_id"]))
         assert response.status_code == 200, (command, response.text)
-    acked = (await ahttp.get(f"/alarms/{alarm['alarm_id']}")).json()
+    acked = (await http.get(f"/alarms/{alarm['alarm_id']}")).json()
     assert acked["acknowledged_at"] is not None, "the doc's POST acknowledged it"
 
     quoted = re.search(r"``(query parameter `state`: [^`]*?)``", text)
     assert quoted is not None
-    refused = await ahttp.get("/alarms", params={"state": "open"})
+    refused = await http.get("/alarms", params={"state": "open"})
     assert refused.json()["detail"] == quoted[1]
-    metrics = (await ahttp.get("/metrics")).text
+    metrics = (await http.get("/metrics")).text
     for line in re.findall(r"^(der_alarms_active\{severity=\"\w+\"\}) ", text, flags=re.M):
         assert line in metrics

@@ -16,8 +16,18 @@ from typing import Any
 
 import httpx
 import pytest
-from headend_kit import BESS_1, BESS_2, NOT_IN_INVENTORY, PV_1, SITE_A, SITE_B, bearer
-from test_console_dispatch import COOKIE, console, csrf_of, post_form
+from headend_kit import (
+    BESS_1,
+    BESS_2,
+    NOT_IN_INVENTORY,
+    PV_1,
+    SITE_A,
+    SITE_B,
+    bearer,
+    csrf_of,
+    post_form,
+)
+from test_console_dispatch import COOKIE, console
 
 from der_sdk.models import utc_now
 from der_sdk_headend import Headend

@@ -26,29 +26,13 @@ from headend_kit import (
     ConnectAgent,
     bearer,
     eventually,
+    post_form,
+    preview_rows,
 )
 
 from der_sdk.models import TelemetrySample, utc_now
 
 COOKIE = "der_console"
-CSRF = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
-
-
-async def csrf_of(http: httpx.AsyncClient, path: str = "/console/dispatch") -> str:
-    response = await http.get(path)
-    assert response.status_code == 200, response.text
-    found = CSRF.search(response.text)
-    assert found, "the page carries its CSRF token"
-    return found.group(1)
-
-
-async def post_form(
-    http: httpx.AsyncClient, path: str, fields: dict[str, Any], *, htmx: bool = True
-) -> httpx.Response:
-    token = await csrf_of(http)
-    headers = {"HX-Request": "true"} if htmx else {}
-    data = {"csrf_token": token, **{k: str(v) for k, v in fields.items()}}
-    return await http.post(path, data=data, headers=headers)
 
 
 async def history(http: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -56,15 +40,6 @@ async def history(http: httpx.AsyncClient) -> list[dict[str, Any]]:
     assert response.status_code == 200
     records: list[dict[str, Any]] = response.json()
     return records
-
-
-def preview_rows(html: str) -> list[tuple[str, float]]:
-    """(asset id, target MW) of each row of the preview table."""
-    rows = re.findall(
-        r'<tr data-asset-id="([^"]+)"><td>[^<]*</td><td class="num" data-target-mw>([^<]+)</td>',
-        html,
-    )
-    return [(asset_id, float(mw)) for asset_id, mw in rows]
 
 
 @pytest.fixture
@@ -324,7 +299,8 @@ async def test_site_page_shows_live_values_and_the_aggregate_trend_from_storage(
     page = (await http.get(f"/console/sites/{SITE_A}")).text
 
     assert '<strong id="site-aggregate-mw">1.50</strong>' in page
-    assert "SoC 55 %" in page
+    assert f'data-asset-id="{BESS_1}" data-field="details.soc_pct" data-digits="1" ' in page
+    assert 'data-unit="%">55.0 %<' in page, "the battery's key figure, live"
     assert '<strong id="site-connected">3</strong>' in page
     assert f'data-asset-id="{BESS_1}" data-field="mw_setpoint">1.00<' in page
     found = re.search(r'<script type="application/json" id="site-trend-data">(.*?)</script>', page)

@@ -1,4 +1,4 @@
-"""der-sdk-modbus: the ``modbus`` adapter (Modbus TCP on pymodbus), the SunSpec device pack
+"""der-sdk-modbus: the ``modbus`` adapter (Modbus TCP), the SunSpec device pack
 and the ``der sim modbus`` device simulator.
 
 Registered through the ``der_sdk`` entry point group. Choose it per asset in the agent

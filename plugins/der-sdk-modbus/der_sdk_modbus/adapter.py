@@ -26,7 +26,7 @@ import asyncio
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -108,6 +108,8 @@ class ModbusAdapter(Adapter):
         self._gap_tolerance = opts.gap_tolerance
         self._plan: list[ReadBlock] = []
         self._static_plan: list[ReadBlock] = []
+        self._reads: list[_Read] = []
+        self._static_reads: list[_Read] = []
         self._static_values: dict[Point, Value] = {}
         self._prepared = False
         self._latest: _Reading | None = None
@@ -115,8 +117,11 @@ class ModbusAdapter(Adapter):
         self._returned = 0  # the generation read() last handed out
         self._polling = False
         self._task: asyncio.Task[None] | None = None
-        self._updated = asyncio.Event()  # set (and replaced) when a poll is published
-        self._wake = asyncio.Event()  # read() asks the poller to poll now
+        # plain futures and timer handles rather than Events and timeout contexts: they
+        # are made at every poll of every device
+        self._waiters: list[asyncio.Future[None]] = []  # resolved when a poll is published
+        self._poll_asked = False  # read() asked the poller to poll now
+        self._sleeper: asyncio.Future[None] | None = None  # the poller's wait for its tick
         self._io = asyncio.Lock()
         self._connect_failures = 0
         self._skip_polls = 0
@@ -129,11 +134,10 @@ class ModbusAdapter(Adapter):
         if opts.profile is not None:
             self._named = find_profile(context.profiles, opts.profile, opts.profile_version)
             if opts.sunspec_scan:
-                compile_profile(self._named, {})  # check what can be checked before the scan
+                # check what can be checked before the scan
+                _point_map([self._named], {}, [self._label_of(self._named)])
             else:
-                self._use(
-                    PointMap.build(compile_profile(self._named), [self._label_of(self._named)])
-                )
+                self._use(_point_map([self._named], None, [self._label_of(self._named)]))
 
     # ---------------------------------------------------------------- introspection
 
@@ -186,6 +190,7 @@ class ModbusAdapter(Adapter):
             )
             for points in (self._map.polled, self._map.static)
         )
+        self._reads, self._static_reads = _reads(self._plan), _reads(self._static_plan)
 
     # ---------------------------------------------------------------- Adapter
 
@@ -196,16 +201,16 @@ class ModbusAdapter(Adapter):
         samples saying why, and the poller keeps trying.
         """
         if self._task is None or self._task.done():
-            self._updated = asyncio.Event()
+            self._waiters = []
             self._task = asyncio.create_task(
                 self._poll_forever(), name=f"der-modbus-poll-{self.asset.asset_id}"
             )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._read_wait_s
         try:
-            async with asyncio.timeout(self._read_wait_s):
-                while self._latest is None:
-                    await self._updated.wait()
-        except TimeoutError:
-            pass  # the poller carries on; read() says what is going on meanwhile
+            # past the deadline the poller carries on; read() says what is going on meanwhile
+            while self._latest is None and (remaining := deadline - loop.time()) > 0:
+                await self._next_publish(remaining)
         except asyncio.CancelledError:
             await self.close()  # the caller gave up on us: leave nothing running
             raise
@@ -221,17 +226,12 @@ class ModbusAdapter(Adapter):
         if self._task is None or self._task.done():
             return self._bad(self._wall_clock(), f"{self._where}: adapter not connected")
         if self._generation == self._returned:  # nothing new since the last read()
-            updated = self._updated
             if self._polling:  # a poll is on its way: a slow device is not waited for
                 wait_s = min(_IN_FLIGHT_WAIT_S, self._read_wait_s)
             else:  # the poller is idle: poll now and report that
-                self._wake.set()
+                self._ask_for_poll()
                 wait_s = self._poll_budget_s
-            try:
-                async with asyncio.timeout(wait_s):
-                    await updated.wait()
-            except TimeoutError:
-                pass
+            await self._next_publish(wait_s)
         latest = self._latest
         if latest is None:
             return self._bad(
@@ -362,7 +362,7 @@ class ModbusAdapter(Adapter):
         loop = asyncio.get_running_loop()
         interval = self.options.poll_interval_s
         while True:
-            self._wake.clear()
+            self._poll_asked = False
             # the next poll is due an interval after this one starts, whether the tick or
             # a read() asked for it: reads never add polls to the cadence, they shift it
             next_at = loop.time() + interval
@@ -380,14 +380,36 @@ class ModbusAdapter(Adapter):
                         f"{self._where}: internal error: {exc!r}",
                     )
                 )
-            now = loop.time()
-            if self._wake.is_set():
+            if self._poll_asked:
                 continue  # read() asked for a poll while this one ran
-            try:  # a slow poll that overran the interval is followed at once
-                async with asyncio.timeout(max(0.0, next_at - now)):
-                    await self._wake.wait()  # the next tick, or read() asking for a poll now
-            except TimeoutError:
-                pass
+            # the next tick (at once after a slow poll that overran the interval), or
+            # read() asking for a poll now
+            sleeper = self._sleeper = loop.create_future()
+            timer = loop.call_at(next_at, _resolve, sleeper)
+            try:
+                await sleeper
+            finally:
+                timer.cancel()
+                self._sleeper = None
+
+    def _ask_for_poll(self) -> None:
+        self._poll_asked = True
+        sleeper = self._sleeper
+        if sleeper is not None and not sleeper.done():
+            sleeper.set_result(None)
+
+    async def _next_publish(self, timeout_s: float) -> None:
+        """Wait until the next poll is published, ``timeout_s`` at most."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(timeout_s, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if self._waiters and waiter in self._waiters:  # timed out, or cancelled
+                self._waiters.remove(waiter)
 
     async def poll_once(self) -> None:
         """Poll the device once and keep the outcome for :meth:`read`."""
@@ -401,7 +423,7 @@ class ModbusAdapter(Adapter):
                 try:
                     await self._ensure_ready()
                     assert self._map is not None
-                    values = await self._read_blocks(self._plan)
+                    values = await self._read_blocks(self._reads)
                 except (_NotReady, ModbusFault, SunSpecScanError, ProfileError) as exc:
                     self._record_failure(started, ts, f"{self._where}: {exc}")
                     return
@@ -440,8 +462,12 @@ class ModbusAdapter(Adapter):
         """Make ``reading`` the latest and wake whoever waits for one."""
         self._latest = reading
         self._generation += 1
-        updated, self._updated = self._updated, asyncio.Event()
-        updated.set()
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _record_failure(self, started: float, ts: datetime, reason: str) -> None:
         self.failed_polls += 1
@@ -503,8 +529,8 @@ class ModbusAdapter(Adapter):
         self._prepared = False
         if self.options.sunspec_scan:
             await self._resolve_sunspec()
-        if self._static_plan:
-            self._static_values = await self._read_blocks(self._static_plan)
+        if self._static_reads:
+            self._static_values = await self._read_blocks(self._static_reads)
         self._prepared = True
 
     async def _resolve_sunspec(self) -> None:
@@ -538,10 +564,7 @@ class ModbusAdapter(Adapter):
                 raise ProfileError(
                     f"SunSpec scan found models {found}, none with an installed profile"
                 )
-        point_map = PointMap.build(
-            merge_points(compile_profile(p, bases) for p in profiles),
-            [self._label_of(p) for p in profiles],
-        )
+        point_map = _point_map(profiles, bases, [self._label_of(p) for p in profiles])
         if not point_map.feeds_mw:
             raise ProfileError(
                 f"SunSpec scan found models {found}; none of their profiles "
@@ -562,30 +585,44 @@ class ModbusAdapter(Adapter):
     async def _read_holding(self, address: int, count: int) -> list[int] | list[bool]:
         return await self._request(lambda: self._link.read("holding", address, count))
 
-    async def _request(self, call: Callable[[], Awaitable[T]]) -> T:
+    async def _request(self, call: Callable[[], Awaitable[T]], attempt: int = 0) -> T:
         """``call()``, retried ``retries`` times after a timeout, a lost connection or a
-        busy device (reconnecting first when the connection broke)."""
-        attempt = 0
+        busy device (reconnecting first when the connection broke); ``attempt``: attempts
+        already made."""
         while True:
             try:
                 return await call()
             except ModbusFault as fault:
-                retry = fault.kind in ("timeout", "disconnected", "protocol") or (
-                    fault.kind == "exception" and fault.code in _RETRY_EXCEPTION_CODES
-                )
-                if not retry or attempt >= self.options.retries:
+                if not self._retry(fault, attempt):
                     raise
                 attempt += 1
                 if fault.breaks_connection:
                     await self._link.connect()
 
-    async def _read_blocks(self, plan: Sequence[ReadBlock]) -> dict[Point, Value]:
+    def _retry(self, fault: ModbusFault, attempt: int) -> bool:
+        """Whether a request that failed with ``fault`` on attempt ``attempt`` (from 0) is
+        tried again."""
+        retry = fault.kind in ("timeout", "disconnected", "protocol") or (
+            fault.kind == "exception" and fault.code in _RETRY_EXCEPTION_CODES
+        )
+        return retry and attempt < self.options.retries
+
+    async def _read_blocks(self, reads: Sequence[_Read]) -> dict[Point, Value]:
         values: dict[Point, Value] = {}
-        for block in plan:
+        link = self._link
+        for block, decoders in reads:
             try:
-                data = await self._request(
-                    lambda block=block: self._link.read(block.table, block.start, block.count)  # type: ignore[misc]
-                )
+                try:  # the first attempt directly; retries through _request
+                    data = await link.read(block.table, block.start, block.count)
+                except ModbusFault as fault:
+                    if not self._retry(fault, 0):
+                        raise
+                    if fault.breaks_connection:
+                        await link.connect()
+                    data = await self._request(
+                        lambda block=block: link.read(block.table, block.start, block.count),  # type: ignore[misc]
+                        attempt=1,
+                    )
             except ModbusFault as fault:
                 if fault.code == 0x02 and block.has_gaps and self._gap_tolerance > 0:
                     self._gap_tolerance = 0
@@ -597,13 +634,8 @@ class ModbusAdapter(Adapter):
                         self._where,
                     )
                 raise
-            for point in block.points:
-                offset = point.address - block.start
-                if point.codec is None:
-                    values[point] = bool(data[offset])
-                else:
-                    registers: list[Any] = data[offset : offset + point.count]
-                    values[point] = point.codec.decode(registers)
+            for point, offset, decode in decoders:
+                values[point] = bool(data[offset]) if decode is None else decode(data, offset)
         return values
 
     async def _read_scale_factor(self, point: Point) -> int | None:
@@ -626,6 +658,59 @@ class ModbusAdapter(Adapter):
         await self._request(
             lambda: self._link.write_registers(point.address, registers, point.write_function)
         )
+
+
+_Decoder = Callable[[Sequence[int], int], Value]
+_Read = tuple[ReadBlock, tuple[tuple[Point, int, _Decoder | None], ...]]
+"""One request of a poll and how each point's value comes out of its answer."""
+
+
+def _reads(plan: Sequence[ReadBlock]) -> list[_Read]:
+    return [
+        (
+            block,
+            tuple(
+                (p, p.address - block.start, p.codec.reader() if p.codec is not None else None)
+                for p in block.points
+            ),
+        )
+        for block in plan
+    ]
+
+
+_COMPILED: dict[tuple[Any, ...], tuple[tuple[DeviceProfile, ...], PointMap]] = {}
+_COMPILED_MAX = 256
+
+
+def _point_map(
+    profiles: Sequence[DeviceProfile],
+    bases: Mapping[int, tuple[int, int]] | None,
+    labels: Sequence[str],
+) -> PointMap:
+    """The point map of ``profiles`` (merged, the first winning each field) at the SunSpec
+    ``bases`` a scan found, compiled once per process for each such pair: an agent with
+    thousands of devices of one kind compiles their profiles once, not at every device's
+    connection (at 1,000 devices connecting together, compiling each took the event loop
+    long enough for their first requests to time out and be retried, over and over). A
+    point map is never changed once built, so adapters share it."""
+    key = (
+        tuple(id(p) for p in profiles),
+        None if bases is None else tuple(sorted(bases.items())),
+        tuple(labels),
+    )
+    held = _COMPILED.get(key)
+    if held is not None and all(a is b for a, b in zip(held[0], profiles, strict=True)):
+        return held[1]
+    point_map = PointMap.build(merge_points(compile_profile(p, bases) for p in profiles), labels)
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = (tuple(profiles), point_map)
+    return point_map
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _text(value: Any) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -182,6 +182,59 @@ class Codec:
         if self.data_type in _SIGNED and raw >= 1 << (16 * self.registers - 1):
             raw -= 1 << (16 * self.registers)
         return raw
+
+    def reader(self) -> Callable[[Sequence[int], int], int | float | str | None]:
+        """A function ``(registers, offset)`` giving what :meth:`decode` gives for the
+        value at ``offset`` of ``registers`` (a whole read's registers), without slicing
+        or packing bytes for integer types: a poll decodes every point this way."""
+        count = self.registers
+        if self.data_type == "string" or self.data_type in _FLOAT_FORMAT:
+            decode = self.decode
+            return lambda data, offset: decode(data[offset : offset + count])
+        marker = self.not_implemented
+        signed = self.data_type in _SIGNED
+        if count == 1 and self.byte_order == "big":
+            if signed:
+
+                def int16(data: Sequence[int], offset: int) -> int | None:
+                    raw = data[offset]
+                    if raw == marker:
+                        return None
+                    return raw - 0x10000 if raw >= 0x8000 else raw
+
+                return int16
+
+            def uint16(data: Sequence[int], offset: int) -> int | None:
+                raw = data[offset]
+                return None if raw == marker else raw
+
+            return uint16
+        half, full = 1 << (16 * count - 1), 1 << (16 * count)
+        if count == 2 and self.byte_order == "big":  # the usual 32-bit layouts
+            high, low = (0, 1) if self.word_order == "big" else (1, 0)
+
+            def int32(data: Sequence[int], offset: int) -> int | None:
+                raw = data[offset + high] << 16 | data[offset + low]
+                if raw == marker:
+                    return None
+                return raw - full if signed and raw >= half else raw
+
+            return int32
+        order = tuple(range(count)) if self.word_order == "big" else tuple(range(count - 1, -1, -1))
+        swap = self.byte_order == "little"
+
+        def integer(data: Sequence[int], offset: int) -> int | None:
+            raw = 0
+            for index in order:
+                word = data[offset + index]
+                if swap:
+                    word = (word & 0xFF) << 8 | word >> 8
+                raw = raw << 16 | word
+            if raw == marker:
+                return None
+            return raw - full if signed and raw >= half else raw
+
+        return integer
 
     # ---------------------------------------------------------------- encode
 

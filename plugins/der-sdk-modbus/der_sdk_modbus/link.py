@@ -1,23 +1,29 @@
-"""One Modbus TCP connection to one device, on pymodbus's asyncio client.
+"""One Modbus TCP connection to one device: a lean client on an asyncio protocol.
 
 :class:`ModbusLink` turns every way a request can fail into a :class:`ModbusFault` with a
 ``kind`` and a message fit for a quality reason: ``connect`` (no connection),
 ``timeout`` (no response in time), ``exception`` (an exception response, codes 01-0B),
 ``disconnected`` (the connection dropped) and ``protocol`` (a response that does not match
-the request). pymodbus's own reconnect loop and retries are switched off: the adapter
-decides when to reconnect and what to retry. Timeouts are enforced here, so a device that
-never answers costs one ``timeout_s`` and no pymodbus error log per request.
+the request). It never reconnects or retries on its own: the adapter decides when to
+reconnect and what to retry. A device that never answers costs one ``timeout_s`` per
+request.
+
+Why not pymodbus's client (which the plugin used before, and whose server the simulator
+still uses): the adapter sends one request at a time and needs only functions 1-6, 15 and
+16, and pymodbus's general transaction machinery (framer, PDU objects, a lock, a
+``wait_for`` and trace hooks per request) cost more CPU than the whole rest of a poll.
+Here a request is one ``struct.pack`` and one ``write``; its answer is matched by
+transaction id, protocol id and unit id and decoded with one ``struct.unpack``, and a
+timer per request replaces the timeout context. Modbus TCP framing (MBAP header plus PDU)
+is all there is to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
-from typing import Final, Literal
-
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
-from pymodbus.pdu import ModbusPDU
+import struct
+from collections.abc import Sequence
+from typing import Final, Literal, cast
 
 from der_sdk_modbus.points import Table
 
@@ -54,18 +60,100 @@ class ModbusFault(Exception):
         return self.kind != "exception"
 
 
-def _cancel_requests() -> int:
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
+class _Lost(Exception):
+    """The connection closed while a request waited for its answer."""
 
 
-def _raise_if_cancel_was_swallowed(before: int) -> None:
-    """Re-raise a cancellation that arrived as pymodbus's answer did: on Python 3.11 its
-    ``asyncio.wait_for`` then returns the answer and drops the cancellation, and a caller
-    cancelled mid-request (the agent's timeout) would carry on as if it had not been."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
+class _Expired(Exception):
+    """No answer within the timeout."""
+
+
+_MBAP: Final = struct.Struct(">HHHB")  # transaction id, protocol id, length, unit id
+_REQUEST: Final = struct.Struct(">HHHBBHH")  # MBAP, function, address, count or value
+_READ_FUNCTION: Final[dict[str, int]] = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+_WORDS: dict[int, struct.Struct] = {}
+
+
+def _words(count: int) -> struct.Struct:
+    codec = _WORDS.get(count)
+    if codec is None:
+        codec = _WORDS[count] = struct.Struct(f">{count}H")
+    return codec
+
+
+_LATE_S: Final = 0.05
+"""How late a request's timer may fire before the loop is taken to have been too busy to
+read an answer that may be waiting."""
+
+
+_TABLE_OF: Final[dict[int, str]] = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
+
+
+def _what(function: int, address: int, word: int) -> str:
+    """The request in words, for a fault's message (made only when one is raised):
+    ``read holding 40074..40192``, ``write holding 40100..40101``, ``write coil 3``."""
+    if function <= 4:
+        return f"read {_TABLE_OF[function]} {address}..{address + word - 1}"
+    if function in (5, 15):
+        return f"write coil {address}"
+    count = word if function == 16 else 1
+    return f"write holding {address}..{address + count - 1}"
+
+
+def _expire(waiter: asyncio.Future[bytes], due: float, again: bool = True) -> None:
+    """The request's time is up. When the timer fires late (the event loop was busy for a
+    while), the answer may be in the socket unread: uvloop runs due timers before it polls
+    for I/O, so the request gets one more moment (a 1 ms timer, after that poll) before it
+    times out, rather than failing because of the agent's load rather than the device."""
+    if waiter.done():
+        return
+    loop = waiter.get_loop()
+    if again and loop.time() - due > _LATE_S:
+        loop.call_later(0.001, _expire, waiter, due, False)
+        return
+    waiter.set_exception(_Expired())
+
+
+def split_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The whole Modbus TCP frames (MBAP header on) at the start of ``data``, and the
+    bytes after them (the start of a frame still arriving)."""
+    frames = []
+    while len(data) >= 7:
+        end = 6 + (data[4] << 8 | data[5])
+        if len(data) < end:
+            break
+        frames.append(data[:end])
+        data = data[end:]
+    return frames, data
+
+
+class _Protocol(asyncio.Protocol):
+    """Frames the byte stream into MBAP frames and hands the awaited one over."""
+
+    __slots__ = ("buffer", "closed", "transport", "waiter")
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        frames, self.buffer = split_frames(self.buffer + data if self.buffer else data)
+        for frame in frames:
+            waiter = self.waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(frame)
+            # else: an answer nobody waits for (its request timed out); dropped
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_Lost())
 
 
 def describe_exception_code(code: int) -> str:
@@ -86,8 +174,8 @@ class ModbusLink:
         self.unit_id = unit_id
         self.timeout_s = timeout_s
         self.requests = 0
-        self._client: AsyncModbusTcpClient | None = None
-        self._in_flight = False
+        self._protocol: _Protocol | None = None
+        self._tid = 0
 
     @property
     def endpoint(self) -> str:
@@ -95,7 +183,8 @@ class ModbusLink:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._client.connected
+        protocol = self._protocol
+        return protocol is not None and not protocol.closed
 
     async def connect(self) -> None:
         """Open a new connection (closing any old one).
@@ -103,51 +192,30 @@ class ModbusLink:
         :raises ModbusFault: ``connect``, the device refused or did not answer in time.
         """
         self.close()
-        client = AsyncModbusTcpClient(
-            self.host,
-            port=self.port,
-            name=f"der-modbus {self.host}:{self.port}",
-            # our own timeout (below) fires first; pymodbus's is only a backstop
-            timeout=self.timeout_s + 1.0,
-            retries=0,
-            reconnect_delay=0,
-            reconnect_delay_max=0,
-            trace_connect=self._connection_changed,
-        )
-        cancelling = _cancel_requests()
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout_s):
-                connected = await client.connect()
-                _raise_if_cancel_was_swallowed(cancelling)
-        except TimeoutError:
-            connected = False
-        except asyncio.CancelledError:
-            client.close()
-            raise
-        if not connected:
-            client.close()
+                _, protocol = await loop.create_connection(_Protocol, self.host, self.port)
+        except (TimeoutError, OSError):
             raise ModbusFault(
                 "connect",
                 f"cannot connect to {self.host}:{self.port} within {self.timeout_s:g} s "
                 "(refused or unreachable)",
-            )
-        self._client = client
+            ) from None
+        self._protocol = protocol
+        self._tid = 0
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-
-    def _connection_changed(self, connected: bool) -> None:
-        """pymodbus reports the connection dropped: fail the request waiting on it now
-        rather than when it times out."""
-        if connected or not self._in_flight or self._client is None:
+        """Close the connection; a request waiting for its answer fails at once."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is None:
             return
-        future: asyncio.Future[ModbusPDU] | None = getattr(
-            self._client.ctx, "response_future", None
-        )
-        if future is not None and not future.done():
-            future.set_exception(ConnectionException("the device closed the connection"))
+        protocol.closed = True
+        waiter = protocol.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(_Lost())
+        if protocol.transport is not None:
+            protocol.transport.close()
 
     # ---------------------------------------------------------------- requests
 
@@ -156,95 +224,118 @@ class ModbusLink:
 
         :raises ModbusFault: on every failure.
         """
-        client = self._require()
-        what = f"read {table} {address}..{address + count - 1}"
-        if table == "holding":
-            request = client.read_holding_registers(address, count=count, device_id=self.unit_id)
-        elif table == "input":
-            request = client.read_input_registers(address, count=count, device_id=self.unit_id)
-        elif table == "coil":
-            request = client.read_coils(address, count=count, device_id=self.unit_id)
-        else:
-            request = client.read_discrete_inputs(address, count=count, device_id=self.unit_id)
-        response = await self._send(request, what)
-        if table in ("coil", "discrete"):
-            return [bool(bit) for bit in response.bits[:count]]
-        registers = list(response.registers)
-        if len(registers) != count:
+        function = _READ_FUNCTION[table]
+        body = await self._send(function, address, count, b"")
+        size = body[1] if len(body) > 1 else 0
+        if function <= 2:
+            held = min(size, len(body) - 2) * 8
+            if held < count:
+                self.close()
+                raise ModbusFault(
+                    "protocol",
+                    f"{_what(function, address, count)}: the response holds {held} bits, "
+                    f"not {count}",
+                )
+            return [bool(body[2 + (i >> 3)] >> (i & 7) & 1) for i in range(count)]
+        held = min(size, len(body) - 2) // 2
+        if held != count:
             self.close()
             raise ModbusFault(
-                "protocol", f"{what}: the response holds {len(registers)} registers, not {count}"
+                "protocol",
+                f"{_what(function, address, count)}: the response holds {held} registers, "
+                f"not {count}",
             )
-        return registers
+        return list(_words(count).unpack_from(body, 2))
 
     async def write_registers(
         self, address: int, values: Sequence[int], function: int | None = None
     ) -> None:
         """Write holding registers: function 6 for one register unless ``function`` is 16,
         function 16 for several."""
-        client = self._require()
-        what = f"write holding {address}..{address + len(values) - 1}"
         if len(values) == 1 and function != 16:
-            request = client.write_register(address, values[0], device_id=self.unit_id)
-        else:
-            request = client.write_registers(address, list(values), device_id=self.unit_id)
-        await self._send(request, what)
+            await self._send(6, address, values[0], b"")
+            return
+        count = len(values)
+        data = bytes([2 * count]) + _words(count).pack(*values)
+        await self._send(16, address, count, data)
 
     async def write_coil(self, address: int, value: bool, function: int | None = None) -> None:
         """Write one coil: function 5 unless ``function`` is 15."""
-        client = self._require()
-        what = f"write coil {address}"
         if function == 15:
-            request = client.write_coils(address, [value], device_id=self.unit_id)
+            await self._send(15, address, 1, bytes([1, 1 if value else 0]))
         else:
-            request = client.write_coil(address, value, device_id=self.unit_id)
-        await self._send(request, what)
+            await self._send(5, address, 0xFF00 if value else 0x0000, b"")
 
     # ---------------------------------------------------------------- internals
 
-    def _require(self) -> AsyncModbusTcpClient:
-        client = self._client
-        if client is None or not client.connected:
+    async def _send(self, function: int, address: int, word: int, data: bytes) -> bytes:
+        """Send one request (function, address, count or value, then ``data``); the
+        response PDU (function code first) once it is a match and no exception."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or protocol.transport is None:
             raise ModbusFault("disconnected", f"not connected to {self.host}:{self.port}")
-        return client
-
-    async def _send(self, request: Awaitable[ModbusPDU], what: str) -> ModbusPDU:
         self.requests += 1
-        self._in_flight = True
-        cancelling = _cancel_requests()
+        tid = self._tid = self._tid % 0xFFFF + 1
+        unit = self.unit_id
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bytes] = loop.create_future()
+        protocol.waiter = waiter
+        protocol.transport.write(
+            _REQUEST.pack(tid, 0, 6 + len(data), unit, function, address, word) + data
+        )
+        due = loop.time() + self.timeout_s
+        timer = loop.call_at(due, _expire, waiter, due)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                response = await request
-                _raise_if_cancel_was_swallowed(cancelling)
+            frame = await waiter
         except asyncio.CancelledError:
             self.close()  # the answer may still come: start the next request afresh
             raise
-        except TimeoutError:
+        except _Expired:
             self.close()
             raise ModbusFault(
-                "timeout", f"no response within {self.timeout_s:g} s to {what}"
+                "timeout",
+                f"no response within {self.timeout_s:g} s to {_what(function, address, word)}",
             ) from None
-        except ConnectionException:
+        except _Lost:
             self.close()
             raise ModbusFault(
-                "disconnected", f"connection to {self.host}:{self.port} lost during {what}"
+                "disconnected",
+                f"connection to {self.host}:{self.port} lost during "
+                f"{_what(function, address, word)}",
             ) from None
-        except ModbusIOException as exc:
-            self.close()
-            raise ModbusFault("protocol", f"{what}: {exc}") from None
-        except ModbusException as exc:
-            self.close()
-            raise ModbusFault("protocol", f"{what}: {type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            self.close()
-            raise ModbusFault("disconnected", f"{what}: {exc}") from None
         finally:
-            self._in_flight = False
-        if response.isError():
-            code = response.exception_code
+            timer.cancel()
+            protocol.waiter = None
+        if len(frame) < 8:
+            self.close()
+            raise ModbusFault(
+                "protocol",
+                f"{_what(function, address, word)}: a response of {len(frame)} bytes, too short",
+            )
+        answer_tid, protocol_id, _, answer_unit = _MBAP.unpack_from(frame)
+        if answer_tid != tid or protocol_id != 0 or (unit and answer_unit != unit):
+            self.close()
+            raise ModbusFault(
+                "protocol",
+                f"{_what(function, address, word)}: the response (transaction {answer_tid}, "
+                f"protocol {protocol_id}, "
+                f"unit {answer_unit}) does not answer the request (transaction {tid}, "
+                f"protocol 0, unit {unit})",
+            )
+        answered = frame[7]
+        if answered == function:
+            return frame[7:]
+        if answered == function | 0x80 and len(frame) >= 9:
+            code = frame[8]
             raise ModbusFault(
                 "exception",
-                f"exception response {describe_exception_code(code)} to {what}",
+                f"exception response {describe_exception_code(code)} to "
+                f"{_what(function, address, word)}",
                 code=code,
             )
-        return response
+        self.close()
+        raise ModbusFault(
+            "protocol",
+            f"{_what(function, address, word)}: the response is for function {answered}, "
+            f"not {function}",
+        )

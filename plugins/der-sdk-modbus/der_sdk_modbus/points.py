@@ -10,7 +10,7 @@ turns one poll's decoded values into telemetry fields.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Final, Literal
@@ -188,6 +188,49 @@ class Point:
     @property
     def scale_point_name(self) -> str:
         return self.scale_point.name if self.scale_point is not None else "-"
+
+
+_Convert = Callable[["Point", Value, "int | None"], Value]
+
+
+_Field = tuple["Point", str, "str | None", "Point | None", _Convert]
+"""One field of a poll's telemetry: its point, name, ``details`` key (or ``None``),
+scale-factor point and the function from raw value and scale factor to the field's value."""
+
+
+def _field_of(point: Point) -> _Field:
+    name = point.field
+    assert name is not None
+    detail = name.removeprefix("details.") if name.startswith("details.") else None
+    if name in ("online", "status", "fault_code") or point.enum:
+        convert: _Convert = PointMap._field_value
+    else:
+        convert = _number(point)
+    return (point, name, detail, point.scale_point, convert)
+
+
+def _number(point: Point) -> _Convert:
+    """:meth:`Point.to_field` for a numeric point with no enum, its constants worked out
+    once (a scaled point still follows its scale factor at each poll)."""
+    unit_exponent = point.unit_exponent
+    scale = point.scale
+    scaled = point.scale_point is not None
+    power_or_energy = point.field_is_power_or_energy
+
+    def convert(_point: Point, raw: Value, scale_factor: int | None) -> Value:
+        if raw is None or isinstance(raw, str | bool):
+            return raw
+        if scaled:
+            if scale_factor is None:
+                return None
+            exponent = scale_factor + unit_exponent
+        else:
+            exponent = unit_exponent
+        if exponent == 0 and scale == 1.0:
+            return float(raw) if power_or_energy else raw
+        return _times_pow10(raw * scale, exponent)
+
+    return convert
 
 
 def _times_pow10(value: float, exponent: int) -> float:
@@ -553,6 +596,12 @@ class PointMap:
     static: tuple[Point, ...]
     setpoint: Point | None
     profiles: tuple[str, ...]
+    _fields: tuple[_Field, ...] = dataclass_field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        # how each field comes out of a poll, worked out once rather than at every poll
+        fields = tuple(_field_of(p) for p in (*self.polled, *self.static) if p.field is not None)
+        object.__setattr__(self, "_fields", fields)
 
     @classmethod
     def build(cls, points: Sequence[Point], profiles: Sequence[str]) -> PointMap:
@@ -587,22 +636,23 @@ class PointMap:
         fields: dict[str, Any] = {}
         details: dict[str, Any] = {}
         missing: list[str] = []
-        for point in (*self.polled, *self.static):
-            name = point.field
-            if name is None:
-                continue
-            raw = values.get(point)
-            scale_raw = values.get(point.scale_point) if point.scale_point else None
-            scale_factor = scale_raw if isinstance(scale_raw, int) else None
-            value = self._field_value(point, raw, scale_factor)
+        get = values.get
+        for point, name, detail, scale_point, convert in self._fields:
+            if scale_point is None:
+                value = convert(point, get(point), None)
+            else:
+                scale_raw = get(scale_point)
+                value = convert(
+                    point, get(point), scale_raw if isinstance(scale_raw, int) else None
+                )
             if value is None:
                 missing.append(name)
                 continue
             if name == "fault_code" and value == "":
                 fields[name] = None  # the device reports no fault
                 continue
-            if name.startswith("details."):
-                details[name.removeprefix("details.")] = value
+            if detail is not None:
+                details[detail] = value
             else:
                 fields[name] = value
         fields["details"] = details

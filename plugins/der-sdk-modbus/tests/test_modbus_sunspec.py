@@ -56,6 +56,23 @@ async def test_scanned_battery_reads_every_core_field_in_two_requests(
     assert all(b.start >= 40070 for b in adapter.read_plan)
 
 
+async def test_devices_of_one_kind_share_one_compiled_map_and_another_layout_gets_its_own(
+    serve: Serve, make_adapter: MakeAdapter
+) -> None:
+    servers = [(await serve(SUNSPEC_BESS, seed=seed))[1] for seed in (1, 2)]
+    _, elsewhere = await serve(SUNSPEC_BESS, sunspec_base=50000)
+    same = [make_adapter(server, sunspec_scan=True) for server in servers]
+    other = make_adapter(elsewhere, sunspec_scan=True)
+    for adapter in (*same, other):
+        await adapter.connect()
+        await good_sample(adapter)
+    first, second = (a.point_map for a in same)
+    assert first is not None and first is second  # compiled once, not per device
+    assert other.point_map is not None and other.point_map is not first
+    assert {p.address for p in other.point_map.polled}.isdisjoint({p.address for p in first.polled})
+    assert all(b.start >= 50070 for b in other.read_plan)
+
+
 async def test_legacy_inverter_103_is_read_too(serve: Serve, make_adapter: MakeAdapter) -> None:
     device, server = await serve(["sunspec-103"], rating_mw=0.5, ramp_s=0)
     adapter = make_adapter(server, sunspec_scan=True)
