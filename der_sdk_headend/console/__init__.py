@@ -137,12 +137,17 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
 def console_handlers() -> list[ControllerRouterHandler]:
     """The console's routes: pages, sign-in/out and the static files, all out of the
     OpenAPI schema."""
+    from der_sdk_headend.console.alarms import ALARM_HANDLERS
     from der_sdk_headend.console.dispatch import DISPATCH_HANDLERS
     from der_sdk_headend.console.pages import PAGE_HANDLERS
+    from der_sdk_headend.console.schedules import SCHEDULE_HANDLERS
 
     pages = Router(
         "/",
-        route_handlers=[sign_in_form, sign_in, sign_out, *PAGE_HANDLERS, *DISPATCH_HANDLERS],
+        route_handlers=[
+            *(sign_in_form, sign_in, sign_out, *PAGE_HANDLERS, *DISPATCH_HANDLERS),
+            *(*ALARM_HANDLERS, *SCHEDULE_HANDLERS),
+        ],
         request_class=HTMXRequest,
         exception_handlers=EXCEPTION_HANDLERS,
         include_in_schema=False,

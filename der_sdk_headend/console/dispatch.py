@@ -40,6 +40,16 @@ from der_sdk.models import Asset, Dispatch, DispatchRequest, TelemetrySample, ut
 from der_sdk_headend.console import render
 from der_sdk_headend.console.auth import page
 from der_sdk_headend.console.pages import ControlView, FigureValue, control_view, key_figures
+from der_sdk_headend.console.schedules import (
+    SCHEDULE_FIELDS,
+    ScheduleFormError,
+    schedule_confirmation,
+    schedule_fields,
+    with_line,
+)
+from der_sdk_headend.console.schedules import (
+    names_of as _names,
+)
 from der_sdk_headend.console.trend import READ_CONCURRENCY
 from der_sdk_headend.dispatch import InvalidDispatchError, UnknownTargetError
 from der_sdk_headend.dispatch.lifecycle import is_open
@@ -47,7 +57,6 @@ from der_sdk_headend.dispatch.planning import DispatchPreview
 from der_sdk_headend.rest.dispatch import submit_audited
 
 if TYPE_CHECKING:
-    from der_sdk.inventory import Inventory
     from der_sdk_headend.service import Headend
 
 __all__ = [
@@ -70,7 +79,7 @@ would otherwise cost 1,000 history reads per page view. The page says so when it
 some out; the live tail sums them all."""
 TREND_SAMPLES = 600
 """Newest samples read per asset for the trend (15 minutes at one sample every 1.5 s)."""
-_FIELDS = ("mw", "duration_s", "ttl_s", "expires_at", "policy")
+_FIELDS = ("mw", "duration_s", "ttl_s", "expires_at", "policy", *SCHEDULE_FIELDS)
 
 
 class _Refused(HTTPException):
@@ -224,7 +233,11 @@ def _target(form: Any) -> tuple[str | None, str | None]:
 
 def _request_of(form: Any) -> DispatchRequest:
     asset_id, site_id = _target(form)
-    mw = _number(form, "mw", required=True)
+    try:  # the Dispatch page's optional schedule (start_at, steps): console/schedules.py
+        schedule = schedule_fields(form)
+    except ScheduleFormError as exc:
+        raise _Refused(str(exc)) from None
+    mw = _number(form, "mw", required="steps" not in schedule)
     body = {
         "asset_id": asset_id,
         "site_id": site_id,
@@ -235,6 +248,7 @@ def _request_of(form: Any) -> DispatchRequest:
         # a site's split policy: the Site page's selector (default: the site's
         # split_policy, else the headend's); none posted leaves that default
         "policy": _field(form, "policy") or None,
+        **schedule,
     }
     try:
         return msgspec.convert(body, DispatchRequest)
@@ -260,7 +274,7 @@ def _check(headend: Headend, form: Any) -> _Checked:
         guard = guard_of(headend, request.asset_id, request.site_id)
         preview = headend.dispatcher.preview(request)
     except InvalidDispatchError as exc:
-        raise _Refused(str(exc)) from None
+        raise _Refused(with_line(str(exc))) from None
     except UnknownTargetError as exc:
         raise NotFoundException(str(exc)) from None
     problem = out_of_range(guard, request.mw or 0.0)
@@ -271,7 +285,8 @@ def _check(headend: Headend, form: Any) -> _Checked:
         request=request,
         guard=guard,
         preview=preview,
-        confirm_because=needs_confirmation(guard, request.mw or 0.0, share),
+        confirm_because=schedule_confirmation(request)
+        or needs_confirmation(guard, request.mw or 0.0, share),
     )
 
 
@@ -346,7 +361,7 @@ async def send_dispatch(
     try:
         dispatch, _ = await submit_audited(headend, request, checked.request, via="console")
     except InvalidDispatchError as exc:
-        return _error(request, headend, _Refused(str(exc)), form)
+        return _error(request, headend, _Refused(with_line(str(exc))), form)
     except UnknownTargetError as exc:
         return _error(request, headend, NotFoundException(str(exc)), form)
     if not request.headers.get("hx-request"):
@@ -361,13 +376,6 @@ async def send_dispatch(
 
 
 # ----------------------------------------------------------------------------- pages
-
-
-def _names(inventory: Inventory) -> dict[str, str]:
-    """Display names of assets and sites by id."""
-    names = {a.asset_id: a.name for a in inventory.assets.values()}
-    names.update({s.site_id: s.name for s in inventory.sites.values()})
-    return names
 
 
 def _connected(headend: Headend, asset_id: str) -> bool:

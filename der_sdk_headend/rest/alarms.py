@@ -20,7 +20,7 @@ from der_sdk_headend.rest.schemas import ErrorBody
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["AlarmsController"]
+__all__ = ["AlarmsController", "acknowledge_audited"]
 
 _STATES: tuple[str, ...] = get_args(AlarmState)
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
@@ -133,32 +133,50 @@ class AlarmsController(Controller):
         headend: NamedDependency[Headend],
         alarm_id: FromPath[str],
     ) -> Response[Alarm]:
-        actor, source = actor_of(request), client_source(request)
-        result = await headend.alarms.acknowledge(alarm_id, actor.name)
+        result = await acknowledge_audited(headend, request, alarm_id)
         if result is None:
-            await headend.auditor.record(
-                "alarm.ack",
-                actor=actor,
-                source=source,
-                outcome="refused",
-                message=f"acknowledgement of unknown alarm {alarm_id} by {actor.describe()}",
-                alarm_id=alarm_id,
-                reason="unknown alarm",
-            )
             raise NotFoundException(f"unknown alarm {alarm_id}")
         alarm, changed = result
+        headers = {} if changed else {"Already-Acknowledged": "true"}
+        return Response(alarm, status_code=200, headers=headers)
+
+
+async def acknowledge_audited(
+    headend: Headend, request: Request[Any, Any, Any], alarm_id: str
+) -> tuple[Alarm, bool] | None:
+    """Acknowledge ``alarm_id`` as ``request``'s caller and record it in the audit trail
+    (``alarm.ack``: ``ok``, ``already`` or ``refused`` for an unknown alarm).
+
+    ``POST /alarms/{id}/ack`` and the operator console both acknowledge through here.
+
+    :return: the alarm and whether this call acknowledged it (``False``: it was before);
+        ``None`` for an unknown alarm.
+    """
+    actor, source = actor_of(request), client_source(request)
+    result = await headend.alarms.acknowledge(alarm_id, actor.name)
+    if result is None:
         await headend.auditor.record(
             "alarm.ack",
             actor=actor,
             source=source,
-            outcome="ok" if changed else "already",
-            message=f"alarm {alarm.alarm_id} ({alarm.code}, {alarm.severity}) of asset "
-            f"{alarm.asset_id} acknowledged by {actor.describe()}"
-            + ("" if changed else f"; already acknowledged by {alarm.acknowledged_by}"),
-            asset_id=alarm.asset_id,
-            site_id=alarm.site_id,
-            alarm_id=alarm.alarm_id,
-            code=alarm.code,
+            outcome="refused",
+            message=f"acknowledgement of unknown alarm {alarm_id} by {actor.describe()}",
+            alarm_id=alarm_id,
+            reason="unknown alarm",
         )
-        headers = {} if changed else {"Already-Acknowledged": "true"}
-        return Response(alarm, status_code=200, headers=headers)
+        return None
+    alarm, changed = result
+    await headend.auditor.record(
+        "alarm.ack",
+        actor=actor,
+        source=source,
+        outcome="ok" if changed else "already",
+        message=f"alarm {alarm.alarm_id} ({alarm.code}, {alarm.severity}) of asset "
+        f"{alarm.asset_id} acknowledged by {actor.describe()}"
+        + ("" if changed else f"; already acknowledged by {alarm.acknowledged_by}"),
+        asset_id=alarm.asset_id,
+        site_id=alarm.site_id,
+        alarm_id=alarm.alarm_id,
+        code=alarm.code,
+    )
+    return alarm, changed

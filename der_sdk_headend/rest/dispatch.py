@@ -29,7 +29,7 @@ from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
 
-__all__ = ["DispatchController", "submit_audited"]
+__all__ = ["DispatchController", "cancel_audited", "submit_audited"]
 
 _STATES: tuple[str, ...] = get_args(DispatchState)
 _STATE_FILTERS = [*_STATES, "pending"]
@@ -113,6 +113,51 @@ async def submit_audited(
     return dispatch, created
 
 
+async def cancel_audited(
+    headend: Headend, request: Request[Any, Any, Any], dispatch_id: str, *, via: str = "rest"
+) -> Dispatch | None:
+    """Cancel ``dispatch_id`` as ``request``'s caller and record it in the audit trail
+    (``dispatch.cancel``: ``ok``, or ``refused`` when it cannot be cancelled).
+
+    ``POST /dispatch/{id}/cancel`` (``via="rest"``) and the operator console
+    (``via="console"``) both cancel through here.
+
+    :return: the record, ``None`` for an unknown dispatch.
+    :raises CancelConflictError: final already, or an immediate dispatch already sent.
+    """
+    actor, source = actor_of(request), client_source(request)
+    try:
+        dispatch = await headend.dispatcher.cancel(dispatch_id, by=actor.describe())
+    except CancelConflictError as exc:
+        await headend.auditor.record(
+            "dispatch.cancel",
+            actor=actor,
+            source=source,
+            outcome="refused",
+            message=f"cancel of dispatch {dispatch_id} refused for {actor.describe()}: {exc}",
+            dispatch_id=dispatch_id,
+            reason=str(exc),
+            via=via,
+        )
+        raise
+    if dispatch is None:
+        return None
+    await headend.auditor.record(
+        "dispatch.cancel",
+        actor=actor,
+        source=source,
+        outcome="ok",
+        message=f"dispatch {dispatch_id} cancel requested by {actor.describe()}"
+        f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
+        dispatch_id=dispatch_id,
+        state=dispatch.state,
+        asset_id=dispatch.asset_id,
+        site_id=dispatch.site_id if dispatch.asset_id is None else None,
+        via=via,
+    )
+    return dispatch
+
+
 class DispatchController(Controller):
     path = "/dispatch"
     tags = ["dispatch"]
@@ -183,34 +228,9 @@ class DispatchController(Controller):
         headend: NamedDependency[Headend],
         dispatch_id: FromPath[str],
     ) -> Response[Dispatch]:
-        actor, source = actor_of(request), client_source(request)
-        try:
-            dispatch = await headend.dispatcher.cancel(dispatch_id, by=actor.describe())
-        except CancelConflictError as exc:
-            await headend.auditor.record(
-                "dispatch.cancel",
-                actor=actor,
-                source=source,
-                outcome="refused",
-                message=f"cancel of dispatch {dispatch_id} refused for {actor.describe()}: {exc}",
-                dispatch_id=dispatch_id,
-                reason=str(exc),
-            )
-            raise
+        dispatch = await cancel_audited(headend, request, dispatch_id)
         if dispatch is None:
             raise NotFoundException(f"unknown dispatch {dispatch_id}")
-        await headend.auditor.record(
-            "dispatch.cancel",
-            actor=actor,
-            source=source,
-            outcome="ok",
-            message=f"dispatch {dispatch_id} cancel requested by {actor.describe()}: "
-            f"{dispatch.state}",
-            dispatch_id=dispatch_id,
-            state=dispatch.state,
-            asset_id=dispatch.asset_id,
-            site_id=dispatch.site_id if dispatch.asset_id is None else None,
-        )
         return Response(dispatch, status_code=202)
 
     @post(
