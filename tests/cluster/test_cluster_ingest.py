@@ -433,7 +433,11 @@ async def test_through_a_bus_outage_a_replica_stores_its_agents_telemetry_direct
 
     host, _, port = cluster.nats_url.removeprefix("nats://").rpartition(":")
     async with TcpProxy(host, int(port)) as proxy:
-        replica = await cluster.replica(HEADEND_BUS_URL=f"nats://{proxy.addr}?reconnect_wait=0.2")
+        replica = await cluster.replica(
+            # a publish the cut leaves unanswered gives up after 1 s (not 5), then the
+            # batch is stored directly: well within the test agent's 5 s wait for its ack
+            HEADEND_BUS_URL=f"nats://{proxy.addr}?reconnect_wait=0.2&request_timeout=1"
+        )
         agent = await cluster.agent(replica, ASSETS, "gw-1")
         assert await send(agent, 1) == 1
 
