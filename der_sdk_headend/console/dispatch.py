@@ -318,18 +318,29 @@ async def preview_dispatch(
         checked = _check(headend, form)
     except HTTPException as exc:
         return _error(request, headend, exc, form)
-    return render(
-        request,
-        headend,
-        "partials/dispatch_preview.html",
-        {
-            "error": None,
-            "preview": checked.preview,
-            "guard": checked.guard,
-            "confirm_because": checked.confirm_because,
-            "values": _form_values(form),
-        },
-    )
+    return _preview_page(request, headend, checked, form)
+
+
+def _preview_page(
+    request: Request[Any, Any, Any],
+    headend: Headend,
+    checked: _Checked,
+    form: Any,
+    *,
+    asked: bool = False,
+) -> Template:
+    """The preview partial of a checked form; ``asked``: it stands for a send that needs
+    the operator's confirmation first."""
+    context: dict[str, object] = {
+        "error": None,
+        "preview": checked.preview,
+        "guard": checked.guard,
+        "confirm_because": checked.confirm_because,
+        "values": _form_values(form),
+    }
+    if asked:
+        context["asked"] = True
+    return render(request, headend, "partials/dispatch_preview.html", context)
 
 
 @post("/console/dispatch", **page("operator"), status_code=200)
@@ -345,19 +356,7 @@ async def send_dispatch(
         return _error(request, headend, exc, form)
     confirmed = _field(form, "confirm") == "yes"
     if checked.confirm_because is not None and not confirmed:
-        return render(
-            request,
-            headend,
-            "partials/dispatch_preview.html",
-            {
-                "error": None,
-                "preview": checked.preview,
-                "guard": checked.guard,
-                "confirm_because": checked.confirm_because,
-                "values": _form_values(form),
-                "asked": True,
-            },
-        )
+        return _preview_page(request, headend, checked, form, asked=True)
     try:
         dispatch, _ = await submit_audited(headend, request, checked.request, via="console")
     except InvalidDispatchError as exc:
