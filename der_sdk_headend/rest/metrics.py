@@ -22,6 +22,7 @@ from der_sdk_headend import gc_pauses
 
 if TYPE_CHECKING:
     from der_sdk_headend.cluster.ingest import StreamWriterStats
+    from der_sdk_headend.presence.registry import Presence
     from der_sdk_headend.service import Headend
 
 __all__ = ["HeadendCollector", "render_metrics"]
@@ -153,6 +154,7 @@ class HeadendCollector(Collector):
         if writers is not None:
             yield from _stream_metrics(writers.stats())
         presence = headend.presence_or_none
+        yield from _certificate_metrics(headend, presence)
         buffers = [
             (stream.agent_id, stream.buffer)
             for stream in (presence.streams() if presence is not None else [])
@@ -178,6 +180,27 @@ def render_metrics(
     """
     encode, content_type = choose_encoder(accept or "")
     return encode(HeadendCollector(headend, alarm_counts)), content_type
+
+
+def _certificate_metrics(headend: Headend, presence: Presence | None) -> Iterator[Metric]:
+    """When the headend's own certificate and each connected agent's client certificate
+    expire, as Unix times (alert on ``... - time()``; docs/runbooks.md)."""
+    server = headend.server_certificate_not_after
+    if server is not None:
+        yield _gauge(
+            "der_tls_certificate_expiry_timestamp_seconds",
+            "When the headend's certificate (HEADEND_TLS_CERT, read at start) expires.",
+            server.timestamp(),
+        )
+    agents = GaugeMetricFamily(
+        "der_agent_certificate_expiry_timestamp_seconds",
+        "When each connected agent's client certificate expires (mutual TLS).",
+        labels=["agent_id"],
+    )
+    for stream in presence.streams() if presence is not None else ():
+        if stream.certificate_not_after is not None:
+            agents.add_metric([stream.agent_id], stream.certificate_not_after.timestamp())
+    yield agents
 
 
 def _gc_metrics() -> Iterator[Metric]:
