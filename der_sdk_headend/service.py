@@ -16,8 +16,8 @@ import os
 import signal
 import socket
 import sys
-from datetime import datetime
 from collections.abc import Callable, Generator
+from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
