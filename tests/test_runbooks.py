@@ -159,10 +159,7 @@ def test_every_der_command_and_flag_in_the_runbooks_and_deployment_guide_exists(
 
 def test_every_alert_has_a_runbook_section_that_names_it() -> None:
     text = RUNBOOKS.read_text()
-    anchors = {
-        re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
-        for heading in re.findall(r"^## (.+)$", text, re.MULTILINE)
-    }
+    anchors = _anchors(text)
     for rule in rules():
         runbook = rule["annotations"]["runbook"]
         page, _, anchor = runbook.partition("#")
@@ -180,3 +177,26 @@ def test_the_dashboard_has_unique_panels_on_the_datasource_variable() -> None:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
     assert len(list(dashboard_exprs())) > 20
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of the headings in ``markdown``."""
+    return {
+        re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", markdown, re.MULTILINE)
+    }
+
+
+@pytest.mark.parametrize("page", [RUNBOOKS, DEPLOYMENT], ids=lambda p: p.name)
+def test_every_relative_link_of_the_page_reaches_a_file_and_heading(page: Path) -> None:
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or (
+            anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text())
+        ):
+            broken.append(target)
+    assert broken == []
