@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from der_sdk import certs
 from der_sdk.plugins import load_plugins
 from der_sdk_agent.settings import AgentSettings
 from der_sdk_headend import Headend, gc_pauses
@@ -211,11 +212,11 @@ def test_the_containerfile_runs_the_headend_unprivileged_with_a_health_check() -
     assert re.search(r'^CMD \["headend"\]$', text, re.MULTILINE)
 
 
-async def _healthcheck(port: int) -> tuple[int, str, str]:
+async def _healthcheck(port: int, tls_cert: str = "") -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(CONTAINER / "healthcheck.py"),
-        env={**os.environ, "HEADEND_HTTP_ADDR": f"0.0.0.0:{port}", "HEADEND_TLS_CERT": ""},
+        env={**os.environ, "HEADEND_HTTP_ADDR": f"0.0.0.0:{port}", "HEADEND_TLS_CERT": tls_cert},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -247,6 +248,30 @@ async def test_the_container_health_check_passes_while_healthy_and_fails_while_d
     monkeypatch.setattr(headend.storage, "healthy", unhealthy)
     code, out, err = await _healthcheck(port)
     assert code == 1 and "503 storage memory is not healthy" in err
+
+
+async def test_the_container_health_check_asks_over_https_when_the_headend_serves_tls(
+    tmp_path: Path,
+) -> None:
+    pki = tmp_path / "pki"
+    certs.init_ca(pki)
+    issued = certs.issue_headend(pki, ["headend.example.net"])  # not 127.0.0.1: not verified
+    inventory = tmp_path / "assets.yaml"
+    inventory.write_text(INVENTORY_YAML)
+    config = make_config(
+        inventory, HEADEND_TLS_CERT=str(issued.cert_path), HEADEND_TLS_KEY=str(issued.key_path)
+    )
+    headend = Headend(config, plugins=load_plugins(env={}))
+    await headend.start()
+    try:
+        assert headend.http_url.startswith("https://")
+        port = int(headend.http_url.rsplit(":", 1)[1])
+        code, out, err = await _healthcheck(port, tls_cert=str(issued.cert_path))
+        assert (code, err) == (0, "") and f"https://127.0.0.1:{port}/healthz: ok" in out
+        code, _, err = await _healthcheck(port)  # plain HTTP to a TLS port
+        assert code == 1 and "/healthz" in err
+    finally:
+        await headend.stop()
 
 
 def _docker_usable() -> bool:
