@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from der_sdk.testing.services import services_required
+from der_sdk.testing.services import service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNBOOKS = ROOT / "docs" / "runbooks.md"
@@ -117,10 +116,7 @@ def promtool() -> str:
     for candidate in (os.environ.get("PROMTOOL"), shutil.which("promtool"), cache / "promtool"):
         if candidate and os.access(candidate, os.X_OK):
             return str(candidate)
-    reason = (
+    service_missing(
         "promtool is not installed (Debian: apt-get install prometheus, or set PROMTOOL; "
         ".ci/run fetches it)"
     )
-    if services_required():
-        pytest.fail(f"{reason}; DER_SDK_REQUIRE_SERVICES=1 requires it", pytrace=False)
-    pytest.skip(reason)

@@ -21,7 +21,8 @@ Import from here what you subclass or call:
 * :class:`TcpProxy`, :class:`HeadendProcess`, :class:`AgentProcess` — cut, blackhole or
   delay a TCP link, and run the headend and agent as processes to SIGKILL;
 * :func:`require_tcp_service` — skip (or fail, under ``DER_SDK_REQUIRE_SERVICES=1``) when
-  PostgreSQL or NATS is unreachable.
+  PostgreSQL or NATS is unreachable; :func:`service_missing` for any other missing
+  service or tool.
 
 Names are imported lazily, so importing the pytest plugin stays cheap and the conformance
 module's asserts are rewritten by pytest.
@@ -64,7 +65,11 @@ if TYPE_CHECKING:
         DEFAULT_INVENTORY_YAML,
         DEFAULT_SITE_ID,
     )
-    from der_sdk.testing.services import require_tcp_service, services_required
+    from der_sdk.testing.services import (
+        require_tcp_service,
+        service_missing,
+        services_required,
+    )
     from der_sdk.testing.tasks import ALLOW_LEAKS_MARKER, find_leaked_tasks
     from der_sdk.testing.waits import WAIT_S, wait_until
 
@@ -92,6 +97,7 @@ _EXPORTS = {
     "DEFAULT_INVENTORY_YAML": "inventory",
     "DEFAULT_SITE_ID": "inventory",
     "require_tcp_service": "services",
+    "service_missing": "services",
     "services_required": "services",
     "ALLOW_LEAKS_MARKER": "tasks",
     "find_leaked_tasks": "tasks",
@@ -126,6 +132,7 @@ __all__ = [
     "find_leaked_tasks",
     "free_port",
     "require_tcp_service",
+    "service_missing",
     "services_required",
     "wait_until",
 ]
