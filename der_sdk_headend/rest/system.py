@@ -80,10 +80,11 @@ class SystemController(Controller):
     @get(
         "/metrics",
         summary="Prometheus metrics",
-        description="Ingest queue and storage writes, telemetry gaps, connected agents, "
-        "active alarms by severity, and each connected agent's store-and-forward buffer "
-        "(from its heartbeats), in the Prometheus text format. Needs a viewer token unless "
-        "the headend runs with `METRICS_AUTH=open`.",
+        description="Health (`der_healthy`, as `/healthz`), ingest queue and storage writes, "
+        "telemetry gaps, connected agents, active alarms by severity, each connected agent's "
+        "store-and-forward buffer (from its heartbeats) and certificate expiry, in the "
+        "Prometheus text format. Needs a viewer token unless the headend runs with "
+        "`METRICS_AUTH=open`. Alerts on them: deploy/prometheus/rules.yml.",
         media_type=MediaType.TEXT,
         **access("metrics"),
     )
