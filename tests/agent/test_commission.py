@@ -8,7 +8,6 @@ OPC UA simulators, the sim plugins."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from der_sdk import certs
 from der_sdk.cli import main
 from der_sdk.plugins import Plugins
 from der_sdk.testing import certs as bad_certs
-from der_sdk.testing import wait_until
+from der_sdk.testing import free_port, wait_until
 from der_sdk_agent.commission import AssetReport, CommissionReport, commission, render_text
 from der_sdk_headend import Headend
 from der_sdk_headend.testing import headend_config
@@ -75,12 +74,6 @@ def row(report: CommissionReport, asset_id: str) -> AssetReport:
 def check(report_or_row: CommissionReport | AssetReport, name: str) -> tuple[str, str, str]:
     c = next(c for c in report_or_row.checks if c.name == name)
     return c.result, c.detail, c.fix or ""
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 SIM_CONFIG = f"""\
@@ -152,7 +145,7 @@ async def test_modbus_and_opcua_simulators_pass_and_a_dead_device_fails_with_one
     from der_sdk_opcua.simulator import BessSimulator
 
     profile = plugins.device_profiles.get("example-bess-inverter")
-    dead = closed_port()
+    dead = free_port()
     async with (
         ModbusSimServer(SimulatedDevice([profile], ramp_s=0, seed=1)) as modbus,
         BessSimulator(endpoint="opc.tcp://127.0.0.1:0/der-sim/", soc_pct=60) as opcua,
@@ -250,7 +243,7 @@ assets:
 async def test_an_unreachable_headend_fails_every_asset_with_what_to_check(
     tmp_path: Path, plugins: Plugins
 ) -> None:
-    address = f"127.0.0.1:{closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = site_env(tmp_path, address, inventory(), "default_adapter: sim-bess\n")
     report = await commission(env, plugins, probe_timeout_s=5)
     result, detail, fix = check(report, f"headend {address}")
