@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 from typing import Any
 
@@ -77,12 +78,22 @@ def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="agent config YAML: adapters per asset (env AGENT_CONFIG)")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _add_commission_arguments(p: argparse.ArgumentParser) -> None:
     _add_agent_arguments(p)
     p.add_argument("--json", action="store_true", help="print the report as a JSON document")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_seconds,
         default=10.0,
         help="seconds to wait for each device read and each headend (default 10)",
     )

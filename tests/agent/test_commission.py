@@ -23,6 +23,7 @@ from der_sdk_headend import Headend
 from der_sdk_headend.testing import headend_config
 from tests.agent.conftest import A1, A2, SITE, MakeAgent, fast_config
 from tests.agent.conftest import site_inventory as inventory
+from tests.agent.fake_headend import FakeHeadend
 
 PV = "00000000-0000-4000-8000-000000000003"
 STRANGER = "00000000-0000-4000-8000-0000000000aa"
@@ -309,6 +310,9 @@ async def test_mutual_tls_passes_and_certificates_the_headend_refuses_are_explai
     result, detail, fix = check(report, f"headend {address}")
     assert result == "fail" and detail.startswith("PERMISSION_DENIED"), detail
     assert "is not bound to site" in detail and "der certs issue-agent" in fix
+    audits = await headend.storage.events(kind="audit")
+    refused = [a for a in audits if a.data["action"] == "agent.refused"]
+    assert refused and "(commissioning probe) refused" in refused[-1].message
 
     other = bad_certs.agent_from_other_ca(tmp_path, SITE)
     report = await commission(with_cert(other.cert_path, other.key_path), plugins)
@@ -350,3 +354,40 @@ async def test_der_commission_prints_the_table_or_json_and_exits_1_on_a_failure(
         PV: "fail",
     }
     assert document["assets"][0]["reading"]["quality"] == "good"
+
+
+async def test_a_headend_that_predates_probes_is_reported_as_a_warning(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    async with FakeHeadend() as older:  # answers every Register for real, probe or not
+        env = site_env(tmp_path, older.address, inventory(), "default_adapter: sim-bess\n")
+        report = await commission(env, plugins)
+        await wait_until(lambda: _all_closed(older), "the prober to close the stream")
+    result, detail, fix = check(report, f"headend {older.address}")
+    assert result == "warn" and "does not know probes" in detail and "upgrade" in fix
+    assert report.ok  # the assets were accepted; the warning says what it cost
+    assert [check(r, "headend")[0] for r in report.assets] == ["pass", "pass"]
+
+
+async def _all_closed(headend: FakeHeadend) -> bool:
+    return all(stream.closed for stream in headend.streams)
+
+
+async def test_settings_without_a_mode_fail_the_settings_check(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    env = site_env(tmp_path, "127.0.0.1:1", inventory(), "default_adapter: sim-bess\n")
+    del env["GATEWAY_SITE_ID"]
+    report = await commission(env, plugins)
+    result, detail, _ = check(report, "settings")
+    assert result == "fail" and "no agent mode" in detail and not report.ok
+    assert "RESULT: FAIL (0 of 0 asset(s), 1 site check(s) failed)" in render_text(report)
+
+
+def test_a_timeout_that_is_not_a_positive_number_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["commission", "--site-id", SITE, "--timeout", "0"])
+    assert exited.value.code == 2
+    assert "--timeout: must be a positive number of seconds" in capsys.readouterr().err
