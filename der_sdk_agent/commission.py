@@ -36,7 +36,7 @@ import msgspec
 
 import der_sdk
 from der_sdk.agent_config import AgentConfig, load_agent_config, validate_agent_config
-from der_sdk.errors import ConfigError, ConfigIssue, DerSdkError
+from der_sdk.errors import ConfigError, ConfigIssue, DerSdkError, UnknownNameError
 from der_sdk.inventory import Inventory, load_inventory
 from der_sdk.models import Asset, TelemetrySample
 from der_sdk.plugins import Plugins, load_plugins
@@ -304,10 +304,25 @@ def _build(
         )
         return None
     row.package = runtime.package
-    row.checks.append(
-        Check(name="plugin", result="pass", detail=f"{runtime.label} built with its options")
-    )
+    detail = f"{runtime.label} built with its options"
+    profile = _profile_named(config.adapter_for(asset.asset_id).options, plugins)
+    row.checks.append(Check(name="plugin", result="pass", detail=f"{detail}{profile}"))
     return runtime
+
+
+def _profile_named(options: Mapping[str, Any], plugins: Plugins) -> str:
+    """``, device profile NAME VERSION (package)`` for options naming an installed profile
+    (the adapter resolved it already: a missing one failed the build)."""
+    name, version = options.get("profile"), options.get("profile_version")
+    if not isinstance(name, str) or not (version is None or isinstance(version, str)):
+        return ""
+    name, _, pinned = name.partition("@")
+    try:
+        found = plugins.device_profiles.get(name, version or pinned or None)
+        package = plugins.device_profiles.provider(name, version or pinned or None)
+    except UnknownNameError:
+        return ""
+    return f", device profile {found.name} {found.version} ({package})"
 
 
 async def _read_once(runtime: AdapterRuntime) -> TelemetrySample:

@@ -172,6 +172,8 @@ assets:
 
     assert not report.ok
     assert row(report, A1).result == "pass", render_text(report)
+    result, detail, _ = check(row(report, A1), "plugin")
+    assert "device profile example-bess-inverter 1.0.0 (der-sdk-example-pack)" in detail
     opcua_row = row(report, A2)
     assert opcua_row.result == "pass", render_text(report)
     assert opcua_row.reading is not None
