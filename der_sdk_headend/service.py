@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Generator
+from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -133,6 +134,7 @@ class Headend:
         self._stream_writers: StreamWriters | None = None  # cluster ingest (bus mode)
         self._dispatcher: Dispatcher | None = None
         self._alarms: AlarmBook | None = None
+        self._server_certificate_not_after: datetime | None = None
         self._comms_loss: CommsLossWatch | None = None
         self._live_hub: LiveHub | None = None  # the console's live updates
         self._link: AgentLinkService | None = None
@@ -481,6 +483,8 @@ class Headend:
         assert self._inventory and self._storage and self._presence
         assert self._ingest and self._dispatcher
         tls = load_server_tls(self.config)
+        if tls is not None:
+            self._server_certificate_not_after = tls.certificate.not_valid_after_utc
         # Under mutual TLS the headend terminates TLS itself (der_sdk_headend.link.tls_front),
         # so that refused handshakes are audited; gRPC then listens on loopback only. In
         # HEADEND_MTLS_MODE=native gRPC's own TLS checks the client certificate instead.
@@ -672,6 +676,12 @@ class Headend:
         if self._cluster_presence is not None:  # cluster presence (issue 17)
             return self._cluster_presence.agent_count()
         return len(self._presence.streams()) if self._presence else 0
+
+    @property
+    def server_certificate_not_after(self) -> datetime | None:
+        """When the certificate the headend serves (``HEADEND_TLS_CERT``, read at start)
+        expires; ``None`` without TLS or before the agent port is up."""
+        return self._server_certificate_not_after
 
     @property
     def assets_connected(self) -> int:

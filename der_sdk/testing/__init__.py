@@ -23,7 +23,8 @@ Import from here what you subclass or call:
 * :class:`SnippetRunner`, :func:`parse_snippets` — run the commands of a docs page in
   order, so the page stays true;
 * :func:`require_tcp_service` — skip (or fail, under ``DER_SDK_REQUIRE_SERVICES=1``) when
-  PostgreSQL or NATS is unreachable.
+  PostgreSQL or NATS is unreachable; :func:`service_missing` for any other missing
+  service or tool.
 
 Names are imported lazily, so importing the pytest plugin stays cheap and the conformance
 module's asserts are rewritten by pytest.
@@ -66,7 +67,11 @@ if TYPE_CHECKING:
         DEFAULT_INVENTORY_YAML,
         DEFAULT_SITE_ID,
     )
-    from der_sdk.testing.services import require_tcp_service, services_required
+    from der_sdk.testing.services import (
+        require_tcp_service,
+        service_missing,
+        services_required,
+    )
     from der_sdk.testing.snippets import Snippet, SnippetFailed, SnippetRunner, parse_snippets
     from der_sdk.testing.tasks import ALLOW_LEAKS_MARKER, find_leaked_tasks
     from der_sdk.testing.waits import WAIT_S, wait_until
@@ -95,6 +100,7 @@ _EXPORTS = {
     "DEFAULT_INVENTORY_YAML": "inventory",
     "DEFAULT_SITE_ID": "inventory",
     "require_tcp_service": "services",
+    "service_missing": "services",
     "services_required": "services",
     "Snippet": "snippets",
     "SnippetFailed": "snippets",
@@ -137,6 +143,7 @@ __all__ = [
     "free_port",
     "parse_snippets",
     "require_tcp_service",
+    "service_missing",
     "services_required",
     "wait_until",
 ]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import NoReturn
 
 import pytest
 
-__all__ = ["require_tcp_service", "services_required"]
+__all__ = ["require_tcp_service", "service_missing", "services_required"]
 
 
 def services_required() -> bool:
@@ -29,7 +30,12 @@ def require_tcp_service(name: str, host: str, port: int, *, timeout_s: float = 1
         with socket.create_connection((host, port), timeout=timeout_s):
             return
     except OSError as exc:
-        reason = f"{name} is not reachable at {host}:{port} ({exc})"
+        service_missing(f"{name} is not reachable at {host}:{port} ({exc})")
+
+
+def service_missing(reason: str) -> NoReturn:
+    """Skip the calling test because an external service or tool is missing (``reason``
+    says which and how to get it), or fail it when services are required."""
     if services_required():
         pytest.fail(f"{reason}; DER_SDK_REQUIRE_SERVICES=1 requires it", pytrace=False)
     pytest.skip(f"{reason}; set DER_SDK_REQUIRE_SERVICES=1 to make this a failure")

@@ -37,9 +37,11 @@ import hmac
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from der_sdk.certs import fingerprint, subject, token_sha256
 from der_sdk.errors import UnknownNameError
@@ -53,6 +55,7 @@ __all__ = [
     "FrontPeer",
     "FrontPeers",
     "Refusal",
+    "certificate_not_after",
     "connection_identity",
     "front_peer",
     "peer_identity",
@@ -108,6 +111,8 @@ class FrontPeer:
     peer: str
     fingerprint: str
     subject: str
+    not_after: datetime | None = None
+    """When the certificate expires (feeds ``der_agent_certificate_expiry_timestamp_seconds``)."""
 
     def identity(self, mode: AgentIdentityMode) -> str:
         return self.fingerprint if mode == "fingerprint" else self.subject
@@ -126,6 +131,23 @@ def front_peer(grpc_peer: str, peers: Mapping[int, FrontPeer]) -> FrontPeer | No
     if kind != "ipv4" or host != "127.0.0.1" or not port.isdigit():
         return None
     return peers.get(int(port))
+
+
+def certificate_not_after(
+    context: Any, front_peer_found: FrontPeer | None, front: Mapping[int, FrontPeer] | None
+) -> datetime | None:
+    """When the stream's client certificate expires, ``None`` without one: from the TLS
+    front's record when the stream came through it, else from gRPC's ``auth_context()``
+    (``HEADEND_MTLS_MODE=native``)."""
+    if front is not None:
+        return front_peer_found.not_after if front_peer_found is not None else None
+    pems = context.auth_context().get("x509_pem_cert") or ()
+    if not pems:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(pems[0]).not_valid_after_utc
+    except ValueError:  # gRPC verified it; peer_identity logs an unreadable one
+        return None
 
 
 def connection_identity(

@@ -55,6 +55,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -68,7 +69,13 @@ from der_sdk_headend.audit import Actor, Auditor
 from der_sdk_headend.config import AgentIdentityMode
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
-from der_sdk_headend.link.identity import AgentAuthorizer, FrontPeer, Refusal, front_peer
+from der_sdk_headend.link.identity import (
+    AgentAuthorizer,
+    FrontPeer,
+    Refusal,
+    certificate_not_after,
+    front_peer,
+)
 from der_sdk_headend.presence import AgentStream, Presence
 
 __all__ = ["REGISTER_TIMEOUT_S", "AgentLinkService", "add_agent_link"]
@@ -131,6 +138,7 @@ class AgentLinkService:
         self._register_timeout_s = register_timeout_s
         self._auditor = auditor if auditor is not None else Auditor(storage)
         self._front = front
+        self._mtls = mtls
         self.authorizer = AgentAuthorizer(
             inventory, mtls=mtls, identity_mode=agent_identity, front=front
         )
@@ -159,23 +167,33 @@ class AgentLinkService:
         context: Any,
     ) -> None:
         peer = str(context.peer())
+        came_in: FrontPeer | None = None
         if self._front is not None:
             came_in = front_peer(peer, self._front)
             if came_in is None:
                 await self._refuse_bypass(context, peer)
             peer = came_in.peer
+        cert_not_after = (
+            certificate_not_after(context, came_in, self._front) if self._mtls else None
+        )
         if self._closing:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "the headend is shutting down")
         self._handlers += 1
         self._idle.clear()
         try:
-            await self._serve(request_iterator, context, peer)
+            await self._serve(request_iterator, context, peer, cert_not_after)
         finally:
             self._handlers -= 1
             if not self._handlers:
                 self._idle.set()
 
-    async def _serve(self, request_iterator: AsyncIterator[bytes], context: Any, peer: str) -> None:
+    async def _serve(
+        self,
+        request_iterator: AsyncIterator[bytes],
+        context: Any,
+        peer: str,
+        cert_not_after: datetime | None,
+    ) -> None:
         register = await self._first_register(request_iterator, context, peer)
         await self._authorize(register, context, peer)
         if register.probe:
@@ -197,6 +215,7 @@ class AgentLinkService:
             site_id=accepted[0].site_id,
             peer=peer,
             telemetry_stream=register.stream_id,
+            certificate_not_after=cert_not_after,
         )
         reader: asyncio.Task[str | None] | None = None
         try:

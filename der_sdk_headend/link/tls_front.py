@@ -336,7 +336,12 @@ class TlsFront:
             return
         try:
             cert = x509.load_der_x509_certificate(der)  # parsed once, for both names
-            agent = FrontPeer(peer=peer, fingerprint=fingerprint(cert), subject=subject(cert))
+            agent = FrontPeer(
+                peer=peer,
+                fingerprint=fingerprint(cert),
+                subject=subject(cert),
+                not_after=cert.not_valid_after_utc,
+            )
         except ValueError:  # verified by OpenSSL, so not expected
             writer.transport.abort()
             await self._refused(peer, "the client certificate could not be read", UNKNOWN_ACTOR)

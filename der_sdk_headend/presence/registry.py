@@ -121,6 +121,8 @@ class AgentStream:
     heartbeat; ``None`` until it reports one."""
     events_seen: set[str] = field(default_factory=set)
     """AgentEvent ids already queued for storage on this stream."""
+    certificate_not_after: datetime | None = None
+    """When the agent's client certificate expires (mutual TLS); ``None`` without one."""
 
     def __post_init__(self) -> None:
         if not self.telemetry_stream:

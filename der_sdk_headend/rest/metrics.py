@@ -22,6 +22,7 @@ from der_sdk_headend import gc_pauses
 
 if TYPE_CHECKING:
     from der_sdk_headend.cluster.ingest import StreamWriterStats
+    from der_sdk_headend.presence.registry import Presence
     from der_sdk_headend.service import Headend
 
 __all__ = ["HeadendCollector", "render_metrics"]
@@ -58,12 +59,24 @@ def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
 class HeadendCollector(Collector):
     """A prometheus-client collector over one headend's live state (module docstring)."""
 
-    def __init__(self, headend: Headend, alarm_counts: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        headend: Headend,
+        alarm_counts: Mapping[str, int] | None = None,
+        healthy: bool | None = None,
+    ) -> None:
         self.headend = headend
         self.alarm_counts = alarm_counts
+        self.healthy = healthy
 
     def collect(self) -> Iterator[Metric]:
         headend = self.headend
+        if self.healthy is not None:
+            yield _gauge(
+                "der_healthy",
+                "1 while GET /healthz answers 200, 0 while it answers 503 degraded.",
+                1.0 if self.healthy else 0.0,
+            )
         yield _gauge(
             "der_agents_connected",
             "Agent streams connected (in a cluster: to any replica).",
@@ -80,6 +93,13 @@ class HeadendCollector(Collector):
                 "der_cluster_replicas",
                 "Live replicas of the cluster, this one included.",
                 len(cluster.replicas()),
+            )
+        replica = headend.cluster
+        if replica is not None:
+            yield _gauge(
+                "der_bus_connected",
+                "1 while this replica's message bus connection is up.",
+                1.0 if replica.bus.state == "connected" else 0.0,
             )
         if self.alarm_counts is not None:
             alarms = GaugeMetricFamily(
@@ -153,6 +173,7 @@ class HeadendCollector(Collector):
         if writers is not None:
             yield from _stream_metrics(writers.stats())
         presence = headend.presence_or_none
+        yield from _certificate_metrics(headend, presence)
         buffers = [
             (stream.agent_id, stream.buffer)
             for stream in (presence.streams() if presence is not None else [])
@@ -168,16 +189,43 @@ class HeadendCollector(Collector):
 
 
 def render_metrics(
-    headend: Headend, accept: str | None = None, alarm_counts: Mapping[str, int] | None = None
+    headend: Headend,
+    accept: str | None = None,
+    alarm_counts: Mapping[str, int] | None = None,
+    *,
+    healthy: bool | None = None,
 ) -> tuple[bytes, str]:
     """The headend's metrics in the format ``accept`` (a request's ``Accept`` header)
     asks for, and its content type, as prometheus-client negotiates them.
 
     :param alarm_counts: active alarms by severity, read from storage by the caller
         (collectors are synchronous); ``None`` leaves ``der_alarms_active`` out.
+    :param healthy: whether ``/healthz`` would answer 200 (``der_healthy``), checked by the
+        caller for the same reason; ``None`` leaves it out.
     """
     encode, content_type = choose_encoder(accept or "")
-    return encode(HeadendCollector(headend, alarm_counts)), content_type
+    return encode(HeadendCollector(headend, alarm_counts, healthy)), content_type
+
+
+def _certificate_metrics(headend: Headend, presence: Presence | None) -> Iterator[Metric]:
+    """When the headend's own certificate and each connected agent's client certificate
+    expire, as Unix times (alert on ``... - time()``; docs/runbooks.md)."""
+    server = headend.server_certificate_not_after
+    if server is not None:
+        yield _gauge(
+            "der_tls_certificate_expiry_timestamp_seconds",
+            "When the headend's certificate (HEADEND_TLS_CERT, read at start) expires.",
+            server.timestamp(),
+        )
+    agents = GaugeMetricFamily(
+        "der_agent_certificate_expiry_timestamp_seconds",
+        "When each connected agent's client certificate expires (mutual TLS).",
+        labels=["agent_id"],
+    )
+    for stream in presence.streams() if presence is not None else ():
+        if stream.certificate_not_after is not None:
+            agents.add_metric([stream.agent_id], stream.certificate_not_after.timestamp())
+    yield agents
 
 
 def _gc_metrics() -> Iterator[Metric]:

@@ -60,35 +60,15 @@ class SystemController(Controller):
         **access("open"),
     )
     async def healthz(self, headend: NamedDependency[Headend]) -> Response[Health]:
-        storage = headend.storage
-        reason: str | None = None
-        try:
-            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_S):
-                if not await storage.healthy():
-                    reason = f"storage {storage.name} is not healthy"
-        except TimeoutError:
-            reason = (
-                f"storage {storage.name} did not answer its health check within "
-                f"{HEALTH_CHECK_TIMEOUT_S:g} s"
-            )
-        except Exception as exc:
-            reason = f"storage {storage.name} health check failed: {type(exc).__name__}"
-        cluster = headend.cluster
-        if reason is None and cluster is not None:
-            reason = cluster.health_reason()
+        reason = await health_reason(headend)
         queued_batches = queued_samples = 0
         ingest = headend.ingest_or_none
         if ingest is not None:
             stats = ingest.stats()
             queued_batches, queued_samples = stats.queued_batches, stats.queued_samples
-            if reason is None and stats.stalled:
-                reason = stats.stall_reason
-        writers = headend.stream_writers  # bus mode: the stream writers and the stream
-        if reason is None and writers is not None:
-            reason = writers.health_reason()
         health = Health(
             status="ok" if reason is None else "degraded",
-            storage=storage.name,
+            storage=headend.storage.name,
             agents_connected=headend.agents_connected,
             assets_connected=headend.assets_connected,
             reason=reason,
@@ -100,20 +80,51 @@ class SystemController(Controller):
     @get(
         "/metrics",
         summary="Prometheus metrics",
-        description="Ingest queue and storage writes, telemetry gaps, connected agents, "
-        "active alarms by severity, and each connected agent's store-and-forward buffer "
-        "(from its heartbeats), in the Prometheus text format. Needs a viewer token unless "
-        "the headend runs with `METRICS_AUTH=open`.",
+        description="Health (`der_healthy`, as `/healthz`), ingest queue and storage writes, "
+        "telemetry gaps, connected agents, active alarms by severity, each connected agent's "
+        "store-and-forward buffer (from its heartbeats) and certificate expiry, in the "
+        "Prometheus text format. Needs a viewer token unless the headend runs with "
+        "`METRICS_AUTH=open`. Alerts on them: deploy/prometheus/rules.yml.",
         media_type=MediaType.TEXT,
         **access("metrics"),
     )
     async def metrics(
         self, request: Request[Any, Any, Any], headend: NamedDependency[Headend]
     ) -> Response[bytes]:
+        reason, alarm_counts = await asyncio.gather(health_reason(headend), _alarm_counts(headend))
         body, content_type = render_metrics(
-            headend, request.headers.get("accept"), await _alarm_counts(headend)
+            headend, request.headers.get("accept"), alarm_counts, healthy=reason is None
         )
         return Response(body, media_type=content_type)
+
+
+async def health_reason(headend: Headend) -> str | None:
+    """Why ``/healthz`` answers 503 ``degraded`` (storage unhealthy or slow to answer, the
+    bus not connected, telemetry writes stalled, the stream writers stuck or the stream
+    near full), or ``None`` when healthy. ``/metrics`` exposes the same as ``der_healthy``."""
+    storage = headend.storage
+    reason: str | None = None
+    try:
+        async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_S):
+            if not await storage.healthy():
+                reason = f"storage {storage.name} is not healthy"
+    except TimeoutError:
+        reason = (
+            f"storage {storage.name} did not answer its health check within "
+            f"{HEALTH_CHECK_TIMEOUT_S:g} s"
+        )
+    except Exception as exc:
+        reason = f"storage {storage.name} health check failed: {type(exc).__name__}"
+    cluster = headend.cluster
+    if reason is None and cluster is not None:
+        reason = cluster.health_reason()
+    ingest = headend.ingest_or_none
+    if reason is None and ingest is not None and (stats := ingest.stats()).stalled:
+        reason = stats.stall_reason
+    writers = headend.stream_writers  # bus mode: the stream writers and the stream
+    if reason is None and writers is not None:
+        reason = writers.health_reason()
+    return reason
 
 
 async def _alarm_counts(headend: Headend) -> dict[str, int] | None:

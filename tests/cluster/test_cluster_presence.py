@@ -93,6 +93,7 @@ async def test_a_connect_and_disconnect_show_on_every_replica_within_2s(
     assert all(row["peer"] for row in rows.values())
     metrics = (await _get(b, "/metrics")).text
     assert "der_cluster_replicas 3.0" in metrics
+    assert "der_bus_connected 1.0" in metrics
     assert b.cluster_presence is not None
     assert b.cluster_presence.replica_of_asset(SITE_A_ASSETS[0]) == "replica-a"
     assert b.cluster_presence.replica_of_asset(PV_1) is None

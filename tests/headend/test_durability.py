@@ -513,6 +513,7 @@ async def test_healthz_says_degraded_when_storage_does_not_answer_its_health_che
 ) -> None:
     from der_sdk_headend.rest import system
 
+    assert "der_healthy 1.0" in (await http.get("/metrics")).text
     monkeypatch.setattr(system, "HEALTH_CHECK_TIMEOUT_S", 0.2)
 
     async def hangs() -> bool:
@@ -523,3 +524,6 @@ async def test_healthz_says_degraded_when_storage_does_not_answer_its_health_che
     response = await asyncio.wait_for(http.get("/healthz"), 5)
     assert response.status_code == 503
     assert "did not answer its health check within 0.2 s" in response.json()["reason"]
+    # /metrics says the same, for an alert (deploy/prometheus/rules.yml: DerHeadendDegraded)
+    metrics = await asyncio.wait_for(http.get("/metrics"), 5)
+    assert "der_healthy 0.0" in metrics.text

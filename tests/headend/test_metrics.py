@@ -64,3 +64,13 @@ async def test_a_scraper_asking_for_openmetrics_gets_openmetrics(
     values = _values(response.text, openmetrics_families)
     assert values[("der_agents_connected", "")] == 1
     assert values[("der_ingest_writes_total", "")] == 0
+
+
+async def test_without_tls_no_certificate_expiry_is_exposed(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    await agent.register(SITE_A_ASSETS)
+    values = _values((await http.get("/metrics")).text)
+    assert ("der_agents_connected", "") in values
+    assert not [name for name, _ in values if "certificate_expiry" in name]

@@ -42,6 +42,7 @@ from headend_kit import (
     make_config,
     sample,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from der_sdk import certs
 from der_sdk.errors import DerSdkError
@@ -239,6 +240,31 @@ async def test_a_bound_agent_registers_and_streams_over_mutual_tls(
     assert all(rows[a]["connected"] for a in SITE_A_ASSETS)
     assert f"proved {pki.agent_a.fingerprint} for site {SITE_A}" in caplog.text
     assert await headend.storage.events(kind=AUDIT_KIND) == []
+
+
+@pytest.mark.parametrize("mode", ["front", "native"])
+async def test_metrics_show_when_the_headend_and_each_agent_certificate_expire(
+    mode: str, pki: Pki, start_headend: Start, channels: Callable[..., grpc.aio.Channel],
+    https: Callable[[Headend], httpx.AsyncClient],
+) -> None:  # fmt: skip
+    headend = await start_headend(
+        bind(SITE_A, f"fingerprint: {pki.agent_a.fingerprint}"), HEADEND_MTLS_MODE=mode
+    )
+    agent = RawAgent(channels(headend, pki.agent_a, ca=pki.ca))
+    assert (await agent.register(SITE_A_ASSETS, agent_id="gw-north")).accepted
+    async with https(headend) as http:
+        text = (await http.get("/metrics")).text
+    values = {
+        (s.name, s.labels.get("agent_id", "")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert values[("der_tls_certificate_expiry_timestamp_seconds", "")] == (
+        pki.headend.not_after.timestamp()
+    )
+    assert values[("der_agent_certificate_expiry_timestamp_seconds", "gw-north")] == (
+        pki.agent_a.not_after.timestamp()
+    )
 
 
 async def test_subject_identity_binds_any_certificate_with_that_subject(
