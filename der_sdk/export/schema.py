@@ -1,0 +1,181 @@
+"""The table a telemetry export writes: the core sample fields, then each asset type's
+``details`` fields as typed columns (docs/export.md).
+
+Columns, in this order:
+
+* ``asset_id``, ``site_id``, ``asset_type`` (empty when the exporter has no inventory),
+  ``ts`` (UTC, microseconds), ``mw``, ``mw_setpoint``, ``online``, ``status``,
+  ``fault_code``, ``seq``, ``quality``, ``quality_reason``;
+* ``details_<field>`` for every field of every installed asset type's ``details``
+  (:class:`~der_sdk.extensions.AssetType`), typed from its annotation (float, integer,
+  text, boolean; anything else is JSON text). Types sharing a field name share the
+  column (the first type registered sets its type);
+* ``details_extra``: the JSON object of the ``details`` keys no column holds (fields of
+  no installed type, or a value of another type than its column's), empty when none.
+
+So a sample goes into a row and comes back out of it unchanged (:func:`samples_from_table`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import pyarrow as pa
+
+from der_sdk.extensions import AssetType
+from der_sdk.models import TelemetrySample
+
+__all__ = ["DETAILS_EXTRA", "DETAILS_PREFIX", "ExportSchema", "samples_from_table"]
+
+DETAILS_PREFIX = "details_"
+DETAILS_EXTRA = "details_extra"
+
+_CORE: tuple[tuple[str, pa.DataType], ...] = (
+    ("asset_id", pa.string()),
+    ("site_id", pa.string()),
+    ("asset_type", pa.string()),
+    ("ts", pa.timestamp("us", tz="UTC")),
+    ("mw", pa.float64()),
+    ("mw_setpoint", pa.float64()),
+    ("online", pa.bool_()),
+    ("status", pa.string()),
+    ("fault_code", pa.string()),
+    ("seq", pa.int64()),
+    ("quality", pa.string()),
+    ("quality_reason", pa.string()),
+)
+_SAMPLE_FIELDS = tuple(name for name, _ in _CORE if name != "asset_type")
+
+
+def _is_float(value: object) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+# The Arrow type of a details field, and which values a column of it holds.
+_BY_KIND: dict[type[msgspec.inspect.Type], tuple[pa.DataType, Callable[[object], bool]]] = {
+    msgspec.inspect.FloatType: (pa.float64(), _is_float),
+    msgspec.inspect.IntType: (pa.int64(), _is_int),
+    msgspec.inspect.StrType: (pa.string(), _is_str),
+    msgspec.inspect.BoolType: (pa.bool_(), _is_bool),
+}
+
+
+def _field_kind(annotation: msgspec.inspect.Type) -> type[msgspec.inspect.Type] | None:
+    """The one scalar kind of a field (``float | None`` is float), or ``None``."""
+    if isinstance(annotation, msgspec.inspect.UnionType):
+        kinds = [t for t in annotation.types if not isinstance(t, msgspec.inspect.NoneType)]
+        return _field_kind(kinds[0]) if len(kinds) == 1 else None
+    kind = type(annotation)
+    return kind if kind in _BY_KIND else None
+
+
+@dataclass(frozen=True)
+class _DetailColumn:
+    field: str
+    type: pa.DataType
+    holds: Callable[[object], bool]
+
+
+@dataclass(frozen=True)
+class ExportSchema:
+    """The export table for a set of asset types; build it with :meth:`for_asset_types`."""
+
+    details: tuple[_DetailColumn, ...]
+
+    @classmethod
+    def for_asset_types(cls, asset_types: Iterable[AssetType]) -> ExportSchema:
+        columns: dict[str, _DetailColumn] = {}
+        for asset_type in asset_types:
+            info = msgspec.inspect.type_info(asset_type.details)
+            if not isinstance(info, msgspec.inspect.StructType):
+                continue
+            for field in info.fields:
+                if field.encode_name in columns:
+                    continue
+                kind = _field_kind(field.type)
+                arrow_type, holds = _BY_KIND[kind] if kind else (pa.string(), _is_str)
+                columns[field.encode_name] = _DetailColumn(field.encode_name, arrow_type, holds)
+        return cls(tuple(columns.values()))
+
+    @property
+    def arrow(self) -> pa.Schema:
+        """The Arrow schema of the table."""
+        return pa.schema(
+            [
+                *(pa.field(name, kind) for name, kind in _CORE),
+                *(pa.field(DETAILS_PREFIX + c.field, c.type) for c in self.details),
+                pa.field(DETAILS_EXTRA, pa.string()),
+            ]
+        )
+
+    def table(
+        self, samples: Sequence[TelemetrySample], asset_types: Mapping[str, str] | None = None
+    ) -> pa.Table:
+        """``samples`` as a table of this schema, in their order.
+
+        :param asset_types: the asset type of each asset id (the ``asset_type`` column);
+            without it the column is empty.
+        """
+        types = asset_types or {}
+        columns: list[list[Any]] = [
+            [getattr(s, name) for s in samples] for name in _SAMPLE_FIELDS[:2]
+        ]
+        columns.append([types.get(s.asset_id) for s in samples])
+        columns += [[getattr(s, name) for s in samples] for name in _SAMPLE_FIELDS[2:]]
+        details: list[list[Any]] = [[] for _ in self.details]
+        extras: list[str | None] = []
+        for sample in samples:
+            left = dict(sample.details)
+            for column, values in zip(self.details, details, strict=True):
+                value = left.get(column.field)
+                if value is not None and column.holds(value):
+                    values.append(left.pop(column.field))
+                else:
+                    values.append(None)
+            extras.append(json.dumps(left, separators=(",", ":")) if left else None)
+        return pa.Table.from_arrays(
+            [
+                *(pa.array(values, kind) for values, (_, kind) in zip(columns, _CORE, strict=True)),
+                *(pa.array(v, c.type) for v, c in zip(details, self.details, strict=True)),
+                pa.array(extras, pa.string()),
+            ],
+            schema=self.arrow,
+        )
+
+
+def samples_from_table(table: pa.Table) -> list[TelemetrySample]:
+    """The samples of an export table (read back from Parquet or CSV): the inverse of
+    :meth:`ExportSchema.table`."""
+    rows = table.to_pylist()
+    samples = []
+    for row in rows:
+        details = {
+            name.removeprefix(DETAILS_PREFIX): value
+            for name, value in row.items()
+            if name.startswith(DETAILS_PREFIX) and name != DETAILS_EXTRA and value is not None
+        }
+        if row.get(DETAILS_EXTRA):
+            details.update(json.loads(row[DETAILS_EXTRA]))
+        samples.append(
+            TelemetrySample(
+                **{name: row[name] for name in _SAMPLE_FIELDS},
+                details=details,
+            )
+        )
+    return samples
