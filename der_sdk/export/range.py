@@ -65,8 +65,9 @@ async def export_range(
     """Write every stored sample with ``start <= ts < end`` (of one site or asset when
     given) under ``out``, partitioned by day and site.
 
-    Memory holds one page of ``page_size`` samples from storage and at most
-    ``max_buffered_rows`` (default: 10 pages) waiting to be written.
+    Memory holds two pages of ``page_size`` samples from storage (one read while the one
+    before is written) and at most ``max_buffered_rows`` (default: 10 pages) waiting to be
+    written.
 
     :raises DerSdkError: a bad range or output folder (:func:`check_range`,
         :func:`~der_sdk.export.files.check_output_dir`).
@@ -80,9 +81,17 @@ async def export_range(
         dict(asset_types or {}),
         max_buffered_rows=max_buffered_rows or 10 * page_size,
     )
-    async for page in storage.telemetry_pages(
-        start, end, site_id=site_id, asset_id=asset_id, page_size=page_size
-    ):
-        await asyncio.to_thread(files.add, page)
+    # One page is written (on a thread) while storage reads the next: two pages at most.
+    writing: asyncio.Future[None] | None = None
+    try:
+        async for page in storage.telemetry_pages(
+            start, end, site_id=site_id, asset_id=asset_id, page_size=page_size
+        ):
+            if writing is not None:
+                await writing
+            writing = asyncio.ensure_future(asyncio.to_thread(files.add, page))
+    finally:
+        if writing is not None:
+            await writing
     await asyncio.to_thread(files.close)
     return ExportSummary(files.rows, files.files)

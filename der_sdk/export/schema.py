@@ -51,20 +51,20 @@ _CORE: tuple[tuple[str, pa.DataType], ...] = (
 _SAMPLE_FIELDS = tuple(name for name, _ in _CORE if name != "asset_type")
 
 
-def _is_float(value: object) -> bool:
-    return isinstance(value, float | int) and not isinstance(value, bool)
+def _holding(*kinds: type) -> Callable[[object], bool]:
+    """Whether a value is exactly of one of ``kinds`` (``bool`` is not an ``int`` here)."""
+    exact = frozenset(kinds)
+
+    def holds(value: object) -> bool:
+        return type(value) in exact
+
+    return holds
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_str(value: object) -> bool:
-    return isinstance(value, str)
-
-
-def _is_bool(value: object) -> bool:
-    return isinstance(value, bool)
+_is_float = _holding(float, int)
+_is_int = _holding(int)
+_is_str = _holding(str)
+_is_bool = _holding(bool)
 
 
 # The Arrow type of a details field, and which values a column of it holds.
@@ -138,17 +138,21 @@ class ExportSchema:
         ]
         columns.append([types.get(s.asset_id) for s in samples])
         columns += [[getattr(s, name) for s in samples] for name in _SAMPLE_FIELDS[2:]]
-        details: list[list[Any]] = [[] for _ in self.details]
-        extras: list[str | None] = []
-        for sample in samples:
-            left = dict(sample.details)
-            for column, values in zip(self.details, details, strict=True):
-                value = left.get(column.field)
-                if value is not None and column.holds(value):
-                    values.append(left.pop(column.field))
+        # Walk each sample's own keys (a few), not every column of every type (dozens).
+        index = {c.field: (i, c.holds) for i, c in enumerate(self.details)}
+        details: list[list[Any]] = [[None] * len(samples) for _ in self.details]
+        extras: list[str | None] = [None] * len(samples)
+        for row, sample in enumerate(samples):
+            left: dict[str, Any] | None = None
+            for name, value in sample.details.items():
+                found = index.get(name)
+                if found is not None and value is not None and found[1](value):
+                    details[found[0]][row] = value
                 else:
-                    values.append(None)
-            extras.append(json.dumps(left, separators=(",", ":")) if left else None)
+                    left = left or {}
+                    left[name] = value
+            if left:
+                extras[row] = json.dumps(left, separators=(",", ":"))
         return pa.Table.from_arrays(
             [
                 *(pa.array(values, kind) for values, (_, kind) in zip(columns, _CORE, strict=True)),
