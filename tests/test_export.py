@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.dataset as ds
@@ -20,6 +21,7 @@ from der_sdk.cli import main
 from der_sdk.export.files import PartitionedFiles
 from der_sdk.export.range import export_range
 from der_sdk.export.schema import ExportSchema, samples_from_table
+from der_sdk.extensions import AssetType
 from der_sdk.models import TelemetrySample
 from der_sdk.plugins import load_plugins
 from der_sdk.storage.contract import StorageBackend
@@ -263,3 +265,28 @@ def test_a_missing_sqlite_database_is_refused_not_created(
     assert code == 2
     assert f"no SQLite database at {tmp_path}/nothing-here.db" in capsys.readouterr().err
     assert not (tmp_path / "nothing-here.db").exists()
+
+
+class _ModeText(msgspec.Struct, kw_only=True):
+    mode: str | None = None
+    level: float | None = None
+
+
+class _ModeNumber(msgspec.Struct, kw_only=True):
+    mode: int | None = None
+
+
+def test_a_field_two_types_declare_differently_has_no_column_and_loses_nothing() -> None:
+    types = [
+        AssetType(name="a", details=_ModeText, description=""),
+        AssetType(name="b", details=_ModeNumber, description=""),
+    ]
+    shared = ExportSchema.for_asset_types(types)
+    assert [f.name for f in shared.arrow][-2:] == ["details_level", "details_extra"]
+    samples = [
+        TelemetrySample(asset_id="x", site_id="s", ts=T0, mw=1, details={"mode": "eco"}),
+        TelemetrySample(asset_id="y", site_id="s", ts=T0, mw=1, details={"mode": 3, "level": 2}),
+    ]
+    table = shared.table(samples, {"x": "a", "y": "b"})
+    assert table.column("details_extra").to_pylist() == ['{"mode":"eco"}', '{"mode":3}']
+    assert samples_from_table(table) == samples

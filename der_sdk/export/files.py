@@ -17,6 +17,7 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import IO, Literal, cast
 from urllib.parse import quote
@@ -52,7 +53,16 @@ MAX_BUFFERED_ROWS = 50_000
 
 def partition_path(sample: TelemetrySample) -> str:
     """``date=YYYY-MM-DD/site=SITE`` of a sample (its UTC day and its site)."""
-    return f"date={sample.ts.date().isoformat()}/site={quote(sample.site_id, safe='-_.')}"
+    return _partition_dir(_partition(sample))
+
+
+def _partition(sample: TelemetrySample) -> tuple[date, str]:
+    return sample.ts.date(), sample.site_id
+
+
+def _partition_dir(partition: tuple[date, str]) -> str:
+    day, site = partition
+    return f"date={day.isoformat()}/site={quote(site, safe='-_.')}"
 
 
 def check_output_dir(out: Path) -> None:
@@ -101,13 +111,13 @@ class PartitionedFiles:
     max_buffered_rows: int = MAX_BUFFERED_ROWS
     files: list[Path] = field(default_factory=list)
     rows: int = 0
-    _buffers: dict[str, list[TelemetrySample]] = field(default_factory=dict)
-    _parts: dict[str, int] = field(default_factory=dict)
+    _buffers: dict[tuple[date, str], list[TelemetrySample]] = field(default_factory=dict)
+    _parts: dict[tuple[date, str], int] = field(default_factory=dict)
     _buffered: int = 0
 
     def add(self, samples: Sequence[TelemetrySample]) -> None:
         for sample in samples:
-            self._buffers.setdefault(partition_path(sample), []).append(sample)
+            self._buffers.setdefault(_partition(sample), []).append(sample)
         self._buffered += len(samples)
         while self._buffered > self.max_buffered_rows:
             self._flush(max(self._buffers, key=lambda p: len(self._buffers[p])))
@@ -115,23 +125,23 @@ class PartitionedFiles:
     def write_partitions(self, samples: Sequence[TelemetrySample], name: str) -> list[Path]:
         """Write ``samples`` at once, one file called ``name`` per partition (replacing
         one of that name): the same samples under the same name give the same files."""
-        by_partition: dict[str, list[TelemetrySample]] = {}
+        by_partition: dict[tuple[date, str], list[TelemetrySample]] = {}
         for sample in samples:
-            by_partition.setdefault(partition_path(sample), []).append(sample)
+            by_partition.setdefault(_partition(sample), []).append(sample)
         written = []
         for partition, rows in by_partition.items():
-            path = self.out / partition / f"{name}.{self.fmt}"
+            path = self.out / _partition_dir(partition) / f"{name}.{self.fmt}"
             _write_table(self.schema.table(rows, self.asset_types), path, self.fmt)
             written.append(path)
         self.rows += len(samples)
         self.files += written
         return written
 
-    def _flush(self, partition: str) -> None:
+    def _flush(self, partition: tuple[date, str]) -> None:
         rows = self._buffers.pop(partition)
         part = self._parts.get(partition, 0)
         self._parts[partition] = part + 1
-        path = self.out / partition / f"part-{part:05d}.{self.fmt}"
+        path = self.out / _partition_dir(partition) / f"part-{part:05d}.{self.fmt}"
         _write_table(self.schema.table(rows, self.asset_types), path, self.fmt)
         self._buffered -= len(rows)
         self.rows += len(rows)

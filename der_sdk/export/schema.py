@@ -19,6 +19,7 @@ So a sample goes into a row and comes back out of it unchanged (:func:`samples_f
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ _CORE: tuple[tuple[str, pa.DataType], ...] = (
     ("quality_reason", pa.string()),
 )
 _SAMPLE_FIELDS = tuple(name for name, _ in _CORE if name != "asset_type")
+_fields = operator.attrgetter(*_SAMPLE_FIELDS, "details")
 
 
 def _holding(*kinds: type) -> Callable[[object], bool]:
@@ -101,17 +103,23 @@ class ExportSchema:
     @classmethod
     def for_asset_types(cls, asset_types: Iterable[AssetType]) -> ExportSchema:
         columns: dict[str, _DetailColumn] = {}
+        clashes: set[str] = set()
         for asset_type in asset_types:
             info = msgspec.inspect.type_info(asset_type.details)
             if not isinstance(info, msgspec.inspect.StructType):
                 continue
             for field in info.fields:
-                if field.encode_name in columns:
-                    continue
                 kind = _field_kind(field.type)
                 arrow_type, holds = _BY_KIND[kind] if kind else (pa.string(), _is_str)
-                columns[field.encode_name] = _DetailColumn(field.encode_name, arrow_type, holds)
-        return cls(tuple(columns.values()))
+                known = columns.get(field.encode_name)
+                if known is not None and known.type != arrow_type:
+                    clashes.add(field.encode_name)
+                columns.setdefault(
+                    field.encode_name, _DetailColumn(field.encode_name, arrow_type, holds)
+                )
+        # Two types with one field name of different types: no column, so no value is
+        # converted to the other type's; their values go to details_extra.
+        return cls(tuple(c for name, c in columns.items() if name not in clashes))
 
     @property
     def arrow(self) -> pa.Schema:
@@ -133,34 +141,47 @@ class ExportSchema:
             without it the column is empty.
         """
         types = asset_types or {}
-        columns: list[list[Any]] = [
-            [getattr(s, name) for s in samples] for name in _SAMPLE_FIELDS[:2]
+        # One tuple per sample, transposed into one per column, both in C.
+        fields: list[tuple[Any, ...]] = list(zip(*map(_fields, samples), strict=True)) or [
+            () for _ in _SAMPLE_FIELDS
         ]
-        columns.append([types.get(s.asset_id) for s in samples])
-        columns += [[getattr(s, name) for s in samples] for name in _SAMPLE_FIELDS[2:]]
-        # Walk each sample's own keys (a few), not every column of every type (dozens).
-        index = {c.field: (i, c.holds) for i, c in enumerate(self.details)}
-        details: list[list[Any]] = [[None] * len(samples) for _ in self.details]
-        extras: list[str | None] = [None] * len(samples)
-        for row, sample in enumerate(samples):
-            left: dict[str, Any] | None = None
-            for name, value in sample.details.items():
-                found = index.get(name)
-                if found is not None and value is not None and found[1](value):
-                    details[found[0]][row] = value
-                else:
-                    left = left or {}
-                    left[name] = value
-            if left:
-                extras[row] = json.dumps(left, separators=(",", ":"))
+        columns: list[Sequence[Any]] = [
+            fields[0],
+            fields[1],
+            [types.get(a) for a in fields[0]],
+            *fields[2:-1],
+        ]
+        details, extras = _in_columns(self.details, fields[-1])
         return pa.Table.from_arrays(
             [
                 *(pa.array(values, kind) for values, (_, kind) in zip(columns, _CORE, strict=True)),
-                *(pa.array(v, c.type) for v, c in zip(details, self.details, strict=True)),
+                *details,
                 pa.array(extras, pa.string()),
             ],
             schema=self.arrow,
         )
+
+
+def _in_columns(
+    columns: Sequence[_DetailColumn], all_details: Sequence[dict[str, Any]]
+) -> tuple[list[pa.Array[Any]], list[str | None]]:
+    """The ``details`` columns and ``details_extra`` of every sample, value by value: what
+    a column holds goes there, anything else into the JSON of ``details_extra``."""
+    index = {c.field: (i, c.holds) for i, c in enumerate(columns)}
+    values: list[list[Any]] = [[None] * len(all_details) for _ in columns]
+    extras: list[str | None] = [None] * len(all_details)
+    for row, details in enumerate(all_details):
+        left: dict[str, Any] | None = None
+        for name, value in details.items():
+            found = index.get(name)
+            if found is not None and value is not None and found[1](value):
+                values[found[0]][row] = value
+            else:
+                left = left or {}
+                left[name] = value
+        if left:
+            extras[row] = json.dumps(left, separators=(",", ":"))
+    return [pa.array(v, c.type) for v, c in zip(values, columns, strict=True)], extras
 
 
 def samples_from_table(table: pa.Table) -> list[TelemetrySample]:

@@ -52,6 +52,7 @@ __all__ = [
     "StorageBackend",
     "TelemetryChanges",
     "alarm_conditions",
+    "check_page_size",
     "checked_alarm_update",
     "close_sessions_left_open",
     "filtered_events",
@@ -156,6 +157,13 @@ EXPORT_PAGE_ROWS = 5_000
 """Default rows per page of :meth:`StorageBackend.telemetry_pages`."""
 
 
+def check_page_size(page_size: int) -> None:
+    """:raises ValueError: ``page_size`` of :meth:`StorageBackend.telemetry_pages` is not
+    at least 1."""
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+
+
 class StorageBackend(abc.ABC):
     """The async storage contract of the headend."""
 
@@ -233,8 +241,7 @@ class StorageBackend(abc.ABC):
         one after another through :meth:`telemetry_history` (each asset oldest first).
         Since 0.4.
         """
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         latest = await self.latest_telemetry()
         assets = sorted(
             a

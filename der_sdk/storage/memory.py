@@ -35,6 +35,7 @@ from der_sdk.storage.contract import (
     AlarmWrite,
     StorageBackend,
     TelemetryChanges,
+    check_page_size,
     checked_alarm_update,
 )
 
@@ -163,8 +164,7 @@ class MemoryStorage(StorageBackend):
         asset_id: str | None = None,
         page_size: int = EXPORT_PAGE_ROWS,
     ) -> AsyncIterator[list[TelemetrySample]]:
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         low, high = _utc(start), _utc(end)
         after: tuple[datetime, str] | None = None
         while True:

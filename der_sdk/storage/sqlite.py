@@ -50,6 +50,7 @@ from der_sdk.storage.contract import (
     StorageBackend,
     TelemetryChanges,
     alarm_conditions,
+    check_page_size,
     checked_alarm_update,
 )
 
@@ -869,8 +870,7 @@ class SQLiteStorage(StorageBackend):
         asset_id: str | None = None,
         page_size: int = EXPORT_PAGE_ROWS,
     ) -> AsyncIterator[list[TelemetrySample]]:
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         where, params = _range(start, end)
         for column, value in (("site_id", site_id), ("asset_id", asset_id)):
             if value is not None:

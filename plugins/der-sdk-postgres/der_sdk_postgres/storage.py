@@ -47,6 +47,7 @@ from der_sdk.storage.contract import (
     StorageBackend,
     TelemetryChanges,
     alarm_conditions,
+    check_page_size,
     checked_alarm_update,
 )
 from der_sdk_postgres.migrations import migrate
@@ -512,8 +513,7 @@ class PostgresStorage(StorageBackend):
         asset_id: str | None = None,
         page_size: int = EXPORT_PAGE_ROWS,
     ) -> AsyncIterator[list[TelemetrySample]]:
-        if page_size < 1:
-            raise ValueError(f"page_size must be at least 1, got {page_size}")
+        check_page_size(page_size)
         where, params = _range(start, end, first=1)
         for column, value in (("site_id", site_id), ("asset_id", asset_id)):
             if value is not None:
