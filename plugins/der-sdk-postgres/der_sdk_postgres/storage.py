@@ -323,8 +323,9 @@ class PostgresStorage(StorageBackend):
             format="binary",
         )
         await conn.execute(
-            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE}"
-            " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            # The sample's columns only: telemetry fills in ingest_xid itself (0008).
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} ON COMMIT DELETE ROWS AS"
+            f" SELECT {_TELEMETRY_SELECT} FROM telemetry WITH NO DATA"
         )
 
     # ------------------------------------------------------------------ lifecycle
