@@ -334,9 +334,10 @@ class ExportBatch:
 
     ``batch_id`` is the same whenever the same batch is given again: a batch whose
     export or cursor save did not complete (the exporter raised, the headend stopped) is
-    given again with the same id and the same samples, so an exporter that writes it
-    under that id (a file name, a key its target deduplicates by) stores every sample
-    exactly once. It holds letters, digits and ``-`` only.
+    given again with the same id, starting with the same samples (it may end with samples
+    stored since), so an exporter that writes it under that id, replacing what it wrote
+    before (a file name, a key its target deduplicates by), stores every sample exactly
+    once. It holds hexadecimal digits only.
     """
 
     samples: Sequence[TelemetrySample]

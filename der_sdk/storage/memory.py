@@ -191,7 +191,7 @@ class MemoryStorage(StorageBackend):
 
     async def telemetry_changes(self, after: str | None, limit: int) -> TelemetryChanges:
         first = 0 if after is None else int(after)
-        found = _copies(self._stored[first:], limit)
+        found = _copies(self._stored[first : first + max(limit, 0)], limit)
         if not found:
             return TelemetryChanges([], after)
         return TelemetryChanges(found, str(first + len(found)))
