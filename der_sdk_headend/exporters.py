@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
 from der_sdk_headend.config import ExporterConfig
 
-__all__ = ["STOP_TIMEOUT_S", "ExporterRunner", "batch_id"]
+__all__ = ["STOP_TIMEOUT_S", "ExporterRunner", "ExporterStats", "batch_id"]
 
 log = logging.getLogger("der.headend.exporters")
 
@@ -50,6 +51,21 @@ class _Running:
     started: bool = False
     exported: int = 0
     failures: int = 0
+    failing: bool = False
+    last_success: float | None = None
+    """Unix time of the last batch exported (or of catching up with nothing to export)."""
+
+
+@dataclass(frozen=True)
+class ExporterStats:
+    """One exporter's figures for ``/metrics``."""
+
+    name: str
+    type: str
+    exported: int
+    failures: int
+    failing: bool
+    last_success: float | None
 
 
 class ExporterRunner:
@@ -104,6 +120,19 @@ class ExporterRunner:
         """Samples exporter ``name`` has exported since this headend started."""
         return self._running[name].exported
 
+    def stats(self) -> list[ExporterStats]:
+        return [
+            ExporterStats(
+                name=name,
+                type=r.config.type,
+                exported=r.exported,
+                failures=r.failures,
+                failing=r.failing,
+                last_success=r.last_success,
+            )
+            for name, r in self._running.items()
+        ]
+
     def start(self) -> None:
         for name, running in self._running.items():
             running.task = asyncio.create_task(self._run(running), name=f"exporter:{name}")
@@ -140,12 +169,15 @@ class ExporterRunner:
                     if attempt:
                         log.info("exporter %s recovered after %d failure(s)", name, attempt)
                     attempt = 0
-                    if len(changes.samples) >= self.batch_rows:
-                        continue  # behind: the next batch at once
+                running.failing = False
+                running.last_success = time.time()
+                if changes.samples and len(changes.samples) >= self.batch_rows:
+                    continue  # behind: the next batch at once
                 delay = self.interval_s
             except Exception as exc:
                 attempt += 1
                 running.failures += 1
+                running.failing = True
                 delay = self.backoff.delay(attempt)
                 log.warning(
                     "exporter %s (%s) failed (attempt %d), retrying the same batch in %.1f s: %s",

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pyarrow.dataset as ds
 import pytest
 from headend_kit import BESS_1, PV_1, SITE_B, make_config, sample
@@ -218,6 +219,11 @@ async def test_the_headend_runs_the_exporters_of_headend_exporters(
         stored = [sample(BESS_1, seconds=s) for s in range(5)] + [sample(PV_1, SITE_B)]
         await headend.storage.append_telemetry(stored)
         await wait_until(lambda: len(folder_samples(folder)) == 6, "exported by the headend")
+        async with httpx.AsyncClient(base_url=headend.http_url) as http:
+            metrics = (await http.get("/metrics")).text
+        assert 'der_exporter_samples_total{exporter="lake"} 6.0' in metrics
+        assert 'der_exporter_failing{exporter="lake"} 0.0' in metrics
+        assert 'der_exporter_last_success_timestamp_seconds{exporter="lake"}' in metrics
     finally:
         await headend.stop()
     table = ds.dataset(folder, format="parquet", partitioning="hive").to_table()
