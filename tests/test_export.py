@@ -290,3 +290,24 @@ def test_a_field_two_types_declare_differently_has_no_column_and_loses_nothing()
     table = shared.table(samples, {"x": "a", "y": "b"})
     assert table.column("details_extra").to_pylist() == ['{"mode":"eco"}', '{"mode":3}']
     assert samples_from_table(table) == samples
+
+
+def test_the_export_guide_names_only_real_options_and_variables() -> None:
+    """docs/export.md: every ``der export`` option and ``HEADEND_EXPORT*`` variable it
+    names exists, and every option of ``der export`` is named there."""
+    import argparse
+    import re
+
+    from der_sdk.export.command import add_export_arguments
+    from der_sdk_headend import config
+
+    guide = (Path(__file__).parent.parent / "docs" / "export.md").read_text()
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    options = {o for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    options.discard("--help")
+    usage = guide[guide.index("## `der export`") : guide.index("## `GET /telemetry/export`")]
+    assert set(re.findall(r"(--[a-z-]+)", usage)) == options
+    variables = set(re.findall(r"HEADEND_EXPORT[A-Z_]*", guide)) - {"HEADEND_EXPORTER_"}
+    documented = set(re.findall(r"HEADEND_EXPORT[A-Z_]*", config.__doc__ or ""))
+    assert variables <= documented | {"HEADEND_EXPORTER_LAKE_DIR", "HEADEND_EXPORTER_"}
