@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, str] = {
     "console-fleet": "bench.console:run_fleet",
     "console-sse": "bench.console:run_sse",
     "modbus-poll": "bench.modbus_poll:run",
+    "export-pg": "bench.export:run",
 }
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"

@@ -99,7 +99,8 @@ async def raw_staging(conns: Sequence[asyncpg.Connection], k: int, rows: Sequenc
     async with conn.transaction():
         await conn.copy_records_to_table("staging", records=rows, columns=COLUMNS)
         status = await conn.execute(
-            "INSERT INTO telemetry_raw SELECT * FROM staging ON CONFLICT (asset_id, ts) DO NOTHING"
+            f"INSERT INTO telemetry_raw ({', '.join(COLUMNS)}) SELECT * FROM staging"
+            " ON CONFLICT (asset_id, ts) DO NOTHING"
         )
     return int(status.rpartition(" ")[2])
 
@@ -151,8 +152,10 @@ async def run(
             for writers in writers_list:
                 conns = [await asyncpg.connect(url) for _ in range(writers)]
                 for conn in conns:
+                    # The sample's columns only, as the plugin's own staging table.
                     await conn.execute(
-                        "CREATE TEMPORARY TABLE staging (LIKE telemetry) ON COMMIT DELETE ROWS"
+                        "CREATE TEMPORARY TABLE staging ON COMMIT DELETE ROWS AS"
+                        f" SELECT {', '.join(COLUMNS)} FROM telemetry WITH NO DATA"
                     )
                 try:
                     await conns[0].execute("TRUNCATE telemetry_plain, telemetry_raw")

@@ -7,4 +7,5 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "der_sdk.storage.sqlite",
     "der_sdk.bus.memory",
     "der_sdk.commands",
+    "der_sdk.export.folder",
 )

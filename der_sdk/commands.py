@@ -37,6 +37,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         "bus_backends": plugins.bus_backends,
         "device_profiles": plugins.device_profiles,
         "edge_services": plugins.edge_services,
+        "exporters": plugins.exporters,
         "device_simulators": plugins.device_simulators,
     }
     commands = plugins.commands
@@ -237,6 +238,18 @@ def _add_certs_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- hook
 
 
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from der_sdk.export.command import cmd_export
+
+    return cmd_export(ns)
+
+
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
+    from der_sdk.export.command import add_export_arguments
+
+    add_export_arguments(p)
+
+
 @hookimpl
 def der_commands() -> list[CommandType]:
     return [
@@ -280,6 +293,15 @@ def der_commands() -> list[CommandType]:
             add_help=False,
             add_arguments=_add_sim_arguments,
             run=cmd_sim,
+        ),
+        CommandType(
+            name="export",
+            help="export stored telemetry to Parquet or CSV files by day and site",
+            description="Export the samples of a time range (--from inclusive, --to "
+            "exclusive) from the headend's storage (DATABASE_URL) into Parquet or CSV files "
+            "under --out, partitioned as date=YYYY-MM-DD/site=SITE/part-N (docs/export.md).",
+            add_arguments=_add_export_arguments,
+            run=_cmd_export,
         ),
         CommandType(
             name="certs",

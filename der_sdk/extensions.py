@@ -38,6 +38,10 @@ __all__ = [
     "EdgeService",
     "EdgeServiceContext",
     "EdgeServiceType",
+    "ExportBatch",
+    "Exporter",
+    "ExporterContext",
+    "ExporterType",
     "LocalDispatch",
     "NoConditions",
     "SetpointResult",
@@ -318,6 +322,82 @@ class EdgeServiceType:
     name: str
     factory: Callable[[EdgeServiceContext], EdgeService]
     options: type[msgspec.Struct] | None = None
+    description: str = ""
+
+
+# --------------------------------------------------------------------------- exporters
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportBatch:
+    """Samples a continuous exporter is given, in storage order (docs/export.md).
+
+    ``batch_id`` is the same whenever the same batch is given again: a batch whose
+    export or cursor save did not complete (the exporter raised, the headend stopped) is
+    given again with the same id, starting with the same samples (it may end with samples
+    stored since), so an exporter that writes it under that id, replacing what it wrote
+    before (a file name, a key its target deduplicates by), stores every sample exactly
+    once. It holds hexadecimal digits only.
+    """
+
+    samples: Sequence[TelemetrySample]
+    batch_id: str
+    cursor: str
+    """Where the next batch starts: stored as the exporter's cursor once ``export``
+    returns."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExporterContext:
+    """What the headend gives an exporter's factory.
+
+    ``name`` is the instance's name in ``HEADEND_EXPORTERS`` (also the key of its cursor
+    in storage); ``options`` are its ``HEADEND_EXPORTER_<NAME>_<OPTION>`` variables, by
+    lower-case option name (``dir``); ``asset_types`` the installed asset types (for the
+    ``details`` columns); ``asset_type_of`` each inventory asset's type by asset id.
+    """
+
+    name: str
+    options: Mapping[str, str]
+    asset_types: Sequence[AssetType] = ()
+    asset_type_of: Mapping[str, str] = field(default_factory=dict)
+
+    def variable(self, option: str) -> str:
+        """The environment variable of ``option``, for error messages."""
+        instance = self.name.upper().replace("-", "_")
+        return f"HEADEND_EXPORTER_{instance}_{option.upper()}"
+
+
+class Exporter(abc.ABC):
+    """A continuous exporter the headend runs (made by :class:`ExporterType.factory`).
+
+    ``start()`` is awaited once before the first batch and ``stop()`` once at shutdown;
+    ``export()`` is awaited with one batch at a time. When it raises, the headend logs
+    it with the exporter's name and gives the same batch again after a pause, so an
+    exporter whose target is down catches up when it is back.
+    """
+
+    async def start(self) -> None:  # noqa: B027 - optional
+        """Default: nothing to connect."""
+
+    @abc.abstractmethod
+    async def export(self, batch: ExportBatch) -> None: ...
+
+    async def stop(self) -> None:  # noqa: B027 - optional
+        """Default: nothing to close."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExporterType:
+    """A named continuous exporter, chosen in ``HEADEND_EXPORTERS``.
+
+    ``factory(context)`` returns an unstarted :class:`Exporter`; it checks the options
+    and raises :class:`~der_sdk.errors.DerSdkError` naming the variable
+    (:meth:`ExporterContext.variable`) for a bad or missing one.
+    """
+
+    name: str
+    factory: Callable[[ExporterContext], Exporter]
     description: str = ""
 
 

@@ -24,6 +24,7 @@ from der_sdk.extensions import (
     DeviceProfile,
     DeviceSimulatorType,
     EdgeServiceType,
+    ExporterType,
     SplitPolicy,
     StorageBackendType,
 )
@@ -148,6 +149,28 @@ def der_edge_services() -> list[EdgeServiceType]:
     :return: a list of :class:`~der_sdk.extensions.EdgeServiceType`.
 
     All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_exporters() -> list[ExporterType]:
+    """Continuous exporters of telemetry (to a historian, a data lake, files).
+
+    Called by the headend at start, when ``HEADEND_EXPORTERS`` names instances to run,
+    and by ``der plugins``. The headend runs each instance from a durable cursor in
+    storage: it reads the samples stored after the cursor in storage order
+    (:meth:`~der_sdk.storage.contract.StorageBackend.telemetry_changes`), awaits
+    ``export(batch)`` on the :class:`~der_sdk.extensions.Exporter` the factory made, and
+    stores the batch's cursor once it returns. An exporter that was down (or the headend
+    stopped) resumes from its cursor: no sample is skipped, and a batch that was not
+    confirmed comes again under the same ``batch_id`` (docs/export.md).
+
+    :return: a list of :class:`~der_sdk.extensions.ExporterType`. Built-in:
+        ``parquet-folder`` (Parquet files by day and site under a folder).
+
+    All results are merged; a duplicate name is an error that names both packages.
+    Since 0.4.
     """
     raise NotImplementedError
 

@@ -43,6 +43,7 @@ from der_sdk.extensions import (
     DeviceProfile,
     DeviceSimulatorType,
     EdgeServiceType,
+    ExporterType,
     SplitPolicy,
     StorageBackendType,
 )
@@ -323,6 +324,7 @@ class Plugins:
             "bus_backends",
             "device_profiles",
             "edge_services",
+            "exporters",
             "device_simulators",
             "commands",
         ):
@@ -514,6 +516,10 @@ class Plugins:
     @cached_property
     def edge_services(self) -> Registry[EdgeServiceType]:
         return Registry("edge service", self._collect("der_edge_services", "edge service"))
+
+    @cached_property
+    def exporters(self) -> Registry[ExporterType]:
+        return Registry("exporter", self._collect("der_exporters", "exporter"))
 
     @cached_property
     def device_simulators(self) -> Registry[DeviceSimulatorType]:

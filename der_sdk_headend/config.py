@@ -44,6 +44,15 @@ variable                default                     meaning
                                                     an asset by more than this share of its
                                                     capacity (0..1; 0: confirm every change); site
                                                     dispatches are always confirmed
+``HEADEND_EXPORTERS``   (none)                      continuous exporters to run, comma-
+                                                    separated ``NAME`` or ``NAME=TYPE``
+                                                    (``der_exporters``; docs/export.md)
+``HEADEND_EXPORTER_<NAME>_<OPTION>``                an option of exporter ``NAME``
+``HEADEND_EXPORT_BATCH_ROWS`` ``10000``             samples per exporter batch
+``HEADEND_EXPORT_INTERVAL_S`` ``5``                 seconds between an exporter's reads when
+                                                    it has caught up
+``HEADEND_EXPORT_MAX_DAYS`` ``31``                  the longest range ``GET /telemetry/export``
+                                                    serves, in days
 ======================  ==========================  ==========================================
 
 The split policy name is checked against the installed policies when the headend starts
@@ -68,6 +77,7 @@ from der_sdk.storage.contract import DEFAULT_DATABASE_URL
 __all__ = [
     "DEFAULT_GRPC_ADDR",
     "DEFAULT_HTTP_ADDR",
+    "ExporterConfig",
     "HeadendConfig",
     "default_headend_id",
     "is_loopback",
@@ -89,6 +99,8 @@ MetricsAuth = Literal["viewer", "open"]
 HEADEND_ID_MAX_LEN = 128
 _HEADEND_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:-]{{0,{HEADEND_ID_MAX_LEN - 1}}}")
 _NOT_IN_HEADEND_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+_EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 _TRUTHY = frozenset({"1", "true", "yes", "on"})
 _FALSY = frozenset({"", "0", "false", "no", "off"})
@@ -181,6 +193,44 @@ def _flag(env: Mapping[str, str], variable: str) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ExporterConfig:
+    """One continuous exporter to run: ``NAME`` or ``NAME=TYPE`` in ``HEADEND_EXPORTERS``."""
+
+    name: str
+    """The instance's name: the key of its cursor in storage and of its options."""
+    type: str
+    """The ``der_exporters`` name of what to run (default: the instance's name)."""
+    options: dict[str, str]
+    """``HEADEND_EXPORTER_<NAME>_<OPTION>`` by lower-case option name."""
+
+
+def _exporters(env: Mapping[str, str]) -> tuple[ExporterConfig, ...]:
+    """The exporters of ``HEADEND_EXPORTERS`` with their options.
+
+    :raises DerSdkError: a malformed or repeated name, naming the variable.
+    """
+    raw = env.get("HEADEND_EXPORTERS", "").strip()
+    found: dict[str, ExporterConfig] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        name, _, kind = (text.strip() for text in entry.partition("="))
+        if not _EXPORTER_NAME.fullmatch(name) or (kind == "" and "=" in entry):
+            raise DerSdkError(
+                f"HEADEND_EXPORTERS={raw!r}: {entry!r} is not NAME or NAME=TYPE (NAME: "
+                "lower-case letters, digits, '-' and '_'; for example files=parquet-folder)"
+            )
+        if name in found:
+            raise DerSdkError(f"HEADEND_EXPORTERS={raw!r} names exporter {name!r} twice")
+        prefix = f"HEADEND_EXPORTER_{name.upper().replace('-', '_')}_"
+        options = {
+            variable.removeprefix(prefix).lower(): value
+            for variable, value in env.items()
+            if variable.startswith(prefix) and len(variable) > len(prefix)
+        }
+        found[name] = ExporterConfig(name=name, type=kind or name, options=options)
+    return tuple(found.values())
+
+
+@dataclass(frozen=True, kw_only=True)
 class HeadendConfig:
     """Everything the headend needs to start. Build it with :meth:`from_env`."""
 
@@ -231,6 +281,14 @@ class HeadendConfig:
     alarm_debounce_s: float = 10.0
     """``HEADEND_ALARM_DEBOUNCE_S``: a condition raised again this soon after it cleared
     re-activates the same alarm, and notifications wait this long (docs/alarms.md)."""
+    exporters: tuple[ExporterConfig, ...] = ()
+    """``HEADEND_EXPORTERS``: the continuous exporters this headend runs (docs/export.md)."""
+    export_batch_rows: int = 10_000
+    """``HEADEND_EXPORT_BATCH_ROWS``: samples an exporter is given at most at a time."""
+    export_interval_s: float = 5.0
+    """``HEADEND_EXPORT_INTERVAL_S``: seconds between an exporter's reads once caught up."""
+    export_max_days: float = 31.0
+    """``HEADEND_EXPORT_MAX_DAYS``: the longest range ``GET /telemetry/export`` serves."""
     headend_id_configured: bool = False
     """Whether ``headend_id`` was given (``HEADEND_ID``) rather than derived; set when
     built. Only a configured id scopes the closing of sessions at start: a derived one
@@ -278,6 +336,20 @@ class HeadendConfig:
             raise DerSdkError(
                 f"CONSOLE_CONFIRM_SHARE={self.console_confirm_share:g} must be a share from 0 "
                 "to 1 (0.5: confirm a change larger than half an asset's capacity)"
+            )
+        if not 1 <= self.export_batch_rows <= 1_000_000:
+            raise DerSdkError(
+                f"HEADEND_EXPORT_BATCH_ROWS={self.export_batch_rows} must be 1..1000000"
+            )
+        if not 0 < self.export_interval_s <= 3600:
+            raise DerSdkError(
+                f"HEADEND_EXPORT_INTERVAL_S={self.export_interval_s:g} must be more than 0 and "
+                "at most 3600 seconds (default 5)"
+            )
+        if not 0 < self.export_max_days <= 3660:
+            raise DerSdkError(
+                f"HEADEND_EXPORT_MAX_DAYS={self.export_max_days:g} must be more than 0 and at "
+                "most 3660 days (default 31)"
             )
         if not self.split_policy:
             raise DerSdkError("SPLIT_POLICY is empty; leave it unset for capacity_weighted")
@@ -405,4 +477,8 @@ class HeadendConfig:
             console_confirm_share=_float(env, "CONSOLE_CONFIRM_SHARE", 0.5),
             comms_loss_alarm_s=_float(env, "HEADEND_COMMS_LOSS_ALARM_S", 30.0),
             alarm_debounce_s=_float(env, "HEADEND_ALARM_DEBOUNCE_S", 10.0),
+            exporters=_exporters(env),
+            export_batch_rows=_int(env, "HEADEND_EXPORT_BATCH_ROWS", 10_000),
+            export_interval_s=_float(env, "HEADEND_EXPORT_INTERVAL_S", 5.0),
+            export_max_days=_float(env, "HEADEND_EXPORT_MAX_DAYS", 31.0),
         )

@@ -39,6 +39,7 @@ from der_sdk_headend.cluster.ingest import BusTelemetrySink, StreamWriters
 from der_sdk_headend.cluster.presence import ClusterPresence
 from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
+from der_sdk_headend.exporters import ExporterRunner
 from der_sdk_headend.ingest import TelemetryIngest
 from der_sdk_headend.link import AgentLinkService, add_agent_link
 from der_sdk_headend.link.identity import FrontPeers
@@ -137,6 +138,7 @@ class Headend:
         self._server_certificate_not_after: datetime | None = None
         self._comms_loss: CommsLossWatch | None = None
         self._live_hub: LiveHub | None = None  # the console's live updates
+        self._exporters: ExporterRunner | None = None
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_port: int | None = None
@@ -210,6 +212,11 @@ class Headend:
     def alarms(self) -> AlarmBook:
         """Alarms: conditions from agents and comms loss, acknowledged by operators."""
         return _started(self._alarms, "alarm book")
+
+    @property
+    def exporters(self) -> ExporterRunner | None:
+        """The continuous exporters of ``HEADEND_EXPORTERS``, or ``None`` when none run."""
+        return self._exporters
 
     @property
     def live_hub(self) -> LiveHub:
@@ -289,6 +296,23 @@ class Headend:
                     "(docs/cluster.md)"
                 )
             self._cluster = Cluster(config, self.plugins)
+        exporters = None
+        if config.exporters:  # options are checked before anything opens
+            exporters = ExporterRunner(
+                storage,
+                self.plugins,
+                config.exporters,
+                asset_type_of={a.asset_id: a.asset_type for a in inventory.assets.values()},
+                batch_rows=config.export_batch_rows,
+                interval_s=config.export_interval_s,
+            )
+            exporters.build()
+            if config.clustered:
+                log.warning(
+                    "HEADEND_EXPORTERS on a cluster replica: every replica that sets it runs "
+                    "its exporters, and two replicas export the same batches; set it on one "
+                    "replica only (docs/export.md)"
+                )
         self._storage = storage  # set before open(): /healthz says degraded while it waits
         self._auditor = Auditor(storage)
         await self._open_storage(storage)
@@ -397,6 +421,9 @@ class Headend:
                 reloaded,
             )
         self._dispatcher.start()
+        if exporters is not None:
+            self._exporters = exporters
+            exporters.start()
         # --- console live updates (issue 18): fed by ingest's latest samples (only while a
         # console listens) and by dispatch record changes; in bus mode other replicas'
         # dispatch changes are re-read from storage on a slow timer. (Imported here: the
@@ -631,6 +658,8 @@ class Headend:
                 await self._stream_writers.close(INGEST_DRAIN_S)
             if self._dispatcher is not None:
                 await self._dispatcher.close()
+            if self._exporters is not None:
+                await self._exporters.close()
             if self._alarms is not None:
                 await self._alarms.close()
             if self._cluster_presence is not None:  # cluster presence (issue 17)

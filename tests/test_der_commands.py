@@ -15,7 +15,7 @@ from der_sdk.cli import main
 from der_sdk.plugins import load_plugins
 from tests.conftest import FakeDist
 
-CORE_COMMANDS = ["certs", "check-config", "new-adapter", "plugins", "profiles", "sim"]
+CORE_COMMANDS = ["certs", "check-config", "export", "new-adapter", "plugins", "profiles", "sim"]
 HEADEND_COMMANDS = ["demo", "headend", "tokens"]
 AGENT_COMMANDS = ["agent", "commission", "launch"]
 

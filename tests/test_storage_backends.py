@@ -22,6 +22,7 @@ from der_sdk.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_fr
 from der_sdk.testing import StorageConformance
 
 ASSET_A = StorageConformance.ASSET_A
+ASSET_B = StorageConformance.ASSET_B
 SITE = StorageConformance.SITE
 at = StorageConformance.at
 sample = StorageConformance.sample
@@ -134,7 +135,41 @@ async def test_a_sqlite_file_from_schema_2_keeps_its_data_and_gains_headend_ids(
         with contextlib.closing(sqlite3.connect(path)) as db:
             return [v for (v,) in db.execute("SELECT version FROM schema_version")]
 
-    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 4
+    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 6
+
+
+async def test_a_sqlite_file_from_schema_4_numbers_its_telemetry_in_time_order_for_exporters(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "schema4.db"
+    storage = SQLiteStorage(path)
+    await storage.open()
+    stored = [sample(ASSET_B, 2), sample(ASSET_A, 0), sample(ASSET_A, 1)]
+    await storage.append_telemetry(stored)
+    await storage.close()
+
+    def downgrade() -> None:  # what der-sdk before exporters (schema 4) wrote
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("DROP INDEX telemetry_by_ingest")
+            db.execute("DROP INDEX telemetry_by_ts")
+            db.execute("ALTER TABLE telemetry DROP COLUMN ingest_seq")
+            db.execute("DROP TABLE exporter_cursors")
+            db.execute("UPDATE schema_version SET version = 4")
+
+    await asyncio.to_thread(downgrade)
+
+    upgraded = SQLiteStorage(path)
+    await upgraded.open()
+    try:
+        old = await upgraded.telemetry_changes(None, 10)
+        assert old.samples == sorted(stored, key=lambda s: (s.ts, s.asset_id))
+        await upgraded.append_telemetry([sample(ASSET_A, -5)])
+        new = await upgraded.telemetry_changes(old.cursor, 10)
+        assert new.samples == [sample(ASSET_A, -5)]
+        await upgraded.save_exporter_cursor("files", new.cursor or "")
+        assert await upgraded.exporter_cursor("files") == new.cursor
+    finally:
+        await upgraded.close()
 
 
 class _StorageBeforeHeadendIds(MemoryStorage):

@@ -21,7 +21,7 @@ import abc
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
@@ -44,12 +44,15 @@ if TYPE_CHECKING:
 __all__ = [
     "ALARM_COLUMNS",
     "DEFAULT_DATABASE_URL",
+    "EXPORT_PAGE_ROWS",
     "OLD_EVENTS_WINDOW",
     "TELEMETRY_COLUMNS",
     "AlarmUpdate",
     "AlarmWrite",
     "StorageBackend",
+    "TelemetryChanges",
     "alarm_conditions",
+    "check_page_size",
     "checked_alarm_update",
     "close_sessions_left_open",
     "filtered_events",
@@ -140,6 +143,27 @@ class AlarmWrite(NamedTuple):
     after: Alarm
 
 
+class TelemetryChanges(NamedTuple):
+    """What :meth:`StorageBackend.telemetry_changes` read: samples in storage order and
+    the cursor after the last of them (the ``after`` of the next call)."""
+
+    samples: list[TelemetrySample]
+    cursor: str | None
+    """Opaque to callers; ``None`` only when nothing was ever read (no samples and no
+    ``after`` given)."""
+
+
+EXPORT_PAGE_ROWS = 5_000
+"""Default rows per page of :meth:`StorageBackend.telemetry_pages`."""
+
+
+def check_page_size(page_size: int) -> None:
+    """:raises ValueError: ``page_size`` of :meth:`StorageBackend.telemetry_pages` is not
+    at least 1."""
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+
+
 class StorageBackend(abc.ABC):
     """The async storage contract of the headend."""
 
@@ -196,6 +220,90 @@ class StorageBackend(abc.ABC):
     @abc.abstractmethod
     async def latest_telemetry(self) -> dict[str, TelemetrySample]:
         """The newest stored sample of every asset, by asset id (to warm caches at start)."""
+
+    async def telemetry_pages(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        page_size: int = EXPORT_PAGE_ROWS,
+    ) -> AsyncIterator[list[TelemetrySample]]:
+        """Every sample with ``start <= ts < end`` (of one site or asset when given), in
+        pages of at most ``page_size``, oldest first: the range export
+        (``der export``, ``GET /telemetry/export``) reads history through this, holding
+        one page at a time.
+
+        The built-in backends order by ``(ts, asset_id)`` and read with keyset paging
+        (SQLite, memory) or a server-side cursor (PostgreSQL). This default, for a
+        backend written before 0.4, reads the assets that :meth:`latest_telemetry` knows
+        one after another through :meth:`telemetry_history` (each asset oldest first).
+        Since 0.4.
+        """
+        check_page_size(page_size)
+        latest = await self.latest_telemetry()
+        assets = sorted(
+            a
+            for a, newest in latest.items()
+            if asset_id in (None, a) and site_id in (None, newest.site_id)
+        )
+        for asset in assets:
+            upper = end
+            pages: list[list[TelemetrySample]] = []
+            while True:
+                found = await self.telemetry_history(asset, start, upper, limit=page_size)
+                if not found:
+                    break
+                pages.append(found[::-1])
+                upper = found[-1].ts
+                if len(found) < page_size:
+                    break
+            for page in reversed(pages):
+                kept = [s for s in page if site_id is None or s.site_id == site_id]
+                if kept:
+                    yield kept
+
+    async def telemetry_changes(self, after: str | None, limit: int) -> TelemetryChanges:
+        """Samples stored after the cursor ``after`` (``None``: from the first one
+        stored), in storage order, at most ``limit``; the continuous exporters
+        (``der_exporters``) read through this from their cursor.
+
+        The order is the order samples became visible: a sample that becomes visible
+        later never sorts before one already returned, so a reader that resumes from the
+        returned cursor misses none and sees none twice. A backend where concurrent
+        writers commit out of order holds samples back until every earlier writer has
+        finished (PostgreSQL: the transaction snapshot's ``xmin``). Since 0.4.
+
+        :raises NotImplementedError: the backend has no storage order (written before
+            0.4); continuous exporters cannot run on it.
+        """
+        raise NotImplementedError(
+            f"storage {self.name} ({type(self).__module__}) has no telemetry_changes(); "
+            "continuous exporters need der-sdk 0.4 storage"
+        )
+
+    async def exporter_cursor(self, name: str) -> str | None:
+        """The cursor exporter ``name`` stored last (:meth:`save_exporter_cursor`), or
+        ``None``. Since 0.4.
+
+        :raises NotImplementedError: as :meth:`telemetry_changes`.
+        """
+        raise NotImplementedError(
+            f"storage {self.name} ({type(self).__module__}) keeps no exporter cursors; "
+            "continuous exporters need der-sdk 0.4 storage"
+        )
+
+    async def save_exporter_cursor(self, name: str, cursor: str) -> None:
+        """Store ``cursor`` as exporter ``name``'s position, durably, replacing the one
+        before. Since 0.4.
+
+        :raises NotImplementedError: as :meth:`telemetry_changes`.
+        """
+        raise NotImplementedError(
+            f"storage {self.name} ({type(self).__module__}) keeps no exporter cursors; "
+            "continuous exporters need der-sdk 0.4 storage"
+        )
 
     # ------------------------------------------------------------------ dispatch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from bisect import bisect_left
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Generic, TypeVar
@@ -30,9 +30,12 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import hookimpl
 from der_sdk.storage.contract import (
+    EXPORT_PAGE_ROWS,
     AlarmUpdate,
     AlarmWrite,
     StorageBackend,
+    TelemetryChanges,
+    check_page_size,
     checked_alarm_update,
 )
 
@@ -88,6 +91,10 @@ class MemoryStorage(StorageBackend):
 
     def _clear(self) -> None:
         self._telemetry: dict[str, _TimeSeries[TelemetrySample]] = {}
+        # Every stored sample in the order it was stored: the storage order of
+        # telemetry_changes (a cursor is an index into this list).
+        self._stored: list[TelemetrySample] = []
+        self._exporter_cursors: dict[str, str] = {}
         self._heartbeats: dict[str, _TimeSeries[Heartbeat]] = {}
         self._dispatches: dict[str, Dispatch] = {}
         self._dispatch_events: list[DispatchEvent] = []
@@ -123,7 +130,9 @@ class MemoryStorage(StorageBackend):
         added = 0
         for sample in stored:
             series = self._telemetry.setdefault(sample.asset_id, _TimeSeries())
-            added += series.add(sample.ts, sample)
+            if series.add(sample.ts, sample):
+                added += 1
+                self._stored.append(sample)
         return added
 
     async def telemetry_history(
@@ -145,6 +154,53 @@ class MemoryStorage(StorageBackend):
             if sample is not None:
                 latest[asset_id] = copy.deepcopy(sample)
         return latest
+
+    async def telemetry_pages(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        page_size: int = EXPORT_PAGE_ROWS,
+    ) -> AsyncIterator[list[TelemetrySample]]:
+        check_page_size(page_size)
+        low, high = _utc(start), _utc(end)
+        after: tuple[datetime, str] | None = None
+        while True:
+            # Keyset paging, as a database would: each page is found afresh after the
+            # last row of the one before, so appends meanwhile are fine.
+            found = sorted(
+                (sample.ts, sample.asset_id)
+                for series in self._telemetry.values()
+                for sample in series.newest_first(low, high)
+                if (asset_id is None or sample.asset_id == asset_id)
+                and (site_id is None or sample.site_id == site_id)
+                and (after is None or (sample.ts, sample.asset_id) > after)
+            )[:page_size]
+            if not found:
+                return
+            page = [
+                copy.deepcopy(self._telemetry[a].rows[bisect_left(self._telemetry[a].keys, ts)])
+                for ts, a in found
+            ]
+            yield page
+            if len(found) < page_size:
+                return
+            after = found[-1]
+
+    async def telemetry_changes(self, after: str | None, limit: int) -> TelemetryChanges:
+        first = 0 if after is None else int(after)
+        found = _copies(self._stored[first : first + max(limit, 0)], limit)
+        if not found:
+            return TelemetryChanges([], after)
+        return TelemetryChanges(found, str(first + len(found)))
+
+    async def exporter_cursor(self, name: str) -> str | None:
+        return self._exporter_cursors.get(name)
+
+    async def save_exporter_cursor(self, name: str, cursor: str) -> None:
+        self._exporter_cursors[name] = cursor
 
     # ------------------------------------------------------------------ dispatch
 

@@ -19,7 +19,7 @@ import logging
 import operator
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,11 +43,14 @@ from der_sdk.plugins import hookimpl
 from der_sdk.sqlite_worker import SQLiteWorker, transaction
 from der_sdk.storage.contract import (
     ALARM_COLUMNS,
+    EXPORT_PAGE_ROWS,
     TELEMETRY_COLUMNS,
     AlarmUpdate,
     AlarmWrite,
     StorageBackend,
+    TelemetryChanges,
     alarm_conditions,
+    check_page_size,
     checked_alarm_update,
 )
 
@@ -57,11 +60,14 @@ _T = TypeVar("_T")
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 """The schema this module creates; a newer version in the file is refused at open.
 1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``. 3: sessions
 record the headend that opened them (``headend_id``). 4: alarms (``alarms`` and the
-applied events ``alarm_events``; created by the schema script, nothing to migrate)."""
+applied events ``alarm_events``; created by the schema script, nothing to migrate).
+6: telemetry keeps its storage order (``ingest_seq``, numbered in time order for the
+rows of an older file) and an index by time for range exports; continuous exporters'
+cursors (``exporter_cursors``)."""
 
 _MEMORY = ":memory:"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -82,6 +88,7 @@ _TABLES = (
     "events",
     "alarms",
     "alarm_events",
+    "exporter_cursors",
 )
 
 _SCHEMA = f"""
@@ -106,6 +113,7 @@ CREATE TABLE IF NOT EXISTS telemetry (
     quality        TEXT    NOT NULL,
     quality_reason TEXT,
     details        TEXT    NOT NULL,
+    ingest_seq     INTEGER,
     PRIMARY KEY (asset_id, ts)
 ) WITHOUT ROWID;
 
@@ -200,6 +208,13 @@ CREATE TABLE IF NOT EXISTS alarm_events (
     applied_at INTEGER NOT NULL
 ) WITHOUT ROWID;
 
+-- Where each continuous exporter (der_exporters) has got to: an ingest_seq.
+CREATE TABLE IF NOT EXISTS exporter_cursors (
+    name       TEXT    PRIMARY KEY,
+    cursor     TEXT    NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
+
 COMMIT;
 """
 
@@ -208,11 +223,19 @@ _SESSIONS_OPEN_INDEX = (
     "CREATE INDEX IF NOT EXISTS sessions_open_by_headend ON sessions (headend_id)"
     " WHERE disconnected_at IS NULL"
 )
+# After the migrations too: a file from before schema 6 has no ingest_seq before them.
+# A secondary index of a WITHOUT ROWID table ends with the primary key, so the one on ts
+# is ordered by (ts, asset_id): the order of a range export.
+_TELEMETRY_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS telemetry_by_ingest ON telemetry (ingest_seq)",
+    "CREATE INDEX IF NOT EXISTS telemetry_by_ts ON telemetry (ts)",
+)
 _SESSION_COLUMNS = (
     "session_id, asset_id, site_id, agent_id, peer, connected_at, disconnected_at, headend_id"
 )
 
 _TELEMETRY_SELECT = ", ".join(TELEMETRY_COLUMNS)
+_STORED_COLUMNS = (*TELEMETRY_COLUMNS, "ingest_seq")
 _HEARTBEAT_COLUMNS = ("asset_id", "site_id", "agent_id", "ts", "uptime_s")
 _INSERT_DISPATCH_EVENT = (
     "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES (?, ?, ?, ?)"
@@ -290,9 +313,38 @@ def _telemetry_params(samples: Sequence[TelemetrySample]) -> list[Any]:
     return params
 
 
+def _stored_params(samples: Sequence[TelemetrySample]) -> list[Any]:
+    """:func:`_telemetry_params` with room for ``ingest_seq`` after each row's values
+    (``None`` here; the write fills it in under the write lock)."""
+    params = _telemetry_params(samples)
+    width = len(_STORED_COLUMNS)
+    stored: list[Any] = [None] * (len(samples) * width)
+    for column in range(_WIDTH):
+        stored[column::width] = params[column::_WIDTH]
+    return stored
+
+
+def _insert_stored(
+    conn: sqlite3.Connection,
+    params: list[Any],
+    between: Callable[[sqlite3.Connection], object] | None = None,
+) -> int:
+    """Insert the rows of :func:`_stored_params`, numbering them after the highest
+    ``ingest_seq`` stored. It runs in the write transaction, so no other write takes
+    numbers meanwhile, and no reader sees a number before every lower one is committed
+    (where ``between`` commits a first part early, that part holds the lower numbers,
+    and what runs between the parts writes no telemetry).
+    """
+    base = conn.execute("SELECT COALESCE(MAX(ingest_seq), 0) FROM telemetry").fetchone()[0]
+    width = len(_STORED_COLUMNS)
+    rows = len(params) // width
+    params[width - 1 :: width] = range(base + 1, base + 1 + rows)
+    return _insert_params(conn, "telemetry", _STORED_COLUMNS, params, between)
+
+
 def _telemetry_sample(row: Sequence[Any]) -> TelemetrySample:
     asset_id, site_id, ts, mw, mw_setpoint, online, status, fault_code, seq = row[:9]
-    quality, quality_reason, details = row[9:]
+    quality, quality_reason, details = row[9:12]
     return TelemetrySample(
         asset_id=asset_id,
         site_id=site_id,
@@ -707,6 +759,8 @@ class SQLiteStorage(StorageBackend):
         conn.executescript(_SCHEMA)
         self._migrate(conn)
         conn.execute(_SESSIONS_OPEN_INDEX)
+        for index in _TELEMETRY_INDEXES:
+            conn.execute(index)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Bring a file written by an older der-sdk up to :data:`SCHEMA_VERSION`."""
@@ -731,6 +785,17 @@ class SQLiteStorage(StorageBackend):
                 # Sessions written before have no headend id (NULL): the first headend to
                 # start closes them, whatever its id (close_open_sessions).
                 conn.execute("ALTER TABLE sessions ADD COLUMN headend_id TEXT")
+            telemetry_columns = {row[1] for row in conn.execute("PRAGMA table_info(telemetry)")}
+            if "ingest_seq" not in telemetry_columns:
+                # Rows stored before have no storage order: number them in time order, so
+                # a continuous exporter starting from nothing takes them oldest first.
+                conn.execute("ALTER TABLE telemetry ADD COLUMN ingest_seq INTEGER")
+                conn.execute(
+                    "UPDATE telemetry SET ingest_seq = numbered.n FROM (SELECT asset_id, ts,"
+                    " ROW_NUMBER() OVER (ORDER BY ts, asset_id) AS n FROM telemetry) AS numbered"
+                    " WHERE telemetry.asset_id = numbered.asset_id"
+                    " AND telemetry.ts = numbered.ts"
+                )
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             return found
 
@@ -788,13 +853,10 @@ class SQLiteStorage(StorageBackend):
             return 0
         # Built here, not on the storage thread: that thread is the one a write waits for,
         # so it only binds and steps (while it steps, the event loop builds the next).
-        params = _telemetry_params(samples)
+        params = _stored_params(samples)
         worker = self._worker
         between = worker.yield_to_urgent if worker is not None else None
-        return await self._write(
-            lambda conn: _insert_params(conn, "telemetry", TELEMETRY_COLUMNS, params, between),
-            bulk=True,
-        )
+        return await self._write(lambda conn: _insert_stored(conn, params, between), bulk=True)
 
     async def telemetry_history(
         self,
@@ -820,6 +882,64 @@ class SQLiteStorage(StorageBackend):
         )
         samples = (_telemetry_sample(row) for row in rows)
         return {sample.asset_id: sample for sample in samples}
+
+    async def telemetry_pages(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        page_size: int = EXPORT_PAGE_ROWS,
+    ) -> AsyncIterator[list[TelemetrySample]]:
+        check_page_size(page_size)
+        where, params = _range(start, end)
+        for column, value in (("site_id", site_id), ("asset_id", asset_id)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                params.append(value)
+        after: list[Any] = []
+        while True:
+            # Keyset paging: each page is one short query from where the last one ended
+            # (on the (ts, asset_id) order of telemetry_by_ts), so no reader holds the
+            # database between pages and memory holds one page.
+            rows = await self._fetchall(
+                f"SELECT {_TELEMETRY_SELECT} FROM telemetry WHERE 1 = 1{where}"
+                f"{' AND (ts, asset_id) > (?, ?)' if after else ''}"
+                " ORDER BY ts, asset_id LIMIT ?",
+                [*params, *after, page_size],
+            )
+            if not rows:
+                return
+            yield [_telemetry_sample(row) for row in rows]
+            if len(rows) < page_size:
+                return
+            after = [rows[-1][_TS], rows[-1][0]]
+
+    async def telemetry_changes(self, after: str | None, limit: int) -> TelemetryChanges:
+        rows = await self._fetchall(
+            f"SELECT {_TELEMETRY_SELECT}, ingest_seq FROM telemetry WHERE ingest_seq > ?"
+            " ORDER BY ingest_seq LIMIT ?",
+            (0 if after is None else int(after), max(limit, 0)),
+        )
+        if not rows:
+            return TelemetryChanges([], after)
+        return TelemetryChanges([_telemetry_sample(row) for row in rows], str(rows[-1][-1]))
+
+    async def exporter_cursor(self, name: str) -> str | None:
+        rows = await self._fetchall("SELECT cursor FROM exporter_cursors WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def save_exporter_cursor(self, name: str, cursor: str) -> None:
+        row = (name, cursor, _to_us(datetime.now(UTC)))
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO exporter_cursors (name, cursor, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor,"
+                " updated_at = excluded.updated_at",
+                row,
+            )
+        )
 
     # ------------------------------------------------------------------ dispatch
 

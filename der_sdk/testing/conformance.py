@@ -1352,6 +1352,79 @@ class StorageConformance:
         counts = await storage.active_alarm_counts()
         assert {k: v for k, v in counts.items() if v} == {"major": 2, "critical": 1}
 
+    # ------------------------------------------------------------------ export
+
+    @staticmethod
+    async def _pages(
+        storage: StorageBackend, page_size: int, **filters: Any
+    ) -> list[list[TelemetrySample]]:
+        start, end = filters.pop("start", _T0), filters.pop("end", _T0 + timedelta(days=2))
+        return [
+            page
+            async for page in storage.telemetry_pages(start, end, page_size=page_size, **filters)
+        ]
+
+    @pytest.mark.asyncio
+    async def test_telemetry_pages_cover_a_range_oldest_first_in_bounded_pages(
+        self, storage: StorageBackend
+    ) -> None:
+        sample = self.sample
+        other_site = TelemetrySample(
+            asset_id="other-asset", site_id="other-site", ts=self.at(5), mw=0.5
+        )
+        stored = [sample(a, s, mw=s) for s in range(10) for a in (_ASSET_A, _ASSET_B)]
+        await storage.append_telemetry([*reversed(stored), other_site])
+
+        pages = await self._pages(storage, 3, start=self.at(2), end=self.at(8))
+        assert all(0 < len(page) <= 3 for page in pages), [len(p) for p in pages]
+        got = [s for page in pages for s in page]
+        in_range = [s for s in [*stored, other_site] if self.at(2) <= s.ts < self.at(8)]
+        assert got == sorted(in_range, key=lambda s: (s.ts, s.asset_id))
+
+        by_site = [s for page in await self._pages(storage, 4, site_id=_SITE) for s in page]
+        assert by_site == sorted(stored, key=lambda s: (s.ts, s.asset_id))
+        by_asset = [s for page in await self._pages(storage, 100, asset_id=_ASSET_B) for s in page]
+        assert by_asset == [s for s in stored if s.asset_id == _ASSET_B]
+        assert await self._pages(storage, 5, start=self.at(100), end=self.at(200)) == []
+
+    @pytest.mark.asyncio
+    async def test_telemetry_changes_resume_from_a_cursor_without_gaps_or_repeats(
+        self, storage: StorageBackend
+    ) -> None:
+        sample = self.sample
+        assert await storage.telemetry_changes(None, 10) == ([], None)
+        first = [sample(_ASSET_A, s) for s in range(5)]
+        await storage.append_telemetry(first)
+        page = await storage.telemetry_changes(None, 3)
+        assert page.samples == first[:3] and page.cursor is not None
+        rest = await storage.telemetry_changes(page.cursor, 10)
+        assert rest.samples == first[3:]
+        nothing = await storage.telemetry_changes(rest.cursor, 10)
+        assert nothing == ([], rest.cursor)
+
+        # Late samples (older time stamps) and duplicates after the cursor: the late
+        # ones come next, the duplicates never.
+        await storage.append_telemetry([sample(_ASSET_B, -10), first[0], sample(_ASSET_A, 99)])
+        later = await storage.telemetry_changes(rest.cursor, 10)
+        # One batch: in any order, but each once.
+        assert sorted(later.samples, key=lambda s: (s.asset_id, s.ts)) == [
+            sample(_ASSET_A, 99),
+            sample(_ASSET_B, -10),
+        ]
+
+    @pytest.mark.asyncio
+    async def test_exporter_cursors_are_stored_per_name_and_cleared_by_reset(
+        self, storage: StorageBackend
+    ) -> None:
+        assert await storage.exporter_cursor("historian") is None
+        await storage.save_exporter_cursor("historian", "c1")
+        await storage.save_exporter_cursor("files", "x")
+        await storage.save_exporter_cursor("historian", "c2")
+        assert await storage.exporter_cursor("historian") == "c2"
+        assert await storage.exporter_cursor("files") == "x"
+        await storage.reset()
+        assert await storage.exporter_cursor("historian") is None
+
     # ------------------------------------------------------------------ lifecycle
 
     @pytest.mark.asyncio

@@ -25,6 +25,7 @@ from der_sdk_headend.rest.body import MAX_BODY_BYTES, JsonBodyRequest
 from der_sdk_headend.rest.dispatch import DispatchController
 from der_sdk_headend.rest.errors import EXCEPTION_HANDLERS
 from der_sdk_headend.rest.events import EventsController
+from der_sdk_headend.rest.export import TelemetryExportController
 from der_sdk_headend.rest.heartbeat import HeartbeatController
 from der_sdk_headend.rest.openapi import StrictStructSchemaPlugin, declare_refusals
 from der_sdk_headend.rest.state import app_state
@@ -62,6 +63,7 @@ def create_app(headend: Headend) -> Litestar:
             AssetsController,
             AgentsController,
             TelemetryController,
+            TelemetryExportController,
             DispatchController,
             AlarmsController,
             HeartbeatController,

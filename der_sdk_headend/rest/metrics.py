@@ -10,7 +10,7 @@ exposition, in the format the scraper asks for in ``Accept`` (the Prometheus tex
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client.exposition import choose_encoder
@@ -22,6 +22,7 @@ from der_sdk_headend import gc_pauses
 
 if TYPE_CHECKING:
     from der_sdk_headend.cluster.ingest import StreamWriterStats
+    from der_sdk_headend.exporters import ExporterStats
     from der_sdk_headend.presence.registry import Presence
     from der_sdk_headend.service import Headend
 
@@ -169,6 +170,9 @@ class HeadendCollector(Collector):
                 stats.gaps,
             )
         yield from _gc_metrics()
+        exporters = headend.exporters
+        if exporters is not None:
+            yield from _exporter_metrics(exporters.stats())
         writers = headend.stream_writers
         if writers is not None:
             yield from _stream_metrics(writers.stats())
@@ -186,6 +190,50 @@ class HeadendCollector(Collector):
             for agent_id, buffer in buffers:
                 family.add_metric([agent_id], float(getattr(buffer, field)))
             yield family
+
+
+def _exporter_metrics(stats: Sequence[ExporterStats]) -> Iterator[Metric]:
+    """The continuous exporters' figures, one series per exporter (docs/export.md)."""
+    figures: list[
+        tuple[
+            type[CounterMetricFamily | GaugeMetricFamily],
+            str,
+            str,
+            Callable[[ExporterStats], float | None],
+        ]
+    ] = [
+        (
+            CounterMetricFamily,
+            "der_exporter_samples_total",
+            "Samples a continuous exporter exported since the headend started.",
+            lambda s: s.exported,
+        ),
+        (
+            CounterMetricFamily,
+            "der_exporter_failures_total",
+            "Failed attempts of a continuous exporter (each batch retried).",
+            lambda s: s.failures,
+        ),
+        (
+            GaugeMetricFamily,
+            "der_exporter_failing",
+            "1 while a continuous exporter's last attempt failed.",
+            lambda s: 1.0 if s.failing else 0.0,
+        ),
+        (
+            GaugeMetricFamily,
+            "der_exporter_last_success_timestamp_seconds",
+            "When a continuous exporter last exported a batch or found nothing new.",
+            lambda s: s.last_success,
+        ),
+    ]
+    for family_type, name, help_text, value in figures:
+        family = family_type(name, help_text, labels=["exporter"])
+        for stat in stats:
+            figure = value(stat)
+            if figure is not None:
+                family.add_metric([stat.name], float(figure))
+        yield family
 
 
 def render_metrics(

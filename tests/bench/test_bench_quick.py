@@ -43,7 +43,7 @@ def _services_missing(name: str) -> bool:
 
     if os.environ.get("DER_SDK_REQUIRE_SERVICES") == "1":
         return False
-    if name == "ingest-pg":
+    if name in ("ingest-pg", "export-pg"):
         return postgres_url() is None
     if name.startswith("cluster-"):
         return postgres_url() is None or bus_url() is None

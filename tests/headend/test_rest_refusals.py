@@ -160,6 +160,7 @@ ERROR_STATUSES: dict[tuple[str, str], set[int]] = {
     ("get", "/agents"): {401, 403, 503},
     ("get", "/telemetry/{asset_id}"): {400, 401, 403, 404, 503},
     ("get", "/telemetry/{asset_id}/history"): {400, 401, 403, 404, 503},
+    ("get", "/telemetry/export"): {400, 401, 403, 404, 503},
     ("post", "/dispatch"): {400, 401, 403, 404, 409, 413, 415, 503},
     ("post", "/dispatch/preview"): {400, 401, 403, 404, 413, 415, 503},
     ("get", "/dispatch/history"): {400, 401, 403, 503},
@@ -276,6 +277,7 @@ async def test_openapi_declares_parameter_bounds_enums_and_formats(
         ("/telemetry/{asset_id}/history", ("start", "end")),
         ("/heartbeat/{asset_id}/history", ("start", "end")),
         ("/events", ("since", "until")),
+        ("/telemetry/export", ("from", "to")),
     ):
         for name in names:
             schema = parameter("get", path, name)

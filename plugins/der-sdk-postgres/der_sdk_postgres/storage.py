@@ -40,11 +40,14 @@ from der_sdk.models import (
 )
 from der_sdk.storage.contract import (
     ALARM_COLUMNS,
+    EXPORT_PAGE_ROWS,
     TELEMETRY_COLUMNS,
     AlarmUpdate,
     AlarmWrite,
     StorageBackend,
+    TelemetryChanges,
     alarm_conditions,
+    check_page_size,
     checked_alarm_update,
 )
 from der_sdk_postgres.migrations import migrate
@@ -64,6 +67,7 @@ PROJECT_TABLES = (
     "events",
     "alarms",
     "alarm_events",
+    "exporter_cursors",
 )
 """The tables ``reset()`` (``RESET_DB``) empties: this project's data and nothing else. The
 migrations table is kept, so the schema stays in place."""
@@ -128,6 +132,34 @@ SELECT newest.* FROM assets CROSS JOIN LATERAL (
 ) AS newest
 WHERE assets.asset_id IS NOT NULL
 """
+
+# Rows in the order they became visible (migration 0007): only those whose transaction
+# is older than every transaction still running, so none can later appear before them.
+_CHANGES = (
+    f"SELECT {_TELEMETRY_SELECT}, ingest_xid FROM telemetry"
+    " WHERE ingest_xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint{after}"
+    " ORDER BY ingest_xid, asset_id, ts LIMIT $1"
+)
+_CHANGES_AFTER = " AND (ingest_xid, asset_id, ts) > ($2, $3, $4)"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _changes_cursor(xid: int, asset_id: str, ts: datetime) -> str:
+    """The cursor after a row: ``XID:MICROSECONDS:ASSET_ID`` (asset ids may hold ``:``)."""
+    return f"{xid}:{(ts - _EPOCH) // _MICROSECOND}:{asset_id}"
+
+
+def _parse_changes_cursor(cursor: str) -> tuple[int, str, datetime]:
+    try:
+        xid, us, asset_id = cursor.split(":", 2)
+        return int(xid), asset_id, _EPOCH + timedelta(microseconds=int(us))
+    except ValueError:
+        raise DerSdkError(
+            f"exporter cursor {cursor!r} is not a PostgreSQL telemetry cursor "
+            "(XID:MICROSECONDS:ASSET_ID); was it written by another storage backend?"
+        ) from None
+
 
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable, DNS; TimeoutError is an OSError too
@@ -291,8 +323,9 @@ class PostgresStorage(StorageBackend):
             format="binary",
         )
         await conn.execute(
-            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE}"
-            " (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            # The sample's columns only: telemetry fills in ingest_xid itself (0007).
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} ON COMMIT DELETE ROWS AS"
+            f" SELECT {_TELEMETRY_SELECT} FROM telemetry WITH NO DATA"
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -471,6 +504,66 @@ class PostgresStorage(StorageBackend):
         rows = await self.pool.fetch(_LATEST_PER_ASSET)
         samples = (_telemetry_sample(row) for row in rows)
         return {sample.asset_id: sample for sample in samples}
+
+    async def telemetry_pages(
+        self,
+        start: datetime,
+        end: datetime,
+        *,
+        site_id: str | None = None,
+        asset_id: str | None = None,
+        page_size: int = EXPORT_PAGE_ROWS,
+    ) -> AsyncIterator[list[TelemetrySample]]:
+        check_page_size(page_size)
+        where, params = _range(start, end, first=1)
+        for column, value in (("site_id", site_id), ("asset_id", asset_id)):
+            if value is not None:
+                params.append(value)
+                where += f" AND {column} = ${len(params)}"
+        query = f"SELECT {_TELEMETRY_SELECT} FROM telemetry WHERE TRUE{where} ORDER BY ts, asset_id"
+        # One server-side cursor in one read-only transaction: a consistent snapshot of
+        # the range, sorted once by the server, fetched a page at a time.
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(query, *params)
+            while True:
+                rows = await cursor.fetch(page_size)
+                if not rows:
+                    return
+                yield [_telemetry_sample(row) for row in rows]
+                if len(rows) < page_size:
+                    return
+
+    async def telemetry_changes(self, after: str | None, limit: int) -> TelemetryChanges:
+        if after is None:
+            rows = await self.pool.fetch(_CHANGES.format(after=""), max(limit, 0))
+        else:
+            rows = await self.pool.fetch(
+                _CHANGES.format(after=_CHANGES_AFTER),
+                max(limit, 0),
+                *_parse_changes_cursor(after),
+            )
+        if not rows:
+            return TelemetryChanges([], after)
+        last = rows[-1]
+        return TelemetryChanges(
+            [_telemetry_sample(row) for row in rows],
+            _changes_cursor(last["ingest_xid"], last["asset_id"], last["ts"]),
+        )
+
+    async def exporter_cursor(self, name: str) -> str | None:
+        found: str | None = await self.pool.fetchval(
+            "SELECT cursor FROM exporter_cursors WHERE name = $1", name
+        )
+        return found
+
+    async def save_exporter_cursor(self, name: str, cursor: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO exporter_cursors (name, cursor, updated_at) VALUES ($1, $2, now())"
+            " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor,"
+            " updated_at = excluded.updated_at",
+            name,
+            cursor,
+        )
 
     # ------------------------------------------------------------------ dispatch
 

@@ -403,3 +403,59 @@ async def test_terminated_server_connections_are_replaced(storage: PostgresStora
 
     assert await storage.healthy()
     assert await storage.append_telemetry(samples(20)) == 10
+
+
+# --------------------------------------------------------------------------- export
+
+
+async def test_telemetry_changes_hold_back_rows_until_earlier_transactions_commit(
+    storage: PostgresStorage, postgres_url: str
+) -> None:
+    """A writer that started first but commits last must not be skipped: the reader sees
+    nothing past the oldest transaction still running, so the later writer's committed
+    row waits for the earlier one's, and both come out in order, each once."""
+    early, late = samples(2, assets=2)
+    slow = await asyncpg.connect(postgres_url)
+    try:
+        transaction = slow.transaction()
+        await transaction.start()
+        await slow.execute(
+            "INSERT INTO telemetry (asset_id, site_id, ts, mw, online, seq, quality, details)"
+            " VALUES ($1, $2, $3, $4, true, $5, 'good', $6::text::jsonb)",
+            early.asset_id,
+            early.site_id,
+            early.ts,
+            early.mw,
+            early.seq,
+            '{"soc_pct": 50.0}',
+        )
+        await storage.append_telemetry([late])  # a later transaction, committed first
+
+        held = await storage.telemetry_changes(None, 10)
+        assert held.samples == [], "a row was given while an earlier writer was running"
+
+        await transaction.commit()
+    finally:
+        await slow.close()
+    both = await storage.telemetry_changes(held.cursor, 10)
+    assert both.samples == [early, late]
+    assert (await storage.telemetry_changes(both.cursor, 10)).samples == []
+
+
+async def test_telemetry_pages_stream_a_range_with_a_server_side_cursor(
+    storage: PostgresStorage,
+) -> None:
+    stored = samples(250, assets=5)
+    await storage.append_telemetry(stored)
+    pages = [
+        page
+        async for page in storage.telemetry_pages(
+            T0, T0 + timedelta(seconds=40), site_id="site-1", page_size=64
+        )
+    ]
+    assert [len(p) for p in pages] == [64, 64, 64, 8]
+    wanted = sorted(
+        (s for s in stored if s.ts < T0 + timedelta(seconds=40)),
+        key=lambda s: (s.ts, s.asset_id),
+    )
+    assert [s for page in pages for s in page] == wanted
