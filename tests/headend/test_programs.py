@@ -32,7 +32,7 @@ from der_sdk.programs import (
 from der_sdk.testing.inventory import DEFAULT_ASSET_IDS, DEFAULT_INVENTORY_YAML, DEFAULT_SITE_ID
 from der_sdk.testing.waits import wait_until
 from der_sdk_headend import Headend
-from der_sdk_headend.testing import headend_config
+from der_sdk_headend.testing import headend_config, running_headend
 
 BESS_1, BESS_2, BESS_3 = DEFAULT_ASSET_IDS
 
@@ -106,7 +106,7 @@ def plugin() -> ScriptedPlugin:
 
 @pytest.fixture
 def plugins(plugin: ScriptedPlugin) -> Plugins:
-    return load_plugins(extra=[("scripted-programs", plugin)], env={})
+    return load_plugins(entry_points=False, extra=[("scripted-programs", plugin)], env={})
 
 
 @pytest.fixture
@@ -130,12 +130,8 @@ async def headend(
         "HEADEND_ALARM_DEBOUNCE_S": "0",
         "DATABASE_URL": database_url.format(tmp=tmp_path),
     }
-    headend = Headend(headend_config(path, env), plugins=plugins)
-    await headend.start()
-    try:
+    async with running_headend(headend_config(path, env), plugins) as headend:
         yield headend
-    finally:
-        await headend.stop()
 
 
 @pytest_asyncio.fixture
