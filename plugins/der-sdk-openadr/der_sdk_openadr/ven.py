@@ -212,15 +212,18 @@ class OpenAdrVen(ProgramSource):
         if external_id is None:
             return
         event_id = event_id_of(external_id)
-        gave_up = dispatch.state in _GAVE_UP or (
-            dispatch.state == "cancelled" and external_id not in self._cancelling
+        states = {dispatch.state, *(t.state for t in dispatch.targets)}
+        gave_up = bool(states & _GAVE_UP) or (
+            "cancelled" in states and external_id not in self._cancelling
         )
         if not gave_up or event_id in self._opted_out:
             return
         self._opted_out.add(event_id)
-        why = str(dispatch.state)
+        why = ", ".join(
+            f"{t.asset_id} {t.state}" for t in dispatch.targets if t.state in _GAVE_UP
+        ) or str(dispatch.state)
         if dispatch.superseded_by:
-            why += f" by dispatch {dispatch.superseded_by}"
+            why += f" (by dispatch {dispatch.superseded_by})"
         self.ctx.log.warning(
             "OpenADR event %s: dispatch %s %s; opting out", event_id, dispatch.dispatch_id, why
         )

@@ -338,3 +338,45 @@ async def _first(items: list[Any]) -> Any:
 async def _nonempty(found: Any) -> Any:
     items = await found
     return items or None
+
+
+async def test_an_operator_dispatch_cuts_a_running_event_at_the_battery_and_the_ven_opts_out(
+    vtn: Vtn, headend: Headend, http: httpx.AsyncClient, agent: Any
+) -> None:
+    await _registered(vtn, headend)
+    event_id = vtn.add_simple_event(level=1, start_in_s=1.0, duration_s=120.0)
+    (dispatch,) = await wait_until(
+        lambda: _nonempty(_program_dispatches(http)), "the event's dispatch", timeout_s=WAIT_S
+    )
+
+    async def state_is(wanted: str) -> bool:
+        record = (await http.get(f"/dispatch/{dispatch['dispatch_id']}")).json()
+        return bool(record["state"] == wanted)
+
+    await wait_until(lambda: state_is("active"), "the event running", timeout_s=WAIT_S)
+    manual = await http.post("/dispatch", json={"asset_id": BESS_1, "mw": -1.0, "duration_s": 60})
+    assert manual.status_code == 202
+
+    async def cut() -> dict[str, Any] | None:
+        record = (await http.get(f"/dispatch/{dispatch['dispatch_id']}")).json()
+        targets = {t["asset_id"]: t["state"] for t in record["targets"]}
+        return record if targets[BESS_1] == "superseded" else None
+
+    record = await wait_until(cut, "the event cut on BESS 1 by the agent", timeout_s=WAIT_S)
+    assert record["superseded_by"] == manual.json()["dispatch_id"]
+    assert {t["asset_id"]: t["state"] for t in record["targets"]} == {
+        BESS_1: "superseded",
+        BESS_2: "active",
+        BESS_3: "active",
+    }, "the assets the operator did not touch run on"
+
+    async def manual_applied() -> bool:
+        sample = headend.ingest.latest(BESS_1)
+        return sample is not None and sample.mw_setpoint == pytest.approx(-1.0)
+
+    await wait_until(manual_applied, "the operator's MW at the battery", timeout_s=WAIT_S)
+
+    async def opted_out() -> bool:
+        return (event_id, "optOut") in vtn.opts
+
+    await wait_until(opted_out, "the VEN's optOut at the VTN", timeout_s=WAIT_S)
