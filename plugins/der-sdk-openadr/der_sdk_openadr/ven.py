@@ -38,6 +38,9 @@ __all__ = ["OPT_IN", "OPT_OUT", "OpenAdrVen"]
 
 OPT_IN = "optIn"
 OPT_OUT = "optOut"
+_NOT_REGISTERED = frozenset({452, 463})
+"""OpenADR error codes that say the VTN does not know this VEN (invalid id, not
+registered): it registers again."""
 _GAVE_UP = frozenset({"superseded", "rejected", "failed", "expired"})
 """Final states of a dispatch the VEN opted in for that make it opt out afterwards."""
 
@@ -65,7 +68,7 @@ class OpenAdrVen(ProgramSource):
         )
         self.client.add_handler("on_event", self._on_event)
         self.client.add_handler("on_update_event", self._on_event)
-        self.client.add_hook("after_receive_xml", self._heard)
+        self.client.add_hook("after_parse_xml", self._heard)
         sites = {s.site_id for s in ctx.sites} | {a.site_id for a in ctx.assets}
         for site_id in sorted(sites):
             self.client.add_report(
@@ -105,6 +108,9 @@ class OpenAdrVen(ProgramSource):
                     )
                 heard = self._last_heard
                 await self.client._poll()
+                if not self._registered:
+                    self.ctx.report_health(False, f"{self.options.vtn_url}: not registered")
+                    continue
                 if self._last_heard == heard:
                     self.ctx.report_health(False, f"{self.options.vtn_url}: no answer to oadrPoll")
                 else:
@@ -139,9 +145,24 @@ class OpenAdrVen(ProgramSource):
             async with asyncio.timeout(self.options.poll_interval_s):
                 await self._closed.wait()
 
-    def _heard(self, content: str) -> None:
-        """openleadr's ``after_receive_xml`` hook: the VTN answered."""
-        self._last_heard = time.monotonic()
+    def _heard(self, message_type: str, payload: Mapping[str, Any]) -> None:
+        """openleadr's ``after_parse_xml`` hook: the VTN answered with a message that
+        passed the schema (and, with ``vtn_fingerprint``, the signature check). An
+        answer with an OpenADR error code counts as none; one saying this VEN is not
+        registered (452 invalid id, 463 not registered) makes it register again."""
+        response = payload.get("response") if isinstance(payload, Mapping) else None
+        code = int(response.get("response_code", 200)) if isinstance(response, Mapping) else 200
+        if code == 200:
+            self._last_heard = time.monotonic()
+            return
+        self.ctx.log.warning(
+            "the VTN answered %s with OpenADR error %s: %s",
+            message_type,
+            code,
+            response.get("response_description") if isinstance(response, Mapping) else "",
+        )
+        if code in _NOT_REGISTERED:
+            self._registered = False
 
     async def _stop_client(self) -> None:
         client = self.client
