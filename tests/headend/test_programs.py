@@ -587,3 +587,12 @@ async def test_the_console_dispatch_view_shows_the_program_and_its_upstream_id(
     assert 'data-external-id="evt-9/sig-0"' in row
     page = await http.get(f"/console/assets/{BESS_2}")
     assert 'data-external-id="evt-9/sig-0"' in page.text
+
+
+async def test_a_cluster_replica_refuses_to_run_programs(tmp_path: Path, plugins: Plugins) -> None:
+    path = tmp_path / "assets.yaml"
+    path.write_text(_inventory(PROGRAMS))
+    config = headend_config(path, {"HEADEND_BUS_URL": "memory://p23-programs"})
+    headend = Headend(config, plugins=plugins)
+    with pytest.raises(DerSdkError, match="does not run programs yet"):
+        await headend.start()
