@@ -195,7 +195,7 @@ async def test_an_event_from_the_vtn_is_applied_at_the_battery_and_the_vtn_hears
     vtn: Vtn, headend: Headend, http: httpx.AsyncClient, agent: Any
 ) -> None:
     await _registered(vtn, headend)
-    event_id = vtn.add_simple_event(level=2, start_in_s=2.0, duration_s=4.0)
+    event_id = vtn.add_simple_event(level=2, start_in_s=3.0, duration_s=8.0)
 
     opted = await wait_until(
         lambda: _first(vtn.opts), "the VEN's opt response at the VTN", timeout_s=WAIT_S
