@@ -39,6 +39,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         "edge_services": plugins.edge_services,
         "exporters": plugins.exporters,
         "device_simulators": plugins.device_simulators,
+        "program_sources": plugins.program_sources,
     }
     commands = plugins.commands
     commands_of = commands.by_plugin()

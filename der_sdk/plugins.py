@@ -47,6 +47,7 @@ from der_sdk.extensions import (
     SplitPolicy,
     StorageBackendType,
 )
+from der_sdk.programs import ProgramSourceType
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -327,6 +328,7 @@ class Plugins:
             "exporters",
             "device_simulators",
             "commands",
+            "program_sources",
         ):
             self.__dict__.pop(attr, None)
         self._observers.clear()
@@ -520,6 +522,10 @@ class Plugins:
     @cached_property
     def exporters(self) -> Registry[ExporterType]:
         return Registry("exporter", self._collect("der_exporters", "exporter"))
+
+    @cached_property
+    def program_sources(self) -> Registry[ProgramSourceType]:
+        return Registry("program source", self._collect("der_program_sources", "program source"))
 
     @cached_property
     def device_simulators(self) -> Registry[DeviceSimulatorType]:

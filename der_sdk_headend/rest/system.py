@@ -53,8 +53,9 @@ class SystemController(Controller):
         summary="Liveness, storage health and ingest backlog",
         description="200 with status `ok`; 503 with status `degraded` and a `reason` when "
         "storage is not healthy (or does not answer within 2 s), the message bus of a cluster "
-        "is not connected, or telemetry writes are "
-        "stalled (failing, or the oldest queued batch waiting longer than 5 s). Latest "
+        "is not connected, telemetry writes are "
+        "stalled (failing, or the oldest queued batch waiting longer than 5 s), or a program "
+        "source has lost its upstream server (`programs` lists each program). Latest "
         "values and the rest of the API keep answering while degraded. Needs no token.",
         responses={503: ResponseSpec(Health, description="`degraded`, with a `reason`")},
         **access("open"),
@@ -66,6 +67,7 @@ class SystemController(Controller):
         if ingest is not None:
             stats = ingest.stats()
             queued_batches, queued_samples = stats.queued_batches, stats.queued_samples
+        programs = headend.programs
         health = Health(
             status="ok" if reason is None else "degraded",
             storage=headend.storage.name,
@@ -74,6 +76,7 @@ class SystemController(Controller):
             reason=reason,
             ingest_queued_batches=queued_batches,
             ingest_queued_samples=queued_samples,
+            programs=programs.health() if programs is not None else [],
         )
         return Response(health, status_code=200 if reason is None else 503)
 
@@ -101,7 +104,8 @@ class SystemController(Controller):
 async def health_reason(headend: Headend) -> str | None:
     """Why ``/healthz`` answers 503 ``degraded`` (storage unhealthy or slow to answer, the
     bus not connected, telemetry writes stalled, the stream writers stuck or the stream
-    near full), or ``None`` when healthy. ``/metrics`` exposes the same as ``der_healthy``."""
+    near full, a program source without its server), or ``None`` when healthy.
+    ``/metrics`` exposes the same as ``der_healthy``."""
     storage = headend.storage
     reason: str | None = None
     try:
@@ -124,6 +128,9 @@ async def health_reason(headend: Headend) -> str | None:
     writers = headend.stream_writers  # bus mode: the stream writers and the stream
     if reason is None and writers is not None:
         reason = writers.health_reason()
+    programs = headend.programs  # a program source that lost its upstream server
+    if reason is None and programs is not None:
+        reason = programs.health_reason()
     return reason
 
 
