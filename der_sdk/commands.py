@@ -38,6 +38,7 @@ def cmd_plugins(ns: argparse.Namespace) -> int:
         "device_profiles": plugins.device_profiles,
         "edge_services": plugins.edge_services,
         "device_simulators": plugins.device_simulators,
+        "program_sources": plugins.program_sources,
     }
     commands = plugins.commands
     commands_of = commands.by_plugin()

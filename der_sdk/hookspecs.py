@@ -28,6 +28,7 @@ from der_sdk.extensions import (
     StorageBackendType,
 )
 from der_sdk.models import Alarm, Asset, Dispatch, Session, TelemetrySample
+from der_sdk.programs import ProgramSourceType
 
 PROJECT_NAME = "der_sdk"
 
@@ -148,6 +149,24 @@ def der_edge_services() -> list[EdgeServiceType]:
     :return: a list of :class:`~der_sdk.extensions.EdgeServiceType`.
 
     All results are merged; a duplicate name is an error. Since 0.1.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def der_program_sources() -> list[ProgramSourceType]:
+    """Northbound program sources (IEEE 2030.5, OpenADR...) that turn a utility's or
+    market operator's controls into scheduled dispatches (``docs/programs.md``).
+
+    Called by the headend at start, when it reads the ``programs:`` section of its
+    inventory (each entry names a source by ``name``), and by ``der plugins``. The headend
+    validates each program's ``options`` into the descriptor's ``options`` Struct, builds
+    the source with ``factory(context, options)`` and runs it as a supervised task.
+
+    :return: a list of :class:`~der_sdk.programs.ProgramSourceType`.
+
+    All results are merged; a duplicate name is an error that names both packages.
+    Since 0.3.
     """
     raise NotImplementedError
 

@@ -27,6 +27,12 @@
         location: optional free text
         latitude: 52.1              # optional, like the site's
         longitude: 5.2
+    programs:                       # optional: northbound programs (docs/programs.md)
+      - name: utility-dr            # unique; dispatches it makes have source program:NAME
+        source: openadr2b           # an installed program source (der_program_sources)
+        sites: [6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f]   # its scope: sites and/or assets
+        assets: []
+        options: {vtn_url: "https://vtn.example/OpenADR2/Simple/2.0b"}  # the source's
 
 ``agents`` binds agent identities to the site (:class:`AgentBinding`); the headend's agent
 link checks them (:mod:`der_sdk_headend.link.identity`). A site without ``agents`` accepts
@@ -44,9 +50,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import msgspec
 
 from der_sdk.certs import canonical_fingerprint, canonical_subject, canonical_token_sha256
 from der_sdk.errors import UnknownNameError
@@ -57,6 +65,8 @@ from der_sdk.yamlconf import (
     LineDict,
     LineList,
     Section,
+    describe_validation_error,
+    join_field,
     parse_yaml,
     read_text,
     top_level_mapping,
@@ -66,16 +76,19 @@ from der_sdk.yamlconf import (
 __all__ = [
     "AGENT_KEYS",
     "ASSET_KEYS",
+    "PROGRAM_KEYS",
     "SITE_KEYS",
     "AgentBinding",
     "BindingKind",
     "Inventory",
+    "ProgramConfig",
     "canonical_uuid",
     "load_inventory",
     "parse_inventory",
 ]
 
-TOP_KEYS: tuple[str, ...] = ("sites", "assets")
+TOP_KEYS: tuple[str, ...] = ("sites", "assets", "programs")
+PROGRAM_KEYS: tuple[str, ...] = ("name", "source", "sites", "assets", "options")
 SITE_KEYS: tuple[str, ...] = (
     "site_id",
     "name",
@@ -147,17 +160,36 @@ class AgentBinding:
 
 
 @dataclass(frozen=True)
+class ProgramConfig:
+    """One entry of ``programs:``: a northbound program the headend runs.
+
+    ``site_ids`` and ``asset_ids`` are as listed (canonical); :attr:`Inventory.program_scope`
+    gives every asset it controls. ``options`` are the source's options, validated
+    against its options Struct when the inventory was loaded with the installed sources;
+    ``line`` is where the entry starts in the file.
+    """
+
+    name: str
+    source: str
+    site_ids: tuple[str, ...] = ()
+    asset_ids: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+
+@dataclass(frozen=True)
 class Inventory:
     """Sites and assets by id, in file order. Build one with :func:`load_inventory`.
 
     ``agents`` maps the id of each site that has an ``agents`` list to its bindings;
-    a site without one is not in it.
+    a site without one is not in it. ``programs`` are the northbound programs configured.
     """
 
     sites: dict[str, Site]
     assets: dict[str, Asset]
     path: str = "<inventory>"
     agents: dict[str, tuple[AgentBinding, ...]] = field(default_factory=dict)
+    programs: tuple[ProgramConfig, ...] = ()
     _by_site: dict[str, list[Asset]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -187,6 +219,15 @@ class Inventory:
         """The assets of ``site_id`` sorted by asset id (empty for an unknown site)."""
         return list(self._by_site.get(_lookup_key(site_id), ()))
 
+    def program_scope(self, program: ProgramConfig) -> tuple[list[Site], list[Asset]]:
+        """The sites a program lists, and every asset it controls: those it lists and
+        those of the sites it lists, sorted by asset id."""
+        sites = [self.sites[s] for s in program.site_ids if s in self.sites]
+        assets = {a: self.assets[a] for a in program.asset_ids if a in self.assets}
+        for site in sites:
+            assets.update((a.asset_id, a) for a in self.assets_for_site(site.site_id))
+        return sites, [assets[a] for a in sorted(assets)]
+
     def site_agents(self, site_id: str) -> tuple[AgentBinding, ...] | None:
         """The agents bound to ``site_id``; ``None`` when the site lists no ``agents``
         (or is unknown)."""
@@ -198,6 +239,7 @@ def load_inventory(
     *,
     asset_types: Collection[str] | None = None,
     split_policies: Collection[str] | None = None,
+    program_sources: Mapping[str, type[msgspec.Struct] | None] | None = None,
 ) -> Inventory:
     """Read and validate the inventory file at ``path``.
 
@@ -207,12 +249,19 @@ def load_inventory(
         (:func:`der_sdk.load_plugins`) for them.
     :param split_policies: the installed split policy names, to check the sites'
         ``split_policy``; ``None`` asks the plugins when a site names one.
+    :param program_sources: the installed program sources, name → options Struct, to
+        check each program's ``source`` and ``options``; ``None`` asks the plugins when
+        the file has programs.
     :raises ConfigError: the file is missing, unreadable or invalid; ``issues`` lists every
         problem with file, line and field.
     """
     label = os.fspath(path)
     return parse_inventory(
-        read_text(path), label, asset_types=asset_types, split_policies=split_policies
+        read_text(path),
+        label,
+        asset_types=asset_types,
+        split_policies=split_policies,
+        program_sources=program_sources,
     )
 
 
@@ -222,6 +271,7 @@ def parse_inventory(
     *,
     asset_types: Collection[str] | None = None,
     split_policies: Collection[str] | None = None,
+    program_sources: Mapping[str, type[msgspec.Struct] | None] | None = None,
 ) -> Inventory:
     """Validate inventory YAML ``text``; ``path_label`` names it in errors.
 
@@ -242,8 +292,9 @@ def parse_inventory(
     if isinstance(asset_items, LineList) and asset_items:
         installed = sorted(_installed_asset_types() if asset_types is None else asset_types)
         assets = _parse_assets(issues, asset_items, site_lines, sites, installed)
+    programs = _parse_programs(issues, root.list_at("programs"), sites, assets, program_sources)
     issues.raise_if_any()
-    return Inventory(sites=sites, assets=assets, path=path_label, agents=agents)
+    return Inventory(sites=sites, assets=assets, path=path_label, agents=agents, programs=programs)
 
 
 def _installed_asset_types() -> list[str]:
@@ -256,6 +307,119 @@ def _installed_split_policies() -> list[str]:
     from der_sdk.plugins import load_plugins
 
     return load_plugins().split_policies.names()
+
+
+def _installed_program_sources() -> dict[str, type[msgspec.Struct] | None]:
+    from der_sdk.plugins import load_plugins
+
+    return {source.name: source.options for source in load_plugins().program_sources}
+
+
+def _parse_programs(
+    issues: Issues,
+    items: Any,
+    sites: dict[str, Site],
+    assets: dict[str, Asset],
+    installed: Mapping[str, type[msgspec.Struct] | None] | None,
+) -> tuple[ProgramConfig, ...]:
+    """The ``programs`` entries: unique names, installed sources, a scope of known sites
+    and assets, and options that convert to the source's options Struct."""
+    programs: list[ProgramConfig] = []
+    names: dict[str, int | None] = {}
+    entries = _entries(issues, items, "programs", "name, source and sites or assets")
+    if entries and installed is None:
+        installed = _installed_program_sources()
+    for _, section in entries:
+        section.check_keys(PROGRAM_KEYS)
+        name = section.string("name", required=True)
+        source = section.string("source", required=True)
+        site_ids = _id_list(section, "sites", sites, "site")
+        asset_ids = _id_list(section, "assets", assets, "asset")
+        options = section.mapping_at("options")
+        if options is MISSING:
+            continue
+        if isinstance(name, str):
+            if name in names:
+                section.error("name", f"duplicate program {name!r}: also on line {names[name]}")
+                name = MISSING
+            else:
+                names[name] = section.line("name")
+        if site_ids == () and asset_ids == ():
+            section.error(
+                "sites",
+                "a program needs a scope: list the sites and/or assets it controls",
+            )
+            continue
+        if isinstance(source, str) and installed is not None:
+            if source not in installed:
+                section.error(
+                    "source",
+                    f"unknown program source {source!r}; installed: "
+                    f"{', '.join(sorted(installed)) or 'none'} (install the plugin that "
+                    "provides it)",
+                )
+                source = MISSING
+            else:
+                _check_program_options(section, options, installed[source], source)
+        if MISSING in (name, source, site_ids, asset_ids):
+            continue
+        programs.append(
+            ProgramConfig(
+                name=name,
+                source=source,
+                site_ids=site_ids,
+                asset_ids=asset_ids,
+                options=dict(options) if isinstance(options, LineDict) else {},
+                line=section.line(),
+            )
+        )
+    return tuple(programs)
+
+
+def _id_list(section: Section, key: str, known: Mapping[str, Any], kind: str) -> Any:
+    """The canonical ids listed under ``key`` (``()`` when absent), MISSING after an
+    error; each must be in ``known``."""
+    raw = section.get(key, list[str] | None, default=None)
+    if raw is MISSING or raw is None:
+        return () if raw is None else MISSING
+    ids: list[str] = []
+    for index, value in enumerate(raw):
+        where = f"{key}[{index}]"
+        try:
+            canonical = canonical_uuid(value)
+        except ValueError:
+            section.error(key, f"{where}: {value!r} is not a UUID of a {kind}")
+            return MISSING
+        if canonical not in known:
+            section.error(key, f"{where}: unknown {kind} {canonical}; declare it under '{kind}s'")
+            return MISSING
+        ids.append(canonical)
+    return tuple(ids)
+
+
+def _check_program_options(
+    section: Section, options: Any, schema: type[msgspec.Struct] | None, source: str
+) -> None:
+    """Report options that do not convert to ``schema``, at the option's own line."""
+    given = dict(options) if isinstance(options, LineDict) else {}
+    if schema is None:
+        if given:
+            section.error("options", f"program source {source!r} takes no options; remove them")
+        return
+    try:
+        msgspec.convert(given, schema)
+    except msgspec.ValidationError as exc:
+        at, message = describe_validation_error(exc)
+        option = at.lstrip(".").split(".")[0].split("[")[0]
+        allowed = ", ".join(f.name for f in msgspec.structs.fields(schema)) or "none"
+        line = section.line("options")
+        if option and isinstance(options, LineDict) and options.line_of(option) is not None:
+            line = options.line_of(option)
+        section.issues.add(
+            line,
+            join_field(section.field("options"), option) if option else section.field("options"),
+            f"invalid options for program source {source!r}: {message} (its options: {allowed})",
+        )
 
 
 def _coordinates(section: Section) -> tuple[Any, Any]:

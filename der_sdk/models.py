@@ -349,6 +349,9 @@ class Dispatch(msgspec.Struct, kw_only=True):
     """The dispatch that replaced this one (state ``superseded``)."""
     cancel_requested_at: datetime | None = None
     """When ``POST /dispatch/{id}/cancel`` asked for it to stop."""
+    external_id: str | None = None
+    """The id of the control upstream, for a dispatch a program made (``source``
+    ``program:<name>``): an OpenADR event, a 2030.5 DERControl (``docs/programs.md``)."""
 
 
 class DispatchEvent(msgspec.Struct, kw_only=True):

@@ -46,6 +46,7 @@ from der_sdk.extensions import (
     SplitPolicy,
     StorageBackendType,
 )
+from der_sdk.programs import ProgramSourceType
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -325,6 +326,7 @@ class Plugins:
             "edge_services",
             "device_simulators",
             "commands",
+            "program_sources",
         ):
             self.__dict__.pop(attr, None)
         self._observers.clear()
@@ -514,6 +516,10 @@ class Plugins:
     @cached_property
     def edge_services(self) -> Registry[EdgeServiceType]:
         return Registry("edge service", self._collect("der_edge_services", "edge service"))
+
+    @cached_property
+    def program_sources(self) -> Registry[ProgramSourceType]:
+        return Registry("program source", self._collect("der_program_sources", "program source"))
 
     @cached_property
     def device_simulators(self) -> Registry[DeviceSimulatorType]:

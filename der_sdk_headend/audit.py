@@ -10,7 +10,10 @@ Actions used by the headend:
 ======================  =====================================================
 action                  when
 ======================  =====================================================
-``dispatch.create``     ``POST /dispatch`` made (or refused to make) a dispatch
+``dispatch.create``     ``POST /dispatch`` made (or refused to make) a dispatch;
+                        also a program (actor ``program``, ``via: program:NAME``,
+                        outcome ``ok``, ``held`` or ``refused``)
+``dispatch.cancel``     a dispatch was cancelled (REST, console or a program)
 ``token.create``        a REST token was created
 ``token.revoke``        a REST token was revoked
 ``agent.refused``       an agent stream (identity, site or asset) or its TLS

@@ -43,6 +43,7 @@ from der_sdk_headend.link import AgentLinkService, add_agent_link
 from der_sdk_headend.link.identity import FrontPeers
 from der_sdk_headend.link.tls_front import TlsFront, front_ssl_context
 from der_sdk_headend.presence import Presence
+from der_sdk_headend.programs import ProgramRunner
 from der_sdk_headend.rest import create_app
 from der_sdk_headend.rest.auth import RestAuth
 from der_sdk_headend.tls import load_server_tls
@@ -135,6 +136,7 @@ class Headend:
         self._alarms: AlarmBook | None = None
         self._comms_loss: CommsLossWatch | None = None
         self._live_hub: LiveHub | None = None  # the console's live updates
+        self._programs: ProgramRunner | None = None
         self._link: AgentLinkService | None = None
         self._grpc_server: grpc.aio.Server | None = None
         self._grpc_port: int | None = None
@@ -210,6 +212,12 @@ class Headend:
         return _started(self._alarms, "alarm book")
 
     @property
+    def programs(self) -> ProgramRunner | None:
+        """The northbound programs (``programs:`` in the inventory), or ``None`` before
+        the headend started them."""
+        return self._programs
+
+    @property
     def live_hub(self) -> LiveHub:
         """Fans ingest and dispatch changes out to the console's streams
         (``/console/events``)."""
@@ -269,7 +277,13 @@ class Headend:
             config.assets_path,
             asset_types=self.plugins.asset_types.names(),
             split_policies=self.plugins.split_policies.names(),
+            program_sources={s.name: s.options for s in self.plugins.program_sources},
         )
+        if inventory.programs and config.clustered:
+            raise DerSdkError(
+                f"{config.assets_path}: programs: a replica of a cluster (HEADEND_BUS_URL) "
+                "does not run programs yet; run them on a headend alone (docs/programs.md)"
+            )
         self._inventory = inventory
         await self._start_rest_auth()
 
@@ -414,6 +428,20 @@ class Headend:
         await self._start_grpc()
         if self._http_server is None:
             await self._start_http()
+        # --- programs (issue 23): northbound sources feeding scheduled dispatches, once
+        # agents can connect and REST answers.
+        self._programs = ProgramRunner(
+            inventory,
+            self.plugins,
+            dispatcher=self._dispatcher,
+            storage=storage,
+            auditor=self.auditor,
+            alarms=self._alarms,
+            latest=self._ingest.latest,
+        )
+        self._programs.build()
+        self._programs.start()
+        # --- end programs
 
     def _asset_connected(self, asset_id: str) -> bool:
         """Whether an agent serves ``asset_id`` now: here, or in bus mode on any replica."""
@@ -607,6 +635,8 @@ class Headend:
             if self._stopped:
                 return
             self._stopped = True
+            if self._programs is not None:  # no program makes dispatches from here on
+                await self._programs.close()
             if self._front is not None:  # no new agent connections; live ones end below
                 self._front.stop_accepting()
             if self._live_hub is not None:  # console streams end with "bye"

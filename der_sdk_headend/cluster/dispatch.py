@@ -185,8 +185,16 @@ class ClusterDispatcher(Dispatcher):
         source: str = "rest",
         *,
         idempotency_key: str | None = None,
+        external_id: str | None = None,
+        fingerprint: str | None = None,
     ) -> tuple[Dispatch, bool]:
-        dispatch, new = await self._plan_request(request, source, idempotency_key)
+        dispatch, new = await self._plan_request(
+            request,
+            source,
+            idempotency_key,
+            external_id=external_id,
+            control_fingerprint=fingerprint,
+        )
         if not new:
             return dispatch, False
         fingerprint = dispatch.request_fingerprint

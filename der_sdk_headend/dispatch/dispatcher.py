@@ -129,6 +129,9 @@ class Dispatcher:
         self._expiry_task: asyncio.Task[None] | None = None
         self.on_record: Callable[[Dispatch], None] | None = None
         """Called with every dispatch record after it is stored (the console's live hub)."""
+        self.record_listeners: list[Callable[[Dispatch], None]] = []
+        """Called too with every dispatch record after it is stored (programs follow the
+        dispatches they made). Cheap and synchronous: a listener queues its work."""
 
     @property
     def policy_name(self) -> str:
@@ -160,6 +163,10 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
             self._expiry_task = None
+
+    def open_dispatches(self) -> list[Dispatch]:
+        """Copies of the dispatches not in a final state, oldest first."""
+        return [copy.deepcopy(d) for d in self._open.values()]
 
     # ------------------------------------------------------------------ create
 
@@ -228,7 +235,13 @@ class Dispatcher:
         return dispatch.policy in (None, self._policy.name)
 
     async def _plan_request(
-        self, request: DispatchRequest, source: str, idempotency_key: str | None
+        self,
+        request: DispatchRequest,
+        source: str,
+        idempotency_key: str | None,
+        *,
+        external_id: str | None = None,
+        control_fingerprint: str | None = None,
     ) -> tuple[Dispatch, bool]:
         """The dispatch ``request`` makes (validated, split, clamped, with its idempotency
         fields, ``der_dispatch_validated`` fired), not yet recorded: ``(dispatch, True)``;
@@ -246,6 +259,9 @@ class Dispatcher:
             dispatch.dispatch_id = planning.idempotent_id(idempotency_key)
             dispatch.idempotency_key = idempotency_key
             dispatch.request_fingerprint = fingerprint
+        if external_id is not None:
+            dispatch.external_id = external_id
+            dispatch.request_fingerprint = control_fingerprint
         self._plugins.notify("der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
         return dispatch, True
 
@@ -255,10 +271,23 @@ class Dispatcher:
         source: str = "rest",
         *,
         idempotency_key: str | None = None,
+        external_id: str | None = None,
+        fingerprint: str | None = None,
     ) -> tuple[Dispatch, bool]:
         """:meth:`create`, also saying whether a new dispatch was made (``False``: the
-        ``idempotency_key`` was seen before and its record is returned)."""
-        dispatch, new = await self._plan_request(request, source, idempotency_key)
+        ``idempotency_key`` was seen before and its record is returned).
+
+        :param external_id: the upstream id of a program's dispatch, kept on the record.
+        :param fingerprint: the program's fingerprint of that control, kept as the
+            record's ``request_fingerprint`` (a program tells a repeat from a change).
+        """
+        dispatch, new = await self._plan_request(
+            request,
+            source,
+            idempotency_key,
+            external_id=external_id,
+            control_fingerprint=fingerprint,
+        )
         if not new:
             return dispatch, False
         fingerprint = dispatch.request_fingerprint
@@ -738,6 +767,11 @@ class Dispatcher:
         )
         if self.on_record is not None:
             self.on_record(dispatch)
+        for listener in self.record_listeners:
+            try:
+                listener(dispatch)
+            except Exception:
+                log.exception("a dispatch record listener failed; the others were called")
 
     def _index(self, dispatch: Dispatch) -> None:
         if lifecycle.is_open(dispatch):

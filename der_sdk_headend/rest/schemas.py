@@ -10,6 +10,7 @@ import msgspec
 from der_sdk.control import ControlKind
 from der_sdk.models import Asset, Dispatch, DispatchEvent
 from der_sdk_headend.audit import Actor
+from der_sdk_headend.programs.runner import ProgramHealth
 from der_sdk_headend.tokens import MAX_NAME_LENGTH, Role, StoredToken
 
 __all__ = [
@@ -118,8 +119,8 @@ class PluginRow(msgspec.Struct, kw_only=True):
 
 
 class Health(msgspec.Struct, kw_only=True):
-    """``GET /healthz``: ``ok`` (200), or ``degraded`` (503) when storage is unhealthy or
-    telemetry writes are stalled (``reason`` says which)."""
+    """``GET /healthz``: ``ok`` (200), or ``degraded`` (503) when storage is unhealthy,
+    telemetry writes are stalled or a program lost its server (``reason`` says which)."""
 
     status: Literal["ok", "degraded"]
     storage: str
@@ -128,6 +129,8 @@ class Health(msgspec.Struct, kw_only=True):
     reason: str | None = None
     ingest_queued_batches: int = 0
     ingest_queued_samples: int = 0
+    programs: list[ProgramHealth] = msgspec.field(default_factory=list)
+    """The northbound programs and whether each reaches its server (docs/programs.md)."""
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

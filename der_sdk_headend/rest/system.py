@@ -53,8 +53,9 @@ class SystemController(Controller):
         summary="Liveness, storage health and ingest backlog",
         description="200 with status `ok`; 503 with status `degraded` and a `reason` when "
         "storage is not healthy (or does not answer within 2 s), the message bus of a cluster "
-        "is not connected, or telemetry writes are "
-        "stalled (failing, or the oldest queued batch waiting longer than 5 s). Latest "
+        "is not connected, telemetry writes are "
+        "stalled (failing, or the oldest queued batch waiting longer than 5 s), or a program "
+        "source has lost its upstream server (`programs` lists each program). Latest "
         "values and the rest of the API keep answering while degraded. Needs no token.",
         responses={503: ResponseSpec(Health, description="`degraded`, with a `reason`")},
         **access("open"),
@@ -86,6 +87,9 @@ class SystemController(Controller):
         writers = headend.stream_writers  # bus mode: the stream writers and the stream
         if reason is None and writers is not None:
             reason = writers.health_reason()
+        programs = headend.programs
+        if reason is None and programs is not None:
+            reason = programs.health_reason()
         health = Health(
             status="ok" if reason is None else "degraded",
             storage=storage.name,
@@ -94,6 +98,7 @@ class SystemController(Controller):
             reason=reason,
             ingest_queued_batches=queued_batches,
             ingest_queued_samples=queued_samples,
+            programs=programs.health() if programs is not None else [],
         )
         return Response(health, status_code=200 if reason is None else 503)
 

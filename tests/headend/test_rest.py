@@ -62,6 +62,7 @@ async def test_healthz_is_ok_with_storage_and_connection_counts(
         "reason": None,
         "ingest_queued_batches": 0,
         "ingest_queued_samples": 0,
+        "programs": [],
     }
 
 
