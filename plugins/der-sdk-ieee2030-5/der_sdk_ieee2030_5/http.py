@@ -27,8 +27,12 @@ T = TypeVar("T")
 
 
 class Sep2Error(DerSdkError):
-    """The server could not be reached, or answered with an error or a document that is
-    not what the standard says; the message names the URL."""
+    """The server could not be reached (``unreachable``), or answered with an error or a
+    document that is not what the standard says; the message names the URL."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 def build_ssl_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext:
@@ -95,7 +99,9 @@ class Sep2Client:
         try:
             response = await self._http.request(method, url, **kwargs)
         except httpx.HTTPError as exc:
-            raise Sep2Error(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+            raise Sep2Error(
+                f"{method} {url}: {type(exc).__name__}: {exc}", unreachable=True
+            ) from None
         if response.status_code >= 400:
             raise Sep2Error(f"{method} {url}: HTTP {response.status_code}")
         return response

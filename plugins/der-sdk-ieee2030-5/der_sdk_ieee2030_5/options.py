@@ -57,7 +57,8 @@ class Ieee20305Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
     ``poll_interval_s``: how often to read the server's programs and controls; a longer
     ``pollRate`` from the server wins. ``mirror_interval_s``: how often to post real power
-    (a longer ``postRate`` from the server wins). ``timeout_s``: per request.
+    and check that the server answers (set it to the ``postRate`` the utility asks for).
+    ``timeout_s``: per request.
     """
 
     server_url: str

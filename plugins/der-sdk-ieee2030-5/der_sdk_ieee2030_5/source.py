@@ -128,6 +128,7 @@ class Ieee20305Source(ProgramSource):
         self._poll_s = options.poll_interval_s
         self._post_s = options.mirror_interval_s
         self._mirror_failed = False
+        self._unreachable = False
 
     # ------------------------------------------------------------------ life
 
@@ -199,10 +200,12 @@ class Ieee20305Source(ProgramSource):
             await self._poll(self._client)
         except Sep2Error as exc:
             self.ctx.log.warning("program %s: %s", self.ctx.program, exc)
+            self._unreachable = exc.unreachable
             self.ctx.report_health(
                 False, f"{exc}; the dispatches already made keep running on schedule"
             )
         else:
+            self._unreachable = False
             self.ctx.report_health(True, f"polled {self.options.server_url}")
 
     async def _poll(self, client: Sep2Client) -> None:
@@ -210,11 +213,10 @@ class Ieee20305Source(ProgramSource):
         rates = [dcap.pollRate or 0]
         if dcap.EndDeviceListLink is None:
             raise Sep2Error(f"{client.base_url}: the DeviceCapability has no EndDeviceListLink")
-        await self._find_end_devices(client, dcap.EndDeviceListLink.href)
+        end_devices = await self._end_devices(client, dcap.EndDeviceListLink.href)
         shared = [dcap.DERProgramListLink.href] if dcap.DERProgramListLink else []
         for device in self._devices:
-            assert device.href is not None
-            end_device = await client.get(device.href, EndDeviceResponse)
+            end_device = end_devices[device.lfdi]
             lists = list(shared)
             if end_device.FunctionSetAssignmentsListLink is not None:
                 _, fsas = await client.get_all(
@@ -237,42 +239,51 @@ class Ieee20305Source(ProgramSource):
                 await self._create_mirror(client, device, dcap.MirrorUsagePointListLink.href)
         self._poll_s = max(self.options.poll_interval_s, *rates)
 
-    async def _find_end_devices(self, client: Sep2Client, list_href: str) -> None:
-        missing = [d for d in self._devices if d.href is None]
-        if not missing:
-            return
+    async def _end_devices(
+        self, client: Sep2Client, list_href: str
+    ) -> dict[str, EndDeviceResponse]:
+        """Each configured end device as the server has it, by LFDI; a configured one the
+        server does not list is registered (POST to the EndDeviceList) and read back.
+
+        The list's items are used as they are (they are whole EndDevices): some servers
+        answer the list but not a GET of one of its EndDevices.
+        """
         _, listed = await client.get_all(
             list_href, EndDeviceListResponse, lambda page: page.EndDevice
         )
         by_lfdi = {(e.lFDI or "").upper(): e for e in listed}
         by_sfdi = {e.sFDI: e for e in listed}
-        for device in missing:
-            found = by_lfdi.get(device.lfdi) or by_sfdi.get(device.sfdi)
-            if found is not None and found.href:
-                device.href = client.url(found.href)
-                continue
-            if not device.options.register:
-                raise Sep2Error(
-                    f"{client.url(list_href)} does not list end device {device.lfdi}"
-                    f" ({device.options.target}) and register is off"
-                )
-            request = EndDeviceRequest(
-                lFDI=device.lfdi,
-                sFDI=device.sfdi,
-                changedTime=int(self.clock()),
-                enabled=True,
+        found: dict[str, EndDeviceResponse] = {}
+        for device in self._devices:
+            server_side = by_lfdi.get(device.lfdi) or by_sfdi.get(device.sfdi)
+            if server_side is None:
+                server_side = await self._register(client, list_href, device)
+            device.href = client.url(server_side.href or list_href)
+            found[device.lfdi] = server_side
+        return found
+
+    async def _register(
+        self, client: Sep2Client, list_href: str, device: EndDevice
+    ) -> EndDeviceResponse:
+        if not device.options.register:
+            raise Sep2Error(
+                f"{client.url(list_href)} does not list end device {device.lfdi}"
+                f" ({device.options.target}) and register is off"
             )
-            location = await client.post(list_href, request)
-            if location is None:
-                raise Sep2Error(f"POST {client.url(list_href)}: registered, but no Location")
-            device.href = location
-            self.ctx.log.info(
-                "program %s: registered end device %s (%s) at %s",
-                self.ctx.program,
-                device.lfdi,
-                device.options.target,
-                location,
-            )
+        request = EndDeviceRequest(
+            lFDI=device.lfdi, sFDI=device.sfdi, changedTime=int(self.clock()), enabled=True
+        )
+        location = await client.post(list_href, request)
+        if location is None:
+            raise Sep2Error(f"POST {client.url(list_href)}: registered, but no Location")
+        self.ctx.log.info(
+            "program %s: registered end device %s (%s) at %s",
+            self.ctx.program,
+            device.lfdi,
+            device.options.target,
+            location,
+        )
+        return await client.get(location, EndDeviceResponse)
 
     async def _program_controls(
         self, client: Sep2Client, program: DERProgramResponse
@@ -478,8 +489,18 @@ class Ieee20305Source(ProgramSource):
     # ------------------------------------------------------------------ mirror
 
     async def _create_mirror(self, client: Sep2Client, device: EndDevice, href: str) -> None:
+        """POST the end device's MirrorUsagePoint; a server that refuses it costs the
+        mirrored readings only (logged once, tried again each poll), not the controls."""
+        try:
+            device.mirror_href = await client.post(href, self._mirror_usage_point(device))
+        except Sep2Error as exc:
+            if not self._mirror_failed:
+                self.ctx.log.warning("program %s: mirror: %s", self.ctx.program, exc)
+            self._mirror_failed = True
+
+    def _mirror_usage_point(self, device: EndDevice) -> MirrorUsagePointRequest:
         role = MIRROR_ROLE_DER if device.options.asset_id else MIRROR_ROLE_SITE
-        request = MirrorUsagePointRequest(
+        return MirrorUsagePointRequest(
             mRID=_mrid(device.lfdi, "mup"),
             description=f"der-sdk {device.options.target}",
             roleFlags=role,
@@ -489,34 +510,49 @@ class Ieee20305Source(ProgramSource):
             postRate=int(self.options.mirror_interval_s),
             mirrorMeterReadings=[_power_reading(device, None)],
         )
-        device.mirror_href = await client.post(href, request)
 
     async def mirror_once(self) -> None:
         """POST each end device's real power (the sum of its assets' latest) to its
-        MirrorUsagePoint."""
+        MirrorUsagePoint. This runs at the mirror interval, usually more often than the
+        server's pollRate allows polling, so it also tells a server that went away (with
+        nothing to post, it reads the DeviceCapability)."""
         if self._client is None:
             return
-        for device in self._devices:
-            if device.mirror_href is None:
-                continue
-            samples = [await self.ctx.latest(a.asset_id) for a in device.assets]
-            present = [s for s in samples if s is not None]
-            if not present:
-                continue
-            watts = sum(s.mw for s in present) * 1e6
-            at = int(max(s.ts for s in present).timestamp())
-            reading = Reading(
-                value=round(watts),
-                timePeriod=DateTimeIntervalType(start=at, duration=int(self._post_s)),
-            )
-            try:
-                await self._client.post(device.mirror_href, _power_reading(device, reading))
-            except Sep2Error as exc:
-                if not self._mirror_failed:
-                    self.ctx.log.warning("program %s: mirror: %s", self.ctx.program, exc)
-                self._mirror_failed = True
-            else:
-                self._mirror_failed = False
+        try:
+            posted = False
+            for device in self._devices:
+                reading = await self._power_now(device)
+                if device.mirror_href is not None and reading is not None:
+                    await self._client.post(device.mirror_href, _power_reading(device, reading))
+                    posted = True
+            if not posted:
+                await self._client.get(self.options.server_url, DeviceCapabilityResponse)
+        except Sep2Error as exc:
+            if exc.unreachable:
+                self._unreachable = True
+                self.ctx.report_health(
+                    False, f"{exc}; the dispatches already made keep running on schedule"
+                )
+            elif not self._mirror_failed:
+                self.ctx.log.warning("program %s: mirror: %s", self.ctx.program, exc)
+            self._mirror_failed = True
+        else:
+            self._mirror_failed = False
+            if self._unreachable:
+                self._unreachable = False
+                self.ctx.report_health(True, f"{self.options.server_url} answers again")
+
+    async def _power_now(self, device: EndDevice) -> Reading | None:
+        samples = [await self.ctx.latest(a.asset_id) for a in device.assets]
+        present = [s for s in samples if s is not None]
+        if not present:
+            return None
+        return Reading(
+            value=round(sum(s.mw for s in present) * 1e6),
+            timePeriod=DateTimeIntervalType(
+                start=int(max(s.ts for s in present).timestamp()), duration=int(self._post_s)
+            ),
+        )
 
 
 def _power_reading(device: EndDevice, reading: Reading | None) -> MirrorMeterReadingRequest:
