@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -160,3 +161,16 @@ def test_bad_options_are_refused_naming_what(options: dict[str, object], message
     body = {"end_devices": [{"site_id": "s", "lfdi": "A" * 40}], **options}
     with pytest.raises(msgspec.ValidationError, match=message):
         msgspec.convert(body, Ieee20305Options)
+
+
+def test_the_docs_example_options_are_valid() -> None:
+    docs = Path(__file__).resolve().parents[3] / "docs" / "programs.md"
+    section = docs.read_text().split("## IEEE 2030.5", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (program,) = yaml.safe_load(block)["programs"]
+    assert program["source"] == "ieee2030.5"
+    options = msgspec.convert(program["options"], Ieee20305Options)
+    assert [d.site_id or d.asset_id for d in options.end_devices] == [
+        *program["sites"],
+        *program["assets"],
+    ]
