@@ -125,6 +125,10 @@ class Ieee20305Source(ProgramSource):
         self._made: set[str] = set()
         """Ids of the dispatches this source made (supersede among them is internal)."""
         self._cancelling: set[str] = set()
+        """Ids of the dispatches this source cancelled, or had replaced (their control
+        changed): their ``cancelled`` is not an operator's opt-out."""
+        self._requested: dict[str, tuple[ProgramDispatch, str]] = {}
+        """The last request for each external id, and the dispatch it made."""
         self._poll_s = options.poll_interval_s
         self._post_s = options.mirror_interval_s
         self._mirror_failed = False
@@ -384,6 +388,9 @@ class Ieee20305Source(ProgramSource):
             asset_id=device.options.asset_id,
             site_id=device.options.site_id,
         )
+        before = self._requested.get(key)
+        if before is not None and before[0] != request:
+            self._cancelling.add(before[1])  # the headend replaces it
         try:
             dispatch = await self.ctx.schedule(request)
         except ProgramRefusedError as exc:
@@ -396,6 +403,7 @@ class Ieee20305Source(ProgramSource):
             await self._respond(device, control, code)
             return
         self._made.add(dispatch.dispatch_id)
+        self._requested[key] = (request, dispatch.dispatch_id)
 
     async def _drop_unwanted(self, device: EndDevice, wanted: set[str], now: int) -> None:
         """Cancel this device's open dispatches that no longer stand for a window."""
@@ -407,7 +415,7 @@ class Ieee20305Source(ProgramSource):
             ends = _end_of(dispatch)
             if ends is not None and ends <= now:
                 continue  # finishing on its own
-            self._cancelling.add(key)
+            self._cancelling.add(dispatch.dispatch_id)
             await self.ctx.cancel(key, "no longer in force on the IEEE 2030.5 server")
 
     async def _stop(
@@ -419,7 +427,7 @@ class Ieee20305Source(ProgramSource):
             parsed = parse_external_id(dispatch.external_id or "")
             if parsed is not None and parsed[:2] == (device.lfdi, control.mrid):
                 assert dispatch.external_id is not None
-                self._cancelling.add(dispatch.external_id)
+                self._cancelling.add(dispatch.dispatch_id)
                 await self.ctx.cancel(
                     dispatch.external_id, f"IEEE 2030.5 DERControl {control.mrid} {why}"
                 )
@@ -449,7 +457,6 @@ class Ieee20305Source(ProgramSource):
         opted out when an operator took the asset (a manual dispatch superseded it, or
         a cancel this source did not make); refused states as "cannot comply".
         """
-        key = dispatch.external_id or ""
         if dispatch.state in STARTED_STATES:
             return ResponseType.EVENT_STARTED
         if dispatch.state == "completed":
@@ -459,8 +466,7 @@ class Ieee20305Source(ProgramSource):
                 return None
             return ResponseType.USER_CHOSE_OPT_OUT
         if dispatch.state == "cancelled":
-            if key in self._cancelling:
-                self._cancelling.discard(key)
+            if dispatch.dispatch_id in self._cancelling:
                 return None
             return ResponseType.USER_CHOSE_OPT_OUT
         return REFUSED_STATES.get(dispatch.state)

@@ -35,11 +35,13 @@ from der_sdk_agent.testing import AgentRunner
 pytestmark = pytest.mark.timeout(1500)
 
 CONTROL = "D1" + "0" * 30
-LEAD_S = 8  # the control starts this long after it is made: headend and agent start first
+LEAD_S = 25  # the control starts this long after it is made: headend and agent start first
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gridappsd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GridappsdServer]:
+    """A fresh server for each test (it serves one connection at a time, and a test may
+    stop it)."""
     venv = server_venv()
     server = GridappsdServer(tmp_path_factory.mktemp("gridappsd"))
     server.start(venv)
