@@ -969,6 +969,24 @@ class StorageConformance:
         assert stored.start_at.utcoffset() == timedelta(0)
 
     @pytest.mark.asyncio
+    async def test_a_program_dispatch_keeps_its_source_and_external_id(
+        self, storage: StorageBackend
+    ) -> None:
+        record = self.dispatch("p1", 0, site_id=_SITE, targets=(_ASSET_A,), state="scheduled")
+        record.source = "program:utility-dr"
+        record.external_id = "event-7/signal-0"
+        record.request_fingerprint = "ab" * 32
+        record.start_at = self.at(60)
+        record.steps = [ScheduleStep(offset_s=0.0, mw=1.0)]
+        await storage.save_dispatch(record)
+
+        stored = await storage.get_dispatch("p1")
+        assert stored == record
+        assert stored is not None and stored.external_id == "event-7/signal-0"
+        (listed,) = await storage.dispatch_history(site_id=_SITE)
+        assert (listed.source, listed.external_id) == ("program:utility-dr", "event-7/signal-0")
+
+    @pytest.mark.asyncio
     async def test_dispatch_history_filters_by_asset_site_and_state(
         self, storage: StorageBackend
     ) -> None:

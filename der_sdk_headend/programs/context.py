@@ -34,8 +34,12 @@ from der_sdk_headend.programs.precedence import (
     to_request,
 )
 
-__all__ = ["HOLD_LOOKBACK", "HeadendProgramContext"]
+__all__ = ["HOLD_LOOKBACK", "REMEMBERED_CONTROLS", "HeadendProgramContext"]
 
+REMEMBERED_CONTROLS = 10_000
+"""How many controls a program's context remembers (their dispatch and fingerprint) for
+idempotency; the oldest are forgotten first (a control re-sent after that, unchanged,
+makes a new dispatch only if the old one is no longer open: open ones are always known)."""
 HOLD_LOOKBACK = 100
 """How many of an asset's newest dispatches are looked at for a manual hold (open ones
 are always looked at)."""
@@ -116,6 +120,8 @@ class HeadendProgramContext(ProgramContext):
                     "its duration"
                 )
                 self._held[request.external_id] = (fingerprint, why)
+                while len(self._held) > REMEMBERED_CONTROLS:
+                    del self._held[next(iter(self._held))]
                 raise ProgramRefusedError("held", why, held_by=hold.dispatch_id)
         except ProgramRefusedError as exc:
             await self._audit_create(request, "refused" if exc.kind != "held" else "held", str(exc))
@@ -133,9 +139,21 @@ class HeadendProgramContext(ProgramContext):
         except (InvalidDispatchError, UnknownTargetError) as exc:
             await self._audit_create(request, "refused", str(exc))
             raise ProgramRefusedError("invalid", str(exc)) from None
-        self._by_external[request.external_id] = (dispatch.dispatch_id, fingerprint)
+        self._remember(request.external_id, dispatch.dispatch_id, fingerprint)
         await self._audit_create(request, "ok", dispatch.state, dispatch=dispatch)
         return dispatch
+
+    def _remember(self, external_id: str, dispatch_id: str, fingerprint: str) -> None:
+        self._by_external.pop(external_id, None)  # the newest last
+        self._by_external[external_id] = (dispatch_id, fingerprint)
+        if len(self._by_external) <= REMEMBERED_CONTROLS:
+            return
+        open_ids = {d.dispatch_id for d in self._dispatcher.open_dispatches()}
+        for old in list(self._by_external):
+            if len(self._by_external) <= REMEMBERED_CONTROLS:
+                break
+            if self._by_external[old][0] not in open_ids:
+                del self._by_external[old]
 
     def _targets_of(self, request: ProgramDispatch) -> set[str]:
         """The assets ``request`` may reach; refused when outside the program's scope."""

@@ -112,6 +112,7 @@ class ProgramRunner:
         self._alarm_queue: asyncio.Queue[tuple[Asset, bool, str]] = asyncio.Queue()
         self._alarm_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._closed = asyncio.Event()  # ends a restart's backoff at shutdown
 
     # ------------------------------------------------------------------ start
 
@@ -290,7 +291,9 @@ class ProgramRunner:
             delay = self._restart.delay(attempt)
             program.health.restarts += 1
             self._report(name, False, f"{failure}; started again in {delay:.1f} s")
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._closed.wait()
 
     async def _report_changes(self, program: _Program) -> None:
         while True:
@@ -322,6 +325,7 @@ class ProgramRunner:
         if self._closing:
             return
         self._closing = True
+        self._closed.set()
         with contextlib.suppress(ValueError):
             self._dispatcher.record_listeners.remove(self._on_record)
         for program in self._programs.values():

@@ -8,14 +8,17 @@ entry point ``der_sdk_headend`` (:mod:`der_sdk_headend.testing.pytest_plugin`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from der_sdk.plugins import Plugins
     from der_sdk_headend.config import HeadendConfig
+    from der_sdk_headend.service import Headend
 
-__all__ = ["headend_config"]
+__all__ = ["headend_config", "running_headend"]
 
 
 def headend_config(inventory_path: Path, env: Mapping[str, str] | None = None) -> HeadendConfig:
@@ -35,3 +38,17 @@ def headend_config(inventory_path: Path, env: Mapping[str, str] | None = None) -
             **(env or {}),
         }
     )
+
+
+@contextlib.asynccontextmanager
+async def running_headend(config: HeadendConfig, plugins: Plugins) -> AsyncIterator[Headend]:
+    """A started :class:`~der_sdk_headend.service.Headend` with ``plugins``, stopped on
+    exit (the ``der_headend`` fixture's, for tests that build their own config)."""
+    from der_sdk_headend.service import Headend
+
+    headend = Headend(config, plugins=plugins)
+    await headend.start()
+    try:
+        yield headend
+    finally:
+        await headend.stop()

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from der_sdk.plugins import Plugins
 from der_sdk.testing.waits import WAIT_S
-from der_sdk_headend.testing import headend_config
+from der_sdk_headend.testing import headend_config, running_headend
 
 if TYPE_CHECKING:
     import httpx
@@ -40,14 +40,8 @@ async def der_headend(
     der_headend_config: HeadendConfig, der_plugins: Plugins
 ) -> AsyncIterator[Headend]:
     """A started reference headend (REST and gRPC), stopped at teardown."""
-    from der_sdk_headend.service import Headend
-
-    headend = Headend(der_headend_config, plugins=der_plugins)
-    await headend.start()
-    try:
+    async with running_headend(der_headend_config, der_plugins) as headend:
         yield headend
-    finally:
-        await headend.stop()
 
 
 @pytest_asyncio.fixture

@@ -32,7 +32,7 @@ from der_sdk.programs import (
 from der_sdk.testing.inventory import DEFAULT_ASSET_IDS, DEFAULT_INVENTORY_YAML, DEFAULT_SITE_ID
 from der_sdk.testing.waits import wait_until
 from der_sdk_headend import Headend
-from der_sdk_headend.testing import headend_config
+from der_sdk_headend.testing import headend_config, running_headend
 
 BESS_1, BESS_2, BESS_3 = DEFAULT_ASSET_IDS
 
@@ -106,7 +106,7 @@ def plugin() -> ScriptedPlugin:
 
 @pytest.fixture
 def plugins(plugin: ScriptedPlugin) -> Plugins:
-    return load_plugins(extra=[("scripted-programs", plugin)], env={})
+    return load_plugins(entry_points=False, extra=[("scripted-programs", plugin)], env={})
 
 
 @pytest.fixture
@@ -130,12 +130,8 @@ async def headend(
         "HEADEND_ALARM_DEBOUNCE_S": "0",
         "DATABASE_URL": database_url.format(tmp=tmp_path),
     }
-    headend = Headend(headend_config(path, env), plugins=plugins)
-    await headend.start()
-    try:
+    async with running_headend(headend_config(path, env), plugins) as headend:
         yield headend
-    finally:
-        await headend.stop()
 
 
 @pytest_asyncio.fixture
@@ -591,3 +587,12 @@ async def test_the_console_dispatch_view_shows_the_program_and_its_upstream_id(
     assert 'data-external-id="evt-9/sig-0"' in row
     page = await http.get(f"/console/assets/{BESS_2}")
     assert 'data-external-id="evt-9/sig-0"' in page.text
+
+
+async def test_a_cluster_replica_refuses_to_run_programs(tmp_path: Path, plugins: Plugins) -> None:
+    path = tmp_path / "assets.yaml"
+    path.write_text(_inventory(PROGRAMS))
+    config = headend_config(path, {"HEADEND_BUS_URL": "memory://p23-programs"})
+    headend = Headend(config, plugins=plugins)
+    with pytest.raises(DerSdkError, match="does not run programs yet"):
+        await headend.start()
