@@ -36,6 +36,7 @@ C0004 = "C0004".ljust(32, "0")
 A0001 = "A0001".ljust(32, "0")
 B0001 = "B0001".ljust(32, "0")
 B0002 = "B0002".ljust(32, "0")
+C0005 = "C0005".ljust(32, "0")
 
 
 def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -253,3 +254,22 @@ async def test_with_the_server_down_the_schedule_runs_and_healthz_says_so(
         return (await der_http.get("/healthz")).status_code == 200
 
     await wait_until(healthy, what="/healthz ok again")
+
+
+async def test_an_operator_s_manual_dispatch_holds_the_battery_and_the_server_hears_opt_out(
+    sep2: Sep2TestServer, der_http: httpx.AsyncClient, der_run_agent: AgentRunner
+) -> None:
+    await der_run_agent(adapter_type="sim-bess", assets=[BESS_1])
+    manual = await der_http.post(
+        "/dispatch", json={"asset_id": BESS_1, "mw": 0.3, "duration_s": 300}
+    )
+    assert manual.status_code in (200, 201, 202), manual.text
+    program = sep2.add_program(primacy=1, description="peak")
+    sep2.add_control(
+        program, mrid=C0005, start=int(time.time()) + 30, duration=60, base=target_w(10**6)
+    )
+    await wait_until(
+        holds(lambda: R.USER_CHOSE_OPT_OUT in sep2.statuses(C0005)), what="the opt-out"
+    )
+    assert sep2.statuses(C0005) == [R.EVENT_RECEIVED, R.USER_CHOSE_OPT_OUT]
+    assert await program_dispatches(der_http) == []
