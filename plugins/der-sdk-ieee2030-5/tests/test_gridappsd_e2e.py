@@ -35,7 +35,7 @@ from der_sdk_agent.testing import AgentRunner
 pytestmark = pytest.mark.timeout(1500)
 
 CONTROL = "D1" + "0" * 30
-LEAD_S = 25  # the control starts this long after it is made: headend and agent start first
+LEAD_S = 35  # the control starts this long after it is made: headend and agent start first
 
 
 @pytest.fixture
