@@ -358,7 +358,7 @@ class Ieee20305Source(ProgramSource):
         wanted: set[str] = set()
         for control, result in mapped:
             if control.mrid in resolution.superseded_by:
-                winner = controls[resolution.superseded_by[control.mrid]]
+                winner = controls.get(resolution.superseded_by[control.mrid], control)
                 code = (
                     ResponseType.EVENT_SUPERSEDED
                     if winner.program_mrid == control.program_mrid
