@@ -214,7 +214,6 @@ class ProgramRunner:
         health.detail = detail
         if not changed:
             return
-        was = health.connected
         health.connected = ok
         health.since = utc_now()
         if ok:
@@ -223,8 +222,8 @@ class ProgramRunner:
             log.warning(
                 "program %s: lost its server: %s; the schedule it has keeps running", name, detail
             )
-        if ok and was is None:
-            return  # nothing was raised
+        # The first "ok" clears too: an alarm a previous run left active (a clear with
+        # nothing active changes nothing).
         for asset in program.assets:
             self._alarm_queue.put_nowait((asset, not ok, f"program {name}: {detail}"))
 

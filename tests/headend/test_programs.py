@@ -596,3 +596,26 @@ async def test_a_cluster_replica_refuses_to_run_programs(tmp_path: Path, plugins
     headend = Headend(config, plugins=plugins)
     with pytest.raises(DerSdkError, match="does not run programs yet"):
         await headend.start()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite:///{tmp}/der.db"])
+async def test_an_alarm_left_active_by_a_previous_run_clears_when_the_program_connects(
+    headend: Headend, plugins: Plugins, plugin: ScriptedPlugin
+) -> None:
+    source = await _running(plugin)
+    source.ctx.report_health(False, "down when the headend stopped")
+
+    async def active(h: Headend) -> list[Any] | None:
+        found = await h.storage.alarms(code=PROGRAM_COMMS_LOSS, state="active")
+        return found or None
+
+    await wait_until(lambda: active(headend), "program_comms_loss raised")
+    await headend.stop()
+
+    async with running_headend(headend.config, plugins) as again:
+        await _running(plugin)  # the new source reports it is connected
+
+        async def cleared() -> bool:
+            return await active(again) is None
+
+        await wait_until(cleared, "the stale program_comms_loss cleared")

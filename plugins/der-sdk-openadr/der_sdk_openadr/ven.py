@@ -189,6 +189,8 @@ class OpenAdrVen(ProgramSource):
         if plan.status == enums.EVENT_STATUS.CANCELLED:
             await self._cancel_event(plan.event_id, "event cancelled by the VTN")
             return OPT_IN
+        if plan.status == enums.EVENT_STATUS.COMPLETED:
+            return OPT_IN  # over: nothing to run (openleadr sends no response for it)
         if plan.ignored is not None:
             self.ctx.log.info("OpenADR event %s: opted out: %s", plan.event_id, plan.ignored)
             return self._opt_out(plan.event_id)

@@ -41,6 +41,7 @@ class Vtn:
     """openleadr's VTN with handlers that record what the VEN sent."""
 
     port: int
+    tls: dict[str, Any] = field(default_factory=dict)
     server: OpenADRServer = field(init=False)
     registrations: list[dict[str, Any]] = field(default_factory=list)
     opts: list[tuple[str, str]] = field(default_factory=list)  # (event id, opt type)
@@ -54,13 +55,16 @@ class Vtn:
             http_port=self.port,
             requested_poll_freq=timedelta(seconds=1),
             show_fingerprint=False,
+            show_server_cert_domain=False,
+            **self.tls,
         )
         self.server.add_handler("on_create_party_registration", self._register)
         self.server.add_handler("on_register_report", self._register_report)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/OpenADR2/Simple/2.0b"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/OpenADR2/Simple/2.0b"
 
     async def _register(self, registration_info: dict[str, Any]) -> tuple[str, str] | bool:
         self.registrations.append(registration_info)
@@ -380,3 +384,80 @@ async def test_an_operator_dispatch_cuts_a_running_event_at_the_battery_and_the_
         return (event_id, "optOut") in vtn.opts
 
     await wait_until(opted_out, "the VEN's optOut at the VTN", timeout_s=WAIT_S)
+
+
+@pytest_asyncio.fixture
+async def tls_vtn(tmp_path: Path) -> AsyncIterator[tuple[Vtn, dict[str, str]]]:
+    """openleadr's VTN over mutual TLS with signed messages, certificates from der-sdk's
+    development CA (`der certs`): the VTN's server certificate signs its messages, the
+    VEN's client certificate (known to the VTN by fingerprint) signs the VEN's."""
+    from openleadr.service.vtn_service import VTNService
+    from openleadr.utils import certificate_fingerprint
+
+    from der_sdk.certs import init_ca, issue_agent, issue_headend
+
+    certs = tmp_path / "certs"
+    ca = init_ca(certs)
+    server = issue_headend(certs, ["127.0.0.1"])
+    ven = issue_agent(certs, DEFAULT_SITE_ID, agent_id=VEN_NAME)
+    ven_fingerprint = certificate_fingerprint(ven.cert_pem)
+
+    def ven_lookup(ven_id: str) -> dict[str, str]:
+        return {
+            "ven_id": VEN_ID,
+            "ven_name": VEN_NAME,
+            "fingerprint": ven_fingerprint,
+            "registration_id": "REG_NORTH",
+        }
+
+    vtn = Vtn(
+        port=_free_port(),
+        tls={
+            "cert": str(server.cert_path),
+            "key": str(server.key_path),
+            "http_cert": str(server.cert_path),
+            "http_key": str(server.key_path),
+            "http_ca_file": str(ca.cert_path),
+            "ven_lookup": ven_lookup,
+        },
+    )
+    await vtn.start()
+    try:
+        yield (
+            vtn,
+            {
+                "cert": str(ven.cert_path),
+                "key": str(ven.key_path),
+                "ca_file": str(ca.cert_path),
+                "vtn_fingerprint": certificate_fingerprint(server.cert_pem),
+            },
+        )
+    finally:
+        await vtn.stop()
+        # openleadr keeps these on the service class: do not leak them into other tests
+        for name in ("ven_lookup",):
+            if name in vars(VTNService):
+                delattr(VTNService, name)
+
+
+async def test_the_ven_talks_to_a_vtn_over_mutual_tls_with_signed_messages(
+    tls_vtn: tuple[Vtn, dict[str, str]], tmp_path: Path, plugins: Plugins
+) -> None:
+    vtn, ven_certs = tls_vtn
+    options = "\n".join(f'      {k}: "{v}"' for k, v in ven_certs.items())
+    path = tmp_path / "assets.yaml"
+    path.write_text(_inventory(vtn) + options + "\n")
+    async with running_headend(headend_config(path), plugins) as headend:
+        await _registered(vtn, headend)
+        assert vtn.registrations[0]["fingerprint"] == certificate_fingerprint_of(ven_certs)
+        event_id = vtn.add_simple_event(level=1, start_in_s=60.0, duration_s=60.0)
+        opted = await wait_until(
+            lambda: _first(vtn.opts), "the signed optIn at the VTN", timeout_s=WAIT_S
+        )
+        assert opted == (event_id, "optIn")
+
+
+def certificate_fingerprint_of(ven_certs: dict[str, str]) -> str:
+    from openleadr.utils import certificate_fingerprint
+
+    return str(certificate_fingerprint(Path(ven_certs["cert"]).read_bytes()))
