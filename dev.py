@@ -28,6 +28,7 @@ PLUGINS = [
     "plugins/der-sdk-opcua",
     "plugins/der-sdk-postgres",
     "plugins/der-sdk-nats",
+    "plugins/der-sdk-ieee2030-5",
     "plugins/der-sdk-openadr",
 ]
 
