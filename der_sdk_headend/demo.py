@@ -105,7 +105,9 @@ def _showcase(inventory: Inventory) -> tuple[str, str]:
     return site.site_id, inventory.assets_for_site(site.site_id)[0].asset_id
 
 
-def _banner(http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: str) -> str:
+def _banner(
+    http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: str, inventory: Path
+) -> str:
     return f"""
 der-sdk demo is running (Ctrl-C to stop)
 
@@ -114,6 +116,7 @@ der-sdk demo is running (Ctrl-C to stop)
   OpenAPI      {http_url}/schema/openapi.json   (browse: {http_url}/schema/swagger)
   agent gRPC   {grpc_addr}
   storage      {db_url}
+  inventory    {inventory}   (copy it to start your own: --assets FILE)
 
 Try:
   curl {http_url}/agents
@@ -333,7 +336,7 @@ async def run_demo(ns: argparse.Namespace) -> None:
         if tls is not None:
             banner = _tls_banner(headend.http_url, grpc_addr, db_url, site_id, asset_id, tls)
         else:
-            banner = _banner(headend.http_url, grpc_addr, db_url, site_id, asset_id)
+            banner = _banner(headend.http_url, grpc_addr, db_url, site_id, asset_id, assets_path)
         print(banner, flush=True)
         await wait_for_stop_signal(ns.duration)
     finally:

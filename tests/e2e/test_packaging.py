@@ -323,6 +323,10 @@ def test_installed_der_demo_runs_from_an_empty_folder_and_stores_telemetry(
         url = re.search(r"REST API\s+(http://127\.0\.0\.1:\d+)", banner)
         asset = re.search(r"curl \S+/telemetry/([0-9a-f-]{36})\n", banner)
         assert url and asset, banner
+        inventory = re.search(r"inventory\s+(\S+)", banner)
+        assert inventory, banner
+        assert Path(inventory[1]).is_relative_to(installed.bin.parent), "the packaged example"
+        assert inventory[1].endswith("der_sdk_headend/examples/mixed/assets.yaml"), banner
         with httpx.Client(base_url=url[1], timeout=5) as http:
             deadline = time.monotonic() + 30
             while not (history := http.get(f"/telemetry/{asset[1]}/history?limit=1").json()):
