@@ -116,7 +116,7 @@ der-sdk demo is running (Ctrl-C to stop)
   OpenAPI      {http_url}/schema/openapi.json   (browse: {http_url}/schema/swagger)
   agent gRPC   {grpc_addr}
   storage      {db_url}
-  inventory    {inventory}   (copy it to start your own: --assets FILE)
+  inventory    {inventory}
 
 Try:
   curl {http_url}/agents
