@@ -189,7 +189,7 @@ def _package_files(dist_dir: Path, packages: list[str]) -> set[str]:
     found: set[str] = set()
     for package in packages:
         for folder, dirs, files in os.walk(dist_dir / package, followlinks=True):
-            dirs[:] = [d for d in dirs if not d.endswith("_cache")]  # __pycache__, tools
+            dirs[:] = [d for d in dirs if not d.endswith(("__pycache__", "_cache"))]
             for name in files:
                 path = Path(folder, name).relative_to(dist_dir).as_posix()
                 if not path.startswith(NOT_PACKAGE_DATA):
