@@ -224,7 +224,7 @@ def _storm_summary(mode: str, r: dict[str, Any]) -> str:
 
 async def run_storms(ctx: Context) -> list[Figure]:
     """The reconnect storm in every mode (plaintext, native, front; fresh headend each)."""
-    agents = int(os.environ.get("DER_BENCH_MTLS_STORM_AGENTS", 100 if ctx.quick else 5000))
+    agents = int(os.environ.get("DER_BENCH_MTLS_STORM_AGENTS", 30 if ctx.quick else 5000))
     deadline_s = 20.0 if ctx.quick else 120.0
     spec = make_fleet(agents, 1, prefix="mtls-storm")
     pki = ctx.scratch("mtls-storm-pki")

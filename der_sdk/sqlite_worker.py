@@ -9,6 +9,12 @@ Jobs are urgent (the default) or bulk. Urgent jobs run before queued bulk jobs, 
 :data:`URGENT_BURST` in a row while a bulk job waits, so a stream of reads cannot starve
 bulk writes (the headend's telemetry). A caller cancelled while its job waits in line takes
 the job out of line; a job that has started runs to its end.
+
+A long bulk job that may commit in parts (the headend's telemetry inserts: every row is
+``INSERT OR IGNORE`` and nobody is told it is stored before the whole job ends) calls
+:meth:`SQLiteWorker.yield_to_urgent` between its statements, so an urgent job that
+arrives while it runs (a dispatch's lifecycle record) waits for one statement, not for
+the whole job.
 """
 
 from __future__ import annotations
@@ -120,23 +126,53 @@ class SQLiteWorker:
                 return self._urgent.popleft()
             return None  # stopping, and nothing left to do
 
+    def yield_to_urgent(self, conn: sqlite3.Connection) -> int:
+        """Run the urgent jobs waiting now, from inside a bulk job, between two of its
+        statements; call it only on the worker's thread.
+
+        When some wait, what the bulk job wrote so far is committed first (its
+        transaction is begun again after them), so call it only from a job for which a
+        part committed early is harmless. Cheap when nothing waits: one length check.
+
+        :return: how many urgent jobs ran.
+        """
+        if not self._urgent:
+            return 0
+        in_transaction = conn.in_transaction
+        if in_transaction:
+            conn.execute("COMMIT")
+        ran = 0
+        while True:
+            with self._ready:
+                if not self._urgent or ran >= URGENT_BURST:
+                    break
+                job, future = self._urgent.popleft()
+            ran += 1
+            self._run_job(job, future)
+        if in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+        return ran
+
+    def _run_job(self, job: Job, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():  # its caller gave up while it waited
+            return
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = job(self._conn)  # type: ignore[arg-type]
+        except BaseException as exc:  # handed to the caller
+            error = exc
+        # RuntimeError: the loop is closed, so nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_resolve, future, result, error)
+
     def _serve(self) -> None:
         loop, stopped = self._loop, self._stopped
         assert loop is not None and stopped is not None
         try:
             while (item := self._next()) is not None:
-                job, future = item
-                if future.cancelled():  # its caller gave up while it waited
-                    continue
-                result: Any = None
-                error: BaseException | None = None
-                try:
-                    result = job(self._conn)  # type: ignore[arg-type]
-                except BaseException as exc:  # handed to the caller
-                    error = exc
-                # RuntimeError: the loop is closed, so nobody waits any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_resolve, future, result, error)
+                self._run_job(*item)
         finally:
             if self._conn is not None:
                 self._conn.close()

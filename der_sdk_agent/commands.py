@@ -1,4 +1,4 @@
-"""The agent's ``der`` commands (``agent``, ``launch``), registered through the
+"""The agent's ``der`` commands (``agent``, ``commission``, ``launch``), registered through the
 ``der_commands`` hook from the ``der_sdk`` entry point group. The agent itself is imported
 only when one of them runs, so ``der --help`` stays quick.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 from typing import Any
 
@@ -26,14 +27,13 @@ _HEADEND_HELP = (
 )
 
 
-def cmd_agent(ns: argparse.Namespace) -> int:
+def _agent_env(ns: argparse.Namespace) -> dict[str, str]:
+    """The environment ``der agent`` and ``der commission`` read, with the flags on top."""
     from der_sdk_agent.headends import parse_headend_addresses
-    from der_sdk_agent.launch import run_agent
-    from der_sdk_agent.settings import AgentSettings
 
     if ns.headend is not None:  # checked here too, so that an error names the flag
         parse_headend_addresses(ns.headend, source="--headend")
-    env = env_with(
+    return env_with(
         {
             "HEADEND_GRPC": ns.headend,
             "ASSETS_PATH": ns.assets,
@@ -43,8 +43,29 @@ def cmd_agent(ns: argparse.Namespace) -> int:
             "AGENT_CONFIG": ns.config,
         }
     )
-    run_async(run_agent(AgentSettings.from_env(env)))
+
+
+def cmd_agent(ns: argparse.Namespace) -> int:
+    from der_sdk_agent.launch import run_agent
+    from der_sdk_agent.settings import AgentSettings
+
+    run_async(run_agent(AgentSettings.from_env(_agent_env(ns))))
     return 0
+
+
+def cmd_commission(ns: argparse.Namespace) -> int:
+    import msgspec
+
+    from der_sdk_agent.commission import commission, render_text
+
+    report = run_async(
+        commission(_agent_env(ns), read_timeout_s=ns.timeout, probe_timeout_s=ns.timeout)
+    )
+    if ns.json:
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    else:
+        print(render_text(report), end="")
+    return 0 if report.ok else 1
 
 
 def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +76,27 @@ def _add_agent_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--site-id", help="gateway mode for a site (env GATEWAY_SITE_ID)")
     p.add_argument("--gateway-id", help="gateway agent id (env GATEWAY_ID)")
     p.add_argument("--config", help="agent config YAML: adapters per asset (env AGENT_CONFIG)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _add_commission_arguments(p: argparse.ArgumentParser) -> None:
+    _add_agent_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the report as a JSON document")
+    p.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=10.0,
+        help="seconds to wait for each device read and each headend (default 10)",
+    )
 
 
 def cmd_launch(ns: argparse.Namespace) -> int:
@@ -134,6 +176,17 @@ def der_commands() -> list[CommandType]:
             "Flags override the environment.",
             add_arguments=_add_agent_arguments,
             run=cmd_agent,
+        ),
+        CommandType(
+            name="commission",
+            help="check a site before going live: config, plugins, devices, headend",
+            description="Check what der agent would run, without running it: the agent "
+            "config against the inventory and the installed plugins, one read of every "
+            "device, and which assets the headend would accept (a probe that opens no "
+            "session). Prints a pass/fail table per asset with what to fix; exit status 1 "
+            "when anything failed. Takes the flags and environment of der agent.",
+            add_arguments=_add_commission_arguments,
+            run=cmd_commission,
         ),
         CommandType(
             name="launch",

@@ -17,7 +17,7 @@ from tests.conftest import FakeDist
 
 CORE_COMMANDS = ["certs", "check-config", "new-adapter", "plugins", "profiles", "sim"]
 HEADEND_COMMANDS = ["demo", "headend", "tokens"]
-AGENT_COMMANDS = ["agent", "launch"]
+AGENT_COMMANDS = ["agent", "commission", "launch"]
 
 COMMAND_PLUGIN = """
 from der_sdk import hookimpl

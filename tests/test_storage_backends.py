@@ -293,7 +293,7 @@ def test_the_sql_telemetry_columns_are_the_sample_fields_in_order() -> None:
 # --------------------------------------------------------------------------- SQLite's thread
 
 
-@pytest.mark.parametrize("count", [1, 15, 17, 2047, 2049, 5000])
+@pytest.mark.parametrize("count", [1, 15, 17, 511, 513, 2049, 5000])
 async def test_sqlite_telemetry_batches_of_any_size_store_every_sample_once(
     tmp_path: Path, count: int
 ) -> None:
@@ -400,6 +400,57 @@ async def test_sqlite_dispatch_session_and_event_writes_run_before_queued_teleme
         "event",
         *(f"telemetry-{n}" for n in range(writes)),
     ]
+
+
+async def test_sqlite_a_dispatch_record_waits_for_one_statement_of_a_telemetry_write_not_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispatch record that arrives while a long telemetry write runs is stored between
+    two of the write's statements (the part written so far committed first); the write
+    then goes on and stores every sample once, and counts only its own rows."""
+    import threading
+
+    import der_sdk.storage.sqlite as sqlite_backend
+    from der_sdk.models import DispatchEvent
+
+    monkeypatch.setattr(sqlite_backend, "ROWS_PER_STATEMENT", 16)
+    storage = SQLiteStorage(tmp_path / "yield.db")
+    await storage.open()
+    worker = storage._worker
+    assert worker is not None
+    inside, gate = threading.Event(), threading.Event()
+    real = worker.yield_to_urgent
+    ran: list[int] = []
+
+    def pause_once(conn: Any) -> int:
+        if not inside.is_set():
+            inside.set()
+            gate.wait(10)
+        ran.append(real(conn))
+        return ran[-1]
+
+    monkeypatch.setattr(worker, "yield_to_urgent", pause_once)
+    done: list[str] = []
+    try:
+        batch = [sample(f"asset-{n % 5}", n) for n in range(100)]  # 7 statements of 16
+        write = asyncio.ensure_future(storage.append_telemetry(batch))
+        write.add_done_callback(lambda _: done.append("telemetry"))
+        assert await asyncio.to_thread(inside.wait, 10), "the write reached its first pause"
+        event = DispatchEvent(dispatch_id="d1", state="submitted", ts=at(0))
+        record = asyncio.ensure_future(storage.record_dispatch(dispatch("d1", 0), event))
+        record.add_done_callback(lambda _: done.append("dispatch"))
+        await asyncio.sleep(0.05)  # the record is queued as urgent
+        gate.set()
+        assert await write == 100
+        await record
+        assert done == ["dispatch", "telemetry"]
+        assert ran[0] == 1 and sum(ran) == 1, "the record ran once, at the first pause"
+        stored = [await storage.telemetry_history(f"asset-{k}", limit=1000) for k in range(5)]
+        assert sum(len(rows) for rows in stored) == 100
+        assert await storage.get_dispatch("d1") is not None
+    finally:
+        gate.set()
+        await storage.close()
 
 
 async def test_sqlite_the_log_is_copied_into_the_database_by_its_own_thread(

@@ -562,8 +562,10 @@ class _Checkpointer:
         await asyncio.to_thread(thread.join)
 
 
-ROWS_PER_STATEMENT = 2048
-"""Telemetry rows per ``INSERT`` statement (fewer where SQLite allows fewer variables)."""
+ROWS_PER_STATEMENT = 512
+"""Telemetry rows per ``INSERT`` statement (fewer where SQLite allows fewer variables).
+About 5 ms of SQLite work on the reference machine: the longest an urgent job (a
+dispatch's record) waits for a telemetry write, which yields between statements."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -586,7 +588,11 @@ def _insert_or_ignore(
 
 
 def _insert_params(
-    conn: sqlite3.Connection, table: str, columns: tuple[str, ...], params: list[Any]
+    conn: sqlite3.Connection,
+    table: str,
+    columns: tuple[str, ...],
+    params: list[Any],
+    between: Callable[[sqlite3.Connection], object] | None = None,
 ) -> int:
     """``INSERT OR IGNORE`` the rows whose values ``params`` lists one after another
     (``len(columns)`` each), with as few statements as SQLite allows.
@@ -598,21 +604,29 @@ def _insert_params(
     last row (ignored as duplicates) up to a power of two, so a handful of statement
     sizes are compiled and cached, not one per batch size.
 
+    ``between`` is called between two statements (the worker's
+    :meth:`~der_sdk.sqlite_worker.SQLiteWorker.yield_to_urgent`, so a dispatch record
+    waits for one statement, not for the whole write).
+
     :return: how many rows were inserted.
     """
     width = len(columns)
     limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
     per = max(1, min(ROWS_PER_STATEMENT, limit))
     step = per * width
-    before = conn.total_changes
+    inserted = 0
     for start in range(0, len(params), step):
         chunk = params[start : start + step]
         rows = len(chunk) // width
         size = min(per, max(16, 1 << (rows - 1).bit_length()))
         if size > rows:
             chunk.extend(chunk[-width:] * (size - rows))
+        if between is not None and start:
+            between(conn)
+        before = conn.total_changes
         conn.execute(_insert_sql(table, columns, size), chunk)
-    return conn.total_changes - before
+        inserted += conn.total_changes - before
+    return inserted
 
 
 # --------------------------------------------------------------------------- backend
@@ -775,8 +789,11 @@ class SQLiteStorage(StorageBackend):
         # Built here, not on the storage thread: that thread is the one a write waits for,
         # so it only binds and steps (while it steps, the event loop builds the next).
         params = _telemetry_params(samples)
+        worker = self._worker
+        between = worker.yield_to_urgent if worker is not None else None
         return await self._write(
-            lambda conn: _insert_params(conn, "telemetry", TELEMETRY_COLUMNS, params), bulk=True
+            lambda conn: _insert_params(conn, "telemetry", TELEMETRY_COLUMNS, params, between),
+            bulk=True,
         )
 
     async def telemetry_history(

@@ -20,6 +20,8 @@ Import from here what you subclass or call:
 * :class:`BlockingWatch` — catch calls that block the event loop;
 * :class:`TcpProxy`, :class:`HeadendProcess`, :class:`AgentProcess` — cut, blackhole or
   delay a TCP link, and run the headend and agent as processes to SIGKILL;
+* :class:`SnippetRunner`, :func:`parse_snippets` — run the commands of a docs page in
+  order, so the page stays true;
 * :func:`require_tcp_service` — skip (or fail, under ``DER_SDK_REQUIRE_SERVICES=1``) when
   PostgreSQL or NATS is unreachable.
 
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
         DEFAULT_SITE_ID,
     )
     from der_sdk.testing.services import require_tcp_service, services_required
+    from der_sdk.testing.snippets import Snippet, SnippetFailed, SnippetRunner, parse_snippets
     from der_sdk.testing.tasks import ALLOW_LEAKS_MARKER, find_leaked_tasks
     from der_sdk.testing.waits import WAIT_S, wait_until
 
@@ -93,6 +96,10 @@ _EXPORTS = {
     "DEFAULT_SITE_ID": "inventory",
     "require_tcp_service": "services",
     "services_required": "services",
+    "Snippet": "snippets",
+    "SnippetFailed": "snippets",
+    "SnippetRunner": "snippets",
+    "parse_snippets": "snippets",
     "ALLOW_LEAKS_MARKER": "tasks",
     "find_leaked_tasks": "tasks",
     "WAIT_S": "waits",
@@ -121,10 +128,14 @@ __all__ = [
     "SimulatedDevice",
     "SimulatedDeviceOptions",
     "SimulatedDevicePlugin",
+    "Snippet",
+    "SnippetFailed",
+    "SnippetRunner",
     "StorageConformance",
     "TcpProxy",
     "find_leaked_tasks",
     "free_port",
+    "parse_snippets",
     "require_tcp_service",
     "services_required",
     "wait_until",

@@ -388,8 +388,10 @@ def agent_register(
     sdk_version: str,
     plugins: Mapping[str, str],
     stream_id: str = "",
+    probe: bool = False,
 ) -> pb.AgentMessage:
-    """The Register message. ``assets`` maps asset id → adapter name."""
+    """The Register message. ``assets`` maps asset id → adapter name; ``probe``: a
+    commissioning probe (the headend answers and opens nothing)."""
     return pb.AgentMessage(
         register=pb.Register(
             agent_id=agent_id,
@@ -398,6 +400,7 @@ def agent_register(
             sdk_version=sdk_version,
             plugins=[pb.PluginVersion(package=p, version=v) for p, v in sorted(plugins.items())],
             stream_id=stream_id,
+            probe=probe,
         )
     )
 
@@ -638,7 +641,7 @@ def agent_heartbeat_from_pb(msg: pb.Heartbeat) -> AgentHeartbeat:
 
 
 def headend_register_ack(
-    accepted: Sequence[str], refused: Mapping[str, str], message: str = ""
+    accepted: Sequence[str], refused: Mapping[str, str], message: str = "", *, probe: bool = False
 ) -> pb.HeadendMessage:
     return pb.HeadendMessage(
         register_ack=pb.RegisterAck(
@@ -646,6 +649,7 @@ def headend_register_ack(
             accepted_asset_ids=list(accepted),
             refused=[pb.Refusal(asset_id=a, reason=r) for a, r in refused.items()],
             message=message,
+            probe=probe,
         )
     )
 

@@ -17,6 +17,12 @@ The life of a stream:
    ``RegisterAck``. When nothing is accepted the agent gets ``RegisterAck(accepted=False)``
    and the stream is aborted with ``PERMISSION_DENIED``.
 4. Accepted: ``RegisterAck``, sessions opened, pending dispatches for its assets sent.
+   A ``Register`` with ``probe`` set (``der commission``) stops before this step: after
+   the identity check of step 2 (whose refusals are recorded as usual: a refused
+   certificate is worth an audit record, probe or not) it is answered with a
+   ``RegisterAck`` (``probe`` set) naming the assets that would be accepted and refused,
+   and the stream ends with ``OK``. No session is opened, no command sent, no per-asset
+   refusal recorded: a probe never disturbs the agent serving the site.
 5. Then ``TelemetryBatch`` → space reserved in the ingest queue for its raw sample count
    (while the queue is full the reader waits with the batch undecoded, which is the
    stream's flow control) → decoded (a sample that does not decode is logged with its
@@ -172,6 +178,9 @@ class AgentLinkService:
     async def _serve(self, request_iterator: AsyncIterator[bytes], context: Any, peer: str) -> None:
         register = await self._first_register(request_iterator, context, peer)
         await self._authorize(register, context, peer)
+        if register.probe:
+            await self._answer_probe(register, context, peer)
+            return
         accepted, refused = await self._check_register(register, peer)
         if not accepted:
             message = f"no asset accepted for agent {register.agent_id}; see refused"
@@ -272,10 +281,28 @@ class AgentLinkService:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "Register.agent_id is empty")
         return register
 
+    async def _answer_probe(self, register: pb.Register, context: Any, peer: str) -> None:
+        """Say which assets a real Register would get accepted; open nothing."""
+        accepted, refused = await self._check_register(register, peer, record=False)
+        ids = [a.asset_id for a in accepted]
+        log.info(
+            "commissioning probe from agent %s (peer %s), site %s: would accept %s; refuse %s",
+            register.agent_id,
+            peer,
+            register.site_id or "-",
+            ", ".join(ids) or "none",
+            _refusals(refused) if refused else "none",
+        )
+        message = (
+            "probe: nothing opened" if not refused else f"probe; refused: {_refusals(refused)}"
+        )
+        await context.write(codec.headend_register_ack(ids, refused, message, probe=True))
+
     async def _check_register(
-        self, register: pb.Register, peer: str
+        self, register: pb.Register, peer: str, *, record: bool = True
     ) -> tuple[list[Asset], dict[str, str]]:
-        """The accepted assets and the refused ones (asset id → reason)."""
+        """The accepted assets and the refused ones (asset id → reason); each refusal
+        logged and stored as an event unless ``record`` is false (a probe)."""
         accepted: list[Asset] = []
         refused: dict[str, str] = {}
         site_id = register.site_id
@@ -304,10 +331,12 @@ class AgentLinkService:
                 continue
             reason = reason or "refused"
             refused[served.asset_id] = reason
-            await self._refuse(register, peer, served.asset_id, reason)
+            if record:
+                await self._refuse(register, peer, served.asset_id, reason)
         if not register.assets:
             refused[""] = "Register lists no assets"
-            await self._refuse(register, peer, "", "Register lists no assets")
+            if record:
+                await self._refuse(register, peer, "", "Register lists no assets")
         return accepted, refused
 
     async def _refuse(self, register: pb.Register, peer: str, asset_id: str, reason: str) -> None:
@@ -381,7 +410,8 @@ class AgentLinkService:
             refusal.reason,
         )
         site_id = self.authorizer.canonical_site_id(register.site_id)
-        message = f"agent {register.agent_id or '-'} ({peer}) refused: {refusal.reason}"
+        probe = " (commissioning probe)" if register.probe else ""
+        message = f"agent {register.agent_id or '-'} ({peer}){probe} refused: {refusal.reason}"
         await self._auditor.record(
             "agent.refused",
             actor=Actor(kind="agent", name=refusal.identity),
@@ -413,7 +443,9 @@ class AgentLinkService:
             log.error("registration_refused event not stored: %s: %s", type(exc).__name__, exc)
         text = f"{refusal.code.name}: {refusal.reason}"
         with contextlib.suppress(Exception):  # the agent may be gone; the abort says it all
-            await context.write(codec.headend_register_ack([], {"": refusal.reason}, text))
+            await context.write(
+                codec.headend_register_ack([], {"": refusal.reason}, text, probe=register.probe)
+            )
         await _abort(context, refusal.code, text)
 
     # ------------------------------------------------------------------ after register

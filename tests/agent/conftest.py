@@ -58,6 +58,20 @@ def fast_config(**overrides: Any) -> AgentConfig:
     return AgentConfig(**values)
 
 
+def site_inventory(*agents: str, extra: str = "") -> str:
+    """An inventory of ``SITE`` with A1 and A2 (plus ``extra`` asset lines), bound to
+    ``agents`` (inventory binding entries) when given."""
+    bound = "".join(f"      - {entry}\n" for entry in agents)
+    return f"""\
+sites:
+  - site_id: {SITE}
+    name: Test Site
+{"    agents:" + chr(10) + bound if agents else ""}assets:
+  - {{asset_id: {A1}, site_id: {SITE}, name: BESS 1, capacity_mwh: 2, max_mw: 1, min_mw: -1}}
+  - {{asset_id: {A2}, site_id: {SITE}, name: BESS 2, capacity_mwh: 6, max_mw: 4, min_mw: -4}}
+{extra}"""
+
+
 # ----------------------------------------------------------------------------- test adapter
 
 

@@ -23,21 +23,10 @@ from der_sdk_agent.settings import AgentSettings
 from der_sdk_agent.testing import AgentLink
 from der_sdk_agent.tls import LinkSecurity
 from der_sdk_headend import Headend, HeadendConfig
-from tests.agent.conftest import A1, A2, SITE, MakeAgent
+from tests.agent.conftest import A1, SITE, MakeAgent
+from tests.agent.conftest import site_inventory as inventory
 
 TOKEN = "dera_gateway-test-token"
-
-
-def inventory(*agents: str) -> str:
-    bound = "".join(f"      - {entry}\n" for entry in agents)
-    return f"""\
-sites:
-  - site_id: {SITE}
-    name: Test Site
-{"    agents:" + chr(10) + bound if agents else ""}assets:
-  - {{asset_id: {A1}, site_id: {SITE}, name: BESS 1, capacity_mwh: 2, max_mw: 1, min_mw: -1}}
-  - {{asset_id: {A2}, site_id: {SITE}, name: BESS 2, capacity_mwh: 6, max_mw: 4, min_mw: -4}}
-"""
 
 
 @pytest.fixture(scope="module")

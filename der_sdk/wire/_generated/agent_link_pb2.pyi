@@ -24,20 +24,22 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., telemetry: _Optional[_Union[TelemetryBatch, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., setpoint_ack: _Optional[_Union[SetpointAck, _Mapping]] = ..., local_dispatch: _Optional[_Union[LocalDispatch, _Mapping]] = ..., event: _Optional[_Union[AgentEvent, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("agent_id", "site_id", "assets", "sdk_version", "plugins", "stream_id")
+    __slots__ = ("agent_id", "site_id", "assets", "sdk_version", "plugins", "stream_id", "probe")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     ASSETS_FIELD_NUMBER: _ClassVar[int]
     SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLUGINS_FIELD_NUMBER: _ClassVar[int]
     STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     site_id: str
     assets: _containers.RepeatedCompositeFieldContainer[ServedAsset]
     sdk_version: str
     plugins: _containers.RepeatedCompositeFieldContainer[PluginVersion]
     stream_id: str
-    def __init__(self, agent_id: _Optional[str] = ..., site_id: _Optional[str] = ..., assets: _Optional[_Iterable[_Union[ServedAsset, _Mapping]]] = ..., sdk_version: _Optional[str] = ..., plugins: _Optional[_Iterable[_Union[PluginVersion, _Mapping]]] = ..., stream_id: _Optional[str] = ...) -> None: ...
+    probe: bool
+    def __init__(self, agent_id: _Optional[str] = ..., site_id: _Optional[str] = ..., assets: _Optional[_Iterable[_Union[ServedAsset, _Mapping]]] = ..., sdk_version: _Optional[str] = ..., plugins: _Optional[_Iterable[_Union[PluginVersion, _Mapping]]] = ..., stream_id: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class ServedAsset(_message.Message):
     __slots__ = ("asset_id", "adapter")
@@ -230,16 +232,18 @@ class HeadendMessage(_message.Message):
     def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ..., outcome_ack: _Optional[_Union[SetpointOutcomeAck, _Mapping]] = ..., event_ack: _Optional[_Union[EventAck, _Mapping]] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
-    __slots__ = ("accepted", "accepted_asset_ids", "refused", "message")
+    __slots__ = ("accepted", "accepted_asset_ids", "refused", "message", "probe")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_ASSET_IDS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     accepted_asset_ids: _containers.RepeatedScalarFieldContainer[str]
     refused: _containers.RepeatedCompositeFieldContainer[Refusal]
     message: str
-    def __init__(self, accepted: _Optional[bool] = ..., accepted_asset_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
+    probe: bool
+    def __init__(self, accepted: _Optional[bool] = ..., accepted_asset_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., message: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("asset_id", "reason")
