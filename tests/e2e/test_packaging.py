@@ -38,10 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
 
 
-def _release_version() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "release_version", ROOT / "scripts" / "release_version.py"
-    )
+def _script(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while defining
@@ -49,7 +47,7 @@ def _release_version() -> ModuleType:
     return module
 
 
-release_version = _release_version()
+release_version = _script("release_version", ROOT / "scripts" / "release_version.py")
 DISTRIBUTIONS = release_version.distributions(ROOT)
 
 
@@ -100,6 +98,18 @@ def test_release_version_set_moves_every_distribution_and_bound_together(tmp_pat
     assert {d.version for d in moved} == {"0.2.0"}
     opcua = next(d for d in moved if d.name == "der-sdk-opcua")
     assert {str(r) for r in opcua.requirements} >= {"der-sdk>=0.2.0", "der-sdk-sim-bess>=0.2.0"}
+
+
+def test_dev_py_reinstalls_when_the_version_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _copy_versioned_files(tmp_path)
+    dev = _script("dev", ROOT / "dev.py")
+    monkeypatch.setattr(dev, "ROOT", tmp_path)
+    before = dev._fingerprint()
+    init = tmp_path / "plugins/der-sdk-sim-plant/der_sdk_sim_plant/__init__.py"
+    init.write_text(init.read_text().replace(der_sdk.__version__, "0.2.0"))  # no pyproject
+    assert dev._fingerprint() != before
 
 
 def test_release_version_check_names_a_distribution_out_of_step(tmp_path: Path) -> None:
