@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import venv
@@ -38,9 +39,14 @@ def _python() -> Path:
 
 
 def _fingerprint() -> str:
+    """What an install depends on: each pyproject.toml, and the module each reads its
+    version from (a new version reinstalls, so installed metadata shows it)."""
     digest = hashlib.sha256()
     for project in [ROOT, *(ROOT / p for p in PLUGINS)]:
-        digest.update((project / "pyproject.toml").read_bytes())
+        pyproject = (project / "pyproject.toml").read_text(encoding="utf-8")
+        digest.update(pyproject.encode())
+        for module in re.findall(r'attr = "([\w.]+)\.__version__"', pyproject):
+            digest.update((project / module.replace(".", "/") / "__init__.py").read_bytes())
     return digest.hexdigest()
 
 

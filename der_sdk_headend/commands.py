@@ -59,12 +59,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from der_sdk_headend.demo import resolve_example, run_demo
 
     resolve_example(ns)
-    for what, path in (("inventory", ns.assets), ("agent config", ns.config)):
+    for option, what, path in (
+        ("--assets", "inventory", ns.assets),
+        ("--config", "agent config", ns.config),
+    ):
         if path is not None and not Path(path).is_file():
-            raise DerSdkError(
-                f"demo {what} {path} not found; run from the repository root "
-                "or pass --assets FILE (and --config FILE)"
-            )
+            raise DerSdkError(f"{option} {path}: demo {what} not found")
     run_async(run_demo(ns))
     return 0
 

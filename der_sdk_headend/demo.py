@@ -1,9 +1,14 @@
 """``der demo``: the headend on the embedded SQLite default, with one gateway agent of
 simulated assets per site of the inventory, in one process.
 
-It runs an example of ``examples/`` (:data:`EXAMPLES`): by default the mixed fleet (a PV
-plant beside a battery, two wind turbines, an EV depot), or with ``--example batteries``
-five batteries on two sites; ``--assets`` (and ``--config``) run an inventory of your own.
+It runs an example (:data:`EXAMPLES`): by default the mixed fleet (a PV plant beside a
+battery, two wind turbines, an EV depot), or with ``--example batteries`` five batteries on
+two sites; ``--assets`` (and ``--config``) run an inventory of your own.
+
+The examples are package data, so ``der demo`` runs from any folder of an installed
+der-sdk: ``der_sdk_headend/examples`` is a symbolic link to the repository's ``examples/``
+in a source checkout (one copy of the files), and a wheel or sdist holds a copy of the
+YAML files there (:func:`example_file`).
 
 ``der demo --tls`` runs the same with the security of a real deployment: a development
 CA, a headend certificate for 127.0.0.1/localhost, one client certificate per site's
@@ -23,15 +28,17 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from der_sdk.agent_config import AgentConfig
     from der_sdk.inventory import Inventory
+    from der_sdk.plugins import Plugins
 
 log = logging.getLogger("der.demo")
 
 
 @dataclass(frozen=True)
 class DemoExample:
-    """An example fleet of ``examples/``: its inventory and its agents' config (paths
-    relative to the repository root, where ``der demo`` runs)."""
+    """An example fleet: its inventory and its agents' config (paths inside the examples
+    folder, ``examples/`` of the repository)."""
 
     assets: str
     config: str
@@ -40,17 +47,42 @@ class DemoExample:
 
 EXAMPLES: dict[str, DemoExample] = {
     "mixed": DemoExample(
-        assets="examples/mixed/assets.yaml",
-        config="examples/mixed/agent.yaml",
+        assets="mixed/assets.yaml",
+        config="mixed/agent.yaml",
         about="a PV plant with a battery, two wind turbines and an EV depot on three sites",
     ),
     "batteries": DemoExample(
-        assets="examples/assets.yaml",
-        config="examples/agent.yaml",
+        assets="assets.yaml",
+        config="agent.yaml",
         about="five batteries on two sites",
     ),
 }
 DEFAULT_EXAMPLE = "mixed"
+DEMO_PLUGINS = ("der-sdk-sim-bess", "der-sdk-sim-plant")
+"""The distributions of the examples' simulators (the ``demo`` extra of der-sdk)."""
+
+
+def example_file(relative: str, *, package_dir: Path | None = None) -> Path:
+    """The file ``relative`` of the examples folder: the package's copy
+    (``der_sdk_headend/examples``) first, then ``examples/`` of the repository next to the
+    package, for a checkout where the link was not created (git on Windows without
+    symbolic links).
+
+    :param package_dir: the ``der_sdk_headend`` package folder (default: this one).
+    :raises DerSdkError: the file is in neither place (a broken installation); the
+        message lists where it looked.
+    """
+    from der_sdk.errors import DerSdkError
+
+    package_dir = package_dir or Path(__file__).resolve().parent
+    candidates = [package_dir / "examples" / relative, package_dir.parent / "examples" / relative]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates)
+    raise DerSdkError(
+        f"demo example file {relative} not found (looked in {looked}); reinstall der-sdk"
+    )
 
 
 def resolve_example(ns: argparse.Namespace) -> None:
@@ -61,8 +93,8 @@ def resolve_example(ns: argparse.Namespace) -> None:
         ns.config = getattr(ns, "config", None)
         return
     example = EXAMPLES[getattr(ns, "example", None) or DEFAULT_EXAMPLE]
-    ns.assets = example.assets
-    ns.config = getattr(ns, "config", None) or example.config
+    ns.assets = str(example_file(example.assets))
+    ns.config = getattr(ns, "config", None) or str(example_file(example.config))
 
 
 def _showcase(inventory: Inventory) -> tuple[str, str]:
@@ -73,7 +105,9 @@ def _showcase(inventory: Inventory) -> tuple[str, str]:
     return site.site_id, inventory.assets_for_site(site.site_id)[0].asset_id
 
 
-def _banner(http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: str) -> str:
+def _banner(
+    http_url: str, grpc_addr: str, db_url: str, site_id: str, asset_id: str, inventory: Path
+) -> str:
     return f"""
 der-sdk demo is running (Ctrl-C to stop)
 
@@ -82,6 +116,7 @@ der-sdk demo is running (Ctrl-C to stop)
   OpenAPI      {http_url}/schema/openapi.json   (browse: {http_url}/schema/swagger)
   agent gRPC   {grpc_addr}
   storage      {db_url}
+  inventory    {inventory}
 
 Try:
   curl {http_url}/agents
@@ -186,14 +221,39 @@ Try:
 """
 
 
+def check_simulators(config: AgentConfig, plugins: Plugins, inventory: Inventory) -> None:
+    """Refuse before anything starts when the agent config names adapters that are not
+    installed; the message names the plugins behind the examples' simulators.
+
+    :raises ConfigError: the agent config is invalid for another reason.
+    :raises DerSdkError: an adapter is not installed.
+    """
+    from der_sdk.agent_config import validate_agent_config
+    from der_sdk.errors import ConfigError, DerSdkError
+
+    try:
+        validate_agent_config(config, plugins, inventory, list(inventory.assets))
+    except ConfigError as exc:
+        if not any(i.message.startswith("unknown adapter") for i in exc.issues):
+            raise
+        raise DerSdkError(
+            f"the demo's agents need adapters that are not installed:\n{exc}\n"
+            f"The examples' simulators are the plugins {', '.join(DEMO_PLUGINS)}: "
+            "pip install 'der-sdk[demo]' (or install their wheels)"
+        ) from None
+
+
 async def _start_tls_agents(
-    inventory: Inventory, tls: DemoTls, grpc_addr: str, ns: argparse.Namespace, plugins: Any
+    inventory: Inventory,
+    tls: DemoTls,
+    grpc_addr: str,
+    ns: argparse.Namespace,
+    plugins: Plugins,
+    config: AgentConfig,
 ) -> list[Any]:
-    from der_sdk.agent_config import load_agent_config
     from der_sdk_agent.agent import Agent
     from der_sdk_agent.tls import LinkSecurity
 
-    config = load_agent_config(ns.config)
     agents: list[Any] = []
     try:
         for site_id, (cert, key) in sorted(tls.agent_files.items()):
@@ -236,6 +296,8 @@ async def run_demo(ns: argparse.Namespace) -> None:
     assets_path = Path(ns.assets)
     plugins = load_plugins()
     inventory = load_inventory(str(assets_path), asset_types=plugins.asset_types.names())
+    config = load_agent_config(ns.config)
+    check_simulators(config, plugins, inventory)
     db_url = f"sqlite:///{Path(ns.data_dir) / 'der.db'}"
     env = {"ASSETS_PATH": str(assets_path), "DATABASE_URL": db_url}
     tls: DemoTls | None = None
@@ -265,20 +327,16 @@ async def run_demo(ns: argparse.Namespace) -> None:
     try:
         grpc_addr = f"127.0.0.1:{headend.grpc_port}"
         if tls is not None:
-            agents = await _start_tls_agents(inventory, tls, grpc_addr, ns, plugins)
+            agents = await _start_tls_agents(inventory, tls, grpc_addr, ns, plugins, config)
         else:
             agents = await launch(
-                inventory,
-                headend=grpc_addr,
-                mode="site",
-                config=load_agent_config(ns.config),
-                plugins=plugins,
+                inventory, headend=grpc_addr, mode="site", config=config, plugins=plugins
             )
         site_id, asset_id = _showcase(inventory)
         if tls is not None:
             banner = _tls_banner(headend.http_url, grpc_addr, db_url, site_id, asset_id, tls)
         else:
-            banner = _banner(headend.http_url, grpc_addr, db_url, site_id, asset_id)
+            banner = _banner(headend.http_url, grpc_addr, db_url, site_id, asset_id, assets_path)
         print(banner, flush=True)
         await wait_for_stop_signal(ns.duration)
     finally:

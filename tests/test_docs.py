@@ -108,12 +108,12 @@ def test_the_readme_demo_section_names_sites_and_assets_of_the_default_example()
     """The README's demo commands work against what ``der demo`` runs: every id they use
     is a site or asset of the default example's inventory."""
     from der_sdk.inventory import load_inventory
-    from der_sdk_headend.demo import DEFAULT_EXAMPLE, EXAMPLES
+    from der_sdk_headend.demo import DEFAULT_EXAMPLE, EXAMPLES, example_file
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## The demo, step by step", 1)[1].split("\n## ", 1)[0]
     ids = set(re.findall(r"\b[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}\b", section))
-    inventory = load_inventory(ROOT / EXAMPLES[DEFAULT_EXAMPLE].assets)
+    inventory = load_inventory(example_file(EXAMPLES[DEFAULT_EXAMPLE].assets))
     assert ids, "the demo section shows commands with ids"
     assert ids <= set(inventory.sites) | set(inventory.assets), ids - set(inventory.assets)
-    assert EXAMPLES[DEFAULT_EXAMPLE].assets in section, "it links the inventory it runs"
+    assert f"examples/{EXAMPLES[DEFAULT_EXAMPLE].assets}" in section, "it links the inventory"

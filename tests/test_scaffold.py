@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -268,50 +267,6 @@ def test_template_falls_back_to_the_repository_folder(tmp_path: Path) -> None:
     assert find_template(package_dir=package_dir) == tmp_path / "templates" / "der-adapter"
     with pytest.raises(ScaffoldError, match="template 'other' not found"):
         find_template("other", package_dir=package_dir)
-
-
-def test_a_wheel_carries_the_template(tmp_path: Path) -> None:
-    """``pip install .`` (not editable) works too: the wheel holds a copy of the template."""
-    source = tmp_path / "src"
-    source.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".mypy_cache")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
-    for name in ("der_sdk", "der_sdk_headend", "der_sdk_agent", "templates"):
-        shutil.copytree(ROOT / name, source / name, symlinks=True, ignore=ignore)
-    wheels = tmp_path / "wheels"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            *PIP_QUIET,
-            "--no-build-isolation",
-            "-w",
-            wheels,
-            source,
-        ],
-        timeout=300,
-    )
-    (wheel,) = wheels.glob("der_sdk-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-    assert "der_sdk/.templates/der-adapter/cookiecutter.json" in names
-    assert any(n.endswith("{{cookiecutter.__package}}/adapter.py") for n in names)
-
-    # der-sdk from the wheel; its dependencies from this environment, without running the
-    # .pth files here (they would put the editable checkout first)
-    python = make_venv(tmp_path / "venv", parent_site=PURELIB, process_pth=False)
-    run([python, "-m", "pip", "install", *PIP_QUIET, wheel])
-    out = tmp_path / "out"
-    found = run(
-        [python, "-c", "from der_sdk.scaffold import find_template; print(find_template())"],
-        cwd=tmp_path,
-    ).strip()
-    assert Path(found).is_relative_to(tmp_path / "venv"), found
-    run([python, "-m", "der_sdk.cli", "new-adapter", "from-wheel", "--no-input", "--output", out])
-    assert (out / "der-sdk-from-wheel" / "der_sdk_from_wheel" / "adapter.py").is_file()
 
 
 # --------------------------------------------------------------------------- acceptance

@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from der_sdk.errors import DerSdkError
 from tests.e2e.conftest import INVENTORY
+from tests.e2e.process_kit import started
 
 DER = [sys.executable, "-m", "der_sdk.cli"]
+EPHEMERAL = ("--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0")
 
 
 def der(
@@ -35,10 +38,7 @@ def demo_once(
         *args,
         "--data-dir",
         str(data or cwd / "data"),
-        "--http-addr",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
+        *EPHEMERAL,
         "--duration",
         str(seconds),
         cwd=cwd,
@@ -52,36 +52,19 @@ def running_demo(
     """``der demo ARGS`` on ephemeral ports with its data in ``data``, in a subprocess:
     yields its output once it printed ``ready``, and stops it afterwards."""
     log = data.parent / "demo.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                *DER,
-                "demo",
-                *args,
-                "--data-dir",
-                str(data),
-                "--http-addr",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--duration",
-                str(timeout_s * 2),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            deadline = time.monotonic() + timeout_s
-            while ready not in log.read_text():
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-            yield log.read_text()
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+    cmd = [
+        *DER,
+        "demo",
+        *args,
+        "--data-dir",
+        str(data),
+        *EPHEMERAL,
+        "--duration",
+        str(timeout_s * 2),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with started(cmd, log=log, ready=ready, cwd=cwd, env=env, timeout_s=timeout_s):
+        yield log.read_text()
 
 
 @pytest.mark.parametrize(
@@ -256,17 +239,57 @@ def test_demo_runs_the_mixed_fleet_by_default_with_each_types_control(
     }
 
 
-def test_demo_example_batteries_runs_the_battery_fleet(repo_root: Path, tmp_path: Path) -> None:
-    result = demo_once("--example", "batteries", cwd=repo_root, data=tmp_path / "data")
+def test_demo_example_batteries_runs_the_battery_fleet_from_any_folder(tmp_path: Path) -> None:
+    result = demo_once("--example", "batteries", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f'"site_id": "{NORTH_YARD}"' in result.stdout
     assert SUNFIELD not in result.stdout
+    assert (tmp_path / "data" / "der.db").exists()
 
 
 def test_demo_refuses_an_example_and_an_inventory_together(repo_root: Path) -> None:
     result = der("demo", "--example", "batteries", "--assets", "examples/assets.yaml")
     assert result.returncode == 2
     assert "--assets: not allowed with argument --example" in result.stderr
+
+
+def test_demo_names_an_inventory_path_that_does_not_exist(tmp_path: Path) -> None:
+    result = der("demo", "--assets", "nowhere/assets.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--assets nowhere/assets.yaml: demo inventory not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_without_the_simulator_plugins_names_them_before_starting(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*DER, "demo", "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "DER_SDK_DISABLE_PLUGINS": "der-sdk-sim-plant"},
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "unknown adapter 'sim-pv'" in result.stderr
+    assert "pip install 'der-sdk[demo]'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists(), "nothing started"
+
+
+def test_demo_examples_are_found_in_the_repository_without_the_package_link(
+    tmp_path: Path,
+) -> None:
+    from der_sdk_headend.demo import EXAMPLES, example_file
+
+    # a checkout where git made no symbolic link: the package folder has no examples/
+    package = tmp_path / "der_sdk_headend"
+    package.mkdir()
+    (tmp_path / "examples" / "mixed").mkdir(parents=True)
+    (tmp_path / "examples" / "mixed" / "assets.yaml").write_text("sites: []\n")
+    found = example_file(EXAMPLES["mixed"].assets, package_dir=package)
+    assert found == tmp_path / "examples" / "mixed" / "assets.yaml"
+    with pytest.raises(DerSdkError, match=r"demo example file agent\.yaml not found"):
+        example_file(EXAMPLES["batteries"].config, package_dir=package)
 
 
 def test_headend_stops_on_sigterm_while_it_waits_for_unreachable_storage(tmp_path: Path) -> None:
