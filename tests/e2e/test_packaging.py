@@ -190,7 +190,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
 
 
 # examples/ of the repository holds more than the demo's fleets: scripts to run in a clone
-NOT_PACKAGE_DATA = ("der_sdk_headend/examples/cluster/",)
+# and an example program-source plugin to install from a clone
+NOT_PACKAGE_DATA = (
+    "der_sdk_headend/examples/cluster/",
+    "der_sdk_headend/examples/programs/",
+)
 
 
 def _package_files(dist_dir: Path, packages: list[str]) -> set[str]:

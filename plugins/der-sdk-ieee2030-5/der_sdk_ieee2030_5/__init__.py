@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
 from der_sdk import hookimpl
 from der_sdk.programs import ProgramSourceType
 from der_sdk_ieee2030_5.options import EndDeviceOptions, Ieee20305Options

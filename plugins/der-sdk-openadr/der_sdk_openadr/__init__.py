@@ -8,6 +8,8 @@ back to the VTN.
 
 from __future__ import annotations
 
+__version__ = "0.1.0"
+
 from typing import Any
 
 from der_sdk import hookimpl
