@@ -16,7 +16,7 @@ from der_sdk.errors import DerSdkError, UnknownNameError
 from der_sdk.models import Event
 from der_sdk.plugins import Plugins, load_plugins
 from der_sdk.storage import open_storage
-from der_sdk.storage.contract import close_sessions_left_open, filtered_events
+from der_sdk.storage.contract import TELEMETRY_COLUMNS, close_sessions_left_open, filtered_events
 from der_sdk.storage.memory import MemoryStorage
 from der_sdk.storage.sqlite import SCHEMA_VERSION, SQLiteStorage, sqlite_path_from_url
 from der_sdk.testing import StorageConformance
@@ -135,7 +135,7 @@ async def test_a_sqlite_file_from_schema_2_keeps_its_data_and_gains_headend_ids(
         with contextlib.closing(sqlite3.connect(path)) as db:
             return [v for (v,) in db.execute("SELECT version FROM schema_version")]
 
-    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 6
+    assert max(await asyncio.to_thread(versions)) == SCHEMA_VERSION == 7
 
 
 async def test_a_sqlite_file_from_schema_4_numbers_its_telemetry_in_time_order_for_exporters(
@@ -149,10 +149,18 @@ async def test_a_sqlite_file_from_schema_4_numbers_its_telemetry_in_time_order_f
     await storage.close()
 
     def downgrade() -> None:  # what der-sdk before exporters (schema 4) wrote
+        columns = ", ".join(TELEMETRY_COLUMNS)
         with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.execute("DROP INDEX telemetry_by_ingest")
-            db.execute("DROP INDEX telemetry_by_ts")
-            db.execute("ALTER TABLE telemetry DROP COLUMN ingest_seq")
+            db.execute(
+                "CREATE TABLE telemetry_v4 (asset_id TEXT NOT NULL, site_id TEXT NOT NULL,"
+                " ts INTEGER NOT NULL, mw REAL, mw_setpoint REAL, online INTEGER NOT NULL,"
+                " status TEXT, fault_code TEXT, seq INTEGER NOT NULL, quality TEXT NOT NULL,"
+                " quality_reason TEXT, details TEXT NOT NULL, PRIMARY KEY (asset_id, ts))"
+                " WITHOUT ROWID"
+            )
+            db.execute(f"INSERT INTO telemetry_v4 SELECT {columns} FROM telemetry")
+            db.execute("DROP TABLE telemetry")
+            db.execute("ALTER TABLE telemetry_v4 RENAME TO telemetry")
             db.execute("DROP TABLE exporter_cursors")
             db.execute("UPDATE schema_version SET version = 4")
 
@@ -161,6 +169,8 @@ async def test_a_sqlite_file_from_schema_4_numbers_its_telemetry_in_time_order_f
     upgraded = SQLiteStorage(path)
     await upgraded.open()
     try:
+        assert await upgraded.telemetry_history(ASSET_A) == [sample(ASSET_A, 1), sample(ASSET_A, 0)]
+        assert await upgraded.append_telemetry([sample(ASSET_A, 1)]) == 0, "still unique"
         old = await upgraded.telemetry_changes(None, 10)
         assert old.samples == sorted(stored, key=lambda s: (s.ts, s.asset_id))
         await upgraded.append_telemetry([sample(ASSET_A, -5)])

@@ -202,7 +202,14 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     async def append_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
-        """Store a batch of samples atomically; called by ingest for every batch.
+        """Store a batch of samples; called by ingest for every batch.
+
+        Each sample is stored at most once (duplicates by ``(asset_id, ts)`` are skipped),
+        and the batch counts as stored only when the call returns: ingest acknowledges
+        the agents then. A backend may commit a long batch in parts (the SQLite backend
+        does, so a dispatch's record need not wait for all of it); a call that raised may
+        have stored part of its batch, and ingest retries the whole batch, which stores
+        the rest.
 
         :return: how many samples were new (duplicates by ``(asset_id, ts)`` are skipped).
         """

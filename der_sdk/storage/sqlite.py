@@ -60,14 +60,15 @@ _T = TypeVar("_T")
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStorage", "der_storage_backends", "sqlite_path_from_url"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 """The schema this module creates; a newer version in the file is refused at open.
 1: the first schema. 2: dispatch state ``pending`` renamed ``submitted``. 3: sessions
 record the headend that opened them (``headend_id``). 4: alarms (``alarms`` and the
 applied events ``alarm_events``; created by the schema script, nothing to migrate).
 6: telemetry keeps its storage order (``ingest_seq``, numbered in time order for the
 rows of an older file) and an index by time for range exports; continuous exporters'
-cursors (``exporter_cursors``)."""
+cursors (``exporter_cursors``). 7: telemetry stored in that order (``ingest_seq`` is the
+rowid; unique by ``(asset_id, ts)`` through an index), not keyed by asset and time."""
 
 _MEMORY = ":memory:"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -91,16 +92,14 @@ _TABLES = (
     "exporter_cursors",
 )
 
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
-
-CREATE TABLE IF NOT EXISTS schema_version (
-    version INTEGER NOT NULL
-);
-INSERT INTO schema_version (version)
-    SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version);
-
-CREATE TABLE IF NOT EXISTS telemetry (
+# Telemetry is stored in the order it arrived: ``ingest_seq`` is the rowid, so a write
+# appends to the table's end and only the narrow index by (asset_id, ts), which also
+# refuses a sample stored twice, takes inserts all over. A table keyed by (asset_id, ts)
+# (schemas 1-6: WITHOUT ROWID) puts every whole row where its asset's rows are: about a
+# third more CPU per sample stored, for history reads that now take one more lookup per
+# row (docs/performance.md).
+_TELEMETRY_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
+    ingest_seq     INTEGER PRIMARY KEY,
     asset_id       TEXT    NOT NULL,
     site_id        TEXT    NOT NULL,
     ts             INTEGER NOT NULL,
@@ -112,10 +111,19 @@ CREATE TABLE IF NOT EXISTS telemetry (
     seq            INTEGER NOT NULL,
     quality        TEXT    NOT NULL,
     quality_reason TEXT,
-    details        TEXT    NOT NULL,
-    ingest_seq     INTEGER,
-    PRIMARY KEY (asset_id, ts)
-) WITHOUT ROWID;
+    details        TEXT    NOT NULL
+);"""
+
+_SCHEMA = f"""
+BEGIN IMMEDIATE;
+
+CREATE TABLE IF NOT EXISTS schema_version (
+    version INTEGER NOT NULL
+);
+INSERT INTO schema_version (version)
+    SELECT {SCHEMA_VERSION} WHERE NOT EXISTS (SELECT 1 FROM schema_version);
+
+{_TELEMETRY_TABLE.format(name="telemetry")}
 
 CREATE TABLE IF NOT EXISTS dispatches (
     dispatch_id TEXT    PRIMARY KEY,
@@ -223,12 +231,11 @@ _SESSIONS_OPEN_INDEX = (
     "CREATE INDEX IF NOT EXISTS sessions_open_by_headend ON sessions (headend_id)"
     " WHERE disconnected_at IS NULL"
 )
-# After the migrations too: a file from before schema 6 has no ingest_seq before them.
-# A secondary index of a WITHOUT ROWID table ends with the primary key, so the one on ts
-# is ordered by (ts, asset_id): the order of a range export.
+# After the migrations too: before schema 7 the telemetry table was another shape. The
+# index by (ts, asset_id) is the order of a range export.
 _TELEMETRY_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS telemetry_by_ingest ON telemetry (ingest_seq)",
-    "CREATE INDEX IF NOT EXISTS telemetry_by_ts ON telemetry (ts)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS telemetry_by_asset ON telemetry (asset_id, ts)",
+    "CREATE INDEX IF NOT EXISTS telemetry_by_ts ON telemetry (ts, asset_id)",
 )
 _SESSION_COLUMNS = (
     "session_id, asset_id, site_id, agent_id, peer, connected_at, disconnected_at, headend_id"
@@ -322,6 +329,22 @@ def _stored_params(samples: Sequence[TelemetrySample]) -> list[Any]:
     for column in range(_WIDTH):
         stored[column::width] = params[column::_WIDTH]
     return stored
+
+
+def _rebuild_telemetry(conn: sqlite3.Connection) -> None:
+    """Copy a telemetry table of schemas 1-6 (keyed by asset and time) into the table of
+    schema 7 (in storage order). Rows stored before schema 6 have no storage order: they
+    are numbered in time order, so a continuous exporter starting from nothing takes them
+    oldest first."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(telemetry)")}
+    order = "ingest_seq, ts, asset_id" if "ingest_seq" in columns else "ts, asset_id"
+    conn.execute(_TELEMETRY_TABLE.format(name="telemetry_v7"))
+    conn.execute(
+        f"INSERT INTO telemetry_v7 (ingest_seq, {_TELEMETRY_SELECT})"
+        f" SELECT ROW_NUMBER() OVER (ORDER BY {order}), {_TELEMETRY_SELECT} FROM telemetry"
+    )
+    conn.execute("DROP TABLE telemetry")
+    conn.execute("ALTER TABLE telemetry_v7 RENAME TO telemetry")
 
 
 def _insert_stored(
@@ -785,17 +808,8 @@ class SQLiteStorage(StorageBackend):
                 # Sessions written before have no headend id (NULL): the first headend to
                 # start closes them, whatever its id (close_open_sessions).
                 conn.execute("ALTER TABLE sessions ADD COLUMN headend_id TEXT")
-            telemetry_columns = {row[1] for row in conn.execute("PRAGMA table_info(telemetry)")}
-            if "ingest_seq" not in telemetry_columns:
-                # Rows stored before have no storage order: number them in time order, so
-                # a continuous exporter starting from nothing takes them oldest first.
-                conn.execute("ALTER TABLE telemetry ADD COLUMN ingest_seq INTEGER")
-                conn.execute(
-                    "UPDATE telemetry SET ingest_seq = numbered.n FROM (SELECT asset_id, ts,"
-                    " ROW_NUMBER() OVER (ORDER BY ts, asset_id) AS n FROM telemetry) AS numbered"
-                    " WHERE telemetry.asset_id = numbered.asset_id"
-                    " AND telemetry.ts = numbered.ts"
-                )
+            if found < 7:
+                _rebuild_telemetry(conn)
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             return found
 
