@@ -52,11 +52,21 @@ async def test_conditions_an_adapter_reports_become_one_alarm_at_the_headend(
     reporter.clear_condition("inverter_trip", "reset")
     reporter.raise_condition("inverter_trip", "critical", "DC fault")
 
+    seen: list[object] = []
+
     async def alarmed() -> bool:
         found = await storage.alarms(asset_id=BESS_1)
+        seen[:] = [agent.stats().unacked_events, found]
         return agent.stats().unacked_events == 0 and bool(found) and found[0].raise_count == 2
 
-    await wait_until(alarmed, "the headend to acknowledge the conditions and keep the alarm")
+    # A correctness wait, not a speed goal: under a full suite's load the agent's outbox
+    # and the headend's side-record writes can take seconds.
+    await wait_until(
+        alarmed,
+        "the headend to acknowledge the conditions and keep the alarm",
+        timeout_s=20,
+        last_seen=lambda: f"unacked events, alarms: {seen}",
+    )
     (alarm,) = await storage.alarms(asset_id=BESS_1)
     assert (alarm.code, alarm.severity, alarm.state) == ("inverter_trip", "critical", "active")
     assert alarm.text == "DC fault"

@@ -72,6 +72,7 @@ ROUTE_RULES: dict[tuple[str, str], str] = {
     ("GET", "/alarms"): "viewer",
     ("GET", "/alarms/{alarm_id:str}"): "viewer",
     ("POST", "/alarms/{alarm_id:str}/ack"): "operator",
+    ("GET", "/telemetry/export"): "operator",
 }
 """The documented rule of every route (docs/headend.md, "REST authentication"). OpenAPI
 and documentation pages under /schema and Litestar's automatic OPTIONS are open."""
@@ -109,6 +110,7 @@ REQUESTS: dict[tuple[str, str], tuple[str, Any, int]] = {
     ("GET", "/alarms"): ("/alarms", None, 200),
     ("GET", "/alarms/{alarm_id:str}"): ("/alarms/none", None, 404),
     ("POST", "/alarms/{alarm_id:str}/ack"): ("/alarms/none/ack", None, 404),
+    ("GET", "/telemetry/export"): ("/telemetry/export?from=2025-01-01&to=2025-01-02", None, 200),
 }
 
 
