@@ -144,11 +144,14 @@ class OutboxQueue(Store, Generic[R]):
         """The headend recorded the record with this event id or command id."""
         await self.file.ready()
         table = self._table
-        self._count -= await self.file.write(
+        deleted: int = await self.file.write(
             lambda conn: (
                 conn.execute(f"DELETE FROM {table.name} WHERE {table.key} = ?", (key,)).rowcount
             )
         )
+        # Not ``self._count -= await …``: that reads the count before the await and would
+        # lose a record added meanwhile.
+        self._count -= deleted
 
     def loader(self) -> Callable[[sqlite3.Connection], Loaded]:
         name = self._table.name

@@ -386,9 +386,8 @@ class ClusterDispatcher(Dispatcher):
         for dispatch in await self._open_stored():
             if self._has_work(dispatch, now):
                 try:
-                    self.reconciled += await self._settle(
-                        dispatch.dispatch_id, "by reconciliation, to"
-                    )
+                    settled = await self._settle(dispatch.dispatch_id, "by reconciliation, to")
+                    self.reconciled += settled
                 except Exception:
                     log.exception(
                         "dispatch %s: reconciling it failed; trying again next pass",

@@ -432,6 +432,24 @@ async def test_events_local_reports_and_setpoints_in_force_are_kept_until_acknow
     assert await reports.all() == [] and reports.count == 0
 
 
+async def test_the_unacknowledged_count_keeps_an_event_added_while_another_is_acknowledged(
+    opened: Callable[..., Stores],
+) -> None:
+    """An ack and an add interleaved on the loop: the count is what the file holds (it went
+    to -1 once: the ack read the count before its write and stored it after the add)."""
+    buffer = opened()
+    await buffer.open()
+    events = buffer.outbox.events
+    first = await buffer.outbox.add_event("custom", "first")
+    second = AgentEventRecord(
+        event_id="second", ts=utc_now(), kind="custom", message="second", data={}
+    )
+    await asyncio.gather(events.add(second), events.ack(first.event_id))
+    assert events.count == 1 and [e.event_id for e in await events.all()] == ["second"]
+    await events.ack("second")
+    assert events.count == 0
+
+
 # ----------------------------------------------------------------------------- file format
 
 # The buffer file as the single-class ``Buffer`` (der_sdk_agent/buffer.py, schema version 1)
