@@ -25,10 +25,12 @@ The life of a stream:
    refusal recorded: a probe never disturbs the agent serving the site.
 5. Then ``TelemetryBatch`` → space reserved in the ingest queue for its raw sample count
    (while the queue is full the reader waits with the batch undecoded, which is the
-   stream's flow control) → decoded (a sample that does not decode is logged with its
-   asset and skipped) → the ingest queue (acknowledged once stored), ``Heartbeat`` → stored
-   once per served asset through the same writer (a clock out of range is logged and
-   replaced by the headend's), ``SetpointAck`` → dispatcher (a final
+   stream's flow control) → a turn to decode (:mod:`der_sdk_headend.ingest.turns`: one
+   pass of the event loop decodes at most about 2 ms of telemetry, so what is not
+   telemetry never waits behind a burst of it) → decoded (a sample that does not decode
+   is logged with its asset and skipped) → the ingest queue (acknowledged once stored),
+   ``Heartbeat`` → stored once per served asset through the same writer (a clock out of
+   range is logged and replaced by the headend's), ``SetpointAck`` → dispatcher (a final
    outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
    dispatcher (source ``local``), then acknowledged with ``LocalDispatchAck``,
    ``AgentEvent`` → stored as an event, then acknowledged with ``EventAck``.
@@ -69,6 +71,7 @@ from der_sdk_headend.audit import Actor, Auditor
 from der_sdk_headend.config import AgentIdentityMode
 from der_sdk_headend.dispatch import Dispatcher
 from der_sdk_headend.ingest import TelemetryIngest
+from der_sdk_headend.ingest.turns import DecodeTurns
 from der_sdk_headend.link.identity import (
     AgentAuthorizer,
     FrontPeer,
@@ -134,6 +137,7 @@ class AgentLinkService:
         self._storage = storage
         self._presence = presence
         self._ingest = ingest
+        self._turns = DecodeTurns()
         self._dispatcher = dispatcher
         self._register_timeout_s = register_timeout_s
         self._auditor = auditor if auditor is not None else Auditor(storage)
@@ -508,11 +512,22 @@ class AgentLinkService:
             await self._handle(stream, message)
             return None
         reserved = len(message.telemetry.samples)
-        if not self._ingest.try_reserve(stream, reserved):
+        waited = not self._ingest.try_reserve(stream, reserved)
+        if waited:
             del message
             await self._ingest.reserve(stream, reserved)
-            message = codec.parse_agent_message(raw)  # parsed once already: cannot fail
-        self._telemetry(stream, message.telemetry, reserved)
+        try:
+            await self._turns.take()
+        except BaseException:
+            self._ingest.unreserve(reserved)
+            raise
+        started = time.perf_counter()
+        try:
+            if waited:
+                message = codec.parse_agent_message(raw)  # parsed once already: cannot fail
+            self._telemetry(stream, message.telemetry, reserved)
+        finally:
+            self._turns.spent(time.perf_counter() - started)
         return None
 
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
