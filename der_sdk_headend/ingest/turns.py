@@ -61,9 +61,14 @@ class DecodeTurns:
         """Decodes waiting for a later pass."""
         return len(self._waiters)
 
+    @property
+    def free(self) -> bool:
+        """:meth:`take` would return at once."""
+        return self._spent < self._budget and not self._waiters
+
     async def take(self) -> None:
         """Return once this pass of the loop may decode; call :meth:`spent` after."""
-        if self._spent < self._budget and not self._waiters:
+        if self.free:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)

@@ -497,11 +497,12 @@ class AgentLinkService:
     async def _receive(self, stream: AgentStream, raw: bytes) -> str | None:
         """Handle one message; return why the stream must be refused, or ``None``.
 
-        A telemetry batch first gets ingest queue space for its raw sample count. While
-        the queue is full the reader waits holding only the batch's bytes (its parsed
-        form, about twice their size, is dropped and parsed again once there is space)
-        and reads nothing more from its stream, so gRPC flow control holds the agent
-        back; then the batch is decoded into the space held.
+        A telemetry batch first gets ingest queue space for its raw sample count, then a
+        turn to decode (:class:`~der_sdk_headend.ingest.turns.DecodeTurns`). While it
+        waits for either, the reader holds only the batch's bytes (its parsed form, about
+        twice their size, is dropped and parsed again) and reads nothing more from its
+        stream, so gRPC flow control holds the agent back; then the batch is decoded into
+        the space held.
         """
         try:
             message = codec.parse_agent_message(raw)
@@ -512,20 +513,23 @@ class AgentLinkService:
             await self._handle(stream, message)
             return None
         reserved = len(message.telemetry.samples)
-        waited = not self._ingest.try_reserve(stream, reserved)
-        if waited:
-            del message
+        parsed: pb.AgentMessage | None = message
+        del message
+        if not self._ingest.try_reserve(stream, reserved):
+            parsed = None  # only the bytes wait
             await self._ingest.reserve(stream, reserved)
-        try:
-            await self._turns.take()
-        except BaseException:
-            self._ingest.unreserve(reserved)
-            raise
+        if not self._turns.free:
+            parsed = None
+            try:
+                await self._turns.take()
+            except BaseException:
+                self._ingest.unreserve(reserved)
+                raise
         started = time.perf_counter()
         try:
-            if waited:
-                message = codec.parse_agent_message(raw)  # parsed once already: cannot fail
-            self._telemetry(stream, message.telemetry, reserved)
+            if parsed is None:
+                parsed = codec.parse_agent_message(raw)  # parsed once already: cannot fail
+            self._telemetry(stream, parsed.telemetry, reserved)
         finally:
             self._turns.spent(time.perf_counter() - started)
         return None
