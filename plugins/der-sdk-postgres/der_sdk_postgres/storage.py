@@ -270,6 +270,8 @@ class PostgresStorage(StorageBackend):
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._retention_task: asyncio.Task[None] | None = None
+        self._lease_tries: dict[str, asyncpg.Connection] = {}
+        """By exporter name: the connection of this process's last refused lease try."""
         self.hypertable = False
         """Whether ``telemetry`` is a TimescaleDB hypertable (known after open())."""
         # Leave pooled connections for dispatch, sessions and REST reads.
@@ -387,6 +389,8 @@ class PostgresStorage(StorageBackend):
             )
 
     async def close(self) -> None:
+        tries, self._lease_tries = self._lease_tries, {}
+        await asyncio.gather(*(_close_quietly(conn) for conn in tries.values()))
         if self._retention_task is not None:
             task, self._retention_task = self._retention_task, None
             task.cancel()
@@ -574,16 +578,24 @@ class PostgresStorage(StorageBackend):
         The server releases the lock when that connection ends (closed, broken, or
         terminated by ``pg_terminate_backend``); the holder finds out at its next
         :meth:`~ExporterLease.check` or :meth:`~ExporterLease.save_cursor`, which run
-        on that connection, so a holder that lost its lock saves no cursor.
+        on that connection, so a holder that lost its lock saves no cursor. A try that
+        is refused keeps its connection for the next try of that name, so a standby
+        replica opens no connection per try.
         """
-        conn = await self._connect()
-        try:
-            granted = await conn.fetchval(_TRY_LOCK, EXPORTER_LOCK_CLASS, name)
-        except BaseException:
-            conn.terminate()
-            raise
+        kept = self._lease_tries.pop(name, None)
+        conn: asyncpg.Connection | None = None
+        granted = False
+        if kept is not None and not kept.is_closed():
+            with contextlib.suppress(Exception):  # broken since: a new connection
+                granted = await _try_lease_lock(kept, name)
+                conn = kept
+        if conn is None:
+            conn = await self._connect()
+            granted = await _try_lease_lock(conn, name)
         if not granted:
-            await _close_quietly(conn)
+            if (other := self._lease_tries.pop(name, None)) is not None:
+                other.terminate()  # another task's try of the same name meanwhile
+            self._lease_tries[name] = conn
             return None
         return _PostgresExporterLease(self, name, conn)
 
@@ -1131,6 +1143,16 @@ class _PostgresExporterLease(ExporterLease):
         conn, self._conn = self._conn, None
         if conn is not None:
             await _close_quietly(conn)
+
+
+async def _try_lease_lock(conn: asyncpg.Connection, name: str) -> bool:
+    """Whether ``conn`` took exporter ``name``'s lock; ``conn`` is terminated when the
+    try fails."""
+    try:
+        return bool(await conn.fetchval(_TRY_LOCK, EXPORTER_LOCK_CLASS, name))
+    except BaseException:
+        conn.terminate()
+        raise
 
 
 async def _close_quietly(conn: asyncpg.Connection) -> None:

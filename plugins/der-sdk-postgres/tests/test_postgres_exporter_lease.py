@@ -20,7 +20,7 @@ from der_sdk.export.schema import samples_from_table
 from der_sdk.extensions import ExportBatch, Exporter, ExporterContext, ExporterType
 from der_sdk.models import TelemetrySample
 from der_sdk.plugins import load_plugins
-from der_sdk.storage.contract import ExporterLeaseLostError
+from der_sdk.storage.contract import ExporterLease, ExporterLeaseLostError
 from der_sdk.testing import waits
 from der_sdk_headend.config import ExporterConfig
 from der_sdk_headend.exporters import ExporterRunner
@@ -85,18 +85,36 @@ async def _holder_pid(storage: PostgresStorage, name: str) -> int:
     return pid
 
 
+async def _terminate_holder(storage: PostgresStorage, name: str) -> None:
+    """``pg_terminate_backend`` on the connection holding exporter ``name``'s lease, and
+    wait until that backend is gone (the server has released the lock then)."""
+    pid = await _holder_pid(storage, name)
+    await storage.pool.execute("SELECT pg_terminate_backend($1)", pid)
+
+    async def gone() -> bool:
+        return not await storage.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)", pid
+        )
+
+    await waits.wait_until(gone, f"backend {pid} gone", timeout_s=5)
+
+
+async def _taken(storage: PostgresStorage, name: str) -> ExporterLease:
+    lease = await storage.exporter_lease(name)
+    assert lease is not None, f"the lease of {name} was refused"
+    return lease
+
+
 async def test_a_lease_whose_connection_is_terminated_is_lost_and_saves_no_cursor(
     two: tuple[PostgresStorage, PostgresStorage],
 ) -> None:
     one, other = two
-    lease = await one.exporter_lease("lake")
-    assert lease is not None
+    lease = await _taken(one, "lake")
     await lease.save_cursor("c1")
     assert await other.exporter_lease("lake") is None
-    await other.pool.execute("SELECT pg_terminate_backend($1)", await _holder_pid(one, "lake"))
+    await _terminate_holder(other, "lake")
 
-    taken = await other.exporter_lease("lake")  # the server released the lock at once
-    assert taken is not None
+    taken = await _taken(other, "lake")  # the server released the lock
     with pytest.raises(ExporterLeaseLostError):
         await lease.save_cursor("c2")
     with pytest.raises(ExporterLeaseLostError):
@@ -106,6 +124,31 @@ async def test_a_lease_whose_connection_is_terminated_is_lost_and_saves_no_curso
     await lease.release()
     await taken.release()
     assert await one.exporter_cursor("lake") == "c3"
+
+
+async def test_a_standby_tries_the_lease_again_on_one_connection_closed_with_its_storage(
+    two: tuple[PostgresStorage, PostgresStorage],
+) -> None:
+    one, other = two
+    lease = await _taken(one, "lake")
+    for _ in range(6):
+        assert await other.exporter_lease("lake") is None
+
+    async def lock_connections() -> int:
+        found: int = await one.pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'SELECT pg_try_advisory_lock%'"
+        )
+        return found
+
+    assert await lock_connections() == 2, "not one connection for the holder, one for the tries"
+    await other.close()
+
+    async def one_left() -> bool:
+        return await lock_connections() == 1
+
+    await waits.wait_until(one_left, "the standby's connection closed", timeout_s=5)
+    await lease.release()
 
 
 async def test_two_replicas_export_every_sample_once_and_the_standby_takes_over_when_one_stops(
@@ -182,9 +225,7 @@ async def test_a_replica_whose_lease_connection_is_terminated_stops_and_another_
         await writer.append_telemetry(stored[:1000])
         await exported(first, 1000)
         assert not _active(second)
-        await writer.pool.execute(
-            "SELECT pg_terminate_backend($1)", await _holder_pid(writer, "lake")
-        )
+        await _terminate_holder(writer, "lake")
         await writer.append_telemetry(stored[1000:2000])
 
         async def taken_over() -> bool:
