@@ -165,7 +165,10 @@ def der_exporters() -> list[ExporterType]:
     ``export(batch)`` on the :class:`~der_sdk.extensions.Exporter` the factory made, and
     stores the batch's cursor once it returns. An exporter that was down (or the headend
     stopped) resumes from its cursor: no sample is skipped, and a batch that was not
-    confirmed comes again under the same ``batch_id`` (docs/export.md).
+    confirmed comes again under the same ``batch_id`` (docs/export.md). In a cluster an
+    instance runs on one replica at a time, the one holding its lease in storage
+    (:meth:`~der_sdk.storage.contract.StorageBackend.exporter_lease`): the factory is
+    called on every replica, ``start()`` only where it runs.
 
     :return: a list of :class:`~der_sdk.extensions.ExporterType`. Built-in:
         ``parquet-folder`` (Parquet files by day and site under a folder).

@@ -321,12 +321,6 @@ class Headend:
                 interval_s=config.export_interval_s,
             )
             exporters.build()
-            if config.clustered:
-                log.warning(
-                    "HEADEND_EXPORTERS on a cluster replica: every replica that sets it runs "
-                    "its exporters, and two replicas export the same batches; set it on one "
-                    "replica only (docs/export.md)"
-                )
         self._storage = storage  # set before open(): /healthz says degraded while it waits
         self._auditor = Auditor(storage)
         await self._open_storage(storage)

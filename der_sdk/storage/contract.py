@@ -26,6 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
 
+from der_sdk.errors import DerSdkError
 from der_sdk.models import (
     Alarm,
     AlarmSeverity,
@@ -49,6 +50,8 @@ __all__ = [
     "TELEMETRY_COLUMNS",
     "AlarmUpdate",
     "AlarmWrite",
+    "ExporterLease",
+    "ExporterLeaseLostError",
     "StorageBackend",
     "TelemetryChanges",
     "alarm_conditions",
@@ -151,6 +154,53 @@ class TelemetryChanges(NamedTuple):
     cursor: str | None
     """Opaque to callers; ``None`` only when nothing was ever read (no samples and no
     ``after`` given)."""
+
+
+class ExporterLeaseLostError(DerSdkError):
+    """An :class:`ExporterLease` was lost (its holder's connection to a shared storage
+    broke): another process may own the exporter now, so its holder stops exporting."""
+
+
+class ExporterLease:
+    """Exclusive ownership of the continuous exporter ``name``, from
+    :meth:`StorageBackend.exporter_lease` until :meth:`release` or until it is lost.
+
+    While a process holds the lease of a name, no other process using the same storage
+    gets it, so exactly one replica of a cluster exports under that name. The holder
+    calls :meth:`check` before each batch and saves the batch's cursor through
+    :meth:`save_cursor`; both raise :class:`ExporterLeaseLostError` once the lease is
+    lost, and the holder then stops exporting and reads the cursor again when it holds
+    the lease next.
+
+    This base class is the lease of a backend one process owns (memory, SQLite): never
+    lost, and :meth:`save_cursor` is :meth:`StorageBackend.save_exporter_cursor`. A
+    :attr:`~StorageBackend.shared` backend subclasses it. Since 0.4.
+    """
+
+    def __init__(self, storage: StorageBackend, name: str) -> None:
+        self.storage = storage
+        self.name = name
+
+    async def check(self) -> None:
+        """Confirm the lease is still held (PostgreSQL: a query on the connection that
+        holds its lock).
+
+        :raises ExporterLeaseLostError: it is not; it stays lost.
+        """
+
+    async def save_cursor(self, cursor: str) -> None:
+        """Save ``cursor`` as the exporter's position (as
+        :meth:`StorageBackend.save_exporter_cursor`), only while the lease is held.
+
+        :raises ExporterLeaseLostError: the lease is lost; the cursor was not saved by
+            this call (whether an interrupted save reached storage is for the next
+            holder to read).
+        """
+        await self.storage.save_exporter_cursor(self.name, cursor)
+
+    async def release(self) -> None:
+        """Give the lease up (another process may take it at once). Idempotent; never
+        raises."""
 
 
 EXPORT_PAGE_ROWS = 5_000
@@ -311,6 +361,18 @@ class StorageBackend(abc.ABC):
             f"storage {self.name} ({type(self).__module__}) keeps no exporter cursors; "
             "continuous exporters need der-sdk 0.4 storage"
         )
+
+    async def exporter_lease(self, name: str) -> ExporterLease | None:
+        """Try to take exclusive ownership of the continuous exporter ``name``: the
+        :class:`ExporterLease` when this process now holds it, ``None`` when another
+        process does (try again later). Never waits for the other holder.
+
+        A :attr:`shared` backend grants a name to one process at a time (PostgreSQL: a
+        session-level advisory lock on a connection of its own, held with the lease; the
+        server releases it when that connection ends, which loses the lease). The
+        default, for backends one process owns, always grants it. Since 0.4.
+        """
+        return ExporterLease(self, name)
 
     # ------------------------------------------------------------------ dispatch
 

@@ -1443,6 +1443,39 @@ class StorageConformance:
         await storage.reset()
         assert await storage.exporter_cursor("historian") is None
 
+    @pytest.mark.asyncio
+    async def test_an_exporter_lease_saves_its_cursor_and_is_held_by_one_process_at_a_time(
+        self, storage: StorageBackend, tmp_path: Path
+    ) -> None:
+        lease = await storage.exporter_lease("historian")
+        assert lease is not None, "exporter_lease refused the only process that asked"
+        await lease.check()
+        await lease.save_cursor("c1")
+        assert await storage.exporter_cursor("historian") == "c1"
+        if storage.shared:  # a second process on the same storage
+            other = await self.make_storage(tmp_path)
+            await other.open()
+            try:
+                assert await other.exporter_lease("historian") is None, (
+                    "two processes hold the lease of one exporter at once"
+                )
+                files = await other.exporter_lease("files")
+                assert files is not None, "the lease of one exporter held up another's"
+                await files.release()
+                await lease.release()
+                taken = await other.exporter_lease("historian")
+                assert taken is not None, "a released lease was not granted to another process"
+                await taken.check()
+                await taken.save_cursor("c2")
+                await taken.release()
+            finally:
+                await other.close()
+            assert await storage.exporter_cursor("historian") == "c2"
+        await lease.release()  # idempotent
+        again = await storage.exporter_lease("historian")
+        assert again is not None, "a released lease was not granted again"
+        await again.release()
+
     # ------------------------------------------------------------------ lifecycle
 
     @pytest.mark.asyncio

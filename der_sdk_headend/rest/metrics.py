@@ -222,9 +222,17 @@ def _exporter_metrics(stats: Sequence[ExporterStats]) -> Iterator[Metric]:
         ),
         (
             GaugeMetricFamily,
+            "der_exporter_active",
+            "1 while this headend runs a continuous exporter (holds its lease), 0 while "
+            "another replica does (standby).",
+            lambda s: 1.0 if s.active else 0.0,
+        ),
+        (
+            GaugeMetricFamily,
             "der_exporter_last_success_timestamp_seconds",
-            "When a continuous exporter last exported a batch or found nothing new.",
-            lambda s: s.last_success,
+            "When a continuous exporter last exported a batch or found nothing new "
+            "(only where it runs).",
+            lambda s: s.last_success if s.active else None,
         ),
     ]
     for family_type, name, help_text, value in figures:

@@ -223,6 +223,7 @@ async def test_the_headend_runs_the_exporters_of_headend_exporters(
             metrics = (await http.get("/metrics")).text
         assert 'der_exporter_samples_total{exporter="lake"} 6.0' in metrics
         assert 'der_exporter_failing{exporter="lake"} 0.0' in metrics
+        assert 'der_exporter_active{exporter="lake"} 1.0' in metrics  # SQLite: always
         assert 'der_exporter_last_success_timestamp_seconds{exporter="lake"}' in metrics
     finally:
         await headend.stop()

@@ -44,6 +44,8 @@ from der_sdk.storage.contract import (
     TELEMETRY_COLUMNS,
     AlarmUpdate,
     AlarmWrite,
+    ExporterLease,
+    ExporterLeaseLostError,
     StorageBackend,
     TelemetryChanges,
     alarm_conditions,
@@ -90,6 +92,11 @@ ALARM_LOCK_CLASS = 0x414C524D
 """The first key of the lock :meth:`PostgresStorage.update_alarm` takes (the bytes of
 ``ALRM``): ``pg_advisory_xact_lock(ALARM_LOCK_CLASS, hashtext(asset_id || '/' || code))``,
 held until its transaction ends."""
+
+EXPORTER_LOCK_CLASS = 0x45585054
+"""The first key of an exporter's lease (the bytes of ``EXPT``):
+``pg_try_advisory_lock(EXPORTER_LOCK_CLASS, hashtext(name))``, held by a connection of the
+lease's own for as long as the lease is (:meth:`PostgresStorage.exporter_lease`)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -263,6 +270,8 @@ class PostgresStorage(StorageBackend):
         self.settings = settings
         self._pool: asyncpg.Pool | None = None
         self._retention_task: asyncio.Task[None] | None = None
+        self._lease_tries: dict[str, asyncpg.Connection] = {}
+        """By exporter name: the connection of this process's last refused lease try."""
         self.hypertable = False
         """Whether ``telemetry`` is a TimescaleDB hypertable (known after open())."""
         # Leave pooled connections for dispatch, sessions and REST reads.
@@ -380,6 +389,8 @@ class PostgresStorage(StorageBackend):
             )
 
     async def close(self) -> None:
+        tries, self._lease_tries = self._lease_tries, {}
+        await asyncio.gather(*(_close_quietly(conn) for conn in tries.values()))
         if self._retention_task is not None:
             task, self._retention_task = self._retention_task, None
             task.cancel()
@@ -557,13 +568,36 @@ class PostgresStorage(StorageBackend):
         return found
 
     async def save_exporter_cursor(self, name: str, cursor: str) -> None:
-        await self.pool.execute(
-            "INSERT INTO exporter_cursors (name, cursor, updated_at) VALUES ($1, $2, now())"
-            " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor,"
-            " updated_at = excluded.updated_at",
-            name,
-            cursor,
-        )
+        await self.pool.execute(_SAVE_CURSOR, name, cursor)
+
+    async def exporter_lease(self, name: str) -> ExporterLease | None:
+        """Exporter ``name``'s lease, when no other process holds it: a session-level
+        advisory lock (:data:`EXPORTER_LOCK_CLASS`) on a connection of its own, outside
+        the pool, kept open while the lease is held.
+
+        The server releases the lock when that connection ends (closed, broken, or
+        terminated by ``pg_terminate_backend``); the holder finds out at its next
+        :meth:`~ExporterLease.check` or :meth:`~ExporterLease.save_cursor`, which run
+        on that connection, so a holder that lost its lock saves no cursor. A try that
+        is refused keeps its connection for the next try of that name, so a standby
+        replica opens no connection per try.
+        """
+        kept = self._lease_tries.pop(name, None)
+        conn: asyncpg.Connection | None = None
+        granted = False
+        if kept is not None and not kept.is_closed():
+            with contextlib.suppress(Exception):  # broken since: a new connection
+                granted = await _try_lease_lock(kept, name)
+                conn = kept
+        if conn is None:
+            conn = await self._connect()
+            granted = await _try_lease_lock(conn, name)
+        if not granted:
+            if (other := self._lease_tries.pop(name, None)) is not None:
+                other.terminate()  # another task's try of the same name meanwhile
+            self._lease_tries[name] = conn
+            return None
+        return _PostgresExporterLease(self, name, conn)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -1055,6 +1089,12 @@ async def _is_hypertable(conn: asyncpg.Connection) -> bool:
 
 _LOCK = "SELECT pg_advisory_lock($1::int4, hashtext($2))"
 _UNLOCK = "SELECT pg_advisory_unlock($1::int4, hashtext($2))"
+_TRY_LOCK = "SELECT pg_try_advisory_lock($1::int4, hashtext($2))"
+_SAVE_CURSOR = (
+    "INSERT INTO exporter_cursors (name, cursor, updated_at) VALUES ($1, $2, now())"
+    " ON CONFLICT (name) DO UPDATE SET cursor = excluded.cursor,"
+    " updated_at = excluded.updated_at"
+)
 
 
 async def _unlock(conn: asyncpg.Connection, dispatch_id: str) -> None:
@@ -1067,6 +1107,64 @@ async def _unlock(conn: asyncpg.Connection, dispatch_id: str) -> None:
             type(exc).__name__,
             exc,
         )
+
+
+class _PostgresExporterLease(ExporterLease):
+    """An exporter's advisory lock, held by ``conn`` (not pooled) until released or
+    lost. Any failure on ``conn`` loses the lease: the connection is dropped, which
+    releases the lock on the server if it still held it."""
+
+    def __init__(self, storage: PostgresStorage, name: str, conn: asyncpg.Connection) -> None:
+        super().__init__(storage, name)
+        self._conn: asyncpg.Connection | None = conn
+
+    async def check(self) -> None:
+        await self._on_lease("SELECT 1")
+
+    async def save_cursor(self, cursor: str) -> None:
+        await self._on_lease(_SAVE_CURSOR, self.name, cursor)
+
+    async def _on_lease(self, query: str, *args: object) -> None:
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            self._conn = None
+            raise ExporterLeaseLostError(f"exporter {self.name}: its lease was released or lost")
+        try:
+            await conn.execute(query, *args)
+        except Exception as exc:
+            self._conn = None
+            conn.terminate()
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ExporterLeaseLostError(
+                f"exporter {self.name}: the connection holding its lease failed: {reason}"
+            ) from exc
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await _close_quietly(conn)
+
+
+async def _try_lease_lock(conn: asyncpg.Connection, name: str) -> bool:
+    """Whether ``conn`` took exporter ``name``'s lock; ``conn`` is terminated when the
+    try fails."""
+    try:
+        return bool(await conn.fetchval(_TRY_LOCK, EXPORTER_LOCK_CLASS, name))
+    except BaseException:
+        conn.terminate()
+        raise
+
+
+async def _close_quietly(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` (ending its session releases its advisory locks); terminate it if
+    closing fails or is cancelled."""
+    try:
+        await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT_S)
+    except asyncio.CancelledError:
+        conn.terminate()
+        raise
+    except Exception:
+        conn.terminate()
 
 
 def _dispatch_event_insert(event: DispatchEvent) -> tuple[Any, ...]:

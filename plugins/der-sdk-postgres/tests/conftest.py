@@ -40,3 +40,17 @@ async def storage(postgres_url: str) -> AsyncIterator[PostgresStorage]:
         yield backend
     finally:
         await backend.close()
+
+
+@pytest.fixture
+async def two(fresh_database: str) -> AsyncIterator[tuple[PostgresStorage, PostgresStorage]]:
+    """Two backends on one database, as two replicas have: pools of their own."""
+    one = PostgresStorage.from_url(f"{fresh_database}?pool_max=2")
+    other = PostgresStorage.from_url(f"{fresh_database}?pool_max=2")
+    await one.open()
+    await other.open()
+    try:
+        yield one, other
+    finally:
+        await one.close()
+        await other.close()

@@ -4,7 +4,6 @@ dispatch across processes (replicas of a cluster share the database)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -26,20 +25,6 @@ def _dispatch(dispatch_id: str) -> Dispatch:
         site_id="s-1",
         targets=[DispatchTarget(asset_id="a-1", mw=1.0)],
     )
-
-
-@pytest.fixture
-async def two(fresh_database: str) -> AsyncIterator[tuple[PostgresStorage, PostgresStorage]]:
-    """Two backends on one database, as two replicas have: pools of their own."""
-    one = PostgresStorage.from_url(f"{fresh_database}?pool_max=2")
-    other = PostgresStorage.from_url(f"{fresh_database}?pool_max=2")
-    await one.open()
-    await other.open()
-    try:
-        yield one, other
-    finally:
-        await one.close()
-        await other.close()
 
 
 async def test_a_dispatch_held_by_one_process_waits_in_the_other_until_released(
