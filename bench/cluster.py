@@ -12,7 +12,7 @@ direct mode (one headend, no bus: the reference), the bus with one replica, the 
 two (the agents split between them). In bus mode a replica acknowledges a batch once
 JetStream has it, and writers store it later, so the figure is **stored** samples/s: the
 rows in the ``telemetry`` table (``count(*)``) divided by the seconds from the first batch
-sent to the last sample stored. The agents send flat out for 16.5 s (3.5 s in ``--quick``)
+sent to the last sample stored. The agents send flat out for 16.5 s (2.8 s in ``--quick``)
 and then stop; in bus mode they outrun the writers and the backlog waits in JetStream
 until the writers have stored it (``drain_s``), so the span counts both. Beside it, the
 CPU per stored sample over the same span: the CPU time of the replica processes plus
@@ -416,7 +416,7 @@ async def run_ingest(ctx: Context) -> list[Figure]:
         return []
     admin, bus = services
     if ctx.quick:
-        spec, warmup_s, seconds = make_fleet(20, 5), 0.5, 1.5
+        spec, warmup_s, seconds = make_fleet(20, 5), 0.3, 1.0
     else:
         spec, warmup_s, seconds = make_fleet(1000, 5), 3.0, 12.0
     ctx.say(
@@ -555,7 +555,7 @@ async def run_dispatch(ctx: Context) -> list[Figure]:
     admin, bus = services
     if ctx.quick:
         dispatch_spec, load_spec = make_fleet(20, 1), make_fleet(10, 5, prefix="load")
-        count, warm_s, max_s = 40, 0.5, 1.5
+        count, warm_s, max_s = 20, 0.3, 1.0
     else:
         dispatch_spec, load_spec = make_fleet(1000, 1), make_fleet(200, 5, prefix="load")
         count, warm_s, max_s = 1000, 2.0, 6.0

@@ -324,7 +324,7 @@ async def _raw_push(ctx: Context, spec: FleetSpec, count: int) -> dict[str, Any]
 async def run(ctx: Context) -> list[Figure]:
     if ctx.quick:
         dispatch_spec, load_spec = make_fleet(20, 1), make_fleet(10, 5, prefix="load")
-        count, warm_s, max_s = 30, 0.5, 1.5
+        count, warm_s, max_s = 20, 0.3, 1.0
     else:
         dispatch_spec, load_spec = make_fleet(1000, 1), make_fleet(200, 5, prefix="load")
         count, warm_s, max_s = 500, 2.0, 6.0

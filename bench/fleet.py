@@ -122,7 +122,7 @@ async def one_batch_each(fleet: Fleet) -> None:
 
 def _settle(ctx: Context) -> dict[str, Any]:
     """:func:`settled_rss` arguments: shorter in quick mode."""
-    return {"interval_s": 0.25, "window": 4, "min_s": 0.5} if ctx.quick else {}
+    return {"interval_s": 0.1, "window": 3, "min_s": 0.2} if ctx.quick else {}
 
 
 def _per_agent_kb(delta: int, agents: int) -> float:

@@ -44,7 +44,7 @@ __all__ = ["run_pg", "run_sqlite"]
 def _shape(ctx: Context, agents: int) -> tuple[FleetSpec, float, float]:
     """The fleet, the warm-up and the measured seconds."""
     if ctx.quick:
-        return make_fleet(20, 5), 0.5, 1.5
+        return make_fleet(20, 5), 0.3, 1.0
     return make_fleet(agents, 5), 3.0, 12.0
 
 

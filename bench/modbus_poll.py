@@ -455,8 +455,8 @@ async def run(ctx: Context) -> list[Figure]:
     if chosen:
         sizes = sorted(int(n) for n in chosen.split(","))
     else:
-        sizes = [50] if ctx.quick else [50, 200, 1000, 2000]
-    warmup_s, window_s = (1.5, 1.0) if ctx.quick else (4.0, 10.0)
+        sizes = [10] if ctx.quick else [50, 200, 1000, 2000]
+    warmup_s, window_s = (0.5, 1.0) if ctx.quick else (4.0, 10.0)
     work = ctx.scratch("modbus-poll")
     ports_file = work / "ports.json"
     fleet = FleetSpec(tuple(make_fleet(1, n, prefix=f"modbus-{n}").agents[0] for n in sizes))

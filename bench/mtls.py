@@ -343,7 +343,7 @@ async def run_load(ctx: Context) -> list[Figure]:
     """Ingest and dispatch in every mode (see the module's docstring)."""
     if ctx.quick:
         spec, load_spec = make_fleet(20, 5, prefix="mtls"), make_fleet(10, 5, prefix="mtls-load")
-        shape: dict[str, Any] = {"warmup_s": 0.5, "seconds": 1.5, "dispatches": 20}
+        shape: dict[str, Any] = {"warmup_s": 0.3, "seconds": 1.0, "dispatches": 10}
     else:
         spec = make_fleet(1000, 5, prefix="mtls")
         load_spec = make_fleet(200, 5, prefix="mtls-load")

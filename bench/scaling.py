@@ -99,7 +99,7 @@ async def _probe_full_collection(
 def _shape(ctx: Context) -> tuple[tuple[int, ...], float, float, dict[str, Any]]:
     """The fleet sizes, warm-up and measured seconds, and the RSS settling arguments."""
     if ctx.quick:
-        return QUICK_POINTS, 0.5, 1.0, {"interval_s": 0.25, "window": 4, "min_s": 0.5}
+        return QUICK_POINTS, 0.3, 1.0, {"interval_s": 0.1, "window": 3, "min_s": 0.2}
     points = POINTS
     if os.environ.get("DER_BENCH_SCALING_POINTS"):  # while tuning: e.g. "1000,5000"
         points = tuple(int(n) for n in os.environ["DER_BENCH_SCALING_POINTS"].split(","))

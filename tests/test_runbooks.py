@@ -7,18 +7,18 @@ tests/cluster/test_ops_metrics.py."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from der_sdk import certs
+from der_sdk import certs, cli
 from der_sdk.plugins import load_plugins
 from der_sdk_headend import Headend, gc_pauses
 from tests.headend.headend_kit import INVENTORY_YAML, make_config
@@ -34,8 +34,6 @@ from tests.ops_kit import (
     promql_metric_names,
     rules,
 )
-
-DER = Path(sys.executable).with_name("der")
 
 # `der SUB [SUBSUB] ...` in a command line, as typed or through its installed path
 _DER_COMMAND = re.compile(
@@ -127,10 +125,16 @@ def _der_commands(text: str) -> set[tuple[str, ...]]:
 
 
 def _help(words: tuple[str, ...]) -> str | None:
-    result = subprocess.run(
-        [str(DER), *words, "--help"], capture_output=True, text=True, timeout=60, check=False
-    )
-    return result.stdout if result.returncode == 0 else None
+    """What ``der WORDS --help`` prints, or ``None`` when it fails: the ``der`` entry point
+    (:func:`der_sdk.cli.main`, every installed plugin's commands) called in this process,
+    not a child process per command (each would load every plugin again)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([*words, "--help"])
+        except SystemExit as exc:
+            code = exc.code
+    return out.getvalue() if code in (0, None) else None
 
 
 def test_every_der_command_and_flag_in_the_runbooks_and_deployment_guide_exists() -> None:
