@@ -19,6 +19,52 @@ if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
 
 FakeDist = Callable[..., Path]
 
+# ----------------------------------------------------------------------- parallel workers
+
+WORKERS_VARIABLE = "DER_SDK_TEST_WORKERS"
+DEFAULT_WORKERS = 3
+"""Most tests wait on I/O (gRPC, subprocesses, sleeps), so more workers than the 2 cores
+of a CI machine pay (docs/testing.md: the measurements)."""
+
+# Modules whose tests share something costly or fragile, kept on one worker each (their
+# xdist_group is their path): a module fixture set up once (not once per worker that got
+# one of its tests), or a first-use cache two workers must not fill at once.
+WHOLE_MODULES = {
+    # the module fixture `built` builds every sdist and wheel (about a minute)
+    "tests/e2e/test_packaging.py",
+    # each module starts one headend and a browser for all its tests
+    "tests/console/test_console_browser.py",
+    "tests/console/test_console_alarms_browser.py",
+    "tests/console/test_console_mixed_browser.py",
+    # the first test makes the server's venv in ~/.cache (rmtree, then pip install)
+    "plugins/der-sdk-ieee2030-5/tests/test_gridappsd_e2e.py",
+}
+
+
+def _names_only_files(config: pytest.Config) -> bool:
+    """Whether every argument names a test file or a test (``path.py``, ``path.py::name``),
+    not a folder: then the run is small and, often, a debugging session."""
+    paths = [arg.split("::", 1)[0] for arg in config.args]
+    return bool(paths) and all((config.invocation_params.dir / p).is_file() for p in paths)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Run the suite (or folders of it) in ``DER_SDK_TEST_WORKERS`` (default 3)
+    pytest-xdist workers unless the command line says otherwise: ``-n N`` (``-n 0``: one
+    process), ``-p no:xdist``, ``--pdb``, ``--collect-only``; test files and tests named
+    one by one run in one process, unless ``-n N`` is given."""
+    if not config.pluginmanager.hasplugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    option = config.option
+    if option.numprocesses is not None or option.dist != "no" or option.tx:
+        return  # the command line chose
+    if option.usepdb or option.collectonly or _names_only_files(config):
+        return
+    workers = os.environ.get(WORKERS_VARIABLE, "").strip()
+    option.numprocesses = int(workers) if workers else DEFAULT_WORKERS
+    option.dist = "loadgroup"
+
 
 @pytest.fixture
 def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDist]:
@@ -50,9 +96,16 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeD
         sys.modules.pop(mod, None)
 
 
+# tryfirst: an xdist worker reads the xdist_group marks in its own hook of this name
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Long soak and fault tests (marked ``slow``) run only when asked for: with
-    ``DER_SDK_SLOW=1`` or ``-m slow``. Each has a bounded version that always runs."""
+    """The modules of ``WHOLE_MODULES`` run whole on one worker; long soak and fault tests
+    (marked ``slow``) run only when asked for: with ``DER_SDK_SLOW=1`` or ``-m slow``. Each
+    has a bounded version that always runs."""
+    for item in items:
+        module = Path(str(item.path)).relative_to(config.rootpath).as_posix()
+        if module in WHOLE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
     if os.environ.get("DER_SDK_SLOW", "").lower() in {"1", "true", "yes"}:
         return
     if "slow" in (config.getoption("markexpr", "") or ""):
