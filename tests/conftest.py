@@ -7,6 +7,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -26,9 +27,9 @@ DEFAULT_WORKERS = 3
 """Most tests wait on I/O (gRPC, subprocesses, sleeps), so more workers than the 2 cores
 of a CI machine pay (docs/testing.md: the measurements)."""
 
-# Modules whose tests share something costly or fragile, kept on one worker each (their
-# xdist_group is their path): a module fixture set up once (not once per worker that got
-# one of its tests), or a first-use cache two workers must not fill at once.
+# Modules whose tests share something costly or fragile, kept on one worker each: a
+# module fixture set up once (not once per worker that got one of its tests), or a
+# first-use cache two workers must not fill at once.
 WHOLE_MODULES = {
     # the module fixture `built` builds every sdist and wheel (about a minute)
     "tests/e2e/test_packaging.py",
@@ -54,16 +55,34 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     pytest-xdist workers unless the command line says otherwise: ``-n N`` (``-n 0``: one
     process), ``-p no:xdist``, ``--pdb``, ``--collect-only``; test files and tests named
     one by one run in one process, unless ``-n N`` is given."""
-    if not config.pluginmanager.hasplugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not config.pluginmanager.hasplugin("xdist"):
         return
     option = config.option
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if option.numprocesses is not None or option.dist != "no" or option.tx:
         return  # the command line chose
     if option.usepdb or option.collectonly or _names_only_files(config):
         return
     workers = os.environ.get(WORKERS_VARIABLE, "").strip()
     option.numprocesses = int(workers) if workers else DEFAULT_WORKERS
-    option.dist = "loadgroup"
+    option.dist = "load"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist load`` (the default with ``-n``), except that each module of
+    ``WHOLE_MODULES`` is one unit of work. (Not xdist_group marks: ``--dist loadgroup``
+    renames the tests, which pytest 9.2 no longer lets it do.)"""
+    if config.option.dist != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WholeModulesScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in WHOLE_MODULES else nodeid
+
+    return WholeModulesScheduling(config, log)
 
 
 @pytest.fixture
@@ -96,16 +115,9 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeD
         sys.modules.pop(mod, None)
 
 
-# tryfirst: an xdist worker reads the xdist_group marks in its own hook of this name
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The modules of ``WHOLE_MODULES`` run whole on one worker; long soak and fault tests
-    (marked ``slow``) run only when asked for: with ``DER_SDK_SLOW=1`` or ``-m slow``. Each
-    has a bounded version that always runs."""
-    for item in items:
-        module = Path(str(item.path)).relative_to(config.rootpath).as_posix()
-        if module in WHOLE_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
+    """Long soak and fault tests (marked ``slow``) run only when asked for: with
+    ``DER_SDK_SLOW=1`` or ``-m slow``. Each has a bounded version that always runs."""
     if os.environ.get("DER_SDK_SLOW", "").lower() in {"1", "true", "yes"}:
         return
     if "slow" in (config.getoption("markexpr", "") or ""):
