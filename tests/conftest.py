@@ -24,8 +24,9 @@ FakeDist = Callable[..., Path]
 
 WORKERS_VARIABLE = "DER_SDK_TEST_WORKERS"
 DEFAULT_WORKERS = 3
-"""Most tests wait on I/O (gRPC, subprocesses, sleeps), so more workers than the 2 cores
-of a CI machine pay (docs/testing.md: the measurements)."""
+"""Most tests wait on I/O (gRPC, subprocesses, sleeps) rather than use a core, hence one
+worker more than the 2 cores of a CI machine (not yet timed against 2 and 4 workers on an
+idle machine)."""
 
 # Modules whose tests share something costly or fragile, kept on one worker each: a
 # module fixture set up once (not once per worker that got one of its tests), or a
@@ -37,6 +38,8 @@ WHOLE_MODULES = {
     "tests/console/test_console_browser.py",
     "tests/console/test_console_alarms_browser.py",
     "tests/console/test_console_mixed_browser.py",
+    # the two quick benchmark groups each keep a core busy for minutes: one at a time
+    "tests/bench/test_bench_quick.py",
     # the first test makes the server's venv in ~/.cache (rmtree, then pip install)
     "plugins/der-sdk-ieee2030-5/tests/test_gridappsd_e2e.py",
 }
