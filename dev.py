@@ -3,6 +3,7 @@
 
     python3 dev.py demo     install into .venv and run `der demo`
     python3 dev.py test     install with test extras into .venv and run the whole suite
+                            (in pytest-xdist workers; -n 0 runs it in one process)
 
 Needs only Python 3.11+ (with venv and pip). Arguments after the command are passed on
 (`python3 dev.py test -k dispatch`, `python3 dev.py demo --reset-db`).

@@ -348,6 +348,25 @@ def test_free_port_is_a_port_nothing_listens_on() -> None:
         assert 0 < port < 65536
 
 
+def test_parallel_workers_get_free_ports_from_bands_the_os_never_hands_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's port is not one a bind to port 0 or an outgoing connection (of any
+    process) can take, nor one another worker gives, nor one given again soon."""
+    from der_sdk.testing import faults
+
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    given: dict[str, set[int]] = {}
+    for worker in ("gw0", "gw1", "gw7"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        ports = [free_port() for _ in range(100)]
+        assert len(set(ports)) == 100, "a port given twice"
+        assert all(port in faults._port_band() for port in ports)
+        assert not any(low <= port <= high for port in ports)
+        given[worker] = set(ports)
+    assert not given["gw0"] & given["gw1"] and not given["gw1"] & given["gw7"]
+
+
 # --------------------------------------------------------------------------- processes
 
 

@@ -1405,6 +1405,21 @@ class StorageConformance:
         assert by_asset == [s for s in stored if s.asset_id == _ASSET_B]
         assert await self._pages(storage, 5, start=self.at(100), end=self.at(200)) == []
 
+    @staticmethod
+    async def _visible_changes(
+        storage: StorageBackend, cursor: str | None, limit: int, within_s: float = 10.0
+    ) -> Any:
+        """The first non-empty page of changes after ``cursor``. A backend may show a
+        write only once every older transaction ended (PostgreSQL: on the whole server,
+        so another test's, or another suite's, open transaction holds it back a while)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while True:
+            page = await storage.telemetry_changes(cursor, limit)
+            if page.samples or loop.time() >= deadline:
+                return page
+            await asyncio.sleep(0.05)
+
     @pytest.mark.asyncio
     async def test_telemetry_changes_resume_from_a_cursor_without_gaps_or_repeats(
         self, storage: StorageBackend
@@ -1413,7 +1428,7 @@ class StorageConformance:
         assert await storage.telemetry_changes(None, 10) == ([], None)
         first = [sample(_ASSET_A, s) for s in range(5)]
         await storage.append_telemetry(first)
-        page = await storage.telemetry_changes(None, 3)
+        page = await self._visible_changes(storage, None, 3)
         assert page.samples == first[:3] and page.cursor is not None
         rest = await storage.telemetry_changes(page.cursor, 10)
         assert rest.samples == first[3:]
@@ -1423,7 +1438,7 @@ class StorageConformance:
         # Late samples (older time stamps) and duplicates after the cursor: the late
         # ones come next, the duplicates never.
         await storage.append_telemetry([sample(_ASSET_B, -10), first[0], sample(_ASSET_A, 99)])
-        later = await storage.telemetry_changes(rest.cursor, 10)
+        later = await self._visible_changes(storage, rest.cursor, 10)
         # One batch: in any order, but each once.
         assert sorted(later.samples, key=lambda s: (s.asset_id, s.ts)) == [
             sample(_ASSET_A, 99),

@@ -24,11 +24,13 @@ import asyncio
 import contextlib
 import itertools
 import os
+import random
 import re
 import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
@@ -58,15 +60,76 @@ _P = TypeVar("_P", bound="ServiceProcess")
 
 
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port on ``host`` that nothing listens on right now (the OS picks it).
+    """A TCP port on ``host`` that nothing listens on right now.
 
-    Another process may take it before you bind it; on loopback in a test run that is
+    Ports come from a band of this test process's own below the OS's ephemeral range
+    (:func:`_port_band`), in turn: the OS never hands one of them to another socket (a
+    ``bind`` to port 0 or an outgoing connection), a parallel pytest-xdist worker takes
+    its ports from another band, and a port comes back only after the whole band, so a
+    port given to one test is not given to the next while its server is still closing.
+    Another program may still bind it before you do; on loopback in a test run that is
     rare enough to ignore.
     """
     return _free_ports(1, host)[0]
 
 
+_BAND_BASE = 20000
+_BAND_SPAN = 500
+_BANDS = 24  # 20000-31999, below Linux's default ephemeral range (32768-60999)
+_band_next: dict[str, int] = {}
+_band_lock = threading.Lock()
+
+
+def _port_band() -> range:
+    """The ports :func:`free_port` gives in this process: its own band of 500, by its
+    pytest-xdist worker (``PYTEST_XDIST_WORKER=gw<N>``); ``gw0`` has 20500-20999, a run
+    without workers 20000-20499."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    start = _BAND_BASE + (index % _BANDS) * _BAND_SPAN
+    return range(start, start + _BAND_SPAN)
+
+
+def _ephemeral_range() -> range:
+    """The OS's range for ``bind`` to port 0 and outgoing connections (Linux; elsewhere
+    the IANA range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(49152, 65536)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
 def _free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    band = _port_band()
+    ephemeral = _ephemeral_range()
+    if band.start < ephemeral.stop and ephemeral.start < band.stop:
+        return _os_picked_ports(count, host)  # the OS could hand out the band's ports
+    key = f"{band.start}:{host}"
+    with _band_lock:
+        # a random start, so two runs of the suite side by side rarely walk the same ports
+        offset = _band_next.get(key, random.randrange(len(band)))
+        ports: list[int] = []
+        for step in range(len(band)):
+            port = band[(offset + step) % len(band)]
+            if _bindable(host, port):
+                ports.append(port)
+                if len(ports) == count:
+                    _band_next[key] = (offset + step + 1) % len(band)
+                    return ports
+    return _os_picked_ports(count, host)  # the band is taken: leave it to the OS
+
+
+def _os_picked_ports(count: int, host: str) -> list[int]:
     # All sockets stay bound until every port is picked, so the ports differ.
     with contextlib.ExitStack() as stack:
         ports = []

@@ -137,6 +137,7 @@ class _NatsWatch(PresenceWatch):
         self._due: dict[str, float] = {}
         self._queue: asyncio.Queue[PresenceChange | object] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -156,7 +157,10 @@ class _NatsWatch(PresenceWatch):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         max_age = self._bus.options.presence_max_age_s
-        while True:
+        # Not only the cancel of close(): on Python 3.11 asyncio.wait_for (in nats-py's
+        # updates()) loses a cancel that lands as its wait ends, and the loop went on
+        # forever (a replica's stop hung under load); each pass is at most about 1 s.
+        while not self._closing:
             next_due = min(self._due.values(), default=loop.time() + 1.0)
             wait = min(max(next_due - loop.time(), 0.01), 1.0)
             try:
@@ -204,6 +208,7 @@ class _NatsWatch(PresenceWatch):
 
     async def close(self) -> None:
         if self._task is not None:
+            self._closing = True
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

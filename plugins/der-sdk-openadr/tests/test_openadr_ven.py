@@ -5,7 +5,6 @@ batteries (sim-bess) over gRPC. Nothing here is mocked."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,6 +17,7 @@ import pytest_asyncio
 from openleadr import OpenADRServer
 
 from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.testing.faults import free_port
 from der_sdk.testing.inventory import DEFAULT_ASSET_IDS, DEFAULT_INVENTORY_YAML, DEFAULT_SITE_ID
 from der_sdk.testing.waits import wait_until
 from der_sdk_agent.testing.agent_link import AgentRunner
@@ -28,12 +28,6 @@ VEN_NAME = "north-yard"
 VEN_ID = "VEN_NORTH"
 BESS_1, BESS_2, BESS_3 = DEFAULT_ASSET_IDS
 WAIT_S = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -123,7 +117,7 @@ class Vtn:
 
 @pytest_asyncio.fixture
 async def vtn() -> AsyncIterator[Vtn]:
-    server = Vtn(port=_free_port())
+    server = Vtn(port=free_port())
     await server.start()
     try:
         yield server
@@ -411,7 +405,7 @@ async def tls_vtn(tmp_path: Path) -> AsyncIterator[tuple[Vtn, dict[str, str]]]:
         }
 
     vtn = Vtn(
-        port=_free_port(),
+        port=free_port(),
         tls={
             "cert": str(server.cert_path),
             "key": str(server.key_path),

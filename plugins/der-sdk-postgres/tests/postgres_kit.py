@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 from der_sdk.models import TelemetrySample
+from der_sdk.testing.faults import free_port
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -28,12 +28,6 @@ def samples(
         )
         for i in range(count)
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class TcpProxy:
