@@ -38,7 +38,7 @@ WHOLE_MODULES = {
     "tests/console/test_console_browser.py",
     "tests/console/test_console_alarms_browser.py",
     "tests/console/test_console_mixed_browser.py",
-    # the two quick benchmark groups each keep a core busy for minutes: one at a time
+    # each quick benchmark keeps a core or two busy: one at a time
     "tests/bench/test_bench_quick.py",
     # the first test makes the server's venv in ~/.cache (rmtree, then pip install)
     "plugins/der-sdk-ieee2030-5/tests/test_gridappsd_e2e.py",
