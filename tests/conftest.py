@@ -72,6 +72,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     option.dist = "load"
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: absent without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist load`` (the default with ``-n``), except that each module of
     ``WHOLE_MODULES`` is one unit of work. (Not xdist_group marks: ``--dist loadgroup``
