@@ -76,7 +76,10 @@ async def _one_active(first: ExporterRunner, second: ExporterRunner) -> Exporter
 
 async def _holder_pid(storage: PostgresStorage, name: str) -> int:
     pid: int = await storage.pool.fetchval(
+        # Advisory locks are per database: other tests (other pytest-xdist workers) hold
+        # the same name in theirs.
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         " AND classid = $1::int8::oid AND objsubid = 2"
         " AND objid = (hashtext($2)::int8 & 4294967295)::oid",
         EXPORTER_LOCK_CLASS,
