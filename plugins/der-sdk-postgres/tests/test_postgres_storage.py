@@ -23,6 +23,7 @@ from postgres_kit import T0, TcpProxy, free_port, samples
 from der_sdk.errors import DerSdkError
 from der_sdk.plugins import load_plugins
 from der_sdk.storage import open_storage
+from der_sdk.testing import waits
 
 
 async def _count(url: str, sql: str) -> int:
@@ -437,9 +438,21 @@ async def test_telemetry_changes_hold_back_rows_until_earlier_transactions_commi
         await transaction.commit()
     finally:
         await slow.close()
-    both = await storage.telemetry_changes(held.cursor, 10)
-    assert both.samples == [early, late]
-    assert (await storage.telemetry_changes(both.cursor, 10)).samples == []
+    # Visibility follows the oldest transaction on the whole server: another test's (a
+    # parallel worker's) may still be open for a moment after ours committed.
+    seen: list[object] = []
+    cursor: list[str | None] = [held.cursor]
+
+    async def both_given() -> bool:
+        changes = await storage.telemetry_changes(held.cursor, 10)
+        seen[:], cursor[0] = changes.samples, changes.cursor
+        return len(seen) >= 2
+
+    await waits.wait_until(
+        both_given, "the two rows once every earlier writer committed", timeout_s=10
+    )
+    assert seen == [early, late]
+    assert (await storage.telemetry_changes(cursor[0], 10)).samples == []
 
 
 async def test_telemetry_pages_stream_a_range_with_a_server_side_cursor(
