@@ -5,10 +5,12 @@ ticks, three ``details`` fields) are put through each stage of ingest's own code
 process, timed with ``time.process_time`` (CPU, not wall clock, so a busy machine skews
 it less) as the best of several repeats:
 
-* **decode**: ``telemetry_batch_from_pb`` of a parsed batch, beside protobuf's own
-  ``ParseFromString`` of the batch (the raw limit) and beside decoding each sample alone
-  with ``checked_sample_from_pb`` (how every batch was decoded before, measured in the
-  same run);
+* **decode**: ``telemetry_batch_from_pb`` of a parsed batch sent by column (as
+  ``der_sdk_agent`` sends it), beside protobuf's own ``ParseFromString`` of that batch
+  (the raw limit) and beside decoding each sample of the same batch sent as rows alone
+  with ``checked_sample_from_pb`` (how every batch was decoded before issue 19, measured
+  in the same run); and, for the record, the rows batch through the column-wise row
+  decoder (``_plain_samples``) that older agents' batches take;
 * **details check**: ``validate_details`` of each sample's details, beside a bare
   ``msgspec.convert`` of them to the asset type (the C conversion it starts with);
 * **SQLite rows**: the parameter list the SQLite backend binds, beside the rows built one
@@ -25,7 +27,13 @@ from collections.abc import Callable
 import msgspec
 
 from bench.common import Context, Figure
-from bench.loadgen import T0_US, _sample_template, encode_batch
+from bench.loadgen import (
+    T0_US,
+    _columns_template,
+    _sample_template,
+    encode_batch,
+    encode_columns_batch,
+)
 from der_sdk.asset_types import BUILTIN_ASSET_TYPES, validate_details
 from der_sdk.storage.sqlite import _telemetry_params, _telemetry_row
 from der_sdk.wire import codec, pb
@@ -64,13 +72,18 @@ def _where_it_goes(
 
 
 async def run(ctx: Context) -> list[Figure]:
-    templates = [_sample_template(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(5)]
-    raw = encode_batch(templates, 1, T0_US, 20)
-    message = pb.AgentMessage.FromString(raw)
-    batch = message.telemetry
+    site_id = str(uuid.uuid4())
+    asset_ids = [str(uuid.uuid4()) for _ in range(5)]
+    templates = [_sample_template(a, site_id) for a in asset_ids]
+    rows_raw = encode_batch(templates, 1, T0_US, 20)
+    batch = pb.AgentMessage.FromString(rows_raw).telemetry
+    raw = encode_columns_batch(_columns_template(asset_ids, site_id, 20), 5, 1, T0_US, 20)
+    by_column = pb.AgentMessage.FromString(raw).telemetry
     messages = list(batch.samples)
     n = len(messages)
-    samples = codec.telemetry_batch_from_pb(batch)[0].samples
+    samples = codec.telemetry_batch_from_pb(by_column)[0].samples
+    if samples != codec.telemetry_batch_from_pb(batch)[0].samples:
+        raise AssertionError("the batch by column and as rows decode differently")
     bess = next(t for t in BUILTIN_ASSET_TYPES if t.name == "bess")
     details = [s.details for s in samples]
 
@@ -82,15 +95,18 @@ async def run(ctx: Context) -> list[Figure]:
 
     q = ctx.quick
     parse = cpu_us_per_sample(lambda: pb.AgentMessage.FromString(raw), n, q)
-    decode = cpu_us_per_sample(lambda: codec.telemetry_batch_from_pb(batch), n, q)
+    parse_rows = cpu_us_per_sample(lambda: pb.AgentMessage.FromString(rows_raw), n, q)
+    decode = cpu_us_per_sample(lambda: codec.telemetry_batch_from_pb(by_column), n, q)
+    decode_rows = cpu_us_per_sample(lambda: codec.telemetry_batch_from_pb(batch), n, q)
     before = cpu_us_per_sample(one_at_a_time, n, q)
     check = cpu_us_per_sample(lambda: [validate_details(bess, d) for d in details], n, q)
     convert = cpu_us_per_sample(lambda: [msgspec.convert(d, bess.details) for d in details], n, q)
     rows = cpu_us_per_sample(lambda: _telemetry_params(samples), n, q)
     rows_before = cpu_us_per_sample(rows_one_at_a_time, n, q)
     ctx.say(
-        f"per sample, CPU: parse {parse:.3f} us, decode {decode:.3f} us "
-        f"(one at a time {before:.3f}), details check {check:.3f} us (convert {convert:.3f}), "
+        f"per sample, CPU: parse {parse:.3f} us (rows {parse_rows:.3f}), decode {decode:.3f} us "
+        f"(rows {decode_rows:.3f}, rows one at a time {before:.3f}), "
+        f"details check {check:.3f} us (convert {convert:.3f}), "
         f"SQLite rows {rows:.3f} us (one at a time {rows_before:.3f})"
     )
     shape = {"samples_per_batch": n, "details_fields": len(details[0])}
@@ -104,7 +120,21 @@ async def run(ctx: Context) -> list[Figure]:
             raw=round(parse, 3),
             raw_label="protobuf ParseFromString of the batch",
             ratio=round(decode / parse, 2),
-            details={**shape, "one_at_a_time_us": round(before, 3)},
+            details={
+                **shape,
+                "one_at_a_time_us": round(before, 3),
+                "rows_us": round(decode_rows, 3),
+                "rows_parse_us": round(parse_rows, 3),
+                "bytes": len(raw),
+                "rows_bytes": len(rows_raw),
+            },
+        ),
+        _where_it_goes(
+            "telemetry decode per sample, sent as rows",
+            decode_rows,
+            before,
+            "each sample decoded alone (the decode before issue 19)",
+            shape,
         ),
         _where_it_goes(
             "details check per sample", check, convert, "msgspec.convert to the asset type", shape

@@ -4,8 +4,10 @@ Each :class:`FleetAgent` is one agent with its own gRPC connection (a local subc
 pool, like ``der_sdk_agent``), one ``AgentLink.Stream``, and telemetry sent as
 **pre-encoded** ``AgentMessage`` bytes: the sample part of every message is encoded once,
 per asset, when the fleet is built; a batch is spliced together from those bytes with the
-timestamp and seq fields that change. The stream's request serializer is the identity, so
-nothing is encoded on the hot path but those two varints.
+timestamp and seq fields that change. Batches go by column (``TelemetryColumns``, as
+``der_sdk_agent`` sends them to a headend that reads columns), or as rows (``--rows``, as
+older agents send them). The stream's request serializer is the identity, so nothing is
+encoded on the hot path but the time stamps and seqs.
 
 :func:`make_fleet` builds the inventory (sites, assets, agents) and writes it as YAML for
 the headend. :class:`Fleet` connects the agents, drives telemetry at a rate (or flat out),
@@ -48,6 +50,7 @@ __all__ = [
     "FleetAgent",
     "FleetSpec",
     "encode_batch",
+    "encode_columns_batch",
     "make_fleet",
 ]
 
@@ -205,6 +208,47 @@ def _sample_template(asset_id: str, site_id: str) -> bytes:
     ).SerializeToString()
 
 
+def _columns_template(asset_ids: list[str], site_id: str, ticks: int) -> bytes:
+    """The ``TelemetryColumns`` of ``ticks`` ticks of every asset without ``ts_us`` and
+    ``seq``, which :func:`encode_columns_batch` appends per batch: the same samples as
+    :func:`_sample_template` makes, by column."""
+    n = ticks * len(asset_ids)
+    return pb.TelemetryColumns(
+        count=n,
+        asset_ids=asset_ids,
+        asset=list(range(len(asset_ids))) * ticks if len(asset_ids) > 1 else [],
+        site_ids=[site_id],
+        mw=[0.75] * n,
+        mw_setpoint=[0.75] * n,
+        online=[True] * n,
+        statuses=["running"],
+        status=[1] * n,
+        details_json=b"[" + b",".join([DETAILS] * n) + b"]",
+    ).SerializeToString()
+
+
+def encode_columns_batch(
+    template: bytes,
+    assets: int,
+    seq: int,
+    ts_us: int,
+    ticks: int,
+    tick_us: int = 1_000_000,
+) -> bytes:
+    """An ``AgentMessage{telemetry}`` of the samples of :func:`_columns_template` by column
+    (what an agent sends a headend that reads columns): the template's bytes with the
+    time stamps and seqs appended (protobuf merges concatenated messages), as
+    :func:`encode_batch` numbers them."""
+    n = ticks * assets
+    varying = pb.TelemetryColumns(
+        ts_us=[ts_us + k * tick_us for k in range(ticks) for _ in range(assets)],
+        seq=range(seq * 100_000 + 1, seq * 100_000 + n + 1),
+    ).SerializeToString()
+    columns = template + varying
+    batch = b"\x08" + _varint(seq) + b"\x32" + _varint(len(columns)) + columns
+    return b"\x12" + _varint(len(batch)) + batch
+
+
 def encode_batch(
     templates: list[bytes], seq: int, ts_us: int, ticks: int, tick_us: int = 1_000_000
 ) -> bytes:
@@ -248,6 +292,7 @@ class FleetAgent:
         on_outcome_ack: Callable[[str, float], None] | None = None,
         auto_apply: bool = True,
         tls: ClientTls | None = None,
+        columns: bool = True,
     ) -> None:
         self.spec = spec
         self.target = target
@@ -257,6 +302,12 @@ class FleetAgent:
         self.stats = AgentStats()
         self.samples_per_batch = ticks_per_batch * len(spec.asset_ids)
         self._templates = [_sample_template(a, spec.site_id) for a in spec.asset_ids]
+        # By column (as der_sdk_agent sends them) unless told otherwise or the headend's
+        # RegisterAck does not say it reads columns.
+        self.columns = columns
+        self._columns_template = _columns_template(
+            list(spec.asset_ids), spec.site_id, ticks_per_batch
+        )
         self._on_outcome_ack = on_outcome_ack
         self._auto_apply = auto_apply
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -297,7 +348,12 @@ class FleetAgent:
         if self.closed.is_set():  # the stream ended: nothing will acknowledge it
             return
         self._seq += 1
-        message = encode_batch(self._templates, self._seq, self._ts_us, self.ticks)
+        if self.columns:
+            message = encode_columns_batch(
+                self._columns_template, len(self.spec.asset_ids), self._seq, self._ts_us, self.ticks
+            )
+        else:
+            message = encode_batch(self._templates, self._seq, self._ts_us, self.ticks)
         self._ts_us += self.ticks * 1_000_000
         self.stats.batches_sent += 1
         self._out.put_nowait(message)
@@ -341,6 +397,8 @@ class FleetAgent:
             self.stats.samples_acked += self.samples_per_batch
             self._inflight.release()
         elif kind == "register_ack":
+            if not message.register_ack.telemetry_columns:
+                self.columns = False
             if message.register_ack.accepted:
                 self.stats.registered_at = time.perf_counter()
             else:
@@ -379,6 +437,7 @@ class Fleet:
     window: int = 8
     on_outcome_ack: Callable[[str, float], None] | None = None
     tls: ClientTls | None = None
+    columns: bool = True  # telemetry by column (as der_sdk_agent sends it), else rows
     agents: list[FleetAgent] = field(default_factory=list)
 
     async def connect(self, timeout_s: float = 60.0, *, concurrency: int | None = None) -> float:
@@ -395,6 +454,7 @@ class Fleet:
                 window=self.window,
                 on_outcome_ack=self.on_outcome_ack,
                 tls=self.tls,
+                columns=self.columns,
             )
             for i, a in enumerate(self.spec.agents)
         ]
@@ -478,7 +538,14 @@ class Fleet:
 async def _main(args: argparse.Namespace) -> None:
     spec = FleetSpec.read(Path(args.fleet))
     tls = await asyncio.to_thread(ClientTls.read, Path(args.tls), spec) if args.tls else None
-    fleet = Fleet(spec, args.target, ticks_per_batch=args.ticks, window=args.window, tls=tls)
+    fleet = Fleet(
+        spec,
+        args.target,
+        ticks_per_batch=args.ticks,
+        window=args.window,
+        tls=tls,
+        columns=not args.rows,
+    )
     await fleet.connect(timeout_s=120)
     print(json.dumps({"ready": True}), flush=True)
     started = time.perf_counter()
@@ -508,6 +575,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="samples/s; 0 = flat out")
     parser.add_argument("--ticks", type=int, default=10)
     parser.add_argument("--window", type=int, default=8)
+    parser.add_argument(
+        "--rows", action="store_true", help="send telemetry as rows (older agents), not by column"
+    )
     parser.add_argument(
         "--tls", default="", help="mutual TLS: the folder with ca.pem and the agents' certificates"
     )

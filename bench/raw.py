@@ -88,7 +88,9 @@ class RawLink:
         await context.write(
             pb.HeadendMessage(
                 register_ack=pb.RegisterAck(
-                    accepted=True, accepted_asset_ids=[a.asset_id for a in register.assets]
+                    accepted=True,
+                    accepted_asset_ids=[a.asset_id for a in register.assets],
+                    telemetry_columns=True,
                 )
             )
         )
@@ -113,6 +115,41 @@ class RawLink:
             future = stream.acks.pop(message.setpoint_ack.command_id, None)
             if future is not None and not future.done():
                 future.set_result(time.perf_counter())
+
+
+def _column_rows(c: pb.TelemetryColumns) -> list[tuple[Any, ...]]:
+    """The rows of a batch sent by column: each column made a list in C, one table lookup
+    per string column, the details array split by one ``json.loads``."""
+    n = c.count
+
+    def pick(table: Any, index: Any, default: str) -> list[str]:
+        values = list(table) or [default]
+        return list(map(values.__getitem__, index)) if index else [values[0]] * n
+
+    def optional(table: Any, index: Any) -> list[str | None]:
+        values = [None, *table]
+        return list(map(values.__getitem__, index)) if index else [None] * n
+
+    stamps = [EPOCH + timedelta(microseconds=t) for t in c.ts_us]
+    setpoints: list[float | None] = list(c.mw_setpoint) if len(c.mw_setpoint) == n else [None] * n
+    details = [json.dumps(d) for d in json.loads(c.details_json)] if c.details_json else ["{}"] * n
+    return list(
+        zip(
+            pick(c.asset_ids, c.asset, ""),
+            pick(c.site_ids, c.site, ""),
+            stamps,
+            list(c.mw),
+            setpoints,
+            list(c.online),
+            optional(c.statuses, c.status),
+            optional(c.fault_codes, c.fault_code),
+            list(c.seq) or [0] * n,
+            pick(c.qualities, c.quality, "good"),
+            optional(c.quality_reasons, c.quality_reason),
+            details,
+            strict=True,
+        )
+    )
 
 
 class RawIngestPg(RawLink):
@@ -167,6 +204,8 @@ class RawIngestPg(RawLink):
             )
             for s in batch.samples
         ]
+        if batch.HasField("columns"):
+            rows.extend(_column_rows(batch.columns))
         async with self.space:
             await self.space.wait_for(lambda: self.queued + len(rows) <= QUEUE_ROWS)
         self.queue.append((stream, batch.seq, rows))

@@ -201,6 +201,8 @@ class _Stream:
     acks: collections.deque[pb.AgentMessage] = field(default_factory=collections.deque)
     reports_sent_n: int = 0  # position of the last LocalDispatch sent (outbox positions)
     events_sent_n: int = 0
+    # The headend reads telemetry by column (its RegisterAck says so); else rows.
+    columns: bool = False
 
 
 def _reason(exc: BaseException) -> str:
@@ -457,6 +459,7 @@ class HeadendLink:
                 refusal.reason,
             )
         self.accepted_asset_ids = tuple(ack.accepted_asset_ids)
+        stream.columns = ack.telemetry_columns
 
         buffer = self.telemetry
         stream.live_from = stream.next_live = buffer.next_seq
@@ -567,7 +570,9 @@ class HeadendLink:
                 if payload is not None:  # else acknowledged or dropped meanwhile
                     floor_seq, dropped = buffer.drop_report()
                     await stream.call.write(
-                        codec.agent_telemetry_payload(seq, payload, floor_seq, dropped)
+                        codec.agent_telemetry_payload(
+                            seq, payload, floor_seq, dropped, columns=stream.columns
+                        )
                     )
                     stream.in_flight.add(seq)
                     self.stats.batches_sent += 1

@@ -8,11 +8,12 @@ the first three are also importable from here, where they were defined before 0.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from der_sdk.models import (
     refuse_non_finite,
 )
 from der_sdk.wire import pb
+from der_sdk.wire.columns import column_values, encode_columns, rows_from_columns
 
 __all__ = [
     "AgentEventRecord",
@@ -53,6 +55,7 @@ __all__ = [
     "agent_telemetry_payload",
     "allocations_from_pb",
     "batch_dropped",
+    "batch_sample_count",
     "buffer_stats_from_pb",
     "buffer_stats_to_pb",
     "checked_sample_from_pb",
@@ -81,6 +84,7 @@ _Encoded = TypeVar("_Encoded")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _json_encode = msgspec.json.Encoder().encode
 _json_decode_object = msgspec.json.Decoder(dict[str, Any]).decode
+_json_decode_objects = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
 class AgentEventRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -226,6 +230,41 @@ _OPTIONAL_FIELDS = ((4, "mw_setpoint"), (6, "status"), (7, "fault_code"), (10, "
 _QUALITIES = frozenset(("", "good", "uncertain", "bad"))
 
 
+def _samples_of(columns: Sequence[Sequence[Any]]) -> list[TelemetrySample]:
+    """The samples of ``columns``: one per field of :class:`TelemetrySample`, in its order,
+    every value already checked and converted."""
+    return [
+        TelemetrySample(
+            asset_id=asset_id,
+            site_id=site_id,
+            ts=ts,
+            mw=mw,
+            mw_setpoint=mw_setpoint,
+            online=online,
+            status=status,
+            fault_code=fault_code,
+            seq=seq,
+            quality=quality,
+            quality_reason=quality_reason,
+            details=details,
+        )
+        for (
+            asset_id,
+            site_id,
+            ts,
+            mw,
+            mw_setpoint,
+            online,
+            status,
+            fault_code,
+            seq,
+            quality,
+            quality_reason,
+            details,
+        ) in zip(*columns, strict=True)
+    ]
+
+
 def _plain_samples(messages: Sequence[pb.Telemetry]) -> list[TelemetrySample] | None:
     """The samples of ``messages`` decoded column by column, when every one decodes
     without a problem; ``None`` when any does not (the caller then decodes each one with
@@ -262,8 +301,7 @@ def _plain_samples(messages: Sequence[pb.Telemetry]) -> list[TelemetrySample] | 
             columns[11] = [_json_decode_object(d) if d else {} for d in raw]
         else:
             columns[11] = list(map(_json_decode_object, raw))
-        deltas = map(timedelta, itertools.repeat(0), itertools.repeat(0), columns[2])
-        columns[2] = list(map(operator.add, itertools.repeat(_EPOCH), deltas))
+        columns[2] = _stamps(columns[2])
     except (msgspec.DecodeError, RecursionError, OverflowError):
         return None
     setpoints = columns[4]
@@ -271,46 +309,103 @@ def _plain_samples(messages: Sequence[pb.Telemetry]) -> list[TelemetrySample] | 
         setpoints = [s for s in setpoints if s is not None]
     if not (all(map(math.isfinite, columns[3])) and all(map(math.isfinite, setpoints))):
         return None
-    return [
-        TelemetrySample(
-            asset_id=asset_id,
-            site_id=site_id,
-            ts=ts,
-            mw=mw,
-            mw_setpoint=mw_setpoint,
-            online=online,
-            status=status,
-            fault_code=fault_code,
-            seq=seq,
-            quality=quality,
-            quality_reason=quality_reason,
-            details=details,
+    return _samples_of(columns)
+
+
+# Times within this many microseconds of the epoch (2**32 s: 1833 to 2106) convert
+# exactly through a float of seconds (tests/test_wire_columns.py shows it, and where the
+# float's precision runs out: beyond 2**33 s).
+_FLOAT_EXACT_US = 2**32 * 1_000_000
+_stamps_from_seconds = functools.partial(msgspec.convert, type=list[datetime], strict=False)
+
+
+def _stamps(times_us: Sequence[int]) -> list[datetime]:
+    """The aware UTC datetimes of ``times_us`` (as :func:`datetime_from_us` gives them).
+
+    msgspec makes datetimes from Unix seconds in C, about five times faster than a
+    ``timedelta`` per sample; a float of seconds holds every microsecond exactly within
+    :data:`_FLOAT_EXACT_US` of the epoch, so outside that the exact way is taken.
+
+    :raises OverflowError: a time is outside the years 1..9999.
+    """
+    if times_us and min(times_us) > -_FLOAT_EXACT_US and max(times_us) < _FLOAT_EXACT_US:
+        seconds = list(map(operator.truediv, times_us, itertools.repeat(1e6)))
+        stamps: list[datetime] = _stamps_from_seconds(seconds)
+        return stamps
+    deltas = map(timedelta, itertools.repeat(0), itertools.repeat(0), times_us)
+    return list(map(operator.add, itertools.repeat(_EPOCH), deltas))
+
+
+def _column_samples(columns: pb.TelemetryColumns) -> list[TelemetrySample] | None:
+    """The samples of ``columns`` when every one decodes without a problem; ``None`` when
+    any does not (the caller then checks each one as a row, which says what is wrong).
+
+    The same samples as the rows of :func:`~der_sdk.wire.columns.rows_from_columns` give,
+    each field of the batch converted by a loop in C.
+
+    :raises ValueError: the columns do not fit together (the message names the column).
+    """
+    values = column_values(columns)
+    n = columns.count
+    kinds = set(columns.qualities)
+    if not kinds <= _QUALITIES:
+        return None
+    quality = values.quality
+    if "" in kinds:
+        quality = [q or "good" for q in quality]
+    raw = values.details_json
+    try:
+        details = _json_decode_objects(raw) if raw else [{} for _ in range(n)]
+        stamps = _stamps(values.ts_us)
+    except (msgspec.DecodeError, RecursionError, OverflowError):
+        return None
+    if len(details) != n:
+        raise ValueError(
+            f"telemetry columns: details_json holds {len(details)} values for {n} samples"
         )
-        for (
-            asset_id,
-            site_id,
-            ts,
-            mw,
-            mw_setpoint,
-            online,
-            status,
-            fault_code,
-            seq,
+    setpoints = values.mw_setpoint
+    if None in setpoints:
+        setpoints = [s for s in setpoints if s is not None]
+    if not (all(map(math.isfinite, values.mw)) and all(map(math.isfinite, setpoints))):  # type: ignore[arg-type]
+        return None
+    return _samples_of(
+        [
+            values.asset_id,
+            values.site_id,
+            stamps,
+            values.mw,
+            values.mw_setpoint,
+            values.online,
+            values.status,
+            values.fault_code,
+            values.seq,
             quality,
-            quality_reason,
+            values.quality_reason,
             details,
-        ) in zip(*columns, strict=True)
-    ]
+        ]
+    )
+
+
+def batch_sample_count(batch: pb.TelemetryBatch) -> int:
+    """How many samples ``batch`` sends, as rows and by column (before any is decoded)."""
+    return len(batch.samples) + batch.columns.count
 
 
 def samples_from_batch(batch: pb.TelemetryBatch) -> list[TelemetrySample]:
-    """Every sample of ``batch``, as :func:`sample_from_pb` gives it.
+    """Every sample of ``batch`` (rows, then columns), as :func:`sample_from_pb` gives it.
 
-    :raises ValueError: as :func:`sample_from_pb`, for the first sample that does not decode.
+    :raises ValueError: as :func:`sample_from_pb`, for the first sample that does not
+        decode, or the columns do not fit together.
     """
     messages = list(batch.samples)
     plain = _plain_samples(messages)
-    return plain if plain is not None else [sample_from_pb(m) for m in messages]
+    samples = plain if plain is not None else [sample_from_pb(m) for m in messages]
+    if batch.HasField("columns"):
+        by_column = _column_samples(batch.columns)
+        if by_column is None:
+            by_column = [sample_from_pb(m) for m in rows_from_columns(batch.columns)]
+        samples.extend(by_column)
+    return samples
 
 
 def telemetry_batch_from_pb(
@@ -318,16 +413,28 @@ def telemetry_batch_from_pb(
 ) -> tuple[TelemetryBatch, list[tuple[str, str]]]:
     """The domain batch, each sample decoded as :func:`checked_sample_from_pb` does it
     (a batch whose samples all decode without a problem, the common case, in one pass
-    over each field: :func:`_plain_samples`).
+    over each field: :func:`_plain_samples`, or :func:`_column_samples` for a batch sent
+    by column).
 
     A sample that does not decode is left out; the batch goes on without it.
 
     :return: ``(batch, skipped)``: ``skipped`` lists ``(asset id, reason)`` for each sample
         left out, empty when none.
+    :raises ValueError: the batch's columns do not fit together (the message names the
+        column); nothing of the batch is taken.
     """
     messages = list(msg.samples)
     plain = _plain_samples(messages)
     samples, skipped, non_finite = _each_sample(messages) if plain is None else (plain, [], {})
+    if msg.HasField("columns"):
+        by_column = _column_samples(msg.columns)
+        if by_column is None:
+            rows = rows_from_columns(msg.columns)
+            by_column, more_skipped, more_non_finite = _each_sample(rows)
+            skipped.extend(more_skipped)
+            offset = len(samples)
+            non_finite.update((offset + i, p) for i, p in more_non_finite.items())
+        samples.extend(by_column)
     batch = TelemetryBatch(
         seq=msg.seq,
         samples=samples,
@@ -407,31 +514,49 @@ def agent_register(
 
 def agent_telemetry(
     seq: int,
-    samples: Iterable[TelemetrySample],
+    samples: Sequence[TelemetrySample],
     floor_seq: int = 0,
     dropped: Sequence[SeqRange] | None = None,
+    *,
+    columns: bool = False,
 ) -> pb.AgentMessage:
-    """A ``TelemetryBatch``; ``dropped=None`` leaves the drop list out, as older agents do."""
-    batch = pb.TelemetryBatch(seq=seq, samples=[sample_to_pb(s) for s in samples])
+    """A ``TelemetryBatch``; ``dropped=None`` leaves the drop list out, as older agents do.
+    ``columns``: the samples by column (:mod:`der_sdk.wire.columns`), else as rows."""
+    if columns:
+        batch = pb.TelemetryBatch(seq=seq, columns=encode_columns(samples))
+    else:
+        batch = pb.TelemetryBatch(seq=seq, samples=[sample_to_pb(s) for s in samples])
     _set_batch_floor(batch, floor_seq, dropped)
     return pb.AgentMessage(telemetry=batch)
 
 
-def telemetry_payload(samples: Iterable[TelemetrySample]) -> bytes:
-    """A ``TelemetryBatch`` of ``samples`` serialized without ``seq`` and ``floor_seq``: how
-    the agent's buffer stores a batch until it is sent (:func:`agent_telemetry_payload`)."""
-    payload: bytes = pb.TelemetryBatch(
-        samples=[sample_to_pb(s) for s in samples]
-    ).SerializeToString()
+def telemetry_payload(samples: Sequence[TelemetrySample]) -> bytes:
+    """A ``TelemetryBatch`` of ``samples`` by column, serialized without ``seq`` and
+    ``floor_seq``: how the agent's buffer stores a batch until it is sent
+    (:func:`agent_telemetry_payload`)."""
+    payload: bytes = pb.TelemetryBatch(columns=encode_columns(samples)).SerializeToString()
     return payload
 
 
 def agent_telemetry_payload(
-    seq: int, payload: bytes, floor_seq: int = 0, dropped: Sequence[SeqRange] | None = None
+    seq: int,
+    payload: bytes,
+    floor_seq: int = 0,
+    dropped: Sequence[SeqRange] | None = None,
+    *,
+    columns: bool = True,
 ) -> pb.AgentMessage:
-    """The ``TelemetryBatch`` message for a stored :func:`telemetry_payload`."""
+    """The ``TelemetryBatch`` message for a stored :func:`telemetry_payload`.
+
+    ``columns=False``: for a headend that does not read columns (its ``RegisterAck`` did
+    not set ``telemetry_columns``), the samples stored by column are sent as rows.
+    """
     batch = pb.TelemetryBatch.FromString(payload)
     batch.seq = seq
+    if not columns and batch.HasField("columns"):
+        rows = rows_from_columns(batch.columns)
+        batch.ClearField("columns")
+        batch.samples.extend(rows)
     _set_batch_floor(batch, floor_seq, dropped)
     return pb.AgentMessage(telemetry=batch)
 
@@ -650,6 +775,7 @@ def headend_register_ack(
             refused=[pb.Refusal(asset_id=a, reason=r) for a, r in refused.items()],
             message=message,
             probe=probe,
+            telemetry_columns=True,
         )
     )
 

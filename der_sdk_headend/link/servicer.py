@@ -512,7 +512,7 @@ class AgentLinkService:
         if message.WhichOneof("msg") != "telemetry":
             await self._handle(stream, message)
             return None
-        reserved = len(message.telemetry.samples)
+        reserved = codec.batch_sample_count(message.telemetry)
         parsed: pb.AgentMessage | None = message
         del message
         if not self._ingest.try_reserve(stream, reserved):
@@ -530,6 +530,10 @@ class AgentLinkService:
             if parsed is None:
                 parsed = codec.parse_agent_message(raw)  # parsed once already: cannot fail
             self._telemetry(stream, parsed.telemetry, reserved)
+        except ValueError as exc:  # columns that do not fit together: nothing was taken
+            problem = f"telemetry batch {parsed.telemetry.seq if parsed else '?'}: {exc}"
+            log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), problem)
+            return problem
         finally:
             self._turns.spent(time.perf_counter() - started)
         return None

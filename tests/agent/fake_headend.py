@@ -1,8 +1,9 @@
 """A small scripted headend for agent tests: a real ``grpc.aio`` server on 127.0.0.1.
 
 It records every message an agent sends and answers ``Register`` (accepting everything, or
-refusing as told). Like the real headend it acknowledges, each switchable off so a test can
-withhold it and acknowledge by hand:
+refusing as told; saying it reads telemetry by column unless ``telemetry_columns=False``,
+as a headend older than columns). Like the real headend it acknowledges, each switchable
+off so a test can withhold it and acknowledge by hand:
 
 * telemetry (``auto_ack``): ``TelemetryAck(seq, stored_through)``, where
   ``stored_through`` is the contiguous watermark of the seqs stored for the agent's
@@ -137,7 +138,9 @@ class _Servicer(pb_grpc.AgentLinkServicer):
                         stream.send(early)
                     accepted = [a for a in ids if a not in headend.refuse]
                     refused = {a: r for a, r in headend.refuse.items() if a in ids}
-                    stream.send(codec.headend_register_ack(accepted, refused))
+                    ack = codec.headend_register_ack(accepted, refused)
+                    ack.register_ack.telemetry_columns = headend.telemetry_columns
+                    stream.send(ack)
                 elif kind == "telemetry" and headend.auto_ack:
                     batch = message.telemetry
                     through = headend.store(stream.stream_id, batch.seq, batch.floor_seq)
@@ -167,6 +170,7 @@ class FakeHeadend:
         refuse: Mapping[str, str] | None = None,
         refuse_message: str = "agent not allowed",
         before_register_ack: Sequence[pb.HeadendMessage] = (),
+        telemetry_columns: bool = True,
     ) -> None:
         self.auto_ack = auto_ack
         self.auto_outcome_ack = auto_outcome_ack
@@ -176,6 +180,7 @@ class FakeHeadend:
         self.refuse = dict(refuse or {})
         self.refuse_message = refuse_message
         self.before_register_ack = list(before_register_ack)
+        self.telemetry_columns = telemetry_columns  # False: a headend older than columns
         self.port = 0
         self.streams: list[FakeStream] = []
         self.stored: dict[str, set[int]] = {}  # stream_id -> seqs stored

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from der_sdk.agent_config import BufferConfig
 from der_sdk.wire import codec
@@ -36,6 +37,21 @@ async def test_register_carries_the_stream_id_and_batches_carry_seq_and_floor(
     assert (first.seq, second.seq) == (1, 2)
     assert first.floor_seq == 1  # nothing below was acknowledged or dropped yet
     await headend.wait_for(lambda: agent.stats().buffer_batches <= 1)  # acknowledged: gone
+
+
+@pytest.mark.parametrize("reads_columns", [True, False])
+async def test_telemetry_goes_by_column_only_to_a_headend_that_says_it_reads_columns(
+    make_agent: MakeAgent, reads_columns: bool
+) -> None:
+    async with FakeHeadend(telemetry_columns=reads_columns) as headend:
+        agent = make_agent(headend.address)
+        await agent.start()
+        stream = await headend.wait_stream()
+        await headend.wait_for(lambda: len(stream.batches) >= 2)
+        for batch in stream.batches:
+            assert batch.HasField("columns") is reads_columns
+            assert bool(batch.samples) is not reads_columns
+        assert {s.asset_id for s in stream.samples()} == {A1, A2}
 
 
 async def test_acknowledged_batches_are_forgotten_through_stored_through_and_not_resent(

@@ -217,8 +217,10 @@ class RawAgent:
         ack: pb.RegisterAck = await self.recv_kind("register_ack")
         return ack
 
-    async def telemetry(self, seq: int, samples: Sequence[TelemetrySample]) -> pb.TelemetryAck:
-        await self.send(codec.agent_telemetry(seq, samples))
+    async def telemetry(
+        self, seq: int, samples: Sequence[TelemetrySample], *, columns: bool = False
+    ) -> pb.TelemetryAck:
+        await self.send(codec.agent_telemetry(seq, samples, columns=columns))
         ack: pb.TelemetryAck = await self.recv_kind("telemetry_ack")
         return ack
 

@@ -392,6 +392,40 @@ async def test_bytes_that_do_not_parse_after_register_end_the_stream_invalid_arg
     await eventually(disconnected, "the refused stream's session is closed")
 
 
+async def test_the_register_ack_says_telemetry_by_column_is_read_and_such_a_batch_is_stored(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    agent = await connect_agent()
+    ack = await agent.register([BESS_1, BESS_2])
+    assert ack.telemetry_columns
+    batch = [
+        sample(a, seconds=s, mw=float(s), status="idle") for s in (1, 2) for a in (BESS_1, BESS_2)
+    ]
+    stored = await agent.telemetry(1, batch, columns=True)
+    assert (stored.seq, stored.stored_through) == (1, 1)
+    history = (await http.get(f"/telemetry/{BESS_2}/history")).json()
+    assert [(h["mw"], h["status"]) for h in history] == [(2.0, "idle"), (1.0, "idle")]
+
+
+async def test_telemetry_columns_that_do_not_fit_together_end_the_stream_naming_the_column(
+    headend: Headend,
+    http: httpx.AsyncClient,
+    connect_agent: ConnectAgent,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    agent = await connect_agent()
+    await agent.register([BESS_1], agent_id="gw-columns")
+    message = codec.agent_telemetry(7, [sample(BESS_1), sample(BESS_1, seconds=1)], columns=True)
+    del message.telemetry.columns.mw[1]
+    await agent.send(message)
+
+    code, details = await agent.outcome()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "telemetry batch 7: telemetry columns: mw has 1 values for 2 samples"
+    assert _errors(caplog) == [], "no traceback for bad input"
+    assert (await http.get(f"/telemetry/{BESS_1}/history")).json() == []
+
+
 async def test_an_event_local_report_and_ack_with_clocks_out_of_range_are_kept_with_ours(
     http: httpx.AsyncClient, connect_agent: ConnectAgent, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -58,18 +58,64 @@ class PluginVersion(_message.Message):
     def __init__(self, package: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TelemetryBatch(_message.Message):
-    __slots__ = ("seq", "samples", "floor_seq", "dropped", "lists_dropped")
+    __slots__ = ("seq", "samples", "floor_seq", "dropped", "lists_dropped", "columns")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     FLOOR_SEQ_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     LISTS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     samples: _containers.RepeatedCompositeFieldContainer[Telemetry]
     floor_seq: int
     dropped: _containers.RepeatedCompositeFieldContainer[SeqRange]
     lists_dropped: bool
-    def __init__(self, seq: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Telemetry, _Mapping]]] = ..., floor_seq: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[SeqRange, _Mapping]]] = ..., lists_dropped: _Optional[bool] = ...) -> None: ...
+    columns: TelemetryColumns
+    def __init__(self, seq: _Optional[int] = ..., samples: _Optional[_Iterable[_Union[Telemetry, _Mapping]]] = ..., floor_seq: _Optional[int] = ..., dropped: _Optional[_Iterable[_Union[SeqRange, _Mapping]]] = ..., lists_dropped: _Optional[bool] = ..., columns: _Optional[_Union[TelemetryColumns, _Mapping]] = ...) -> None: ...
+
+class TelemetryColumns(_message.Message):
+    __slots__ = ("count", "asset_ids", "asset", "site_ids", "site", "qualities", "quality", "ts_us", "mw", "online", "seq", "details_json", "statuses", "status", "fault_codes", "fault_code", "quality_reasons", "quality_reason", "mw_setpoint", "mw_setpoint_at")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    ASSET_IDS_FIELD_NUMBER: _ClassVar[int]
+    ASSET_FIELD_NUMBER: _ClassVar[int]
+    SITE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    QUALITIES_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    TS_US_FIELD_NUMBER: _ClassVar[int]
+    MW_FIELD_NUMBER: _ClassVar[int]
+    ONLINE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FAULT_CODES_FIELD_NUMBER: _ClassVar[int]
+    FAULT_CODE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_REASONS_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_REASON_FIELD_NUMBER: _ClassVar[int]
+    MW_SETPOINT_FIELD_NUMBER: _ClassVar[int]
+    MW_SETPOINT_AT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    asset_ids: _containers.RepeatedScalarFieldContainer[str]
+    asset: _containers.RepeatedScalarFieldContainer[int]
+    site_ids: _containers.RepeatedScalarFieldContainer[str]
+    site: _containers.RepeatedScalarFieldContainer[int]
+    qualities: _containers.RepeatedScalarFieldContainer[str]
+    quality: _containers.RepeatedScalarFieldContainer[int]
+    ts_us: _containers.RepeatedScalarFieldContainer[int]
+    mw: _containers.RepeatedScalarFieldContainer[float]
+    online: _containers.RepeatedScalarFieldContainer[bool]
+    seq: _containers.RepeatedScalarFieldContainer[int]
+    details_json: bytes
+    statuses: _containers.RepeatedScalarFieldContainer[str]
+    status: _containers.RepeatedScalarFieldContainer[int]
+    fault_codes: _containers.RepeatedScalarFieldContainer[str]
+    fault_code: _containers.RepeatedScalarFieldContainer[int]
+    quality_reasons: _containers.RepeatedScalarFieldContainer[str]
+    quality_reason: _containers.RepeatedScalarFieldContainer[int]
+    mw_setpoint: _containers.RepeatedScalarFieldContainer[float]
+    mw_setpoint_at: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, count: _Optional[int] = ..., asset_ids: _Optional[_Iterable[str]] = ..., asset: _Optional[_Iterable[int]] = ..., site_ids: _Optional[_Iterable[str]] = ..., site: _Optional[_Iterable[int]] = ..., qualities: _Optional[_Iterable[str]] = ..., quality: _Optional[_Iterable[int]] = ..., ts_us: _Optional[_Iterable[int]] = ..., mw: _Optional[_Iterable[float]] = ..., online: _Optional[_Iterable[bool]] = ..., seq: _Optional[_Iterable[int]] = ..., details_json: _Optional[bytes] = ..., statuses: _Optional[_Iterable[str]] = ..., status: _Optional[_Iterable[int]] = ..., fault_codes: _Optional[_Iterable[str]] = ..., fault_code: _Optional[_Iterable[int]] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., quality_reason: _Optional[_Iterable[int]] = ..., mw_setpoint: _Optional[_Iterable[float]] = ..., mw_setpoint_at: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SeqRange(_message.Message):
     __slots__ = ("first", "last")
@@ -232,18 +278,20 @@ class HeadendMessage(_message.Message):
     def __init__(self, register_ack: _Optional[_Union[RegisterAck, _Mapping]] = ..., setpoint: _Optional[_Union[Setpoint, _Mapping]] = ..., telemetry_ack: _Optional[_Union[TelemetryAck, _Mapping]] = ..., local_dispatch_ack: _Optional[_Union[LocalDispatchAck, _Mapping]] = ..., outcome_ack: _Optional[_Union[SetpointOutcomeAck, _Mapping]] = ..., event_ack: _Optional[_Union[EventAck, _Mapping]] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
 
 class RegisterAck(_message.Message):
-    __slots__ = ("accepted", "accepted_asset_ids", "refused", "message", "probe")
+    __slots__ = ("accepted", "accepted_asset_ids", "refused", "message", "probe", "telemetry_columns")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_ASSET_IDS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_COLUMNS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     accepted_asset_ids: _containers.RepeatedScalarFieldContainer[str]
     refused: _containers.RepeatedCompositeFieldContainer[Refusal]
     message: str
     probe: bool
-    def __init__(self, accepted: _Optional[bool] = ..., accepted_asset_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., message: _Optional[str] = ..., probe: _Optional[bool] = ...) -> None: ...
+    telemetry_columns: bool
+    def __init__(self, accepted: _Optional[bool] = ..., accepted_asset_ids: _Optional[_Iterable[str]] = ..., refused: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ..., message: _Optional[str] = ..., probe: _Optional[bool] = ..., telemetry_columns: _Optional[bool] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("asset_id", "reason")
