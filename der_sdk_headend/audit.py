@@ -79,19 +79,15 @@ class Auditor:
         :param outcome: ``ok``, ``refused``, ``denied``, ``failed``...
         :param details: more JSON-able facts (never secrets).
         """
-        event = Event(
-            ts=utc_now(),
-            kind=AUDIT_KIND,
+        event = self.event(
+            action,
+            actor=actor,
+            source=source,
+            outcome=outcome,
             message=message,
             asset_id=asset_id,
             site_id=site_id,
-            data={
-                "action": action,
-                "actor": msgspec.structs.asdict(actor),
-                "source": source,
-                "outcome": outcome,
-                **details,
-            },
+            **details,
         )
         try:
             await self._storage.append_event(event)
@@ -105,3 +101,33 @@ class Auditor:
                 type(exc).__name__,
                 exc,
             )
+
+    @staticmethod
+    def event(
+        action: str,
+        *,
+        actor: Actor,
+        source: str,
+        outcome: str,
+        message: str,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        **details: Any,
+    ) -> Event:
+        """The audit record :meth:`record` stores, for a caller that stores it itself
+        together with what it records (a new dispatch and its audit record in one
+        transaction)."""
+        return Event(
+            ts=utc_now(),
+            kind=AUDIT_KIND,
+            message=message,
+            asset_id=asset_id,
+            site_id=site_id,
+            data={
+                "action": action,
+                "actor": msgspec.structs.asdict(actor),
+                "source": source,
+                "outcome": outcome,
+                **details,
+            },
+        )

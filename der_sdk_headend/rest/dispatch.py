@@ -13,7 +13,8 @@ from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from der_sdk.deprecations import warn_deprecated
-from der_sdk.models import Dispatch, DispatchRequest, DispatchState
+from der_sdk.models import Dispatch, DispatchRequest, DispatchState, Event
+from der_sdk_headend.audit import Actor
 from der_sdk_headend.dispatch import (
     CancelConflictError,
     IdempotencyConflictError,
@@ -76,9 +77,25 @@ async def submit_audited(
     target: dict[str, str | None] = (
         {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
     )
+
+    def created_audit(dispatch: Dispatch) -> Event:
+        # Stored with the dispatch, in its transaction (one round trip, not two).
+        return auditor.event(
+            "dispatch.create",
+            actor=actor,
+            source=source,
+            outcome="ok",
+            message=_audit_message(dispatch, data, target, actor, via, created=True),
+            dispatch_id=dispatch.dispatch_id,
+            mw=data.mw,
+            state=dispatch.state,
+            via=via,
+            **target,
+        )
+
     try:
         dispatch, created = await headend.dispatcher.submit(
-            data, source=via, idempotency_key=idempotency_key
+            data, source=via, idempotency_key=idempotency_key, audit=created_audit
         )
     except Exception as exc:
         refused = isinstance(exc, _REFUSALS)
@@ -96,21 +113,36 @@ async def submit_audited(
             **target,
         )
         raise
-    await auditor.record(
-        "dispatch.create",
-        actor=actor,
-        source=source,
-        outcome="ok" if created else "replayed",
-        message=f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
-        f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
-        f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
-        dispatch_id=dispatch.dispatch_id,
-        mw=data.mw,
-        state=dispatch.state,
-        via=via,
-        **target,
-    )
+    if not created:
+        await auditor.record(
+            "dispatch.create",
+            actor=actor,
+            source=source,
+            outcome="replayed",
+            message=_audit_message(dispatch, data, target, actor, via, created=False),
+            dispatch_id=dispatch.dispatch_id,
+            mw=data.mw,
+            state=dispatch.state,
+            via=via,
+            **target,
+        )
     return dispatch, created
+
+
+def _audit_message(
+    dispatch: Dispatch,
+    data: DispatchRequest,
+    target: dict[str, str | None],
+    actor: Actor,
+    via: str,
+    *,
+    created: bool,
+) -> str:
+    return (
+        f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
+        f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
+        f"{' in the console' if via == 'console' else ''}: {dispatch.state}"
+    )
 
 
 async def cancel_audited(
