@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
@@ -53,6 +52,7 @@ from der_sdk_headend.dispatch import lifecycle, planning
 from der_sdk_headend.dispatch.delivery import Command, Delivery
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
+from der_sdk_headend.dispatch.records import copy_dispatch
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
 __all__ = [
@@ -219,7 +219,7 @@ class ClusterDispatcher(Dispatcher):
                 events=() if audit is None else (audit(dispatch),),
             )
             self._log_created(dispatch, route)
-            snapshot = copy.deepcopy(dispatch)
+            snapshot = copy_dispatch(dispatch)
         for replica in remote:  # after the record, so the replica reads it
             self._spawn(self._send_nudge(replica, dispatch.dispatch_id), f"nudge-{replica}")
         if dispatch.expires_at is not None:

@@ -49,15 +49,17 @@ Rules (``docs/headend.md`` has the operator's version):
 
 Every state change is saved and recorded as a :class:`DispatchEvent`. Storage is the
 record; the dispatcher keeps an in-memory index of the dispatches still open. One lock
-serialises all changes, so an acknowledgement never races the save of the send it
-acknowledges.
+serialises all changes; their records are queued under it and stored in that order by a
+:class:`~der_sdk_headend.dispatch.records.RecordWriter` (several per transaction when
+they come while one is being written), so an acknowledgement never overtakes the save of
+the send it acknowledges. ``POST /dispatch`` returns once the new record is stored, and
+an outcome is confirmed to its agent once its record is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -93,7 +95,7 @@ from der_sdk_headend.dispatch.delivery import (
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.planning import CancelConflictError
 from der_sdk_headend.dispatch.planning import fmt_mw as _fmt
-from der_sdk_headend.dispatch.records import RecordWriter
+from der_sdk_headend.dispatch.records import RecordWriter, copy_dispatch
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
 __all__ = ["Dispatcher"]
@@ -175,7 +177,7 @@ class Dispatcher:
 
     def open_dispatches(self) -> list[Dispatch]:
         """Copies of the dispatches not in a final state, oldest first."""
-        return [copy.deepcopy(d) for d in self._open.values()]
+        return [copy_dispatch(d) for d in self._open.values()]
 
     # ------------------------------------------------------------------ create
 
@@ -271,7 +273,7 @@ class Dispatcher:
         if external_id is not None:
             dispatch.external_id = external_id
             dispatch.request_fingerprint = control_fingerprint
-        self._plugins.notify("der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
+        self._plugins.notify("der_dispatch_validated", dispatch=copy_dispatch(dispatch))
         return dispatch, True
 
     async def submit(
@@ -324,7 +326,7 @@ class Dispatcher:
             self._index(dispatch)
             if dispatch.expires_at is not None:
                 self._expiry_wake.set()
-            snapshot = copy.deepcopy(dispatch)
+            snapshot = copy_dispatch(dispatch)
         await stored
         self._log_created(snapshot, route)
         return snapshot, True
@@ -641,7 +643,7 @@ class Dispatcher:
             await self._record(dispatch, what)
             self._index(dispatch)
             log.info("dispatch %s: %s (now %s)", dispatch_id, what, dispatch.state)
-            return copy.deepcopy(dispatch)
+            return copy_dispatch(dispatch)
 
     async def record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
         """Record a command the agent on ``peer``'s stream applied locally (``LocalDispatch``).
@@ -727,7 +729,7 @@ class Dispatcher:
             detail += f": {report.reason}"
         await self._record(dispatch, detail)
         log.info("dispatch %s (local): %s", dispatch.dispatch_id, detail)
-        return copy.deepcopy(dispatch)
+        return copy_dispatch(dispatch)
 
     async def on_stream_end(self, peer: AgentPeer) -> None:
         """A stream ended. Its sent and acked dispatches stay open: sent ones are sent

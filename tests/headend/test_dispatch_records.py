@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -16,14 +17,18 @@ from der_sdk.models import (
     Dispatch,
     DispatchEvent,
     DispatchRequest,
+    DispatchTarget,
     Event,
+    ScheduleStep,
     SetpointAck,
     SetpointCommand,
+    TargetStep,
 )
 from der_sdk.plugins import load_plugins
 from der_sdk.split import DEFAULT_SPLIT_POLICY
 from der_sdk.storage.memory import MemoryStorage
 from der_sdk_headend.dispatch import Dispatcher
+from der_sdk_headend.dispatch.records import copy_dispatch
 from der_sdk_headend.dispatch.router import AgentPeer
 from tests.headend.headend_kit import BESS_1, INVENTORY_YAML, SITE_A
 
@@ -241,3 +246,36 @@ async def test_with_ordered_storage_a_change_is_handed_over_while_the_one_before
     assert agent.confirmed == [command.command_id]
     stored = await storage.get_dispatch(command.command_id)
     assert stored is not None and stored.state == "applied"
+
+
+def test_a_copied_dispatch_is_equal_and_shares_nothing_mutable() -> None:
+    at = datetime(2026, 6, 1, 12, tzinfo=timezone(timedelta(hours=2)))
+    original = Dispatch(
+        dispatch_id="d1",
+        mw=0.1 + 0.2,
+        state="scheduled",
+        created_at=at,
+        updated_at=at,
+        site_id=SITE_A,
+        start_at=at,
+        steps=[ScheduleStep(offset_s=0.0, mw=1 / 3)],
+        targets=[
+            DispatchTarget(
+                asset_id=BESS_1,
+                mw=1 / 3,
+                state="scheduled",
+                steps=[TargetStep(offset_s=0.0, mw=1 / 3, at=at)],
+            )
+        ],
+    )
+
+    copied = copy_dispatch(original)
+    assert copied == original
+    assert copied.start_at is not None and copied.start_at.utcoffset() == timedelta(hours=2)
+
+    copied.targets[0].state = "active"
+    assert copied.targets[0].steps is not None
+    copied.targets[0].steps[0].status = "applied"
+    assert original.targets[0].state == "scheduled"
+    assert original.targets[0].steps is not None
+    assert original.targets[0].steps[0].status == "pending"
