@@ -79,25 +79,31 @@ class Auditor:
         :param outcome: ``ok``, ``refused``, ``denied``, ``failed``...
         :param details: more JSON-able facts (never secrets).
         """
-        event = self.event(
-            action,
-            actor=actor,
-            source=source,
-            outcome=outcome,
-            message=message,
-            asset_id=asset_id,
-            site_id=site_id,
-            **details,
+        await self.store(
+            self.event(
+                action,
+                actor=actor,
+                source=source,
+                outcome=outcome,
+                message=message,
+                asset_id=asset_id,
+                site_id=site_id,
+                **details,
+            )
         )
+
+    async def store(self, event: Event) -> None:
+        """Store an audit record made by :meth:`event` (a failed write is logged)."""
         try:
             await self._storage.append_event(event)
         except Exception as exc:
+            data = event.data or {}
             log.error(
-                "audit record not stored (%s by %s from %s: %s): %s: %s",
-                action,
-                actor.describe(),
-                source,
-                outcome,
+                "audit record not stored (%s from %s: %s; %s): %s: %s",
+                data.get("action"),
+                data.get("source"),
+                data.get("outcome"),
+                event.message,
                 type(exc).__name__,
                 exc,
             )

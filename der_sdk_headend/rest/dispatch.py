@@ -14,7 +14,6 @@ from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, Quer
 
 from der_sdk.deprecations import warn_deprecated
 from der_sdk.models import Dispatch, DispatchRequest, DispatchState, Event
-from der_sdk_headend.audit import Actor
 from der_sdk_headend.dispatch import (
     CancelConflictError,
     IdempotencyConflictError,
@@ -78,20 +77,26 @@ async def submit_audited(
         {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
     )
 
-    def created_audit(dispatch: Dispatch) -> Event:
-        # Stored with the dispatch, in its transaction (one round trip, not two).
+    def done(dispatch: Dispatch, created: bool) -> Event:
+        """The audit record of a dispatch created (``ok``) or replayed."""
         return auditor.event(
             "dispatch.create",
             actor=actor,
             source=source,
-            outcome="ok",
-            message=_audit_message(dispatch, data, target, actor, via, created=True),
+            outcome="ok" if created else "replayed",
+            message=f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
+            f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
+            f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
             dispatch_id=dispatch.dispatch_id,
             mw=data.mw,
             state=dispatch.state,
             via=via,
             **target,
         )
+
+    def created_audit(dispatch: Dispatch) -> Event:
+        # Stored with the dispatch, in its transaction (one round trip, not two).
+        return done(dispatch, True)
 
     try:
         dispatch, created = await headend.dispatcher.submit(
@@ -114,35 +119,8 @@ async def submit_audited(
         )
         raise
     if not created:
-        await auditor.record(
-            "dispatch.create",
-            actor=actor,
-            source=source,
-            outcome="replayed",
-            message=_audit_message(dispatch, data, target, actor, via, created=False),
-            dispatch_id=dispatch.dispatch_id,
-            mw=data.mw,
-            state=dispatch.state,
-            via=via,
-            **target,
-        )
+        await auditor.store(done(dispatch, False))
     return dispatch, created
-
-
-def _audit_message(
-    dispatch: Dispatch,
-    data: DispatchRequest,
-    target: dict[str, str | None],
-    actor: Actor,
-    via: str,
-    *,
-    created: bool,
-) -> str:
-    return (
-        f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
-        f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
-        f"{' in the console' if via == 'console' else ''}: {dispatch.state}"
-    )
 
 
 async def cancel_audited(
