@@ -79,7 +79,51 @@ class Auditor:
         :param outcome: ``ok``, ``refused``, ``denied``, ``failed``...
         :param details: more JSON-able facts (never secrets).
         """
-        event = Event(
+        await self.store(
+            self.event(
+                action,
+                actor=actor,
+                source=source,
+                outcome=outcome,
+                message=message,
+                asset_id=asset_id,
+                site_id=site_id,
+                **details,
+            )
+        )
+
+    async def store(self, event: Event) -> None:
+        """Store an audit record made by :meth:`event` (a failed write is logged)."""
+        try:
+            await self._storage.append_event(event)
+        except Exception as exc:
+            data = event.data or {}
+            log.error(
+                "audit record not stored (%s from %s: %s; %s): %s: %s",
+                data.get("action"),
+                data.get("source"),
+                data.get("outcome"),
+                event.message,
+                type(exc).__name__,
+                exc,
+            )
+
+    @staticmethod
+    def event(
+        action: str,
+        *,
+        actor: Actor,
+        source: str,
+        outcome: str,
+        message: str,
+        asset_id: str | None = None,
+        site_id: str | None = None,
+        **details: Any,
+    ) -> Event:
+        """The audit record :meth:`record` stores, for a caller that stores it itself
+        together with what it records (a new dispatch and its audit record in one
+        transaction)."""
+        return Event(
             ts=utc_now(),
             kind=AUDIT_KIND,
             message=message,
@@ -93,15 +137,3 @@ class Auditor:
                 **details,
             },
         )
-        try:
-            await self._storage.append_event(event)
-        except Exception as exc:
-            log.error(
-                "audit record not stored (%s by %s from %s: %s): %s: %s",
-                action,
-                actor.describe(),
-                source,
-                outcome,
-                type(exc).__name__,
-                exc,
-            )

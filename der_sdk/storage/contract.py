@@ -230,6 +230,13 @@ class StorageBackend(abc.ABC):
     #: others'. ``False`` for an embedded database (memory, SQLite).
     shared: bool = False
 
+    #: Whether writes are stored in the order they were called: a call made on the event
+    #: loop while an earlier one is still running is stored after it (SQLite: every
+    #: write is queued on the one connection's thread when it is called). The dispatcher
+    #: then hands each record to storage at once instead of waiting for the one before
+    #: it to be stored. ``False`` for a pool of connections (PostgreSQL).
+    ordered_writes: bool = False
+
     # ------------------------------------------------------------------ lifecycle
 
     @abc.abstractmethod
@@ -413,6 +420,23 @@ class StorageBackend(abc.ABC):
         """
         await self.save_dispatch(dispatch)
         await self.record_dispatch_event(event)
+
+    async def record_dispatches(
+        self, records: Sequence[tuple[Dispatch, DispatchEvent]], events: Sequence[Event] = ()
+    ) -> None:
+        """:meth:`record_dispatch` for each of ``records``, in order, and append
+        ``events`` (the audit records of those changes), all stored together.
+
+        The dispatcher writes what several changes recorded at once (a new dispatch and
+        its audit record; an acknowledgement that came while the previous change was
+        being written) through this. The default makes one call per record and event; a
+        backend that can write them all in one transaction (one round trip) should. A
+        dispatch may appear more than once: the later record wins, every event is kept.
+        """
+        for dispatch, event in records:
+            await self.record_dispatch(dispatch, event)
+        for operator_event in events:
+            await self.append_event(operator_event)
 
     def dispatch_lock(self, dispatch_id: str) -> AbstractAsyncContextManager[None]:
         """Hold ``dispatch_id`` against changes by other headend processes.

@@ -247,6 +247,9 @@ _HEARTBEAT_COLUMNS = ("asset_id", "site_id", "agent_id", "ts", "uptime_s")
 _INSERT_DISPATCH_EVENT = (
     "INSERT INTO dispatch_events (dispatch_id, state, ts, detail) VALUES (?, ?, ?, ?)"
 )
+_INSERT_EVENT = (
+    "INSERT INTO events (ts, kind, message, asset_id, site_id, data) VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
 # --------------------------------------------------------------------------- conversions
@@ -547,6 +550,17 @@ def _dispatch_event_row(event: DispatchEvent) -> tuple[Any, ...]:
     return (event.dispatch_id, event.state, _to_us(event.ts), event.detail)
 
 
+def _event_row(event: Event) -> tuple[Any, ...]:
+    return (
+        _to_us(event.ts),
+        event.kind,
+        event.message,
+        event.asset_id,
+        event.site_id,
+        _json(event.data),
+    )
+
+
 def sqlite_path_from_url(url: str) -> str:
     """The database path of a ``sqlite:`` URL, or ``":memory:"``.
 
@@ -717,6 +731,7 @@ class SQLiteStorage(StorageBackend):
     """
 
     name = "sqlite"
+    ordered_writes = True  # urgent jobs run in the order they were queued
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -971,6 +986,22 @@ class SQLiteStorage(StorageBackend):
 
         await self._write(record)
 
+    async def record_dispatches(
+        self, records: Sequence[tuple[Dispatch, DispatchEvent]], events: Sequence[Event] = ()
+    ) -> None:
+        """One job, one transaction, ahead of queued telemetry writes like every record."""
+        rows = [(_dispatch_params(d), _dispatch_event_row(e)) for d, e in records]
+        event_rows = [_event_row(e) for e in events]
+
+        def record(conn: sqlite3.Connection) -> None:
+            for params, event_row in rows:
+                _save_dispatch(conn, *params)
+                conn.execute(_INSERT_DISPATCH_EVENT, event_row)
+            if event_rows:
+                conn.executemany(_INSERT_EVENT, event_rows)
+
+        await self._write(record)
+
     async def get_dispatch(self, dispatch_id: str) -> Dispatch | None:
         rows = await self._fetchall(
             "SELECT record FROM dispatches WHERE dispatch_id = ?", (dispatch_id,)
@@ -1108,21 +1139,8 @@ class SQLiteStorage(StorageBackend):
     # ------------------------------------------------------------------ events
 
     async def append_event(self, event: Event) -> None:
-        row = (
-            _to_us(event.ts),
-            event.kind,
-            event.message,
-            event.asset_id,
-            event.site_id,
-            _json(event.data),
-        )
-        await self._write(
-            lambda conn: conn.execute(
-                "INSERT INTO events (ts, kind, message, asset_id, site_id, data)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                row,
-            )
-        )
+        row = _event_row(event)
+        await self._write(lambda conn: conn.execute(_INSERT_EVENT, row))
 
     async def events(
         self,

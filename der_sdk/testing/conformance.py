@@ -1036,6 +1036,29 @@ class StorageConformance:
         assert [d.dispatch_id for d in await storage.dispatch_history(asset_id=_ASSET_A)] == ["d1"]
 
     @pytest.mark.asyncio
+    async def test_record_dispatches_stores_every_change_in_order_and_the_audit_events(
+        self, storage: StorageBackend
+    ) -> None:
+        at = self.at
+        first = self.dispatch("d1", 0, site_id=_SITE, targets=(_ASSET_A,))
+        applied = msgspec.structs.replace(first, state="applied", updated_at=at(1))
+        other = self.dispatch("d2", 0, site_id=_SITE, targets=(_ASSET_B,))
+        created = DispatchEvent(dispatch_id="d1", state="sent", ts=at(0), detail="created")
+        outcome = DispatchEvent(dispatch_id="d1", state="applied", ts=at(1), detail="applied")
+        other_created = DispatchEvent(dispatch_id="d2", state="sent", ts=at(0))
+        audit = Event(ts=at(0), kind="audit", message="d1 created", data={"dispatch_id": "d1"})
+
+        await storage.record_dispatches(
+            [(first, created), (other, other_created), (applied, outcome)], [audit]
+        )
+
+        assert await storage.get_dispatch("d1") == applied  # the later record wins
+        assert await storage.get_dispatch("d2") == other
+        assert await storage.dispatch_events("d1") == [created, outcome]
+        assert await storage.dispatch_events("d2") == [other_created]
+        assert await storage.events(kind="audit") == [audit]
+
+    @pytest.mark.asyncio
     async def test_dispatch_events_are_oldest_first(self, storage: StorageBackend) -> None:
         at = self.at
         states: list[tuple[Literal["sent", "submitted", "applied"], int]] = [

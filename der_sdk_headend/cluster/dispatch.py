@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -41,6 +40,7 @@ from der_sdk.inventory import Inventory
 from der_sdk.models import (
     Dispatch,
     DispatchRequest,
+    Event,
     LocalDispatchReport,
     SetpointAck,
     utc_now,
@@ -52,6 +52,7 @@ from der_sdk_headend.dispatch import lifecycle, planning
 from der_sdk_headend.dispatch.delivery import Command, Delivery
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
+from der_sdk_headend.dispatch.records import copy_dispatch
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
 __all__ = [
@@ -187,6 +188,7 @@ class ClusterDispatcher(Dispatcher):
         idempotency_key: str | None = None,
         external_id: str | None = None,
         fingerprint: str | None = None,
+        audit: Callable[[Dispatch], Event] | None = None,
     ) -> tuple[Dispatch, bool]:
         dispatch, new = await self._plan_request(
             request,
@@ -211,11 +213,13 @@ class ClusterDispatcher(Dispatcher):
             remote = self._remote_replicas(dispatch)
             if remote:
                 route = _route_with_remote(dispatch, route, remote)
-            await self._record(
-                dispatch, f"created by {source} on replica {self._cluster.replica}; {route}"
+            await self._store(
+                dispatch,
+                f"created by {source} on replica {self._cluster.replica}; {route}",
+                events=() if audit is None else (audit(dispatch),),
             )
             self._log_created(dispatch, route)
-            snapshot = copy.deepcopy(dispatch)
+            snapshot = copy_dispatch(dispatch)
         for replica in remote:  # after the record, so the replica reads it
             self._spawn(self._send_nudge(replica, dispatch.dispatch_id), f"nudge-{replica}")
         if dispatch.expires_at is not None:
@@ -447,7 +451,9 @@ class ClusterDispatcher(Dispatcher):
         dispatch_id = ack.command_id.partition("/")[0]
         async with self._lock, self._storage.dispatch_lock(dispatch_id):
             dispatch = await self._storage.get_dispatch(dispatch_id)
-            await self._apply_ack(peer, ack, dispatch)
+            stored = await self._apply_ack(peer, ack, dispatch)
+            if stored is not None:
+                await stored  # inside the dispatch's lock: other replicas read it next
         if ack.status != "acked":
             pushed = self._pushed.get(peer)
             if pushed is not None:
@@ -464,6 +470,18 @@ class ClusterDispatcher(Dispatcher):
         self._pushed.pop(peer, None)
 
     # ------------------------------------------------------------------ record
+
+    def _write_later(
+        self,
+        dispatch: Dispatch,
+        detail: str,
+        *,
+        events: Sequence[Event] = (),
+        then: Callable[[], None] | None = None,
+    ) -> Awaitable[None]:
+        """Write at once (when awaited), in the caller's storage dispatch lock: another
+        replica may read the record as soon as the lock is released."""
+        return self._store(dispatch, detail, events, then)
 
     def _index(self, dispatch: Dispatch) -> None:
         """Nothing: storage is the only record (no copy that other replicas change)."""

@@ -49,18 +49,20 @@ Rules (``docs/headend.md`` has the operator's version):
 
 Every state change is saved and recorded as a :class:`DispatchEvent`. Storage is the
 record; the dispatcher keeps an in-memory index of the dispatches still open. One lock
-serialises all changes, so an acknowledgement never races the save of the send it
-acknowledges.
+serialises all changes; their records are queued under it and stored in that order by a
+:class:`~der_sdk_headend.dispatch.records.RecordWriter` (several per transaction when
+they come while one is being written), so an acknowledgement never overtakes the save of
+the send it acknowledges. ``POST /dispatch`` returns once the new record is stored, and
+an outcome is confirmed to its agent once its record is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from der_sdk.control import ControlModel
@@ -73,6 +75,7 @@ from der_sdk.models import (
     DispatchRequest,
     DispatchState,
     DispatchTarget,
+    Event,
     LocalDispatchReport,
     SetpointAck,
     TelemetrySample,
@@ -92,6 +95,7 @@ from der_sdk_headend.dispatch.delivery import (
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.planning import CancelConflictError
 from der_sdk_headend.dispatch.planning import fmt_mw as _fmt
+from der_sdk_headend.dispatch.records import RecordWriter, copy_dispatch
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
 __all__ = ["Dispatcher"]
@@ -125,6 +129,7 @@ class Dispatcher:
         site split; ``None``: static limits only."""
         self._open: dict[str, Dispatch] = {}
         self._lock = asyncio.Lock()
+        self._records = RecordWriter(storage)
         self._expiry_wake = asyncio.Event()
         self._expiry_task: asyncio.Task[None] | None = None
         self.on_record: Callable[[Dispatch], None] | None = None
@@ -163,10 +168,16 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
             self._expiry_task = None
+        await self._records.close()
+
+    @property
+    def records(self) -> RecordWriter:
+        """The writer of this dispatcher's records (its counters)."""
+        return self._records
 
     def open_dispatches(self) -> list[Dispatch]:
         """Copies of the dispatches not in a final state, oldest first."""
-        return [copy.deepcopy(d) for d in self._open.values()]
+        return [copy_dispatch(d) for d in self._open.values()]
 
     # ------------------------------------------------------------------ create
 
@@ -251,7 +262,7 @@ class Dispatcher:
             idempotency_key = planning.check_idempotency_key(idempotency_key)
             fingerprint = planning.fingerprint(request)
             async with self._lock:
-                known = await self._storage.get_dispatch(planning.idempotent_id(idempotency_key))
+                known = await self._stored(planning.idempotent_id(idempotency_key))
             if known is not None:
                 return planning.replay(known, fingerprint), False
         dispatch = self._plan(request, source, utc_now())
@@ -262,7 +273,7 @@ class Dispatcher:
         if external_id is not None:
             dispatch.external_id = external_id
             dispatch.request_fingerprint = control_fingerprint
-        self._plugins.notify("der_dispatch_validated", dispatch=copy.deepcopy(dispatch))
+        self._plugins.notify("der_dispatch_validated", dispatch=copy_dispatch(dispatch))
         return dispatch, True
 
     async def submit(
@@ -273,13 +284,19 @@ class Dispatcher:
         idempotency_key: str | None = None,
         external_id: str | None = None,
         fingerprint: str | None = None,
+        audit: Callable[[Dispatch], Event] | None = None,
     ) -> tuple[Dispatch, bool]:
         """:meth:`create`, also saying whether a new dispatch was made (``False``: the
         ``idempotency_key`` was seen before and its record is returned).
 
+        The command goes to a live agent before the record is stored (the agent's
+        journal, not this record, makes it safe); this returns once the record is stored.
+
         :param external_id: the upstream id of a program's dispatch, kept on the record.
         :param fingerprint: the program's fingerprint of that control, kept as the
             record's ``request_fingerprint`` (a program tells a repeat from a change).
+        :param audit: makes the audit record of a new dispatch, stored in the same
+            transaction as the dispatch (not called for a replayed key).
         """
         dispatch, new = await self._plan_request(
             request,
@@ -293,18 +310,26 @@ class Dispatcher:
         fingerprint = dispatch.request_fingerprint
         async with self._lock:
             if idempotency_key is not None:  # a concurrent request with the same key
-                known = await self._storage.get_dispatch(dispatch.dispatch_id)
+                known = await self._stored(dispatch.dispatch_id)
                 if known is not None:
                     return planning.replay(known, fingerprint), False
             await self._supersede_submitted(dispatch)
             route = self._route_new(dispatch)
             dispatch.state = derive_state(dispatch.targets)
-            await self._record(dispatch, f"created by {source}; {route}")
+            # Queued under the lock (so in order), stored after it: an ack that arrives
+            # meanwhile is applied and written next, not kept waiting for the lock.
+            stored = self._write_later(
+                dispatch,
+                f"created by {source}; {route}",
+                events=() if audit is None else (audit(dispatch),),
+            )
             self._index(dispatch)
-            self._log_created(dispatch, route)
             if dispatch.expires_at is not None:
                 self._expiry_wake.set()
-            return copy.deepcopy(dispatch), True
+            snapshot = copy_dispatch(dispatch)
+        await stored
+        self._log_created(snapshot, route)
+        return snapshot, True
 
     async def _supersede_submitted(self, newer: Dispatch) -> None:
         assets = {t.asset_id for t in newer.targets}
@@ -463,16 +488,23 @@ class Dispatcher:
         """
         dispatch_id = ack.command_id.partition("/")[0]
         async with self._lock:
-            dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
-            await self._apply_ack(peer, ack, dispatch)
+            dispatch = self._open.get(dispatch_id) or await self._stored(dispatch_id)
+            stored = await self._apply_ack(peer, ack, dispatch)
+        if stored is not None:
+            await stored
 
     async def _apply_ack(
         self, peer: AgentPeer, ack: SetpointAck, dispatch: Dispatch | None
-    ) -> None:
-        """Apply ``ack`` to ``dispatch`` (``None``: unknown), record and confirm it."""
+    ) -> Awaitable[None] | None:
+        """Apply ``ack`` to ``dispatch`` (``None``: unknown) and queue its record; a
+        final status is confirmed once its record (and every one before it) is stored.
+
+        :return: what to await for the record to be stored (``None``: nothing to wait
+            for); the caller awaits it after releasing the dispatcher's lock.
+        """
         if ack.command_id.endswith("/cancel"):
             await self._on_cancel_ack(peer, ack, dispatch)
-            return
+            return None
         if dispatch is None:
             log.warning(
                 "acknowledgement from %s for unknown command %r ignored",
@@ -481,7 +513,7 @@ class Dispatcher:
             )
             if ack.status not in lifecycle.PROGRESS:
                 self._confirm(peer, ack)
-            return
+            return None
         effect = lifecycle.apply_ack(dispatch, ack)
         if effect.changed and ack.superseded_by and dispatch.superseded_by is None:
             dispatch.superseded_by = ack.superseded_by.partition("/")[0]
@@ -506,20 +538,23 @@ class Dispatcher:
                 detail += f": {effect.reason}"
             if ack.ts is not None:
                 detail += f"; at the agent {ack.ts.isoformat()}"
-            await self._record(dispatch, detail)
+            stored = self._write_later(
+                dispatch, detail, then=(lambda: self._confirm(peer, ack)) if effect.final else None
+            )
             self._index(dispatch)
             log.info("dispatch %s: %s; now %s", dispatch.dispatch_id, detail, dispatch.state)
-        else:
-            log.debug(
-                "dispatch %s: %s from %s for command %s changes nothing (now %s)",
-                dispatch.dispatch_id,
-                ack.status,
-                peer.describe(),
-                ack.command_id,
-                dispatch.state,
-            )
-        if effect.final:
-            self._confirm(peer, ack)
+            return stored
+        log.debug(
+            "dispatch %s: %s from %s for command %s changes nothing (now %s)",
+            dispatch.dispatch_id,
+            ack.status,
+            peer.describe(),
+            ack.command_id,
+            dispatch.state,
+        )
+        if effect.final:  # a repeated outcome: confirmed once the first one is stored
+            return self._after_queued(lambda: self._confirm(peer, ack))
+        return None
 
     def _confirm(self, peer: AgentPeer, ack: SetpointAck) -> None:
         """``SetpointOutcomeAck`` for ``ack`` (a router from before schedules takes no
@@ -567,7 +602,7 @@ class Dispatcher:
             is an immediate dispatch already sent (it cannot be called back).
         """
         async with self._lock:
-            dispatch = self._open.get(dispatch_id) or await self._storage.get_dispatch(dispatch_id)
+            dispatch = self._open.get(dispatch_id) or await self._stored(dispatch_id)
             if dispatch is None:
                 return None
             if not lifecycle.is_open(dispatch):
@@ -608,7 +643,7 @@ class Dispatcher:
             await self._record(dispatch, what)
             self._index(dispatch)
             log.info("dispatch %s: %s (now %s)", dispatch_id, what, dispatch.state)
-            return copy.deepcopy(dispatch)
+            return copy_dispatch(dispatch)
 
     async def record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
         """Record a command the agent on ``peer``'s stream applied locally (``LocalDispatch``).
@@ -629,7 +664,7 @@ class Dispatcher:
         if not report.command_id:
             log.warning("%s reported a local command without an id; ignored", peer.describe())
             return None
-        if await self._storage.get_dispatch(report.command_id) is not None:
+        if await self._stored(report.command_id) is not None:
             return None
         asset_id, site_id = report.asset_id, report.site_id
         if asset_id:
@@ -694,7 +729,7 @@ class Dispatcher:
             detail += f": {report.reason}"
         await self._record(dispatch, detail)
         log.info("dispatch %s (local): %s", dispatch.dispatch_id, detail)
-        return copy.deepcopy(dispatch)
+        return copy_dispatch(dispatch)
 
     async def on_stream_end(self, peer: AgentPeer) -> None:
         """A stream ended. Its sent and acked dispatches stay open: sent ones are sent
@@ -757,14 +792,69 @@ class Dispatcher:
     # ------------------------------------------------------------------ record
 
     async def _record(self, dispatch: Dispatch, detail: str) -> None:
+        """Record a change of ``dispatch`` with ``detail`` and wait until it is stored."""
+        await self._write_later(dispatch, detail)
+
+    def _write_later(
+        self,
+        dispatch: Dispatch,
+        detail: str,
+        *,
+        events: Sequence[Event] = (),
+        then: Callable[[], None] | None = None,
+    ) -> Awaitable[None]:
+        """Queue the record of a change of ``dispatch`` (with ``detail``, and ``events``
+        such as its audit record) behind every record queued before it; ``then`` runs
+        once it is stored. Await the result (after releasing the lock) for it to be
+        stored. Every change goes through here, so records are stored in order.
+
+        A dispatcher whose storage is shared with other processes
+        (:class:`~der_sdk_headend.cluster.dispatch.ClusterDispatcher`) writes at once
+        instead, inside the storage's dispatch lock (see :meth:`_store`).
+        """
+        event = self._event(dispatch, detail)
+
+        def stored(snapshot: Dispatch) -> None:
+            self._announce(snapshot)
+            if then is not None:
+                then()
+
+        return self._records.add(dispatch, event, events, stored)
+
+    def _after_queued(self, then: Callable[[], None]) -> Awaitable[None] | None:
+        """Run ``then`` once every record queued so far is stored."""
+        return self._records.after_queued(then)
+
+    async def _stored(self, dispatch_id: str) -> Dispatch | None:
+        """The stored record of ``dispatch_id``, read once every queued record is stored
+        (so a change queued but not yet written is not missed)."""
+        await self._records.after_queued(lambda: None)
+        return await self._storage.get_dispatch(dispatch_id)
+
+    async def _store(
+        self,
+        dispatch: Dispatch,
+        detail: str,
+        events: Sequence[Event] = (),
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Write the record of a change of ``dispatch`` now, in one transaction."""
+        await self._storage.record_dispatches([(dispatch, self._event(dispatch, detail))], events)
+        self._announce(dispatch)
+        if then is not None:
+            then()
+
+    @staticmethod
+    def _event(dispatch: Dispatch, detail: str) -> DispatchEvent:
+        """The lifecycle event of a change of ``dispatch`` now (its ``updated_at`` too)."""
         now = utc_now()
         dispatch.updated_at = now
-        await self._storage.record_dispatch(
-            dispatch,
-            DispatchEvent(
-                dispatch_id=dispatch.dispatch_id, state=dispatch.state, ts=now, detail=detail
-            ),
+        return DispatchEvent(
+            dispatch_id=dispatch.dispatch_id, state=dispatch.state, ts=now, detail=detail
         )
+
+    def _announce(self, dispatch: Dispatch) -> None:
+        """Tell the listeners of a stored record."""
         if self.on_record is not None:
             self.on_record(dispatch)
         for listener in self.record_listeners:

@@ -13,7 +13,7 @@ from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, FromQuery, HeaderParameter, JSONBody, QueryParameter
 
 from der_sdk.deprecations import warn_deprecated
-from der_sdk.models import Dispatch, DispatchRequest, DispatchState
+from der_sdk.models import Dispatch, DispatchRequest, DispatchState, Event
 from der_sdk_headend.dispatch import (
     CancelConflictError,
     IdempotencyConflictError,
@@ -76,9 +76,31 @@ async def submit_audited(
     target: dict[str, str | None] = (
         {"asset_id": data.asset_id} if data.asset_id else {"site_id": data.site_id}
     )
+
+    def done(dispatch: Dispatch, created: bool) -> Event:
+        """The audit record of a dispatch created (``ok``) or replayed."""
+        return auditor.event(
+            "dispatch.create",
+            actor=actor,
+            source=source,
+            outcome="ok" if created else "replayed",
+            message=f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
+            f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
+            f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
+            dispatch_id=dispatch.dispatch_id,
+            mw=data.mw,
+            state=dispatch.state,
+            via=via,
+            **target,
+        )
+
+    def created_audit(dispatch: Dispatch) -> Event:
+        # Stored with the dispatch, in its transaction (one round trip, not two).
+        return done(dispatch, True)
+
     try:
         dispatch, created = await headend.dispatcher.submit(
-            data, source=via, idempotency_key=idempotency_key
+            data, source=via, idempotency_key=idempotency_key, audit=created_audit
         )
     except Exception as exc:
         refused = isinstance(exc, _REFUSALS)
@@ -96,20 +118,8 @@ async def submit_audited(
             **target,
         )
         raise
-    await auditor.record(
-        "dispatch.create",
-        actor=actor,
-        source=source,
-        outcome="ok" if created else "replayed",
-        message=f"dispatch {dispatch.dispatch_id} of {_what(data)} to {_describe(target)} "
-        f"{'created' if created else 'replayed (Idempotency-Key)'} by {actor.describe()}"
-        f"{' in the console' if via == 'console' else ''}: {dispatch.state}",
-        dispatch_id=dispatch.dispatch_id,
-        mw=data.mw,
-        state=dispatch.state,
-        via=via,
-        **target,
-    )
+    if not created:
+        await auditor.store(done(dispatch, False))
     return dispatch, created
 
 

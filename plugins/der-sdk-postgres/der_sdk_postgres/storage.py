@@ -658,6 +658,29 @@ class PostgresStorage(StorageBackend):
             await self._save_dispatch(conn, dispatch)
             await conn.execute(*_dispatch_event_insert(event))
 
+    async def record_dispatches(
+        self, records: Sequence[tuple[Dispatch, DispatchEvent]], events: Sequence[Event] = ()
+    ) -> None:
+        held = self._held()
+        if held is not None:
+            async with held.transaction():
+                await self._record_dispatches(held, records, events)
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._record_dispatches(conn, records, events)
+
+    async def _record_dispatches(
+        self,
+        conn: asyncpg.Connection,
+        records: Sequence[tuple[Dispatch, DispatchEvent]],
+        events: Sequence[Event],
+    ) -> None:
+        for dispatch, event in records:
+            await self._save_dispatch(conn, dispatch)
+            await conn.execute(*_dispatch_event_insert(event))
+        if events:
+            await conn.executemany(_INSERT_EVENT, [_event_args(e) for e in events])
+
     @staticmethod
     async def _save_dispatch(conn: asyncpg.Connection, dispatch: Dispatch) -> None:
         record = msgspec.structs.replace(
@@ -866,16 +889,7 @@ class PostgresStorage(StorageBackend):
     # ------------------------------------------------------------------ events
 
     async def append_event(self, event: Event) -> None:
-        await self.pool.execute(
-            "INSERT INTO events (ts, kind, message, asset_id, site_id, data)"
-            " VALUES ($1, $2, $3, $4, $5, $6)",
-            _check_aware(event.ts),
-            event.kind,
-            event.message,
-            event.asset_id,
-            event.site_id,
-            event.data,
-        )
+        await self.pool.execute(_INSERT_EVENT, *_event_args(event))
 
     async def events(
         self,
@@ -1165,6 +1179,24 @@ async def _close_quietly(conn: asyncpg.Connection) -> None:
         raise
     except Exception:
         conn.terminate()
+
+
+_INSERT_EVENT = (
+    "INSERT INTO events (ts, kind, message, asset_id, site_id, data)"
+    " VALUES ($1, $2, $3, $4, $5, $6)"
+)
+
+
+def _event_args(event: Event) -> tuple[Any, ...]:
+    """The arguments of :data:`_INSERT_EVENT` for ``event``."""
+    return (
+        _check_aware(event.ts),
+        event.kind,
+        event.message,
+        event.asset_id,
+        event.site_id,
+        event.data,
+    )
 
 
 def _dispatch_event_insert(event: DispatchEvent) -> tuple[Any, ...]:
