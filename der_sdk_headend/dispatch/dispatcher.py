@@ -870,6 +870,8 @@ class Dispatcher:
             self._open.pop(dispatch.dispatch_id, None)
 
     def _log_created(self, dispatch: Dispatch, route: str) -> None:
+        if not log.isEnabledFor(logging.INFO):  # the arguments cost more than the check
+            return
         if dispatch.asset_id is not None:
             asset = self._inventory.assets[dispatch.asset_id]
             target = dispatch.targets[0]

@@ -24,9 +24,10 @@ import msgspec
 from litestar import Request
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
+from litestar.serialization import default_serializer
 from litestar.types import Empty
 
-__all__ = ["JSON_MEDIA_TYPES", "MAX_BODY_BYTES", "JsonBodyRequest", "body_error"]
+__all__ = ["JSON_MEDIA_TYPES", "MAX_BODY_BYTES", "JsonBodyRequest", "body_error", "encode_json"]
 
 MAX_BODY_BYTES = 64 * 1024
 """The largest request body accepted (413 beyond); the API's bodies are a few hundred bytes."""
@@ -35,6 +36,14 @@ JSON_MEDIA_TYPES = ("application/json",)
 """``Content-Type`` values of a JSON body; ``application/<anything>+json`` is JSON too."""
 
 _plain_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder(enc_hook=default_serializer)
+
+
+def encode_json(value: object) -> bytes:
+    """The JSON of a response body, byte for byte what Litestar makes of ``value``
+    returned by a handler (the same msgspec encoder and fallback for other types), for a
+    hot route that answers bytes and skips Litestar's generic serialisation."""
+    return _encoder.encode(value)
 
 
 def _is_json(media_type: str) -> bool:

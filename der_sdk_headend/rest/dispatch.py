@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any, get_args
 
 import msgspec
@@ -22,9 +23,11 @@ from der_sdk_headend.dispatch import (
 )
 from der_sdk_headend.dispatch.planning import DispatchPreview
 from der_sdk_headend.rest.auth import access, actor_of, client_source
+from der_sdk_headend.rest.body import encode_json
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
 from der_sdk_headend.rest.params import LimitQuery, check_limit, filter_ids
 from der_sdk_headend.rest.schemas import DispatchDetail, ErrorBody
+from der_sdk_headend.rest.state import headend_of
 
 if TYPE_CHECKING:
     from der_sdk_headend.service import Headend
@@ -187,7 +190,9 @@ class DispatchController(Controller):
         "`expires_at`: never applied after that. With an `Idempotency-Key` header a "
         "repeated request returns the first one's record (200, header "
         "`Idempotent-Replayed: true`); the same key with a different body is 409.",
+        # Answers pre-encoded bytes (see below); the schema still says what they are.
         responses={
+            202: ResponseSpec(Dispatch, description=HTTPStatus.ACCEPTED.description),
             200: ResponseSpec(Dispatch, description="a repeated Idempotency-Key: the record"),
             404: ResponseSpec(ErrorBody, description="no such asset or site: `detail` names it"),
             409: ResponseSpec(ErrorBody, description="Idempotency-Key used for another body"),
@@ -198,7 +203,6 @@ class DispatchController(Controller):
     async def create(
         self,
         request: Request[Any, Any, Any],
-        headend: NamedDependency[Headend],
         data: JSONBody[DispatchRequest],
         idempotency_key: Annotated[
             str | None,
@@ -207,13 +211,21 @@ class DispatchController(Controller):
                 description="Makes retries safe: the same key returns the same dispatch.",
             ),
         ] = None,
-    ) -> Response[Dispatch]:
+    ) -> Response[bytes]:
+        # The headend from the app's state, not by injection, and the record encoded here
+        # (the JSON Litestar makes of a returned Dispatch), as on GET /telemetry/{id}.
         dispatch, created = await submit_audited(
-            headend, request, data, via="rest", idempotency_key=idempotency_key
+            headend_of(request), request, data, via="rest", idempotency_key=idempotency_key
         )
+        body = encode_json(dispatch)
         if created:
-            return Response(dispatch, status_code=202)
-        return Response(dispatch, status_code=200, headers={"Idempotent-Replayed": "true"})
+            return Response(body, status_code=202, media_type="application/json")
+        return Response(
+            body,
+            status_code=200,
+            media_type="application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
 
     @post(
         "/{dispatch_id:str}/cancel",

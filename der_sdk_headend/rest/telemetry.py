@@ -5,16 +5,15 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.params import FromPath
-from litestar.serialization import default_serializer
 
 from der_sdk.models import TelemetrySample
 from der_sdk_headend.rest.auth import access
+from der_sdk_headend.rest.body import encode_json
 from der_sdk_headend.rest.errors import known_asset
 from der_sdk_headend.rest.openapi import NEEDS_STORAGE
 from der_sdk_headend.rest.params import LimitQuery, TimeQuery, check_limit, parse_time
@@ -25,13 +24,11 @@ if TYPE_CHECKING:
 
 __all__ = ["TelemetryController", "encode_sample"]
 
-_encoder = msgspec.json.Encoder(enc_hook=default_serializer)
-
 
 def encode_sample(sample: TelemetrySample) -> bytes:
     """The JSON of a sample, byte for byte what Litestar makes of a returned
-    :class:`TelemetrySample` (same msgspec encoder and fallback for other types)."""
-    return _encoder.encode(sample)
+    :class:`TelemetrySample` (:func:`~der_sdk_headend.rest.body.encode_json`)."""
+    return encode_json(sample)
 
 
 class TelemetryController(Controller):

@@ -8,6 +8,7 @@ import pytest
 from headend_kit import BESS_1, PV_1, SITE_A, SITE_A_ASSETS, SITE_B, ConnectAgent, sample
 from litestar.serialization import encode_json
 
+from der_sdk.models import Dispatch
 from der_sdk_headend import Headend
 
 
@@ -133,6 +134,36 @@ async def test_the_latest_sample_is_the_json_litestar_makes_of_it(
         "application/json": {"schema": {"$ref": "#/components/schemas/TelemetrySample"}}
     }
     assert ok["description"] == "Request fulfilled, document follows"
+
+
+async def test_a_dispatch_record_answered_is_the_json_litestar_makes_of_it(
+    headend: Headend, http: httpx.AsyncClient
+) -> None:
+    """``POST /dispatch`` encodes the record itself (the dispatch hot path): the bytes of
+    the ``202`` and of a replayed ``200`` are those Litestar makes of a returned
+    :class:`Dispatch` (field order, times), and the schema still names ``Dispatch``."""
+    body = {"asset_id": BESS_1, "mw": 0.5, "ttl_s": 60}
+    headers = {"Idempotency-Key": "same-bytes"}
+    created = await http.post("/dispatch", json=body, headers=headers)
+    replayed = await http.post("/dispatch", json=body, headers=headers)
+
+    assert (created.status_code, replayed.status_code) == (202, 200)
+    assert replayed.headers["idempotent-replayed"] == "true"
+    for response in (created, replayed):
+        assert response.headers["content-type"] == "application/json"
+        record = msgspec.json.decode(response.content, type=Dispatch)
+        assert response.content == encode_json(record)
+        assert int(response.headers["content-length"]) == len(response.content)
+    assert created.json()["expires_at"].endswith("Z")
+
+    responses = (await http.get("/schema/openapi.json")).json()["paths"]["/dispatch"]["post"]
+    for status in ("202", "200"):
+        assert responses["responses"][status]["content"] == {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Dispatch"}}
+        }
+    assert responses["responses"]["202"]["description"] == (
+        "Request accepted, processing continues off-line"
+    )
 
 
 async def test_an_unknown_route_is_a_json_404(http: httpx.AsyncClient) -> None:
