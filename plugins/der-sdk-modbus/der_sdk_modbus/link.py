@@ -142,7 +142,12 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        frames, self.buffer = split_frames(self.buffer + data if self.buffer else data)
+        if self.buffer:
+            data, self.buffer = self.buffer + data, b""
+        if len(data) >= 7 and len(data) == 6 + (data[4] << 8 | data[5]):
+            frames = [data]  # one whole answer, as nearly always: nothing to slice
+        else:
+            frames, self.buffer = split_frames(data)
         for frame in frames:
             waiter = self.waiter
             if waiter is not None and not waiter.done():
