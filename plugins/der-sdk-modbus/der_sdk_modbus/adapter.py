@@ -5,7 +5,9 @@ Each adapter polls its device on its own schedule (``poll_interval_s``) in a tas
 hands out each poll's sample once; asked again before the next poll it polls at once if
 the poller is idle, and if a poll is still under way (a slow device) it waits at most
 50 ms before repeating the last reading as ``uncertain``. So one slow or dead device never
-holds up the agent's other assets, and a sample's timestamp is when its poll started.
+holds up the agent's other assets, and a sample's timestamp is when its poll started. A
+read that finds no new poll also moves the poller's cadence to just before the reads, so
+that reads at the poll interval find their poll done and wait for nothing.
 
 Quality rules:
 
