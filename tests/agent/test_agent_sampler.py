@@ -1,9 +1,11 @@
 """The sampler's reads of every adapter in one tick (``read_all``): one timer for the tick,
-yet each adapter's read still ends after its own timeout with a bad sample naming it."""
+yet each adapter's read still ends after its own timeout with a bad sample naming it; and
+the collector settings ``der agent`` applies once started."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 from der_sdk.extensions import Adapter, SetpointResult
 from der_sdk.models import Asset, TelemetrySample, utc_now
 from der_sdk_agent.adapters import RECONNECT_AFTER_FAILED_READS, AdapterRuntime, read_all
+from der_sdk_agent.launch import GC_GEN0_THRESHOLD, tune_gc
 
 SITE = "6f1c2b1e-3d4a-4c5b-8e9f-0a1b2c3d4e5f"
 TIMEOUT_S = 0.2
@@ -165,3 +168,16 @@ async def test_every_non_finite_number_is_refused_and_only_those(
     else:
         assert sample.quality == "bad"
         assert problem in (sample.quality_reason or "")
+
+
+def test_tune_gc_freezes_what_is_held_and_collects_young_objects_less_often() -> None:
+    threshold = gc.get_threshold()
+    held = [[n] for n in range(1000)]  # what a started agent holds for good
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() >= len(held)
+        assert gc.get_threshold()[0] == max(GC_GEN0_THRESHOLD, threshold[0])
+        assert gc.get_threshold()[1:] == threshold[1:]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
