@@ -386,8 +386,9 @@ class _Tick:
     A read in progress is registered with its task and start time. When the timer fires,
     every read that has had its whole timeout is cancelled (the runtime turns that into a
     bad sample saying it timed out); a read that started later (it waited for a setpoint
-    to release the adapter, or for its connection) gets a timer of its own for the rest of
-    its time, and one that starts after the timer fired takes a timeout context as
+    to release the adapter, or for its connection) or has a longer timeout than the
+    shortest, which the timer is set for, gets a timer of its own for the rest of its
+    time, and one that starts after the timer fired takes a timeout context as
     :meth:`AdapterRuntime.read` does. So each read still gets its full ``timeout_s``, at
     the price of one timer per tick rather than a timeout context per adapter per tick.
     """
@@ -456,7 +457,7 @@ async def read_all(runtimes: Sequence[AdapterRuntime]) -> list[TelemetrySample]:
     if not runtimes:
         return []
     loop = asyncio.get_running_loop()
-    tick = _Tick(loop, max(rt.timeout_s for rt in runtimes))
+    tick = _Tick(loop, min(rt.timeout_s for rt in runtimes))  # the rest: a timer each
     try:
         return await asyncio.gather(*(rt._read(tick) for rt in runtimes))
     finally:

@@ -35,6 +35,7 @@ class Device(Adapter):
         self.fields: dict[str, Any] = {"mw": 0.5, **(fields or {})}
         self.apply_s = apply_s
         self.reads_cancelled = 0
+        self.cancelled_at = 0.0  # loop time of the last read cancelled
         self.closes = 0
 
     async def connect(self) -> None:
@@ -48,6 +49,7 @@ class Device(Adapter):
                 await asyncio.sleep(self.read_s)
         except asyncio.CancelledError:
             self.reads_cancelled += 1
+            self.cancelled_at = asyncio.get_running_loop().time()
             raise
         return TelemetrySample(
             asset_id=self.asset.asset_id, site_id=SITE, ts=utc_now(), online=True, **self.fields
@@ -61,13 +63,13 @@ class Device(Adapter):
         self.closes += 1
 
 
-def _runtime(device: Device) -> AdapterRuntime:
+def _runtime(device: Device, timeout_s: float = TIMEOUT_S) -> AdapterRuntime:
     return AdapterRuntime(
         asset=device.asset,
         adapter=device,
         adapter_name=device.asset.name,
         package="tests",
-        timeout_s=TIMEOUT_S,
+        timeout_s=timeout_s,
     )
 
 
@@ -86,6 +88,22 @@ async def test_a_hung_adapter_gives_a_bad_sample_naming_it_and_the_others_read_w
     )
     assert devices[1].reads_cancelled == 1
     assert TIMEOUT_S <= took < TIMEOUT_S + 0.5
+
+
+async def test_reads_with_different_timeouts_each_end_after_their_own() -> None:
+    short, long = Device("short", read_s=None), Device("long", read_s=None)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    # one tick with both (the agent gives every adapter the same timeout; a mix still works)
+    samples = await read_all([_runtime(short, 0.1), _runtime(long, 0.4)])
+    took = loop.time() - began
+    assert [s.quality for s in samples] == ["bad", "bad"]
+    assert "timed out after 0.1 s" in (samples[0].quality_reason or "")
+    assert "timed out after 0.4 s" in (samples[1].quality_reason or "")
+    assert 0.39 <= took < 0.9
+    assert (short.reads_cancelled, long.reads_cancelled) == (1, 1)
+    assert short.cancelled_at - began < 0.3  # not held until the longer timeout
+    assert long.cancelled_at - began >= 0.39
 
 
 async def test_a_read_that_waited_for_a_setpoint_still_gets_its_whole_timeout() -> None:
