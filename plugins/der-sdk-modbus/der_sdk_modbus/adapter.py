@@ -6,8 +6,9 @@ hands out each poll's sample once; asked again before the next poll it polls at 
 the poller is idle, and if a poll is still under way (a slow device) it waits at most
 50 ms before repeating the last reading as ``uncertain``. So one slow or dead device never
 holds up the agent's other assets, and a sample's timestamp is when its poll started. A
-read that finds no new poll also moves the poller's cadence to just before the reads, so
-that reads at the poll interval find their poll done and wait for nothing.
+read that finds no new poll (or one over half an interval old) also moves the poller's
+cadence to just before the reads, so that reads at the poll interval find their poll done
+and wait for nothing.
 
 Quality rules:
 
@@ -253,7 +254,13 @@ class ModbusAdapter(Adapter):
         self._returned = self._generation
         if latest.sample is None:
             return self._bad(latest.ts, latest.reason or "unknown failure")
-        age = asyncio.get_running_loop().time() - latest.started
+        now = asyncio.get_running_loop().time()
+        age = now - latest.started
+        if age > self.options.poll_interval_s / 2 and not repeated:
+            # a poll made just after the last read: the poller runs an interval behind the
+            # reads; moved ahead of them (as after a read that waited), the next read gets
+            # a reading made just before it
+            self._read_waited_at = now
         if age > self._max_age_s:
             return self._bad(
                 self._wall_clock(),
