@@ -146,6 +146,9 @@ async def measure(ports: Sequence[int], warmup_s: float, window_s: float) -> dic
 
     try:
         await sampler(loop.time() + warmup_s)  # connects every adapter and scans
+        from der_sdk_agent.launch import tune_gc
+
+        tune_gc()  # as `der agent` does once started
         polls0 = sum(a.polls for a in adapters)
         failed0 = sum(a.failed_polls for a in adapters)
         requests0 = sum(a.requests for a in adapters)

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import os
 import resource
@@ -44,6 +45,7 @@ from der_sdk_modbus.link import split_frames
 from bench import profiling
 from bench.common import Context, Figure, headend
 from bench.loadgen import AgentSpec, FleetSpec, make_fleet
+from der_sdk_agent.launch import tune_gc
 
 SUNSPEC_BESS = ("sunspec-1", "sunspec-701", "sunspec-704", "sunspec-802")
 GOAL_MS = 0.2
@@ -262,6 +264,7 @@ async def _adapters(ports: Sequence[int], meter: _Meter, stop: asyncio.Event) ->
     loop = asyncio.get_running_loop()
     meter.adapters = adapters
     await asyncio.gather(*(a.connect() for a in adapters))
+    tune_gc()  # as `der agent` does once its adapters are connected
     try:
         next_at = loop.time()
         while not stop.is_set():
@@ -291,6 +294,7 @@ async def _agent(
     )
     meter.adapters = [runtime.adapter for runtime in agent.adapters.values()]
     await agent.start()
+    tune_gc()  # as `der agent` does
     try:
         async with asyncio.timeout(60):
             await agent.wait_connected()
@@ -324,6 +328,7 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
         )
         job = asyncio.create_task(_agent(ports, meter, stop, os.environ["BENCH_HEADEND"], spec))
     loop = asyncio.get_running_loop()
+    gc_meter = _GcMeter()
     async with asyncio.timeout(120):  # every device connected, scanned and polled twice
         while not (meter.ready if mode != "raw" else meter.polls >= 2 * len(ports)):
             if job.done():
@@ -335,9 +340,11 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
     polls0, failed0 = meter.read()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     cpu0, wall0 = time.process_time(), loop.time()
+    gc_meter.start()
     print(json.dumps({"event": "measuring"}), flush=True)
     await asyncio.sleep(window_s)
     cpu, wall = time.process_time() - cpu0, loop.time() - wall0
+    gc_figures = gc_meter.stop(polls=meter.read()[0] - polls0)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     polls1, failed1 = meter.read()
     polls, failed = polls1 - polls0, failed1 - failed0
@@ -350,9 +357,47 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
         **window_figures(len(ports), wall, cpu, polls, failed),
         "user_ms_per_poll": round(1000 * user / polls, 4) if polls else None,
         "system_ms_per_poll": round(1000 * system / polls, 4) if polls else None,
+        **gc_figures,
         **extra,
     }
     print(json.dumps(result), flush=True)
+
+
+class _GcMeter:
+    """Time the garbage collector spends in the measured window (``gc.callbacks``): with
+    thousands of devices the heap is large and a full collection walks all of it."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.began = 0.0
+        self.seconds = 0.0
+        self.longest = 0.0
+        self.collections = [0, 0, 0]
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if not self.measuring:
+            return
+        if phase == "start":
+            self.began = time.process_time()
+            return
+        spent = time.process_time() - self.began
+        self.seconds += spent
+        self.longest = max(self.longest, spent)
+        self.collections[info["generation"]] += 1
+
+    def start(self) -> None:
+        self.measuring = True
+
+    def stop(self, polls: int) -> dict[str, Any]:
+        self.measuring = False
+        gc.callbacks.remove(self._callback)
+        return {
+            "gc_ms_per_poll": round(1000 * self.seconds / polls, 4) if polls else None,
+            "gc_longest_ms": round(1000 * self.longest, 1),
+            "gc_collections": self.collections,
+            "gc_tracked_objects": len(gc.get_objects()),
+        }
 
 
 def window_figures(
@@ -447,6 +492,7 @@ def _line(run: dict[str, Any]) -> str:
         f"{run['mode']:>7} {run['devices']:>5} devices: {run['cpu_ms_per_poll']} ms CPU/poll, "
         f"{run['cpu_pct_of_one_core']} % of a core, {run['poll_hz_per_device']} polls/s/device, "
         f"{run['failed_polls']} failed"
+        + (f", GC {run['gc_ms_per_poll']} ms/poll" if run.get("gc_ms_per_poll") else "")
     )
 
 
@@ -456,7 +502,10 @@ async def run(ctx: Context) -> list[Figure]:
         sizes = sorted(int(n) for n in chosen.split(","))
     else:
         sizes = [10] if ctx.quick else [50, 200, 1000, 2000]
+    modes = os.environ.get("DER_SDK_BENCH_MODBUS_MODES")  # e.g. raw,agent while profiling
+    chosen_modes = [m for m in MODES if m in modes.split(",")] if modes else list(MODES)
     warmup_s, window_s = (0.5, 1.0) if ctx.quick else (4.0, 10.0)
+    window_s = float(os.environ.get("DER_SDK_BENCH_MODBUS_WINDOW_S", window_s))
     work = ctx.scratch("modbus-poll")
     ports_file = work / "ports.json"
     fleet = FleetSpec(tuple(make_fleet(1, n, prefix=f"modbus-{n}").agents[0] for n in sizes))
@@ -480,7 +529,7 @@ async def run(ctx: Context) -> list[Figure]:
                     "BENCH_MODBUS_ASSETS": json.dumps(spec.asset_ids),
                     "BENCH_MODBUS_BUFFER": str(work / f"agent-{size}.sqlite3"),
                 }
-                for mode in MODES:
+                for mode in chosen_modes:
                     result = await _measure(
                         ctx, mode, ports_file, size, warmup_s, window_s, env=env
                     )
@@ -494,8 +543,10 @@ async def run(ctx: Context) -> list[Figure]:
 def _figures(runs: dict[tuple[str, int], dict[str, Any]], sizes: Sequence[int]) -> list[Figure]:
     figures = []
     for size in sizes:
-        raw = runs["raw", size]["cpu_ms_per_poll"]
+        raw = runs["raw", size]["cpu_ms_per_poll"] if ("raw", size) in runs else None
         for mode, label in (("adapter", "adapter alone"), ("agent", "full agent")):
+            if (mode, size) not in runs:
+                continue
             run = runs[mode, size]
             value = run["cpu_ms_per_poll"]
             figures.append(
@@ -508,10 +559,16 @@ def _figures(runs: dict[tuple[str, int], dict[str, Any]], sizes: Sequence[int]) 
                     raw=raw,
                     raw_label=RAW_LABEL,
                     ratio=value / raw if raw else None,
-                    details={"run": run, "raw": runs["raw", size]},
+                    details={"run": run, "raw": runs.get(("raw", size))},
                 )
             )
-    kept = [s for s in sizes if runs["agent", s]["poll_hz_per_device"] >= 0.95]
+    kept = [
+        s
+        for s in sizes
+        if ("agent", s) in runs
+        and ("raw", s) in runs
+        and runs["agent", s]["poll_hz_per_device"] >= 0.95
+    ]
     if kept:
         basis = runs["agent", max(kept)]
         per_core = 1000.0 / basis["cpu_ms_per_poll"]

@@ -49,7 +49,13 @@ from der_sdk.extensions import EdgeService, EdgeServiceContext, EdgeServiceType
 from der_sdk.inventory import load_inventory
 from der_sdk.models import Asset, TelemetrySample
 from der_sdk.plugins import Plugins, load_plugins
-from der_sdk_agent.adapters import AdapterRuntime, adapter_names, build_adapters, convert_options
+from der_sdk_agent.adapters import (
+    AdapterRuntime,
+    adapter_names,
+    build_adapters,
+    convert_options,
+    read_all,
+)
 from der_sdk_agent.dispatch import Dispatcher, DispatchOutcome
 from der_sdk_agent.link import Backoff, HeadendLink
 from der_sdk_agent.schedule import ScheduleRunner
@@ -469,7 +475,7 @@ class Agent:
     async def sample_once(self) -> list[TelemetrySample]:
         """Read every adapter once, number the samples, share them and commit them to the
         buffer (opened on first use)."""
-        readings = await asyncio.gather(*(rt.read() for rt in self.adapters.values()))
+        readings = await read_all(list(self.adapters.values()))
         samples: list[TelemetrySample] = []
         for sample in readings:
             seq = self._sample_seq[sample.asset_id] + 1

@@ -10,6 +10,7 @@ agent config sets ``buffer.path``, which must then contain ``{agent_id}`` (one f
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Sequence
@@ -23,9 +24,32 @@ from der_sdk_agent.agent import Agent
 from der_sdk_agent.settings import AgentSettings
 from der_sdk_agent.tls import LinkSecurity
 
-__all__ = ["launch", "run_agent", "run_launch", "wait_for_signal"]
+__all__ = ["GC_GEN0_THRESHOLD", "launch", "run_agent", "run_launch", "tune_gc", "wait_for_signal"]
 
 log = logging.getLogger("der.agent.launch")
+
+GC_GEN0_THRESHOLD = 2_000
+"""Allocations between young-generation collections once an agent runs (Python: 700)."""
+
+
+def tune_gc() -> None:
+    """Once the agents of this process have started: move what they hold for good (their
+    adapters, device maps, connections, modules) out of the cycle collector's reach, and
+    collect the young generation less often.
+
+    Polling allocates a few objects per device per poll, most of which live until the
+    next poll; they survive the young collections, and each time a quarter as many as the
+    older generation holds have done so CPython runs a full collection, which scanned
+    every adapter's long-lived objects again: at 2,000 Modbus devices about a third of
+    the agent's CPU went to the collector, in pauses of up to 200 ms
+    (docs/performance.md). After :func:`gc.freeze` a full collection scans only what was
+    allocated since. Objects freed by their reference count (nearly all) are freed at
+    once, frozen or not.
+    """
+    gc.collect()
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(GC_GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
 async def wait_for_signal(*also: asyncio.Future[Any]) -> None:
@@ -54,6 +78,7 @@ async def run_agent(settings: AgentSettings, plugins: Plugins | None = None) -> 
     """
     agent = Agent.from_settings(settings, plugins)
     await agent.start()
+    tune_gc()
     stopped = asyncio.create_task(agent.wait_stopped())
     try:
         await wait_for_signal(stopped)
@@ -158,6 +183,7 @@ async def run_launch(
 ) -> None:
     """:func:`launch`, then wait for SIGINT or SIGTERM and stop every agent."""
     agents = await launch(inventory, headend=headend, mode=mode, config=config, plugins=plugins)
+    tune_gc()
     try:
         await wait_for_signal()
     finally:

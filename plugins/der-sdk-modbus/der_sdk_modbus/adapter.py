@@ -5,7 +5,10 @@ Each adapter polls its device on its own schedule (``poll_interval_s``) in a tas
 hands out each poll's sample once; asked again before the next poll it polls at once if
 the poller is idle, and if a poll is still under way (a slow device) it waits at most
 50 ms before repeating the last reading as ``uncertain``. So one slow or dead device never
-holds up the agent's other assets, and a sample's timestamp is when its poll started.
+holds up the agent's other assets, and a sample's timestamp is when its poll started. A
+read that finds no new poll (or one over half an interval old) also moves the poller's
+cadence to just before the reads, so that reads at the poll interval find their poll done
+and wait for nothing.
 
 Quality rules:
 
@@ -65,8 +68,12 @@ T = TypeVar("T")
 
 _STALE_SLACK_S = 0.5
 _IN_FLIGHT_WAIT_S = 0.05
-_CANCEL_RETRY_S = 0.2
 """How long read() waits for a poll already under way before repeating the last reading."""
+_CANCEL_RETRY_S = 0.2
+_DRIFT_S = 0.05
+"""How late a poll's timer may fire and the cadence still count from when it was due."""
+_LEAD_MIN_S = 0.05
+"""The least a poll is made ahead of the read() it is for (see ``_poll_forever``)."""
 _RETRY_EXCEPTION_CODES = frozenset({0x05, 0x06})  # acknowledge, busy: ask again
 
 
@@ -131,6 +138,10 @@ class ModbusAdapter(Adapter):
         """The SunSpec models the last scan found (empty without ``sunspec_scan``)."""
         self.polls = 0
         self.failed_polls = 0
+        self.reads_waited = 0
+        """Calls of :meth:`read` that found no new poll and waited for one."""
+        self._read_waited_at: float | None = None  # loop time of the last such read()
+        self._poll_took_s = 0.0  # how long the last poll took
         if opts.profile is not None:
             self._named = find_profile(context.profiles, opts.profile, opts.profile_version)
             if opts.sunspec_scan:
@@ -226,6 +237,8 @@ class ModbusAdapter(Adapter):
         if self._task is None or self._task.done():
             return self._bad(self._wall_clock(), f"{self._where}: adapter not connected")
         if self._generation == self._returned:  # nothing new since the last read()
+            self.reads_waited += 1
+            self._read_waited_at = asyncio.get_running_loop().time()
             if self._polling:  # a poll is on its way: a slow device is not waited for
                 wait_s = min(_IN_FLIGHT_WAIT_S, self._read_wait_s)
             else:  # the poller is idle: poll now and report that
@@ -241,7 +254,13 @@ class ModbusAdapter(Adapter):
         self._returned = self._generation
         if latest.sample is None:
             return self._bad(latest.ts, latest.reason or "unknown failure")
-        age = asyncio.get_running_loop().time() - latest.started
+        now = asyncio.get_running_loop().time()
+        age = now - latest.started
+        if age > self.options.poll_interval_s / 2 and not repeated:
+            # a poll made just after the last read: the poller runs an interval behind the
+            # reads; moved ahead of them (as after a read that waited), the next read gets
+            # a reading made just before it
+            self._read_waited_at = now
         if age > self._max_age_s:
             return self._bad(
                 self._wall_clock(),
@@ -361,11 +380,15 @@ class ModbusAdapter(Adapter):
     async def _poll_forever(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.options.poll_interval_s
+        next_at = loop.time()
         while True:
             self._poll_asked = False
-            # the next poll is due an interval after this one starts, whether the tick or
-            # a read() asked for it: reads never add polls to the cadence, they shift it
-            next_at = loop.time() + interval
+            # the next poll is due an interval after this one was due when its timer woke
+            # it (a timer that fires a little late does not make the cadence drift), else
+            # an interval after it starts, whether a read() asked for it or a slow poll
+            # overran: reads never add polls to the cadence, they shift it
+            now = loop.time()
+            next_at = next_at + interval if 0 <= now - next_at < _DRIFT_S else now + interval
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -382,6 +405,13 @@ class ModbusAdapter(Adapter):
                 )
             if self._poll_asked:
                 continue  # read() asked for a poll while this one ran
+            read_at, self._read_waited_at = self._read_waited_at, None
+            if read_at is not None:
+                # a read() found nothing new and waited: the reads come at that phase;
+                # poll a little more than a poll takes ahead of the next one, so that it
+                # finds this poll's reading ready and waits for nothing
+                lead = min(interval / 2, max(_LEAD_MIN_S, 2 * self._poll_took_s))
+                next_at = read_at + interval - lead
             # the next tick (at once after a slow poll that overran the interval), or
             # read() asking for a poll now
             sleeper = self._sleeper = loop.create_future()
@@ -460,6 +490,7 @@ class ModbusAdapter(Adapter):
 
     def _publish(self, reading: _Reading) -> None:
         """Make ``reading`` the latest and wake whoever waits for one."""
+        self._poll_took_s = asyncio.get_running_loop().time() - reading.started
         self._latest = reading
         self._generation += 1
         waiters = self._waiters

@@ -13,9 +13,9 @@ still uses): the adapter sends one request at a time and needs only functions 1-
 16, and pymodbus's general transaction machinery (framer, PDU objects, a lock, a
 ``wait_for`` and trace hooks per request) cost more CPU than the whole rest of a poll.
 Here a request is one ``struct.pack`` and one ``write``; its answer is matched by
-transaction id, protocol id and unit id and decoded with one ``struct.unpack``, and a
-timer per request replaces the timeout context. Modbus TCP framing (MBAP header plus PDU)
-is all there is to it.
+transaction id, protocol id and unit id and decoded with one ``struct.unpack``, and one
+timer per connection, set again only when it fires early, replaces a timeout context per
+request. Modbus TCP framing (MBAP header plus PDU) is all there is to it.
 """
 
 from __future__ import annotations
@@ -142,7 +142,12 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        frames, self.buffer = split_frames(self.buffer + data if self.buffer else data)
+        if self.buffer:
+            data, self.buffer = self.buffer + data, b""
+        if len(data) >= 7 and len(data) == 6 + (data[4] << 8 | data[5]):
+            frames = [data]  # one whole answer, as nearly always: nothing to slice
+        else:
+            frames, self.buffer = split_frames(data)
         for frame in frames:
             waiter = self.waiter
             if waiter is not None and not waiter.done():
@@ -176,6 +181,9 @@ class ModbusLink:
         self.requests = 0
         self._protocol: _Protocol | None = None
         self._tid = 0
+        # one timer per connection rather than one per request (see _send)
+        self._due = 0.0  # when the request under way times out
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def endpoint(self) -> str:
@@ -208,6 +216,9 @@ class ModbusLink:
     def close(self) -> None:
         """Close the connection; a request waiting for its answer fails at once."""
         protocol, self._protocol = self._protocol, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if protocol is None:
             return
         protocol.closed = True
@@ -268,6 +279,19 @@ class ModbusLink:
 
     # ---------------------------------------------------------------- internals
 
+    def _check_due(self, protocol: _Protocol) -> None:
+        """The connection's timer fired: time out the request under way if it is due."""
+        self._timer = None
+        waiter = protocol.waiter
+        if protocol is not self._protocol or waiter is None or waiter.done():
+            return  # no request under way: the next one sets the timer again
+        loop = waiter.get_loop()
+        due = self._due
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._check_due, protocol)
+        else:
+            _expire(waiter, due)
+
     async def _send(self, function: int, address: int, word: int, data: bytes) -> bytes:
         """Send one request (function, address, count or value, then ``data``); the
         response PDU (function code first) once it is a match and no exception."""
@@ -283,8 +307,16 @@ class ModbusLink:
         protocol.transport.write(
             _REQUEST.pack(tid, 0, 6 + len(data), unit, function, address, word) + data
         )
-        due = loop.time() + self.timeout_s
-        timer = loop.call_at(due, _expire, waiter, due)
+        # The timer is not made and cancelled per request: one is left armed for the
+        # earliest deadline, and when it fires it times out the request under way if that
+        # one is due, is set again for it if it is not, and lapses if none is under way
+        # (about one timer per poll instead of two made and two cancelled).
+        self._due = due = loop.time() + self.timeout_s
+        timer = self._timer
+        if timer is None or timer.when() > due:  # (later only if timeout_s was lowered)
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(due, self._check_due, protocol)
         try:
             frame = await waiter
         except asyncio.CancelledError:
@@ -304,7 +336,6 @@ class ModbusLink:
                 f"{_what(function, address, word)}",
             ) from None
         finally:
-            timer.cancel()
             protocol.waiter = None
         if len(frame) < 8:
             self.close()

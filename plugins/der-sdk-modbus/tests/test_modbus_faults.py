@@ -5,7 +5,7 @@ one poll of the fault clearing; one slow device does not hold up the others."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -249,6 +249,36 @@ async def test_each_poll_is_reported_once_and_a_slow_poll_is_not_waited_for(
     slow = await asking  # the one who asked gets the slow poll's fresh reading
     assert slow.quality == "good" and slow.ts > second.ts
     device.clear_faults()
+
+
+async def test_polls_move_ahead_of_reads_at_the_same_cadence_so_reads_wait_for_nothing(
+    serve: Serve, make_adapter: MakeAdapter
+) -> None:
+    _device, server = await serve(["acme-bess@1.0.0"])
+    interval = 0.2
+    adapter = make_adapter(
+        server, profile="acme-bess", profile_version="1.0.0", poll_interval_s=interval
+    )
+    await adapter.connect()
+    loop = asyncio.get_running_loop()
+    # reads at the poll interval, at the phase where the poller's own ticks would land
+    next_at = loop.time() + interval
+    samples = []
+    for _ in range(12):
+        await asyncio.sleep(max(0.0, next_at - loop.time()))
+        next_at += interval
+        read_at = datetime.now(UTC)
+        sample = await adapter.read()
+        samples.append((read_at, sample))
+    assert all(s.quality == "good" for _, s in samples)
+    assert len({s.ts for _, s in samples}) == len(samples)  # a new poll for every read
+    assert adapter.reads_waited <= 4  # the first reads, until the poller moved ahead
+    # the later reads got a poll made just before them, at most half an interval before
+    # (not one an interval old); a loaded machine may delay a timer now and then
+    ahead = timedelta(seconds=interval / 2 + 0.05)
+    fresh = [read_at - ahead <= sample.ts <= read_at for read_at, sample in samples[4:]]
+    assert sum(fresh) >= len(fresh) - 2, fresh
+    assert adapter.polls <= len(samples) + 3  # no extra polls for that
 
 
 async def test_a_slow_device_does_not_hold_up_the_other_assets_of_a_gateway(

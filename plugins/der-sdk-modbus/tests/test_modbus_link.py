@@ -124,3 +124,33 @@ async def test_an_answer_split_across_segments_is_put_back_together(
         assert await link.read("holding", 100, 2) == [1, 2]
     finally:
         link.close()
+
+
+async def test_each_request_gets_its_whole_timeout_from_when_it_was_sent(
+    scripted: Callable[..., int],
+) -> None:
+    # one timer per connection, left armed for the first request's deadline: the second
+    # request, sent later and answered after that deadline, is not timed out by it; the
+    # third, never answered, times out its own timeout after it was sent
+    answer_after_s = {1: 0.0, 2: 0.25, 3: 1.0}
+
+    def answer(tid: int, unit: int, count: int) -> bytes:
+        time.sleep(answer_after_s[tid])
+        return _registers(tid, unit, count)
+
+    port = scripted(answer)
+    loop = asyncio.get_running_loop()
+    link = ModbusLink("127.0.0.1", port, 1, timeout_s=0.3)
+    await link.connect()
+    try:
+        assert await link.read("holding", 100, 2) == [1, 2]
+        await asyncio.sleep(0.2)
+        assert await link.read("holding", 100, 2) == [1, 2]  # answered 0.45 s after the first
+        sent = loop.time()
+        with pytest.raises(ModbusFault) as raised:
+            await link.read("holding", 100, 2)
+        took = loop.time() - sent
+    finally:
+        link.close()
+    assert raised.value.kind == "timeout"
+    assert 0.29 <= took < 0.6
