@@ -147,6 +147,12 @@ async def _point(
         rss_started_mib=round(started["rss"] / MIB, 1),
         rss_idle_mib=round(idle["rss"] / MIB, 1),
         rss_loaded_peak_mib=round(sampler.peak / MIB, 1),
+        # When in the load (from the fleet's first push to the end of the drain) the peak
+        # came, and the RSS per second: a late peak is the drain, not the steady state.
+        rss_peak_at_s=round(max(sampler.samples, key=lambda s: s[1])[0], 1)
+        if sampler.samples
+        else 0.0,
+        rss_timeline=[(second, mib) for second, mib, _ in sampler.timeline()],
         idle_kb_per_stream=round((idle["rss"] - started["rss"]) / streams / 1000, 1),
         loaded_kb_per_stream=round((sampler.peak - idle["rss"]) / streams / 1000, 1),
         gc=pauses,
@@ -158,7 +164,8 @@ async def _point(
     ctx.say(
         f"{streams} streams: {result['samples_per_s']:,.0f} samples/s, RSS idle "
         f"{result['rss_idle_mib']} MiB, loaded peak {result['rss_loaded_peak_mib']} MiB "
-        f"({result['loaded_kb_per_stream']} KB/stream above idle), full GCs: "
+        f"({result['loaded_kb_per_stream']} KB/stream above idle, peak at "
+        f"{result['rss_peak_at_s']} s), full GCs: "
         f"{result['gc_full_natural']} natural, max {result['gc_full_max_ms']} ms (one on "
         f"request {result['gc_full_probe_ms']} ms), CPU max {result['gc_full_cpu_max_ms']} ms, "
         f"headend {result.get('server_cores', 0):.2f} cores"

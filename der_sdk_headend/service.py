@@ -80,6 +80,14 @@ STREAM_WINDOW_BYTES = 32 * 1024
 """The HTTP/2 flow-control window of each agent stream: what gRPC reads ahead of the
 headend (a telemetry batch of 100 samples is about 15 KB)."""
 
+TCP_READ_CHUNK_BYTES = 8 * 1024
+"""The most gRPC reads from an agent's connection at once. gRPC grows its read size with
+the traffic, up to 4 MB, in 64 KB buffers that stay allocated while any byte in them is
+unread; with thousands of streams waiting for ingest queue space that slack is held on
+every connection. 8 KB reads go into 8 KB buffers (docs/performance.md, "Ingest at fleet
+scale": measured within the noise of a shared machine, 90 against 100-115 KB per loaded
+stream at 5,000 streams, and no slower for one stream)."""
+
 GRPC_SERVER_OPTIONS = (
     # A busy port is an error, not a second headend silently sharing it.
     ("grpc.so_reuseport", 0),
@@ -104,6 +112,7 @@ GRPC_SERVER_OPTIONS = (
     # it at STREAM_WINDOW_BYTES so the agent's own buffer holds the rest.
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+    ("grpc.experimental.tcp_max_read_chunk_size", TCP_READ_CHUNK_BYTES),
 )
 
 

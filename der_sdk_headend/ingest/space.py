@@ -62,12 +62,17 @@ class QueueSpace:
     def _fits(self, samples: int) -> bool:
         return self._closed or not self._used or self._used + samples <= self._capacity
 
+    def would_wait(self, samples: int) -> bool:
+        """Whether a reservation of ``samples`` would wait now (others wait ahead, or
+        they do not fit)."""
+        return bool(self._waiters) or not self._fits(samples)
+
     def try_reserve(self, samples: int) -> bool:
         """Hold ``samples`` of space if that needs no wait (nobody waits ahead and they
         fit); ``False``, holding nothing, otherwise."""
         if samples < 0:
             raise ValueError(f"cannot reserve {samples} samples")
-        if self._waiters or not self._fits(samples):
+        if self.would_wait(samples):
             return False
         self._used += samples
         return True

@@ -559,6 +559,11 @@ class TelemetryIngest:
         self._presence.touch(stream)
         await self._space.reserve(samples)
 
+    def would_wait(self, samples: int) -> bool:
+        """Whether :meth:`reserve` of ``samples`` would wait now: the queue is full, or
+        other readers wait for space already."""
+        return self._space.would_wait(samples)
+
     def try_reserve(self, stream: AgentStream, samples: int) -> bool:
         """:meth:`reserve` when that needs no wait; ``False`` (nothing held) when it
         would: the caller may drop what it can before it waits."""

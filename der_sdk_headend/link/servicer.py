@@ -87,6 +87,10 @@ log = logging.getLogger("der.headend.link")
 
 REGISTER_TIMEOUT_S = 10.0
 """How long a new stream may take to send its ``Register``."""
+HELD_READ_S = 0.05
+"""How long a stream's reader keeps queue space it took before reading the stream's next
+message (the ingest queue was full) when that message does not come: then it gives the
+space back, so an agent with nothing more to send holds none."""
 
 
 def add_agent_link(link: AgentLinkService, server: grpc.aio.Server) -> None:
@@ -477,12 +481,30 @@ class AgentLinkService:
         self, request_iterator: AsyncIterator[bytes], stream: AgentStream
     ) -> str | None:
         """Handle what the agent sends until its stream ends; return why the stream must
-        be refused (``INVALID_ARGUMENT``), or ``None``."""
+        be refused (``INVALID_ARGUMENT``), or ``None``.
+
+        While the ingest queue is full, the reader does not read the stream's next
+        message until it holds queue space for it (as much as the stream's last batch):
+        what the agent sends meanwhile waits in gRPC, within the stream's flow-control
+        window, not a second time in the headend's own memory.
+        """
+        iterator = aiter(request_iterator)
+        expected = 0  # samples in this stream's last telemetry batch
+        held = 0  # queue space held for the next message, not handed on yet
         try:
-            async for raw in request_iterator:
-                refusal = await self._receive(stream, raw)
+            while True:
+                if expected and self._ingest.would_wait(expected):
+                    await self._ingest.reserve(stream, expected)
+                    held = expected
+                raw, held = await self._next(iterator, held)
+                if raw is None:
+                    break
+                space, held = held, 0  # _receive owns it now
+                refusal, samples = await self._receive(stream, raw, space)
                 if refusal is not None:
                     return refusal
+                if samples is not None:
+                    expected = samples
                 del raw  # an idle stream holds nothing of what it read last
         except asyncio.CancelledError:
             raise
@@ -491,11 +513,37 @@ class AgentLinkService:
         except Exception:
             log.exception("stream of %s failed; closing it", stream.describe())
         finally:
+            if held:
+                self._ingest.unreserve(held)
             stream.end()
         return None
 
-    async def _receive(self, stream: AgentStream, raw: bytes) -> str | None:
-        """Handle one message; return why the stream must be refused, or ``None``.
+    async def _next(self, iterator: AsyncIterator[bytes], held: int) -> tuple[bytes | None, int]:
+        """The stream's next message (``None`` at its end) and the queue space still held
+        for it. What was ``held`` is given back if the message takes longer than
+        :data:`HELD_READ_S` to come: an agent with nothing more to send must not keep
+        queue space from the others."""
+        if not held:
+            return await anext(iterator, None), 0
+        read = asyncio.ensure_future(anext(iterator, None))
+        try:
+            done, _ = await asyncio.wait((read,), timeout=HELD_READ_S)
+            if not done:
+                self._ingest.unreserve(held)
+                held = 0
+            return await read, held
+        except BaseException:
+            read.cancel()
+            if held:
+                self._ingest.unreserve(held)
+            raise
+
+    async def _receive(
+        self, stream: AgentStream, raw: bytes, held: int = 0
+    ) -> tuple[str | None, int | None]:
+        """Handle one message, with ``held`` samples of queue space already held for it
+        (the caller's no longer); return why the stream must be refused (or ``None``)
+        and, for a telemetry batch, its raw sample count.
 
         A telemetry batch first gets ingest queue space for its raw sample count, then a
         turn to decode (:class:`~der_sdk_headend.ingest.turns.DecodeTurns`). While it
@@ -507,17 +555,27 @@ class AgentLinkService:
         try:
             message = codec.parse_agent_message(raw)
         except ValueError as exc:
+            if held:
+                self._ingest.unreserve(held)
             log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), exc)
-            return str(exc)
+            return str(exc), None
         if message.WhichOneof("msg") != "telemetry":
+            if held:
+                self._ingest.unreserve(held)
             await self._handle(stream, message)
-            return None
-        reserved = codec.batch_sample_count(message.telemetry)
+            return None, None
+        samples = codec.batch_sample_count(message.telemetry)
+        reserved = samples
         parsed: pb.AgentMessage | None = message
         del message
-        if not self._ingest.try_reserve(stream, reserved):
-            parsed = None  # only the bytes wait
-            await self._ingest.reserve(stream, reserved)
+        if held >= samples:
+            reserved = held  # queue_batch gives back what the batch does not use
+        else:
+            if held:
+                self._ingest.unreserve(held)
+            if not self._ingest.try_reserve(stream, reserved):
+                parsed = None  # only the bytes wait
+                await self._ingest.reserve(stream, reserved)
         if not self._turns.free:
             parsed = None
             try:
@@ -533,10 +591,10 @@ class AgentLinkService:
         except ValueError as exc:  # columns that do not fit together: nothing was taken
             problem = f"telemetry batch {parsed.telemetry.seq if parsed else '?'}: {exc}"
             log.warning("%s refused (INVALID_ARGUMENT): %s", stream.describe(), problem)
-            return problem
+            return problem, None
         finally:
             self._turns.spent(time.perf_counter() - started)
-        return None
+        return None, samples
 
     async def _handle(self, stream: AgentStream, message: pb.AgentMessage) -> None:
         """Any message but telemetry (:meth:`_receive` handles that)."""

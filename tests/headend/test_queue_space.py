@@ -7,7 +7,15 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from headend_kit import BESS_1, SITE_A_ASSETS, WAIT_S, ConnectAgent, eventually, sample
+from headend_kit import (
+    BESS_1,
+    SITE_A_ASSETS,
+    WAIT_S,
+    ConnectAgent,
+    RawAgent,
+    eventually,
+    sample,
+)
 
 from der_sdk.models import TelemetrySample
 from der_sdk.wire import codec
@@ -125,13 +133,10 @@ def test_a_bound_below_one_is_refused_naming_it() -> None:
         QueueSpace(0)
 
 
-async def test_a_full_queue_holds_the_streams_next_batch_undecoded(
-    headend: Headend, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Storage stalls with one batch in flight and the queue bound at one batch: the next
-    batch's reader waits for space before decoding it, and decodes it once space frees."""
-    ingest = headend.ingest
-    ingest.max_queued_samples = 5
+def _bound_and_stall(headend: Headend, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Bound the ingest queue at 5 samples and hold every storage write until the event
+    returned is set."""
+    headend.ingest.max_queued_samples = 5
     storage = headend.storage
     original_append = storage.append_telemetry
     release = asyncio.Event()
@@ -141,6 +146,35 @@ async def test_a_full_queue_holds_the_streams_next_batch_undecoded(
         return await original_append(samples)
 
     monkeypatch.setattr(storage, "append_telemetry", stalled)
+    return release
+
+
+async def _agent_sending_three_batches(connect_agent: ConnectAgent) -> RawAgent:
+    """A registered agent that sent batches 1, 2 and 3 of 5 samples each."""
+    agent = await connect_agent()
+    await agent.register(SITE_A_ASSETS)
+    for seq in (1, 2, 3):
+        rows = [sample(BESS_1, seconds=seq * 10 + i) for i in range(5)]
+        await agent.send(codec.agent_telemetry(seq, rows))
+    return agent
+
+
+async def _acks(agent: RawAgent, count: int) -> list[int]:
+    """The sequence numbers of the agent's next ``count`` telemetry acks."""
+    acked: list[int] = []
+    async with asyncio.timeout(WAIT_S):
+        while len(acked) < count:
+            acked.append((await agent.recv_kind("telemetry_ack")).seq)
+    return acked
+
+
+async def test_a_full_queue_holds_the_streams_next_batch_undecoded(
+    headend: Headend, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage stalls with one batch in flight and the queue bound at one batch: the next
+    batch's reader waits for space before decoding it, and decodes it once space frees."""
+    ingest = headend.ingest
+    release = _bound_and_stall(headend, monkeypatch)
     decoded: list[int] = []
     decode = codec.telemetry_batch_from_pb
 
@@ -149,11 +183,7 @@ async def test_a_full_queue_holds_the_streams_next_batch_undecoded(
         return decode(message)  # type: ignore[arg-type]
 
     monkeypatch.setattr(codec, "telemetry_batch_from_pb", counting)
-    agent = await connect_agent()
-    await agent.register(SITE_A_ASSETS)
-    for seq in (1, 2, 3):
-        rows = [sample(BESS_1, seconds=seq * 10 + i) for i in range(5)]
-        await agent.send(codec.agent_telemetry(seq, rows))
+    agent = await _agent_sending_three_batches(connect_agent)
 
     async def second_waits() -> bool:
         return ingest._space.waiting == 1
@@ -163,13 +193,71 @@ async def test_a_full_queue_holds_the_streams_next_batch_undecoded(
     assert ingest.stats().queued_samples == 5
 
     release.set()
-    acked: list[int] = []
-    async with asyncio.timeout(WAIT_S):
-        while len(acked) < 3:
-            acked.append((await agent.recv_kind("telemetry_ack")).seq)
-    assert acked == [1, 2, 3]
+    assert await _acks(agent, 3) == [1, 2, 3]
     assert decoded == [1, 2, 3]
-    assert ingest._space.used == 0
+
+    async def nothing_held() -> bool:
+        return ingest._space.used == 0
+
+    await eventually(nothing_held, "the space taken for a fourth batch that never came is back")
+
+
+async def test_while_the_queue_is_full_a_stream_is_not_read_until_space_is_held(
+    headend: Headend, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the queue full, a reader takes space for its stream's next batch (the size
+    of its last one) before it reads it: the batches the agent sent meanwhile stay
+    unread (in gRPC, under flow control), not held as bytes by the headend."""
+    ingest = headend.ingest
+    release = _bound_and_stall(headend, monkeypatch)
+    parsed: list[int] = []
+    parse = codec.parse_agent_message
+
+    def counting(raw: bytes) -> object:
+        message = parse(raw)
+        if message.WhichOneof("msg") == "telemetry":
+            parsed.append(message.telemetry.seq)
+        return message
+
+    monkeypatch.setattr(codec, "parse_agent_message", counting)
+    agent = await _agent_sending_three_batches(connect_agent)
+
+    async def reader_waits() -> bool:
+        return ingest._space.waiting == 1
+
+    await eventually(reader_waits, "the stream's reader waits for space before reading")
+    for _ in range(20):  # the batches sent meanwhile are in reach: none is read
+        await asyncio.sleep(0)
+    assert parsed == [1], "batches 2 and 3 were not read while the queue was full"
+
+    release.set()
+    assert await _acks(agent, 3) == [1, 2, 3]
+    assert parsed == [1, 2, 3], "each batch was parsed once: none waited as bytes"
+
+
+async def test_space_taken_for_a_batch_that_does_not_come_is_given_back(
+    headend: Headend, connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader that took space for its stream's next batch, with the agent sending
+    nothing more, gives it back, so another stream's batch gets it."""
+    ingest = headend.ingest
+    release = _bound_and_stall(headend, monkeypatch)
+    first = await connect_agent()
+    await first.register(SITE_A_ASSETS)
+    await first.send(codec.agent_telemetry(1, [sample(BESS_1, seconds=i) for i in range(5)]))
+
+    async def queued() -> bool:
+        return ingest.stats().queued_samples == 5 and ingest._space.waiting == 1
+
+    await eventually(queued, "the first batch is queued and its reader waits for more space")
+    release.set()  # the write frees the space; the reader takes it, and nothing comes
+
+    async def given_back() -> bool:
+        return ingest._space.used == 0 and ingest._space.waiting == 0
+
+    await eventually(given_back, "the reader gave back the space it took for nothing")
+    acked = await first.recv_kind("telemetry_ack")
+    assert acked.seq == 1
 
 
 async def test_try_reserve_takes_space_only_when_nobody_waits_and_it_fits() -> None:
