@@ -237,8 +237,8 @@ def _buffered_samples(path: Path) -> set[tuple[str, int]]:
         payloads = [row[0] for row in conn.execute("SELECT payload FROM telemetry")]
     keys: set[tuple[str, int]] = set()
     for payload in payloads:
-        for sample in pb.TelemetryBatch.FromString(payload).samples:
-            keys.add((sample.asset_id, sample.ts_us))
+        for sample in codec.samples_from_batch(pb.TelemetryBatch.FromString(payload)):
+            keys.add((sample.asset_id, codec.datetime_to_us(sample.ts)))
     return keys
 
 
