@@ -26,6 +26,11 @@ def sign_in(page: Page, token: str, *, next_path: str = "/") -> None:
     page.get_by_label("REST token").fill(token)
     page.get_by_role("button", name="Sign in").click()
     expect(page).to_have_url(re.compile(re.escape(next_path) + r"$"))
+    # The URL changes before the landed page's deferred scripts run. A form used before
+    # htmx has bound it is posted as a whole page, leaving the page under test (CI saw
+    # the Site page replaced by its bare preview this way), so wait for the load event:
+    # it fires after the scripts and htmx's DOMContentLoaded processing.
+    page.wait_for_load_state("load")
 
 
 def csrf_of(page: Page) -> str:
