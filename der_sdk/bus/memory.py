@@ -48,6 +48,7 @@ from der_sdk.bus.contract import (
 )
 from der_sdk.extensions import BusBackendType
 from der_sdk.plugins import hookimpl
+from der_sdk.tasks import cancel_and_wait
 
 __all__ = ["MAX_MESSAGE_BYTES", "MemoryBus", "MemoryHub", "der_bus_backends"]
 
@@ -404,9 +405,7 @@ class _CommandServer(Subscription):
         if space is not None and space.commands.get(self.replica) is self:
             del space.commands[self.replica]
         self._bus._subscriptions.discard(self)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_and_wait([self._task])
         while not self._queue.empty():
             _, reply = self._queue.get_nowait()
             reply.cancel()

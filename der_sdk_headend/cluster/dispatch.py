@@ -47,6 +47,7 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.cluster.core import Cluster
 from der_sdk_headend.dispatch import lifecycle, planning
 from der_sdk_headend.dispatch.delivery import Command, Delivery
@@ -167,11 +168,7 @@ class ClusterDispatcher(Dispatcher):
     async def close(self) -> None:
         tasks = [t for t in (self._loop_task, self._worker_task, *self._tasks) if t is not None]
         self._loop_task = self._worker_task = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks)
         await super().close()
 
     def wake(self) -> None:

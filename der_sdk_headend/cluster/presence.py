@@ -52,6 +52,7 @@ from der_sdk.bus.contract import (
 )
 from der_sdk.models import utc_now
 from der_sdk.storage.contract import StorageBackend
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.cluster.core import Cluster
 from der_sdk_headend.presence import AgentStream, Presence
 
@@ -197,11 +198,7 @@ class ClusterPresence:
         if self._closed:
             return
         self._closed = True
-        for task in (self._tick_task, self._watch_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait([self._tick_task, self._watch_task])
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.interval_s)
         if self._watch is not None:

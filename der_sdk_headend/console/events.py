@@ -33,7 +33,6 @@ A comment line every :data:`HEARTBEAT_S` keeps proxies from closing an idle stre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -48,6 +47,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from der_sdk.models import Dispatch, TelemetrySample
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.audit import Actor
 from der_sdk_headend.console.auth import page
 from der_sdk_headend.rest.auth import actor_of
@@ -362,11 +362,8 @@ class LiveHub:
         self._closed = True
         self.close_where(lambda _: True, "the headend is stopping")
         self._attach(None)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait([task])
 
     # ------------------------------------------------------------------ fan-out
 

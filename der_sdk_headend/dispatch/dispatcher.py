@@ -83,6 +83,7 @@ from der_sdk.models import (
 )
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.dispatch import lifecycle, planning
 from der_sdk_headend.dispatch.delivery import (
     Command,
@@ -163,11 +164,8 @@ class Dispatcher:
             )
 
     async def close(self) -> None:
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._expiry_task
-            self._expiry_task = None
+        task, self._expiry_task = self._expiry_task, None
+        await cancel_and_wait([task])
         await self._records.close()
 
     @property

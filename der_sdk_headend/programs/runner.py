@@ -38,6 +38,7 @@ from der_sdk.models import Asset, Dispatch, TelemetrySample, utc_now
 from der_sdk.plugins import Plugins
 from der_sdk.programs import PROGRAM_COMMS_LOSS, ProgramSource, program_source_name
 from der_sdk.storage.contract import StorageBackend
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.alarms import AlarmBook, Condition
 from der_sdk_headend.audit import Auditor
 from der_sdk_headend.dispatch import Dispatcher
@@ -344,8 +345,4 @@ class ProgramRunner:
         tasks = [t for p in self._programs.values() for t in p.tasks]
         if self._alarm_task is not None:
             tasks.append(self._alarm_task)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from litestar.openapi.spec import SecurityRequirement
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from der_sdk.errors import DerSdkError
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.audit import ANONYMOUS, Actor, Auditor
 from der_sdk_headend.config import is_loopback
 from der_sdk_headend.tokens import (
@@ -316,10 +316,7 @@ class RestAuth:
 
     async def close(self) -> None:
         task, self._watch_task = self._watch_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait([task])
 
     # ------------------------------------------------------------------ state
 

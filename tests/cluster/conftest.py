@@ -8,6 +8,8 @@ reason (they fail instead under ``DER_SDK_REQUIRE_SERVICES=1``).
 
 from __future__ import annotations
 
+import asyncio
+import io
 import secrets
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -94,7 +96,26 @@ async def start_replica(
 
     yield start
     for replica in reversed(started):
-        await replica.stop()
+        try:
+            async with asyncio.timeout(STOP_LIMIT_S):
+                await replica.stop()
+        except TimeoutError:
+            pytest.fail(
+                f"{replica.config.headend_id} did not stop within {STOP_LIMIT_S:g} s; "
+                f"its tasks:\n{_task_stacks()}"
+            )
+
+
+STOP_LIMIT_S = 60.0
+"""A replica's stop takes seconds; past this it hangs, and the failure shows where."""
+
+
+def _task_stacks() -> str:
+    """Where every task of the loop waits: what a hung stop needs to be diagnosed."""
+    out = io.StringIO()
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+        task.print_stack(limit=8, file=out)
+    return out.getvalue()
 
 
 @pytest.fixture

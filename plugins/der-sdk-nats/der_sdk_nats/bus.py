@@ -60,6 +60,7 @@ from der_sdk.bus.contract import (
     check_name,
     check_topic,
 )
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_nats.settings import NatsSettings
 
 __all__ = ["CONSUMER", "ERROR_HEADER", "MINIMUM_SERVER", "NatsBus", "check_server_version"]
@@ -209,10 +210,8 @@ class _NatsWatch(PresenceWatch):
     async def close(self) -> None:
         if self._task is not None:
             self._closing = True
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+            task, self._task = self._task, None
+            await cancel_and_wait([task])
             with contextlib.suppress(nats.errors.Error):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]
             self._queue.put_nowait(_CLOSED)

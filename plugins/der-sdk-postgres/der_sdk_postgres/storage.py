@@ -52,6 +52,7 @@ from der_sdk.storage.contract import (
     check_page_size,
     checked_alarm_update,
 )
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_postgres.migrations import migrate
 from der_sdk_postgres.settings import PostgresSettings
 
@@ -391,11 +392,8 @@ class PostgresStorage(StorageBackend):
     async def close(self) -> None:
         tries, self._lease_tries = self._lease_tries, {}
         await asyncio.gather(*(_close_quietly(conn) for conn in tries.values()))
-        if self._retention_task is not None:
-            task, self._retention_task = self._retention_task, None
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        task, self._retention_task = self._retention_task, None
+        await cancel_and_wait([task])
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
