@@ -49,6 +49,7 @@ from der_sdk.extensions import EdgeService, EdgeServiceContext, EdgeServiceType
 from der_sdk.inventory import load_inventory
 from der_sdk.models import Asset, TelemetrySample
 from der_sdk.plugins import Plugins, load_plugins
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_agent.adapters import (
     AdapterRuntime,
     adapter_names,
@@ -403,9 +404,7 @@ class Agent:
             return
         self._stopping = True
         try:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(self._tasks)
             await self.dispatcher.close()
             for name, service in reversed(self.services):
                 try:
