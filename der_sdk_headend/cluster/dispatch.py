@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -40,6 +40,7 @@ from der_sdk.inventory import Inventory
 from der_sdk.models import (
     Dispatch,
     DispatchRequest,
+    DispatchTarget,
     Event,
     LocalDispatchReport,
     SetpointAck,
@@ -50,7 +51,7 @@ from der_sdk.storage.contract import StorageBackend
 from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.cluster.core import Cluster
 from der_sdk_headend.dispatch import lifecycle, planning
-from der_sdk_headend.dispatch.delivery import Command, Delivery
+from der_sdk_headend.dispatch.delivery import Command, Delivery, cancel_command
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.records import copy_dispatch
@@ -79,9 +80,12 @@ OPEN_LIMIT = 10_000
 _DELIVERABLE: tuple[str, ...] = ("submitted", "sent")
 """The dispatch states with targets to deliver (any target submitted or sent makes the
 dispatch one of these, see :func:`~der_sdk_headend.dispatch.lifecycle.derive_state`)."""
-_DELIVERABLE_RECORDS: tuple[str, ...] = (*_DELIVERABLE, "scheduled")
+_DELIVERABLE_RECORDS: tuple[str, ...] = (*_DELIVERABLE, "scheduled", "active")
 """The record states that may hold such targets: a schedule is ``scheduled`` while its
-targets are submitted or sent (docs/dispatch.md)."""
+targets are submitted or sent (docs/dispatch.md), and ``scheduled`` or ``active`` while
+an agent holds a target whose cancel was asked for."""
+_HELD: frozenset[str] = frozenset({"sent", "acked", "scheduled", "active"})
+"""A schedule target's states while its agent may hold it: what a cancel is sent for."""
 
 Locate = Callable[[str], "str | None"]
 """Asset id → the bus name of the replica holding the stream that serves it, or ``None``
@@ -175,6 +179,27 @@ class ClusterDispatcher(Dispatcher):
         """Run a reconciliation pass now."""
         self._wake.set()
 
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, dispatch_id: str, by: str) -> Dispatch | None:
+        """:meth:`Dispatcher.cancel` on the stored record, under the dispatch's lock: the
+        cancel goes to this replica's streams at once, and the replicas holding the
+        other agents are nudged to send it; an agent on no replica gets it when it
+        registers, and a nudge that is lost is made good by reconciliation."""
+        async with self._lock, self._storage.dispatch_lock(dispatch_id):
+            dispatch = await self._storage.get_dispatch(dispatch_id)
+            if dispatch is None:
+                return None
+            elsewhere = await self._cancel_in(
+                dispatch,
+                by,
+                "the rest by the replicas holding their agents, or when their agent connects",
+            )
+            snapshot = copy_dispatch(dispatch)
+        for replica in self._replicas_of(t.asset_id for t in elsewhere):
+            self._spawn(self._send_nudge(replica, dispatch_id), f"nudge-{replica}")
+        return snapshot
+
     # ------------------------------------------------------------------ create
 
     async def submit(
@@ -243,20 +268,23 @@ class ClusterDispatcher(Dispatcher):
 
     def _remote_replicas(self, dispatch: Dispatch) -> dict[str, list[str]]:
         """Replica → the submitted targets' assets whose agents it holds (not this one)."""
+        submitted = (t.asset_id for t in dispatch.targets if t.state == "submitted")
+        return self._replicas_of(submitted)
+
+    def _replicas_of(self, assets: Iterable[str]) -> dict[str, list[str]]:
+        """Replica → which of ``assets`` it holds the agents of (other replicas only)."""
         locate = self.locate
         remote: dict[str, list[str]] = {}
         if locate is None:
             return remote
-        for target in dispatch.targets:
-            if target.state != "submitted":
-                continue
+        for asset_id in assets:
             try:
-                replica = locate(target.asset_id)
+                replica = locate(asset_id)
             except Exception:
-                log.exception("locating the agent of asset %s failed", target.asset_id)
+                log.exception("locating the agent of asset %s failed", asset_id)
                 continue
             if replica is not None and replica != self._cluster.replica:
-                remote.setdefault(replica, []).append(target.asset_id)
+                remote.setdefault(replica, []).append(asset_id)
         return remote
 
     # ------------------------------------------------------------------ nudges
@@ -328,7 +356,7 @@ class ClusterDispatcher(Dispatcher):
         dispatch in storage, wherever it was created."""
         delivered = 0
         for dispatch in await self._open_stored(site_id=peer.site_id):
-            if any(t.state in _DELIVERABLE and peer.serves(t.asset_id) for t in dispatch.targets):
+            if any(_to_deliver(dispatch, t) and peer.serves(t.asset_id) for t in dispatch.targets):
                 delivered += await self._settle(dispatch.dispatch_id, "on register of")
         return delivered
 
@@ -353,12 +381,15 @@ class ClusterDispatcher(Dispatcher):
         """This replica's streams with something of ``dispatch`` to send, in target order."""
         peers: list[AgentPeer] = []
         for target in dispatch.targets:
-            if target.state not in _DELIVERABLE:
+            if not _to_deliver(dispatch, target):
                 continue
             peer = self._router.peer_for(target.asset_id)
             if peer is None or peer in peers:
                 continue
-            command_id = target.command_id or dispatch.dispatch_id
+            if dispatch.cancel_requested_at is not None and dispatch.start_at is not None:
+                command_id = cancel_command(dispatch, target).setpoint.command_id
+            else:
+                command_id = target.command_id or dispatch.dispatch_id
             if target.state == "submitted" or command_id not in self._pushed.get(peer, ()):
                 peers.append(peer)
         return peers
@@ -504,3 +535,11 @@ def _route_with_remote(dispatch: Dispatch, route: str, remote: dict[str, list[st
     if dispatch.asset_id is not None:
         return f"asset {dispatch.asset_id} is on another replica, kept submitted for it ({where})"
     return f"{route}; on other replicas, asked to deliver ({where})"
+
+
+def _to_deliver(dispatch: Dispatch, target: DispatchTarget) -> bool:
+    """Whether ``target`` has a command for its agent: submitted or unacknowledged, or a
+    schedule target its agent may hold once a cancel was asked for."""
+    if dispatch.cancel_requested_at is not None and dispatch.start_at is not None:
+        return target.state in _HELD
+    return target.state in _DELIVERABLE

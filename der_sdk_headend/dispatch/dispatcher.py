@@ -603,45 +603,58 @@ class Dispatcher:
             dispatch = self._open.get(dispatch_id) or await self._stored(dispatch_id)
             if dispatch is None:
                 return None
-            if not lifecycle.is_open(dispatch):
-                raise CancelConflictError(
-                    f"dispatch {dispatch_id} is {dispatch.state}: a final dispatch cannot be "
-                    "cancelled"
-                )
-            held = [
-                t
-                for t in dispatch.targets
-                if t.state != "submitted" and t.state not in TERMINAL_DISPATCH_STATES
-            ]
-            if dispatch.start_at is None and held:
-                raise CancelConflictError(
-                    f"dispatch {dispatch_id} is {dispatch.state}: it was sent to its agent and "
-                    "only a schedule can be cancelled there; send a new dispatch instead"
-                )
-            now = utc_now()
-            dispatch.cancel_requested_at = dispatch.cancel_requested_at or now
-            waiting = [t for t in dispatch.targets if t.state == "submitted"]
-            lifecycle.move(dispatch, waiting, "cancel", f"cancelled by {by} before it was sent")
-            for target in waiting:
-                for step in target.steps or ():
-                    step.status = "cancelled"
-            sent = 0
-            for target in held:
-                peer = self._router.peer_for(target.asset_id)
-                if peer is not None:
-                    self._router.deliver(peer, cancel_command(dispatch, target).setpoint)
-                    sent += 1
-            what = f"cancel requested by {by}"
-            if waiting:
-                what += f"; {len(waiting)} target(s) not sent yet cancelled"
-            if held:
-                what += f"; cancel sent to the agent for {sent} of {len(held)} target(s)" + (
-                    ", the rest when their agent connects" if sent < len(held) else ""
-                )
-            await self._record(dispatch, what)
+            await self._cancel_in(dispatch, by, "the rest when their agent connects")
             self._index(dispatch)
-            log.info("dispatch %s: %s (now %s)", dispatch_id, what, dispatch.state)
             return copy_dispatch(dispatch)
+
+    async def _cancel_in(self, dispatch: Dispatch, by: str, rest: str) -> list[DispatchTarget]:
+        """:meth:`cancel` of ``dispatch`` (under the caller's locks): check, settle what
+        was not sent, send the cancel to the agents of this headend's streams, record.
+        ``rest`` says in the record what becomes of the targets whose agent is not here.
+
+        :return: the targets an agent holds whose cancel was not sent from here.
+        :raises CancelConflictError: as :meth:`cancel`.
+        """
+        dispatch_id = dispatch.dispatch_id
+        if not lifecycle.is_open(dispatch):
+            raise CancelConflictError(
+                f"dispatch {dispatch_id} is {dispatch.state}: a final dispatch cannot be cancelled"
+            )
+        held = [
+            t
+            for t in dispatch.targets
+            if t.state != "submitted" and t.state not in TERMINAL_DISPATCH_STATES
+        ]
+        if dispatch.start_at is None and held:
+            raise CancelConflictError(
+                f"dispatch {dispatch_id} is {dispatch.state}: it was sent to its agent and "
+                "only a schedule can be cancelled there; send a new dispatch instead"
+            )
+        now = utc_now()
+        dispatch.cancel_requested_at = dispatch.cancel_requested_at or now
+        waiting = [t for t in dispatch.targets if t.state == "submitted"]
+        lifecycle.move(dispatch, waiting, "cancel", f"cancelled by {by} before it was sent")
+        for target in waiting:
+            for step in target.steps or ():
+                step.status = "cancelled"
+        elsewhere: list[DispatchTarget] = []
+        for target in held:
+            peer = self._router.peer_for(target.asset_id)
+            if peer is None:
+                elsewhere.append(target)
+            else:
+                self._push(peer, [cancel_command(dispatch, target)])
+        what = f"cancel requested by {by}"
+        if waiting:
+            what += f"; {len(waiting)} target(s) not sent yet cancelled"
+        if held:
+            sent = len(held) - len(elsewhere)
+            what += f"; cancel sent to the agent for {sent} of {len(held)} target(s)" + (
+                f", {rest}" if elsewhere else ""
+            )
+        await self._record(dispatch, what)
+        log.info("dispatch %s: %s (now %s)", dispatch_id, what, dispatch.state)
+        return elsewhere
 
     async def record_local(self, peer: AgentPeer, report: LocalDispatchReport) -> Dispatch | None:
         """Record a command the agent on ``peer``'s stream applied locally (``LocalDispatch``).

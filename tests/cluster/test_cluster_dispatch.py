@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
+import msgspec
 import pytest
 
 from der_sdk.errors import DerSdkError
@@ -321,3 +324,109 @@ def test_a_reconcile_interval_out_of_range_is_refused_naming_the_variable(
         make_config(tmp_path / "assets.yaml", HEADEND_BUS_DISPATCH_RECONCILE_S=value)
     config = make_config(tmp_path / "assets.yaml", HEADEND_BUS_DISPATCH_RECONCILE_S="0.5")
     assert config.bus_dispatch_reconcile_s == 0.5
+
+
+# ----------------------------------------------------------------------- schedule cancel
+
+
+def _schedule_body(asset_id: str) -> dict[str, Any]:
+    """A schedule starting in 10 minutes: held by the agent, no step run yet."""
+    start = datetime.now(UTC) + timedelta(minutes=10)
+    return {
+        "asset_id": asset_id,
+        "start_at": start.isoformat(),
+        "steps": [{"offset_s": 0, "mw": 0.5}, {"offset_s": 900, "mw": -0.5}],
+        "duration_s": 1800,
+    }
+
+
+async def _target_state(replica: Replica, dispatch_id: str, state: str) -> Dispatch:
+    async def probe() -> Dispatch | None:
+        record, _ = await replica.detail(dispatch_id)
+        return record if record.targets[0].state == state else None
+
+    return await wait_until(
+        probe, f"the target of {dispatch_id} {state} on {replica.name}", timeout_s=10
+    )
+
+
+async def _cancel(replica: Replica, dispatch_id: str) -> Dispatch:
+    response = await replica.http.post(f"/dispatch/{dispatch_id}/cancel")
+    assert response.status_code == 202, response.text
+    return msgspec.json.decode(response.content, type=Dispatch)
+
+
+async def test_a_schedule_cancelled_on_one_replica_is_cancelled_by_its_agent_on_another(
+    rig: ClusterRig, der_test_device: SimulatedDevicePlugin
+) -> None:
+    # Reconciliation every minute: only the nudge can deliver the cancel in time.
+    a = await rig.replica("replica-a", reconcile_s=60)
+    b = await rig.replica("replica-b", reconcile_s=60)
+    await rig.agent(SITE_A, [BESS_1], on=[b])
+    created = await a.dispatch(**_schedule_body(BESS_1))
+    await _target_state(a, created.dispatch_id, "scheduled")  # the agent holds it
+
+    asked = await _cancel(a, created.dispatch_id)
+    assert asked.state == "scheduled", "open until the agent reports the cancel"
+    await b.wait_state(created.dispatch_id, "cancelled", timeout_s=10)
+
+    record = await _same_everywhere([a, b], created.dispatch_id)
+    assert [s.status for s in record.targets[0].steps or ()] == ["cancelled", "cancelled"]
+    _, events = await a.detail(created.dispatch_id)
+    details = [e.detail or "" for e in events]
+    sent = "cancel sent for 1 schedule target(s) at the request of another replica, to agent"
+    assert any(sent in d and "on replica replica-b" in d for d in details), details
+    assert any("cancel applied" in d for d in details), details
+    assert der_test_device.device(BESS_1).writes == [], "no step had run: nothing to revert"
+
+
+async def test_a_schedule_cancel_lost_on_the_bus_reaches_its_agent_by_reconciliation(
+    rig: ClusterRig,
+) -> None:
+    a = await rig.replica("replica-a", reconcile_s=0.5)
+    b = await rig.replica("replica-b", reconcile_s=0.5)
+    await rig.agent(SITE_A, [BESS_2], on=[b])
+    created = await a.dispatch(**_schedule_body(BESS_2))
+    await _target_state(a, created.dispatch_id, "scheduled")
+    a.dispatcher.locate = lambda _asset: "replica-gone"  # the cancel's nudge goes nowhere
+
+    await _cancel(a, created.dispatch_id)
+    await b.wait_state(created.dispatch_id, "cancelled", timeout_s=10)
+    _, events = await b.detail(created.dispatch_id)
+    assert any("by reconciliation" in (e.detail or "") for e in events), events
+
+
+async def test_a_schedule_cancelled_while_its_agent_was_offline_is_sent_when_it_registers(
+    rig: ClusterRig,
+) -> None:
+    a = await rig.replica("replica-a", reconcile_s=0.3)
+    b = await rig.replica("replica-b", reconcile_s=0.3)
+    c = await rig.replica("replica-c", reconcile_s=0.3)
+    async with _raw_agent(b) as on_b:
+        await on_b.register([BESS_3])
+        created = await a.dispatch(**_schedule_body(BESS_3))
+        schedule = await on_b.recv_kind("setpoint")
+        await on_b.send(codec.agent_setpoint_ack(schedule.command_id, "scheduled", ()))
+        await _target_state(a, created.dispatch_id, "scheduled")
+    await wait_until(lambda: _off(b, BESS_3), "the stream on replica-b ended", timeout_s=5)
+
+    asked = await _cancel(a, created.dispatch_id)
+    assert asked.state == "scheduled"
+    await asyncio.sleep(0.7)  # reconciliation passes with no stream anywhere: still held
+
+    async with _raw_agent(c) as on_c:
+        await on_c.register([BESS_3])
+        cancel = await on_c.recv_kind("setpoint")
+        assert (cancel.command_id, cancel.cancels) == (
+            f"{schedule.command_id}/cancel",
+            schedule.command_id,
+        )
+        await on_c.send(codec.agent_setpoint_ack(schedule.command_id, "cancelled", ()))
+        await on_c.recv_kind("outcome_ack")
+        reverted = [Allocation(asset_id=BESS_3, mw=0.0, status="applied")]
+        await on_c.send(codec.agent_setpoint_ack(cancel.command_id, "applied", reverted))
+        assert (await on_c.recv_kind("outcome_ack")).command_id == cancel.command_id
+        await c.wait_state(created.dispatch_id, "cancelled", timeout_s=5)
+        await asyncio.sleep(0.7)  # reconciliation passes: the cancel is not sent again
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(on_c.recv(), 0.3)
