@@ -150,7 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(ns.log_level)
     func: Callable[[argparse.Namespace], int] = ns.func
     try:
-        return func(ns)
+        code = func(ns)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (der plugins | head): stop as a Unix tool does, with no
+        # traceback, and keep Python's exit-time flush from failing on it again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConfigError as exc:
         print(f"der {ns.command}: invalid configuration:\n{exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,8 @@ installed plugin's; a clash names both providers; `der plugins` says who gave wh
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -63,6 +65,26 @@ def test_der_help_lists_every_command_of_every_provider() -> None:
     assert done.returncode == 0, done.stderr
     listed = {line.split()[0] for line in done.stdout.splitlines() if line.startswith("    ")}
     assert {*CORE_COMMANDS, *HEADEND_COMMANDS, *AGENT_COMMANDS} <= listed
+
+
+def test_der_plugins_into_a_pipe_closed_early_ends_quietly_with_sigpipes_status() -> None:
+    """``der plugins | head -1``: the reader goes away; no traceback, status 141."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before der writes
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "der_sdk.cli", "plugins"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 128 + signal.SIGPIPE
 
 
 def test_the_apps_commands_load_under_an_allow_list(
