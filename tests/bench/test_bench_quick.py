@@ -65,3 +65,25 @@ def test_every_benchmark_runs_in_quick_mode_and_reports_its_figures(
         assert figures and all(f["value"] == f["value"] for f in figures), name  # not NaN
     # --quick never rewrites the committed results
     assert "updated docs/performance.md" not in output
+
+
+@pytest.mark.timeout(180)
+def test_several_benchmarks_run_each_in_a_fresh_process_and_share_one_report(
+    tmp_path: Path,
+) -> None:
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "decode", "rest", "--quick", "--results", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (path,) = results.glob("bench-quick-*.json")  # the children's reports are merged
+    report = json.loads(path.read_text())
+    assert list(report["benchmarks"]) == ["decode", "rest"]
+    pids = {outcome["pid"] for outcome in report["benchmarks"].values()}
+    assert len(pids) == 2, report["benchmarks"]
+    assert {f["benchmark"] for f in report["figures"]} == {"decode", "rest"}
