@@ -15,16 +15,27 @@ See ``docs/opcua.md``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from der_sdk import hookimpl
 from der_sdk.extensions import (
+    Adapter,
+    AdapterContext,
     AdapterType,
     DeviceProfile,
     DeviceSimulatorType,
+    EdgeService,
+    EdgeServiceContext,
     EdgeServiceType,
 )
-from der_sdk_opcua.adapter import OpcuaAdapter, OpcuaAdapterOptions
-from der_sdk_opcua.server import OpcuaEdgeServer, OpcuaServerOptions
-from der_sdk_opcua.simulator import OPCUA_SIMULATOR, BessSimulator, sim_device_profile
+from der_sdk.lazy_exports import lazy_getattr
+from der_sdk_opcua.options import OpcuaAdapterOptions, OpcuaServerOptions
+from der_sdk_opcua.profile import OPCUA_SIMULATOR, sim_device_profile
+
+if TYPE_CHECKING:
+    from der_sdk_opcua.adapter import OpcuaAdapter
+    from der_sdk_opcua.server import OpcuaEdgeServer
+    from der_sdk_opcua.simulator import BessSimulator
 
 __all__ = [
     "BessSimulator",
@@ -39,13 +50,32 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# Imported on first use: every ``der`` process loads this plugin, and asyncua costs it
+# about half a second of CPU that only an agent with an OPC UA asset or server needs.
+__getattr__ = lazy_getattr(
+    __name__,
+    {"OpcuaAdapter": "adapter", "OpcuaEdgeServer": "server", "BessSimulator": "simulator"},
+)
+
+
+def _adapter(context: AdapterContext) -> Adapter:
+    from der_sdk_opcua.adapter import OpcuaAdapter
+
+    return OpcuaAdapter(context)
+
+
+def _edge_server(context: EdgeServiceContext) -> EdgeService:
+    from der_sdk_opcua.server import OpcuaEdgeServer
+
+    return OpcuaEdgeServer(context)
+
 
 @hookimpl
 def der_adapter_types() -> list[AdapterType]:
     return [
         AdapterType(
             name="opcua",
-            factory=OpcuaAdapter,
+            factory=_adapter,
             options=OpcuaAdapterOptions,
             description="a device behind an OPC UA server: node map from options or a "
             "device profile, subscriptions with polling fallback, Basic256Sha256 by default",
@@ -58,7 +88,7 @@ def der_edge_services() -> list[EdgeServiceType]:
     return [
         EdgeServiceType(
             name="opcua-server",
-            factory=OpcuaEdgeServer,
+            factory=_edge_server,
             options=OpcuaServerOptions,
             description="the agent's assets as an OPC UA server for a local SCADA; writes to "
             "its controls take the agent's dispatch path and are reported to the headend",

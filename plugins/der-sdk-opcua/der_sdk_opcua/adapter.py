@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 from asyncua import ua
@@ -55,6 +55,7 @@ from der_sdk.extensions import Adapter, AdapterContext, DeviceProfile, SetpointR
 from der_sdk.models import Asset, TelemetrySample, utc_now
 from der_sdk_opcua._ua import data_value, quiet_asyncua, status
 from der_sdk_opcua.certs import application_uri_of, load_certificate_der, load_private_key_der
+from der_sdk_opcua.options import OpcuaAdapterOptions
 
 __all__ = ["CORE_FIELDS", "NodePoint", "OpcuaAdapter", "OpcuaAdapterOptions", "resolve_points"]
 
@@ -82,40 +83,6 @@ _INTEGER_TYPES = {
     ua.VariantType.Int64,
     ua.VariantType.UInt64,
 }
-
-
-class OpcuaAdapterOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Per-asset options of the ``opcua`` adapter (``assets.<id>.options``)."""
-
-    endpoint: str
-    """The server, e.g. ``opc.tcp://10.0.0.5:4840/``."""
-    profile: str | None = None
-    """A device profile with protocol ``opcua`` (``NAME`` or ``NAME@VERSION``)."""
-    nodes: dict[str, str] = msgspec.field(default_factory=dict)
-    """Node id → telemetry field (``mw``, ``details.soc_pct``...); wins over the profile."""
-    setpoint_node: str | None = None
-    """The node to write setpoints (MW) to; default: the profile's writable ``mw_setpoint``."""
-    subscribe: bool = True
-    """Use a subscription (polling when the server refuses one or it goes quiet)."""
-    publishing_interval_ms: Annotated[int, msgspec.Meta(ge=10)] = 500
-    security_policy: Literal["Basic256Sha256", "None"] = "Basic256Sha256"
-    security_mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
-    allow_insecure: bool = False
-    """Required to use ``security_policy: None`` (clear text, any server)."""
-    certificate: str | None = None
-    """The client application certificate (PEM or DER); required with Basic256Sha256."""
-    private_key: str | None = None
-    """Its private key (PEM or DER, unencrypted)."""
-    server_certificate: str | None = None
-    """Pin the server's certificate; without it the one the server presents is used."""
-    application_uri: str | None = None
-    """Default: the URI in the client certificate."""
-    username: str | None = None
-    password: str | None = None
-    telemetry_write_sim: bool = False
-    """Simulate telemetry and write it into the mapped nodes instead of reading them."""
-    timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 4.0
-    """Limit of one OPC UA request."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 from asyncua import ua
@@ -60,6 +60,7 @@ from der_sdk_opcua._ua import (
 )
 from der_sdk_opcua._ua import status as _status
 from der_sdk_opcua.certs import application_uri_of, load_certificate_der, load_private_key_der
+from der_sdk_opcua.options import DEFAULT_NAMESPACE, OpcuaServerOptions
 from der_sdk_opcua.security import (
     AnonymousReadOnlyRuleset,
     EdgeInternalServer,
@@ -73,39 +74,8 @@ __all__ = ["DEFAULT_NAMESPACE", "OpcuaEdgeServer", "OpcuaServerOptions"]
 
 log = logging.getLogger("der.opcua.server")
 
-DEFAULT_NAMESPACE = "urn:der-sdk:edge"
 CORE_TELEMETRY = ("mw", "mw_setpoint", "status")
 _WRITERS = (UserRole.User, UserRole.Admin)
-
-
-class OpcuaServerOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Options of the ``opcua-server`` edge service (``edge_services[].options``)."""
-
-    endpoint: str = "opc.tcp://0.0.0.0:4840/der-sdk/"
-    namespace: str = DEFAULT_NAMESPACE
-    certificate: str | None = None
-    """The server's application certificate (PEM or DER); required unless insecure only."""
-    private_key: str | None = None
-    application_uri: str | None = None
-    """Default: the URI in the certificate, else ``urn:der-sdk:edge:<agent_id>``."""
-    security_modes: list[Literal["Sign", "SignAndEncrypt"]] = msgspec.field(
-        default_factory=lambda: ["SignAndEncrypt"]
-    )
-    """Basic256Sha256 endpoints to offer."""
-    allow_insecure: bool = False
-    """Also offer security policy None (no signing, no encryption). Lab and demo only."""
-    trusted_certificates: str | None = None
-    """Folder of trusted client certificates (PEM or DER); nobody is trusted without it."""
-    revoked_certificates: str | None = None
-    """Folder of certificate revocation lists (PEM or DER)."""
-    allow_anonymous: bool = True
-    """Anonymous sessions may browse, read and subscribe (never write)."""
-    users: dict[str, str] = msgspec.field(default_factory=dict)
-    """Username → password of the users who may write controls."""
-    site_controls: bool | None = None
-    """``Site/`` controls; default: when the agent serves more than one asset (a gateway)."""
-    setpoint_duration_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    """Hold a setpoint written here this long, then return to 0 MW (default: until replaced)."""
 
 
 def _options(raw: Any) -> OpcuaServerOptions:

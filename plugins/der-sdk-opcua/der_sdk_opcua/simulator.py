@@ -39,7 +39,6 @@ import logging
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,10 +48,21 @@ from asyncua.server.user_managers import PermissiveUserManager, UserManager
 from der_sdk_sim_bess import SimBattery  # type: ignore[import-not-found,unused-ignore]
 
 from der_sdk.errors import DerSdkError
-from der_sdk.extensions import DevicePoint, DeviceProfile, DeviceSimulatorType
 from der_sdk_opcua._ua import data_value, node_id, quiet_asyncua, stop_server
 from der_sdk_opcua._ua import status as ua_status
 from der_sdk_opcua.certs import ApplicationCertificate, make_application_certificate
+from der_sdk_opcua.profile import (
+    OPCUA_SIMULATOR,
+    SIM_APPLICATION_URI,
+    SIM_NAMESPACE,
+    SIM_NS,
+    SIM_POINTS,
+    SIM_PROFILE_NAME,
+    SimPoint,
+    add_simulator_arguments,
+    sim_device_profile,
+    sim_node_id,
+)
 from der_sdk_opcua.security import AnonymousReadOnlyRuleset, EdgeInternalServer, EdgeUserManager
 
 __all__ = [
@@ -70,61 +80,8 @@ __all__ = [
 
 log = logging.getLogger("der.opcua.sim")
 
-SIM_NAMESPACE = "urn:der-sdk:sim:bess"
-SIM_PROFILE_NAME = "der-sim-bess-opcua"
-SIM_APPLICATION_URI = "urn:der-sdk:sim:bess:server"
-_NS = 2  # the first namespace a fresh asyncua server registers
 _TEMP_RISE_AT_FULL_POWER_C = 18.0
 _AMBIENT_C = 25.0
-
-
-@dataclass(frozen=True)
-class SimPoint:
-    """One node of the simulated battery."""
-
-    key: str
-    field: str
-    vtype: ua.VariantType
-    unit: str | None = None
-    writable: bool = False
-
-
-SIM_POINTS: tuple[SimPoint, ...] = (
-    SimPoint("ActivePowerMW", "mw", ua.VariantType.Double, "MW"),
-    SimPoint("SetpointMW", "mw_setpoint", ua.VariantType.Double, "MW", writable=True),
-    SimPoint("SocPct", "details.soc_pct", ua.VariantType.Double, "%"),
-    SimPoint("SohPct", "details.soh_pct", ua.VariantType.Double, "%"),
-    SimPoint("EnergyMWh", "details.energy_mwh", ua.VariantType.Double, "MWh"),
-    SimPoint("InverterTempC", "details.inverter_temp_c", ua.VariantType.Double, "degC"),
-    SimPoint("Status", "status", ua.VariantType.String),
-    SimPoint("Online", "online", ua.VariantType.Boolean),
-    SimPoint("FaultCode", "fault_code", ua.VariantType.String),
-)
-
-
-def sim_node_id(key: str) -> str:
-    """The node id of a simulator point, e.g. ``ns=2;s=Bess.SetpointMW``."""
-    return f"ns={_NS};s=Bess.{key}"
-
-
-def sim_device_profile() -> DeviceProfile:
-    """The simulator's node map as a device profile (protocol ``opcua``)."""
-    return DeviceProfile(
-        name=SIM_PROFILE_NAME,
-        vendor="der-sdk",
-        model="der sim opcua (simulated BESS)",
-        version="1",
-        protocol="opcua",
-        points={
-            p.key: DevicePoint(
-                address=sim_node_id(p.key),
-                unit=p.unit,
-                access="rw" if p.writable else "r",
-                field=p.field,
-            )
-            for p in SIM_POINTS
-        },
-    )
 
 
 class BessSimulator:
@@ -221,8 +178,8 @@ class BessSimulator:
         await server.load_certificate(self.certificate.certificate_der)
         await server.load_private_key(self.certificate.private_key_der)
         idx = await server.register_namespace(SIM_NAMESPACE)
-        if idx != _NS:  # pragma: no cover - asyncua changed its standard namespaces
-            raise RuntimeError(f"simulator namespace got index {idx}, expected {_NS}")
+        if idx != SIM_NS:  # pragma: no cover - asyncua changed its standard namespaces
+            raise RuntimeError(f"simulator namespace got index {idx}, expected {SIM_NS}")
         bess = await server.nodes.objects.add_object(
             node_id("Bess", idx), ua.QualifiedName("Bess", idx)
         )
@@ -424,29 +381,6 @@ class BessSimulator:
 # --------------------------------------------------------------------------- der sim opcua
 
 
-def add_simulator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``der sim opcua``."""
-    parser.add_argument(
-        "--endpoint",
-        default="opc.tcp://127.0.0.1:4841/der-sim/",
-        help="endpoint to listen on (default: %(default)s)",
-    )
-    parser.add_argument("--max-mw", type=float, default=2.0, help="discharge limit, MW")
-    parser.add_argument("--min-mw", type=float, default=-2.0, help="charge limit, MW (negative)")
-    parser.add_argument("--capacity-mwh", type=float, default=4.0, help="energy capacity, MWh")
-    parser.add_argument("--soc", type=float, default=50.0, help="initial state of charge, %%")
-    parser.add_argument("--ramp-mw-per-min", type=float, default=None, help="ramp rate limit")
-    parser.add_argument("--efficiency", type=float, default=0.9, help="round-trip efficiency")
-    parser.add_argument("--step", type=float, default=0.5, help="seconds between updates")
-    parser.add_argument("--noise-mw", type=float, default=0.0, help="meter noise (std dev), MW")
-    parser.add_argument(
-        "--secure-only",
-        action="store_true",
-        help="offer only Basic256Sha256 endpoints (default: also security policy None)",
-    )
-    parser.add_argument("--duration", type=float, help="stop after this many seconds")
-
-
 async def run_simulator(args: argparse.Namespace) -> None:
     """Serve ``der sim opcua`` until cancelled (Ctrl-C) or ``--duration`` ends."""
     sim = BessSimulator(
@@ -484,12 +418,3 @@ async def run_simulator(args: argparse.Namespace) -> None:
             await asyncio.Event().wait()
     finally:
         await sim.stop()
-
-
-OPCUA_SIMULATOR = DeviceSimulatorType(
-    name="opcua",
-    description="a battery (BESS) behind an OPC UA server, for the opcua adapter "
-    f"(device profile {SIM_PROFILE_NAME})",
-    add_arguments=add_simulator_arguments,
-    run=run_simulator,
-)
