@@ -24,8 +24,9 @@ from der_sdk.plugins import hookimpl
 
 if TYPE_CHECKING:
     from der_sdk.export.files import PartitionedFiles
+    from der_sdk.models import TelemetrySample
 
-__all__ = ["ParquetFolderExporter", "der_exporters"]
+__all__ = ["ParquetFolderExporter", "der_exporters", "read_folder"]
 
 KNOWN_OPTIONS = frozenset({"dir"})
 
@@ -82,3 +83,18 @@ def der_exporters() -> list[ExporterType]:
             "(HEADEND_EXPORTER_<NAME>_DIR)",
         )
     ]
+
+
+def read_folder(folder: Path) -> list[TelemetrySample]:
+    """The samples in a folder the ``parquet-folder`` exporter writes (``date=``/``site=``
+    partitions), in no particular order: to check an export or load it back. Empty when
+    the folder does not exist or holds no Parquet file yet. Reads it whole: for a large
+    lake, query it with pyarrow or DuckDB instead."""
+    if not folder.exists() or not any(folder.rglob("*.parquet")):
+        return []
+    import pyarrow.dataset as ds
+
+    from der_sdk.export.schema import samples_from_table
+
+    table = ds.dataset(folder, format="parquet", partitioning="hive").to_table()
+    return samples_from_table(table.drop_columns(["date", "site"]))

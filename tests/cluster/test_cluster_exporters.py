@@ -8,11 +8,10 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 from replicas import ASSETS, SITES, Replica, eventually, open_cluster
 
-from der_sdk.export.schema import samples_from_table
+from der_sdk.export.folder import read_folder
 from der_sdk.models import TelemetrySample
 from der_sdk.storage import open_storage
 
@@ -28,13 +27,6 @@ def _samples(first: int, count: int) -> list[TelemetrySample]:
         )
         for i in range(first, first + count)
     ]
-
-
-def _folder(folder: Path) -> list[TelemetrySample]:
-    if not folder.exists() or not any(folder.rglob("*.parquet")):
-        return []
-    table = ds.dataset(folder, format="parquet", partitioning="hive").to_table()
-    return samples_from_table(table.drop_columns(["date", "site"]))
 
 
 async def _active(replica: Replica) -> float | None:
@@ -60,7 +52,7 @@ async def test_one_replica_runs_a_shared_exporter_and_another_takes_over_when_it
         try:
 
             async def exported(count: int) -> bool:
-                return len(await asyncio.to_thread(_folder, folder)) >= count
+                return len(await asyncio.to_thread(read_folder, folder)) >= count
 
             await storage.append_telemetry(_samples(0, 300))
             await eventually(lambda: exported(300), within=20, what="the first 300 exported")
@@ -83,6 +75,6 @@ async def test_one_replica_runs_a_shared_exporter_and_another_takes_over_when_it
             await asyncio.sleep(0.5)  # nothing more comes
         finally:
             await storage.close()
-    got = sorted(_folder(folder), key=lambda s: s.ts)
+    got = sorted(read_folder(folder), key=lambda s: s.ts)
     assert len(got) == 600, f"{len(got)} exported for 600 stored"
     assert [s.mw for s in got] == [float(i) for i in range(600)]

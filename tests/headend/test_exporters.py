@@ -18,7 +18,7 @@ from headend_kit import BESS_1, PV_1, SITE_B, make_config, sample
 from der_sdk import hookimpl
 from der_sdk.backoff import Backoff
 from der_sdk.errors import DerSdkError
-from der_sdk.export.schema import samples_from_table
+from der_sdk.export.folder import read_folder
 from der_sdk.extensions import ExportBatch, Exporter, ExporterContext, ExporterType
 from der_sdk.models import TelemetrySample
 from der_sdk.plugins import Plugins, load_plugins
@@ -46,13 +46,6 @@ def samples(
         )
         for i in range(first, first + count)
     ]
-
-
-def folder_samples(folder: Path) -> list[TelemetrySample]:
-    if not folder.exists() or not any(folder.rglob("*.parquet")):
-        return []
-    table = ds.dataset(folder, format="parquet", partitioning="hive").to_table()
-    return samples_from_table(table.drop_columns(["date", "site"]))
 
 
 def key(sample: TelemetrySample) -> tuple[str, datetime]:
@@ -100,7 +93,7 @@ async def test_an_exporter_that_was_down_catches_up_exactly_once(tmp_path: Path)
         first = runner(storage, folder)
         first.start()
         await storage.append_telemetry(samples(0, 60))
-        await wait_until(lambda: len(folder_samples(folder)) == 60, "the first 60 exported")
+        await wait_until(lambda: len(read_folder(folder)) == 60, "the first 60 exported")
         await first.close()  # the exporter is down ...
 
         # ... while samples keep arriving: new ones, late ones, duplicates of exported ones
@@ -108,19 +101,19 @@ async def test_an_exporter_that_was_down_catches_up_exactly_once(tmp_path: Path)
         await storage.append_telemetry(samples(-20, 5) + samples(0, 10))
         await storage.append_telemetry(samples(0, 30, asset="pv-1", site="site/b"))
         await asyncio.sleep(0.1)
-        assert len(folder_samples(folder)) == 60, "exported while down"
+        assert len(read_folder(folder)) == 60, "exported while down"
 
         again = runner(storage, folder)  # restarted: resumes from its stored cursor
         again.start()
         everything = samples(-20, 5) + samples(0, 140) + samples(0, 30, "pv-1", "site/b")
         await wait_until(
-            lambda: len(folder_samples(folder)) >= len(everything), "the backlog exported"
+            lambda: len(read_folder(folder)) >= len(everything), "the backlog exported"
         )
         await asyncio.sleep(0.1)  # nothing more comes
         await again.close()
     finally:
         await storage.close()
-    exactly_once(folder_samples(folder), everything)
+    exactly_once(read_folder(folder), everything)
     assert {p.parent.name for p in folder.rglob("*.parquet")} == {"site=site-a", "site=site%2Fb"}
 
 
@@ -153,7 +146,7 @@ async def test_a_batch_written_but_not_confirmed_comes_again_and_replaces_its_fi
         await exporters.close()
     finally:
         await storage.close()
-    exactly_once(folder_samples(folder), samples(0, 15))
+    exactly_once(read_folder(folder), samples(0, 15))
 
 
 class _Flaky(Exporter):
@@ -218,7 +211,7 @@ async def test_the_headend_runs_the_exporters_of_headend_exporters(
     try:
         stored = [sample(BESS_1, seconds=s) for s in range(5)] + [sample(PV_1, SITE_B)]
         await headend.storage.append_telemetry(stored)
-        await wait_until(lambda: len(folder_samples(folder)) == 6, "exported by the headend")
+        await wait_until(lambda: len(read_folder(folder)) == 6, "exported by the headend")
         async with httpx.AsyncClient(base_url=headend.http_url) as http:
             metrics = (await http.get("/metrics")).text
         assert 'der_exporter_samples_total{exporter="lake"} 6.0' in metrics

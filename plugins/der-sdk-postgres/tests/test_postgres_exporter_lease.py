@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pyarrow.dataset as ds
 import pytest
 from der_sdk_postgres import PostgresStorage
 from der_sdk_postgres.storage import EXPORTER_LOCK_CLASS
@@ -16,7 +15,7 @@ from postgres_kit import samples
 
 from der_sdk import hookimpl
 from der_sdk.backoff import Backoff
-from der_sdk.export.schema import samples_from_table
+from der_sdk.export.folder import read_folder
 from der_sdk.extensions import ExportBatch, Exporter, ExporterContext, ExporterType
 from der_sdk.models import TelemetrySample
 from der_sdk.plugins import load_plugins
@@ -247,7 +246,7 @@ async def test_a_replica_whose_lease_connection_is_terminated_stops_and_another_
         await second.close()
     assert first.exported("lake") == 1500, "the first runner exported after losing its lease"
     assert second.exported("lake") == 1000
-    got = await asyncio.to_thread(_folder_samples, folder)
+    got = await asyncio.to_thread(read_folder, folder)
     assert len(got) == len(stored), f"{len(got)} exported for {len(stored)} stored"
     assert sorted(got, key=_key) == sorted(stored, key=_key)
 
@@ -256,10 +255,3 @@ def _recorded(runner: ExporterRunner, name: str) -> list[ExportBatch]:
     exporter = runner.exporter(name)
     assert isinstance(exporter, _Recorder)
     return exporter.batches
-
-
-def _folder_samples(folder: Path) -> list[TelemetrySample]:
-    if not folder.exists() or not any(folder.rglob("*.parquet")):
-        return []
-    table = ds.dataset(folder, format="parquet", partitioning="hive").to_table()
-    return samples_from_table(table.drop_columns(["date", "site"]))
