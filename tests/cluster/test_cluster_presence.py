@@ -16,8 +16,12 @@ from der_sdk_headend.cluster.presence import agent_key
 from tests.cluster.conftest import ConnectAgent, StartReplica, crash_replica
 from tests.headend.headend_kit import PV_1, SITE_A_ASSETS, SITE_B, eventually, sample
 
-VIEW_S = 2.0
-"""Every replica agrees within this long after a connect or disconnect."""
+VIEW_S = 10.0
+"""How long a test waits for every replica to agree after a connect or disconnect. The
+design gives about 1 s (a change goes out on the bus at once, entries are refreshed
+every third of the max age); this bound only keeps a loaded CI machine from failing a
+correct cluster (CI once took over 2 s to answer one REST request). How fast the views
+converge is measured by ``bench cluster-failover``, not here."""
 
 
 async def _get(replica: Headend, path: str) -> httpx.Response:
@@ -71,7 +75,7 @@ def test_agent_keys_are_valid_and_distinct_for_any_agent_id() -> None:
     assert len(set(keys)) == len(ids)
 
 
-async def test_a_connect_and_disconnect_show_on_every_replica_within_2s(
+async def test_a_connect_and_disconnect_show_on_every_replica(
     start_replica: StartReplica, connect_agent: ConnectAgent
 ) -> None:
     a = await start_replica("replica-a")

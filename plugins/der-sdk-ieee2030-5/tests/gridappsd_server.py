@@ -16,6 +16,7 @@ source), a GET of one EndDevice, of a FunctionSetAssignments or of ``/tm`` answe
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -139,6 +140,17 @@ def server_venv() -> Path:
     complete = venv / "installed"
     if complete.exists():
         return venv
+    cache.mkdir(parents=True, exist_ok=True)
+    # Two suites at once on one machine (pytest-xdist workers, or two checkouts) would
+    # each remove and rebuild the other's half-made venv: one builds, the rest wait.
+    with (cache / f"{venv.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not complete.exists():
+            _build_venv(venv, complete)
+    return venv
+
+
+def _build_venv(venv: Path, complete: Path) -> None:
     python = find_python310()
     if python is None:
         _skip_or_fail(f"{PACKAGE} needs Python 3.10 (its gevent 21 does not build on 3.11)")
@@ -154,7 +166,6 @@ def server_venv() -> Path:
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
             _skip_or_fail(f"cannot install {PACKAGE}: {' | '.join(tail)}")
     complete.write_text(PACKAGE + "\n")
-    return venv
 
 
 def free_port() -> int:
