@@ -69,10 +69,11 @@ DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 DROP_REPORT_EVERY_S = 60.0
 """At most one drop WARNING and one ``telemetry_dropped`` event per this many seconds."""
 ACK_FLUSH_S = 2.0
-"""Acknowledged batches are deleted with the next batch added, or on their own this long
-after the acknowledgement when no batch is added meanwhile (telemetry slower than every
-2 s, or the sampler stopped). Deleting later than acknowledged loses nothing: a batch
-left in the file by a crash meanwhile is sent again and stored once (its ``seq``)."""
+"""Acknowledged batches are deleted with the next batch added, or on their own once no
+batch has been added for this long (telemetry slower than every 2 s, or the sampler
+stopped). Deleting later than acknowledged loses nothing: a batch
+left in the file by a crash meanwhile is sent again, and the headend stores its samples
+once (keyed by asset and timestamp: docs/durability.md)."""
 DROPPED_RANGES_PER_BATCH = 64
 """At most this many dropped ranges ride on one batch; see :meth:`TelemetryQueue.drop_report`."""
 
