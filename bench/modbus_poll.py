@@ -225,6 +225,11 @@ class _Meter:
             return self.polls, self.failed
         return sum(a.polls for a in self.adapters), sum(a.failed_polls for a in self.adapters)
 
+    def waited(self) -> int:
+        """Reads that found no new poll and waited for one (the rest took a poll made
+        ahead of them; in the agent, without a task: ``read_nowait``)."""
+        return sum(a.reads_waited for a in self.adapters)
+
 
 async def _raw(ports: Sequence[int], meter: _Meter, stop: asyncio.Event) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
@@ -338,6 +343,7 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
     if job.done():
         job.result()
     polls0, failed0 = meter.read()
+    waited0 = meter.waited()
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     cpu0, wall0 = time.process_time(), loop.time()
     gc_meter.start()
@@ -347,6 +353,7 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
     gc_figures = gc_meter.stop(polls=meter.read()[0] - polls0)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     polls1, failed1 = meter.read()
+    waited = meter.waited() - waited0
     polls, failed = polls1 - polls0, failed1 - failed0
     stop.set()
     extra: dict[str, Any] = await job
@@ -358,6 +365,7 @@ async def poll(mode: str, ports: Sequence[int], warmup_s: float, window_s: float
         "user_ms_per_poll": round(1000 * user / polls, 4) if polls else None,
         "system_ms_per_poll": round(1000 * system / polls, 4) if polls else None,
         **gc_figures,
+        **({"reads_waited": waited} if mode != "raw" else {}),
         **extra,
     }
     print(json.dumps(result), flush=True)
@@ -493,6 +501,7 @@ def _line(run: dict[str, Any]) -> str:
         f"{run['cpu_pct_of_one_core']} % of a core, {run['poll_hz_per_device']} polls/s/device, "
         f"{run['failed_polls']} failed"
         + (f", GC {run['gc_ms_per_poll']} ms/poll" if run.get("gc_ms_per_poll") else "")
+        + (f", {run['reads_waited']} reads waited" if "reads_waited" in run else "")
     )
 
 

@@ -128,6 +128,17 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     async def read(self) -> TelemetrySample: ...
 
+    def read_nowait(self) -> TelemetrySample | None:
+        """The sample :meth:`read` would return now without waiting for anything (an
+        adapter that polls on its own has its newest poll ready), else ``None``.
+
+        Optional, for adapters read by the thousand: the agent calls it first each tick
+        and calls :meth:`read` (in a task of its own, with its timeout) only when it
+        returns ``None``, which the default always does. It must not block, and it counts
+        as a read: a sample it returns is not returned by :meth:`read` again.
+        """
+        return None
+
     @abc.abstractmethod
     async def apply_setpoint(self, mw: float, duration_s: float | None = None) -> SetpointResult:
         """Command ``mw`` (already clamped to the asset's limits by the agent)."""

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -274,6 +274,32 @@ class AdapterRuntime:
                 return await self._read_failed(_describe(TimeoutError(), self.timeout_s))
             except Exception as exc:
                 return await self._read_failed(_describe(exc, self.timeout_s))
+        return self._accept(sample)
+
+    def _read_nowait(self) -> TelemetrySample | None:
+        """The adapter's :meth:`~der_sdk.extensions.Adapter.read_nowait` as :meth:`read`
+        would return it; ``None`` when the read is to be awaited instead: not connected,
+        a setpoint (or a connect) holds the adapter, it has nothing ready, or its
+        ``read_nowait()`` failed (logged; :meth:`read` then says what the device does)."""
+        if not self.connected or self._lock.locked():
+            return None
+        try:
+            sample = self.adapter.read_nowait()
+            if sample is not None and not isinstance(sample, TelemetrySample):
+                raise TypeError(
+                    f"read_nowait() returned {type(sample).__name__}, not a TelemetrySample"
+                )
+        except Exception as exc:
+            self._report_problem(
+                f"{self.label} failed in read_nowait(): {_describe(exc, self.timeout_s)}",
+                "reading it with read()",
+            )
+            return None
+        return self._accept(sample) if sample is not None else None
+
+    def _accept(self, sample: TelemetrySample) -> TelemetrySample:
+        """A sample the adapter read: finite, with this asset's identity, kept as the
+        latest."""
         self._failed_reads = 0
         non_finite: list[str] = []
         if not _plainly_finite(sample):
@@ -404,7 +430,7 @@ class _Tick:
         self._timer = loop.call_at(loop.time() + timeout_s + _TICK_SLACK_S, self._fire)
 
     async def bound(self, runtime: AdapterRuntime, read: Awaitable[T]) -> T:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # given the loop: no getpid() (3.11)
         assert task is not None
         self._reading[runtime] = (task, self._loop.time())
         try:
@@ -448,20 +474,26 @@ class _Tick:
 async def read_all(runtimes: Sequence[AdapterRuntime]) -> list[TelemetrySample]:
     """:meth:`AdapterRuntime.read` of every runtime, concurrently, in their order.
 
-    What ``gather(*(rt.read() for rt in runtimes))`` gives, but the reads share one timer
-    (:class:`_Tick`) instead of entering a timeout context each: at thousands of adapters
-    a tick made and cancelled thousands of loop timers (docs/performance.md). A read that
-    hangs still ends after its runtime's ``timeout_s`` with a bad sample naming the
-    adapter; cancelling this cancels every read.
+    What ``gather(*(rt.read() for rt in runtimes))`` gives, for less: a sample an adapter
+    has ready (:meth:`~der_sdk.extensions.Adapter.read_nowait`, e.g. a poller's newest
+    poll) is taken at once, without a task, and the reads that are awaited share one
+    timer (:class:`_Tick`) instead of entering a timeout context each: at thousands of
+    adapters a tick made and cancelled thousands of tasks and loop timers
+    (docs/performance.md). A read that hangs still ends after its runtime's ``timeout_s``
+    with a bad sample naming the adapter; cancelling this cancels every read.
     """
-    if not runtimes:
-        return []
-    loop = asyncio.get_running_loop()
-    tick = _Tick(loop, min(rt.timeout_s for rt in runtimes))  # the rest: a timer each
-    try:
-        return await asyncio.gather(*(rt._read(tick) for rt in runtimes))
-    finally:
-        tick.close()
+    ready = [rt._read_nowait() for rt in runtimes]
+    waiting = [i for i, sample in enumerate(ready) if sample is None]
+    if waiting:
+        loop = asyncio.get_running_loop()
+        tick = _Tick(loop, min(runtimes[i].timeout_s for i in waiting))  # the rest: a timer each
+        try:
+            read = await asyncio.gather(*(runtimes[i]._read(tick) for i in waiting))
+        finally:
+            tick.close()
+        for i, sample in zip(waiting, read, strict=True):
+            ready[i] = sample
+    return cast("list[TelemetrySample]", ready)  # every None was replaced
 
 
 def adapter_names(runtimes: Mapping[str, AdapterRuntime]) -> dict[str, str]:

@@ -30,7 +30,8 @@ drops were reported by its own ``telemetry_dropped`` events.
 **On the loop.** An index of the held batches (seq, size, age) mirrors the table, so the
 link asks what is held without touching the disk; only payloads are read from the file.
 Adding a batch is one transaction; acknowledgements change the index at once and are
-deleted from the file in one transaction a moment later (:data:`ACK_FLUSH_S`).
+deleted from the file in the transaction that adds the next batch (at 1 Hz telemetry: one
+transaction a tick, not two), or on their own when none comes within :data:`ACK_FLUSH_S`.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
 DROP_REPORT_EVERY_S = 60.0
 """At most one drop WARNING and one ``telemetry_dropped`` event per this many seconds."""
-ACK_FLUSH_S = 0.05
-"""Acknowledged batches are deleted in one transaction at most this often."""
+ACK_FLUSH_S = 2.0
+"""Acknowledged batches are deleted with the next batch added, or on their own once no
+batch has been added for this long (telemetry slower than every 2 s, or the sampler
+stopped). Deleting later than acknowledged loses nothing: a batch
+left in the file by a crash meanwhile is sent again, and the headend stores its samples
+once (keyed by asset and timestamp: docs/durability.md)."""
 DROPPED_RANGES_PER_BATCH = 64
 """At most this many dropped ranges ride on one batch; see :meth:`TelemetryQueue.drop_report`."""
 
@@ -263,8 +268,10 @@ class TelemetryQueue(Store):
             report = self._note_drops(dropped, reasons)
             counters = self._counters_after(dropped)
             created_us, count = us(now), len(samples)
+            acked = sorted(self._pending_acks), self._pending_through
 
             def append(conn: sqlite3.Connection) -> int | None:
+                self._delete_acked(conn, *acked)  # acknowledged since the last batch
                 conn.execute(
                     "INSERT INTO telemetry (seq, created_us, samples, bytes, payload) "
                     "VALUES (?, ?, ?, ?, ?)",
@@ -274,6 +281,7 @@ class TelemetryQueue(Store):
                 return self._record_drops(conn, drops, counters, report, created_us)
 
             event_n = await self.file.write(append)
+            self._acked_deleted(*acked)
             self._next_seq = seq + 1
             self._forget_dropped(dropped)
             self._index[seq] = _Held(now, count, len(payload))
@@ -347,8 +355,10 @@ class TelemetryQueue(Store):
     async def _flush_later(self) -> None:
         try:
             while self._pending_acks or self._pending_through:
+                appended = self._next_seq
                 await asyncio.sleep(self._ack_flush_s)
-                await self._flush_acks()
+                if self._next_seq == appended:  # no batch came to delete them with it
+                    await self._flush_acks()
         except Exception:  # the rows stay; they are deleted with the next acknowledgement
             log.exception("telemetry buffer %s: deleting acknowledged batches failed", self.path)
         finally:
@@ -360,20 +370,27 @@ class TelemetryQueue(Store):
         seqs, through = sorted(self._pending_acks), self._pending_through
         if not (seqs or through):
             return
+        await self.file.write(lambda conn: self._delete_acked(conn, seqs, through))
+        self._acked_deleted(seqs, through)
 
-        def delete(conn: sqlite3.Connection) -> None:
-            if through:
-                conn.execute("DELETE FROM telemetry WHERE seq <= ?", (through,))
-                conn.execute("DELETE FROM dropped WHERE last_seq <= ?", (through,))
-                conn.execute(
-                    "UPDATE dropped SET first_seq = ? WHERE first_seq <= ?",
-                    (through + 1, through),
-                )
+    @staticmethod
+    def _delete_acked(conn: sqlite3.Connection, seqs: list[int], through: int) -> None:
+        """On the thread: delete acknowledged ``seqs`` and everything through ``through``
+        (batches and dropped ranges)."""
+        if through:
+            conn.execute("DELETE FROM telemetry WHERE seq <= ?", (through,))
+            conn.execute("DELETE FROM dropped WHERE last_seq <= ?", (through,))
+            conn.execute(
+                "UPDATE dropped SET first_seq = ? WHERE first_seq <= ?",
+                (through + 1, through),
+            )
+        if seqs:
             conn.executemany("DELETE FROM telemetry WHERE seq = ?", [(s,) for s in seqs])
 
-        await self.file.write(delete)
+    def _acked_deleted(self, seqs: list[int], through: int) -> None:
+        """``seqs`` and ``through`` are deleted from the file: no longer pending."""
         self._pending_acks.difference_update(seqs)
-        if self._pending_through == through:
+        if through and self._pending_through == through:
             self._pending_through = 0
 
     # ------------------------------------------------------------------ bounds

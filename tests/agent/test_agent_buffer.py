@@ -293,6 +293,23 @@ async def test_ack_forgets_the_batch_and_everything_through_stored_through(
     assert rows() == [4, 5, 7]
 
 
+async def test_acknowledged_batches_are_deleted_in_the_transaction_adding_the_next(
+    tmp_path: Path, opened: Callable[..., Stores]
+) -> None:
+    buffer = opened(tmp_path / "acks-next.sqlite3", ack_flush_s=3600.0).telemetry
+    for tag in "abc":
+        await buffer.append(_batch(tag))
+    buffer.ack(2)
+    buffer.ack(3, stored_through=1)
+
+    def rows(conn: sqlite3.Connection) -> list[int]:
+        return [r[0] for r in conn.execute("SELECT seq FROM telemetry ORDER BY seq")]
+
+    assert await buffer.file.run(rows) == [1, 2, 3]  # the flush is an hour away
+    added = await buffer.append(_batch("d"))
+    assert await buffer.file.run(rows) == [added] == buffer.seqs()
+
+
 async def test_the_batch_just_appended_reads_back_as_the_file_holds_it_and_not_once_acked(
     tmp_path: Path, opened: Callable[..., Stores]
 ) -> None:

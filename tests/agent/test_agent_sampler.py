@@ -164,6 +164,64 @@ async def test_cancelling_the_tick_cancels_every_read_and_is_not_a_timeout() -> 
     assert all(rt.latest is None for rt in runtimes)  # no timeout sample was made
 
 
+class Polling(Device):
+    """Has a sample ready now (``read_nowait``) while ``ready``; else ``read()`` as
+    :class:`Device`; ``read_nowait`` raises ``broken`` when set."""
+
+    def __init__(self, name: str, *, ready: bool = True, **options: Any) -> None:
+        super().__init__(name, **options)
+        self.ready = ready
+        self.broken: Exception | None = None
+        self.reads = 0
+
+    async def read(self) -> TelemetrySample:
+        self.reads += 1
+        return await super().read()
+
+    def read_nowait(self) -> TelemetrySample | None:
+        if self.broken is not None:
+            raise self.broken
+        if not self.ready:
+            return None
+        return TelemetrySample(
+            asset_id="as-the-device-calls-it", site_id=SITE, ts=utc_now(), online=True, mw=0.25
+        )
+
+
+async def test_a_sample_the_adapter_has_ready_is_taken_without_awaiting_its_read() -> None:
+    ready, waiting, plain = Polling("ready"), Polling("waiting", ready=False), Device("plain")
+    runtimes = [_runtime(ready), _runtime(waiting), _runtime(plain)]
+    first = await read_all(runtimes)  # connects each: read() then
+    assert [s.mw for s in first] == [0.5, 0.5, 0.5] and ready.reads == 1
+    samples = await read_all(runtimes)
+    assert [s.asset_id for s in samples] == ["ready", "waiting", "plain"]  # the asset's id
+    assert [s.mw for s in samples] == [0.25, 0.5, 0.5]
+    assert (ready.reads, waiting.reads) == (1, 2)  # connected: ready's sample taken at once
+
+
+async def test_a_ready_sample_is_not_taken_while_a_setpoint_holds_the_adapter() -> None:
+    device = Polling("busy", apply_s=0.1)
+    runtime = _runtime(device)
+    assert await runtime.connect()
+    setpoint = asyncio.create_task(runtime.apply_setpoint(0.5))
+    await asyncio.sleep(0)  # the setpoint holds the adapter first
+    (sample,) = await read_all([runtime])
+    assert setpoint.done() and (await setpoint).status == "applied"  # the read waited
+    assert device.reads == 1 and sample.quality == "good"
+
+
+async def test_a_read_nowait_that_fails_is_logged_and_the_adapter_is_read_instead(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    device = Polling("odd")
+    device.broken = RuntimeError("not today")
+    runtime = _runtime(device)
+    assert await runtime.connect()
+    (sample,) = await read_all([runtime])
+    assert sample.quality == "good" and device.reads == 1
+    assert "adapter 'odd' (tests) failed in read_nowait(): RuntimeError: not today" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("fields", "problem"),
     [

@@ -245,6 +245,18 @@ class ModbusAdapter(Adapter):
                 self._ask_for_poll()
                 wait_s = self._poll_budget_s
             await self._next_publish(wait_s)
+        return self._newest()
+
+    def read_nowait(self) -> TelemetrySample | None:
+        """What :meth:`read` returns when a poll made since the last read is ready (the
+        poller runs just ahead of the reads), else ``None``: :meth:`read` waits for one."""
+        if self._task is None or self._task.done() or self._generation == self._returned:
+            return None
+        return self._newest()
+
+    def _newest(self) -> TelemetrySample:
+        """The newest poll's sample (marked ``uncertain`` when :meth:`read` already
+        returned it), or a ``bad`` one saying why there is none."""
         latest = self._latest
         if latest is None:
             return self._bad(

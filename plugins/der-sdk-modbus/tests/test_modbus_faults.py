@@ -225,13 +225,20 @@ async def test_reconnects_with_backoff_while_unreachable_and_recovers_when_back(
 # --------------------------------------------------------------------------- read() timing
 
 
-async def test_each_poll_is_reported_once_and_a_slow_poll_is_not_waited_for(
-    serve: Serve, make_adapter: MakeAdapter
-) -> None:
+async def _polled_every_5_s(serve: Serve, make_adapter: MakeAdapter) -> tuple[Any, Any]:
+    """A device and its adapter (not connected), polled every 5 s: no poll of its own
+    cadence comes within a test."""
     device, server = await serve(["acme-bess@1.0.0"])
     adapter = make_adapter(
         server, profile="acme-bess", profile_version="1.0.0", poll_interval_s=5.0, timeout_s=1.0
     )
+    return device, adapter
+
+
+async def test_each_poll_is_reported_once_and_a_slow_poll_is_not_waited_for(
+    serve: Serve, make_adapter: MakeAdapter
+) -> None:
+    device, adapter = await _polled_every_5_s(serve, make_adapter)
     await adapter.connect()
     first = await adapter.read()
     second = await adapter.read()  # the poller was idle: it polls now, no 5 s wait
@@ -332,3 +339,17 @@ async def test_a_slow_device_does_not_hold_up_the_other_assets_of_a_gateway(
     # a sample took the fast devices' time, not the slow device's 0.3 s
     assert sorted(durations)[len(durations) // 2] < 0.15, durations
     assert ASSET.asset_id not in stamps
+
+
+async def test_read_nowait_gives_each_new_poll_once_and_none_until_the_next(
+    serve: Serve, make_adapter: MakeAdapter
+) -> None:
+    _device, adapter = await _polled_every_5_s(serve, make_adapter)
+    assert adapter.read_nowait() is None  # not connected
+    await adapter.connect()  # returns once the first poll is in
+    ready = adapter.read_nowait()
+    assert ready is not None and ready.quality == "good"
+    assert adapter.read_nowait() is None  # returned once: the next poll is 5 s away
+    fresh = await adapter.read()  # read() polls now (the poller was idle) and waits for it
+    assert fresh.quality == "good" and fresh.ts > ready.ts
+    assert adapter.read_nowait() is None
