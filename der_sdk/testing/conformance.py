@@ -473,6 +473,45 @@ class AdapterConformance:
         )
 
     @pytest.mark.asyncio
+    async def test_read_nowait_returns_each_ready_sample_once_and_never_blocks(
+        self, adapter: Adapter
+    ) -> None:
+        """An adapter without :meth:`~der_sdk.extensions.Adapter.read_nowait` passes (it
+        always answers ``None``); one with it returns a valid sample of the asset or
+        ``None``, at once, and a sample it returned counts as read."""
+        await self._connect(adapter)
+        await self._read_good(adapter)
+        name = self._name("read_nowait()")
+        seen: list[TelemetrySample] = []
+        for _ in range(20):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            sample = adapter.read_nowait()
+            took = loop.time() - started
+            assert took < self.blocking_threshold_s, (
+                f"{name} took {took * 1000:.0f} ms (more than blocking_threshold_s="
+                f"{self.blocking_threshold_s:g}): it must not block"
+            )
+            if sample is not None:
+                self._check_sample(sample, "read_nowait()")
+                assert sample.quality == "good", (
+                    f"{name} returned quality {sample.quality!r} ({sample.quality_reason}) "
+                    "with no fault injected; expected 'good'"
+                )
+                assert not seen or sample.ts > seen[-1].ts, (
+                    f"{name} returned a sample at {sample.ts.isoformat()} again, or one "
+                    "older than the last: a sample it returns counts as read"
+                )
+                seen.append(sample)
+            await asyncio.sleep(0.05)
+        if seen:
+            after = await self._read(adapter)
+            assert after.quality != "good" or after.ts > seen[-1].ts, (
+                f"{self._name('read()')} returned the good sample read_nowait() had "
+                f"already returned (ts {after.ts.isoformat()})"
+            )
+
+    @pytest.mark.asyncio
     async def test_close_is_idempotent(self, adapter: Adapter) -> None:
         await self._connect(adapter)
         await self._read_good(adapter)
