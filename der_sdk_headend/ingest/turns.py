@@ -15,15 +15,6 @@ and as many waiters as the budget is expected to fit are let go, first come, fir
 served; they decode in the next pass. What is not telemetry is never in line, so a
 control message waits for at most about one budget of decoding.
 
-A stream's reader can also wait for its turn *before* it reads the stream's next batch
-(:meth:`DecodeTurns.before_read`), so that a stream waiting for a turn holds none of
-that batch's bytes in Python: the batch stays in gRPC, under the stream's flow-control
-window. There are two lines: batches already read (:meth:`DecodeTurns.take`) and
-readers that have not read yet. Each pass lets go the first line first, then, for what
-is left of the budget, readers of the second, which read and decode in a later pass;
-only a batch that arrives when that pass's budget is spent waits, first in line, for
-one more pass with its bytes.
-
 The throughput cost is small: a pass costs microseconds, a decode hundreds of them, and
 ingest is bounded by the storage writer, not by the loop.
 """
@@ -48,12 +39,12 @@ class DecodeTurns:
     """Turns for decoding, :data:`PASS_BUDGET_S` of them per pass of the event loop.
 
     Use it as ``await turns.take()``, decode, then ``turns.spent(seconds)``; all on one
-    event loop. A reader that can wait before it reads awaits :meth:`before_read` first.
+    event loop.
 
     :param budget_s: decode time per pass of the loop.
     """
 
-    __slots__ = ("_budget", "_cost", "_loop", "_readers", "_renewal", "_spent", "_waiters")
+    __slots__ = ("_budget", "_cost", "_loop", "_renewal", "_spent", "_waiters")
 
     def __init__(self, budget_s: float = PASS_BUDGET_S) -> None:
         if budget_s <= 0:
@@ -61,8 +52,7 @@ class DecodeTurns:
         self._budget = budget_s
         self._spent = 0.0
         self._cost = _FIRST_GUESS_S  # moving average of one decode
-        self._waiters: deque[asyncio.Future[None]] = deque()  # batches read
-        self._readers: deque[asyncio.Future[None]] = deque()  # batches not read yet
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._renewal: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -72,36 +62,16 @@ class DecodeTurns:
         return len(self._waiters)
 
     @property
-    def waiting_to_read(self) -> int:
-        """Readers waiting (:meth:`before_read`) to read their stream's next batch."""
-        return len(self._readers)
-
-    @property
     def free(self) -> bool:
         """:meth:`take` would return at once."""
         return self._spent < self._budget and not self._waiters
 
-    @property
-    def free_to_read(self) -> bool:
-        """:meth:`before_read` would return at once."""
-        return self.free and not self._readers
-
     async def take(self) -> None:
-        """Return once this pass of the loop may decode a batch already read; call
-        :meth:`spent` after."""
-        if not self.free:
-            await self._wait(self._waiters)
-
-    async def before_read(self) -> None:
-        """Return once the reader may read its stream's next batch: at once while no
-        decode waits, else when a pass has budget left after the batches already read.
-        The batch read then still takes its turn with :meth:`take` (first in line)."""
-        if not self.free_to_read:
-            await self._wait(self._readers)
-
-    async def _wait(self, line: deque[asyncio.Future[None]]) -> None:
+        """Return once this pass of the loop may decode; call :meth:`spent` after."""
+        if self.free:
+            return
         waiter = asyncio.get_running_loop().create_future()
-        line.append(waiter)
+        self._waiters.append(waiter)
         self._renew_next_pass()
         try:
             await waiter
@@ -123,23 +93,15 @@ class DecodeTurns:
             self._renewal = self._loop.call_soon(self._renew)
 
     def _renew(self) -> None:
-        """At the start of a pass: a fresh budget, and the waiters it fits let go, the
-        batches already read first."""
+        """At the start of a pass: a fresh budget, and the waiters it fits let go."""
         self._renewal = None
         self._spent = 0.0
         fits = max(1, int(self._budget / max(self._cost, 1e-6)))
-        fits = _let_go(self._waiters, fits)
-        _let_go(self._readers, fits)
-        if self._waiters or self._readers:
+        waiters = self._waiters
+        while waiters and fits:
+            waiter = waiters.popleft()
+            if not waiter.done():  # a cancelled one is skipped
+                waiter.set_result(None)
+                fits -= 1
+        if waiters:
             self._renew_next_pass()
-
-
-def _let_go(line: deque[asyncio.Future[None]], count: int) -> int:
-    """Let the first ``count`` waiters of ``line`` go (a cancelled one is skipped); return
-    how many of ``count`` are left."""
-    while line and count:
-        waiter = line.popleft()
-        if not waiter.done():
-            waiter.set_result(None)
-            count -= 1
-    return count

@@ -27,15 +27,13 @@ The life of a stream:
    (while the queue is full the reader waits with the batch undecoded, which is the
    stream's flow control) → a turn to decode (:mod:`der_sdk_headend.ingest.turns`: one
    pass of the event loop decodes at most about 2 ms of telemetry, so what is not
-   telemetry never waits behind a burst of it; a stream that sent telemetry last waits
-   for queue space and for its turn before it reads its next message) → decoded (a
-   sample that does not decode is logged with its asset and skipped) → the ingest queue
-   (acknowledged once stored), ``Heartbeat`` → stored once per served asset through the
-   same writer (a clock out of range is logged and replaced by the headend's),
-   ``SetpointAck`` → dispatcher (a final outcome is answered with
-   ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the dispatcher (source
-   ``local``), then acknowledged with ``LocalDispatchAck``, ``AgentEvent`` → stored as an
-   event, then acknowledged with ``EventAck``.
+   telemetry never waits behind a burst of it) → decoded (a sample that does not decode
+   is logged with its asset and skipped) → the ingest queue (acknowledged once stored),
+   ``Heartbeat`` → stored once per served asset through the same writer (a clock out of
+   range is logged and replaced by the headend's), ``SetpointAck`` → dispatcher (a final
+   outcome is answered with ``SetpointOutcomeAck``), ``LocalDispatch`` → recorded by the
+   dispatcher (source ``local``), then acknowledged with ``LocalDispatchAck``,
+   ``AgentEvent`` → stored as an event, then acknowledged with ``EventAck``.
 
 Ingest, dispatch and presence see only :mod:`der_sdk.models`: this module decodes what
 the agent sends through :mod:`der_sdk.wire.codec`, and encodes what the stream's outbox
@@ -476,11 +474,9 @@ class AgentLinkService:
         be refused (``INVALID_ARGUMENT``), or ``None``.
 
         While the ingest queue is full, the reader does not read the stream's next
-        message until it holds queue space for it (as much as the stream's last batch),
-        and while telemetry waits for decode turns, not until a pass of the loop lets it
-        (:meth:`~der_sdk_headend.ingest.turns.DecodeTurns.before_read`): what the agent
-        sends meanwhile waits in gRPC, within the stream's flow-control window, not a
-        second time in the headend's own memory.
+        message until it holds queue space for it (as much as the stream's last batch):
+        what the agent sends meanwhile waits in gRPC, within the stream's flow-control
+        window, not a second time in the headend's own memory.
         """
         expected = 0  # samples in this stream's last telemetry batch
         held = 0  # queue space held for the next message, not handed on yet
@@ -489,8 +485,6 @@ class AgentLinkService:
                 if expected and self._ingest.would_wait(expected):
                     await self._ingest.reserve(stream, expected)
                     held = expected
-                if expected and not self._turns.free_to_read:
-                    await self._turns.before_read()
                 raw, held = await self._next(context, held)
                 if raw is None:
                     break

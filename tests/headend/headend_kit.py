@@ -307,19 +307,3 @@ def preview_rows(html: str) -> list[tuple[str, float]]:
         html,
     )
     return [(asset_id, float(mw)) for asset_id, mw in rows]
-
-
-def telemetry_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sequence numbers of the telemetry batches the headend parses from now on, in
-    order, once per parse (:func:`codec.parse_agent_message` counted)."""
-    parsed: list[int] = []
-    parse = codec.parse_agent_message
-
-    def counting(raw: bytes) -> pb.AgentMessage:
-        message = parse(raw)
-        if message.WhichOneof("msg") == "telemetry":
-            parsed.append(message.telemetry.seq)
-        return message
-
-    monkeypatch.setattr(codec, "parse_agent_message", counting)
-    return parsed

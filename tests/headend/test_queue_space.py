@@ -15,7 +15,6 @@ from headend_kit import (
     RawAgent,
     eventually,
     sample,
-    telemetry_parses,
 )
 
 from der_sdk.models import TelemetrySample
@@ -211,7 +210,16 @@ async def test_while_the_queue_is_full_a_stream_is_not_read_until_space_is_held(
     unread (in gRPC, under flow control), not held as bytes by the headend."""
     ingest = headend.ingest
     release = _bound_and_stall(headend, monkeypatch)
-    parsed = telemetry_parses(monkeypatch)
+    parsed: list[int] = []
+    parse = codec.parse_agent_message
+
+    def counting(raw: bytes) -> object:
+        message = parse(raw)
+        if message.WhichOneof("msg") == "telemetry":
+            parsed.append(message.telemetry.seq)
+        return message
+
+    monkeypatch.setattr(codec, "parse_agent_message", counting)
     agent = await _agent_sending_three_batches(connect_agent)
 
     async def reader_waits() -> bool:
