@@ -76,17 +76,19 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 HALF_OPEN_DETECTION_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 """Worst case for either side to notice a link that went silent (30 s, within 40 s)."""
 
-STREAM_WINDOW_BYTES = 32 * 1024
+STREAM_WINDOW_BYTES = 16 * 1024
 """The HTTP/2 flow-control window of each agent stream: what gRPC reads ahead of the
-headend (a telemetry batch of 100 samples is about 15 KB)."""
+headend (a telemetry batch of 100 samples by column is about 8 KB, as rows about 18 KB).
+It also bounds one stream's own rate to about a window per round trip: over a WAN link
+with a 50 ms round trip about 330 KB/s, some 4,000 samples/s by column (twice that at
+32 KB). At 5,000 loaded streams 16 KB held about 30 KB a stream less than 32 KB
+(docs/performance.md, "Memory per loaded stream, a third pass")."""
 
 TCP_READ_CHUNK_BYTES = 8 * 1024
-"""The most gRPC reads from an agent's connection at once. gRPC grows its read size with
-the traffic, up to 4 MB, in 64 KB buffers that stay allocated while any byte in them is
-unread; with thousands of streams waiting for ingest queue space that slack is held on
-every connection. 8 KB reads go into 8 KB buffers (docs/performance.md, "Ingest at fleet
-scale": measured within the noise of a shared machine, 90 against 100-115 KB per loaded
-stream at 5,000 streams, and no slower for one stream)."""
+"""The most gRPC's older TCP endpoint reads from an agent's connection at once. The
+event-engine endpoint of grpcio 1.85 does not consult it: it reads into 64 KB buffers
+once its own estimate of a read passes 12 KB, whatever this says (docs/performance.md,
+"Memory per loaded stream, a third pass"). Kept: it costs nothing."""
 
 GRPC_SERVER_OPTIONS = (
     # A busy port is an error, not a second headend silently sharing it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from datetime import datetime
 
 import grpc
@@ -28,8 +29,9 @@ from headend_kit import (
 
 from der_sdk.models import Allocation, LocalDispatchReport, Session, utc_now
 from der_sdk.plugins import Plugins
-from der_sdk.wire import codec
+from der_sdk.wire import codec, pb
 from der_sdk_headend import Headend
+from der_sdk_headend.service import STREAM_WINDOW_BYTES
 
 
 async def test_register_accepted_shows_every_served_asset_connected_with_the_same_peer(
@@ -405,6 +407,46 @@ async def test_the_register_ack_says_telemetry_by_column_is_read_and_such_a_batc
     assert (stored.seq, stored.stored_through) == (1, 1)
     history = (await http.get(f"/telemetry/{BESS_2}/history")).json()
     assert [(h["mw"], h["status"]) for h in history] == [(2.0, "idle"), (1.0, "idle")]
+
+
+async def test_a_telemetry_batch_larger_than_the_streams_window_is_stored_whole(
+    http: httpx.AsyncClient, connect_agent: ConnectAgent
+) -> None:
+    """A batch several times the stream's flow-control window (STREAM_WINDOW_BYTES)
+    arrives in as many window updates as it needs."""
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    batch = [sample(BESS_1, seconds=s, mw=float(s)) for s in range(1000)]
+    assert codec.agent_telemetry(1, batch).ByteSize() > 4 * STREAM_WINDOW_BYTES
+    stored = await agent.telemetry(1, batch)
+    assert (stored.seq, stored.stored_through) == (1, 1)
+    history = (await http.get(f"/telemetry/{BESS_1}/history", params={"limit": 2000})).json()
+    assert sorted(h["mw"] for h in history) == [float(s) for s in range(1000)]
+
+
+async def test_a_stream_waiting_for_its_next_message_keeps_no_reference_to_its_last_one(
+    connect_agent: ConnectAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a batch is handled, nothing in the headend or gRPC still refers to the bytes
+    it came in (grpc aio's request iterator kept the last message until the next one)."""
+    read: list[bytes] = []
+    parse = codec.parse_agent_message
+
+    def keeping(raw: bytes) -> pb.AgentMessage:
+        read.append(raw)
+        return parse(raw)
+
+    monkeypatch.setattr(codec, "parse_agent_message", keeping)
+    agent = await connect_agent()
+    await agent.register([BESS_1])
+    stored = await agent.telemetry(1, [sample(BESS_1, seconds=s) for s in range(50)])
+    assert stored.stored_through == 1
+    assert parse(read[-1]).telemetry.seq == 1
+
+    async def only_ours() -> bool:
+        return sys.getrefcount(read[-1]) == 2  # the list's, and getrefcount's argument
+
+    await eventually(only_ours, "the handled batch's bytes are no longer referred to")
 
 
 async def test_telemetry_columns_that_do_not_fit_together_end_the_stream_naming_the_column(
