@@ -18,6 +18,10 @@ variable                default                     meaning
                                                     SQLite always uses 1)
 ``MAX_AGENT_STREAMS``   ``10000``                   agent streams served at once; more are
                                                     refused with RESOURCE_EXHAUSTED and retry
+``HEADEND_STREAM_WINDOW_KB`` ``16``                 each agent stream's flow-control window
+                                                    (4..1024): what gRPC reads ahead of the
+                                                    headend per stream; it also caps one
+                                                    stream's rate at a window per round trip
 ``HEADEND_TLS_CERT``    (none)                      PEM certificate chain: serve gRPC and REST
 ``HEADEND_TLS_KEY``     (none)                      over TLS (both or neither)
 ``HEADEND_CLIENT_CA``   (none)                      PEM CA bundle: require agent client
@@ -89,6 +93,9 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:3001"
 DEFAULT_INGEST_QUEUE_MAX_SAMPLES = 50_000
 DEFAULT_INGEST_WRITERS = 2
 DEFAULT_MAX_AGENT_STREAMS = 10_000
+DEFAULT_STREAM_WINDOW_KB = 16
+"""Each agent stream's HTTP/2 flow-control window, KB (docs/performance.md, "Memory per
+loaded stream, a third pass": 16 KB held about 30 KB a loaded stream less than 32)."""
 DEFAULT_TOKENS_FILE = "der-data/tokens.json"
 
 AgentIdentityMode = Literal["fingerprint", "subject"]
@@ -243,6 +250,7 @@ class HeadendConfig:
     ingest_queue_max_samples: int = DEFAULT_INGEST_QUEUE_MAX_SAMPLES
     ingest_writers: int = DEFAULT_INGEST_WRITERS
     max_agent_streams: int = DEFAULT_MAX_AGENT_STREAMS
+    stream_window_kb: int = DEFAULT_STREAM_WINDOW_KB
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
@@ -304,6 +312,11 @@ class HeadendConfig:
             raise DerSdkError(f"INGEST_WRITERS={self.ingest_writers} must be 1..16")
         if self.max_agent_streams < 1:
             raise DerSdkError(f"MAX_AGENT_STREAMS={self.max_agent_streams} must be at least 1")
+        if not 4 <= self.stream_window_kb <= 1024:
+            raise DerSdkError(
+                f"HEADEND_STREAM_WINDOW_KB={self.stream_window_kb} must be 4..1024 (KB per "
+                "agent stream; 16 by default)"
+            )
         split_host_port(self.grpc_addr, "HEADEND_GRPC_ADDR")
         split_host_port(self.http_addr, "HEADEND_HTTP_ADDR")
         object.__setattr__(self, "headend_id_configured", bool(self.headend_id))
@@ -457,6 +470,7 @@ class HeadendConfig:
             ),
             ingest_writers=_int(env, "INGEST_WRITERS", DEFAULT_INGEST_WRITERS),
             max_agent_streams=_int(env, "MAX_AGENT_STREAMS", DEFAULT_MAX_AGENT_STREAMS),
+            stream_window_kb=_int(env, "HEADEND_STREAM_WINDOW_KB", DEFAULT_STREAM_WINDOW_KB),
             tls_cert=_path(env, "HEADEND_TLS_CERT"),
             tls_key=_path(env, "HEADEND_TLS_KEY"),
             client_ca=_path(env, "HEADEND_CLIENT_CA"),

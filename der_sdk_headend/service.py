@@ -37,7 +37,12 @@ from der_sdk_headend.cluster import Cluster
 from der_sdk_headend.cluster.dispatch import ClusterDispatcher
 from der_sdk_headend.cluster.ingest import BusTelemetrySink, StreamWriters
 from der_sdk_headend.cluster.presence import ClusterPresence
-from der_sdk_headend.config import HeadendConfig, is_loopback, split_host_port
+from der_sdk_headend.config import (
+    DEFAULT_STREAM_WINDOW_KB,
+    HeadendConfig,
+    is_loopback,
+    split_host_port,
+)
 from der_sdk_headend.dispatch import Dispatcher, PresenceRouter
 from der_sdk_headend.exporters import ExporterRunner
 from der_sdk_headend.ingest import TelemetryIngest
@@ -76,8 +81,9 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 HALF_OPEN_DETECTION_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 """Worst case for either side to notice a link that went silent (30 s, within 40 s)."""
 
-STREAM_WINDOW_BYTES = 16 * 1024
-"""The HTTP/2 flow-control window of each agent stream: what gRPC reads ahead of the
+STREAM_WINDOW_BYTES = DEFAULT_STREAM_WINDOW_KB * 1024
+"""The default HTTP/2 flow-control window of each agent stream
+(``HEADEND_STREAM_WINDOW_KB``): what gRPC reads ahead of the
 headend (a telemetry batch of 100 samples by column is about 8 KB, as rows about 18 KB).
 It also bounds one stream's own rate to about a window per round trip: over a WAN link
 with a 50 ms round trip about 330 KB/s, some 4,000 samples/s by column (twice that at
@@ -111,9 +117,9 @@ GRPC_SERVER_OPTIONS = (
     # ingest queue is full a stream's reader stops reading, and what its agent sent on
     # sits in gRPC core up to the stream's flow-control window. gRPC grows that window
     # from its bandwidth-delay probes, to hundreds of KB per stream on loopback; keep
-    # it at STREAM_WINDOW_BYTES so the agent's own buffer holds the rest.
+    # it at HEADEND_STREAM_WINDOW_KB (grpc.http2.lookahead_bytes, set with the server)
+    # so the agent's own buffer holds the rest.
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
     ("grpc.experimental.tcp_max_read_chunk_size", TCP_READ_CHUNK_BYTES),
 )
 
@@ -573,6 +579,7 @@ class Headend:
         server = grpc.aio.server(
             options=(
                 *GRPC_SERVER_OPTIONS,
+                ("grpc.http2.lookahead_bytes", self.config.stream_window_kb * 1024),
                 ("grpc.server.max_pending_requests", streams),
                 ("grpc.server.max_pending_requests_hard_limit", streams),
             ),

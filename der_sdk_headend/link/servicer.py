@@ -698,7 +698,7 @@ async def _next_message(context: Any) -> bytes | None:
 
     Read with ``context.read()``, never the request iterator: grpc aio's iterator is an
     async generator that keeps the last message it yielded until the next one arrives, so
-    every stream waiting (for queue space or a decode turn) before its next read kept its
+    every stream waiting (for queue space, or for its agent) before its next read kept its
     last batch, about 8 KB by column, 40 MB at 5,000 streams (docs/performance.md, "Memory
     per loaded stream, a third pass")."""
     message = await context.read()

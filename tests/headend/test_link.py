@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import grpc
 import httpx
@@ -21,8 +22,10 @@ from headend_kit import (
     WAIT_S,
     ConnectAgent,
     Observer,
+    RawAgent,
     agents_by_asset,
     eventually,
+    make_config,
     make_exploding_observer_plugin,
     sample,
 )
@@ -447,6 +450,26 @@ async def test_a_stream_waiting_for_its_next_message_keeps_no_reference_to_its_l
         return sys.getrefcount(read[-1]) == 2  # the list's, and getrefcount's argument
 
     await eventually(only_ours, "the handled batch's bytes are no longer referred to")
+
+
+async def test_a_wider_stream_window_set_by_its_variable_still_stores_a_large_batch_whole(
+    inventory_path: Path, plugins: Plugins
+) -> None:
+    """``HEADEND_STREAM_WINDOW_KB`` (for agents clearing a backlog over a WAN link)."""
+    config = make_config(inventory_path, HEADEND_STREAM_WINDOW_KB="64")
+    assert config.stream_window_kb == 64
+    headend = Headend(config, plugins=plugins)
+    await headend.start()
+    channel = grpc.aio.insecure_channel(headend.grpc_addr)
+    try:
+        agent = RawAgent(channel)
+        await agent.register([BESS_1])
+        batch = [sample(BESS_1, seconds=s, mw=float(s)) for s in range(1000)]
+        stored = await agent.telemetry(1, batch)
+        assert (stored.seq, stored.stored_through) == (1, 1)
+    finally:
+        await channel.close()
+        await headend.stop()
 
 
 async def test_telemetry_columns_that_do_not_fit_together_end_the_stream_naming_the_column(

@@ -58,6 +58,8 @@ def test_config_without_assets_path_says_what_to_set() -> None:
         ({"RESET_DB": "maybe"}, "RESET_DB"),
         ({"INGEST_WRITERS": "0"}, "INGEST_WRITERS=0 must be 1..16"),
         ({"INGEST_WRITERS": "two"}, "INGEST_WRITERS"),
+        ({"HEADEND_STREAM_WINDOW_KB": "2"}, "HEADEND_STREAM_WINDOW_KB=2 must be 4..1024"),
+        ({"HEADEND_STREAM_WINDOW_KB": "16k"}, "HEADEND_STREAM_WINDOW_KB='16k' is not a whole"),
         ({"HEADEND_MTLS_MODE": "grpc"}, "HEADEND_MTLS_MODE='grpc' is not one of front, native"),
         ({"HEADEND_MTLS_MODE": "native"}, "HEADEND_MTLS_MODE=native .* needs HEADEND_CLIENT_CA"),
         ({"HEADEND_ID": "headend a"}, "HEADEND_ID='headend a' is not a headend id: use 1 to 128"),
