@@ -155,13 +155,7 @@ async def run(names: list[str], ctx: Context) -> dict[str, Any]:
     from bench import profiling
 
     return {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "quick": ctx.quick,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        **_stamp(ctx.quick),
         "benchmarks": ran,
         "figures": figures,
         "profiles": profiling.PROFILES,
@@ -196,15 +190,19 @@ def in_children(names: list[str], args: argparse.Namespace) -> dict[str, Any]:
             merged["benchmarks"].update(child["benchmarks"])
             merged["figures"] += child["figures"]
             merged["profiles"].update(child["profiles"])
+    return {**_stamp(args.quick), **merged}
+
+
+def _stamp(quick: bool) -> dict[str, Any]:
+    """When and where a run was made: the head of its report."""
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "quick": args.quick,
+        "quick": quick,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        **merged,
     }
 
 
