@@ -51,7 +51,12 @@ from der_sdk.storage.contract import StorageBackend
 from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.cluster.core import Cluster
 from der_sdk_headend.dispatch import lifecycle, planning
-from der_sdk_headend.dispatch.delivery import Command, Delivery, cancel_command
+from der_sdk_headend.dispatch.delivery import (
+    SCHEDULE_HELD_STATES,
+    Command,
+    Delivery,
+    cancel_command_id,
+)
 from der_sdk_headend.dispatch.dispatcher import Dispatcher
 from der_sdk_headend.dispatch.lifecycle import derive_state
 from der_sdk_headend.dispatch.records import copy_dispatch
@@ -84,8 +89,6 @@ _DELIVERABLE_RECORDS: tuple[str, ...] = (*_DELIVERABLE, "scheduled", "active")
 """The record states that may hold such targets: a schedule is ``scheduled`` while its
 targets are submitted or sent (docs/dispatch.md), and ``scheduled`` or ``active`` while
 an agent holds a target whose cancel was asked for."""
-_HELD: frozenset[str] = frozenset({"sent", "acked", "scheduled", "active"})
-"""A schedule target's states while its agent may hold it: what a cancel is sent for."""
 
 Locate = Callable[[str], "str | None"]
 """Asset id → the bus name of the replica holding the stream that serves it, or ``None``
@@ -386,8 +389,8 @@ class ClusterDispatcher(Dispatcher):
             peer = self._router.peer_for(target.asset_id)
             if peer is None or peer in peers:
                 continue
-            if dispatch.cancel_requested_at is not None and dispatch.start_at is not None:
-                command_id = cancel_command(dispatch, target).setpoint.command_id
+            if _cancelling(dispatch):
+                command_id = cancel_command_id(dispatch, target)
             else:
                 command_id = target.command_id or dispatch.dispatch_id
             if target.state == "submitted" or command_id not in self._pushed.get(peer, ()):
@@ -537,9 +540,14 @@ def _route_with_remote(dispatch: Dispatch, route: str, remote: dict[str, list[st
     return f"{route}; on other replicas, asked to deliver ({where})"
 
 
+def _cancelling(dispatch: Dispatch) -> bool:
+    """A schedule whose cancel was asked for: its held targets get cancel commands."""
+    return dispatch.cancel_requested_at is not None and dispatch.start_at is not None
+
+
 def _to_deliver(dispatch: Dispatch, target: DispatchTarget) -> bool:
     """Whether ``target`` has a command for its agent: submitted or unacknowledged, or a
     schedule target its agent may hold once a cancel was asked for."""
-    if dispatch.cancel_requested_at is not None and dispatch.start_at is not None:
-        return target.state in _HELD
+    if _cancelling(dispatch):
+        return target.state in SCHEDULE_HELD_STATES
     return target.state in _DELIVERABLE

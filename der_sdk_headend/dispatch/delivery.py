@@ -26,14 +26,20 @@ from der_sdk_headend.dispatch.lifecycle import expired_because, expires_in_ms, r
 from der_sdk_headend.dispatch.router import AgentPeer, DispatchRouter
 
 __all__ = [
+    "SCHEDULE_HELD_STATES",
     "Command",
     "Delivery",
     "cancel_command",
+    "cancel_command_id",
     "plan_delivery",
     "route_new",
     "schedule_command_id",
     "undelivered",
 ]
+
+
+SCHEDULE_HELD_STATES: frozenset[str] = frozenset({"sent", "acked", "scheduled", "active"})
+"""A schedule target's states while its agent may hold it: what a cancel is sent for."""
 
 
 @dataclass(slots=True)
@@ -143,9 +149,18 @@ def cancel_command(dispatch: Dispatch, target: DispatchTarget) -> Command:
     """The command that cancels ``target``'s schedule on its agent."""
     command_id = target.command_id or schedule_command_id(dispatch, target)
     setpoint = SetpointCommand(
-        command_id=f"{command_id}/cancel", mw=0.0, asset_id=target.asset_id, cancels=command_id
+        command_id=cancel_command_id(dispatch, target),
+        mw=0.0,
+        asset_id=target.asset_id,
+        cancels=command_id,
     )
     return Command(setpoint, [])
+
+
+def cancel_command_id(dispatch: Dispatch, target: DispatchTarget) -> str:
+    """The id of :func:`cancel_command` for ``target``: its schedule's command id and
+    ``/cancel``."""
+    return f"{target.command_id or schedule_command_id(dispatch, target)}/cancel"
 
 
 def plan_delivery(
@@ -213,7 +228,7 @@ def _plan_schedule_delivery(peer: AgentPeer, dispatch: Dispatch, now: datetime) 
     delivery = Delivery()
     mine = [t for t in dispatch.targets if peer.serves(t.asset_id)]
     if dispatch.cancel_requested_at is not None:
-        held = [t for t in mine if t.state in ("sent", "acked", "scheduled", "active")]
+        held = [t for t in mine if t.state in SCHEDULE_HELD_STATES]
         if held:
             delivery.resend_how = f"cancel sent for {len(held)} schedule target(s)"
             delivery.resend = [cancel_command(dispatch, t) for t in held]
