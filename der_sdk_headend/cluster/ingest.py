@@ -63,6 +63,7 @@ from der_sdk.bus.contract import (
 from der_sdk.models import Event, TelemetrySample
 from der_sdk.plugins import Plugins
 from der_sdk.storage.contract import StorageBackend
+from der_sdk.tasks import cancel_and_wait
 from der_sdk_headend.ingest.telemetry import SinkBatch, TelemetryIngest, TelemetrySink
 
 __all__ = [
@@ -389,18 +390,7 @@ class StreamWriters:
         # A writer ends on its own after its fetch (FETCH_WAIT_S) or store: a fetch is not
         # cancelled, as nats-py answers a cancelled fetch with a TimeoutError.
         await asyncio.wait(writers, timeout=timeout_s + FETCH_WAIT_S)
-        for _ in range(3):
-            pending = [task for task in tasks if not task.done()]
-            if not pending:
-                break
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=1.0)
-        for task in tasks:
-            if not task.done():
-                log.warning("%s did not stop", task.get_name())
-            elif not task.cancelled() and task.exception() is not None:
-                log.debug("%s ended with %r", task.get_name(), task.exception())
+        await cancel_and_wait(tasks, attempts=3)  # what is left (logs what does not stop)
         for consumer in list(self._consumers.values()):
             with contextlib.suppress(Exception):
                 await consumer.close()
