@@ -99,17 +99,54 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def proc_rss(pid: int) -> int:
+HELPER_PROCESSES = ("der_sdk.storage.sqlite_writer",)
+"""Command-line marks of processes a headend starts to do its own work (the SQLite
+backend's telemetry writer): their memory and CPU count as the headend's."""
+
+
+def helper_pids(pid: int) -> list[int]:
+    """The children of ``pid`` that are its helper processes (:data:`HELPER_PROCESSES`)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                for child in (task / "children").read_text().split():
+                    with contextlib.suppress(OSError):
+                        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                        if any(mark.encode() in cmdline for mark in HELPER_PROCESSES):
+                            found.append(int(child))
+    return found
+
+
+def _own_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and its threads."""
+def _own_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss(pid: int) -> int:
+    """Resident memory of ``pid`` and of its helper processes (:func:`helper_pids`)."""
+    total = _own_rss(pid)
+    for helper in helper_pids(pid):
+        with contextlib.suppress(OSError, RuntimeError):
+            total += _own_rss(helper)
+    return total
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its threads, and of its helper processes
+    (:func:`helper_pids`) while they run."""
+    total = _own_cpu_s(pid)
+    for helper in helper_pids(pid):
+        with contextlib.suppress(OSError):
+            total += _own_cpu_s(helper)
+    return total
 
 
 def postgres_url() -> str | None:

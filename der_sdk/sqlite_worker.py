@@ -82,6 +82,9 @@ class SQLiteWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
+        self.on_urgent: Callable[[], object] | None = None
+        """Called (on the event loop) when an urgent job is queued: a bulk job that runs
+        its statements elsewhere (the SQLite backend's writer process) is told to pause."""
 
     async def open(self) -> None:
         """Start the thread and connect on it."""
@@ -112,6 +115,8 @@ class SQLiteWorker:
                 raise RuntimeError(f"SQLite database {self.path} is closing")
             (self._bulk if bulk else self._urgent).append((job, future))
             self._ready.notify()
+        if not bulk and self.on_urgent is not None:
+            self.on_urgent()
         return await future
 
     def _next(self) -> tuple[Job, asyncio.Future[Any]] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -452,14 +453,14 @@ async def test_sqlite_a_dispatch_record_waits_for_one_statement_of_a_telemetry_w
 ) -> None:
     """A dispatch record that arrives while a long telemetry write runs is stored between
     two of the write's statements (the part written so far committed first); the write
-    then goes on and stores every sample once, and counts only its own rows."""
+    then goes on and stores every sample once, and counts only its own rows. (The writes
+    on the storage thread itself; the next test, in the writer process.)"""
     import threading
 
     import der_sdk.storage.sqlite as sqlite_backend
-    from der_sdk.models import DispatchEvent
 
     monkeypatch.setattr(sqlite_backend, "ROWS_PER_STATEMENT", 16)
-    storage = SQLiteStorage(tmp_path / "yield.db")
+    storage = SQLiteStorage(tmp_path / "yield.db", writer="thread")
     await storage.open()
     worker = storage._worker
     assert worker is not None
@@ -475,27 +476,144 @@ async def test_sqlite_a_dispatch_record_waits_for_one_statement_of_a_telemetry_w
         return ran[-1]
 
     monkeypatch.setattr(worker, "yield_to_urgent", pause_once)
-    done: list[str] = []
     try:
-        batch = [sample(f"asset-{n % 5}", n) for n in range(100)]  # 7 statements of 16
-        write = asyncio.ensure_future(storage.append_telemetry(batch))
-        write.add_done_callback(lambda _: done.append("telemetry"))
-        assert await asyncio.to_thread(inside.wait, 10), "the write reached its first pause"
-        event = DispatchEvent(dispatch_id="d1", state="submitted", ts=at(0))
-        record = asyncio.ensure_future(storage.record_dispatch(dispatch("d1", 0), event))
-        record.add_done_callback(lambda _: done.append("dispatch"))
-        await asyncio.sleep(0.05)  # the record is queued as urgent
-        gate.set()
-        assert await write == 100
-        await record
-        assert done == ["dispatch", "telemetry"]
+        await _a_record_during_a_write(storage, inside, gate)
         assert ran[0] == 1 and sum(ran) == 1, "the record ran once, at the first pause"
-        stored = [await storage.telemetry_history(f"asset-{k}", limit=1000) for k in range(5)]
-        assert sum(len(rows) for rows in stored) == 100
-        assert await storage.get_dispatch("d1") is not None
     finally:
         gate.set()
         await storage.close()
+
+
+async def _a_record_during_a_write(
+    storage: SQLiteStorage, held: threading.Event, gate: threading.Event
+) -> None:
+    """Write 100 samples (7 statements of 16); once the write is ``held``, queue a
+    dispatch record, open the ``gate``; the record must be stored before the write ends,
+    and both completely."""
+    from der_sdk.models import DispatchEvent
+
+    done: list[str] = []
+    batch = [sample(f"asset-{n % 5}", n) for n in range(100)]
+    write = asyncio.ensure_future(storage.append_telemetry(batch))
+    write.add_done_callback(lambda _: done.append("telemetry"))
+    assert await asyncio.to_thread(held.wait, 10), "the write began"
+    event = DispatchEvent(dispatch_id="d1", state="submitted", ts=at(0))
+    record = asyncio.ensure_future(storage.record_dispatch(dispatch("d1", 0), event))
+    record.add_done_callback(lambda _: done.append("dispatch"))
+    await asyncio.sleep(0.05)  # the record is queued as urgent
+    gate.set()
+    assert await write == 100
+    await record
+    assert done == ["dispatch", "telemetry"]
+    stored = [await storage.telemetry_history(f"asset-{k}", limit=1000) for k in range(5)]
+    assert sum(len(rows) for rows in stored) == 100
+    assert await storage.get_dispatch("d1") is not None
+
+
+async def test_sqlite_writer_process_pauses_between_statements_for_a_dispatch_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the writer process too, a dispatch record queued while a telemetry write runs is
+    stored between two of the write's statements, after the part written so far is
+    committed, and the write then stores every sample once."""
+    import threading
+
+    import der_sdk.storage.sqlite as sqlite_backend
+
+    monkeypatch.setattr(sqlite_backend, "ROWS_PER_STATEMENT", 16)  # the child's too
+    storage = SQLiteStorage(tmp_path / "yield.db", writer="process")
+    await storage.open()
+    worker, process = storage._worker, storage._writer_process
+    assert worker is not None and process is not None and process.pid is not None
+    entered, gate = threading.Event(), threading.Event()
+    real_insert, real_yield = process.insert, worker.yield_to_urgent
+    committed_at_pause: list[int] = []
+
+    def insert_after_gate(params: bytes, run_urgent: Any) -> int:
+        entered.set()
+        gate.wait(10)  # the record is queued now, while this write has begun
+        return real_insert(params, run_urgent)
+
+    def note_and_yield(conn: sqlite3.Connection) -> int:
+        committed_at_pause.append(conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+        return real_yield(conn)
+
+    monkeypatch.setattr(process, "insert", insert_after_gate)
+    monkeypatch.setattr(worker, "yield_to_urgent", note_and_yield)
+    try:
+        await _a_record_during_a_write(storage, entered, gate)
+        assert committed_at_pause == [16], "paused once, after the first statement"
+    finally:
+        gate.set()
+        await storage.close()
+
+
+async def test_sqlite_a_write_whose_writer_process_died_fails_clearly_and_the_next_one_stores(
+    tmp_path: Path,
+) -> None:
+    """If the writer process is killed, the write in progress fails with an error naming
+    the writer and the database; the next write starts a new process, and storing the
+    failed batch again stores each sample once."""
+    import os
+    import signal
+    import sqlite3
+
+    storage = SQLiteStorage(tmp_path / "killed.db", writer="process")
+    await storage.open()
+    try:
+        process = storage._writer_process
+        assert process is not None and process.pid is not None
+        first = [sample("asset-1", n) for n in range(50)]
+        assert await storage.append_telemetry(first) == 50
+        old_pid = process.pid
+        os.kill(old_pid, signal.SIGKILL)
+        second = [sample("asset-1", n) for n in range(50, 100)]
+        with pytest.raises(
+            sqlite3.OperationalError, match=r"telemetry writer for .*killed\.db ended"
+        ):
+            await storage.append_telemetry(second)
+        assert await storage.append_telemetry(first + second) == 50  # the first 50 are stored
+        assert process.pid is not None and process.pid != old_pid
+        assert len(await storage.telemetry_history("asset-1", limit=1000)) == 100
+    finally:
+        await storage.close()
+    assert process.pid is None, "close() ends the writer process"
+
+
+async def test_sqlite_a_sample_msgpack_cannot_carry_is_stored_by_the_storage_thread(
+    tmp_path: Path,
+) -> None:
+    """Details holding an integer past 64 bits (JSON allows it, msgpack does not) cannot
+    go to the writer process: that batch is written on the storage thread instead, and
+    reads back exactly."""
+    storage = SQLiteStorage(tmp_path / "bigint.db", writer="process")
+    await storage.open()
+    try:
+        big = sample("asset-1", 0)
+        big.details = {"counter": 2**70}
+        assert await storage.append_telemetry([big, sample("asset-1", 1)]) == 2
+        stored = await storage.telemetry_history("asset-1", limit=10)
+        assert sorted(s.details.get("counter", 0) for s in stored) == [0, 2**70]
+    finally:
+        await storage.close()
+
+
+def test_sqlite_writer_setting_is_checked_and_named() -> None:
+    """``DER_SQLITE_WRITER`` (or ``writer=``) takes ``process`` or ``thread``; anything else
+    is refused with the name of the setting; an in-memory database always writes on its
+    thread (a child process cannot see it)."""
+    from der_sdk.errors import DerSdkError
+
+    with pytest.raises(DerSdkError, match="writer='child' is not one of process, thread"):
+        SQLiteStorage("x.db", writer="child")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DER_SQLITE_WRITER", "fork")
+        with pytest.raises(DerSdkError, match="DER_SQLITE_WRITER='fork'"):
+            SQLiteStorage("x.db")
+        patch.setenv("DER_SQLITE_WRITER", "Thread")
+        assert SQLiteStorage("x.db").writer == "thread"
+    assert SQLiteStorage("x.db").writer == "process"
+    assert SQLiteStorage(":memory:", writer="process").writer == "thread"
 
 
 async def test_sqlite_the_log_is_copied_into_the_database_by_its_own_thread(

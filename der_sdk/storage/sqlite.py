@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import operator
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -53,6 +54,7 @@ from der_sdk.storage.contract import (
     check_page_size,
     checked_alarm_update,
 )
+from der_sdk.storage.sqlite_writer import TelemetryWriterProcess
 
 log = logging.getLogger("der.storage.sqlite")
 
@@ -75,6 +77,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 _json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
 _decode_json_object = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_dispatch = msgspec.json.Decoder(Dispatch).decode
 
@@ -561,6 +564,24 @@ def _event_row(event: Event) -> tuple[Any, ...]:
     )
 
 
+WRITER_ENV = "DER_SQLITE_WRITER"
+"""Where a file database's telemetry inserts run: ``process`` (default: a child process,
+:mod:`der_sdk.storage.sqlite_writer`) or ``thread`` (the storage thread itself)."""
+WRITERS = ("process", "thread")
+
+
+def _writer_mode(writer: str | None, path: str) -> str:
+    """``writer``, or :data:`WRITER_ENV`, checked; always ``thread`` for ``:memory:``."""
+    source = "writer"
+    if writer is None:
+        writer, source = os.environ.get(WRITER_ENV, "process").strip().lower(), WRITER_ENV
+    if writer not in WRITERS:
+        raise DerSdkError(f"{source}={writer!r} is not one of {', '.join(WRITERS)}")
+    if path == _MEMORY or os.name != "posix":
+        return "thread"  # a child cannot open another process's in-memory database
+    return writer
+
+
 def sqlite_path_from_url(url: str) -> str:
     """The database path of a ``sqlite:`` URL, or ``":memory:"``.
 
@@ -732,11 +753,17 @@ class SQLiteStorage(StorageBackend):
 
     name = "sqlite"
     ordered_writes = True  # urgent jobs run in the order they were queued
+    # Two telemetry writes at once: they still run one after the other on the storage
+    # thread, but the second is made and queued while the first is stored, so the thread
+    # (or the writer process) starts it the moment the first ends.
+    concurrent_writes = 2
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writer: str | None = None) -> None:
         self.path = str(path)
+        self.writer = _writer_mode(writer, self.path)
         self._worker: SQLiteWorker | None = None
         self._checkpointer: _Checkpointer | None = None
+        self._writer_process: TelemetryWriterProcess | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -777,6 +804,15 @@ class SQLiteStorage(StorageBackend):
         except BaseException:
             await worker.close()
             raise
+        if self.writer == "process":
+            process = TelemetryWriterProcess(self.path, ROWS_PER_STATEMENT)
+            try:
+                await worker.run(lambda _: process.start())
+            except BaseException:
+                await worker.close()
+                raise
+            worker.on_urgent = process.urgent
+            self._writer_process = process
         self._worker = worker
         if self.path != _MEMORY:
             self._checkpointer = _Checkpointer(self.path)
@@ -854,10 +890,13 @@ class SQLiteStorage(StorageBackend):
     async def close(self) -> None:
         worker, self._worker = self._worker, None
         checkpointer, self._checkpointer = self._checkpointer, None
+        process, self._writer_process = self._writer_process, None
         if checkpointer is not None:
             await checkpointer.stop()
         if worker is not None:
-            await worker.close()
+            await worker.close()  # runs the writes queued, then no job is left
+        if process is not None:
+            await asyncio.to_thread(process.close)
 
     async def reset(self) -> None:
         def reset(conn: sqlite3.Connection) -> None:
@@ -880,12 +919,33 @@ class SQLiteStorage(StorageBackend):
     async def append_telemetry(self, samples: Sequence[TelemetrySample]) -> int:
         if not samples:
             return 0
-        # Built here, not on the storage thread: that thread is the one a write waits for,
-        # so it only binds and steps (while it steps, the event loop builds the next).
-        params = _stored_params(samples)
         worker = self._worker
-        between = worker.yield_to_urgent if worker is not None else None
-        return await self._write(lambda conn: _insert_stored(conn, params, between), bulk=True)
+        process = self._writer_process
+        payload = b""
+        if worker is not None and process is not None:
+            try:
+                payload = _msgpack_encoder.encode(samples)
+            except (OverflowError, msgspec.EncodeError):  # e.g. an integer past 64 bits
+                process = None  # in details: JSON holds it, msgpack cannot carry it
+        if worker is None or process is None:
+            # Built here, not on the storage thread: that thread is the one a write waits
+            # for, so it only binds and steps (while it steps, the loop builds the next).
+            params = _stored_params(samples)
+            between = worker.yield_to_urgent if worker is not None else None
+            return await self._write(lambda conn: _insert_stored(conn, params, between), bulk=True)
+        # The child process makes the rows and inserts them (its own transaction); this
+        # thread waits for it, and runs urgent jobs while the child pauses between two
+        # statements. The loop only encodes the samples (a fifth of making the rows; a
+        # naive time stamp goes as text, and the child refuses it with a ValueError).
+        try:
+            count: int = await self._run(
+                lambda conn: process.insert(payload, lambda: worker.yield_to_urgent(conn)),
+                bulk=True,
+            )
+        finally:
+            if self._checkpointer is not None:
+                self._checkpointer.written()
+        return count
 
     async def telemetry_history(
         self,
