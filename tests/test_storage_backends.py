@@ -647,6 +647,41 @@ async def test_sqlite_the_log_is_copied_into_the_database_by_its_own_thread(
     assert storage._checkpointer is None
 
 
+@pytest.mark.parametrize("long_log", [True, False], ids=["long-log", "short-log"])
+async def test_sqlite_a_long_log_is_copied_again_after_the_next_write_without_the_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, long_log: bool
+) -> None:
+    """While the log holds BUSY_LOG_PAGES or more, the next write is followed by another
+    checkpoint at once (so the log catches up and starts over); a short log waits
+    CHECKPOINT_S between passes."""
+    import der_sdk.storage.sqlite as sqlite_backend
+
+    monkeypatch.setattr(sqlite_backend, "CHECKPOINT_S", 30.0)
+    monkeypatch.setattr(sqlite_backend, "BUSY_LOG_PAGES", 1 if long_log else 10**9)
+    storage = SQLiteStorage(tmp_path / "busy.db")
+    await storage.open()
+    try:
+        checkpointer = storage._checkpointer
+        assert checkpointer is not None
+
+        async def checkpoints_after_a_write(n: int, within_s: float) -> int:
+            await storage.append_telemetry([sample(ASSET_A, n * 100 + k) for k in range(100)])
+            for _ in range(int(within_s / 0.01)):
+                if checkpointer.checkpoints > n:
+                    break
+                await asyncio.sleep(0.01)
+            return checkpointer.checkpoints
+
+        assert await checkpoints_after_a_write(0, 10.0) == 1  # the first, after a write
+        if long_log:
+            assert await checkpoints_after_a_write(1, 10.0) == 2
+            assert await checkpoints_after_a_write(2, 10.0) == 3
+        else:
+            assert await checkpoints_after_a_write(1, 1.0) == 1  # the pause: 30 s
+    finally:
+        await storage.close()
+
+
 async def test_sqlite_in_memory_has_no_checkpointer() -> None:
     storage = SQLiteStorage(":memory:")
     await storage.open()
