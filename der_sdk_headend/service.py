@@ -85,10 +85,13 @@ STREAM_WINDOW_BYTES = DEFAULT_STREAM_WINDOW_KB * 1024
 """The default HTTP/2 flow-control window of each agent stream
 (``HEADEND_STREAM_WINDOW_KB``): what gRPC reads ahead of the
 headend (a telemetry batch of 100 samples by column is about 8 KB, as rows about 18 KB).
-It also bounds one stream's own rate to about a window per round trip: over a WAN link
-with a 50 ms round trip about 330 KB/s, some 4,000 samples/s by column (twice that at
-32 KB). At 5,000 loaded streams 16 KB held about 30 KB a stream less than 32 KB
-(docs/performance.md, "Memory per loaded stream, a third pass")."""
+It also sets how much one read of a connection takes, and so gRPC's read buffers: once a
+read takes more than about 5 KB, gRPC (grpcio 1.85) reads that connection into 64 KiB
+blocks, each resident until its last byte is consumed (about 70 KB a loaded stream at
+5,000 streams with 16 KB, 16 to 40 KB with 4 KB). It also bounds one stream's own rate to
+about a window per round trip: over a WAN link with a 50 ms round trip about 80 KB/s,
+some 1,000 samples/s by column (four times that at 16 KB) (docs/performance.md, "Memory
+per loaded stream, a fourth pass")."""
 
 TCP_READ_CHUNK_BYTES = 8 * 1024
 """The most gRPC's older TCP endpoint reads from an agent's connection at once. The

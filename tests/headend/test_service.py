@@ -30,6 +30,20 @@ def test_config_reads_the_environment_with_defaults(inventory_path: Path) -> Non
     assert config.console_confirm_share == 0.5
 
 
+def test_the_default_stream_window_keeps_grpc_reading_connections_into_small_buffers(
+    inventory_path: Path,
+) -> None:
+    """gRPC (grpcio 1.85) reads a connection into 64 KiB blocks once its estimate of the
+    next read reaches 12 KiB, else into 8 KiB ones. The estimate doubles only after a read
+    of more than 0.8 of it, so it stays below 2.5 times the largest read, and one read
+    takes about a window (plus frame headers): the default window must keep that under
+    12 KiB, or every loaded stream holds a 64 KiB block (docs/performance.md, "Memory
+    per loaded stream, a fourth pass")."""
+    config = HeadendConfig.from_env({"ASSETS_PATH": str(inventory_path)})
+    largest_read = config.stream_window_kb * 1024 + 2 * 9  # two DATA frame headers
+    assert 2.5 * largest_read < 12 * 1024
+
+
 def test_headend_id_defaults_to_host_name_and_grpc_port_so_a_restart_keeps_it(
     inventory_path: Path,
 ) -> None:
