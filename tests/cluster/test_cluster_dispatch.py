@@ -89,7 +89,15 @@ async def test_a_dispatch_to_an_offline_asset_is_delivered_once_when_its_agent_j
     assert der_test_device.device(BESS_2).writes == [-0.75], "the device was written once"
     _, events = await a.detail(created.dispatch_id)
     assert [e.state for e in events] == ["submitted", "sent", "acked", "applied"]
-    assert "on register of agent gw-1" in events[1].detail, events[1].detail
+    # Whichever comes first delivers it, once: the agent's register on C, or a
+    # reconciliation pass (every 0.2 s here) that finds the agent already listed, on C
+    # or on another replica, which then asks C.
+    ways = (
+        "on register of agent gw-1",
+        "by reconciliation, to agent gw-1",
+        "at the request of another replica, to agent gw-1",
+    )
+    assert any(way in events[1].detail for way in ways), events[1].detail
 
 
 async def test_a_lost_nudge_is_delivered_by_reconciliation_within_seconds(
