@@ -54,8 +54,6 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<cI")
 _COUNT = struct.Struct("<q")
-START_TIMEOUT_S = 30.0
-"""How long the child may take to start and open the database."""
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
